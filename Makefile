@@ -1,0 +1,29 @@
+# The two commands a user needs: `make demo` and `make test`. Both bootstrap first (system
+# packages when missing, the venv, the C++ core, tool environments), then run.
+VENV ?= .venv
+export EDGESMITH_HOME ?= $(CURDIR)/.edgesmith
+STAMP := $(VENV)/.bootstrapped
+BOOTSTRAP_INPUTS := scripts/bootstrap.sh pyproject.toml CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
+
+.PHONY: demo test test-fast bootstrap clean
+
+bootstrap: $(STAMP)
+
+$(STAMP): $(BOOTSTRAP_INPUTS)
+	VENV=$(VENV) bash scripts/bootstrap.sh
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/edgesmith targets
+	$(VENV)/bin/edgesmith build edgesmith.toolchain.models.digits:digits_cnn --input-shape 1,1,8,8 \
+	    --target all --backend all --output dist/demo
+	$(VENV)/bin/edgesmith verify dist/demo/digits-cnn-rpi4-aarch64-tvm
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m "not integration and not slow"
+
+clean:
+	rm -rf build dist .pytest_cache

@@ -1,0 +1,281 @@
+#include "artifact/manifest.h"
+
+#include <cmath>
+#include <filesystem>
+#include <set>
+#include <utility>
+
+#include <nlohmann/json.hpp>
+
+#include "common/error.h"
+#include "common/file.h"
+#include "common/strings.h"
+
+namespace edgesmith {
+
+const char* const MANIFEST_FILE = "manifest.json";
+
+namespace {
+
+using json = nlohmann::json;
+
+const std::set<std::string>& payload_formats() {
+  static const std::set<std::string> formats = {"tvm-relax-so", "openvino-ir", "tflite"};
+  return formats;
+}
+
+const std::set<std::string>& tensor_dtypes() {
+  static const std::set<std::string> dtypes = {
+      "bool",   "int8",   "int16",  "int32",   "int64",   "uint8",
+      "uint16", "uint32", "uint64", "float16", "float32", "float64"};
+  return dtypes;
+}
+
+[[noreturn]] void manifest_fail(const std::string& key, const std::string& problem) {
+  throw Error(ERROR_CODE_MANIFEST,
+              std::string(MANIFEST_FILE) + ": " + key + " " + problem +
+                  "; the manifest does not follow the artifact schema — rebuild the artifact "
+                  "with `edgesmith build`",
+              MANIFEST_FILE);
+}
+
+std::string type_got(const json& value) { return std::string(", got ") + value.type_name(); }
+
+const json& object_get(const json& object, const std::string& where, const char* key) {
+  const std::string name = where.empty() ? key : where + "." + key;
+  const auto it = object.find(key);
+  if (it == object.end()) manifest_fail(name, "is missing");
+  return *it;
+}
+
+std::string key_join(const std::string& where, const char* key) {
+  return where.empty() ? std::string(key) : where + "." + key;
+}
+
+std::string key_index(const std::string& where, size_t index) {
+  return where + "[" + std::to_string(index) + "]";
+}
+
+const json& object_read(const json& object, const std::string& where, const char* key) {
+  const json& value = object_get(object, where, key);
+  if (!value.is_object()) manifest_fail(key_join(where, key), "must be an object" + type_got(value));
+  return value;
+}
+
+const json& array_read(const json& object, const std::string& where, const char* key) {
+  const json& value = object_get(object, where, key);
+  if (!value.is_array()) manifest_fail(key_join(where, key), "must be a list" + type_got(value));
+  return value;
+}
+
+std::string string_read(const json& object, const std::string& where, const char* key) {
+  const json& value = object_get(object, where, key);
+  if (!value.is_string()) manifest_fail(key_join(where, key), "must be a string" + type_got(value));
+  std::string text = value.get<std::string>();
+  if (text.empty()) manifest_fail(key_join(where, key), "must not be empty");
+  return text;
+}
+
+double tolerance_read(const json& object, const std::string& where, const char* key) {
+  const json& value = object_get(object, where, key);
+  if (!value.is_number()) manifest_fail(key_join(where, key), "must be a number" + type_got(value));
+  const double number = value.get<double>();
+  if (!std::isfinite(number) || number < 0.0) {
+    manifest_fail(key_join(where, key), "must be a finite number >= 0");
+  }
+  return number;
+}
+
+std::vector<std::string> path_list_read(const json& object, const std::string& where,
+                                        const char* key) {
+  const json& list = array_read(object, where, key);
+  std::vector<std::string> paths;
+  for (size_t i = 0; i < list.size(); ++i) {
+    const json& item = list[i];
+    const std::string name = key_index(key_join(where, key), i);
+    if (!item.is_string()) manifest_fail(name, "must be a string" + type_got(item));
+    paths.push_back(item.get<std::string>());
+  }
+  return paths;
+}
+
+ManifestFile file_read_entry(const json& item, const std::string& where) {
+  if (!item.is_object()) manifest_fail(where, "must be an object" + type_got(item));
+  ManifestFile file;
+  file.path = string_read(item, where, "path");
+  const json& size = object_get(item, where, "size");
+  // nlohmann stores non-negative integers as unsigned; negatives and floats are rejected here.
+  if (!size.is_number_unsigned()) {
+    manifest_fail(where + ".size", "must be an integer >= 0");
+  }
+  file.size = size.get<uint64_t>();
+  file.sha256 = string_read(item, where, "sha256");
+  if (!hex_is_lower(file.sha256, 64)) {
+    manifest_fail(where + ".sha256",
+                  "must be 64 lower-case hex characters, got " + string_quote(file.sha256));
+  }
+  return file;
+}
+
+ManifestTensor tensor_read(const json& item, const std::string& where) {
+  if (!item.is_object()) manifest_fail(where, "must be an object" + type_got(item));
+  ManifestTensor tensor;
+  tensor.name = string_read(item, where, "name");
+  tensor.dtype = string_read(item, where, "dtype");
+  if (tensor_dtypes().count(tensor.dtype) == 0) {
+    manifest_fail(where + ".dtype", "is " + string_quote(tensor.dtype) +
+                                        ", not a NumPy dtype name edgesmith knows (float32, int64, ...)");
+  }
+  const json& shape = array_read(item, where, "shape");
+  for (size_t i = 0; i < shape.size(); ++i) {
+    const json& dim = shape[i];
+    // is_number_unsigned excludes negatives and floats; the int64 bound keeps the value exact.
+    if (!dim.is_number_unsigned() || dim.get<uint64_t>() == 0 ||
+        dim.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX)) {
+      manifest_fail(key_index(where + ".shape", i),
+                    "must be a positive integer (edgesmith artifacts have static shapes)");
+    }
+    tensor.shape.push_back(static_cast<int64_t>(dim.get<uint64_t>()));
+  }
+  return tensor;
+}
+
+std::vector<ManifestTensor> tensors_read(const json& root, const char* key) {
+  const json& list = array_read(root, "", key);
+  std::vector<ManifestTensor> tensors;
+  for (size_t i = 0; i < list.size(); ++i) tensors.push_back(tensor_read(list[i], key_index(key, i)));
+  return tensors;
+}
+
+int64_t schema_version_read(const json& root) {
+  const json& value = object_get(root, "", "schema_version");
+  if (!value.is_number_integer()) {
+    manifest_fail("schema_version", "must be an integer" + type_got(value));
+  }
+  if (value.is_number_unsigned() ? value.get<uint64_t>() != MANIFEST_SCHEMA_VERSION
+                                 : value.get<int64_t>() != MANIFEST_SCHEMA_VERSION) {
+    throw Error(ERROR_CODE_MANIFEST,
+                std::string(MANIFEST_FILE) + ": schema_version is " + value.dump() +
+                    ", this edgesmith reads version " + std::to_string(MANIFEST_SCHEMA_VERSION) +
+                    "; install the edgesmith version that built the artifact, or rebuild it",
+                MANIFEST_FILE);
+  }
+  return MANIFEST_SCHEMA_VERSION;
+}
+
+// Cross-field rules: every file the runtime will open must be covered by `files`.
+void manifest_check_consistency(const Manifest& manifest) {
+  std::set<std::string> listed;
+  for (size_t i = 0; i < manifest.files.size(); ++i) {
+    const std::string& path = manifest.files[i].path;
+    if (path == MANIFEST_FILE || path == "manifest.sig") {
+      manifest_fail(key_index("files", i) + ".path", "must not list " + path + " itself");
+    }
+    if (!listed.insert(path).second) {
+      manifest_fail(key_index("files", i) + ".path", "repeats " + string_quote(path));
+    }
+  }
+  if (listed.count(manifest.payload.entry) == 0) {
+    manifest_fail("payload.entry", "is " + string_quote(manifest.payload.entry) +
+                                       ", which is not listed in files");
+  }
+  const std::pair<const char*, const std::vector<std::string>*> golden_lists[] = {
+      {"golden.inputs", &manifest.golden.inputs}, {"golden.outputs", &manifest.golden.outputs}};
+  for (const auto& [key, paths] : golden_lists) {
+    for (size_t i = 0; i < paths->size(); ++i) {
+      if (listed.count((*paths)[i]) == 0) {
+        manifest_fail(key_index(key, i), "is " + string_quote((*paths)[i]) +
+                                             ", which is not listed in files");
+      }
+    }
+  }
+  if (manifest.golden.inputs.size() != manifest.inputs.size()) {
+    manifest_fail("golden.inputs", "has " + std::to_string(manifest.golden.inputs.size()) +
+                                       " files for " + std::to_string(manifest.inputs.size()) +
+                                       " inputs");
+  }
+  if (manifest.golden.outputs.size() != manifest.outputs.size()) {
+    manifest_fail("golden.outputs", "has " + std::to_string(manifest.golden.outputs.size()) +
+                                        " files for " + std::to_string(manifest.outputs.size()) +
+                                        " outputs");
+  }
+}
+
+Manifest manifest_from_json(const json& root) {
+  Manifest manifest;
+  manifest.schema_version = schema_version_read(root);
+  manifest.name = string_read(root, "", "name");
+
+  const json& payload = object_read(root, "", "payload");
+  manifest.payload.format = string_read(payload, "payload", "format");
+  if (payload_formats().count(manifest.payload.format) == 0) {
+    manifest_fail("payload.format", "is " + string_quote(manifest.payload.format) +
+                                        ", expected one of tvm-relax-so, openvino-ir, tflite");
+  }
+  manifest.payload.entry = string_read(payload, "payload", "entry");
+
+  const json& files = array_read(root, "", "files");
+  for (size_t i = 0; i < files.size(); ++i) {
+    manifest.files.push_back(file_read_entry(files[i], key_index("files", i)));
+  }
+
+  manifest.inputs = tensors_read(root, "inputs");
+  manifest.outputs = tensors_read(root, "outputs");
+
+  const json& golden = object_read(root, "", "golden");
+  manifest.golden.inputs = path_list_read(golden, "golden", "inputs");
+  manifest.golden.outputs = path_list_read(golden, "golden", "outputs");
+  manifest.golden.atol = tolerance_read(golden, "golden", "atol");
+  manifest.golden.rtol = tolerance_read(golden, "golden", "rtol");
+
+  const json& target = object_read(root, "", "target");
+  manifest.target_name = string_read(target, "target", "name");
+  manifest.target_isa = string_read(target, "target", "isa");
+
+  const json& backend = object_read(root, "", "backend");
+  manifest.backend_name = string_read(backend, "backend", "name");
+
+  manifest_check_consistency(manifest);
+  return manifest;
+}
+
+}  // namespace
+
+Manifest manifest_parse(const std::string& text) {
+  json root;
+  try {
+    root = json::parse(text);
+  } catch (const json::parse_error& e) {
+    // e.what() quotes the offending raw bytes, which need not be UTF-8: report the offset only.
+    throw Error(ERROR_CODE_MANIFEST,
+                std::string(MANIFEST_FILE) + " is not valid JSON (syntax error at byte " +
+                    std::to_string(e.byte) + "); rebuild or re-download the artifact",
+                MANIFEST_FILE);
+  }
+  if (!root.is_object()) {
+    throw Error(ERROR_CODE_MANIFEST,
+                std::string(MANIFEST_FILE) + " must hold a JSON object" + type_got(root) +
+                    "; rebuild or re-download the artifact",
+                MANIFEST_FILE);
+  }
+
+  try {
+    return manifest_from_json(root);
+  } catch (const json::exception& e) {
+    // The readers above check every type before converting, so this is a reader bug; still
+    // report it as a bad manifest rather than crash the device.
+    throw Error(ERROR_CODE_MANIFEST,
+                std::string(MANIFEST_FILE) + " could not be read (" + string_quote(e.what()) +
+                    "); rebuild the artifact with `edgesmith build`",
+                MANIFEST_FILE);
+  }
+}
+
+Manifest manifest_read(const std::string& path) {
+  std::error_code ec;
+  const bool is_dir = std::filesystem::is_directory(path, ec);
+  const std::string file = is_dir ? (std::filesystem::path(path) / MANIFEST_FILE).string() : path;
+  return manifest_parse(file_read(file, MANIFEST_MAX_BYTES, ERROR_CODE_IO, ""));
+}
+
+}  // namespace edgesmith

@@ -1,0 +1,72 @@
+// Reader of an artifact's manifest.json (schema_version 1, docs/artifact.md).
+//
+// Only the fields the device needs are read into the struct; the rest (model, validation, build)
+// is left to the Python schema. Validation errors are Error(ERROR_CODE_MANIFEST, ...,
+// "manifest.json") whose message names the offending key, e.g. `files[2].sha256`.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace edgesmith {
+
+/// The manifest schema version this reader understands.
+constexpr int64_t MANIFEST_SCHEMA_VERSION = 1;
+
+/// Largest manifest.json accepted (a real one is a few kB).
+constexpr uint64_t MANIFEST_MAX_BYTES = 16u << 20;
+
+/// File name of the manifest inside an artifact directory.
+extern const char* const MANIFEST_FILE;
+
+/// One entry of `files`: an artifact-relative path, its size and its SHA-256 (lower-case hex).
+struct ManifestFile {
+  std::string path;
+  uint64_t size = 0;
+  std::string sha256;
+};
+
+/// One entry of `inputs` / `outputs`: a tensor name, its NumPy dtype name and static shape.
+struct ManifestTensor {
+  std::string name;
+  std::string dtype;
+  std::vector<int64_t> shape;
+};
+
+/// `payload`: the payload's format and the file a runtime opens.
+struct ManifestPayload {
+  std::string format;
+  std::string entry;
+};
+
+/// `golden`: .npy files for the on-device self-test and the tolerance to apply.
+struct ManifestGolden {
+  std::vector<std::string> inputs;
+  std::vector<std::string> outputs;
+  double atol = 0.0;
+  double rtol = 0.0;
+};
+
+/// The device's view of manifest.json.
+struct Manifest {
+  int64_t schema_version = 0;
+  std::string name;
+  ManifestPayload payload;
+  std::vector<ManifestFile> files;
+  std::vector<ManifestTensor> inputs;
+  std::vector<ManifestTensor> outputs;
+  ManifestGolden golden;
+  std::string target_name;   ///< manifest["target"]["name"]
+  std::string target_isa;    ///< manifest["target"]["isa"]
+  std::string backend_name;  ///< manifest["backend"]["name"]
+};
+
+/// Parse and validate manifest.json text; throws Error(ERROR_CODE_MANIFEST) naming the bad key.
+Manifest manifest_parse(const std::string& text);
+
+/// Read and parse `path`: an artifact directory or a manifest.json file. A missing or unreadable
+/// file throws Error(ERROR_CODE_IO); a bad manifest Error(ERROR_CODE_MANIFEST).
+Manifest manifest_read(const std::string& path);
+
+}  // namespace edgesmith

@@ -1,0 +1,31 @@
+// `edgesmith verify` on the device: the eight integrity rules of docs/artifact.md, in order.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "artifact/manifest.h"
+
+namespace edgesmith {
+
+/// What a successful verification established.
+struct VerifyResult {
+  std::string key_id;         ///< id of the trusted key that signed the artifact
+  Manifest manifest;          ///< the parsed, signature-covered manifest
+  std::string manifest_json;  ///< the exact signed bytes of manifest.json
+  uint32_t file_count = 0;    ///< number of `files` entries checked (manifest.* not counted)
+};
+
+/// Check that `path` names a safe artifact-relative file: not empty, not absolute, no `..`, `.`
+/// or empty components, no backslash or NUL. Throws Error(ERROR_CODE_INTEGRITY, ..., path).
+void artifact_path_check(const std::string& path);
+
+/// Verify the artifact directory `dir` against `trusted_public_keys` (32-byte Ed25519 keys),
+/// applying rules 1-8 in order. Throws Error(ERROR_CODE_INTEGRITY) naming the offending file,
+/// Error(ERROR_CODE_MANIFEST) for a signed but malformed manifest, ERROR_CODE_IO when the
+/// directory cannot be read and ERROR_CODE_INVALID_ARGUMENT for a malformed trusted key.
+VerifyResult artifact_verify(const std::string& dir,
+                             const std::vector<std::vector<uint8_t>>& trusted_public_keys);
+
+}  // namespace edgesmith

@@ -1,0 +1,109 @@
+// edgesmith.runtime._core: private bindings of the C++ core. The documented Python API is
+// edgesmith.runtime.artifact; nothing else should import this module directly.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "artifact/manifest.h"
+#include "artifact/verify.h"
+#include "common/digest.h"
+#include "common/version.h"
+#include "errors.h"
+
+namespace py = pybind11;
+
+namespace edgesmith::python {
+
+namespace {
+
+py::list tensors_to_python(const std::vector<ManifestTensor>& tensors) {
+  py::list out;
+  for (const ManifestTensor& tensor : tensors) {
+    py::dict item;
+    item["name"] = tensor.name;
+    item["dtype"] = tensor.dtype;
+    item["shape"] = py::cast(tensor.shape);
+    out.append(item);
+  }
+  return out;
+}
+
+// The C++ reader's view of a manifest, shaped like the JSON it came from.
+py::dict manifest_to_python(const Manifest& manifest) {
+  py::dict out;
+  out["schema_version"] = manifest.schema_version;
+  out["name"] = manifest.name;
+  out["payload"] = py::dict(py::arg("format") = manifest.payload.format,
+                            py::arg("entry") = manifest.payload.entry);
+  py::list files;
+  for (const ManifestFile& file : manifest.files) {
+    files.append(py::dict(py::arg("path") = file.path, py::arg("size") = file.size,
+                          py::arg("sha256") = file.sha256));
+  }
+  out["files"] = files;
+  out["inputs"] = tensors_to_python(manifest.inputs);
+  out["outputs"] = tensors_to_python(manifest.outputs);
+  out["golden"] = py::dict(py::arg("inputs") = py::cast(manifest.golden.inputs),
+                           py::arg("outputs") = py::cast(manifest.golden.outputs),
+                           py::arg("atol") = manifest.golden.atol,
+                           py::arg("rtol") = manifest.golden.rtol);
+  out["target"] = py::dict(py::arg("name") = manifest.target_name,
+                           py::arg("isa") = manifest.target_isa);
+  out["backend"] = py::dict(py::arg("name") = manifest.backend_name);
+  return out;
+}
+
+py::dict verify_artifact(const std::string& path, const std::vector<py::bytes>& trusted_keys) {
+  std::vector<std::vector<uint8_t>> keys;
+  for (const py::bytes& key : trusted_keys) {
+    const std::string raw = key;
+    keys.emplace_back(raw.begin(), raw.end());
+  }
+  VerifyResult result;
+  {
+    py::gil_scoped_release release;
+    result = artifact_verify(path, keys);
+  }
+  py::dict out;
+  out["key_id"] = result.key_id;
+  out["file_count"] = result.file_count;
+  out["manifest_json"] = result.manifest_json;
+  return out;
+}
+
+py::dict read_manifest(const std::string& path) {
+  Manifest manifest;
+  {
+    py::gil_scoped_release release;
+    manifest = manifest_read(path);
+  }
+  return manifest_to_python(manifest);
+}
+
+std::string sha256_file_hex(const std::string& path) {
+  py::gil_scoped_release release;
+  return sha256_file(path);
+}
+
+}  // namespace
+
+}  // namespace edgesmith::python
+
+PYBIND11_MODULE(_core, m) {
+  using namespace edgesmith::python;
+  m.doc() = "Private bindings of the edgesmith C++ core; use edgesmith.runtime.artifact instead.";
+  m.attr("__version__") = edgesmith::version_string();
+  errors_register(m);
+
+  m.def("verify_artifact", &verify_artifact, py::arg("path"), py::arg("trusted_keys"),
+        "Check integrity rules 1-8 of docs/artifact.md; return {key_id, file_count, "
+        "manifest_json}. Raises IntegrityError / ManifestError naming the offending file.");
+  m.def("read_manifest", &read_manifest, py::arg("path"),
+        "Parse an artifact directory's (or a file's) manifest.json with the C++ reader, without "
+        "checking the signature; return its fields as plain dicts and lists.");
+  m.def("sha256_file", &sha256_file_hex, py::arg("path"),
+        "Lower-case hex SHA-256 of a file, streamed in chunks.");
+}

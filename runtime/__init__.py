@@ -1,0 +1,1 @@
+"""edgesmith.runtime: everything that runs on a device (artifact checks, sessions, telemetry)."""

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Bootstrap a fresh Debian machine for edgesmith: system packages (only when missing), the
+# project virtualenv with the C++ core built in, and the isolated LiteRT converter environment.
+# Idempotent: re-running it only does what is missing. Used by `make demo` and `make test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+APT_PACKAGES=(cmake g++ pkg-config libsodium-dev nlohmann-json3-dev libgtest-dev
+              mosquitto qemu-user-static g++-aarch64-linux-gnu binutils-aarch64-linux-gnu)
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "bootstrap: installing system packages: ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "bootstrap: creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+echo "bootstrap: installing Python packages into $VENV"
+"$VENV/bin/python" -m pip install --quiet --upgrade pip
+# Build requirements first, so the editable install can skip build isolation (no second download).
+"$VENV/bin/python" -m pip install --quiet "scikit-build-core==1.1.2" "pybind11==3.1.0"
+"$VENV/bin/python" -m pip install --quiet --no-build-isolation -e ".[toolchain,test]"
+
+echo "bootstrap: LiteRT converter environment"
+EDGESMITH_HOME=${EDGESMITH_HOME:-$PWD/.edgesmith} "$VENV/bin/edgesmith" tools install litert

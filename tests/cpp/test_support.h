@@ -1,0 +1,55 @@
+// Helpers for the core tests: a temporary directory and a signed artifact built inside it.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace edgesmith::test {
+
+/// A fresh directory under the system temp dir, removed on destruction.
+class TempDir {
+ public:
+  /// Create the directory.
+  TempDir();
+  /// Remove the directory and everything in it.
+  ~TempDir();
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  /// The directory.
+  const std::filesystem::path& path() const { return path_; }
+
+ private:
+  std::filesystem::path path_;
+};
+
+/// Write `bytes` to `path`, creating parent directories.
+void file_write(const std::filesystem::path& path, const std::string& bytes);
+
+/// A fixed Ed25519 keypair derived from a constant seed.
+struct TestKey {
+  std::array<uint8_t, 32> public_key{};
+  std::array<uint8_t, 64> secret_key{};
+};
+
+/// The keypair of seed `seed_byte` repeated 32 times.
+TestKey test_key_make(uint8_t seed_byte);
+
+/// A schema-valid manifest (as JSON) whose `files` describe `payload` (path -> bytes).
+nlohmann::json manifest_make(const std::vector<std::pair<std::string, std::string>>& payload);
+
+/// Write manifest.json (the exact bytes `manifest_text`) and manifest.sig signed by `key`.
+void artifact_sign(const std::filesystem::path& dir, const std::string& manifest_text,
+                   const TestKey& key);
+
+/// Write a complete valid artifact (payload files, manifest.json, manifest.sig) into `dir`.
+void artifact_write(const std::filesystem::path& dir, const TestKey& key);
+
+/// `key` as the byte vector artifact_verify takes.
+std::vector<uint8_t> key_bytes(const TestKey& key);
+
+}  // namespace edgesmith::test

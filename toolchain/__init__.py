@@ -1,0 +1,1 @@
+"""edgesmith.toolchain: everything that runs centrally (export, compile, package, deploy, watch)."""

@@ -1,0 +1,49 @@
+"""What every backend module receives and returns.
+
+A backend module defines:
+
+- ``NAME``: its registry key;
+- ``version() -> str``: the compiler's version, raising ``BackendUnavailable`` (with what to
+  install) when it is missing;
+- ``compile(request: CompileRequest) -> CompileResult``: write the payload into ``request.out_dir``;
+- ``executes_here(target) -> Execution``: whether this machine can run the payload, and how;
+- ``load(out_dir, result, target) -> Runner``: a callable that runs one sample (inputs in manifest
+  order) and returns the outputs in manifest order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from edgesmith.toolchain.sources import ModelSource
+from edgesmith.toolchain.targets import Precision, Target
+
+Runner = Callable[[list[np.ndarray]], list[np.ndarray]]
+
+
+@dataclass
+class CompileRequest:
+    source: ModelSource
+    target: Target
+    precision: Precision
+    out_dir: Path  # the artifact's staging directory: payload files go here
+    work_dir: Path  # scratch space, deleted after the build
+    tuning_db: Path | None = None
+
+
+@dataclass
+class CompileResult:
+    format: str  # payload format, see docs/artifact.md
+    entry: str  # file name inside out_dir the runtime opens
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Execution:
+    possible: bool
+    how: str | None = None  # "native" | "host-engine"
+    reason: str | None = None  # why not, when not possible

@@ -1,0 +1,74 @@
+"""OpenVINO backend: ONNX → OpenVINO IR (``model.xml`` + ``model.bin``).
+
+Weights stay FP32 unless ``--precision fp16`` is asked for (``save_model`` would otherwise compress
+them to FP16 silently). The IR is ISA-independent: the device's OpenVINO compiles it for its CPU
+with the target's hints, so here it is checked with the host's CPU plugin using the same hints.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgesmith.toolchain.backends.base import CompileRequest, CompileResult, Execution, Runner
+from edgesmith.toolchain.errors import BackendUnavailable, CompileError, first_line
+from edgesmith.toolchain.targets import Target, host_isa, runs_natively
+
+NAME = "openvino"
+ENTRY = "model.xml"
+
+
+def version() -> str:
+    try:
+        import openvino
+    except Exception as e:
+        raise BackendUnavailable(f"the openvino backend needs OpenVINO, which does not import ({first_line(e)}); install openvino==2026.4.1") from None
+    return openvino.__version__.split("-")[0]
+
+
+def compile_config(target: Target) -> dict:
+    """Properties for ``Core.compile_model``; the device runtime uses the same ones."""
+    settings = target.openvino
+    return {"INFERENCE_PRECISION_HINT": settings.inference_precision, "PERFORMANCE_HINT": settings.performance_hint,
+            "INFERENCE_NUM_THREADS": target.threads}
+
+
+def compile(request: CompileRequest) -> CompileResult:
+    import openvino as ov
+
+    onnx_path = request.work_dir / "model.onnx"
+    onnx_path.write_bytes(request.source.onnx_bytes)
+    try:
+        model = ov.convert_model(str(onnx_path))
+    except Exception as e:
+        others = ", ".join(b for b in request.target.backends if b != NAME) or "none listed"
+        raise CompileError(f"the openvino backend cannot convert the model: {first_line(e)}; try another backend of {request.target.name}: {others}") from None
+    ov.save_model(model, str(request.out_dir / ENTRY), compress_to_fp16=request.precision == "fp16")
+    options = {"device": request.target.openvino.device, "config": compile_config(request.target),
+               "weights": request.precision}
+    return CompileResult(format="openvino-ir", entry=ENTRY, options=options)
+
+
+def executes_here(target: Target) -> Execution:
+    if runs_natively(target):
+        return Execution(True, "native")
+    # The IR carries no machine code: the host's CPU plugin runs the same graph and weights.
+    return Execution(True, "host-engine", reason=f"IR checked with the {host_isa()} CPU plugin; the {target.isa} plugin runs in `edgesmith prove`")
+
+
+def load(out_dir: Path, result: CompileResult, target: Target) -> Runner:
+    import openvino as ov
+
+    core = ov.Core()
+    config = compile_config(target)
+    if not runs_natively(target):
+        config["INFERENCE_NUM_THREADS"] = 0  # the target's thread count means nothing on this host
+    compiled = core.compile_model(core.read_model(str(out_dir / result.entry)), "CPU", config)
+    request = compiled.create_infer_request()
+
+    def run(inputs: list[np.ndarray]) -> list[np.ndarray]:
+        results = request.infer([np.ascontiguousarray(x) for x in inputs])
+        return [np.array(results[output]) for output in compiled.outputs]
+
+    return run

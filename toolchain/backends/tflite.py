@@ -1,0 +1,88 @@
+"""LiteRT (TFLite) backend: PyTorch → ``model.tflite`` with litert-torch, checked with ai-edge-litert.
+
+Only PyTorch sources: the converter starts from a ``torch.export`` program, not from ONNX. The
+conversion runs in the isolated converter environment (``edgesmith tools install litert``, see
+``toolchain/tools.py``). The flatbuffer is ISA-independent; the host's LiteRT interpreter (same
+XNNPACK kernels as on the phone) validates it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+from edgesmith.toolchain import tools
+from edgesmith.toolchain.backends.base import CompileRequest, CompileResult, Execution, Runner
+from edgesmith.toolchain.errors import BackendUnavailable, CompileError, UserError, first_line
+from edgesmith.toolchain.targets import Target, host_isa
+
+NAME = "tflite"
+ENTRY = "model.tflite"
+_CONVERTER = Path(__file__).with_name("_litert_convert.py")
+
+
+def version() -> str:
+    try:
+        from importlib.metadata import version as dist_version
+
+        import ai_edge_litert  # noqa: F401
+    except Exception as e:
+        raise BackendUnavailable(f"the tflite backend needs ai-edge-litert, which does not import ({first_line(e)}); install ai-edge-litert==2.3.0") from None
+    if tools.tool_python("litert") is None:
+        raise BackendUnavailable("the tflite backend's converter environment is not installed; run `edgesmith tools install litert`")
+    return f"litert-torch {tools.TOOLS['litert'][1].split('==')[1]}, ai-edge-litert {dist_version('ai-edge-litert')}"
+
+
+def _natural_key(name: str) -> list:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def compile(request: CompileRequest) -> CompileResult:
+    import torch
+
+    source = request.source
+    if source.module is None:
+        raise UserError(f"the tflite backend converts PyTorch models only, and {source.ref} is an ONNX file; "
+                        "pass a PyTorch `module:callable` with --input-shape, or pick a target with another backend")
+    if request.precision != "fp32":
+        raise UserError("the tflite backend builds fp32 only for now; drop --precision fp16")
+    program_path = request.work_dir / "model.pt2"
+    try:
+        torch.export.save(torch.export.export(source.module, source.example_inputs), str(program_path))
+    except Exception as e:
+        raise CompileError(f"torch.export failed, so the tflite backend cannot convert the model: {first_line(e)}") from None
+    python = tools.tool_python("litert")
+    out_path = request.out_dir / ENTRY
+    result = subprocess.run([str(python), str(_CONVERTER), str(program_path), str(out_path)],
+                            capture_output=True, text=True, timeout=1800)
+    if result.returncode != 0:
+        lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+        raise CompileError(f"litert-torch could not convert the model: {lines[-1] if lines else 'no message'}; try another target's backend")
+    signature = json.loads(result.stdout.strip().splitlines()[-1])
+    options = {"delegate": request.target.tflite.delegate if request.target.tflite else "xnnpack",
+               "signature": "serving_default",
+               "input_names": sorted(signature["inputs"], key=_natural_key),
+               "output_names": sorted(signature["outputs"], key=_natural_key)}
+    return CompileResult(format="tflite", entry=ENTRY, options=options)
+
+
+def executes_here(target: Target) -> Execution:
+    return Execution(True, "host-engine", reason=f"flatbuffer run by the {host_isa()} LiteRT interpreter; on-device proof needs a phone")
+
+
+def load(out_dir: Path, result: CompileResult, target: Target) -> Runner:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(out_dir / result.entry), num_threads=2)
+    runner = interpreter.get_signature_runner(result.options["signature"])
+    input_names, output_names = result.options["input_names"], result.options["output_names"]
+
+    def run(inputs: list[np.ndarray]) -> list[np.ndarray]:
+        outputs = runner(**{name: np.ascontiguousarray(x) for name, x in zip(input_names, inputs)})
+        return [np.asarray(outputs[name]) for name in output_names]
+
+    return run

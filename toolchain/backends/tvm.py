@@ -1,0 +1,123 @@
+"""Apache TVM backend: ONNX → Relax → ``tvm.compile`` → one shared library (``model.so``).
+
+Cross-ISA targets are linked with the target file's ``tvm.cross_compiler``. A MetaSchedule
+tuning database (a work directory with ``database_workload.json`` and
+``database_tuning_record.json``) is applied when one is given.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from edgesmith.toolchain.backends.base import CompileRequest, CompileResult, Execution, Runner
+from edgesmith.toolchain.errors import BackendUnavailable, CompileError, UserError, first_line
+from edgesmith.toolchain.targets import Target, runs_natively
+
+NAME = "tvm"
+ENTRY = "model.so"
+
+
+def version() -> str:
+    try:
+        import tvm
+    except Exception as e:  # ImportError, or a broken libtvm
+        raise BackendUnavailable(f"the tvm backend needs Apache TVM, which does not import ({first_line(e)}); "
+                                 "install apache-tvm==0.27.0.post1 and apache-tvm-ffi==0.1.14.post1") from None
+    return tvm.__version__
+
+
+def _unsupported_operators(source) -> list[str]:
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    known = set(onnx_frontend._get_convert_map())
+    return sorted(source.operators() - known)
+
+
+def _tvm_target(target: Target):
+    import tvm
+
+    try:
+        return tvm.target.Target(dict(target.tvm.target))
+    except Exception as e:
+        raise UserError(f"target file {target.source}: key 'tvm.target' is not a valid TVM target ({first_line(e)})") from None
+
+
+def _plain(value):
+    """tvm-ffi containers (Map, Array, String) as plain JSON-able Python values."""
+    if hasattr(value, "items"):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (str, bytes)):
+        return str(value)
+    if hasattr(value, "__iter__"):
+        return [_plain(v) for v in value]
+    if isinstance(value, (bool, int, float)) or value is None:
+        return value
+    return str(value)
+
+
+def _check_tuning_db(path: Path) -> None:
+    missing = [f for f in ("database_workload.json", "database_tuning_record.json") if not (path / f).is_file()]
+    if missing:
+        raise UserError(f"tuning database {path} lacks {', '.join(missing)}; pass the work directory of a MetaSchedule tuning run")
+
+
+def compile(request: CompileRequest) -> CompileResult:
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    target = request.target
+    cross = target.tvm.cross_compiler if not runs_natively(target) and target.isa != "x86_64" else None
+    if cross and shutil.which(cross) is None:
+        package = target.tvm.cross_compiler_package or cross
+        raise BackendUnavailable(f"cross compiler {cross} for {target.name} is not installed; install it with `apt-get install {package}`")
+    unsupported = _unsupported_operators(request.source)
+    if unsupported:
+        raise CompileError(f"the tvm backend cannot compile operator(s) {', '.join(unsupported)} (TVM {tvm.__version__} Relax ONNX frontend); "
+                           f"try another backend of {target.name}: {', '.join(b for b in target.backends if b != NAME) or 'none listed'}")
+    if request.precision != "fp32":
+        raise UserError("the tvm backend builds fp32 only; drop --precision fp16 or use --backend openvino")
+
+    tvm_target = _tvm_target(target)
+    try:
+        shapes = {s.name: s.shape for s in request.source.inputs}
+        mod = from_onnx(request.source.onnx_model, shape_dict=shapes, keep_params_in_input=False)
+        if request.tuning_db is not None:
+            _check_tuning_db(request.tuning_db)
+            mod = relax.pipeline.static_shape_tuning_pipeline(total_trials=0, target=tvm_target,
+                                                               work_dir=str(request.tuning_db))(mod)
+        executable = tvm.compile(mod, target=tvm_target)
+        fcompile = tvm.support.cc.cross_compiler(cross) if cross else None
+        executable.export_library(str(request.out_dir / ENTRY), fcompile=fcompile)
+    except UserError:
+        raise
+    except Exception as e:
+        raise CompileError(f"TVM failed to compile the model for {target.name}: {first_line(e)}; try another backend of the target") from None
+    options = {"target": _plain(tvm_target.export()), "tuning_db": str(request.tuning_db) if request.tuning_db else None,
+               "cross_compiler": cross}
+    return CompileResult(format="tvm-relax-so", entry=ENTRY, options=options)
+
+
+def executes_here(target: Target) -> Execution:
+    if runs_natively(target):
+        return Execution(True, "native")
+    return Execution(False, reason=f"this machine cannot execute {target.isa} code; `edgesmith prove` runs the library on its ISA")
+
+
+def load(out_dir: Path, result: CompileResult, target: Target) -> Runner:
+    import tvm
+    from tvm import relax
+
+    library = tvm.runtime.load_module(str(out_dir / result.entry))
+    vm = relax.VirtualMachine(library, tvm.cpu())
+    main = vm["main"]
+
+    def run(inputs: list[np.ndarray]) -> list[np.ndarray]:
+        out = main(*[tvm.runtime.tensor(np.ascontiguousarray(x)) for x in inputs])
+        outputs = out if isinstance(out, (list, tuple)) or type(out).__name__ == "Array" else [out]
+        return [o.numpy() for o in outputs]
+
+    return run

@@ -1,0 +1,197 @@
+"""``edgesmith build``: model source → (compile → validate → package + sign) per target.
+
+The reference outputs (ONNX Runtime) are computed once per source; every (target, backend) pair
+then compiles into a staging directory, is run on the same samples where this machine can run it,
+and is published only when it is within the target's tolerance.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as dist_version
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from edgesmith.runtime.manifest import (BackendInfo, BuildInfo, Executed, Golden, HostInfo, Manifest, ModelInfo,
+                                        Payload, SourceInfo, TensorSpec, Validation)
+from edgesmith.toolchain import reference
+from edgesmith.toolchain.backends import get_backend
+from edgesmith.toolchain.backends.base import CompileRequest
+from edgesmith.toolchain.errors import UserError, ValidationError
+from edgesmith.toolchain.package import file_entries, publish, sign_and_check, staging_dir
+from edgesmith.toolchain.signing import SigningKey
+from edgesmith.toolchain.sources import ModelSource
+from edgesmith.toolchain.targets import Precision, Target, host_isa
+from edgesmith.toolchain.validate import compare, require_input_dependence
+
+GOLDEN_DIR = "golden"
+
+
+@dataclass
+class BuildOptions:
+    out_dir: Path
+    precision: Precision = "fp32"
+    tuning_db: Path | None = None
+    samples_path: Path | None = None
+    num_samples: int = 8
+    allow_constant_output: bool = False
+    model_version: str = "1"
+
+
+@dataclass
+class ReferenceRun:
+    """Sample inputs and ONNX Runtime's outputs for them: what every artifact is compared with."""
+
+    samples: list[list[np.ndarray]]
+    outputs: list[list[np.ndarray]]
+    output_specs: list[TensorSpec]
+    sensitivity: float
+    version: str
+
+
+@dataclass
+class BuiltArtifact:
+    target: str
+    backend: str
+    path: Path
+    manifest: Manifest
+    size_bytes: int
+    duration_s: float
+    stages: dict[str, float] = field(default_factory=dict)
+
+
+def run_reference(source: ModelSource, options: BuildOptions) -> ReferenceRun:
+    if options.samples_path is not None:
+        samples = reference.load_samples(options.samples_path, source.inputs)
+    else:
+        if options.num_samples < 2:
+            raise UserError("--num-samples must be at least 2, so validation can tell the outputs depend on the input")
+        samples = reference.make_samples(source.inputs, options.num_samples)
+    model = reference.ReferenceModel(source.onnx_model)
+    outputs = [model.run(sample) for sample in samples]
+    sensitivity = require_input_dependence(outputs, options.allow_constant_output)
+    specs = [TensorSpec(name=name, dtype=arr.dtype.name, shape=list(arr.shape))
+             for name, arr in zip(model.output_names, outputs[0])]
+    return ReferenceRun(samples, outputs, specs, sensitivity, reference.version())
+
+
+def choose_backends(target: Target, backend: str | None) -> list[str]:
+    """The target's default backend, the one asked for, or all of them (``all``)."""
+    if backend is None:
+        return [target.backends[0]]
+    if backend == "all":
+        return list(target.backends)
+    if backend not in target.backends:
+        raise UserError(f"target {target.name} does not list backend {backend!r}; its backends are: {', '.join(target.backends)}")
+    return [backend]
+
+
+def _versions(backend_pkg: str | None) -> dict[str, str]:
+    names = ["edgesmith", "numpy", "onnx", "onnxruntime", "torch", "pydantic"]
+    if backend_pkg:
+        names.append(backend_pkg)
+    versions = {"python": platform.python_version()}
+    for name in names:
+        try:
+            versions[name] = dist_version(name)
+        except PackageNotFoundError:
+            pass
+    return versions
+
+
+def _host_cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _save_golden(staging: Path, sample: list[np.ndarray], outputs: list[np.ndarray]) -> tuple[list[str], list[str]]:
+    (staging / GOLDEN_DIR).mkdir()
+    ins, outs = [], []
+    for i, array in enumerate(sample):
+        ins.append(f"{GOLDEN_DIR}/input_{i}.npy")
+        np.save(staging / ins[-1], np.ascontiguousarray(array), allow_pickle=False)
+    for i, array in enumerate(outputs):
+        outs.append(f"{GOLDEN_DIR}/output_{i}.npy")
+        np.save(staging / outs[-1], np.ascontiguousarray(array), allow_pickle=False)
+    return ins, outs
+
+
+_BACKEND_PACKAGES = {"tvm": "apache-tvm", "openvino": "openvino", "tflite": "ai-edge-litert"}
+
+
+def build_one(source: ModelSource, ref: ReferenceRun, target: Target, backend_name: str, options: BuildOptions,
+              key: SigningKey, status: Callable[[str], None] = lambda _: None) -> BuiltArtifact:
+    """Compile, validate, package and sign one artifact; nothing is left on disk if any step fails."""
+    started = time.perf_counter()
+    backend = get_backend(backend_name)
+    backend_version = backend.version()
+    tolerance = target.tolerance_for(options.precision)
+    name = f"{source.name}-{target.name}-{backend_name}"
+    final = options.out_dir / name
+    stages: dict[str, float] = {}
+    with staging_dir(final) as staging, tempfile.TemporaryDirectory(prefix="edgesmith-") as work:
+        status(f"{name}: compiling with {backend_name} {backend_version}")
+        t0 = time.perf_counter()
+        result = backend.compile(CompileRequest(source=source, target=target, precision=options.precision,
+                                                out_dir=staging, work_dir=Path(work), tuning_db=options.tuning_db))
+        stages["compile_s"] = time.perf_counter() - t0
+
+        execution = backend.executes_here(target)
+        common = dict(reference=f"onnxruntime {ref.version}", samples=len(ref.samples), atol=tolerance.atol,
+                      rtol=tolerance.rtol, input_sensitivity=ref.sensitivity)
+        if execution.possible:
+            status(f"{name}: validating on {len(ref.samples)} samples against ONNX Runtime")
+            t0 = time.perf_counter()
+            runner = backend.load(staging, result, target)
+            outputs = [runner(sample) for sample in ref.samples]
+            stages["validate_s"] = time.perf_counter() - t0
+            cmp = compare(outputs, ref.outputs, [s.name for s in ref.output_specs], tolerance.atol, tolerance.rtol)
+            if not cmp.passed:
+                raise ValidationError(f"{name}: output {cmp.worst_output!r} differs from ONNX Runtime by up to {cmp.max_abs_err:.3g} "
+                                      f"(tolerance atol={tolerance.atol:g}, rtol={tolerance.rtol:g}); the backend miscompiles this model, try another backend")
+            validation = Validation(status="passed", executed=Executed(isa=host_isa(), how=execution.how),
+                                    max_abs_err=cmp.max_abs_err, max_rel_err=cmp.max_rel_err,
+                                    top1_agreement=cmp.top1_agreement, reason=execution.reason, **common)
+        else:
+            validation = Validation(status="pending-proof", executed=None, max_abs_err=None, max_rel_err=None,
+                                    top1_agreement=None, reason=execution.reason, **common)
+
+        golden_in, golden_out = _save_golden(staging, ref.samples[0], ref.outputs[0])
+        duration = time.perf_counter() - started
+        manifest = Manifest(
+            name=name,
+            model=ModelInfo(name=source.name, version=options.model_version,
+                            source=SourceInfo(kind=source.kind, ref=source.ref, sha256=source.sha256),
+                            onnx_sha256=source.onnx_sha256, opset=source.opset),
+            target=target.spec(),
+            backend=BackendInfo(name=backend_name, version=backend_version, precision=options.precision, options=result.options),
+            payload=Payload(format=result.format, entry=result.entry),
+            files=file_entries(staging),
+            inputs=source.inputs,
+            outputs=ref.output_specs,
+            golden=Golden(inputs=golden_in, outputs=golden_out, atol=tolerance.atol, rtol=tolerance.rtol),
+            validation=validation,
+            build=BuildInfo(created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                            duration_s=round(duration, 3),
+                            host=HostInfo(isa=host_isa(), cpu=_host_cpu(), os=sys.platform),
+                            toolchain=_versions(_BACKEND_PACKAGES.get(backend_name))),
+        )
+        sign_and_check(staging, manifest, key)
+        size = sum(f.size for f in manifest.files)
+        publish(staging, final)
+    return BuiltArtifact(target=target.name, backend=backend_name, path=final, manifest=manifest, size_bytes=size,
+                         duration_s=duration, stages=stages)
+

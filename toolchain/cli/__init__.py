@@ -1,0 +1,55 @@
+"""The ``edgesmith`` command: verb-first, one module per command group, thin bodies.
+
+User mistakes (``UserError`` and the runtime's typed errors) print as one ``error:`` sentence and
+exit with status 1; a traceback means a bug in edgesmith.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.markup import escape
+from rich.console import Console
+
+from edgesmith.runtime.errors import Error as RuntimeErrorBase
+from edgesmith.toolchain.errors import UserError
+
+app = typer.Typer(name="edgesmith", help="Compile ML models per hardware target into signed, self-describing artifacts.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+err_console = Console(stderr=True)
+
+
+def out_console() -> Console:
+    """Console for tables on stdout; wide enough when piped (logs, CI) not to fold every cell."""
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
+
+
+def print_error(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def _register() -> None:
+    from edgesmith.toolchain.cli import artifacts, build, keys, targets, tools
+
+    app.command("targets")(targets.targets)
+    app.command("build")(build.build)
+    app.command("verify")(artifacts.verify)
+    app.command("inspect")(artifacts.inspect)
+    app.add_typer(keys.app, name="keys")
+    app.add_typer(tools.app, name="tools")
+
+
+_register()
+
+
+def main() -> None:
+    try:
+        app()
+    except (UserError, RuntimeErrorBase) as e:
+        print_error(str(e))
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err_console.print("interrupted; nothing half-written was left behind")
+        sys.exit(130)

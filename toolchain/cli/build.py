@@ -1,0 +1,99 @@
+"""``edgesmith build``: compile a model for one or more targets into signed artifacts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from edgesmith.toolchain.cli import out_console, print_error
+from rich.table import Table
+
+from edgesmith.toolchain.build import BuildOptions, build_one, choose_backends, run_reference
+from edgesmith.toolchain.errors import UserError
+from edgesmith.toolchain.signing import default_signing_key, load_signing_key
+from edgesmith.toolchain.sources import load_source, parse_input_shapes
+from edgesmith.toolchain.targets import all_targets, get_target
+
+
+def _targets(names: list[str]) -> list:
+    if "all" in names:
+        return list(all_targets().values())
+    seen, resolved = set(), []
+    for name in names:
+        target = get_target(name)
+        if target.name not in seen:
+            seen.add(target.name)
+            resolved.append(target)
+    return resolved
+
+
+def _size(n: int) -> str:
+    return f"{n / 1024:.1f} KiB" if n < 1 << 20 else f"{n / (1 << 20):.1f} MiB"
+
+
+def build(
+    model: str = typer.Argument(..., help="An .onnx file, or a PyTorch `module:callable` / `file.py:callable` returning an nn.Module."),
+    target: list[str] = typer.Option(["host"], "--target", "-t", envvar="EDGESMITH_TARGET",
+                                     help="Target name (see `edgesmith targets`), `host`, or `all`; repeatable."),
+    backend: str = typer.Option(None, "--backend", "-b", envvar="EDGESMITH_BACKEND",
+                                help="Force a backend the target lists, or `all` for every candidate (default: the target's first)."),
+    output: Path = typer.Option(Path("dist"), "--output", "-o", envvar="EDGESMITH_DIST", help="Directory to write artifacts into."),
+    input_shape: list[str] = typer.Option(None, "--input-shape", help="Static input shape: 1,3,224,224 or NAME=1,3,224,224; repeatable."),
+    name: str = typer.Option(None, "--name", help="Model name used in artifact names (default: file or callable name)."),
+    model_version: str = typer.Option("1", "--model-version", help="Model version recorded in the manifest."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, or fp16 weights (openvino)."),
+    key: Path = typer.Option(None, "--key", envvar="EDGESMITH_KEY", help="Signing key (.key); default $EDGESMITH_HOME/keys/default.key, created on first use."),
+    tuning_db: Path = typer.Option(None, "--tuning-db", help="MetaSchedule tuning work directory to apply (tvm)."),
+    samples: Path = typer.Option(None, "--samples", help=".npz of validation inputs named like the model inputs, samples on axis 0."),
+    num_samples: int = typer.Option(8, "--num-samples", help="Number of random validation samples when --samples is not given."),
+    allow_constant_output: bool = typer.Option(False, "--allow-constant-output", help="Accept a model whose outputs ignore its input (latency work only)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object listing every artifact instead of a table."),
+) -> None:
+    """Build, validate against ONNX Runtime, package and sign one artifact per target (and backend)."""
+    if precision not in ("fp32", "fp16"):
+        raise UserError(f"--precision {precision!r} is not known; use fp32 or fp16")
+    targets = _targets(target)
+    plan = [(t, b) for t in targets for b in choose_backends(t, backend)]
+    signing_key = load_signing_key(key) if key else default_signing_key()
+    options = BuildOptions(out_dir=output, precision=precision, tuning_db=tuning_db, samples_path=samples,
+                           num_samples=num_samples, allow_constant_output=allow_constant_output, model_version=model_version)
+    err = Console(stderr=True)
+    with err.status("loading the model") as status:
+        source = load_source(model, parse_input_shapes(input_shape or []), name)
+        status.update("running ONNX Runtime on the sample inputs")
+        ref = run_reference(source, options)
+        results, failures = [], []
+        for t, b in plan:
+            try:
+                results.append(build_one(source, ref, t, b, options, signing_key, status=status.update))
+            except UserError as e:
+                failures.append({"target": t.name, "backend": b, "error": str(e)})
+                print_error(f"{t.name}/{b}: {e}")
+    if as_json:
+        print(json.dumps({"artifacts": [
+            {"target": r.target, "backend": r.backend, "path": str(r.path), "size_bytes": r.size_bytes,
+             "build_time_s": round(r.duration_s, 3), "validation": r.manifest.validation.model_dump(mode="json")}
+            for r in results], "failures": failures}, indent=2))
+    else:
+        _print_table(results, signing_key.key_id)
+    if failures:
+        raise typer.Exit(1)
+
+
+def _print_table(results, key_id: str) -> None:
+    if not results:
+        return
+    table = Table(title=f"artifacts (signed with key {key_id})")
+    for column in ("target", "backend", "size", "validation", "max abs err", "top-1", "build time", "path"):
+        table.add_column(column, justify="right" if column in ("size", "max abs err", "build time") else "left")
+    for r in results:
+        v = r.manifest.validation
+        state = f"[green]{v.status}[/] ({v.executed.how})" if v.executed else f"[yellow]{v.status}[/]"
+        table.add_row(r.target, r.backend, _size(r.size_bytes), state,
+                      f"{v.max_abs_err:.2e}" if v.max_abs_err is not None else "—",
+                      f"{v.top1_agreement:.0%}" if v.top1_agreement is not None else "—",
+                      f"{r.duration_s:.1f} s", str(r.path))
+    out_console().print(table)

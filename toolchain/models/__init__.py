@@ -1,0 +1,1 @@
+"""Small plain-PyTorch models shipped with edgesmith for demos and tests (seeded, no downloads)."""

@@ -1,0 +1,79 @@
+"""Package a staged build into a signed artifact directory, atomically.
+
+A build writes into a hidden staging directory beside the destination; only a complete, signed
+and re-verified artifact is renamed into place, so a failed or interrupted build leaves nothing
+half-written behind (and never destroys the previous artifact of the same name before the new one
+is complete).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from edgesmith.runtime import artifact as runtime_artifact
+from edgesmith.runtime.manifest import MANIFEST_FILE, SIGNATURE_FILE, FileEntry, Manifest
+from edgesmith.toolchain.signing import SigningKey, sign_manifest
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_entries(directory: Path) -> list[FileEntry]:
+    """Every file below ``directory`` except the manifest and its signature, sorted by path."""
+    entries = []
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        rel = path.relative_to(directory).as_posix()
+        if rel not in (MANIFEST_FILE, SIGNATURE_FILE):
+            entries.append(FileEntry(path=rel, size=path.stat().st_size, sha256=_sha256(path)))
+    return entries
+
+
+@contextmanager
+def staging_dir(final: Path) -> Iterator[Path]:
+    """A fresh hidden directory next to ``final``; removed on exit unless it was published."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def sign_and_check(staging: Path, manifest: Manifest, key: SigningKey) -> None:
+    """Write manifest.json and manifest.sig, then verify with the device's own (C++) verifier."""
+    data = manifest.to_bytes()
+    (staging / MANIFEST_FILE).write_bytes(data)
+    (staging / SIGNATURE_FILE).write_bytes(sign_manifest(data, key))
+    runtime_artifact.verify(staging, [key.public_key])
+
+
+def publish(staging: Path, final: Path) -> None:
+    """Move a complete artifact into place, replacing an older one of the same name."""
+    for path in staging.rglob("*"):
+        if path.is_file():
+            with path.open("rb") as f:
+                os.fsync(f.fileno())
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(final, old)
+    try:
+        os.rename(staging, final)
+    except OSError:
+        if old is not None:
+            os.rename(old, final)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

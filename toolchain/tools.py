@@ -1,0 +1,56 @@
+"""Isolated tool environments.
+
+litert-torch's converter pulls ``xdsl==0.28.0``, which declares ``typing-extensions<4.13``, while
+apache-tvm-ffi declares ``>=4.13``: no single resolver-consistent environment holds both. Instead
+of forcing the pair, the converter lives in its own virtual environment under
+``$EDGESMITH_HOME/tools/<name>`` and edgesmith talks to it through a subprocess and files
+(a ``torch.export`` program in, a ``.tflite`` file out).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from edgesmith.toolchain.errors import UserError
+from edgesmith.toolchain.signing import edgesmith_home
+
+TOOLS: dict[str, list[str]] = {
+    # torch must equal the main environment's: torch.export programs are not portable across versions.
+    "litert": ["torch==2.13.0", "litert-torch==0.10.0", "ai-edge-litert==2.3.0"],
+}
+
+
+def tool_dir(name: str) -> Path:
+    base = os.environ.get("EDGESMITH_TOOLS_DIR")
+    return (Path(base) if base else edgesmith_home() / "tools") / name
+
+
+def tool_python(name: str) -> Path | None:
+    """The tool environment's interpreter, or None when it is not installed."""
+    override = os.environ.get(f"EDGESMITH_{name.upper()}_PYTHON")
+    python = Path(override) if override else tool_dir(name) / "bin" / "python"
+    ready = override or (tool_dir(name) / ".complete").is_file()
+    return python if ready and python.is_file() else None
+
+
+def install(name: str, echo=print) -> Path:
+    """Create (or complete) the tool environment; idempotent."""
+    if name not in TOOLS:
+        raise UserError(f"unknown tool {name!r}; known tools: {', '.join(TOOLS)}")
+    directory = tool_dir(name)
+    marker = directory / ".complete"
+    wanted = "\n".join(TOOLS[name])
+    if marker.is_file() and marker.read_text() == wanted:
+        return directory / "bin" / "python"
+    echo(f"installing the {name} tool environment in {directory} ...")
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(directory)], check=True)
+    result = subprocess.run([str(directory / "bin" / "python"), "-m", "pip", "install", "--quiet", *TOOLS[name]],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = "\n".join(result.stderr.strip().splitlines()[-5:])
+        raise UserError(f"installing the {name} tool environment failed (pip said: {tail}); check network access to PyPI and retry")
+    marker.write_text(wanted)
+    return directory / "bin" / "python"
