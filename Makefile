@@ -5,7 +5,7 @@ export EDGESMITH_HOME ?= $(CURDIR)/.edgesmith
 STAMP := $(VENV)/.bootstrapped
 BOOTSTRAP_INPUTS := scripts/bootstrap.sh pyproject.toml CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: demo test test-fast bootstrap clean
+.PHONY: demo test test-fast cpp-test bootstrap clean
 
 bootstrap: $(STAMP)
 
@@ -19,8 +19,14 @@ demo: $(STAMP)
 	    --target all --backend all --output dist/demo
 	$(VENV)/bin/edgesmith verify dist/demo/digits-cnn-rpi4-aarch64-tvm
 
-test: $(STAMP)
+test: $(STAMP) cpp-test
 	$(VENV)/bin/python -m pytest -q
+
+# The C++ core on its own, without Python (as it is cross-compiled for devices), with GoogleTest.
+cpp-test:
+	cmake -S . -B build/cpp-tests -DEDGESMITH_BUILD_TESTS=ON -DEDGESMITH_BUILD_PYTHON=OFF -DCMAKE_BUILD_TYPE=Release > /dev/null
+	cmake --build build/cpp-tests -j2 > /dev/null
+	ctest --test-dir build/cpp-tests --output-on-failure
 
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m "not integration and not slow"

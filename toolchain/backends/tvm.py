@@ -14,7 +14,7 @@ import numpy as np
 
 from edgesmith.toolchain.backends.base import CompileRequest, CompileResult, Execution, Runner
 from edgesmith.toolchain.errors import BackendUnavailable, CompileError, UserError, first_line
-from edgesmith.toolchain.targets import Target, runs_natively
+from edgesmith.toolchain.targets import Target, host_cpu_features, host_isa, runs_natively
 
 NAME = "tvm"
 ENTRY = "model.so"
@@ -104,6 +104,9 @@ def compile(request: CompileRequest) -> CompileResult:
 def executes_here(target: Target) -> Execution:
     if runs_natively(target):
         return Execution(True, "native")
+    if target.isa == host_isa():
+        missing = ", ".join(sorted(set(target.cpu_features) - host_cpu_features()))
+        return Execution(False, reason=f"this machine lacks {missing}; `edgesmith prove` runs the library on a CPU that has them")
     return Execution(False, reason=f"this machine cannot execute {target.isa} code; `edgesmith prove` runs the library on its ISA")
 
 
