@@ -3,7 +3,7 @@
 VENV ?= .venv
 export EDGESMITH_HOME ?= $(CURDIR)/.edgesmith
 STAMP := $(VENV)/.bootstrapped
-BOOTSTRAP_INPUTS := scripts/bootstrap.sh pyproject.toml CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
+BOOTSTRAP_INPUTS := $(wildcard scripts/*.sh) pyproject.toml CMakeLists.txt $(shell find csrc cmake -type f 2>/dev/null)
 
 .PHONY: demo test test-fast cpp-test bootstrap clean
 

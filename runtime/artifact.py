@@ -69,7 +69,9 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The C++ reader's view of a manifest (artifact directory or manifest.json), unverified.
 
     Only the fields the device uses: schema_version, name, payload, files, inputs, outputs,
-    golden, target {name, isa}, backend {name}. Raises ``ManifestError`` on a schema violation.
+    golden {samples, atol, rtol}, monitoring {outputs, latency}, target {name, isa, threads (when
+    set)}, backend {name, options_json (the options object as JSON text, as plugins get it)}.
+    Raises ``ManifestError`` on a schema violation.
     """
     return _core().read_manifest(os.fspath(path))
 

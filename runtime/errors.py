@@ -41,3 +41,22 @@ class ManifestError(ValueError):
     def __init__(self, message: str, path: str | None = None):
         super().__init__(message)
         self.path = path
+
+
+class InputError(ValueError):
+    """Inputs handed to a Session do not match the model's (count, names, dtype or shape)."""
+
+
+class UnsupportedArtifactError(ValueError):
+    """The artifact is valid but cannot run here (another ISA, a format this runtime does not run).
+
+    ``path`` is the artifact-relative file to blame (e.g. ``model.so``), or ``None``.
+    """
+
+    def __init__(self, message: str, path: str | None = None):
+        super().__init__(message)
+        self.path = path
+
+
+class BackendError(RuntimeError):
+    """A backend plugin or its engine failed to load the payload or to run it."""

@@ -76,11 +76,49 @@ class Payload(_Model):
     entry: str
 
 
+class GoldenSample(_Model):
+    inputs: list[str]  # .npy paths, in the order of the manifest's inputs
+    outputs: list[str]  # .npy paths, in the order of the manifest's outputs
+
+
 class Golden(_Model):
-    inputs: list[str]
-    outputs: list[str]
+    samples: list[GoldenSample] = Field(min_length=1)
     atol: float
     rtol: float
+
+
+class OutputMonitor(_Model):
+    """How the runtime summarises one output for drift monitoring."""
+
+    name: str
+    kind: Literal["classes", "histogram"]
+    classes: int | None = None  # kind == "classes": arg-max over the last axis, one count per class
+    edges: list[float] | None = None  # kind == "histogram": ascending bin edges (+ under/overflow bins)
+
+
+class LatencyBuckets(_Model):
+    """Log-spaced latency histogram: bucket k holds [start_us * factor**k, start_us * factor**(k+1))."""
+
+    start_us: float = 1.0
+    factor: float = 2 ** 0.25
+    count: int = 96
+
+
+class Monitoring(_Model):
+    outputs: list[OutputMonitor]
+    latency: LatencyBuckets = LatencyBuckets()
+
+
+class Proof(_Model):
+    """The artifact run on its own ISA by the device runtime (``edgesmith-run``), vs. golden outputs."""
+
+    status: Literal["proven", "failed", "not-run"]
+    isa: str
+    how: Literal["native", "qemu-aarch64"] | None = None
+    runner: str | None = None
+    samples: int = 0
+    max_abs_err: float | None = None
+    reason: str | None = None
 
 
 class Executed(_Model):
@@ -126,7 +164,9 @@ class Manifest(_Model):
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     golden: Golden
+    monitoring: Monitoring
     validation: Validation
+    proof: Proof
     build: BuildInfo
 
     def to_bytes(self) -> bytes:

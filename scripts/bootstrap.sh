@@ -31,5 +31,8 @@ echo "bootstrap: installing Python packages into $VENV"
 "$VENV/bin/python" -m pip install --quiet "scikit-build-core==1.1.2" "pybind11==3.1.0"
 "$VENV/bin/python" -m pip install --quiet --no-build-isolation -e ".[toolchain,test]"
 
+export EDGESMITH_HOME=${EDGESMITH_HOME:-$PWD/.edgesmith}
 echo "bootstrap: LiteRT converter environment"
-EDGESMITH_HOME=${EDGESMITH_HOME:-$PWD/.edgesmith} "$VENV/bin/edgesmith" tools install litert
+"$VENV/bin/edgesmith" tools install litert
+echo "bootstrap: aarch64 device runtime (cross-compiled; \`edgesmith prove\` runs it under qemu)"
+"$VENV/bin/edgesmith" tools install aarch64-runtime

@@ -17,6 +17,7 @@ DIGITS = "edgesmith.toolchain.models.digits:digits_cnn"
 
 _home = os.environ.get("EDGESMITH_HOME") or str(REPO / ".edgesmith")
 os.environ.setdefault("EDGESMITH_TOOLS_DIR", str(Path(_home) / "tools"))
+os.environ.setdefault("EDGESMITH_AARCH64_RUNTIME", str(Path(_home) / "runners" / "aarch64-linux"))
 
 
 @pytest.fixture(autouse=True)

@@ -75,15 +75,30 @@ def test_tflite_artifact_for_android(digits_artifacts):
 def test_golden_files_match_manifest_and_reference(digits_artifacts):
     art = digits_artifacts["artifacts"][("x86_64-avx2", "openvino")]
     m = manifest(art["path"])
-    x = np.load(Path(art["path"]) / m["golden"]["inputs"][0])
-    y = np.load(Path(art["path"]) / m["golden"]["outputs"][0])
-    assert list(x.shape) == m["inputs"][0]["shape"] and list(y.shape) == m["outputs"][0]["shape"]
     import onnxruntime as ort
     from edgesmith.toolchain.sources import load_source
 
     source = load_source(DIGITS, [1, 1, 8, 8])
     session = ort.InferenceSession(source.onnx_bytes, providers=["CPUExecutionProvider"])
-    np.testing.assert_allclose(session.run(None, {"input": x})[0], y, rtol=1e-5, atol=1e-6)
+    assert len(m["golden"]["samples"]) == 2
+    for sample in m["golden"]["samples"]:
+        x = np.load(Path(art["path"]) / sample["inputs"][0])
+        y = np.load(Path(art["path"]) / sample["outputs"][0])
+        assert list(x.shape) == m["inputs"][0]["shape"] and list(y.shape) == m["outputs"][0]["shape"]
+        np.testing.assert_allclose(session.run(None, {"input": x})[0], y, rtol=1e-5, atol=1e-6)
+
+
+def test_monitoring_spec_in_manifest(digits_artifacts, tmp_path):
+    m = manifest(digits_artifacts["artifacts"][("x86_64-avx2", "tvm")]["path"])
+    assert m["monitoring"]["outputs"] == [{"name": m["outputs"][0]["name"], "kind": "classes", "classes": 10,
+                                           "edges": None}]
+    assert m["monitoring"]["latency"]["count"] > 0
+    # A non-classifier output gets a histogram whose edges are quantiles of the reference outputs.
+    path = _conv_model(tmp_path, "convrelu", "Relu")
+    built = build_json(str(path), "-t", "x86_64-avx2", "--backend", "openvino", "-o", str(tmp_path / "dist"))
+    monitor = manifest(built["artifacts"][0]["path"])["monitoring"]["outputs"][0]
+    assert monitor["kind"] == "histogram" and len(monitor["edges"]) >= 3
+    assert monitor["edges"] == sorted(monitor["edges"])
 
 
 def test_default_backend_is_the_targets_first(tmp_path):
@@ -132,7 +147,7 @@ def test_constant_output_model_is_refused_unless_allowed(tmp_path):
     path = _conv_model(tmp_path, "zeros", "Relu", weight_scale=0.0)
     out = tmp_path / "dist"
     result = run_cli("build", str(path), "-t", "x86_64-avx2", "-o", str(out), check=False)
-    assert result.returncode == 1 and "identical for every sample input" in result.stderr
+    assert result.returncode == 1 and "for every sample input" in result.stderr
     assert not out.exists() or list(out.iterdir()) == []
     ok = build_json(str(path), "-t", "x86_64-avx2", "-o", str(out), "--allow-constant-output")
     assert ok["artifacts"][0]["validation"]["input_sensitivity"] == 0.0

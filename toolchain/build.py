@@ -20,17 +20,19 @@ from typing import Callable
 
 import numpy as np
 
-from edgesmith.runtime.manifest import (BackendInfo, BuildInfo, Executed, Golden, HostInfo, Manifest, ModelInfo,
-                                        Payload, SourceInfo, TensorSpec, Validation)
+from edgesmith.runtime.manifest import (BackendInfo, BuildInfo, Executed, Golden, GoldenSample, HostInfo, Manifest,
+                                        ModelInfo, Payload, Proof, SourceInfo, TensorSpec, Validation)
 from edgesmith.toolchain import reference
 from edgesmith.toolchain.backends import get_backend
 from edgesmith.toolchain.backends.base import CompileRequest
 from edgesmith.toolchain.errors import UserError, ValidationError
+from edgesmith.toolchain.monitoring import monitoring_spec
+from edgesmith.toolchain.prove import prove
 from edgesmith.toolchain.package import file_entries, publish, sign_and_check, staging_dir
 from edgesmith.toolchain.signing import SigningKey
 from edgesmith.toolchain.sources import ModelSource
 from edgesmith.toolchain.targets import Precision, Target, host_isa
-from edgesmith.toolchain.validate import compare, require_input_dependence
+from edgesmith.toolchain.validate import compare, input_sensitivity, require_input_dependence
 
 GOLDEN_DIR = "golden"
 
@@ -44,6 +46,7 @@ class BuildOptions:
     num_samples: int = 8
     allow_constant_output: bool = False
     model_version: str = "1"
+    golden_samples: int = 2
 
 
 @dataclass
@@ -77,7 +80,7 @@ def run_reference(source: ModelSource, options: BuildOptions) -> ReferenceRun:
         samples = reference.make_samples(source.inputs, options.num_samples)
     model = reference.ReferenceModel(source.onnx_model)
     outputs = [model.run(sample) for sample in samples]
-    sensitivity = require_input_dependence(outputs, options.allow_constant_output)
+    sensitivity = input_sensitivity(outputs)
     specs = [TensorSpec(name=name, dtype=arr.dtype.name, shape=list(arr.shape))
              for name, arr in zip(model.output_names, outputs[0])]
     return ReferenceRun(samples, outputs, specs, sensitivity, reference.version())
@@ -117,28 +120,66 @@ def _host_cpu() -> str:
     return platform.processor() or "unknown"
 
 
-def _save_golden(staging: Path, sample: list[np.ndarray], outputs: list[np.ndarray]) -> tuple[list[str], list[str]]:
-    (staging / GOLDEN_DIR).mkdir()
-    ins, outs = [], []
-    for i, array in enumerate(sample):
-        ins.append(f"{GOLDEN_DIR}/input_{i}.npy")
-        np.save(staging / ins[-1], np.ascontiguousarray(array), allow_pickle=False)
-    for i, array in enumerate(outputs):
-        outs.append(f"{GOLDEN_DIR}/output_{i}.npy")
-        np.save(staging / outs[-1], np.ascontiguousarray(array), allow_pickle=False)
-    return ins, outs
+def _save_golden(staging: Path, ref: ReferenceRun, count: int) -> list[GoldenSample]:
+    """The first ``count`` samples and ONNX Runtime's outputs, for self-test and proof on the device."""
+    samples = []
+    for k in range(min(count, len(ref.samples))):
+        folder = f"{GOLDEN_DIR}/sample_{k}"
+        (staging / folder).mkdir(parents=True)
+        paths: dict[str, list[str]] = {"inputs": [], "outputs": []}
+        for kind, arrays in (("input", ref.samples[k]), ("output", ref.outputs[k])):
+            for i, array in enumerate(arrays):
+                paths[f"{kind}s"].append(f"{folder}/{kind}_{i}.npy")
+                np.save(staging / paths[f"{kind}s"][-1], np.ascontiguousarray(array), allow_pickle=False)
+        samples.append(GoldenSample(**paths))
+    return samples
 
 
 _BACKEND_PACKAGES = {"tvm": "apache-tvm", "openvino": "openvino", "tflite": "ai-edge-litert"}
 
 
+def _runner(staging: Path, result, backend, target: Target, how: str, public_key: bytes):
+    """The device's own Session for payloads the C++ runtime runs natively here; otherwise the
+    engine's Python API (an ISA-independent payload checked by this host's build of the engine)."""
+    if how == "native" and getattr(backend, "DEVICE_RUNTIME", False):
+        from edgesmith.runtime import Session
+
+        return Session(staging, threads=target.threads, trusted_keys=[public_key]).run
+    return backend.load(staging, result, target)
+
+
+def _validate(staging: Path, result, backend, target: Target, ref: ReferenceRun, tolerance, name: str,
+              public_key: bytes) -> Validation:
+    """Run the staged artifact on the reference samples and compare with ONNX Runtime."""
+    execution = backend.executes_here(target)
+    common = dict(reference=f"onnxruntime {ref.version}", samples=len(ref.samples), atol=tolerance.atol,
+                  rtol=tolerance.rtol, input_sensitivity=ref.sensitivity)
+    if not execution.possible:
+        return Validation(status="pending-proof", executed=None, max_abs_err=None, max_rel_err=None,
+                          top1_agreement=None, reason=execution.reason, **common)
+    run = _runner(staging, result, backend, target, execution.how, public_key)
+    outputs = [run(sample) for sample in ref.samples]
+    cmp = compare(outputs, ref.outputs, [s.name for s in ref.output_specs], tolerance.atol, tolerance.rtol)
+    if not cmp.passed:
+        raise ValidationError(f"{name}: output {cmp.worst_output!r} differs from ONNX Runtime by up to {cmp.max_abs_err:.3g} "
+                              f"(tolerance atol={tolerance.atol:g}, rtol={tolerance.rtol:g}); the backend miscompiles this model, try another backend")
+    return Validation(status="passed", executed=Executed(isa=host_isa(), how=execution.how), max_abs_err=cmp.max_abs_err,
+                      max_rel_err=cmp.max_rel_err, top1_agreement=cmp.top1_agreement, reason=execution.reason, **common)
+
+
 def build_one(source: ModelSource, ref: ReferenceRun, target: Target, backend_name: str, options: BuildOptions,
               key: SigningKey, status: Callable[[str], None] = lambda _: None) -> BuiltArtifact:
-    """Compile, validate, package and sign one artifact; nothing is left on disk if any step fails."""
+    """Compile, validate, package, sign and prove one artifact; nothing is left on disk if any step fails.
+
+    The artifact is signed before it is validated or proven, because the device code that runs it
+    (Session, edgesmith-run) refuses unsigned artifacts; the results are then written into the
+    manifest, which is signed again.
+    """
     started = time.perf_counter()
     backend = get_backend(backend_name)
     backend_version = backend.version()
     tolerance = target.tolerance_for(options.precision)
+    require_input_dependence(ref.outputs, tolerance.atol, tolerance.rtol, options.allow_constant_output)
     name = f"{source.name}-{target.name}-{backend_name}"
     final = options.out_dir / name
     stages: dict[str, float] = {}
@@ -148,29 +189,7 @@ def build_one(source: ModelSource, ref: ReferenceRun, target: Target, backend_na
         result = backend.compile(CompileRequest(source=source, target=target, precision=options.precision,
                                                 out_dir=staging, work_dir=Path(work), tuning_db=options.tuning_db))
         stages["compile_s"] = time.perf_counter() - t0
-
-        execution = backend.executes_here(target)
-        common = dict(reference=f"onnxruntime {ref.version}", samples=len(ref.samples), atol=tolerance.atol,
-                      rtol=tolerance.rtol, input_sensitivity=ref.sensitivity)
-        if execution.possible:
-            status(f"{name}: validating on {len(ref.samples)} samples against ONNX Runtime")
-            t0 = time.perf_counter()
-            runner = backend.load(staging, result, target)
-            outputs = [runner(sample) for sample in ref.samples]
-            stages["validate_s"] = time.perf_counter() - t0
-            cmp = compare(outputs, ref.outputs, [s.name for s in ref.output_specs], tolerance.atol, tolerance.rtol)
-            if not cmp.passed:
-                raise ValidationError(f"{name}: output {cmp.worst_output!r} differs from ONNX Runtime by up to {cmp.max_abs_err:.3g} "
-                                      f"(tolerance atol={tolerance.atol:g}, rtol={tolerance.rtol:g}); the backend miscompiles this model, try another backend")
-            validation = Validation(status="passed", executed=Executed(isa=host_isa(), how=execution.how),
-                                    max_abs_err=cmp.max_abs_err, max_rel_err=cmp.max_rel_err,
-                                    top1_agreement=cmp.top1_agreement, reason=execution.reason, **common)
-        else:
-            validation = Validation(status="pending-proof", executed=None, max_abs_err=None, max_rel_err=None,
-                                    top1_agreement=None, reason=execution.reason, **common)
-
-        golden_in, golden_out = _save_golden(staging, ref.samples[0], ref.outputs[0])
-        duration = time.perf_counter() - started
+        golden = _save_golden(staging, ref, options.golden_samples)
         manifest = Manifest(
             name=name,
             model=ModelInfo(name=source.name, version=options.model_version,
@@ -182,16 +201,37 @@ def build_one(source: ModelSource, ref: ReferenceRun, target: Target, backend_na
             files=file_entries(staging),
             inputs=source.inputs,
             outputs=ref.output_specs,
-            golden=Golden(inputs=golden_in, outputs=golden_out, atol=tolerance.atol, rtol=tolerance.rtol),
-            validation=validation,
-            build=BuildInfo(created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                            duration_s=round(duration, 3),
+            golden=Golden(samples=golden, atol=tolerance.atol, rtol=tolerance.rtol),
+            monitoring=monitoring_spec(ref.output_specs, ref.outputs),
+            validation=Validation(status="pending-proof", reference=f"onnxruntime {ref.version}", executed=None,
+                                  samples=0, max_abs_err=None, max_rel_err=None, top1_agreement=None,
+                                  atol=tolerance.atol, rtol=tolerance.rtol, input_sensitivity=ref.sensitivity),
+            proof=Proof(status="not-run", isa=target.isa, reason="not run yet"),
+            build=BuildInfo(created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), duration_s=0.0,
                             host=HostInfo(isa=host_isa(), cpu=_host_cpu(), os=sys.platform),
                             toolchain=_versions(_BACKEND_PACKAGES.get(backend_name))),
         )
+        sign_and_check(staging, manifest, key)
+
+        status(f"{name}: validating on {len(ref.samples)} samples against ONNX Runtime")
+        t0 = time.perf_counter()
+        manifest.validation = _validate(staging, result, backend, target, ref, tolerance, name, key.public_key)
+        stages["validate_s"] = time.perf_counter() - t0
+
+        if getattr(backend, "DEVICE_RUNTIME", False):
+            status(f"{name}: proving on {target.isa} with edgesmith-run")
+            t0 = time.perf_counter()
+            manifest.proof = prove(staging, target, [key.public_key])
+            stages["prove_s"] = time.perf_counter() - t0
+            if manifest.proof.status == "failed":
+                raise ValidationError(f"{name}: the device runtime's run on {target.isa} ({manifest.proof.how}) failed: {manifest.proof.reason}")
+        else:
+            manifest.proof = Proof(status="not-run", isa=target.isa, reason=f"the C++ runtime does not run {result.format} payloads")
+
+        duration = time.perf_counter() - started
+        manifest.build.duration_s = round(duration, 3)
         sign_and_check(staging, manifest, key)
         size = sum(f.size for f in manifest.files)
         publish(staging, final)
     return BuiltArtifact(target=target.name, backend=backend_name, path=final, manifest=manifest, size_bytes=size,
                          duration_s=duration, stages=stages)
-

@@ -15,15 +15,11 @@ from pathlib import Path
 import nacl.exceptions
 import nacl.signing
 
+from edgesmith.runtime.keys import edgesmith_home
 from edgesmith.toolchain.errors import UserError
 
 SIG_FILE = "manifest.sig"
 MANIFEST_FILE = "manifest.json"
-
-
-def edgesmith_home() -> Path:
-    """Where keys and tool environments live: ``$EDGESMITH_HOME`` or ``~/.edgesmith``."""
-    return Path(os.environ.get("EDGESMITH_HOME") or Path.home() / ".edgesmith")
 
 
 def key_id(public_key: bytes) -> str:
@@ -80,25 +76,6 @@ def default_signing_key() -> SigningKey:
     if not path.exists():
         generate_key("default", path.parent)
     return load_signing_key(path)
-
-
-def load_public_key(path: Path) -> bytes:
-    try:
-        raw = bytes.fromhex(Path(path).read_text().strip())
-    except FileNotFoundError:
-        raise UserError(f"public key {path} does not exist") from None
-    except ValueError:
-        raise UserError(f"public key {path} is not a hex Ed25519 public key") from None
-    if len(raw) != 32:
-        raise UserError(f"public key {path} holds {len(raw)} bytes, an Ed25519 public key has 32")
-    return raw
-
-
-def trusted_public_keys() -> list[bytes]:
-    """Keys ``edgesmith verify`` trusts without ``--key``: $EDGESMITH_HOME/{keys,trusted}/*.pub."""
-    home = edgesmith_home()
-    paths = sorted((home / "keys").glob("*.pub")) + sorted((home / "trusted").glob("*.pub"))
-    return [load_public_key(p) for p in paths]
 
 
 def sign_manifest(manifest_bytes: bytes, key: SigningKey) -> bytes:

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from edgesmith.toolchain.errors import UserError
-from edgesmith.toolchain.signing import edgesmith_home
+from edgesmith.runtime.keys import edgesmith_home
 
 TOOLS: dict[str, list[str]] = {
     # torch must equal the main environment's: torch.export programs are not portable across versions.
@@ -36,10 +36,32 @@ def tool_python(name: str) -> Path | None:
     return python if ready and python.is_file() else None
 
 
+BUILT_TOOLS = {
+    # The device runtime (edgesmith-run, backend plugins, engine libraries) cross-compiled for
+    # aarch64, which `edgesmith prove` runs under qemu-aarch64-static.
+    "aarch64-runtime": "scripts/build_aarch64_runtime.sh",
+}
+
+
+def _build_from_source(name: str, echo) -> Path:
+    script = Path(__file__).resolve().parent.parent / BUILT_TOOLS[name]
+    if not script.is_file():
+        raise UserError(f"building the {name} needs an edgesmith source checkout ({script} is missing); "
+                        "run this from a clone of the repository")
+    echo(f"building the {name} with {script.name} ...")
+    result = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-5:])
+        raise UserError(f"building the {name} failed:\n{tail}")
+    return Path(result.stdout.strip().splitlines()[-1]) if result.stdout.strip() else script
+
+
 def install(name: str, echo=print) -> Path:
     """Create (or complete) the tool environment; idempotent."""
+    if name in BUILT_TOOLS:
+        return _build_from_source(name, echo)
     if name not in TOOLS:
-        raise UserError(f"unknown tool {name!r}; known tools: {', '.join(TOOLS)}")
+        raise UserError(f"unknown tool {name!r}; known tools: {', '.join([*TOOLS, *BUILT_TOOLS])}")
     directory = tool_dir(name)
     marker = directory / ".complete"
     wanted = "\n".join(TOOLS[name])

@@ -1,5 +1,6 @@
 #include "artifact/manifest.h"
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <set>
@@ -179,26 +180,129 @@ void manifest_check_consistency(const Manifest& manifest) {
     manifest_fail("payload.entry", "is " + string_quote(manifest.payload.entry) +
                                        ", which is not listed in files");
   }
-  const std::pair<const char*, const std::vector<std::string>*> golden_lists[] = {
-      {"golden.inputs", &manifest.golden.inputs}, {"golden.outputs", &manifest.golden.outputs}};
-  for (const auto& [key, paths] : golden_lists) {
-    for (size_t i = 0; i < paths->size(); ++i) {
-      if (listed.count((*paths)[i]) == 0) {
-        manifest_fail(key_index(key, i), "is " + string_quote((*paths)[i]) +
-                                             ", which is not listed in files");
+  for (size_t s = 0; s < manifest.golden.samples.size(); ++s) {
+    const ManifestGoldenSample& sample = manifest.golden.samples[s];
+    const std::string where = key_index("golden.samples", s);
+    const std::pair<std::string, const std::vector<std::string>*> lists[] = {
+        {where + ".inputs", &sample.inputs}, {where + ".outputs", &sample.outputs}};
+    for (const auto& [key, paths] : lists) {
+      for (size_t i = 0; i < paths->size(); ++i) {
+        if (listed.count((*paths)[i]) == 0) {
+          manifest_fail(key_index(key, i), "is " + string_quote((*paths)[i]) +
+                                               ", which is not listed in files");
+        }
       }
     }
+    if (sample.inputs.size() != manifest.inputs.size()) {
+      manifest_fail(where + ".inputs", "has " + std::to_string(sample.inputs.size()) +
+                                           " files for " + std::to_string(manifest.inputs.size()) +
+                                           " inputs");
+    }
+    if (sample.outputs.size() != manifest.outputs.size()) {
+      manifest_fail(where + ".outputs", "has " + std::to_string(sample.outputs.size()) +
+                                            " files for " +
+                                            std::to_string(manifest.outputs.size()) + " outputs");
+    }
   }
-  if (manifest.golden.inputs.size() != manifest.inputs.size()) {
-    manifest_fail("golden.inputs", "has " + std::to_string(manifest.golden.inputs.size()) +
-                                       " files for " + std::to_string(manifest.inputs.size()) +
-                                       " inputs");
+  for (size_t i = 0; i < manifest.monitoring.outputs.size(); ++i) {
+    const std::string& name = manifest.monitoring.outputs[i].name;
+    const bool known = std::any_of(manifest.outputs.begin(), manifest.outputs.end(),
+                                   [&](const ManifestTensor& t) { return t.name == name; });
+    if (!known) {
+      manifest_fail(key_index("monitoring.outputs", i) + ".name",
+                    "is " + string_quote(name) + ", which is not one of the model's outputs");
+    }
   }
-  if (manifest.golden.outputs.size() != manifest.outputs.size()) {
-    manifest_fail("golden.outputs", "has " + std::to_string(manifest.golden.outputs.size()) +
-                                        " files for " + std::to_string(manifest.outputs.size()) +
-                                        " outputs");
+}
+
+ManifestGolden golden_read(const json& root) {
+  const json& golden = object_read(root, "", "golden");
+  ManifestGolden out;
+  const json& samples = array_read(golden, "golden", "samples");
+  if (samples.empty()) manifest_fail("golden.samples", "must hold at least one sample");
+  for (size_t i = 0; i < samples.size(); ++i) {
+    const std::string where = key_index("golden.samples", i);
+    if (!samples[i].is_object()) manifest_fail(where, "must be an object" + type_got(samples[i]));
+    ManifestGoldenSample sample;
+    sample.inputs = path_list_read(samples[i], where, "inputs");
+    sample.outputs = path_list_read(samples[i], where, "outputs");
+    out.samples.push_back(std::move(sample));
   }
+  out.atol = tolerance_read(golden, "golden", "atol");
+  out.rtol = tolerance_read(golden, "golden", "rtol");
+  return out;
+}
+
+// An optional positive number; `fallback` when the key is absent (the Python schema's default).
+double positive_read(const json& object, const std::string& where, const char* key,
+                     double fallback) {
+  const auto it = object.find(key);
+  if (it == object.end()) return fallback;
+  if (!it->is_number() || !std::isfinite(it->get<double>()) || it->get<double>() <= 0.0) {
+    manifest_fail(key_join(where, key), "must be a finite number > 0");
+  }
+  return it->get<double>();
+}
+
+ManifestOutputMonitor output_monitor_read(const json& item, const std::string& where) {
+  if (!item.is_object()) manifest_fail(where, "must be an object" + type_got(item));
+  ManifestOutputMonitor monitor;
+  monitor.name = string_read(item, where, "name");
+  const std::string kind = string_read(item, where, "kind");
+  if (kind == "classes") {
+    monitor.kind = MONITOR_KIND_CLASSES;
+    const json& classes = object_get(item, where, "classes");
+    if (!classes.is_number_unsigned() || classes.get<uint64_t>() == 0 ||
+        classes.get<uint64_t>() > (1u << 24)) {
+      manifest_fail(where + ".classes", "must be an integer between 1 and 16777216");
+    }
+    monitor.classes = static_cast<int64_t>(classes.get<uint64_t>());
+  } else if (kind == "histogram") {
+    monitor.kind = MONITOR_KIND_HISTOGRAM;
+    const json& edges = array_read(item, where, "edges");
+    if (edges.size() < 2 || edges.size() > 4097) {
+      manifest_fail(where + ".edges", "must hold between 2 and 4097 bin edges");
+    }
+    for (size_t i = 0; i < edges.size(); ++i) {
+      if (!edges[i].is_number() || !std::isfinite(edges[i].get<double>())) {
+        manifest_fail(key_index(where + ".edges", i), "must be a finite number");
+      }
+      const double edge = edges[i].get<double>();
+      if (i > 0 && !(edge > monitor.edges.back())) {
+        manifest_fail(key_index(where + ".edges", i), "must be larger than the edge before it");
+      }
+      monitor.edges.push_back(edge);
+    }
+  } else {
+    manifest_fail(where + ".kind", "is " + string_quote(kind) + ", expected classes or histogram");
+  }
+  return monitor;
+}
+
+ManifestMonitoring monitoring_read(const json& root) {
+  const json& monitoring = object_read(root, "", "monitoring");
+  ManifestMonitoring out;
+  const json& outputs = array_read(monitoring, "monitoring", "outputs");
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    out.outputs.push_back(output_monitor_read(outputs[i], key_index("monitoring.outputs", i)));
+  }
+  const auto latency = monitoring.find("latency");
+  if (latency == monitoring.end()) return out;
+  if (!latency->is_object()) {
+    manifest_fail("monitoring.latency", "must be an object" + type_got(*latency));
+  }
+  out.latency.start_us = positive_read(*latency, "monitoring.latency", "start_us", out.latency.start_us);
+  out.latency.factor = positive_read(*latency, "monitoring.latency", "factor", out.latency.factor);
+  if (out.latency.factor <= 1.0) manifest_fail("monitoring.latency.factor", "must be > 1");
+  const auto count = latency->find("count");
+  if (count != latency->end()) {
+    if (!count->is_number_unsigned() || count->get<uint64_t>() == 0 ||
+        count->get<uint64_t>() > 4096) {
+      manifest_fail("monitoring.latency.count", "must be an integer between 1 and 4096");
+    }
+    out.latency.count = static_cast<int64_t>(count->get<uint64_t>());
+  }
+  return out;
 }
 
 Manifest manifest_from_json(const json& root) {
@@ -222,18 +326,30 @@ Manifest manifest_from_json(const json& root) {
   manifest.inputs = tensors_read(root, "inputs");
   manifest.outputs = tensors_read(root, "outputs");
 
-  const json& golden = object_read(root, "", "golden");
-  manifest.golden.inputs = path_list_read(golden, "golden", "inputs");
-  manifest.golden.outputs = path_list_read(golden, "golden", "outputs");
-  manifest.golden.atol = tolerance_read(golden, "golden", "atol");
-  manifest.golden.rtol = tolerance_read(golden, "golden", "rtol");
+  manifest.golden = golden_read(root);
+  manifest.monitoring = monitoring_read(root);
 
   const json& target = object_read(root, "", "target");
   manifest.target_name = string_read(target, "target", "name");
   manifest.target_isa = string_read(target, "target", "isa");
+  const auto threads = target.find("threads");
+  if (threads != target.end()) {
+    if (!threads->is_number_unsigned() || threads->get<uint64_t>() == 0 ||
+        threads->get<uint64_t>() > 1024) {
+      manifest_fail("target.threads", "must be an integer between 1 and 1024");
+    }
+    manifest.target_threads = static_cast<int32_t>(threads->get<uint64_t>());
+  }
 
   const json& backend = object_read(root, "", "backend");
   manifest.backend_name = string_read(backend, "backend", "name");
+  const auto options = backend.find("options");
+  if (options != backend.end()) {
+    if (!options->is_object()) {
+      manifest_fail("backend.options", "must be an object" + type_got(*options));
+    }
+    manifest.backend_options_json = options->dump();
+  }
 
   manifest_check_consistency(manifest);
   return manifest;

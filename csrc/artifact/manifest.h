@@ -40,12 +40,45 @@ struct ManifestPayload {
   std::string entry;
 };
 
-/// `golden`: .npy files for the on-device self-test and the tolerance to apply.
-struct ManifestGolden {
+/// One golden sample: .npy files in the order of the manifest's inputs / outputs.
+struct ManifestGoldenSample {
   std::vector<std::string> inputs;
   std::vector<std::string> outputs;
+};
+
+/// `golden`: samples for the on-device self-test and proof, and the tolerance to apply
+/// (|y - expected| <= atol + rtol * |expected|).
+struct ManifestGolden {
+  std::vector<ManifestGoldenSample> samples;
   double atol = 0.0;
   double rtol = 0.0;
+};
+
+/// How one output is summarised for drift monitoring (`monitoring.outputs[i]`).
+enum MonitorKind : int32_t {
+  MONITOR_KIND_CLASSES = 0,    ///< arg-max over the last axis, one counter per class
+  MONITOR_KIND_HISTOGRAM = 1,  ///< counts per bin between `edges`, plus under/overflow
+};
+
+/// One entry of `monitoring.outputs`.
+struct ManifestOutputMonitor {
+  std::string name;                     ///< an output's name
+  MonitorKind kind = MONITOR_KIND_CLASSES;
+  int64_t classes = 0;                  ///< MONITOR_KIND_CLASSES: number of classes
+  std::vector<double> edges;            ///< MONITOR_KIND_HISTOGRAM: strictly ascending bin edges
+};
+
+/// `monitoring.latency`: bucket k counts runs in [start_us * factor^k, start_us * factor^(k+1)).
+struct ManifestLatencyBuckets {
+  double start_us = 1.0;
+  double factor = 1.189207115002721;  // 2 ** 0.25, the Python schema's default
+  int64_t count = 96;
+};
+
+/// `monitoring`: how the runtime summarises traffic so a monitor can compute drift.
+struct ManifestMonitoring {
+  std::vector<ManifestOutputMonitor> outputs;
+  ManifestLatencyBuckets latency;
 };
 
 /// The device's view of manifest.json.
@@ -57,9 +90,12 @@ struct Manifest {
   std::vector<ManifestTensor> inputs;
   std::vector<ManifestTensor> outputs;
   ManifestGolden golden;
+  ManifestMonitoring monitoring;
   std::string target_name;   ///< manifest["target"]["name"]
   std::string target_isa;    ///< manifest["target"]["isa"]
+  int32_t target_threads = 0;  ///< manifest["target"]["threads"], 0 when the target leaves it open
   std::string backend_name;  ///< manifest["backend"]["name"]
+  std::string backend_options_json = "{}";  ///< manifest["backend"]["options"] as JSON text (plugins parse it)
 };
 
 /// Parse and validate manifest.json text; throws Error(ERROR_CODE_MANIFEST) naming the bad key.

@@ -14,6 +14,12 @@ const char* error_code_name(ErrorCode code) {
       return "manifest";
     case ERROR_CODE_INTEGRITY:
       return "integrity";
+    case ERROR_CODE_INPUT:
+      return "input";
+    case ERROR_CODE_BACKEND:
+      return "backend";
+    case ERROR_CODE_UNSUPPORTED:
+      return "unsupported";
   }
   return "unknown";
 }

@@ -13,6 +13,9 @@ enum ErrorCode : int32_t {
   ERROR_CODE_INVALID_ARGUMENT = 2,  ///< the caller passed something invalid (e.g. a 31-byte key)
   ERROR_CODE_MANIFEST = 3,          ///< manifest.json does not follow the artifact schema
   ERROR_CODE_INTEGRITY = 4,         ///< the artifact is not exactly what its signed manifest says
+  ERROR_CODE_INPUT = 5,             ///< inputs handed to a session do not match the model's inputs
+  ERROR_CODE_BACKEND = 6,           ///< a backend plugin or its engine failed to load or to run
+  ERROR_CODE_UNSUPPORTED = 7,       ///< the artifact cannot run here (other ISA, unsupported format)
 };
 
 /// Stable lower-case name of an error code ("integrity", "manifest", ...), for logs.

@@ -2,6 +2,9 @@
 //   ERROR_CODE_INTEGRITY        -> edgesmith.runtime.errors.IntegrityError(message, path)
 //   ERROR_CODE_MANIFEST         -> edgesmith.runtime.errors.ManifestError(message, path)
 //   ERROR_CODE_INVALID_ARGUMENT -> edgesmith.runtime.errors.ValueError(message)
+//   ERROR_CODE_INPUT            -> edgesmith.runtime.errors.InputError(message)
+//   ERROR_CODE_UNSUPPORTED      -> edgesmith.runtime.errors.UnsupportedArtifactError(message, path)
+//   ERROR_CODE_BACKEND          -> edgesmith.runtime.errors.BackendError(message)
 //   ERROR_CODE_IO (and others)  -> edgesmith.runtime.errors.RuntimeError(message)
 #include "errors.h"
 
@@ -41,6 +44,18 @@ void error_raise(const Error& error) {
       break;
     case ERROR_CODE_INVALID_ARGUMENT:
       cls = errors.attr("ValueError");
+      instance = cls(message);
+      break;
+    case ERROR_CODE_INPUT:
+      cls = errors.attr("InputError");
+      instance = cls(message);
+      break;
+    case ERROR_CODE_UNSUPPORTED:
+      cls = errors.attr("UnsupportedArtifactError");
+      instance = cls(message, path);
+      break;
+    case ERROR_CODE_BACKEND:
+      cls = errors.attr("BackendError");
       instance = cls(message);
       break;
     case ERROR_CODE_IO:

@@ -1,5 +1,6 @@
 // edgesmith.runtime._core: private bindings of the C++ core. The documented Python API is
-// edgesmith.runtime.artifact; nothing else should import this module directly.
+// edgesmith.runtime.artifact and edgesmith.runtime.session; nothing else should import this
+// module directly.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -12,6 +13,8 @@
 #include "common/digest.h"
 #include "common/version.h"
 #include "errors.h"
+#include "runtime/isa.h"
+#include "session.h"
 
 namespace py = pybind11;
 
@@ -46,13 +49,37 @@ py::dict manifest_to_python(const Manifest& manifest) {
   out["files"] = files;
   out["inputs"] = tensors_to_python(manifest.inputs);
   out["outputs"] = tensors_to_python(manifest.outputs);
-  out["golden"] = py::dict(py::arg("inputs") = py::cast(manifest.golden.inputs),
-                           py::arg("outputs") = py::cast(manifest.golden.outputs),
-                           py::arg("atol") = manifest.golden.atol,
+  py::list samples;
+  for (const ManifestGoldenSample& sample : manifest.golden.samples) {
+    samples.append(py::dict(py::arg("inputs") = py::cast(sample.inputs),
+                            py::arg("outputs") = py::cast(sample.outputs)));
+  }
+  out["golden"] = py::dict(py::arg("samples") = samples, py::arg("atol") = manifest.golden.atol,
                            py::arg("rtol") = manifest.golden.rtol);
-  out["target"] = py::dict(py::arg("name") = manifest.target_name,
-                           py::arg("isa") = manifest.target_isa);
-  out["backend"] = py::dict(py::arg("name") = manifest.backend_name);
+  py::list monitors;
+  for (const ManifestOutputMonitor& monitor : manifest.monitoring.outputs) {
+    py::dict item;
+    item["name"] = monitor.name;
+    if (monitor.kind == MONITOR_KIND_CLASSES) {
+      item["kind"] = "classes";
+      item["classes"] = monitor.classes;
+    } else {
+      item["kind"] = "histogram";
+      item["edges"] = py::cast(monitor.edges);
+    }
+    monitors.append(item);
+  }
+  const ManifestLatencyBuckets& latency = manifest.monitoring.latency;
+  out["monitoring"] = py::dict(
+      py::arg("outputs") = monitors,
+      py::arg("latency") = py::dict(py::arg("start_us") = latency.start_us,
+                                    py::arg("factor") = latency.factor,
+                                    py::arg("count") = latency.count));
+  py::dict target(py::arg("name") = manifest.target_name, py::arg("isa") = manifest.target_isa);
+  if (manifest.target_threads > 0) target["threads"] = manifest.target_threads;
+  out["target"] = target;
+  out["backend"] = py::dict(py::arg("name") = manifest.backend_name,
+                            py::arg("options_json") = manifest.backend_options_json);
   return out;
 }
 
@@ -106,4 +133,7 @@ PYBIND11_MODULE(_core, m) {
         "checking the signature; return its fields as plain dicts and lists.");
   m.def("sha256_file", &sha256_file_hex, py::arg("path"),
         "Lower-case hex SHA-256 of a file, streamed in chunks.");
+  m.def("host_isa", &edgesmith::host_isa,
+        "This machine's ISA as edgesmith targets name it (x86_64, aarch64, ...).");
+  session_register(m);
 }

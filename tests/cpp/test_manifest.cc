@@ -55,13 +55,37 @@ TEST(Manifest, ParsesEveryField) {
   EXPECT_EQ(m.inputs[0].dtype, "float32");
   EXPECT_EQ(m.inputs[0].shape, (std::vector<int64_t>{1, 4}));
   EXPECT_EQ(m.outputs[0].shape, (std::vector<int64_t>{1, 2}));
-  EXPECT_EQ(m.golden.inputs, std::vector<std::string>{"golden/input_0.npy"});
-  EXPECT_EQ(m.golden.outputs, std::vector<std::string>{"golden/output_0.npy"});
+  ASSERT_EQ(m.golden.samples.size(), 1u);
+  EXPECT_EQ(m.golden.samples[0].inputs, std::vector<std::string>{"golden/input_0.npy"});
+  EXPECT_EQ(m.golden.samples[0].outputs, std::vector<std::string>{"golden/output_0.npy"});
   EXPECT_DOUBLE_EQ(m.golden.atol, 1e-4);
   EXPECT_DOUBLE_EQ(m.golden.rtol, 1e-3);
   EXPECT_EQ(m.target_name, "x86_64-avx2");
   EXPECT_EQ(m.target_isa, "x86_64");
   EXPECT_EQ(m.backend_name, "openvino");
+  EXPECT_EQ(m.target_threads, 0);
+  EXPECT_EQ(m.backend_options_json, "{}");
+  ASSERT_EQ(m.monitoring.outputs.size(), 1u);
+  EXPECT_EQ(m.monitoring.outputs[0].name, "y");
+  EXPECT_EQ(m.monitoring.outputs[0].kind, MONITOR_KIND_CLASSES);
+  EXPECT_EQ(m.monitoring.outputs[0].classes, 2);
+  EXPECT_EQ(m.monitoring.latency.count, 96);
+  EXPECT_DOUBLE_EQ(m.monitoring.latency.start_us, 1.0);
+}
+
+TEST(Manifest, ReadsThreadsOptionsAndHistograms) {
+  json manifest = valid_manifest();
+  manifest["target"]["threads"] = 4;
+  manifest["backend"]["options"] = {{"config", {{"INFERENCE_NUM_THREADS", 4}}}};
+  manifest["monitoring"]["outputs"][0] = {{"name", "y"}, {"kind", "histogram"}, {"edges", {-1.0, 0, 2.5}}};
+  manifest["monitoring"].erase("latency");
+  manifest["proof"] = {{"anything", "the C++ reader ignores it"}};
+  const Manifest m = manifest_parse(manifest.dump());
+  EXPECT_EQ(m.target_threads, 4);
+  EXPECT_EQ(json::parse(m.backend_options_json), manifest["backend"]["options"]);
+  EXPECT_EQ(m.monitoring.outputs[0].kind, MONITOR_KIND_HISTOGRAM);
+  EXPECT_EQ(m.monitoring.outputs[0].edges, (std::vector<double>{-1.0, 0.0, 2.5}));
+  EXPECT_EQ(m.monitoring.latency.count, 96);  // the schema's default
 }
 
 TEST(Manifest, RejectsNonJson) {
@@ -101,8 +125,24 @@ TEST(Manifest, ErrorsNameTheKey) {
       {"outputs[0].shape must be a list", [](json& m) { m["outputs"][0]["shape"] = 3; }},
       {"golden.atol", [](json& m) { m["golden"]["atol"] = -1.0; }},
       {"golden.rtol must be a number", [](json& m) { m["golden"]["rtol"] = "0.1"; }},
-      {"golden.inputs[0]", [](json& m) { m["golden"]["inputs"][0] = "golden/nope.npy"; }},
-      {"golden.outputs has 0 files", [](json& m) { m["golden"]["outputs"] = json::array(); }},
+      {"golden.samples[0].inputs[0]",
+       [](json& m) { m["golden"]["samples"][0]["inputs"][0] = "golden/nope.npy"; }},
+      {"golden.samples[0].outputs has 0 files",
+       [](json& m) { m["golden"]["samples"][0]["outputs"] = json::array(); }},
+      {"golden.samples must hold at least one", [](json& m) { m["golden"]["samples"] = json::array(); }},
+      {"golden.samples is missing", [](json& m) { m["golden"].erase("samples"); }},
+      {"monitoring is missing", [](json& m) { m.erase("monitoring"); }},
+      {"monitoring.outputs[0].name", [](json& m) { m["monitoring"]["outputs"][0]["name"] = "z"; }},
+      {"monitoring.outputs[0].kind", [](json& m) { m["monitoring"]["outputs"][0]["kind"] = "mean"; }},
+      {"monitoring.outputs[0].classes", [](json& m) { m["monitoring"]["outputs"][0]["classes"] = 0; }},
+      {"monitoring.outputs[0].edges[1] must be larger",
+       [](json& m) {
+         m["monitoring"]["outputs"][0] = {{"name", "y"}, {"kind", "histogram"}, {"edges", {1, 1}}};
+       }},
+      {"monitoring.latency.factor", [](json& m) { m["monitoring"]["latency"]["factor"] = 1.0; }},
+      {"monitoring.latency.count", [](json& m) { m["monitoring"]["latency"]["count"] = 0; }},
+      {"target.threads", [](json& m) { m["target"]["threads"] = 0; }},
+      {"backend.options must be an object", [](json& m) { m["backend"]["options"] = "x"; }},
       {"target.isa is missing", [](json& m) { m["target"].erase("isa"); }},
       {"backend.name must be a string", [](json& m) { m["backend"]["name"] = nullptr; }},
   };

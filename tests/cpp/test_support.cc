@@ -2,11 +2,14 @@
 
 #include <sodium.h>
 
+#include <algorithm>
 #include <fstream>
 #include <random>
 
 #include "common/digest.h"
 #include "common/strings.h"
+#include "runtime/isa.h"
+#include "runtime/npy.h"
 
 namespace edgesmith::test {
 
@@ -55,10 +58,14 @@ nlohmann::json manifest_make(const std::vector<std::pair<std::string, std::strin
       {"inputs", {{{"name", "x"}, {"dtype", "float32"}, {"shape", {1, 4}}}}},
       {"outputs", {{{"name", "y"}, {"dtype", "float32"}, {"shape", {1, 2}}}}},
       {"golden",
-       {{"inputs", {"golden/input_0.npy"}},
-        {"outputs", {"golden/output_0.npy"}},
+       {{"samples",
+         {{{"inputs", {"golden/input_0.npy"}}, {"outputs", {"golden/output_0.npy"}}}}},
         {"atol", 1e-4},
         {"rtol", 1e-3}}},
+      {"monitoring",
+       {{"outputs", {{{"name", "y"}, {"kind", "classes"}, {"classes", 2}}}},
+        {"latency", {{"start_us", 1.0}, {"factor", 1.189207115002721}, {"count", 96}}}}},
+      {"proof", {{"status", "not-run"}, {"isa", "x86_64"}}},
   };
 }
 
@@ -89,6 +96,53 @@ void artifact_write(const fs::path& dir, const TestKey& key) {
   for (const auto& [path, bytes] : payload) file_write(dir / path, bytes);
   artifact_sign(dir, manifest_make(payload).dump(2) + "\n", key);
 }
+
+void echo_artifact_write(const fs::path& dir, const TestKey& key,
+                         const std::function<void(nlohmann::json&)>& mutate,
+                         const std::vector<std::pair<std::string, std::string>>& extra) {
+  std::vector<std::pair<std::string, std::string>> payload = {{"model.bin", "testecho payload"}};
+  nlohmann::json samples = nlohmann::json::array();
+  for (int s = 0; s < 2; ++s) {
+    Tensor x(DTYPE_FLOAT32, {2, 3});
+    Tensor y(DTYPE_FLOAT32, {2, 3});
+    for (int i = 0; i < 6; ++i) {
+      static_cast<float*>(x.data())[i] = static_cast<float>(i * (s + 1)) - 2.5f;
+      static_cast<float*>(y.data())[i] = 2.0f * static_cast<float*>(x.data())[i];
+    }
+    Tensor n(DTYPE_INT64, {4});
+    for (int i = 0; i < 4; ++i) static_cast<int64_t*>(n.data())[i] = i + s;
+    const std::string prefix = "golden/sample_" + std::to_string(s) + "/";
+    payload.emplace_back(prefix + "input_0.npy", npy_serialize(x.view()));
+    payload.emplace_back(prefix + "input_1.npy", npy_serialize(n.view()));
+    payload.emplace_back(prefix + "output_0.npy", npy_serialize(y.view()));
+    payload.emplace_back(prefix + "output_1.npy", npy_serialize(n.view()));
+    samples.push_back({{"inputs", {prefix + "input_0.npy", prefix + "input_1.npy"}},
+                       {"outputs", {prefix + "output_0.npy", prefix + "output_1.npy"}}});
+  }
+  for (const auto& file : extra) payload.push_back(file);
+  std::sort(payload.begin(), payload.end());
+  for (const auto& [path, bytes] : payload) file_write(dir / path, bytes);
+
+  nlohmann::json manifest = manifest_make(payload);
+  manifest["name"] = "echo-host-testecho";
+  manifest["target"] = {{"name", "host"}, {"isa", host_isa()}, {"threads", 2}};
+  manifest["backend"] = {{"name", "testecho"}, {"version", "1.0"}, {"options", {{"mode", "double"}}}};
+  manifest["payload"] = {{"format", "openvino-ir"}, {"entry", "model.bin"}};
+  manifest["inputs"] = {{{"name", "x"}, {"dtype", "float32"}, {"shape", {2, 3}}},
+                        {{"name", "n"}, {"dtype", "int64"}, {"shape", {4}}}};
+  manifest["outputs"] = {{{"name", "y"}, {"dtype", "float32"}, {"shape", {2, 3}}},
+                         {{"name", "m"}, {"dtype", "int64"}, {"shape", {4}}}};
+  manifest["golden"] = {{"samples", samples}, {"atol", 1e-5}, {"rtol", 1e-4}};
+  manifest["monitoring"] = {
+      {"outputs",
+       {{{"name", "y"}, {"kind", "classes"}, {"classes", 3}},
+        {{"name", "m"}, {"kind", "histogram"}, {"edges", {0.0, 1.0, 2.0, 3.0}}}}},
+      {"latency", {{"start_us", 1.0}, {"factor", 2.0}, {"count", 40}}}};
+  if (mutate) mutate(manifest);
+  artifact_sign(dir, manifest.dump(2) + "\n", key);
+}
+
+std::string test_backend_dir() { return EDGESMITH_TEST_BACKEND_DIR; }
 
 std::vector<uint8_t> key_bytes(const TestKey& key) {
   return {key.public_key.begin(), key.public_key.end()};

@@ -4,6 +4,7 @@
 #include <array>
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -48,6 +49,17 @@ void artifact_sign(const std::filesystem::path& dir, const std::string& manifest
 
 /// Write a complete valid artifact (payload files, manifest.json, manifest.sig) into `dir`.
 void artifact_write(const std::filesystem::path& dir, const TestKey& key);
+
+/// Write a signed artifact for the test-only `testecho` backend (tests/cpp/testecho_backend.cc):
+/// inputs x float32 (2, 3) and n int64 (4,), outputs y = 2x and m = n, two golden samples,
+/// monitoring {y: classes 3, m: histogram [0, 1, 2, 3]}, target ISA = this host's. `extra`
+/// files are added to the payload, and `mutate` edits the manifest before it is signed.
+void echo_artifact_write(const std::filesystem::path& dir, const TestKey& key,
+                         const std::function<void(nlohmann::json&)>& mutate = {},
+                         const std::vector<std::pair<std::string, std::string>>& extra = {});
+
+/// Directory holding the test plugins (libedgesmith_backend_testecho.so).
+std::string test_backend_dir();
 
 /// `key` as the byte vector artifact_verify takes.
 std::vector<uint8_t> key_bytes(const TestKey& key);

@@ -3,12 +3,15 @@
 A backend module defines:
 
 - ``NAME``: its registry key;
+- ``DEVICE_RUNTIME``: whether the C++ runtime runs its payload (then builds validate host artifacts
+  through ``edgesmith.runtime.Session`` and prove them with ``edgesmith-run``);
 - ``version() -> str``: the compiler's version, raising ``BackendUnavailable`` (with what to
   install) when it is missing;
 - ``compile(request: CompileRequest) -> CompileResult``: write the payload into ``request.out_dir``;
 - ``executes_here(target) -> Execution``: whether this machine can run the payload, and how;
-- ``load(out_dir, result, target) -> Runner``: a callable that runs one sample (inputs in manifest
-  order) and returns the outputs in manifest order.
+- ``load(out_dir, result, target) -> Runner``: the engine's own Python API as a callable that runs
+  one sample (inputs in manifest order) and returns the outputs in manifest order; used for payloads
+  the C++ runtime does not run here, and as the baseline of bench/runtime_overhead.py.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from edgesmith.toolchain.errors import BackendUnavailable, CompileError, first_l
 from edgesmith.toolchain.targets import Target, host_isa, runs_natively
 
 NAME = "openvino"
+DEVICE_RUNTIME = True  # the C++ runtime (Session, edgesmith-run) runs this payload
 ENTRY = "model.xml"
 
 

@@ -21,6 +21,7 @@ from edgesmith.toolchain.errors import BackendUnavailable, CompileError, UserErr
 from edgesmith.toolchain.targets import Target, host_isa
 
 NAME = "tflite"
+DEVICE_RUNTIME = False  # validated with the LiteRT Python interpreter only
 ENTRY = "model.tflite"
 _CONVERTER = Path(__file__).with_name("_litert_convert.py")
 

@@ -17,6 +17,7 @@ from edgesmith.toolchain.errors import BackendUnavailable, CompileError, UserErr
 from edgesmith.toolchain.targets import Target, host_cpu_features, host_isa, runs_natively
 
 NAME = "tvm"
+DEVICE_RUNTIME = True  # the C++ runtime (Session, edgesmith-run) runs this payload
 ENTRY = "model.so"
 
 

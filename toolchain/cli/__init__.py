@@ -31,12 +31,13 @@ def print_error(message: str) -> None:
 
 
 def _register() -> None:
-    from edgesmith.toolchain.cli import artifacts, build, keys, targets, tools
+    from edgesmith.toolchain.cli import artifacts, build, keys, prove, targets, tools
 
     app.command("targets")(targets.targets)
     app.command("build")(build.build)
     app.command("verify")(artifacts.verify)
     app.command("inspect")(artifacts.inspect)
+    app.command("prove")(prove.prove)
     app.add_typer(keys.app, name="keys")
     app.add_typer(tools.app, name="tools")
 

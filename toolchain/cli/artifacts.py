@@ -13,10 +13,10 @@ from edgesmith.runtime import artifact as runtime_artifact
 from edgesmith.runtime.errors import Error as RuntimeErrorBase
 from edgesmith.runtime.manifest import MANIFEST_FILE, Manifest
 from edgesmith.toolchain.errors import UserError
-from edgesmith.toolchain.signing import edgesmith_home, load_public_key, trusted_public_keys
+from edgesmith.runtime.keys import edgesmith_home, load_public_key, trusted_public_keys
 
 
-def _trusted(keys: list[Path] | None) -> list[bytes]:
+def trusted_keys(keys: list[Path] | None) -> list[bytes]:
     if keys:
         return [load_public_key(k) for k in keys]
     found = trusted_public_keys()
@@ -25,7 +25,7 @@ def _trusted(keys: list[Path] | None) -> list[bytes]:
     return found
 
 
-def _check_dir(path: Path) -> None:
+def check_artifact_dir(path: Path) -> None:
     if not path.is_dir():
         raise UserError(f"{path} is not an artifact directory (it does not exist or is a file)")
     if not (path / MANIFEST_FILE).is_file():
@@ -36,8 +36,8 @@ def verify(artifact: Path = typer.Argument(..., help="The artifact directory."),
            key: list[Path] = typer.Option(None, "--key", "-k", help="Trusted public key file (.pub); repeatable.",
                                           envvar="EDGESMITH_TRUSTED_KEY")) -> None:
     """Check an artifact's signature and every file's size and SHA-256 (exit 0 only if intact)."""
-    _check_dir(artifact)
-    result = runtime_artifact.verify(artifact, _trusted(key))
+    check_artifact_dir(artifact)
+    result = runtime_artifact.verify(artifact, trusted_keys(key))
     print(f"ok: {artifact} is intact: {result.file_count} files match the manifest, signed by key {result.key_id}")
 
 
@@ -46,13 +46,13 @@ def inspect(artifact: Path = typer.Argument(..., help="The artifact directory.")
             key: list[Path] = typer.Option(None, "--key", "-k", help="Trusted public key file (.pub); repeatable.",
                                            envvar="EDGESMITH_TRUSTED_KEY")) -> None:
     """Show what an artifact is: model, target, backend, I/O, validation, files, signature state."""
-    _check_dir(artifact)
+    check_artifact_dir(artifact)
     try:
         manifest = Manifest.from_bytes((artifact / MANIFEST_FILE).read_bytes())
     except ValueError as e:
         raise UserError(f"{artifact / MANIFEST_FILE} does not follow the artifact schema ({str(e).splitlines()[0]})") from None
     try:
-        signature = f"[green]valid[/], key {runtime_artifact.verify(artifact, _trusted(key)).key_id}"
+        signature = f"[green]valid[/], key {runtime_artifact.verify(artifact, trusted_keys(key)).key_id}"
     except (RuntimeErrorBase, UserError) as e:
         signature = f"[red]NOT VALID[/]: {e}"
     if as_json:

@@ -10,7 +10,7 @@ app = typer.Typer(help="Install isolated tool environments (e.g. the LiteRT conv
 
 
 @app.command("install")
-def install(name: str = typer.Argument(..., help=f"One of: {', '.join(tool_envs.TOOLS)}")) -> None:
+def install(name: str = typer.Argument(..., help=f"One of: {', '.join([*tool_envs.TOOLS, *tool_envs.BUILT_TOOLS])}")) -> None:
     """Create the tool's virtual environment under $EDGESMITH_HOME/tools (idempotent)."""
     python = tool_envs.install(name)
     print(f"{name}: ready ({python})")

@@ -1,0 +1,57 @@
+#include "artifact/keys.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <filesystem>
+#include <system_error>
+
+#include "common/digest.h"
+#include "common/error.h"
+#include "common/file.h"
+#include "common/strings.h"
+
+namespace edgesmith {
+
+namespace fs = std::filesystem;
+
+std::string keys_home() {
+  const char* home = std::getenv("EDGESMITH_HOME");
+  if (home != nullptr && home[0] != '\0') return home;
+  const char* user = std::getenv("HOME");
+  return (fs::path(user != nullptr ? user : "/") / ".edgesmith").string();
+}
+
+std::vector<uint8_t> public_key_read(const std::string& path) {
+  std::string text = file_read(path, 4096, ERROR_CODE_INVALID_ARGUMENT, "");
+  while (!text.empty() && (text.back() == '\n' || text.back() == '\r' || text.back() == ' ')) {
+    text.pop_back();
+  }
+  std::vector<uint8_t> key;
+  if (!hex_decode(text, &key)) {
+    throw Error(ERROR_CODE_INVALID_ARGUMENT,
+                "public key " + string_quote(path) + " is not a hex Ed25519 public key");
+  }
+  if (key.size() != ED25519_PUBLIC_KEY_BYTES) {
+    throw Error(ERROR_CODE_INVALID_ARGUMENT,
+                "public key " + string_quote(path) + " holds " + std::to_string(key.size()) +
+                    " bytes, an Ed25519 public key has 32");
+  }
+  return key;
+}
+
+std::vector<std::vector<uint8_t>> trusted_keys_default() {
+  std::vector<std::vector<uint8_t>> keys;
+  for (const char* sub : {"keys", "trusted"}) {
+    const fs::path dir = fs::path(keys_home()) / sub;
+    std::error_code ec;
+    std::vector<std::string> files;
+    for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+      if (it->path().extension() == ".pub") files.push_back(it->path().string());
+    }
+    std::sort(files.begin(), files.end());
+    for (const std::string& file : files) keys.push_back(public_key_read(file));
+  }
+  return keys;
+}
+
+}  // namespace edgesmith

@@ -1,0 +1,274 @@
+#include "runtime/session.h"
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <utility>
+
+#include "artifact/verify.h"
+#include "common/error.h"
+#include "common/strings.h"
+#include "runtime/isa.h"
+#include "runtime/npy.h"
+#include "runtime/plugin.h"
+#include "runtime/values.h"
+
+namespace edgesmith {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+// The backend each payload format is compiled for; other backend names (test plugins) may carry
+// any format, the plugin is picked by `backend.name`.
+const char* format_backend(const std::string& format) {
+  if (format == "tvm-relax-so") return "tvm";
+  if (format == "openvino-ir") return "openvino";
+  return "";
+}
+
+void format_check(const Manifest& manifest) {
+  if (manifest.payload.format == "tflite") {
+    throw Error(ERROR_CODE_UNSUPPORTED,
+                "tflite artifacts are not run by the C++ runtime yet; run " + manifest.name +
+                    " with LiteRT on the device, or build it with --backend tvm or openvino");
+  }
+  const std::string expected = format_backend(manifest.payload.format);
+  const bool known_backend = manifest.backend_name == "tvm" || manifest.backend_name == "openvino";
+  if (known_backend && manifest.backend_name != expected) {
+    throw Error(ERROR_CODE_MANIFEST,
+                std::string(MANIFEST_FILE) + ": backend.name is " + manifest.backend_name +
+                    " but payload.format " + manifest.payload.format + " is made by " + expected +
+                    "; rebuild the artifact with `edgesmith build`",
+                MANIFEST_FILE);
+  }
+}
+
+void isa_check(const Manifest& manifest, const fs::path& dir) {
+  const std::string host = host_isa();
+  const std::string how = "; run it on a " + isa_normalize(manifest.target_isa) +
+                          " device or with `edgesmith prove`";
+  if (manifest.payload.format == "tvm-relax-so") {
+    const std::string& entry = manifest.payload.entry;
+    const std::string isa = elf_isa((dir / entry).string(), entry);
+    if (isa != host) {
+      throw Error(ERROR_CODE_UNSUPPORTED,
+                  entry + " is an " + isa + " shared library, this machine is " + host +
+                      "; run it on a " + isa + " device or with `edgesmith prove`",
+                  entry);
+    }
+  }
+  if (isa_normalize(manifest.target_isa) != host) {
+    throw Error(ERROR_CODE_UNSUPPORTED,
+                "artifact " + string_quote(manifest.name) + " is built for " +
+                    manifest.target_isa + " (target " + manifest.target_name +
+                    "), this machine is " + host + how);
+  }
+}
+
+std::vector<DType> dtypes_of(const std::vector<ManifestTensor>& tensors) {
+  std::vector<DType> out;
+  for (const ManifestTensor& t : tensors) out.push_back(dtype_from_name(t.dtype));
+  return out;
+}
+
+std::string names_of(const std::vector<ManifestTensor>& tensors) {
+  std::string out;
+  for (const ManifestTensor& t : tensors) out += (out.empty() ? "" : ", ") + t.name;
+  return out;
+}
+
+[[noreturn]] void input_fail(const std::string& message) {
+  throw Error(ERROR_CODE_INPUT, message);
+}
+
+// |got - expected| for every element; the sample fails where it exceeds atol + rtol * |expected|.
+void outputs_compare(const std::vector<Tensor>& got, const std::vector<Tensor>& expected,
+                     const Manifest& manifest, GoldenSampleResult* result) {
+  for (size_t o = 0; o < got.size(); ++o) {
+    const std::string& name = manifest.outputs[o].name;
+    if (got[o].shape() != expected[o].shape()) {
+      result->passed = false;
+      result->max_abs_err = INFINITY;
+      result->message = "output '" + name + "' has shape " + shape_format(got[o].shape()) +
+                        ", the golden output has " + shape_format(expected[o].shape());
+      return;
+    }
+    const auto numel = static_cast<size_t>(shape_numel(got[o].shape()));
+    size_t bad = 0;
+    for (size_t i = 0; i < numel; ++i) {
+      const double y = value_load(got[o].data(), got[o].dtype(), i);
+      const double e = value_load(expected[o].data(), expected[o].dtype(), i);
+      if (std::isnan(y) && std::isnan(e)) continue;
+      const double err = std::isnan(y) || std::isnan(e) ? INFINITY : std::fabs(y - e);
+      if (!(err <= result->max_abs_err)) result->max_abs_err = err;
+      if (!(err <= manifest.golden.atol + manifest.golden.rtol * std::fabs(e))) ++bad;
+    }
+    if (bad > 0 && result->passed) {
+      result->passed = false;
+      result->message = "output '" + name + "': " + std::to_string(bad) + " of " +
+                        std::to_string(numel) + " elements are outside the tolerance";
+    }
+  }
+}
+
+}  // namespace
+
+std::string shape_format(const std::vector<int64_t>& shape) {
+  std::string out = "(";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    out += (i > 0 ? ", " : "") + std::to_string(shape[i]);
+  }
+  return out + (shape.size() == 1 ? ",)" : ")");
+}
+
+Session::Session(std::string artifact_dir, std::string key_id, Manifest manifest,
+                 std::string manifest_json, std::unique_ptr<Backend> backend)
+    : artifact_dir_(std::move(artifact_dir)),
+      key_id_(std::move(key_id)),
+      manifest_(std::move(manifest)),
+      manifest_json_(std::move(manifest_json)),
+      input_dtypes_(dtypes_of(manifest_.inputs)),
+      output_dtypes_(dtypes_of(manifest_.outputs)),
+      backend_(std::move(backend)),
+      stats_(manifest_.monitoring, manifest_.outputs) {}
+
+std::string Session::session_describe() const { return backend_->backend_describe(); }
+
+std::vector<Tensor> Session::run_checked(const std::vector<TensorView>& inputs,
+                                         double* latency_us, uint64_t* nan_values) {
+  const std::vector<ManifestTensor>& specs = manifest_.inputs;
+  if (inputs.size() != specs.size()) {
+    input_fail("the model takes " + std::to_string(specs.size()) + " input" +
+               (specs.size() == 1 ? "" : "s") + " (" + names_of(specs) + "), " +
+               std::to_string(inputs.size()) + (inputs.size() == 1 ? " was" : " were") + " given");
+  }
+  uint64_t nans = 0;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const TensorView& view = inputs[i];
+    if (view.dtype != input_dtypes_[i]) {
+      input_fail("input '" + specs[i].name + "' has dtype " + dtype_name(view.dtype) +
+                 ", the model takes " + specs[i].dtype);
+    }
+    if (view.shape != specs[i].shape) {
+      input_fail("input '" + specs[i].name + "' has shape " + shape_format(view.shape) +
+                 ", the model takes " + shape_format(specs[i].shape));
+    }
+    if (view.data == nullptr) input_fail("input '" + specs[i].name + "' has no data");
+    nans += view_nan_count(view);
+  }
+
+  std::vector<Tensor> outputs;
+  outputs.reserve(manifest_.outputs.size());
+  const auto start = std::chrono::steady_clock::now();
+  const BackendStatus status = backend_->backend_run(inputs, &outputs);
+  const auto stop = std::chrono::steady_clock::now();
+  if (!status.ok()) {
+    throw Error(ERROR_CODE_BACKEND, "backend '" + manifest_.backend_name + "' failed to run " +
+                                        manifest_.name + ": " + status.message);
+  }
+  if (outputs.size() != manifest_.outputs.size()) {
+    throw Error(ERROR_CODE_BACKEND, "backend '" + manifest_.backend_name + "' returned " +
+                                        std::to_string(outputs.size()) + " outputs, the manifest "
+                                        "lists " + std::to_string(manifest_.outputs.size()));
+  }
+  for (size_t o = 0; o < outputs.size(); ++o) {
+    if (outputs[o].dtype() != output_dtypes_[o] || outputs[o].shape() != manifest_.outputs[o].shape) {
+      throw Error(ERROR_CODE_BACKEND,
+                  "backend '" + manifest_.backend_name + "' returned output '" +
+                      manifest_.outputs[o].name + "' as " + dtype_name(outputs[o].dtype()) + " " +
+                      shape_format(outputs[o].shape()) + ", the manifest says " +
+                      manifest_.outputs[o].dtype + " " + shape_format(manifest_.outputs[o].shape));
+    }
+  }
+  *latency_us = std::chrono::duration<double, std::micro>(stop - start).count();
+  *nan_values = nans;
+  return outputs;
+}
+
+std::vector<Tensor> Session::session_run(const std::vector<TensorView>& inputs) {
+  double latency_us = 0.0;
+  uint64_t nan_values = 0;
+  std::vector<Tensor> outputs;
+  try {
+    outputs = run_checked(inputs, &latency_us, &nan_values);
+  } catch (...) {
+    stats_.stats_record_error();
+    throw;
+  }
+  stats_.stats_record(latency_us, nan_values, outputs);
+  return outputs;
+}
+
+SelfTestResult Session::session_self_test() {
+  SelfTestResult result;
+  result.atol = manifest_.golden.atol;
+  result.rtol = manifest_.golden.rtol;
+  result.passed = true;
+  const fs::path dir(artifact_dir_);
+  for (size_t s = 0; s < manifest_.golden.samples.size(); ++s) {
+    const ManifestGoldenSample& sample = manifest_.golden.samples[s];
+    std::vector<Tensor> inputs, expected;
+    for (const std::string& path : sample.inputs) inputs.push_back(npy_read((dir / path).string()));
+    for (const std::string& path : sample.outputs) expected.push_back(npy_read((dir / path).string()));
+    std::vector<TensorView> views;
+    for (const Tensor& t : inputs) views.push_back(t.view());
+
+    GoldenSampleResult sample_result;
+    sample_result.index = static_cast<uint32_t>(s);
+    sample_result.passed = true;
+    double latency_us = 0.0;
+    uint64_t nan_values = 0;
+    const std::vector<Tensor> got = run_checked(views, &latency_us, &nan_values);
+    outputs_compare(got, expected, manifest_, &sample_result);
+
+    result.passed = result.passed && sample_result.passed;
+    if (!(sample_result.max_abs_err <= result.max_abs_err)) result.max_abs_err = sample_result.max_abs_err;
+    result.details.push_back(std::move(sample_result));
+    ++result.samples;
+  }
+  return result;
+}
+
+std::unique_ptr<Session> session_open(const std::string& artifact_dir,
+                                      const std::vector<std::vector<uint8_t>>& trusted_public_keys,
+                                      const SessionOptions& options) {
+  VerifyResult verified = artifact_verify(artifact_dir, trusted_public_keys);
+  Manifest& manifest = verified.manifest;
+  std::error_code ec;
+  const fs::path dir = fs::canonical(artifact_dir, ec);
+  if (ec) {
+    throw Error(ERROR_CODE_IO, "artifact directory " + string_quote(artifact_dir) +
+                                   " cannot be opened (" + ec.message() + ")");
+  }
+  format_check(manifest);
+  isa_check(manifest, dir);
+  // Dtypes come from the verified manifest, whose reader accepts exactly DType's names.
+  dtypes_of(manifest.inputs);
+
+  const BackendOpenFn open = plugin_load(manifest.backend_name);
+  BackendOpenArgs args;
+  args.artifact_dir = dir.string();
+  args.manifest = manifest;
+  args.threads = options.threads > 0 ? options.threads : manifest.target_threads;
+  args.max_concurrency = options.max_concurrency;
+  BackendStatus status;
+  Backend* backend = nullptr;
+  try {
+    backend = open(&args, &status);
+  } catch (const std::exception& e) {
+    status = {BACKEND_STATUS_LOAD_FAILED, std::string("the plugin threw: ") + e.what()};
+  }
+  if (backend == nullptr || !status.ok()) {
+    delete backend;
+    const std::string reason = status.message.empty() ? "no reason given" : status.message;
+    throw Error(ERROR_CODE_BACKEND, "backend '" + manifest.backend_name + "' could not load " +
+                                        manifest.payload.entry + " of " + manifest.name + ": " +
+                                        reason);
+  }
+  return std::make_unique<Session>(dir.string(), verified.key_id, std::move(manifest),
+                                   std::move(verified.manifest_json),
+                                   std::unique_ptr<Backend>(backend));
+}
+
+}  // namespace edgesmith

@@ -1,0 +1,156 @@
+#include "runtime/stats.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "runtime/values.h"
+
+namespace edgesmith {
+
+std::vector<uint64_t> Stats::Counters::load() const {
+  std::vector<uint64_t> out(size);
+  for (size_t i = 0; i < size; ++i) out[i] = values[i].load(std::memory_order_relaxed);
+  return out;
+}
+
+Stats::Stats(const ManifestMonitoring& monitoring, const std::vector<ManifestTensor>& outputs)
+    : latency_(monitoring.latency),
+      log_factor_(std::log(monitoring.latency.factor)),
+      latency_counts_(static_cast<size_t>(monitoring.latency.count) + 2) {
+  for (const ManifestOutputMonitor& monitor : monitoring.outputs) {
+    const auto it = std::find_if(outputs.begin(), outputs.end(),
+                                 [&](const ManifestTensor& t) { return t.name == monitor.name; });
+    if (it == outputs.end()) continue;  // the manifest reader rejects this already
+    const size_t bins = monitor.kind == MONITOR_KIND_CLASSES ? static_cast<size_t>(monitor.classes)
+                                                             : monitor.edges.size() - 1;
+    auto state = std::unique_ptr<OutputMonitorState>(
+        new OutputMonitorState{monitor, static_cast<size_t>(it - outputs.begin()), Counters(bins + 3)});
+    monitors_.push_back(std::move(state));
+  }
+}
+
+void Stats::stats_record(double latency_us, uint64_t nan_input_values,
+                         const std::vector<Tensor>& outputs) {
+  runs_.fetch_add(1, std::memory_order_relaxed);
+  if (nan_input_values > 0) {
+    nan_input_runs_.fetch_add(1, std::memory_order_relaxed);
+    nan_input_values_.fetch_add(nan_input_values, std::memory_order_relaxed);
+  }
+  const auto ns = static_cast<uint64_t>(std::max(0.0, latency_us) * 1000.0);
+  latency_sum_ns_.fetch_add(ns, std::memory_order_relaxed);
+  uint64_t max = latency_max_ns_.load(std::memory_order_relaxed);
+  while (ns > max && !latency_max_ns_.compare_exchange_weak(max, ns, std::memory_order_relaxed)) {
+  }
+
+  const auto count = static_cast<size_t>(latency_.count);
+  if (!(latency_us >= latency_.start_us)) {
+    latency_counts_.add(count);  // underflow (and NaN, which cannot happen with steady_clock)
+  } else {
+    const double k = std::floor(std::log(latency_us / latency_.start_us) / log_factor_);
+    latency_counts_.add(k >= static_cast<double>(count) ? count + 1 : static_cast<size_t>(k));
+  }
+
+  for (const auto& state : monitors_) {
+    if (state->output_index < outputs.size()) output_record(*state, outputs[state->output_index]);
+  }
+}
+
+void Stats::output_record(OutputMonitorState& state, const Tensor& output) {
+  const ManifestOutputMonitor& monitor = state.monitor;
+  const size_t bins = state.counts.size - 3;
+  const auto numel = static_cast<size_t>(shape_numel(output.shape()));
+  const void* data = output.data();
+  if (monitor.kind == MONITOR_KIND_CLASSES) {
+    const size_t row = output.shape().empty() ? 1 : static_cast<size_t>(output.shape().back());
+    if (row == 0) return;
+    for (size_t start = 0; start + row <= numel; start += row) {
+      size_t best = row;
+      double best_value = 0.0;
+      for (size_t i = 0; i < row; ++i) {
+        const double value = value_load(data, output.dtype(), start + i);
+        if (std::isnan(value)) continue;
+        if (best == row || value > best_value) {
+          best = i;
+          best_value = value;
+        }
+      }
+      if (best == row) {
+        state.counts.add(bins + 2);  // an all-NaN row
+      } else if (best >= bins) {
+        state.counts.add(bins + 1);
+      } else {
+        state.counts.add(best);
+      }
+    }
+    return;
+  }
+  const std::vector<double>& edges = monitor.edges;
+  for (size_t i = 0; i < numel; ++i) {
+    const double value = value_load(data, output.dtype(), i);
+    if (std::isnan(value)) {
+      state.counts.add(bins + 2);
+    } else if (value < edges.front()) {
+      state.counts.add(bins);
+    } else if (value >= edges.back()) {
+      state.counts.add(bins + 1);
+    } else {
+      const auto bin = std::upper_bound(edges.begin(), edges.end(), value) - edges.begin() - 1;
+      state.counts.add(static_cast<size_t>(bin));
+    }
+  }
+}
+
+void Stats::stats_record_error() noexcept { errors_.fetch_add(1, std::memory_order_relaxed); }
+
+StatsSnapshot Stats::stats_snapshot() const {
+  StatsSnapshot out;
+  out.runs = runs_.load(std::memory_order_relaxed);
+  out.errors = errors_.load(std::memory_order_relaxed);
+  out.nan_input_runs = nan_input_runs_.load(std::memory_order_relaxed);
+  out.nan_input_values = nan_input_values_.load(std::memory_order_relaxed);
+  out.latency_buckets = latency_;
+  std::vector<uint64_t> latency = latency_counts_.load();
+  out.latency_overflow = latency.back();
+  latency.pop_back();
+  out.latency_underflow = latency.back();
+  latency.pop_back();
+  out.latency_counts = std::move(latency);
+  out.latency_sum_us = static_cast<double>(latency_sum_ns_.load(std::memory_order_relaxed)) / 1000.0;
+  out.latency_max_us = static_cast<double>(latency_max_ns_.load(std::memory_order_relaxed)) / 1000.0;
+  for (const auto& state : monitors_) {
+    OutputSummary summary;
+    summary.name = state->monitor.name;
+    summary.kind = state->monitor.kind;
+    std::vector<uint64_t> counts = state->counts.load();
+    summary.nan = counts[counts.size() - 1];
+    summary.overflow = counts[counts.size() - 2];
+    summary.underflow = counts[counts.size() - 3];
+    counts.resize(counts.size() - 3);
+    summary.counts = std::move(counts);
+    out.outputs.push_back(std::move(summary));
+  }
+  return out;
+}
+
+double stats_percentile_us(const StatsSnapshot& snapshot, double q) {
+  uint64_t total = snapshot.latency_underflow + snapshot.latency_overflow;
+  for (const uint64_t c : snapshot.latency_counts) total += c;
+  if (total == 0) return 0.0;
+  const double rank = std::clamp(q, 0.0, 1.0) * static_cast<double>(total);
+  const ManifestLatencyBuckets& b = snapshot.latency_buckets;
+  double seen = static_cast<double>(snapshot.latency_underflow);
+  if (rank <= seen && snapshot.latency_underflow > 0) return b.start_us;
+  for (size_t k = 0; k < snapshot.latency_counts.size(); ++k) {
+    const auto count = static_cast<double>(snapshot.latency_counts[k]);
+    if (count > 0 && rank <= seen + count) {
+      const double fraction = (rank - seen) / count;
+      const double low = b.start_us * std::pow(b.factor, static_cast<double>(k));
+      const double estimate = low * std::pow(b.factor, fraction);
+      return snapshot.latency_max_us > 0.0 ? std::min(estimate, snapshot.latency_max_us) : estimate;
+    }
+    seen += count;
+  }
+  return snapshot.latency_max_us;
+}
+
+}  // namespace edgesmith

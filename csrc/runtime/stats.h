@@ -1,0 +1,96 @@
+// Traffic statistics of a Session, shaped by the manifest's `monitoring` section so a monitor can
+// compare a device's traffic with what the build saw (docs/artifact.md).
+//
+// Recording is lock-free (relaxed atomics): many threads record at once while a reader takes a
+// snapshot, which is consistent per counter, not across counters.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "artifact/manifest.h"
+#include "runtime/tensor.h"
+
+namespace edgesmith {
+
+/// A snapshot of one monitored output's summary.
+struct OutputSummary {
+  std::string name;
+  MonitorKind kind = MONITOR_KIND_CLASSES;
+  std::vector<uint64_t> counts;  ///< per class, or per histogram bin
+  uint64_t underflow = 0;        ///< histogram: values below edges[0]
+  uint64_t overflow = 0;         ///< histogram: values >= edges.back(); classes: arg-max >= classes
+  uint64_t nan = 0;              ///< histogram: NaN values; classes: rows that are all NaN
+};
+
+/// A snapshot of a Session's statistics.
+struct StatsSnapshot {
+  uint64_t runs = 0;              ///< successful runs
+  uint64_t errors = 0;            ///< failed runs (input mismatch or backend failure)
+  uint64_t nan_input_runs = 0;    ///< successful runs with at least one NaN in a float input
+  uint64_t nan_input_values = 0;  ///< NaN input elements over all successful runs
+  ManifestLatencyBuckets latency_buckets;  ///< how the latency buckets are laid out
+  std::vector<uint64_t> latency_counts;    ///< one per bucket
+  uint64_t latency_underflow = 0;          ///< runs faster than start_us
+  uint64_t latency_overflow = 0;           ///< runs slower than the last bucket's upper edge
+  double latency_sum_us = 0.0;             ///< sum over successful runs
+  double latency_max_us = 0.0;             ///< slowest successful run
+  std::vector<OutputSummary> outputs;      ///< one per `monitoring.outputs` entry
+};
+
+/// The latency below which a fraction `q` (0..1) of runs fell, estimated from the histogram
+/// (log-linear interpolation inside a bucket); 0 when nothing was recorded.
+double stats_percentile_us(const StatsSnapshot& snapshot, double q);
+
+/// Summarises a session's traffic.
+class Stats {
+ public:
+  /// Counters laid out for `monitoring`; `outputs` are the manifest's outputs (for their order).
+  Stats(const ManifestMonitoring& monitoring, const std::vector<ManifestTensor>& outputs);
+
+  /// Record one successful run: its latency, the NaN input elements, and its outputs
+  /// (in manifest order) for the monitored summaries.
+  void stats_record(double latency_us, uint64_t nan_input_values,
+                    const std::vector<Tensor>& outputs);
+
+  /// Record one failed run.
+  void stats_record_error() noexcept;
+
+  /// A copy of the counters.
+  StatsSnapshot stats_snapshot() const;
+
+ private:
+  struct Counters {
+    explicit Counters(size_t n) : size(n), values(new std::atomic<uint64_t>[n]) {
+      for (size_t i = 0; i < n; ++i) values[i].store(0, std::memory_order_relaxed);
+    }
+    void add(size_t i, uint64_t by = 1) noexcept { values[i].fetch_add(by, std::memory_order_relaxed); }
+    std::vector<uint64_t> load() const;
+    size_t size;
+    std::unique_ptr<std::atomic<uint64_t>[]> values;
+  };
+
+  struct OutputMonitorState {
+    ManifestOutputMonitor monitor;
+    size_t output_index = 0;  ///< position in the manifest's outputs
+    Counters counts;          ///< per class / bin, then underflow, overflow, nan
+  };
+
+  void output_record(OutputMonitorState& state, const Tensor& output);
+
+  ManifestLatencyBuckets latency_;
+  double log_factor_;
+  std::atomic<uint64_t> runs_{0};
+  std::atomic<uint64_t> errors_{0};
+  std::atomic<uint64_t> nan_input_runs_{0};
+  std::atomic<uint64_t> nan_input_values_{0};
+  std::atomic<uint64_t> latency_sum_ns_{0};
+  std::atomic<uint64_t> latency_max_ns_{0};
+  Counters latency_counts_;  ///< buckets, then underflow, overflow
+  std::vector<std::unique_ptr<OutputMonitorState>> monitors_;
+};
+
+}  // namespace edgesmith

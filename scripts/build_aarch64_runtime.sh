@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# Cross-compile the device runtime for 64-bit Arm Linux and install a self-contained bundle:
+#
+#   ${EDGESMITH_HOME:-~/.edgesmith}/runners/aarch64-linux/
+#     bin/edgesmith-run                       the runtime as a command (RUNPATH $ORIGIN/../lib)
+#     lib/edgesmith/backends/*.so             backend plugins (RUNPATH $ORIGIN/../..)
+#     lib/libtvm_runtime.so, libtvm_ffi.so    from the aarch64 apache-tvm / apache-tvm-ffi wheels
+#     lib/libopenvino.so.*, libopenvino_arm_cpu_plugin.so, libopenvino_ir_frontend.so.*, libtbb*, ...
+#                                             from the aarch64 openvino wheel
+#
+# The bundle needs no LD_LIBRARY_PATH and no libsodium on the device (linked statically); it needs
+# a glibc >= 2.35 device (the openvino wheel's manylinux_2_35 tag) with libstdc++ from GCC >= 12.
+# Run it here with:  qemu-aarch64-static -L /usr/aarch64-linux-gnu <bundle>/bin/edgesmith-run ARTIFACT
+#
+# Needs: g++-aarch64-linux-gnu, cmake, ninja (or make), pip (to download wheels), and
+# libsodium-dev:arm64 + nlohmann-json3-dev (installed with apt when missing, as root).
+# Idempotent: downloads, unpacking and the CMake build are skipped when up to date.
+#
+# Environment: EDGESMITH_HOME, PYTHON (interpreter whose pip downloads the wheels; default the
+# repo's .venv, else python3), EDGESMITH_AARCH64_JOBS (build parallelism).
+set -euo pipefail
+
+TVM_VERSION="0.27.0.post1"
+TVM_FFI_VERSION="0.1.14.post1"
+OPENVINO_VERSION="2026.4.1"
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+home="${EDGESMITH_HOME:-$HOME/.edgesmith}"
+cache="$home/cache/aarch64"
+bundle="$home/runners/aarch64-linux"
+python="${PYTHON:-}"
+if [[ -z "$python" ]]; then
+  if [[ -x "$repo/.venv/bin/python" ]]; then python="$repo/.venv/bin/python"; else python="python3"; fi
+fi
+
+log() { printf '[aarch64] %s\n' "$*" >&2; }
+die() { printf '[aarch64] error: %s\n' "$*" >&2; exit 1; }
+
+command -v aarch64-linux-gnu-g++ >/dev/null || die "aarch64-linux-gnu-g++ is missing; install it with: apt-get install g++-aarch64-linux-gnu"
+command -v cmake >/dev/null || die "cmake is missing; install it with: apt-get install cmake"
+
+# --- target libraries (multiarch) -----------------------------------------------------------------
+if ! dpkg -s libsodium-dev:arm64 >/dev/null 2>&1; then
+  [[ "$(id -u)" == 0 ]] || die "libsodium-dev:arm64 is missing; as root run: dpkg --add-architecture arm64 && apt-get update && apt-get install -y libsodium-dev:arm64"
+  log "installing libsodium-dev:arm64"
+  dpkg --add-architecture arm64
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libsodium-dev:arm64
+fi
+
+# --- wheels -------------------------------------------------------------------------------------
+mkdir -p "$cache/wheels"
+have_wheel() { compgen -G "$cache/wheels/$1" >/dev/null; }
+download() {  # download <platform tags...> -- <requirements...>
+  local platforms=() requirements=()
+  while [[ "$1" != "--" ]]; do platforms+=(--platform "$1"); shift; done
+  shift
+  requirements=("$@")
+  log "downloading ${requirements[*]}"
+  "$python" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.11 \
+    --implementation cp "${platforms[@]}" -d "$cache/wheels" "${requirements[@]}"
+}
+if ! have_wheel "apache_tvm-${TVM_VERSION}-*aarch64*.whl" || ! have_wheel "apache_tvm_ffi-${TVM_FFI_VERSION}-*aarch64*.whl"; then
+  download manylinux_2_28_aarch64 manylinux_2_17_aarch64 -- "apache-tvm==${TVM_VERSION}" "apache-tvm-ffi==${TVM_FFI_VERSION}"
+fi
+if ! have_wheel "openvino-${OPENVINO_VERSION}-*aarch64*.whl"; then
+  download manylinux_2_35_aarch64 -- "openvino==${OPENVINO_VERSION}"
+fi
+
+# Unpack only what the runtime needs: TVM/tvm-ffi libraries + tvm-ffi headers; OpenVINO's
+# libs, headers and CMake config (the wheels are zip files; python's zipfile needs no unzip).
+unpack() {  # unpack <wheel glob> <dest> <member prefixes...>
+  local wheel dest="$2"
+  wheel="$(compgen -G "$cache/wheels/$1" | head -n1)"
+  shift 2
+  if [[ -f "$dest/.unpacked" && "$(cat "$dest/.unpacked")" == "$(basename "$wheel")" ]]; then return; fi
+  log "unpacking $(basename "$wheel")"
+  mkdir -p "$dest"
+  "$python" - "$wheel" "$dest" "$@" <<'EOF'
+import os, sys, zipfile
+wheel, dest, prefixes = sys.argv[1], sys.argv[2], tuple(sys.argv[3:])
+with zipfile.ZipFile(wheel) as z:
+    for info in z.infolist():
+        if info.filename.startswith(prefixes) and not info.is_dir():
+            z.extract(info, dest)
+            mode = (info.external_attr >> 16) & 0o777
+            if mode:
+                os.chmod(os.path.join(dest, info.filename), mode)
+EOF
+  basename "$wheel" >"$dest/.unpacked"
+}
+unpack "apache_tvm-${TVM_VERSION}-*aarch64*.whl" "$cache/tvm" tvm/lib/libtvm_runtime.so apache_tvm-
+unpack "apache_tvm_ffi-${TVM_FFI_VERSION}-*aarch64*.whl" "$cache/tvm-ffi" tvm_ffi/include/ tvm_ffi/lib/libtvm_ffi.so apache_tvm_ffi-
+unpack "openvino-${OPENVINO_VERSION}-*aarch64*.whl" "$cache/openvino" openvino/libs/ openvino/include/ openvino/cmake/
+# EdgesmithTvm.cmake expects one directory holding tvm/ and tvm_ffi/ (like site-packages).
+mkdir -p "$cache/tvm-root"
+ln -sfn "$cache/tvm/tvm" "$cache/tvm-root/tvm"
+ln -sfn "$cache/tvm-ffi/tvm_ffi" "$cache/tvm-root/tvm_ffi"
+for dist in "$cache"/tvm/apache_tvm-*.dist-info "$cache"/tvm-ffi/apache_tvm_ffi-*.dist-info; do
+  ln -sfn "$dist" "$cache/tvm-root/$(basename "$dist")"
+done
+
+# --- build --------------------------------------------------------------------------------------
+build="$cache/build"
+generator=()
+command -v ninja >/dev/null && generator=(-G Ninja)
+if [[ ! -f "$build/CMakeCache.txt" ]]; then
+  log "configuring $build"
+  # CMakeGenericSystem prefers .so; this project include (after project()) makes find_library pick
+  # libsodium.a, so the bundle needs no libsodium on the device.
+  mkdir -p "$build"
+  printf 'set(CMAKE_FIND_LIBRARY_SUFFIXES .a .so)\n' >"$cache/prefer-static.cmake"
+  cmake -S "$repo" -B "$build" "${generator[@]}" \
+    -DCMAKE_TOOLCHAIN_FILE="$repo/cmake/toolchain-aarch64-linux-gnu.cmake" \
+    -DCMAKE_BUILD_TYPE=Release \
+    -DCMAKE_PROJECT_INCLUDE="$cache/prefer-static.cmake" \
+    -DCMAKE_INSTALL_PREFIX="$bundle" \
+    -DCMAKE_INSTALL_RPATH='$ORIGIN/../lib' \
+    -DEDGESMITH_BUILD_PYTHON=OFF -DEDGESMITH_BUILD_TESTS=OFF \
+    -DEDGESMITH_WITH_TVM=ON -DEDGESMITH_TVM_ROOT="$cache/tvm-root" \
+    -DEDGESMITH_WITH_OPENVINO=ON -DEDGESMITH_OPENVINO_ROOT="$cache/openvino" >"$cache/configure.log" \
+    || { cat "$cache/configure.log" >&2; die "CMake configure failed (log above)"; }
+fi
+log "building (targets: every one the tree defines)"
+cmake --build "$build" --parallel "${EDGESMITH_AARCH64_JOBS:-$(nproc)}"
+cmake --install "$build" >/dev/null
+
+# --- bundle: the engines' libraries next to the runtime -------------------------------------------
+mkdir -p "$bundle/lib"
+copy_lib() {  # copy_lib <file>: copy when changed (keeps the bundle's mtimes stable)
+  local target="$bundle/lib/$(basename "$1")"
+  if [[ ! -f "$target" ]] || ! cmp -s "$1" "$target"; then cp -f "$1" "$target"; fi
+}
+copy_lib "$cache/tvm/tvm/lib/libtvm_runtime.so"
+copy_lib "$cache/tvm-ffi/tvm_ffi/lib/libtvm_ffi.so"
+# OpenVINO: the core, the IR reader, the Arm CPU plugin and its TBB/hwloc deps; not the
+# ONNX/TF/PyTorch/Paddle/JAX/GGUF frontends (artifacts carry IR) nor the C API.
+for lib in "$cache"/openvino/openvino/libs/*.so*; do
+  case "$(basename "$lib")" in
+    libopenvino_*_frontend.so.*) [[ "$(basename "$lib")" == libopenvino_ir_frontend.so.* ]] || continue ;;
+    libopenvino_c.so.*) continue ;;
+  esac
+  copy_lib "$lib"
+done
+
+# edgesmith-run may not exist in every tree (e.g. a core-only checkout); report what was built.
+if [[ -x "$bundle/bin/edgesmith-run" ]]; then
+  log "bundle ready: $bundle ($(du -sh "$bundle" | cut -f1))"
+else
+  log "bundle ready without bin/edgesmith-run (no such target in this tree): $bundle"
+fi
+printf '%s\n' "$bundle"

@@ -1,0 +1,65 @@
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <string>
+
+#include "common/error.h"
+#include "runtime/plugin.h"
+#include "test_support.h"
+
+namespace edgesmith {
+namespace {
+
+std::string load_error(const std::string& name) {
+  try {
+    plugin_load(name);
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ERROR_CODE_BACKEND) << e.what();
+    return e.what();
+  }
+  ADD_FAILURE() << "backend " << name << " loaded but should not have";
+  return {};
+}
+
+TEST(Plugin, MissingPluginIsNamedWithTheSearchPath) {
+  setenv(BACKEND_PATH_ENV, "/nonexistent/a:/nonexistent/b", 1);
+  const std::string message = load_error("nosuchbackend");
+  EXPECT_NE(message.find("backend 'nosuchbackend' is not built into this runtime"), std::string::npos) << message;
+  EXPECT_NE(message.find("/nonexistent/a, /nonexistent/b"), std::string::npos) << message;
+  EXPECT_NE(message.find("libedgesmith_backend_nosuchbackend.so"), std::string::npos) << message;
+}
+
+TEST(Plugin, UnloadablePluginReportsDlerror) {
+  test::TempDir dir;
+  test::file_write(dir.path() / "libedgesmith_backend_broken.so", "not an ELF file");
+  setenv(BACKEND_PATH_ENV, dir.path().c_str(), 1);
+  const std::string message = load_error("broken");
+  EXPECT_NE(message.find("backend 'broken' is not available: "), std::string::npos) << message;
+  EXPECT_NE(message.find("libedgesmith_backend_broken.so"), std::string::npos) << message;
+}
+
+TEST(Plugin, BadNamesAreRefused) {
+  EXPECT_NE(load_error("../evil").find("is not a plugin name"), std::string::npos);
+  EXPECT_NE(load_error("").find("is not a plugin name"), std::string::npos);
+}
+
+TEST(Plugin, LoadsOnceAndCaches) {
+  setenv(BACKEND_PATH_ENV, test::test_backend_dir().c_str(), 1);
+  const BackendOpenFn first = plugin_load("testecho");
+  ASSERT_NE(first, nullptr);
+  setenv(BACKEND_PATH_ENV, "/nonexistent", 1);
+  EXPECT_EQ(plugin_load("testecho"), first);  // cached: the path is not searched again
+}
+
+TEST(Plugin, SearchDirsEndWithTheBuiltInOnes) {
+  setenv(BACKEND_PATH_ENV, "/x:/y", 1);
+  const auto dirs = plugin_search_dirs();
+  ASSERT_GE(dirs.size(), 3u);
+  EXPECT_EQ(dirs[0], "/x");
+  EXPECT_EQ(dirs[1], "/y");
+  EXPECT_NE(dirs[2].find("backends"), std::string::npos);
+  unsetenv(BACKEND_PATH_ENV);
+}
+
+}  // namespace
+}  // namespace edgesmith

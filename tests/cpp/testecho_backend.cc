@@ -1,0 +1,87 @@
+// libedgesmith_backend_testecho.so: a test-only backend plugin with no engine behind it.
+//
+// Output k is input k (same dtype and shape) — doubled for float inputs when the manifest's
+// backend.options say {"mode": "double"}. Its payload entry must start with "testecho".
+// backend.options {"fail": "open"} / {"fail": "run"} make it fail, to test error propagation.
+#include <atomic>
+#include <cstring>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "runtime/backend.h"
+
+namespace edgesmith {
+namespace {
+
+class TestEchoBackend : public Backend {
+ public:
+  TestEchoBackend(bool doubling, bool fail_run) : doubling_(doubling), fail_run_(fail_run) {}
+
+  BackendStatus backend_run(const std::vector<TensorView>& inputs,
+                            std::vector<Tensor>* outputs) noexcept override {
+    if (fail_run_) return {BACKEND_STATUS_RUN_FAILED, "testecho was told to fail"};
+    try {
+      for (const TensorView& input : inputs) {
+        Tensor out(input.dtype, input.shape);
+        std::memcpy(out.data(), input.data, out.byte_size());
+        const auto numel = static_cast<size_t>(shape_numel(input.shape));
+        if (doubling_ && input.dtype == DTYPE_FLOAT32) {
+          auto* values = static_cast<float*>(out.data());
+          for (size_t i = 0; i < numel; ++i) values[i] *= 2.0f;
+        } else if (doubling_ && input.dtype == DTYPE_FLOAT64) {
+          auto* values = static_cast<double*>(out.data());
+          for (size_t i = 0; i < numel; ++i) values[i] *= 2.0;
+        }
+        outputs->push_back(std::move(out));
+      }
+    } catch (const std::exception& e) {
+      return {BACKEND_STATUS_RUN_FAILED, e.what()};
+    }
+    return {};
+  }
+
+  std::string backend_describe() const override { return "testecho 1.0"; }
+
+ private:
+  bool doubling_;
+  bool fail_run_;
+};
+
+Backend* testecho_open(const BackendOpenArgs* args, BackendStatus* status) {
+  const Manifest& manifest = args->manifest;
+  const auto options = nlohmann::json::parse(manifest.backend_options_json, nullptr, false);
+  const std::string fail = options.is_object() ? options.value("fail", "") : "";
+  if (fail == "open") {
+    *status = {BACKEND_STATUS_LOAD_FAILED, "testecho was told to fail"};
+    return nullptr;
+  }
+  std::ifstream entry(args->artifact_dir + "/" + manifest.payload.entry, std::ios::binary);
+  char magic[8] = {};
+  entry.read(magic, sizeof(magic));
+  if (std::string(magic, sizeof(magic)) != "testecho") {
+    *status = {BACKEND_STATUS_LOAD_FAILED, manifest.payload.entry + " is not a testecho payload"};
+    return nullptr;
+  }
+  if (manifest.inputs.size() != manifest.outputs.size()) {
+    *status = {BACKEND_STATUS_INVALID, "testecho needs one output per input"};
+    return nullptr;
+  }
+  const bool doubling = options.is_object() && options.value("mode", "") == "double";
+  return new TestEchoBackend(doubling, fail == "run");
+}
+
+}  // namespace
+}  // namespace edgesmith
+
+extern "C" __attribute__((visibility("default"))) edgesmith::Backend* edgesmith_backend_open_v1(
+    const edgesmith::BackendOpenArgs* args, edgesmith::BackendStatus* status) {
+  try {
+    return edgesmith::testecho_open(args, status);
+  } catch (const std::exception& e) {
+    *status = {edgesmith::BACKEND_STATUS_LOAD_FAILED, e.what()};
+    return nullptr;
+  }
+}

@@ -1,0 +1,127 @@
+"""The device runtime on real engines: Session and edgesmith-run on TVM and OpenVINO artifacts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import DIGITS, build_json
+
+pytestmark = pytest.mark.integration
+
+EDGESMITH_RUN = str(Path(sys.executable).parent / "edgesmith-run")
+
+
+@pytest.fixture(scope="module", params=["tvm", "openvino"])
+def host_artifact(request, digits_artifacts):
+    art = digits_artifacts["artifacts"][("x86_64-avx2", request.param)]
+    return Path(art["path"]), digits_artifacts
+
+
+def _session(path: Path, arts, threads: int = 2):
+    from edgesmith.runtime import Session
+    from edgesmith.runtime.keys import load_public_key
+
+    return Session(path, threads=threads, trusted_keys=[load_public_key(arts["pub"])])
+
+
+def _golden(path: Path):
+    manifest = json.loads((path / "manifest.json").read_text())
+    for sample in manifest["golden"]["samples"]:
+        yield ([np.load(path / p) for p in sample["inputs"]], [np.load(path / p) for p in sample["outputs"]], manifest)
+
+
+def test_session_matches_onnx_runtime_golden_outputs(host_artifact):
+    path, arts = host_artifact
+    session = _session(path, arts)
+    assert [i.name for i in session.inputs] == ["input"] and session.outputs[0].shape == [1, 10]
+    for inputs, expected, manifest in _golden(path):
+        got = session.run(inputs)
+        np.testing.assert_allclose(got[0], expected[0], atol=manifest["golden"]["atol"], rtol=manifest["golden"]["rtol"])
+        by_name = session.run({"input": inputs[0]})
+        np.testing.assert_array_equal(by_name[manifest["outputs"][0]["name"]], got[0])
+    assert session.self_test()["passed"]
+    stats = session.stats()
+    assert stats["runs"] >= 4 and stats["errors"] == 0
+
+
+def test_edgesmith_run_gives_the_same_numbers(host_artifact, tmp_path):
+    path, arts = host_artifact
+    inputs, _, _ = next(_golden(path))
+    np.save(tmp_path / "x.npy", inputs[0])
+    env = {"EDGESMITH_HOME": str(arts["home"]), "PATH": "/usr/bin:/bin"}
+    from edgesmith.runtime import _core
+
+    env["EDGESMITH_BACKEND_PATH"] = str(Path(_core.__file__).parent / "backends")
+    result = subprocess.run([EDGESMITH_RUN, str(path), "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "y.npy"),
+                             "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), _session(path, arts).run(inputs)[0])
+    bench = subprocess.run([EDGESMITH_RUN, str(path), "--input", str(tmp_path / "x.npy"), "--bench", "20", "--json"],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert bench.returncode == 0, bench.stderr
+    report = json.loads(bench.stdout)
+    text = json.dumps(report)
+    for key in ("p50", "p95", "p99", "throughput", "rss"):
+        assert key in text, (key, report)
+
+
+def test_eight_threads_match_serial_runs(host_artifact):
+    path, arts = host_artifact
+    session = _session(path, arts)
+    rng = np.random.default_rng(7)
+    xs = [rng.standard_normal((1, 1, 8, 8)).astype(np.float32) for _ in range(16)]
+    serial = [session.run([x])[0] for x in xs]
+    mismatches, errors = [], []
+
+    def worker(t: int) -> None:
+        try:
+            for k in range(200):
+                i = (t * 200 + k) % len(xs)
+                y = session.run([xs[i]])[0]
+                if not np.array_equal(y, serial[i]):
+                    mismatches.append((t, k))
+        except Exception as e:  # surfaced below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and mismatches == []
+    assert session.stats()["runs"] >= 16 + 8 * 200
+
+
+def test_stats_count_classes_and_nans(host_artifact):
+    path, arts = host_artifact
+    session = _session(path, arts)
+    x = np.random.default_rng(1).standard_normal((1, 1, 8, 8)).astype(np.float32)
+    for _ in range(5):
+        session.run([x])
+    x_nan = x.copy()
+    x_nan[0, 0, 0, 0] = np.nan
+    session.run([x_nan])
+    stats = json.dumps(session.stats())
+    assert "nan" in stats.lower()
+
+
+def test_proof_recorded_for_host_artifacts(digits_artifacts):
+    for backend in ("tvm", "openvino"):
+        art = digits_artifacts["artifacts"][("x86_64-avx2", backend)]
+        proof = json.loads((Path(art["path"]) / "manifest.json").read_text())["proof"]
+        assert proof["status"] == "proven" and proof["how"] == "native", proof
+
+
+@pytest.mark.slow
+def test_rpi4_tvm_artifact_is_proven_under_qemu(digits_artifacts):
+    art = digits_artifacts["artifacts"][("rpi4-aarch64", "tvm")]
+    proof = json.loads((Path(art["path"]) / "manifest.json").read_text())["proof"]
+    assert proof["status"] == "proven" and proof["how"] == "qemu-aarch64", proof
+    assert proof["max_abs_err"] is not None and proof["samples"] == 2
