@@ -69,7 +69,7 @@ class Session:
                 home = runtime_keys.edgesmith_home()
                 raise EdgesmithValueError(
                     f"no trusted public keys in {home}/keys or {home}/trusted; copy the signer's "
-                    ".pub file to {home}/trusted/ or pass trusted_keys=[...]"
+                    f".pub file to {home}/trusted/ or pass trusted_keys=[...]"
                 )
         self._core = _core().Session(os.fspath(path), [bytes(k) for k in trusted_keys],
                                      threads=threads, max_concurrency=max_concurrency)

@@ -125,3 +125,29 @@ def test_rpi4_tvm_artifact_is_proven_under_qemu(digits_artifacts):
     proof = json.loads((Path(art["path"]) / "manifest.json").read_text())["proof"]
     assert proof["status"] == "proven" and proof["how"] == "qemu-aarch64", proof
     assert proof["max_abs_err"] is not None and proof["samples"] == 2
+
+
+def test_prove_cli_on_host_artifact(digits_artifacts):
+    from conftest import run_cli
+
+    path = digits_artifacts["artifacts"][("x86_64-avx2", "tvm")]["path"]
+    env = {"EDGESMITH_HOME": str(digits_artifacts["home"])}
+    out = run_cli("prove", path, env=env).stdout
+    assert out.startswith("proven:") and "native" in out
+    record = json.loads(run_cli("prove", path, "--json", env=env).stdout)
+    assert record["status"] == "proven" and record["samples"] == 2
+
+
+def test_prove_cli_refuses_tampered_artifact(digits_artifacts, tmp_path):
+    import shutil
+
+    from conftest import run_cli
+
+    src = Path(digits_artifacts["artifacts"][("x86_64-avx2", "openvino")]["path"])
+    dst = tmp_path / src.name
+    shutil.copytree(src, dst)
+    data = bytearray((dst / "model.bin").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (dst / "model.bin").write_bytes(bytes(data))
+    result = run_cli("prove", str(dst), env={"EDGESMITH_HOME": str(digits_artifacts["home"])}, check=False)
+    assert result.returncode == 1 and "model.bin" in result.stderr and "Traceback" not in result.stderr

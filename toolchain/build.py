@@ -221,7 +221,7 @@ def build_one(source: ModelSource, ref: ReferenceRun, target: Target, backend_na
         if getattr(backend, "DEVICE_RUNTIME", False):
             status(f"{name}: proving on {target.isa} with edgesmith-run")
             t0 = time.perf_counter()
-            manifest.proof = prove(staging, target, [key.public_key])
+            manifest.proof = prove(staging, target, backend_name, [key.public_key])
             stages["prove_s"] = time.perf_counter() - t0
             if manifest.proof.status == "failed":
                 raise ValidationError(f"{name}: the device runtime's run on {target.isa} ({manifest.proof.how}) failed: {manifest.proof.reason}")

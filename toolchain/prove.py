@@ -24,7 +24,12 @@ from edgesmith.toolchain.targets import Target, host_cpu_features, host_isa, pro
 
 QEMU = "qemu-aarch64-static"
 AARCH64_SYSROOT = "/usr/aarch64-linux-gnu"
-PROOF_TIMEOUT_S = 1800
+PROOF_TIMEOUT_S = 600
+
+# Backends whose engine cannot run under qemu-aarch64 user emulation here (Debian's qemu 7.2):
+# OpenVINO's Arm CPU plugin spins forever inside compile_model, also in a 15-line runner that
+# links nothing but OpenVINO, so the proof would only burn the timeout. Such artifacts need a device.
+QEMU_UNSUPPORTED = {"openvino": "OpenVINO's Arm CPU plugin hangs in compile_model under qemu-aarch64 user emulation; prove it on a device"}
 
 
 @dataclass
@@ -59,8 +64,8 @@ def _qemu_runner() -> Runner | None:
     return Runner([QEMU, "-L", AARCH64_SYSROOT, str(exe)], {}, "qemu-aarch64")
 
 
-def runner_for(target: Target) -> tuple[Runner | None, str]:
-    """The runner that executes this target's artifacts here, or None and the reason."""
+def runner_for(target: Target, backend: str | None = None) -> tuple[Runner | None, str]:
+    """The runner that executes this target's (and backend's) artifacts here, or None and the reason."""
     possible, how = proof_status(target)
     if not possible:
         return None, how
@@ -68,6 +73,8 @@ def runner_for(target: Target) -> tuple[Runner | None, str]:
         if target.isa != host_isa() or not set(target.cpu_features) <= host_cpu_features():
             return None, "host cannot run this target natively"
         return _native_runner(), "native"
+    if backend in QEMU_UNSUPPORTED:
+        return None, QEMU_UNSUPPORTED[backend]
     runner = _qemu_runner()
     if runner is None:
         return None, (f"the aarch64 runtime is not built ({aarch64_bundle()} is missing); "
@@ -104,9 +111,9 @@ def run_golden(artifact: Path, runner: Runner, public_keys: list[bytes]) -> dict
     return report
 
 
-def prove(artifact: Path, target: Target, public_keys: list[bytes]) -> Proof:
+def prove(artifact: Path, target: Target, backend: str, public_keys: list[bytes]) -> Proof:
     """Run the artifact on its ISA; a Proof with status proven, failed, or not-run (and why)."""
-    runner, how = runner_for(target)
+    runner, how = runner_for(target, backend)
     if runner is None:
         return Proof(status="not-run", isa=target.isa, reason=how)
     report = run_golden(artifact, runner, public_keys)

@@ -23,7 +23,7 @@ def prove(artifact: Path = typer.Argument(..., help="The artifact directory."),
     keys = trusted_keys(key)
     verified = runtime_artifact.verify(artifact, keys)
     target = Target.model_validate(verified.manifest["target"])
-    result = prove_artifact(artifact, target, keys)
+    result = prove_artifact(artifact, target, verified.manifest["backend"]["name"], keys)
     if as_json:
         print(json.dumps(result.model_dump(mode="json"), indent=2))
     if result.status == "not-run":

@@ -6,13 +6,16 @@
 // a fresh VM each time it is called, and a concurrent caller takes an idle VM or makes one.
 //
 // Threads: TVM's parallel-for pool belongs to the *calling* thread (one pool per caller thread,
-// created on its first parallel launch with TVM_NUM_THREADS or the core count as its size).
-// `runtime.config_threadpool(mode, n)` resizes the calling thread's pool, so run() applies the
-// resolved thread count once per caller thread.
+// created on its first parallel launch, sized by TVM_NUM_THREADS or the core count — halved on
+// x86). `runtime.config_threadpool(-3, n, cpus)` called before that sizes the calling thread's
+// pool to exactly n workers (checked with runtime.NumThreads), so run() applies the resolved
+// thread count once per caller thread. A pool that already exists can only shrink.
+#include <dlfcn.h>
 #include <dlpack/dlpack.h>
 #include <elf.h>
 #include <sched.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -122,17 +125,48 @@ const char* elf_machine_name(uint16_t machine) {
   }
 }
 
-/// Why `path` cannot be dlopen()ed here when it is an ELF file for another machine, else empty
-/// (dlopen itself only says "No such file" in that case).
-std::string elf_mismatch(const std::string& path, const std::string& entry) {
-  std::ifstream file(path, std::ios::binary);
-  unsigned char header[EI_NIDENT + 4] = {};
-  if (!file.read(reinterpret_cast<char*>(header), sizeof(header))) return {};
-  if (std::memcmp(header, ELFMAG, SELFMAG) != 0 || header[EI_DATA] != ELFDATA2LSB) return {};
-  const auto machine = static_cast<uint16_t>(header[EI_NIDENT + 2] | (header[EI_NIDENT + 3] << 8));
-  if (HOST_ELF_MACHINE == EM_NONE || machine == HOST_ELF_MACHINE) return {};
-  return entry + " is " + elf_machine_name(machine) + " code and this machine runs " +
-         elf_machine_name(HOST_ELF_MACHINE) + "; run it on its own ISA (or under qemu)";
+/// Why `path` cannot be dlopen()ed here, or empty: an ELF file for another machine (dlopen only
+/// says "No such file" then), or one shorter than its own headers say (dlopen would map pages past
+/// the end of the file and die of SIGBUS on touching them).
+std::string elf_problem(const std::string& path, const std::string& entry) {
+  std::ifstream file(path, std::ios::binary | std::ios::ate);
+  if (!file) return {};
+  const auto size = static_cast<uint64_t>(file.tellg());
+  Elf64_Ehdr header{};
+  file.seekg(0);
+  if (!file.read(reinterpret_cast<char*>(&header), sizeof(header))) return {};
+  if (std::memcmp(header.e_ident, ELFMAG, SELFMAG) != 0) return {};
+  if (header.e_ident[EI_CLASS] != ELFCLASS64 || header.e_ident[EI_DATA] != ELFDATA2LSB) return {};
+  if (HOST_ELF_MACHINE != EM_NONE && header.e_machine != HOST_ELF_MACHINE) {
+    return entry + " is " + elf_machine_name(header.e_machine) + " code and this machine runs " +
+           elf_machine_name(HOST_ELF_MACHINE) + "; run it on its own ISA (or under qemu)";
+  }
+  uint64_t needed = header.e_shoff + uint64_t{header.e_shnum} * header.e_shentsize;
+  for (uint16_t i = 0; i < header.e_phnum; ++i) {
+    Elf64_Phdr segment{};
+    file.seekg(static_cast<std::streamoff>(header.e_phoff + uint64_t{i} * header.e_phentsize));
+    if (!file.read(reinterpret_cast<char*>(&segment), sizeof(segment))) {
+      needed = std::max<uint64_t>(needed, header.e_phoff + uint64_t{header.e_phnum} * header.e_phentsize);
+      break;
+    }
+    if (segment.p_type == PT_LOAD) needed = std::max<uint64_t>(needed, segment.p_offset + segment.p_filesz);
+  }
+  if (needed > size) {
+    return entry + " is truncated (" + std::to_string(size) + " bytes, its ELF headers need " +
+           std::to_string(needed) + "); rebuild or re-download the artifact";
+  }
+  return {};
+}
+
+/// Whether the loaded library has parallel loops (it then imports TVM's parallel launcher).
+/// Serial libraries never touch TVM's thread pool, so the plugin leaves it uncreated: no idle
+/// workers per caller thread, and no pool start-up, which hangs under qemu-user.
+bool library_is_parallel(const std::string& path) {
+  void* handle = dlopen(path.c_str(), RTLD_NOW | RTLD_NOLOAD);
+  if (handle == nullptr) return true;  // cannot tell: configure the pool as asked
+  const bool parallel = dlsym(handle, "__TVMBackendParallelLaunch") != nullptr;
+  dlclose(handle);  // drops the reference RTLD_NOLOAD added
+  return parallel;
 }
 
 /// The reason in a LoadFromFile error: TVM wraps dlerror() in "Check failed: ... Failed to load
@@ -336,13 +370,14 @@ Backend* tvm_backend_open(const BackendOpenArgs& args, BackendStatus* status) {
   const std::string path = args.artifact_dir + "/" + args.manifest.payload.entry;
   try {
     const BackendSettings settings = backend_settings_resolve(args);
-    const std::string mismatch = elf_mismatch(path, args.manifest.payload.entry);
-    if (!mismatch.empty()) {
-      *status = backend_status_make(BACKEND_STATUS_LOAD_FAILED, mismatch);
+    const std::string problem = elf_problem(path, args.manifest.payload.entry);
+    if (!problem.empty()) {
+      *status = backend_status_make(BACKEND_STATUS_LOAD_FAILED, problem);
       return nullptr;
     }
     ffi::Module library = ffi::Module::LoadFromFile(path);
-    return new TvmBackend(args, std::move(library), settings.threads);
+    const int32_t threads = library_is_parallel(path) ? settings.threads : 0;
+    return new TvmBackend(args, std::move(library), threads);
   } catch (const ffi::Error& e) {
     *status = backend_status_make(BACKEND_STATUS_LOAD_FAILED,
                                   "TVM could not load " + args.manifest.payload.entry + ": " +
