@@ -75,7 +75,8 @@ def build(
     if as_json:
         print(json.dumps({"artifacts": [
             {"target": r.target, "backend": r.backend, "path": str(r.path), "size_bytes": r.size_bytes,
-             "build_time_s": round(r.duration_s, 3), "validation": r.manifest.validation.model_dump(mode="json")}
+             "build_time_s": round(r.duration_s, 3), "validation": r.manifest.validation.model_dump(mode="json"),
+             "proof": r.manifest.proof.model_dump(mode="json")}
             for r in results], "failures": failures}, indent=2))
     else:
         _print_table(results, signing_key.key_id)
@@ -87,13 +88,15 @@ def _print_table(results, key_id: str) -> None:
     if not results:
         return
     table = Table(title=f"artifacts (signed with key {key_id})")
-    for column in ("target", "backend", "size", "validation", "max abs err", "top-1", "build time", "path"):
+    for column in ("target", "backend", "size", "validation", "max abs err", "top-1", "proof on ISA", "build time", "path"):
         table.add_column(column, justify="right" if column in ("size", "max abs err", "build time") else "left")
     for r in results:
         v = r.manifest.validation
         state = f"[green]{v.status}[/] ({v.executed.how})" if v.executed else f"[yellow]{v.status}[/]"
+        p = r.manifest.proof
+        proof = f"[green]proven[/] ({p.how})" if p.status == "proven" else f"[yellow]{p.status}[/]"
         table.add_row(r.target, r.backend, _size(r.size_bytes), state,
                       f"{v.max_abs_err:.2e}" if v.max_abs_err is not None else "—",
-                      f"{v.top1_agreement:.0%}" if v.top1_agreement is not None else "—",
+                      f"{v.top1_agreement:.0%}" if v.top1_agreement is not None else "—", proof,
                       f"{r.duration_s:.1f} s", str(r.path))
     out_console().print(table)
