@@ -27,9 +27,22 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 echo "bootstrap: installing Python packages into $VENV"
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
-# Build requirements first, so the editable install can skip build isolation (no second download).
-"$VENV/bin/python" -m pip install --quiet "scikit-build-core==1.1.2" "pybind11==3.1.0"
-"$VENV/bin/python" -m pip install --quiet --no-build-isolation -e ".[toolchain,test]"
+# Build requirements and the engines first: the C++ build links the backend plugins against the
+# TVM and OpenVINO wheels, which must therefore be installed before edgesmith itself is built.
+deps=$("$VENV/bin/python" - <<'PY'
+import tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))
+wanted = project["build-system"]["requires"] + project["project"]["dependencies"]
+for extra in ("toolchain", "test"):
+    wanted += project["project"]["optional-dependencies"][extra]
+print("\n".join(wanted))
+PY
+)
+mapfile -t deps <<<"$deps"
+"$VENV/bin/python" -m pip install --quiet "${deps[@]}"
+# Both backend plugins are required here (ON, not AUTO): a missing engine must fail the build.
+"$VENV/bin/python" -m pip install --quiet --no-build-isolation --no-deps \
+  -C cmake.define.EDGESMITH_WITH_TVM=ON -C cmake.define.EDGESMITH_WITH_OPENVINO=ON -e .
 
 export EDGESMITH_HOME=${EDGESMITH_HOME:-$PWD/.edgesmith}
 echo "bootstrap: LiteRT converter environment"

@@ -8,7 +8,6 @@ is complete).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import uuid
@@ -21,21 +20,13 @@ from edgesmith.runtime.manifest import MANIFEST_FILE, SIGNATURE_FILE, FileEntry,
 from edgesmith.toolchain.signing import SigningKey, sign_manifest
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def file_entries(directory: Path) -> list[FileEntry]:
     """Every file below ``directory`` except the manifest and its signature, sorted by path."""
     entries = []
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
         rel = path.relative_to(directory).as_posix()
         if rel not in (MANIFEST_FILE, SIGNATURE_FILE):
-            entries.append(FileEntry(path=rel, size=path.stat().st_size, sha256=_sha256(path)))
+            entries.append(FileEntry(path=rel, size=path.stat().st_size, sha256=runtime_artifact.sha256_file(path)))
     return entries
 
 

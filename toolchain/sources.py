@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from edgesmith.runtime.artifact import sha256_file
 from edgesmith.runtime.manifest import TensorSpec
 from edgesmith.toolchain.errors import UserError, first_line
 
@@ -80,14 +81,6 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "-", text).strip("-.").lower() or "model"
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _np_dtype(elem_type: int) -> str:
     import onnx
 
@@ -144,7 +137,7 @@ def _load_onnx(path: Path, shapes) -> ModelSource:
         raise UserError(f"{path} is an ONNX file with an empty graph; export the model again")
     specs = _fix_input_shapes(model, shapes, str(path))
     return ModelSource(name=_safe_name(path.stem), kind="onnx", ref=str(path),
-                       sha256=_sha256_file(path), onnx_model=model, inputs=specs)
+                       sha256=sha256_file(path), onnx_model=model, inputs=specs)
 
 
 def _import_callable(ref: str):
@@ -220,7 +213,7 @@ def _load_pytorch(ref: str, shapes) -> ModelSource:
     specs = _fix_input_shapes(model, None, ref)
     _check_export(module, example, model, ref)
     name = _safe_name(ref.rpartition(":")[2])
-    digest = _sha256_file(source_file) if source_file and source_file.is_file() else hashlib.sha256(ref.encode()).hexdigest()
+    digest = sha256_file(source_file) if source_file and source_file.is_file() else hashlib.sha256(ref.encode()).hexdigest()
     return ModelSource(name=name, kind="pytorch", ref=ref, sha256=digest, onnx_model=model, inputs=specs,
                        module=module, example_inputs=example)
 

@@ -75,7 +75,8 @@ def build(
     if as_json:
         print(json.dumps({"artifacts": [
             {"target": r.target, "backend": r.backend, "path": str(r.path), "size_bytes": r.size_bytes,
-             "build_time_s": round(r.duration_s, 3), "validation": r.manifest.validation.model_dump(mode="json"),
+             "build_time_s": round(r.duration_s, 3), "stages_s": {k: round(v, 3) for k, v in r.stages.items()},
+             "validation": r.manifest.validation.model_dump(mode="json"),
              "proof": r.manifest.proof.model_dump(mode="json")}
             for r in results], "failures": failures}, indent=2))
     else:

@@ -15,8 +15,19 @@
 
 #include "runtime/backend.h"
 
-/// Marks the plugin factory as the one symbol a plugin exports.
-#define EDGESMITH_BACKEND_EXPORT extern "C" __attribute__((visibility("default")))
+/// Defines the one symbol a plugin exports, `edgesmith_backend_open_v1`, forwarding to
+/// `open_fn(const BackendOpenArgs&, BackendStatus*)`; no exception leaves the plugin.
+#define EDGESMITH_BACKEND_DEFINE_OPEN(open_fn)                                                  \
+  extern "C" __attribute__((visibility("default"))) edgesmith::Backend* edgesmith_backend_open_v1( \
+      const edgesmith::BackendOpenArgs* args, edgesmith::BackendStatus* status) {              \
+    if (args == nullptr || status == nullptr) return nullptr;                                   \
+    try {                                                                                       \
+      *status = edgesmith::BackendStatus{};                                                     \
+      return open_fn(*args, status);                                                            \
+    } catch (...) {                                                                             \
+      return nullptr; /* only an allocation failure while filling `status` can get here */     \
+    }                                                                                           \
+  }
 
 namespace edgesmith {
 namespace backends {

@@ -398,13 +398,4 @@ Backend* tvm_backend_open(const BackendOpenArgs& args, BackendStatus* status) {
 }  // namespace backends
 }  // namespace edgesmith
 
-EDGESMITH_BACKEND_EXPORT edgesmith::Backend* edgesmith_backend_open_v1(
-    const edgesmith::BackendOpenArgs* args, edgesmith::BackendStatus* status) {
-  if (args == nullptr || status == nullptr) return nullptr;
-  try {
-    *status = edgesmith::BackendStatus{};
-    return edgesmith::backends::tvm_backend_open(*args, status);
-  } catch (...) {
-    return nullptr;  // only an allocation failure while filling `status` can get here
-  }
-}
+EDGESMITH_BACKEND_DEFINE_OPEN(edgesmith::backends::tvm_backend_open)
