@@ -11,8 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import DIGITS, build_json
-
 pytestmark = pytest.mark.integration
 
 EDGESMITH_RUN = str(Path(sys.executable).parent / "edgesmith-run")
