@@ -16,17 +16,24 @@ def edgesmith_home() -> Path:
     return Path(os.environ.get("EDGESMITH_HOME") or Path.home() / ".edgesmith")
 
 
-def load_public_key(path: str | os.PathLike) -> bytes:
-    """Read a .pub file; a missing or malformed file is a ValueError naming it."""
+def read_hex_key(path: str | os.PathLike, what: str = "public key", hint: str = "") -> bytes:
+    """Read a one-line hex file holding a 32-byte Ed25519 key (public key or seed); a missing or
+    malformed file is a ValueError naming it (``hint`` says what to do about it)."""
+    suffix = f"; {hint}" if hint else ""
     try:
         raw = bytes.fromhex(Path(path).read_text().strip())
     except FileNotFoundError:
-        raise EdgesmithValueError(f"public key {path} does not exist") from None
+        raise EdgesmithValueError(f"{what} {path} does not exist{suffix}") from None
     except ValueError:
-        raise EdgesmithValueError(f"public key {path} is not a hex Ed25519 public key") from None
+        raise EdgesmithValueError(f"{what} {path} is not a hex Ed25519 key{suffix}") from None
     if len(raw) != 32:
-        raise EdgesmithValueError(f"public key {path} holds {len(raw)} bytes, an Ed25519 public key has 32")
+        raise EdgesmithValueError(f"{what} {path} holds {len(raw)} bytes, an Ed25519 key has 32{suffix}")
     return raw
+
+
+def load_public_key(path: str | os.PathLike) -> bytes:
+    """Read a .pub file."""
+    return read_hex_key(path, "public key")
 
 
 def trusted_public_keys() -> list[bytes]:

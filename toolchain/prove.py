@@ -20,7 +20,7 @@ from pathlib import Path
 from edgesmith.runtime.keys import edgesmith_home
 from edgesmith.runtime.manifest import Proof
 from edgesmith.toolchain.errors import UserError
-from edgesmith.toolchain.targets import Target, host_cpu_features, host_isa, proof_status
+from edgesmith.toolchain.targets import Target, proof_status
 
 QEMU = "qemu-aarch64-static"
 AARCH64_SYSROOT = "/usr/aarch64-linux-gnu"
@@ -70,8 +70,6 @@ def runner_for(target: Target, backend: str | None = None) -> tuple[Runner | Non
     if not possible:
         return None, how
     if how == "native":
-        if target.isa != host_isa() or not set(target.cpu_features) <= host_cpu_features():
-            return None, "host cannot run this target natively"
         return _native_runner(), "native"
     if backend in QEMU_UNSUPPORTED:
         return None, QEMU_UNSUPPORTED[backend]

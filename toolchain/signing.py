@@ -15,7 +15,7 @@ from pathlib import Path
 import nacl.exceptions
 import nacl.signing
 
-from edgesmith.runtime.keys import edgesmith_home
+from edgesmith.runtime.keys import edgesmith_home, read_hex_key
 from edgesmith.toolchain.errors import UserError
 
 SIG_FILE = "manifest.sig"
@@ -58,15 +58,7 @@ def generate_key(name: str = "default", directory: Path | None = None, overwrite
 
 
 def load_signing_key(path: Path) -> SigningKey:
-    try:
-        text = Path(path).read_text().strip()
-        seed = bytes.fromhex(text)
-    except FileNotFoundError:
-        raise UserError(f"signing key {path} does not exist; create one with `edgesmith keys generate`") from None
-    except ValueError:
-        raise UserError(f"signing key {path} is not a hex Ed25519 seed; create one with `edgesmith keys generate`") from None
-    if len(seed) != 32:
-        raise UserError(f"signing key {path} holds {len(seed)} bytes, an Ed25519 seed has 32; create one with `edgesmith keys generate`")
+    seed = read_hex_key(path, "signing key", "create one with `edgesmith keys generate`")
     return SigningKey(seed, Path(path))
 
 

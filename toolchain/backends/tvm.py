@@ -71,7 +71,7 @@ def compile(request: CompileRequest) -> CompileResult:
     from tvm.relax.frontend.onnx import from_onnx
 
     target = request.target
-    cross = target.tvm.cross_compiler if not runs_natively(target) and target.isa != "x86_64" else None
+    cross = target.tvm.cross_compiler if target.isa != host_isa() else None
     if cross and shutil.which(cross) is None:
         package = target.tvm.cross_compiler_package or cross
         raise BackendUnavailable(f"cross compiler {cross} for {target.name} is not installed; install it with `apt-get install {package}`")
