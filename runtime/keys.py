@@ -11,9 +11,26 @@ from pathlib import Path
 from edgesmith.runtime.errors import ValueError as EdgesmithValueError
 
 
+HOME_DIR_NAME = ".edgesmith"
+
+
 def edgesmith_home() -> Path:
-    """Where keys and tool environments live: ``$EDGESMITH_HOME`` or ``~/.edgesmith``."""
-    return Path(os.environ.get("EDGESMITH_HOME") or Path.home() / ".edgesmith")
+    """Where keys, tool environments and runtimes live, the same rule as the C++ core's
+    ``keys_home()``: ``$EDGESMITH_HOME``; else the nearest ``.edgesmith`` directory in the working
+    directory or one of its parents (a project's home, like ``.git``: `make demo` creates one in the
+    checkout); else ``~/.edgesmith``."""
+    env = os.environ.get("EDGESMITH_HOME")
+    if env:
+        return Path(env)
+    try:
+        here = Path.cwd()
+    except OSError:  # the working directory was removed
+        here = None
+    if here is not None:
+        for directory in (here, *here.parents):
+            if (directory / HOME_DIR_NAME).is_dir():
+                return directory / HOME_DIR_NAME
+    return Path.home() / HOME_DIR_NAME
 
 
 def read_hex_key(path: str | os.PathLike, what: str = "public key", hint: str = "") -> bytes:

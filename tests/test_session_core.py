@@ -85,7 +85,7 @@ def write_echo_artifact(directory: Path, key: SigningKey, mutate: Callable[[dict
         "name": "echo-host-testecho",
         "target": {"name": "host", "isa": _core().host_isa(), "threads": 2},
         "backend": {"name": "testecho", "version": "1.0", "precision": "fp32", "options": {"mode": "double"}},
-        "payload": {"format": "openvino-ir", "entry": "model.bin"},
+        "payload": {"format": "testecho", "entry": "model.bin"},
         "files": [{"path": rel, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
                   for rel, data in sorted(files.items())],
         "inputs": [{"name": "x", "dtype": "float32", "shape": [2, 3]},
@@ -275,7 +275,32 @@ def test_other_target_isa_and_tflite_refused(tmp_path: Path, key: SigningKey) ->
     with pytest.raises(errors.UnsupportedArtifactError, match=f"is built for {other}"):
         Session(art, trusted_keys=[key.public_key])
     art = write_echo_artifact(tmp_path / "b", key, lambda m: m["payload"].update(format="tflite"))
-    with pytest.raises(errors.UnsupportedArtifactError, match="tflite artifacts are not run by the C\\+\\+ runtime"):
+    with pytest.raises(errors.UnsupportedArtifactError,
+                       match="backend 'testecho' of this runtime runs testecho payloads, and echo-host-testecho's payload is tflite"):
+        Session(art, trusted_keys=[key.public_key])
+    art = write_echo_artifact(tmp_path / "c", key, lambda m: (m["payload"].update(format="tflite"), m["backend"].update(name="tflite")))
+    with pytest.raises(errors.BackendError, match="backend 'tflite' is not built into this runtime"):
+        Session(art, trusted_keys=[key.public_key])
+
+
+def test_missing_cpu_features_refused_before_loading(tmp_path: Path, key: SigningKey) -> None:
+    # Features some CPUs have and others lack (fma4/xop: old AMD only; vp2intersect: Tiger Lake).
+    candidates = (["avx512f", "avx512bw", "avx512_vp2intersect", "fma4", "xop"] if _core().host_isa() == "x86_64"
+                  else ["sve2", "mte", "sve", "i8mm"])
+    have = set(_core().cpu_features_host())
+    lacking = [f for f in candidates if f not in have]
+    assert lacking, f"this CPU has all of {candidates}; add a feature it lacks to the test"
+    features = ["sse2" if _core().host_isa() == "x86_64" else "asimd", *lacking]
+    art = write_echo_artifact(tmp_path / "a", key, lambda m: m["target"].update(cpu_features=features))
+    with pytest.raises(errors.UnsupportedArtifactError) as info:
+        Session(art, trusted_keys=[key.public_key])
+    message = str(info.value)
+    assert "needs CPU features this CPU lacks: " + ", ".join(lacking) in message and "\n" not in message
+    # Features the CPU has pass; a name the runtime cannot check is refused, never assumed present.
+    art = write_echo_artifact(tmp_path / "b", key, lambda m: m["target"].update(cpu_features=sorted(have)[:3]))
+    Session(art, trusted_keys=[key.public_key])
+    art = write_echo_artifact(tmp_path / "c", key, lambda m: m["target"].update(cpu_features=["warp-drive"]))
+    with pytest.raises(errors.UnsupportedArtifactError, match=r"warp-drive \(unknown to this runtime\)"):
         Session(art, trusted_keys=[key.public_key])
 
 

@@ -29,7 +29,7 @@ from edgesmith.toolchain.errors import UserError, ValidationError
 from edgesmith.toolchain.monitoring import monitoring_spec
 from edgesmith.toolchain.prove import prove
 from edgesmith.toolchain.package import file_entries, publish, sign_and_check, staging_dir
-from edgesmith.toolchain.signing import SigningKey
+from edgesmith.toolchain.signing import SigningKey, ephemeral_key
 from edgesmith.toolchain.sources import ModelSource
 from edgesmith.toolchain.targets import Precision, Target, host_isa
 from edgesmith.toolchain.validate import compare, input_sensitivity, require_input_dependence
@@ -135,9 +135,6 @@ def _save_golden(staging: Path, ref: ReferenceRun, count: int) -> list[GoldenSam
     return samples
 
 
-_BACKEND_PACKAGES = {"tvm": "apache-tvm", "openvino": "openvino", "tflite": "ai-edge-litert"}
-
-
 def _runner(staging: Path, result, backend, target: Target, how: str, public_key: bytes):
     """The device's own Session for payloads the C++ runtime runs natively here; otherwise the
     engine's Python API (an ISA-independent payload checked by this host's build of the engine)."""
@@ -169,11 +166,11 @@ def _validate(staging: Path, result, backend, target: Target, ref: ReferenceRun,
 
 def build_one(source: ModelSource, ref: ReferenceRun, target: Target, backend_name: str, options: BuildOptions,
               key: SigningKey, status: Callable[[str], None] = lambda _: None) -> BuiltArtifact:
-    """Compile, validate, package, sign and prove one artifact; nothing is left on disk if any step fails.
+    """Compile, validate, prove, package and sign one artifact; nothing is left on disk if any step fails.
 
-    The artifact is signed before it is validated or proven, because the device code that runs it
-    (Session, edgesmith-run) refuses unsigned artifacts; the results are then written into the
-    manifest, which is signed again.
+    The device code that validates and proves it (Session, edgesmith-run) refuses unsigned
+    artifacts, so the staging directory is first signed with a throwaway key that exists only in
+    this process; ``key`` signs the manifest once, at the end, after validation and proof passed.
     """
     started = time.perf_counter()
     backend = get_backend(backend_name)
@@ -209,19 +206,20 @@ def build_one(source: ModelSource, ref: ReferenceRun, target: Target, backend_na
             proof=Proof(status="not-run", isa=target.isa, reason="not run yet"),
             build=BuildInfo(created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), duration_s=0.0,
                             host=HostInfo(isa=host_isa(), cpu=_host_cpu(), os=sys.platform),
-                            toolchain=_versions(_BACKEND_PACKAGES.get(backend_name))),
+                            toolchain=_versions(backend.PACKAGE)),
         )
-        sign_and_check(staging, manifest, key)
+        staging_key = ephemeral_key()
+        sign_and_check(staging, manifest, staging_key)
 
         status(f"{name}: validating on {len(ref.samples)} samples against ONNX Runtime")
         t0 = time.perf_counter()
-        manifest.validation = _validate(staging, result, backend, target, ref, tolerance, name, key.public_key)
+        manifest.validation = _validate(staging, result, backend, target, ref, tolerance, name, staging_key.public_key)
         stages["validate_s"] = time.perf_counter() - t0
 
         if getattr(backend, "DEVICE_RUNTIME", False):
             status(f"{name}: proving on {target.isa} with edgesmith-run")
             t0 = time.perf_counter()
-            manifest.proof = prove(staging, target, backend_name, [key.public_key])
+            manifest.proof = prove(staging, target, backend_name, [staging_key.public_key])
             stages["prove_s"] = time.perf_counter() - t0
             if manifest.proof.status == "failed":
                 raise ValidationError(f"{name}: the device runtime's run on {target.isa} ({manifest.proof.how}) failed: {manifest.proof.reason}")

@@ -8,6 +8,8 @@ is complete).
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import shutil
 import uuid
@@ -50,21 +52,62 @@ def sign_and_check(staging: Path, manifest: Manifest, key: SigningKey) -> None:
     runtime_artifact.verify(staging, [key.public_key])
 
 
-def publish(staging: Path, final: Path) -> None:
-    """Move a complete artifact into place, replacing an older one of the same name."""
-    for path in staging.rglob("*"):
-        if path.is_file():
-            with path.open("rb") as f:
-                os.fsync(f.fileno())
-    old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(final, old)
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with renameat2(RENAME_EXCHANGE); False where the kernel or the
+    filesystem cannot (the caller then falls back to two renames)."""
     try:
-        os.rename(staging, final)
-    except OSError:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in [*directory.rglob("*"), directory]:
+        _fsync(path)
+
+
+def publish(staging: Path, final: Path) -> None:
+    """Move a complete artifact into place, replacing an older one of the same name.
+
+    Readers never see a missing or mixed artifact: a new name is a rename; an existing one is
+    swapped with the staging directory in one atomic renameat2(RENAME_EXCHANGE), so ``final`` is
+    always either the whole old artifact or the whole new one. Everything is fsynced first, and the
+    parent directory after, so a power cut cannot leave a renamed but empty artifact.
+    """
+    _fsync_tree(staging)
+    if final.exists() and _exchange(staging, final):
+        shutil.rmtree(staging, ignore_errors=True)  # now holds the old artifact
+    else:
+        old = None
+        if final.exists():  # no atomic exchange here: a short window without `final`
+            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(final, old)
+        try:
+            os.rename(staging, final)
+        except OSError:
+            if old is not None:
+                os.rename(old, final)
+            raise
         if old is not None:
-            os.rename(old, final)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
+    _fsync(final.parent)

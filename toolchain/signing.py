@@ -9,6 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import stat
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,33 +43,102 @@ class SigningKey:
         return key_id(self.public_key)
 
 
+KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def _check_key_name(name: str) -> None:
+    if not KEY_NAME.match(name) or name.endswith((".key", ".pub")):
+        raise UserError(f"key name {name!r} is not allowed; use 1-64 letters, digits, '.', '_' or '-', "
+                        "starting with a letter or digit and without a .key/.pub suffix")
+
+
+def _write_new(path: Path, text: str, mode: int) -> None:
+    """Create ``path`` (never an existing file: O_EXCL) with ``mode`` from the start, and sync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def generate_key(name: str = "default", directory: Path | None = None, overwrite: bool = False) -> Path:
-    """Write ``NAME.key`` (0600, hex seed) and ``NAME.pub`` (hex public key); return the .key path."""
+    """Write ``NAME.key`` (mode 0600, hex seed) and ``NAME.pub`` (hex public key); return the .key path.
+
+    Both are fully written (and synced) under temporary names first, the secret one created with
+    mode 0600 and O_EXCL, so no other mode is ever visible. Without ``overwrite`` the .key name is
+    claimed with ``link``, which never clobbers (two concurrent runs cannot both win), then the .pub
+    is moved beside it; a crash in between leaves a .key whose .pub ``load_signing_key`` rewrites.
+    """
+    _check_key_name(name)
     directory = Path(directory) if directory else edgesmith_home() / "keys"
     directory.mkdir(parents=True, exist_ok=True)
     key_path, pub_path = directory / f"{name}.key", directory / f"{name}.pub"
     if key_path.exists() and not overwrite:
         raise UserError(f"{key_path} already exists; pass --force to replace it (artifacts signed with it will then need the old .pub to verify)")
     sk = nacl.signing.SigningKey.generate()
-    tmp = key_path.with_suffix(".key.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(bytes(sk).hex() + "\n")
-    os.replace(tmp, key_path)
-    pub_path.write_text(bytes(sk.verify_key).hex() + "\n")
+    token = uuid.uuid4().hex[:8]
+    tmp_key, tmp_pub = directory / f".{name}.key.{token}.tmp", directory / f".{name}.pub.{token}.tmp"
+    try:
+        _write_new(tmp_key, bytes(sk).hex() + "\n", 0o600)
+        _write_new(tmp_pub, bytes(sk.verify_key).hex() + "\n", 0o644)
+        if overwrite:
+            os.replace(tmp_pub, pub_path)
+            os.replace(tmp_key, key_path)
+        else:
+            try:
+                os.link(tmp_key, key_path)
+            except FileExistsError:
+                raise UserError(f"{key_path} already exists; pass --force to replace it") from None
+            os.replace(tmp_pub, pub_path)
+        _fsync_dir(directory)
+    finally:
+        for tmp in (tmp_key, tmp_pub):
+            tmp.unlink(missing_ok=True)
     return key_path
 
 
 def load_signing_key(path: Path) -> SigningKey:
+    """Read a .key file; one readable by group or others is refused (with the chmod that fixes it)."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise UserError(f"signing key {path} does not exist; create one with `edgesmith keys generate`") from None
+    if mode & 0o077:
+        raise UserError(f"signing key {path} is accessible by group or others (mode {stat.S_IMODE(mode):04o}), so it may be "
+                        f"leaked; run `chmod 600 {path}` if only you have read it, else generate a new key")
     seed = read_hex_key(path, "signing key", "create one with `edgesmith keys generate`")
-    return SigningKey(seed, Path(path))
+    key = SigningKey(seed, path)
+    pub = path.with_suffix(".pub")
+    if path.suffix == ".key" and not pub.exists():  # an interrupted generate_key; the seed determines it
+        tmp = path.with_name(f".{pub.name}.{uuid.uuid4().hex[:8]}.tmp")
+        _write_new(tmp, key.public_key.hex() + "\n", 0o644)
+        os.replace(tmp, pub)
+    return key
+
+
+def ephemeral_key() -> SigningKey:
+    """A throwaway key held in memory only: builds sign their staging directory with it so the
+    device runtime will load the artifact for validation, and sign with the real key only what passed."""
+    return SigningKey(bytes(nacl.signing.SigningKey.generate()))
 
 
 def default_signing_key() -> SigningKey:
-    """The user's default key, created on first use."""
+    """The user's default key, created on first use (only `edgesmith build` calls this)."""
     path = edgesmith_home() / "keys" / "default.key"
     if not path.exists():
-        generate_key("default", path.parent)
+        try:
+            generate_key("default", path.parent)
+        except UserError:  # another build created it meanwhile
+            pass
     return load_signing_key(path)
 
 

@@ -13,13 +13,12 @@ import shutil
 import tomllib
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgesmith.toolchain.errors import UserError
 
-BackendName = Literal["tvm", "openvino", "tflite"]
 Precision = Literal["fp32", "fp16"]
 
 
@@ -37,54 +36,66 @@ class Tolerances(_Strict):
     fp16: Tolerance
 
 
-class TvmSettings(_Strict):
-    target: dict[str, Any]
-    cross_compiler: str | None = None
-    cross_compiler_package: str | None = None
+def _registered_backend(name: str) -> str:
+    from edgesmith.toolchain import backends
 
-    @field_validator("target")
-    @classmethod
-    def _target_is_llvm_dict(cls, value: dict[str, Any]) -> dict[str, Any]:
-        if value.get("kind") != "llvm":
-            raise ValueError("only kind = \"llvm\" CPU targets are supported")
-        if value.get("mcpu") == "native":
-            raise ValueError("mcpu = \"native\" is not allowed: name the CPU (e.g. \"cortex-a72\")")
-        return value
+    if name not in backends.BACKENDS:
+        raise ValueError(f"backend {name!r} is not registered; registered backends: {', '.join(backends.registered())}")
+    return name
 
 
-class OpenVinoSettings(_Strict):
-    device: str = "CPU"
-    inference_precision: Literal["f32", "f16", "bf16"] = "f32"
-    performance_hint: Literal["LATENCY", "THROUGHPUT"] = "LATENCY"
+class Target(BaseModel):
+    """One hardware target. Besides the keys below, a target file holds one table per backend it
+    lists (``[tvm]``, ``[openvino]``, ...), validated by that backend's ``Settings`` model and
+    reached as ``target.<backend>``."""
 
+    model_config = ConfigDict(extra="allow", frozen=True)
 
-class TfliteSettings(_Strict):
-    delegate: Literal["xnnpack", "none"] = "xnnpack"
-
-
-class Target(_Strict):
     name: str
     description: str
     isa: Literal["x86_64", "aarch64"]
     os: Literal["linux", "android"]
     cpu_features: list[str] = []
     threads: int = Field(ge=1, le=256)
-    backends: list[BackendName] = Field(min_length=1)
+    backends: list[Annotated[str, AfterValidator(_registered_backend)]] = Field(min_length=1)
     proof: Literal["native", "qemu-aarch64", "none"]
+    qemu_cpu: str | None = Field(default=None, description="the qemu-aarch64 CPU model (`-cpu`) proofs run on; default: the "
+                                 "first model in edgesmith.toolchain.prove.QEMU_CPUS having every cpu_features flag")
     tolerance: Tolerances
-    tvm: TvmSettings | None = None
-    openvino: OpenVinoSettings | None = None
-    tflite: TfliteSettings | None = None
     source: str = Field(default="", description="the file this target was read from")
 
     @model_validator(mode="after")
-    def _backend_sections_present(self) -> Target:
-        for backend in self.backends:
-            if getattr(self, backend) is None and backend != "tflite":
-                raise ValueError(f"backend {backend!r} is listed in 'backends' but the [{backend}] table is missing")
+    def _backend_tables(self) -> Target:
+        from edgesmith.toolchain import backends
+
+        extra = self.__pydantic_extra__
+        for key in extra:
+            if key not in backends.BACKENDS:
+                raise ValueError(f"unknown key {key!r}: neither a target key nor a registered backend's table "
+                                 f"({', '.join(backends.registered())})")
+        # Tables of backends the target does not list (e.g. inherited from a base) are checked too.
+        for name in dict.fromkeys([*self.backends, *extra]):
+            settings = backends.get_backend(name).Settings
+            try:
+                extra[name] = settings.model_validate(extra.get(name, {}))
+            except ValidationError as e:
+                err = e.errors()[0]
+                key = ".".join([name, *(str(p) for p in err["loc"])])
+                raise ValueError(f"key '{key}': {err['msg'].removeprefix('Value error, ')}") from None
         if self.proof == "qemu-aarch64" and self.isa != "aarch64":
             raise ValueError("proof = \"qemu-aarch64\" needs isa = \"aarch64\"")
         return self
+
+    def __getattr__(self, name: str) -> Any:
+        # A registered backend's table that this target neither lists nor inherits reads as None.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            from edgesmith.toolchain import backends
+
+            if name in backends.BACKENDS:
+                return None
+            raise
 
     def tolerance_for(self, precision: Precision) -> Tolerance:
         return getattr(self.tolerance, precision)
@@ -157,8 +168,10 @@ def load_target_file(path: Path) -> Target:
         return Target.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise UserError(f"target file {path}: key '{key}': {err['msg']}; fix the file (keys are documented in targets/README.md)") from None
+        key = ".".join(str(p) for p in err["loc"])
+        where = f"key '{key}': " if key else ""
+        message = err["msg"].removeprefix("Value error, ")
+        raise UserError(f"target file {path}: {where}{message}; fix the file (keys are documented in targets/README.md)") from None
 
 
 @cache
@@ -176,16 +189,18 @@ def all_targets() -> dict[str, Target]:
 
 
 def host_cpu_features() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    features: set[str] = set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            features.update(value.split())
-    return features
+    """The CPU features of this machine, as the device runtime sees them (the C++ core's cpuid /
+    getauxval check, the one Session applies before loading an artifact)."""
+    from edgesmith.runtime import _core
+
+    return set(_core.cpu_features_host())
+
+
+def missing_cpu_features(target: Target) -> list[str]:
+    """The target's ``cpu_features`` this machine lacks (names the runtime cannot check included)."""
+    from edgesmith.runtime import _core
+
+    return list(_core.cpu_features_missing(list(target.cpu_features)))
 
 
 def host_isa() -> str:
@@ -195,7 +210,7 @@ def host_isa() -> str:
 
 def runs_natively(target: Target) -> bool:
     """True when this machine can execute code built for the target."""
-    return target.os == "linux" and target.isa == host_isa() and set(target.cpu_features) <= host_cpu_features()
+    return target.os == "linux" and target.isa == host_isa() and not missing_cpu_features(target)
 
 
 def host_target() -> Target:
@@ -222,13 +237,17 @@ def proof_status(target: Target) -> tuple[bool, str]:
     if target.proof == "native":
         if runs_natively(target):
             return True, "native"
-        missing = sorted(set(target.cpu_features) - host_cpu_features())
+        missing = missing_cpu_features(target)
         why = f"host lacks {', '.join(missing)}" if target.isa == host_isa() else f"host is {host_isa()}"
         return False, f"native only ({why})"
     if target.proof == "qemu-aarch64":
         if runs_natively(target):
             return True, "native"
-        if shutil.which("qemu-aarch64-static") and Path("/usr/aarch64-linux-gnu").is_dir():
+        # Debian's multiarch arm64 runtime, not the cross sysroot (/usr/aarch64-linux-gnu): under
+        # qemu-user that one hangs every dynamically linked program at its first pthread_create.
+        runtime = (Path("/lib/ld-linux-aarch64.so.1"), Path("/usr/lib/aarch64-linux-gnu/libstdc++.so.6"))
+        if shutil.which("qemu-aarch64-static") and all(p.exists() for p in runtime):
             return True, "qemu-aarch64"
-        return False, "needs qemu-user-static and the aarch64 sysroot (apt-get install qemu-user-static g++-aarch64-linux-gnu)"
+        return False, ("needs qemu-user-static and the arm64 multiarch runtime (dpkg --add-architecture arm64 && apt-get update && "
+                       "apt-get install qemu-user-static libc6:arm64 libstdc++6:arm64)")
     return False, "no emulator for this target"

@@ -14,11 +14,23 @@ namespace edgesmith {
 
 namespace fs = std::filesystem;
 
+namespace {
+const char* const HOME_DIR_NAME = ".edgesmith";
+}  // namespace
+
 std::string keys_home() {
   const char* home = std::getenv("EDGESMITH_HOME");
   if (home != nullptr && home[0] != '\0') return home;
+  std::error_code ec;
+  const fs::path cwd = fs::current_path(ec);
+  if (!ec) {
+    for (fs::path dir = cwd;; dir = dir.parent_path()) {
+      if (fs::is_directory(dir / HOME_DIR_NAME, ec)) return (dir / HOME_DIR_NAME).string();
+      if (dir == dir.parent_path()) break;
+    }
+  }
   const char* user = std::getenv("HOME");
-  return (fs::path(user != nullptr ? user : "/") / ".edgesmith").string();
+  return (fs::path(user != nullptr ? user : "/") / HOME_DIR_NAME).string();
 }
 
 std::vector<uint8_t> public_key_read(const std::string& path) {

@@ -1,6 +1,7 @@
 // Which signing keys a device trusts, the same rules as edgesmith.runtime.keys:
-// $EDGESMITH_HOME/keys/*.pub then $EDGESMITH_HOME/trusted/*.pub, EDGESMITH_HOME defaulting to
-// ~/.edgesmith. A .pub file holds one line: the 32-byte Ed25519 public key in hex.
+// <home>/keys/*.pub then <home>/trusted/*.pub, where <home> is $EDGESMITH_HOME, else the nearest
+// `.edgesmith` directory in the working directory or its parents, else ~/.edgesmith.
+// A .pub file holds one line: the 32-byte Ed25519 public key in hex.
 #pragma once
 
 #include <cstdint>
@@ -9,7 +10,8 @@
 
 namespace edgesmith {
 
-/// $EDGESMITH_HOME, or ~/.edgesmith.
+/// $EDGESMITH_HOME; else the nearest `.edgesmith` directory in the working directory or one of
+/// its parents; else ~/.edgesmith (the rule of edgesmith.runtime.keys.edgesmith_home()).
 std::string keys_home();
 
 /// Read a .pub file; a missing or malformed file throws Error(ERROR_CODE_INVALID_ARGUMENT).

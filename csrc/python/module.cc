@@ -1,6 +1,7 @@
 // edgesmith.runtime._core: private bindings of the C++ core. The documented Python API is
 // edgesmith.runtime.artifact and edgesmith.runtime.session; nothing else should import this
 // module directly.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -13,6 +14,8 @@
 #include "common/digest.h"
 #include "common/version.h"
 #include "errors.h"
+#include "runtime/compare.h"
+#include "runtime/cpu_features.h"
 #include "runtime/isa.h"
 #include "session.h"
 
@@ -77,6 +80,7 @@ py::dict manifest_to_python(const Manifest& manifest) {
                                     py::arg("count") = latency.count));
   py::dict target(py::arg("name") = manifest.target_name, py::arg("isa") = manifest.target_isa);
   if (manifest.target_threads > 0) target["threads"] = manifest.target_threads;
+  target["cpu_features"] = py::cast(manifest.target_cpu_features);
   out["target"] = target;
   out["backend"] = py::dict(py::arg("name") = manifest.backend_name,
                             py::arg("options_json") = manifest.backend_options_json);
@@ -115,6 +119,32 @@ std::string sha256_file_hex(const std::string& path) {
   return sha256_file(path);
 }
 
+// compare.h's rule on two arrays (the toolchain's validation). Arrays are made C-contiguous and
+// aligned while holding the GIL, never cast: a float16 output is compared as float16.
+py::dict compare_arrays(const py::handle& got, const py::handle& expected, double atol,
+                        double rtol) {
+  constexpr int flags = py::array::c_style | py::detail::npy_api::NPY_ARRAY_ALIGNED_;
+  const py::array arrays[] = {py::array::ensure(got, flags), py::array::ensure(expected, flags)};
+  TensorView views[2];
+  for (int i = 0; i < 2; ++i) {
+    if (!arrays[i]) throw py::type_error("compare_arrays takes two NumPy arrays");
+    // str() of a native-order dtype is its NumPy name; a big-endian one (">f4") is refused there.
+    views[i].dtype = dtype_from_name(py::str(arrays[i].dtype()));
+    views[i].data = arrays[i].data();
+    views[i].shape.assign(arrays[i].shape(), arrays[i].shape() + arrays[i].ndim());
+  }
+  CompareResult result;
+  {
+    py::gil_scoped_release release;
+    result = tensor_compare(views[0], views[1], atol, rtol);
+  }
+  return py::dict(py::arg("shapes_match") = result.shapes_match,
+                  py::arg("passed") = result.passed, py::arg("elements") = result.elements,
+                  py::arg("bad_elements") = result.bad_elements,
+                  py::arg("max_abs_err") = result.max_abs_err,
+                  py::arg("max_rel_err") = result.max_rel_err);
+}
+
 }  // namespace
 
 }  // namespace edgesmith::python
@@ -133,7 +163,18 @@ PYBIND11_MODULE(_core, m) {
         "checking the signature; return its fields as plain dicts and lists.");
   m.def("sha256_file", &sha256_file_hex, py::arg("path"),
         "Lower-case hex SHA-256 of a file, streamed in chunks.");
+  m.def("compare_arrays", &compare_arrays, py::arg("got"), py::arg("expected"), py::arg("atol"),
+        py::arg("rtol"),
+        "Compare got with expected by edgesmith's one output rule (NaN only matches NaN, an "
+        "infinity only the same infinity, else |y - e| <= atol + rtol * |e|); return "
+        "{shapes_match, passed, elements, bad_elements, max_abs_err, max_rel_err}, errors over "
+        "finite pairs.");
   m.def("host_isa", &edgesmith::host_isa,
         "This machine's ISA as edgesmith targets name it (x86_64, aarch64, ...).");
+  m.def("cpu_features_host", &edgesmith::cpu_features_host,
+        "The CPU features (as /proc/cpuinfo names them) this runtime checks and this CPU has.");
+  m.def("cpu_features_missing", &edgesmith::cpu_features_missing, py::arg("features"),
+        "The entries of `features` this CPU lacks (unknown names included, marked as such): the "
+        "rule Session applies to a manifest's target.cpu_features before loading anything.");
   session_register(m);
 }

@@ -58,6 +58,14 @@ class Backend {
 /// Name of the factory every plugin exports with C linkage.
 #define EDGESMITH_BACKEND_OPEN_SYMBOL "edgesmith_backend_open_v1"
 
+/// Name of the function every plugin exports with C linkage that lists the payload formats it
+/// runs, comma-separated (e.g. "tvm-relax-so"); the runtime opens only artifacts whose
+/// payload.format is listed by the plugin their backend.name names.
+#define EDGESMITH_BACKEND_FORMATS_SYMBOL "edgesmith_backend_formats_v1"
+
+/// Signature of the formats function: a static, NUL-terminated string.
+using BackendFormatsFn = const char* (*)();
+
 /// Signature of the factory: on success returns a Backend the caller deletes and leaves
 /// `status` ok; on failure returns nullptr and fills `status`.
 using BackendOpenFn = Backend* (*)(const BackendOpenArgs* args, BackendStatus* status);

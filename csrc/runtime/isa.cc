@@ -41,6 +41,16 @@ std::string host_isa() {
   return isa_normalize(name.machine);
 }
 
+bool payload_is_shared_library(const std::string& path) {
+  const std::string name = path.substr(path.find_last_of('/') + 1);
+  const size_t so = name.find(".so");
+  if (so != std::string::npos && (so + 3 == name.size() || name[so + 3] == '.')) return true;
+  std::ifstream in(path, std::ios::binary);
+  char magic[4] = {};
+  return in.read(magic, sizeof(magic)) && magic[0] == 0x7f && magic[1] == 'E' && magic[2] == 'L' &&
+         magic[3] == 'F';
+}
+
 std::string elf_isa(const std::string& path, const std::string& blame) {
   const std::string foreign = blame + " is not an ELF shared library (truncated or foreign); "
                                       "rebuild the artifact";

@@ -21,19 +21,6 @@ const char* const BACKEND_PATH_ENV = "EDGESMITH_BACKEND_PATH";
 
 namespace {
 
-// What to do when a backend's plugin exists but cannot be loaded (usually: its engine's shared
-// libraries are not installed on the device).
-std::string backend_hint(const std::string& name) {
-  if (name == "openvino") {
-    return "install OpenVINO's runtime libraries on the device or build with the TVM backend";
-  }
-  if (name == "tvm") {
-    return "install the TVM runtime library (libtvm_runtime.so) on the device or build with the "
-           "OpenVINO backend";
-  }
-  return "check that the plugin and its libraries were built for this device and edgesmith version";
-}
-
 bool name_is_valid(const std::string& name) {
   if (name.empty() || name.size() > 64) return false;
   for (const char c : name) {
@@ -66,12 +53,25 @@ std::mutex& cache_mutex() {
   return mutex;
 }
 
-std::map<std::string, BackendOpenFn>& cache() {
-  static std::map<std::string, BackendOpenFn> loaded;
+// Entries are never erased, so references handed out stay valid.
+std::map<std::string, BackendPlugin>& cache() {
+  static std::map<std::string, BackendPlugin> loaded;
   return loaded;
 }
 
-BackendOpenFn plugin_open(const std::string& name) {
+std::vector<std::string> formats_split(const char* text) {
+  std::vector<std::string> formats;
+  const std::string list = text == nullptr ? "" : text;
+  size_t start = 0;
+  while (start < list.size()) {
+    const size_t end = std::min(list.find(',', start), list.size());
+    if (end > start) formats.push_back(list.substr(start, end - start));
+    start = end + 1;
+  }
+  return formats;
+}
+
+BackendPlugin plugin_open(const std::string& name) {
   const std::string file = plugin_file_name(name);
   const std::vector<std::string> dirs = plugin_search_dirs();
   for (const std::string& dir : dirs) {
@@ -84,19 +84,27 @@ BackendOpenFn plugin_open(const std::string& name) {
       const char* reason = dlerror();
       throw Error(ERROR_CODE_BACKEND,
                   "backend '" + name + "' is not available: " +
-                      string_quote(reason ? reason : "dlopen failed", 400) + "; " +
-                      backend_hint(name));
+                      string_quote(reason ? reason : "dlopen failed", 400) +
+                      "; install the libraries it names on the device (the plugin needs its "
+                      "engine's runtime), or build the artifact with another backend");
     }
+    // Keep the handle even on failure: unloading a library whose constructors ran is not worth
+    // the risk.
     dlerror();
-    void* symbol = dlsym(handle, EDGESMITH_BACKEND_OPEN_SYMBOL);
-    if (symbol == nullptr) {
-      // Keep the handle: unloading a library whose constructors ran is not worth the risk.
+    void* open = dlsym(handle, EDGESMITH_BACKEND_OPEN_SYMBOL);
+    void* formats = dlsym(handle, EDGESMITH_BACKEND_FORMATS_SYMBOL);
+    if (open == nullptr || formats == nullptr) {
       throw Error(ERROR_CODE_BACKEND,
                   "backend '" + name + "' plugin " + string_quote(candidate.string(), 200) +
-                      " does not export " + EDGESMITH_BACKEND_OPEN_SYMBOL +
+                      " does not export " + EDGESMITH_BACKEND_OPEN_SYMBOL + " and " +
+                      EDGESMITH_BACKEND_FORMATS_SYMBOL +
                       "; it was built for another edgesmith version — reinstall edgesmith");
     }
-    return reinterpret_cast<BackendOpenFn>(symbol);
+    BackendPlugin plugin;
+    plugin.path = candidate.string();
+    plugin.open = reinterpret_cast<BackendOpenFn>(open);
+    plugin.formats = formats_split(reinterpret_cast<BackendFormatsFn>(formats)());
+    return plugin;
   }
   std::string searched;
   for (const std::string& dir : dirs) searched += (searched.empty() ? "" : ", ") + dir;
@@ -132,7 +140,7 @@ std::vector<std::string> plugin_search_dirs() {
   return dirs;
 }
 
-BackendOpenFn plugin_load(const std::string& name) {
+const BackendPlugin& plugin_load(const std::string& name) {
   if (!name_is_valid(name)) {
     throw Error(ERROR_CODE_BACKEND, "backend name " + string_quote(name) +
                                         " is not a plugin name (lower-case letters, digits, _ -)");
@@ -140,9 +148,7 @@ BackendOpenFn plugin_load(const std::string& name) {
   const std::lock_guard<std::mutex> lock(cache_mutex());
   const auto it = cache().find(name);
   if (it != cache().end()) return it->second;
-  const BackendOpenFn open = plugin_open(name);
-  cache().emplace(name, open);
-  return open;
+  return cache().emplace(name, plugin_open(name)).first->second;
 }
 
 }  // namespace edgesmith

@@ -23,9 +23,17 @@ std::string plugin_file_name(const std::string& name);
 /// The directories searched for plugins, in order (existing or not).
 std::vector<std::string> plugin_search_dirs();
 
-/// The factory of backend `name`, dlopen()ing its plugin on first use. Throws
-/// Error(ERROR_CODE_BACKEND) naming the backend: not built ("searched: ..."), not loadable
-/// (with dlerror(), e.g. a missing engine library) or not exporting the factory.
-BackendOpenFn plugin_load(const std::string& name);
+/// A loaded backend plugin.
+struct BackendPlugin {
+  std::string path;                  ///< the plugin file
+  BackendOpenFn open = nullptr;      ///< its factory
+  std::vector<std::string> formats;  ///< the payload formats it runs (its own declaration)
+};
+
+/// Backend `name`'s plugin, dlopen()ed on first use (the reference stays valid for the process's
+/// life). Throws Error(ERROR_CODE_BACKEND) naming the backend: not built ("searched: ..."), not
+/// loadable (with dlerror(), e.g. a missing engine library) or not exporting the factory and its
+/// formats.
+const BackendPlugin& plugin_load(const std::string& name);
 
 }  // namespace edgesmith

@@ -8,6 +8,8 @@
 #include "artifact/verify.h"
 #include "common/error.h"
 #include "common/strings.h"
+#include "runtime/compare.h"
+#include "runtime/cpu_features.h"
 #include "runtime/isa.h"
 #include "runtime/npy.h"
 #include "runtime/plugin.h"
@@ -19,37 +21,13 @@ namespace fs = std::filesystem;
 
 namespace {
 
-// The backend each payload format is compiled for; other backend names (test plugins) may carry
-// any format, the plugin is picked by `backend.name`.
-const char* format_backend(const std::string& format) {
-  if (format == "tvm-relax-so") return "tvm";
-  if (format == "openvino-ir") return "openvino";
-  return "";
-}
-
-void format_check(const Manifest& manifest) {
-  if (manifest.payload.format == "tflite") {
-    throw Error(ERROR_CODE_UNSUPPORTED,
-                "tflite artifacts are not run by the C++ runtime yet; run " + manifest.name +
-                    " with LiteRT on the device, or build it with --backend tvm or openvino");
-  }
-  const std::string expected = format_backend(manifest.payload.format);
-  const bool known_backend = manifest.backend_name == "tvm" || manifest.backend_name == "openvino";
-  if (known_backend && manifest.backend_name != expected) {
-    throw Error(ERROR_CODE_MANIFEST,
-                std::string(MANIFEST_FILE) + ": backend.name is " + manifest.backend_name +
-                    " but payload.format " + manifest.payload.format + " is made by " + expected +
-                    "; rebuild the artifact with `edgesmith build`",
-                MANIFEST_FILE);
-  }
-}
-
-void isa_check(const Manifest& manifest, const fs::path& dir) {
+// Refuse an artifact whose code this machine cannot execute, before anything of it is loaded:
+// another ISA (the target's, and the ELF header of a shared-library payload), or CPU features the
+// target's code may use and this CPU lacks (it would die of SIGILL).
+void machine_check(const Manifest& manifest, const fs::path& dir) {
   const std::string host = host_isa();
-  const std::string how = "; run it on a " + isa_normalize(manifest.target_isa) +
-                          " device or with `edgesmith prove`";
-  if (manifest.payload.format == "tvm-relax-so") {
-    const std::string& entry = manifest.payload.entry;
+  const std::string& entry = manifest.payload.entry;
+  if (payload_is_shared_library((dir / entry).string())) {
     const std::string isa = elf_isa((dir / entry).string(), entry);
     if (isa != host) {
       throw Error(ERROR_CODE_UNSUPPORTED,
@@ -62,8 +40,33 @@ void isa_check(const Manifest& manifest, const fs::path& dir) {
     throw Error(ERROR_CODE_UNSUPPORTED,
                 "artifact " + string_quote(manifest.name) + " is built for " +
                     manifest.target_isa + " (target " + manifest.target_name +
-                    "), this machine is " + host + how);
+                    "), this machine is " + host + "; run it on a " +
+                    isa_normalize(manifest.target_isa) + " device or with `edgesmith prove`");
   }
+  const std::vector<std::string> missing = cpu_features_missing(manifest.target_cpu_features);
+  if (!missing.empty()) {
+    std::string list;
+    for (const std::string& feature : missing) list += (list.empty() ? "" : ", ") + feature;
+    throw Error(ERROR_CODE_UNSUPPORTED,
+                "artifact " + string_quote(manifest.name) + " (target " + manifest.target_name +
+                    ") needs CPU features this CPU lacks: " + list +
+                    "; run it on a CPU that has them, or build it for a target this CPU matches "
+                    "(`edgesmith targets` marks the host's)");
+  }
+}
+
+// The plugin named by backend.name must say it runs payload.format.
+void format_check(const Manifest& manifest, const BackendPlugin& plugin) {
+  for (const std::string& format : plugin.formats) {
+    if (format == manifest.payload.format) return;
+  }
+  std::string runs;
+  for (const std::string& format : plugin.formats) runs += (runs.empty() ? "" : ", ") + format;
+  throw Error(ERROR_CODE_UNSUPPORTED,
+              "backend '" + manifest.backend_name + "' of this runtime runs " +
+                  (runs.empty() ? std::string("no payload format") : runs) + " payloads, and " +
+                  manifest.name + "'s payload is " + manifest.payload.format +
+                  "; rebuild the artifact with `edgesmith build` or update the runtime");
 }
 
 std::vector<DType> dtypes_of(const std::vector<ManifestTensor>& tensors) {
@@ -82,33 +85,22 @@ std::string names_of(const std::vector<ManifestTensor>& tensors) {
   throw Error(ERROR_CODE_INPUT, message);
 }
 
-// |got - expected| for every element; the sample fails where it exceeds atol + rtol * |expected|.
+// compare.h's rule, output by output; the first failing output explains the sample's failure.
 void outputs_compare(const std::vector<Tensor>& got, const std::vector<Tensor>& expected,
                      const Manifest& manifest, GoldenSampleResult* result) {
   for (size_t o = 0; o < got.size(); ++o) {
     const std::string& name = manifest.outputs[o].name;
-    if (got[o].shape() != expected[o].shape()) {
-      result->passed = false;
-      result->max_abs_err = INFINITY;
-      result->message = "output '" + name + "' has shape " + shape_format(got[o].shape()) +
-                        ", the golden output has " + shape_format(expected[o].shape());
-      return;
-    }
-    const auto numel = static_cast<size_t>(shape_numel(got[o].shape()));
-    size_t bad = 0;
-    for (size_t i = 0; i < numel; ++i) {
-      const double y = value_load(got[o].data(), got[o].dtype(), i);
-      const double e = value_load(expected[o].data(), expected[o].dtype(), i);
-      if (std::isnan(y) && std::isnan(e)) continue;
-      const double err = std::isnan(y) || std::isnan(e) ? INFINITY : std::fabs(y - e);
-      if (!(err <= result->max_abs_err)) result->max_abs_err = err;
-      if (!(err <= manifest.golden.atol + manifest.golden.rtol * std::fabs(e))) ++bad;
-    }
-    if (bad > 0 && result->passed) {
-      result->passed = false;
-      result->message = "output '" + name + "': " + std::to_string(bad) + " of " +
-                        std::to_string(numel) + " elements are outside the tolerance";
-    }
+    const CompareResult cmp = tensor_compare(got[o].view(), expected[o].view(),
+                                             manifest.golden.atol, manifest.golden.rtol);
+    if (cmp.max_abs_err > result->max_abs_err) result->max_abs_err = cmp.max_abs_err;
+    if (cmp.passed || !result->passed) continue;
+    result->passed = false;
+    result->message =
+        cmp.shapes_match
+            ? "output '" + name + "': " + std::to_string(cmp.bad_elements) + " of " +
+                  std::to_string(cmp.elements) + " elements are outside the tolerance"
+            : "output '" + name + "' has shape " + shape_format(got[o].shape()) +
+                  ", the golden output has " + shape_format(expected[o].shape());
   }
 }
 
@@ -241,12 +233,10 @@ std::unique_ptr<Session> session_open(const std::string& artifact_dir,
     throw Error(ERROR_CODE_IO, "artifact directory " + string_quote(artifact_dir) +
                                    " cannot be opened (" + ec.message() + ")");
   }
-  format_check(manifest);
-  isa_check(manifest, dir);
-  // Dtypes come from the verified manifest, whose reader accepts exactly DType's names.
-  dtypes_of(manifest.inputs);
-
-  const BackendOpenFn open = plugin_load(manifest.backend_name);
+  machine_check(manifest, dir);
+  const BackendPlugin& plugin = plugin_load(manifest.backend_name);
+  format_check(manifest, plugin);
+  const BackendOpenFn open = plugin.open;
   BackendOpenArgs args;
   args.artifact_dir = dir.string();
   args.manifest = manifest;

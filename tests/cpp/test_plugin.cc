@@ -45,10 +45,11 @@ TEST(Plugin, BadNamesAreRefused) {
 
 TEST(Plugin, LoadsOnceAndCaches) {
   setenv(BACKEND_PATH_ENV, test::test_backend_dir().c_str(), 1);
-  const BackendOpenFn first = plugin_load("testecho");
-  ASSERT_NE(first, nullptr);
+  const BackendPlugin& first = plugin_load("testecho");
+  ASSERT_NE(first.open, nullptr);
+  EXPECT_EQ(first.formats, std::vector<std::string>{"testecho"});  // the plugin's own declaration
   setenv(BACKEND_PATH_ENV, "/nonexistent", 1);
-  EXPECT_EQ(plugin_load("testecho"), first);  // cached: the path is not searched again
+  EXPECT_EQ(&plugin_load("testecho"), &first);  // cached: the path is not searched again
 }
 
 TEST(Plugin, SearchDirsEndWithTheBuiltInOnes) {

@@ -127,7 +127,7 @@ void echo_artifact_write(const fs::path& dir, const TestKey& key,
   manifest["name"] = "echo-host-testecho";
   manifest["target"] = {{"name", "host"}, {"isa", host_isa()}, {"threads", 2}};
   manifest["backend"] = {{"name", "testecho"}, {"version", "1.0"}, {"options", {{"mode", "double"}}}};
-  manifest["payload"] = {{"format", "openvino-ir"}, {"entry", "model.bin"}};
+  manifest["payload"] = {{"format", "testecho"}, {"entry", "model.bin"}};
   manifest["inputs"] = {{{"name", "x"}, {"dtype", "float32"}, {"shape", {2, 3}}},
                         {{"name", "n"}, {"dtype", "int64"}, {"shape", {4}}}};
   manifest["outputs"] = {{{"name", "y"}, {"dtype", "float32"}, {"shape", {2, 3}}},

@@ -1,7 +1,8 @@
 // libedgesmith_backend_testecho.so: a test-only backend plugin with no engine behind it.
 //
 // Output k is input k (same dtype and shape) — doubled for float inputs when the manifest's
-// backend.options say {"mode": "double"}. Its payload entry must start with "testecho".
+// backend.options say {"mode": "double"}. It runs the payload format "testecho"; its payload
+// entry must start with the bytes "testecho".
 // backend.options {"fail": "open"} / {"fail": "run"} make it fail, to test error propagation.
 #include <atomic>
 #include <cstring>
@@ -75,6 +76,10 @@ Backend* testecho_open(const BackendOpenArgs* args, BackendStatus* status) {
 
 }  // namespace
 }  // namespace edgesmith
+
+extern "C" __attribute__((visibility("default"))) const char* edgesmith_backend_formats_v1() {
+  return "testecho";
+}
 
 extern "C" __attribute__((visibility("default"))) edgesmith::Backend* edgesmith_backend_open_v1(
     const edgesmith::BackendOpenArgs* args, edgesmith::BackendStatus* status) {

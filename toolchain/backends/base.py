@@ -3,6 +3,11 @@
 A backend module defines:
 
 - ``NAME``: its registry key;
+- ``FORMAT``: the payload format it writes (``payload.format`` in the manifest; the C++ plugin
+  named ``NAME`` reports the formats it runs);
+- ``PACKAGE``: the Python distribution whose version is recorded in the manifest;
+- ``Settings``: a pydantic model of the backend's table in target files (``[NAME]``), reached as
+  ``target.<NAME>``; a target listing the backend without the table gets the defaults;
 - ``DEVICE_RUNTIME``: whether the C++ runtime runs its payload (then builds validate host artifacts
   through ``edgesmith.runtime.Session`` and prove them with ``edgesmith-run``);
 - ``version() -> str``: the compiler's version, raising ``BackendUnavailable`` (with what to
@@ -21,11 +26,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 
 from edgesmith.toolchain.sources import ModelSource
 from edgesmith.toolchain.targets import Precision, Target
 
 Runner = Callable[[list[np.ndarray]], list[np.ndarray]]
+
+
+class BackendSettings(BaseModel):
+    """Base of a backend's ``Settings``: the ``[<backend>]`` table of a target file (keys checked)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 @dataclass

@@ -8,16 +8,27 @@ with the target's hints, so here it is checked with the host's CPU plugin using 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
-from edgesmith.toolchain.backends.base import CompileRequest, CompileResult, Execution, Runner
+from edgesmith.toolchain.backends.base import BackendSettings, CompileRequest, CompileResult, Execution, Runner
 from edgesmith.toolchain.errors import BackendUnavailable, CompileError, first_line
 from edgesmith.toolchain.targets import Target, host_isa, runs_natively
 
 NAME = "openvino"
+FORMAT = "openvino-ir"
+PACKAGE = "openvino"
 DEVICE_RUNTIME = True  # the C++ runtime (Session, edgesmith-run) runs this payload
 ENTRY = "model.xml"
+
+
+class Settings(BackendSettings):
+    """``[openvino]``: the device and the compile hints used on the device and when validating."""
+
+    device: str = "CPU"
+    inference_precision: Literal["f32", "f16", "bf16"] = "f32"
+    performance_hint: Literal["LATENCY", "THROUGHPUT"] = "LATENCY"
 
 
 def version() -> str:
@@ -48,7 +59,7 @@ def compile(request: CompileRequest) -> CompileResult:
     ov.save_model(model, str(request.out_dir / ENTRY), compress_to_fp16=request.precision == "fp16")
     options = {"device": request.target.openvino.device, "config": compile_config(request.target),
                "weights": request.precision}
-    return CompileResult(format="openvino-ir", entry=ENTRY, options=options)
+    return CompileResult(format=FORMAT, entry=ENTRY, options=options)
 
 
 def executes_here(target: Target) -> Execution:

@@ -12,17 +12,27 @@ import json
 import re
 import subprocess
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from edgesmith.toolchain import tools
-from edgesmith.toolchain.backends.base import CompileRequest, CompileResult, Execution, Runner
+
+from edgesmith.toolchain.backends.base import BackendSettings, CompileRequest, CompileResult, Execution, Runner
 from edgesmith.toolchain.errors import BackendUnavailable, CompileError, UserError, first_line
 from edgesmith.toolchain.targets import Target, host_isa
 
 NAME = "tflite"
+FORMAT = "tflite"
+PACKAGE = "ai-edge-litert"
 DEVICE_RUNTIME = False  # validated with the LiteRT Python interpreter only
 ENTRY = "model.tflite"
+
+
+class Settings(BackendSettings):
+    """``[tflite]``: the delegate the interpreter uses."""
+
+    delegate: Literal["xnnpack", "none"] = "xnnpack"
 _CONVERTER = Path(__file__).with_name("_litert_convert.py")
 
 
@@ -64,11 +74,11 @@ def compile(request: CompileRequest) -> CompileResult:
         lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
         raise CompileError(f"litert-torch could not convert the model: {lines[-1] if lines else 'no message'}; try another target's backend")
     signature = json.loads(result.stdout.strip().splitlines()[-1])
-    options = {"delegate": request.target.tflite.delegate if request.target.tflite else "xnnpack",
+    options = {"delegate": request.target.tflite.delegate,
                "signature": "serving_default",
                "input_names": sorted(signature["inputs"], key=_natural_key),
                "output_names": sorted(signature["outputs"], key=_natural_key)}
-    return CompileResult(format="tflite", entry=ENTRY, options=options)
+    return CompileResult(format=FORMAT, entry=ENTRY, options=options)
 
 
 def executes_here(target: Target) -> Execution:

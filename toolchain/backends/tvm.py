@@ -9,16 +9,37 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from pydantic import field_validator
 
-from edgesmith.toolchain.backends.base import CompileRequest, CompileResult, Execution, Runner
+from edgesmith.toolchain.backends.base import BackendSettings, CompileRequest, CompileResult, Execution, Runner
 from edgesmith.toolchain.errors import BackendUnavailable, CompileError, UserError, first_line
-from edgesmith.toolchain.targets import Target, host_cpu_features, host_isa, runs_natively
+from edgesmith.toolchain.targets import Target, host_isa, missing_cpu_features, runs_natively
 
 NAME = "tvm"
+FORMAT = "tvm-relax-so"
+PACKAGE = "apache-tvm"
 DEVICE_RUNTIME = True  # the C++ runtime (Session, edgesmith-run) runs this payload
 ENTRY = "model.so"
+
+
+class Settings(BackendSettings):
+    """``[tvm]``: the TVM target as a JSON-style table, and the linker for another ISA."""
+
+    target: dict[str, Any]
+    cross_compiler: str | None = None
+    cross_compiler_package: str | None = None
+
+    @field_validator("target")
+    @classmethod
+    def _target_is_llvm_dict(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if value.get("kind") != "llvm":
+            raise ValueError("only kind = \"llvm\" CPU targets are supported")
+        if value.get("mcpu") == "native":
+            raise ValueError("mcpu = \"native\" is not allowed: name the CPU (e.g. \"cortex-a72\")")
+        return value
 
 
 def version() -> str:
@@ -99,14 +120,14 @@ def compile(request: CompileRequest) -> CompileResult:
         raise CompileError(f"TVM failed to compile the model for {target.name}: {first_line(e)}; try another backend of the target") from None
     options = {"target": _plain(tvm_target.export()), "tuning_db": str(request.tuning_db) if request.tuning_db else None,
                "cross_compiler": cross}
-    return CompileResult(format="tvm-relax-so", entry=ENTRY, options=options)
+    return CompileResult(format=FORMAT, entry=ENTRY, options=options)
 
 
 def executes_here(target: Target) -> Execution:
     if runs_natively(target):
         return Execution(True, "native")
     if target.isa == host_isa():
-        missing = ", ".join(sorted(set(target.cpu_features) - host_cpu_features()))
+        missing = ", ".join(missing_cpu_features(target))
         return Execution(False, reason=f"this machine lacks {missing}; `edgesmith prove` runs the library on a CPU that has them")
     return Execution(False, reason=f"this machine cannot execute {target.isa} code; `edgesmith prove` runs the library on its ISA")
 

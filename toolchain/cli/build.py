@@ -12,7 +12,7 @@ from edgesmith.toolchain.cli import out_console, print_error
 from rich.table import Table
 
 from edgesmith.toolchain.build import BuildOptions, build_one, choose_backends, run_reference
-from edgesmith.toolchain.errors import UserError
+from edgesmith.toolchain.errors import UserError, first_line
 from edgesmith.toolchain.signing import default_signing_key, load_signing_key
 from edgesmith.toolchain.sources import load_source, parse_input_shapes
 from edgesmith.toolchain.targets import all_targets, get_target
@@ -69,9 +69,14 @@ def build(
         for t, b in plan:
             try:
                 results.append(build_one(source, ref, t, b, options, signing_key, status=status.update))
-            except UserError as e:
-                failures.append({"target": t.name, "backend": b, "error": str(e)})
-                print_error(f"{t.name}/{b}: {e}")
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # one failing pair must not stop the others
+                message = str(e) if isinstance(e, UserError) else (
+                    f"internal error in edgesmith ({type(e).__name__}: {first_line(e)}); nothing was written for this "
+                    "pair, please report it with the model")
+                failures.append({"target": t.name, "backend": b, "error": message})
+                print_error(f"{t.name}/{b}: {message}")
     if as_json:
         print(json.dumps({"artifacts": [
             {"target": r.target, "backend": r.backend, "path": str(r.path), "size_bytes": r.size_bytes,

@@ -15,9 +15,13 @@
 
 #include "runtime/backend.h"
 
-/// Defines the one symbol a plugin exports, `edgesmith_backend_open_v1`, forwarding to
-/// `open_fn(const BackendOpenArgs&, BackendStatus*)`; no exception leaves the plugin.
-#define EDGESMITH_BACKEND_DEFINE_OPEN(open_fn)                                                  \
+/// Defines the two symbols a plugin exports: `edgesmith_backend_open_v1`, forwarding to
+/// `open_fn(const BackendOpenArgs&, BackendStatus*)` so that no exception leaves the plugin, and
+/// `edgesmith_backend_formats_v1`, returning `formats` (the payload formats it runs, comma-separated).
+#define EDGESMITH_BACKEND_DEFINE(open_fn, formats)                                              \
+  extern "C" __attribute__((visibility("default"))) const char* edgesmith_backend_formats_v1() { \
+    return formats;                                                                              \
+  }                                                                                              \
   extern "C" __attribute__((visibility("default"))) edgesmith::Backend* edgesmith_backend_open_v1( \
       const edgesmith::BackendOpenArgs* args, edgesmith::BackendStatus* status) {              \
     if (args == nullptr || status == nullptr) return nullptr;                                   \

@@ -231,4 +231,4 @@ Backend* openvino_backend_open(const BackendOpenArgs& args, BackendStatus* statu
 }  // namespace backends
 }  // namespace edgesmith
 
-EDGESMITH_BACKEND_DEFINE_OPEN(edgesmith::backends::openvino_backend_open)
+EDGESMITH_BACKEND_DEFINE(edgesmith::backends::openvino_backend_open, "openvino-ir")

@@ -398,4 +398,4 @@ Backend* tvm_backend_open(const BackendOpenArgs& args, BackendStatus* status) {
 }  // namespace backends
 }  // namespace edgesmith
 
-EDGESMITH_BACKEND_DEFINE_OPEN(edgesmith::backends::tvm_backend_open)
+EDGESMITH_BACKEND_DEFINE(edgesmith::backends::tvm_backend_open, "tvm-relax-so")
