@@ -59,3 +59,30 @@ def digits_artifacts(tmp_path_factory, session_home) -> dict:
     by_key = {(a["target"], a["backend"]): a for a in result["artifacts"]}
     return {"dir": out, "home": session_home, "artifacts": by_key, "failures": result["failures"],
             "pub": session_home / "keys" / "default.pub"}
+
+
+EDGENET = "edgesmith.toolchain.models.edgenet:edgenet"
+
+
+@pytest.fixture(scope="session")
+def edgenet_artifacts(tmp_path_factory, session_home) -> dict:
+    """EdgeNet (3×96×96, residual and depthwise-separable blocks) built once for the host with tvm
+    and openvino, validated on synthetic images like those its BatchNorm statistics came from; plus
+    the ONNX graph the same PyTorch source path exports, for ONNX Runtime comparisons."""
+    import time
+
+    import numpy as np
+
+    from edgesmith.toolchain.models.edgenet import synthetic_images
+    from edgesmith.toolchain.sources import load_source
+
+    root = tmp_path_factory.mktemp("edgenet")
+    samples = root / "samples.npz"
+    np.savez(samples, input=synthetic_images(8, seed=100).numpy()[:, None])  # 8 samples of 1×3×96×96
+    started = time.perf_counter()
+    result = build_json(EDGENET, "--input-shape", "1,3,96,96", "-t", "x86_64-avx2", "--backend", "all",
+                        "--samples", str(samples), "-o", str(root / "dist"), env={"EDGESMITH_HOME": str(session_home)})
+    build_s = time.perf_counter() - started
+    return {"artifacts": {(a["target"], a["backend"]): a for a in result["artifacts"]}, "failures": result["failures"],
+            "home": session_home, "pub": session_home / "keys" / "default.pub", "build_s": build_s,
+            "onnx": load_source(EDGENET, [1, 3, 96, 96]).onnx_model}

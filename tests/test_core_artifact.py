@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.metadata
 import json
 import os
+import re
 import shutil
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydantic
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -25,6 +29,8 @@ from edgesmith.runtime import errors
 from edgesmith.toolchain.signing import SigningKey, generate_key, load_signing_key, sign_manifest
 
 pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parent.parent
 
 ARTIFACT_NAME = "tiny-x86_64-avx2-openvino"
 PAYLOAD_FILES = ["golden/sample_0/input_0.npy", "golden/sample_0/output_0.npy", "model.bin", "model.xml"]
@@ -128,7 +134,16 @@ def test_intact_artifact_verifies(art: Path, key: SigningKey) -> None:
 
 
 def test_core_version_is_the_package_version() -> None:
-    assert artifact.core_version().count(".") >= 2
+    # A core left over from an older build (pyproject bumped, `make rebuild` not run) fails here.
+    assert artifact.core_version() == importlib.metadata.version("edgesmith")
+
+
+def test_cmake_fallback_version_is_pyproject_version() -> None:
+    """A plain CMake build (the cross-compiled device core) stamps the fallback version."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    fallback = re.search(r'set\(EDGESMITH_VERSION_FALLBACK "([^"]+)"\)\s*endif', (REPO / "CMakeLists.txt").read_text())
+    assert fallback is not None, "CMakeLists.txt no longer sets EDGESMITH_VERSION_FALLBACK for plain CMake builds"
+    assert fallback.group(1) == project
 
 
 # --- rules 1-5: the signature ----------------------------------------------------------------
@@ -324,7 +339,7 @@ def _python_view(manifest: dict[str, Any]) -> dict[str, Any]:
 
     given = manifest["monitoring"].get("latency", {})
     latency = {k: given.get(k, default) for k, default in (("start_us", 1.0), ("factor", 2 ** 0.25), ("count", 96))}
-    target = pick(manifest["target"], "name", "isa", *(["threads"] if "threads" in manifest["target"] else []))
+    target = pick(manifest["target"], "name", "isa", *(["threads"] if manifest["target"].get("threads") is not None else []))
 
     return {
         "schema_version": manifest["schema_version"],
@@ -364,9 +379,12 @@ def test_fixture_follows_the_pydantic_schema(art: Path) -> None:
     from edgesmith.runtime.manifest import Golden, Monitoring, Proof
 
     loaded = json.loads((art / "manifest.json").read_text())
-    Golden.model_validate(loaded["golden"])
-    Monitoring.model_validate(loaded["monitoring"])
-    Proof.model_validate(loaded["proof"])
+    for model, key in ((Golden, "golden"), (Monitoring, "monitoring"), (Proof, "proof")):
+        # Validated and dumped back unchanged: no key dropped, renamed or coerced on the way.
+        assert model.model_validate(loaded[key]).model_dump(mode="json", exclude_unset=True) == loaded[key], key
+    # ...and a section it must refuse is refused.
+    with pytest.raises(pydantic.ValidationError, match="samples"):
+        Golden.model_validate({**loaded["golden"], "samples": []})
 
 
 def test_read_manifest_names_the_key(tmp_path: Path) -> None:

@@ -13,11 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgesmith.runtime import errors
+from edgesmith.runtime import _core, errors
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
-
-_core = pytest.importorskip("edgesmith.runtime._core")
 
 DTYPES = ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
           "float16", "float32", "float64"]

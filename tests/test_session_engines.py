@@ -64,10 +64,19 @@ def test_edgesmith_run_gives_the_same_numbers(host_artifact, tmp_path):
     bench = subprocess.run([EDGESMITH_RUN, str(path), "--input", str(tmp_path / "x.npy"), "--bench", "20", "--json"],
                            capture_output=True, text=True, env=env, timeout=300)
     assert bench.returncode == 0, bench.stderr
-    report = json.loads(bench.stdout)
-    text = json.dumps(report)
-    for key in ("p50", "p95", "p99", "throughput", "rss"):
-        assert key in text, (key, report)
+    report = json.loads(bench.stdout)["bench"]
+    assert report["runs"] == 20, report
+    p50, p95, p99 = report["p50_ms"] / 1e3, report["p95_ms"] / 1e3, report["p99_ms"] / 1e3
+    assert 0 < p50 <= p95 <= p99, report
+    # Throughput is runs over the wall time of the timed loop. That time holds every run, so at
+    # least the slower half (10 × p50). It is at most the 20 runs (each <= p99 / 0.81, p99 being
+    # interpolated between the two slowest) plus the loop's own nanoseconds between runs; the
+    # factor 0.1 leaves room for the process being descheduled in those gaps.
+    assert 0.1 / p99 <= report["throughput_per_s"] <= 2.0 / p50, report
+    # The process holds the C++ runtime, the engine's libraries and the model: about 10 MB (TVM) to
+    # 100 MB (OpenVINO) here. A unit slip (ru_maxrss is KiB) would be off by 1024 either way.
+    payload_mb = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+    assert max(4.0, payload_mb) < report["peak_rss_mb"] < 2048, report
 
 
 def test_eight_threads_match_serial_runs(host_artifact):
@@ -97,17 +106,40 @@ def test_eight_threads_match_serial_runs(host_artifact):
     assert session.stats()["runs"] >= 16 + 8 * 200
 
 
-def test_stats_count_classes_and_nans(host_artifact):
+def test_stats_count_runs_errors_classes_and_nans(host_artifact):
+    from edgesmith.runtime.errors import InputError
+
     path, arts = host_artifact
     session = _session(path, arts)
-    x = np.random.default_rng(1).standard_normal((1, 1, 8, 8)).astype(np.float32)
-    for _ in range(5):
-        session.run([x])
-    x_nan = x.copy()
+    rng = np.random.default_rng(1)
+    xs = [rng.standard_normal((1, 1, 8, 8)).astype(np.float32) for _ in range(5)]
+    x_nan = xs[0].copy()
     x_nan[0, 0, 0, 0] = np.nan
-    session.run([x_nan])
-    stats = json.dumps(session.stats())
-    assert "nan" in stats.lower()
+    outputs = [session.run([x])[0] for x in [*xs, x_nan]]
+    with pytest.raises(InputError, match="shape"):
+        session.run([np.zeros((1, 1, 8, 9), np.float32)])
+
+    stats = session.stats()
+    assert (stats["runs"], stats["errors"]) == (6, 1), stats
+    assert (stats["nan_input_runs"], stats["nan_input_values"]) == (1, 1), stats
+
+    # Each run is counted under its output's arg-max (NaN logits skipped), a row of NaNs as `nan`.
+    counted = stats["outputs"][session.outputs[0].name]
+    expected, all_nan = [0] * 10, 0
+    for y in outputs:
+        if np.isnan(y).all():
+            all_nan += 1
+        else:
+            expected[int(np.nanargmax(y[0]))] += 1
+    assert counted["kind"] == "classes"
+    assert (counted["counts"], counted["nan"], counted["overflow"]) == (expected, all_nan, 0), (counted, outputs)
+    assert sum(counted["counts"]) + counted["nan"] == stats["runs"]
+
+    latency = stats["latency"]
+    assert sum(latency["buckets"]) + latency["underflow"] + latency["overflow"] == stats["runs"]
+    assert 0 < latency["p50_us"] <= latency["p95_us"] <= latency["p99_us"] <= latency["max_us"], latency
+    assert latency["mean_us"] * stats["runs"] == pytest.approx(latency["sum_us"])
+    assert latency["mean_us"] <= latency["max_us"]
 
 
 def test_proof_recorded_for_host_artifacts(digits_artifacts):
