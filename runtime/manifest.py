@@ -1,22 +1,37 @@
-"""The artifact manifest, schema version 1 (docs/artifact.md), on the Python side.
+"""The artifact manifest, schema version 1 (docs/artifact.md), on the central side.
 
-This module is the single source of truth for the format in Python; the C++ reader in
-``csrc/artifact/manifest.cc`` reads the same file and the test suite checks the two agree.
+This pydantic model is the single source of truth for the format. ``docs/manifest.schema.json``
+is generated from it (``python -m edgesmith.runtime.manifest --schema``), and the C++ reader in
+``csrc/artifact/manifest.cc`` is tested to reject whatever that schema rejects in the fields it
+reads (tests/test_manifest_schema.py). The schema forbids unknown keys; the C++ reader ignores
+them, so an older device can read a newer manifest.
+
+The toolchain imports this module; the device-side modules of ``edgesmith.runtime`` never do,
+so a device needs no pydantic.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 SIGNATURE_FILE = "manifest.sig"
 
-PayloadFormat = Literal["tvm-relax-so", "openvino-ir", "tflite"]
+# Which formats exist is the backend registry's business and whether a device runs one is its
+# plugin's; the manifest only fixes how a format name is spelled.
+PAYLOAD_FORMAT_PATTERN = r"^[a-z0-9][a-z0-9.+-]*$"
+
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+DType = Literal["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+                "float16", "float32", "float64"]
 
 
 class _Model(BaseModel):
@@ -24,7 +39,8 @@ class _Model(BaseModel):
 
 
 class FileEntry(_Model):
-    path: str
+    path: NonEmptyStr = Field(description="relative to the artifact directory, '/'-separated, no '..' "
+                                          "(checked by integrity rule 7)")
     size: int = Field(ge=0)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
@@ -38,16 +54,10 @@ class FileEntry(_Model):
 
 
 class TensorSpec(_Model):
-    name: str
-    dtype: str
-    shape: list[int]
-
-    @field_validator("shape")
-    @classmethod
-    def _static(cls, value: list[int]) -> list[int]:
-        if any(d <= 0 for d in value):
-            raise ValueError("shapes must be static and positive")
-        return value
+    name: NonEmptyStr
+    dtype: DType
+    shape: list[Annotated[int, Field(ge=1, le=2**63 - 1)]] = Field(
+        description="static: every dimension is a positive integer")
 
 
 class SourceInfo(_Model):
@@ -64,44 +74,82 @@ class ModelInfo(_Model):
     opset: int
 
 
+class TargetInfo(BaseModel):
+    """The resolved target spec (``edgesmith targets --json``). The keys the device reads are
+    typed; the rest of the spec (description, tolerance, backend tables, ...) is kept as is."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: NonEmptyStr
+    isa: NonEmptyStr
+    threads: Annotated[int, Field(ge=1, le=1024)] | None = Field(
+        default=None, description="engine worker threads; null or absent leaves it to the device")
+    cpu_features: list[NonEmptyStr] = Field(
+        default=[], description="CPU features the payload needs; the device refuses it if one is missing")
+
+
 class BackendInfo(_Model):
-    name: str
+    name: NonEmptyStr
     version: str
     precision: Literal["fp32", "fp16"]
     options: dict[str, Any] = {}
 
 
 class Payload(_Model):
-    format: PayloadFormat
-    entry: str
+    format: str = Field(pattern=PAYLOAD_FORMAT_PATTERN)
+    entry: NonEmptyStr = Field(description="the file a runtime opens; listed in files")
 
 
 class GoldenSample(_Model):
-    inputs: list[str]  # .npy paths, in the order of the manifest's inputs
-    outputs: list[str]  # .npy paths, in the order of the manifest's outputs
+    inputs: list[NonEmptyStr]  # .npy paths, in the order of the manifest's inputs
+    outputs: list[NonEmptyStr]  # .npy paths, in the order of the manifest's outputs
 
 
 class Golden(_Model):
     samples: list[GoldenSample] = Field(min_length=1)
-    atol: float
-    rtol: float
+    atol: float = Field(ge=0, allow_inf_nan=False)
+    rtol: float = Field(ge=0, allow_inf_nan=False)
+
+
+# JSON Schema of the per-kind requirements that OutputMonitor's validator enforces.
+_MONITOR_KIND_RULES = {"allOf": [
+    {"if": {"properties": {"kind": {"const": "classes"}}, "required": ["kind"]},
+     "then": {"required": ["classes"], "properties": {"classes": {"type": "integer"}}}},
+    {"if": {"properties": {"kind": {"const": "histogram"}}, "required": ["kind"]},
+     "then": {"required": ["edges"], "properties": {"edges": {"type": "array"}}}},
+]}
 
 
 class OutputMonitor(_Model):
     """How the runtime summarises one output for drift monitoring."""
 
-    name: str
+    model_config = ConfigDict(json_schema_extra=_MONITOR_KIND_RULES)
+
+    name: NonEmptyStr
     kind: Literal["classes", "histogram"]
-    classes: int | None = None  # kind == "classes": arg-max over the last axis, one count per class
-    edges: list[float] | None = None  # kind == "histogram": ascending bin edges (+ under/overflow bins)
+    # kind == "classes": arg-max over the last axis, one count per class
+    classes: Annotated[int, Field(ge=1, le=2**24)] | None = None
+    # kind == "histogram": strictly ascending bin edges (+ under/overflow bins)
+    edges: Annotated[list[FiniteFloat], Field(min_length=2, max_length=4097)] | None = None
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> OutputMonitor:
+        if self.kind == "classes" and self.classes is None:
+            raise ValueError("a 'classes' monitor needs 'classes'")
+        if self.kind == "histogram":
+            if self.edges is None:
+                raise ValueError("a 'histogram' monitor needs 'edges'")
+            if any(b <= a for a, b in zip(self.edges, self.edges[1:])):
+                raise ValueError("histogram edges must be strictly ascending")
+        return self
 
 
 class LatencyBuckets(_Model):
     """Log-spaced latency histogram: bucket k holds [start_us * factor**k, start_us * factor**(k+1))."""
 
-    start_us: float = 1.0
-    factor: float = 2 ** 0.25
-    count: int = 96
+    start_us: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    factor: float = Field(default=2 ** 0.25, gt=1, allow_inf_nan=False)
+    count: int = Field(default=96, ge=1, le=4096)
 
 
 class Monitoring(_Model):
@@ -153,11 +201,20 @@ class BuildInfo(_Model):
     toolchain: dict[str, str]
 
 
+def _require_schema_version(schema: dict[str, Any]) -> None:
+    # The field has a default so the toolchain need not pass it, but a manifest must state it.
+    schema["required"] = ["schema_version", *schema.get("required", [])]
+
+
 class Manifest(_Model):
+    """manifest.json: what an artifact is, how it was built and checked (docs/artifact.md)."""
+
+    model_config = ConfigDict(json_schema_extra=_require_schema_version)
+
     schema_version: Literal[1] = SCHEMA_VERSION
-    name: str
+    name: NonEmptyStr
     model: ModelInfo
-    target: dict[str, Any]
+    target: TargetInfo
     backend: BackendInfo
     payload: Payload
     files: list[FileEntry]
@@ -175,4 +232,43 @@ class Manifest(_Model):
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Manifest:
-        return cls.model_validate_json(data)
+        """Read manifest.json as strictly as the schema and the device do: no type coercion, and
+        schema_version must be stated. Raises ValueError (pydantic's ValidationError is one)."""
+        raw = json.loads(data)
+        if isinstance(raw, dict) and "schema_version" not in raw:
+            raise ValueError("schema_version is missing")
+        return cls.model_validate_json(data, strict=True)
+
+    @field_validator("schema_version", mode="before")
+    @classmethod
+    def _integer_version(cls, value: Any) -> Any:
+        # Literal[1] would take `true` (== 1 in Python); the schema and the C++ reader do not.
+        if isinstance(value, bool):
+            raise ValueError("schema_version must be the integer 1")
+        return value
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of manifest.json, generated from :class:`Manifest`."""
+    schema = Manifest.model_json_schema(mode="validation")
+    return {**schema, "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "title": f"edgesmith artifact manifest (manifest.json), schema_version {SCHEMA_VERSION}"}
+
+
+def json_schema_text() -> str:
+    """:func:`json_schema` as written to docs/manifest.schema.json."""
+    return json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m edgesmith.runtime.manifest",
+                                     description="Print the manifest's JSON Schema.")
+    parser.add_argument("--schema", action="store_true", required=True,
+                        help="print the JSON Schema (redirect it to docs/manifest.schema.json)")
+    parser.parse_args(argv)
+    sys.stdout.write(json_schema_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -20,9 +20,18 @@ namespace {
 
 using json = nlohmann::json;
 
-const std::set<std::string>& payload_formats() {
-  static const std::set<std::string> formats = {"tvm-relax-so", "openvino-ir", "tflite"};
-  return formats;
+// A payload format name: ^[a-z0-9][a-z0-9.+-]*$ (the schema's pattern). Which formats exist is
+// the backend registry's business, and whether this device runs one is its plugin's.
+bool format_name_valid(const std::string& format) {
+  const auto allowed = [](char c, bool first) {
+    return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
+           (!first && (c == '.' || c == '+' || c == '-'));
+  };
+  if (format.empty()) return false;
+  for (size_t i = 0; i < format.size(); ++i) {
+    if (!allowed(format[i], i == 0)) return false;
+  }
+  return true;
 }
 
 const std::set<std::string>& tensor_dtypes() {
@@ -87,7 +96,7 @@ double tolerance_read(const json& object, const std::string& where, const char* 
   return number;
 }
 
-std::vector<std::string> path_list_read(const json& object, const std::string& where,
+std::vector<std::string> string_list_read(const json& object, const std::string& where,
                                         const char* key) {
   const json& list = array_read(object, where, key);
   std::vector<std::string> paths;
@@ -224,8 +233,8 @@ ManifestGolden golden_read(const json& root) {
     const std::string where = key_index("golden.samples", i);
     if (!samples[i].is_object()) manifest_fail(where, "must be an object" + type_got(samples[i]));
     ManifestGoldenSample sample;
-    sample.inputs = path_list_read(samples[i], where, "inputs");
-    sample.outputs = path_list_read(samples[i], where, "outputs");
+    sample.inputs = string_list_read(samples[i], where, "inputs");
+    sample.outputs = string_list_read(samples[i], where, "outputs");
     out.samples.push_back(std::move(sample));
   }
   out.atol = tolerance_read(golden, "golden", "atol");
@@ -312,9 +321,10 @@ Manifest manifest_from_json(const json& root) {
 
   const json& payload = object_read(root, "", "payload");
   manifest.payload.format = string_read(payload, "payload", "format");
-  if (payload_formats().count(manifest.payload.format) == 0) {
+  if (!format_name_valid(manifest.payload.format)) {
     manifest_fail("payload.format", "is " + string_quote(manifest.payload.format) +
-                                        ", expected one of tvm-relax-so, openvino-ir, tflite");
+                                        ", expected a format name of lower-case letters, digits "
+                                        "and . + - (e.g. openvino-ir)");
   }
   manifest.payload.entry = string_read(payload, "payload", "entry");
 
@@ -332,13 +342,22 @@ Manifest manifest_from_json(const json& root) {
   const json& target = object_read(root, "", "target");
   manifest.target_name = string_read(target, "target", "name");
   manifest.target_isa = string_read(target, "target", "isa");
+  // Absent or null: the target leaves the thread count to the device.
   const auto threads = target.find("threads");
-  if (threads != target.end()) {
+  if (threads != target.end() && !threads->is_null()) {
     if (!threads->is_number_unsigned() || threads->get<uint64_t>() == 0 ||
         threads->get<uint64_t>() > 1024) {
       manifest_fail("target.threads", "must be an integer between 1 and 1024");
     }
     manifest.target_threads = static_cast<int32_t>(threads->get<uint64_t>());
+  }
+  if (target.find("cpu_features") != target.end()) {
+    manifest.target_cpu_features = string_list_read(target, "target", "cpu_features");
+    for (size_t i = 0; i < manifest.target_cpu_features.size(); ++i) {
+      if (manifest.target_cpu_features[i].empty()) {
+        manifest_fail(key_index("target.cpu_features", i), "must not be empty");
+      }
+    }
   }
 
   const json& backend = object_read(root, "", "backend");

@@ -1,7 +1,9 @@
 // Reader of an artifact's manifest.json (schema_version 1, docs/artifact.md).
 //
 // Only the fields the device needs are read into the struct; the rest (model, validation, build)
-// is left to the Python schema. Validation errors are Error(ERROR_CODE_MANIFEST, ...,
+// is left to the Python schema (edgesmith.runtime.manifest, exported as docs/manifest.schema.json).
+// For every field read here, this reader rejects whatever that schema rejects
+// (tests/test_manifest_schema.py); unknown keys are ignored, for forward compatibility. Validation errors are Error(ERROR_CODE_MANIFEST, ...,
 // "manifest.json") whose message names the offending key, e.g. `files[2].sha256`.
 #pragma once
 
@@ -36,8 +38,8 @@ struct ManifestTensor {
 
 /// `payload`: the payload's format and the file a runtime opens.
 struct ManifestPayload {
-  std::string format;
-  std::string entry;
+  std::string format;  ///< a format name matching ^[a-z0-9][a-z0-9.+-]*$; the plugin decides if it runs it
+  std::string entry;   ///< a path listed in `files`
 };
 
 /// One golden sample: .npy files in the order of the manifest's inputs / outputs.
@@ -93,7 +95,8 @@ struct Manifest {
   ManifestMonitoring monitoring;
   std::string target_name;   ///< manifest["target"]["name"]
   std::string target_isa;    ///< manifest["target"]["isa"]
-  int32_t target_threads = 0;  ///< manifest["target"]["threads"], 0 when the target leaves it open
+  int32_t target_threads = 0;  ///< manifest["target"]["threads"], 0 when absent or null (left open)
+  std::vector<std::string> target_cpu_features;  ///< manifest["target"]["cpu_features"] (may be empty)
   std::string backend_name;  ///< manifest["backend"]["name"]
   std::string backend_options_json = "{}";  ///< manifest["backend"]["options"] as JSON text (plugins parse it)
 };

@@ -88,6 +88,25 @@ TEST(Manifest, ReadsThreadsOptionsAndHistograms) {
   EXPECT_EQ(m.monitoring.latency.count, 96);  // the schema's default
 }
 
+// Which formats exist is the backend registry's business: the reader checks only the name's form.
+TEST(Manifest, AcceptsAnyWellFormedPayloadFormat) {
+  for (const std::string format : {"onnx", "executorch-pte", "tensorrt.plan", "c++-so", "8bit"}) {
+    json manifest = valid_manifest();
+    manifest["payload"]["format"] = format;
+    EXPECT_EQ(manifest_parse(manifest.dump()).payload.format, format);
+  }
+}
+
+TEST(Manifest, NullThreadsAndCpuFeatures) {
+  json manifest = valid_manifest();
+  manifest["target"]["threads"] = nullptr;  // the target leaves it to the device
+  manifest["target"]["cpu_features"] = {"avx2", "fma"};
+  const Manifest m = manifest_parse(manifest.dump());
+  EXPECT_EQ(m.target_threads, 0);
+  EXPECT_EQ(m.target_cpu_features, (std::vector<std::string>{"avx2", "fma"}));
+  EXPECT_TRUE(manifest_parse(valid_manifest().dump()).target_cpu_features.empty());
+}
+
 TEST(Manifest, RejectsNonJson) {
   EXPECT_NE(manifest_error("{\"schema_version\": 1,").find("not valid JSON"), std::string::npos);
   EXPECT_NE(manifest_error("\xff\xfe garbage").find("not valid JSON"), std::string::npos);
@@ -109,7 +128,10 @@ TEST(Manifest, ErrorsNameTheKey) {
       {"name is missing", [](json& m) { m.erase("name"); }},
       {"name must be a string", [](json& m) { m["name"] = 3; }},
       {"payload must be an object", [](json& m) { m["payload"] = "x"; }},
-      {"payload.format", [](json& m) { m["payload"]["format"] = "onnx"; }},
+      {"payload.format", [](json& m) { m["payload"]["format"] = "OpenVINO-IR"; }},
+      {"payload.format", [](json& m) { m["payload"]["format"] = "-ir"; }},
+      {"payload.format", [](json& m) { m["payload"]["format"] = "tvm relax"; }},
+      {"payload.format must be a string", [](json& m) { m["payload"]["format"] = 1; }},
       {"payload.entry", [](json& m) { m["payload"]["entry"] = "model.so"; }},
       {"files must be a list", [](json& m) { m["files"] = json::object(); }},
       {"files[1] must be an object", [](json& m) { m["files"][1] = 5; }},
@@ -142,6 +164,10 @@ TEST(Manifest, ErrorsNameTheKey) {
       {"monitoring.latency.factor", [](json& m) { m["monitoring"]["latency"]["factor"] = 1.0; }},
       {"monitoring.latency.count", [](json& m) { m["monitoring"]["latency"]["count"] = 0; }},
       {"target.threads", [](json& m) { m["target"]["threads"] = 0; }},
+      {"target.threads", [](json& m) { m["target"]["threads"] = 2.5; }},
+      {"target.cpu_features must be a list", [](json& m) { m["target"]["cpu_features"] = "avx2"; }},
+      {"target.cpu_features[1] must not be empty",
+       [](json& m) { m["target"]["cpu_features"] = {"avx2", ""}; }},
       {"backend.options must be an object", [](json& m) { m["backend"]["options"] = "x"; }},
       {"target.isa is missing", [](json& m) { m["target"].erase("isa"); }},
       {"backend.name must be a string", [](json& m) { m["backend"]["name"] = nullptr; }},

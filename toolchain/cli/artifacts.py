@@ -62,7 +62,7 @@ def inspect(artifact: Path = typer.Argument(..., help="The artifact directory.")
     v = manifest.validation
     console.print(f"[bold]{manifest.name}[/]  signature: {signature}", highlight=False)
     console.print(f"model    {manifest.model.name} v{manifest.model.version} ({manifest.model.source.kind}: {manifest.model.source.ref}), opset {manifest.model.opset}")
-    console.print(f"target   {manifest.target['name']} ({manifest.target['isa']}, {manifest.target['description']})")
+    console.print(f"target   {manifest.target.name} ({manifest.target.isa}, {getattr(manifest.target, 'description', '')})")
     console.print(f"backend  {manifest.backend.name} {manifest.backend.version}, {manifest.backend.precision}; payload {manifest.payload.format}: {manifest.payload.entry}")
     for kind, specs in (("input ", manifest.inputs), ("output", manifest.outputs)):
         for spec in specs:
