@@ -132,7 +132,8 @@ py::dict stats_to_python(const StatsSnapshot& s) {
     outputs[py::str(o.name)] = py::dict(
         py::arg("kind") = o.kind == MONITOR_KIND_CLASSES ? "classes" : "histogram",
         py::arg("counts") = py::cast(o.counts), py::arg("underflow") = o.underflow,
-        py::arg("overflow") = o.overflow, py::arg("nan") = o.nan);
+        py::arg("overflow") = o.overflow, py::arg("nan") = o.nan, py::arg("seen") = o.seen,
+        py::arg("binned") = o.binned);
   }
   return py::dict(py::arg("runs") = s.runs, py::arg("errors") = s.errors,
                   py::arg("nan_input_runs") = s.nan_input_runs,

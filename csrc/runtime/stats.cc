@@ -13,9 +13,41 @@ std::vector<uint64_t> Stats::Counters::load() const {
   return out;
 }
 
-Stats::Stats(const ManifestMonitoring& monitoring, const std::vector<ManifestTensor>& outputs)
+namespace {
+
+// Slots after the bins in OutputMonitorState::counts.
+constexpr size_t SLOT_UNDERFLOW = 0;
+constexpr size_t SLOT_OVERFLOW = 1;
+constexpr size_t SLOT_NAN = 2;
+constexpr size_t SLOT_SEEN = 3;
+constexpr size_t SLOT_BINNED = 4;
+constexpr size_t EXTRA_SLOTS = 5;
+
+// Histogram values are sampled in chunks of this many neighbours.
+constexpr size_t HISTOGRAM_CHUNK = 64;
+
+// Which of `count` items a run reads: all when they fit in `budget`, else every `stride`-th from
+// `offset`, where the offset moves with the run number (a prime step) to visit every position.
+struct Sample {
+  size_t offset = 0;
+  size_t stride = 1;
+};
+
+Sample sample_plan(size_t count, size_t budget, uint64_t run) {
+  if (budget == 0 || count <= budget) return {};
+  Sample sample;
+  sample.stride = (count + budget - 1) / budget;
+  sample.offset = static_cast<size_t>((run * 7919u) % sample.stride);
+  return sample;
+}
+
+}  // namespace
+
+Stats::Stats(const ManifestMonitoring& monitoring, const std::vector<ManifestTensor>& outputs,
+             uint64_t sample_limit)
     : latency_(monitoring.latency),
       log_factor_(std::log(monitoring.latency.factor)),
+      sample_limit_(sample_limit),
       latency_counts_(static_cast<size_t>(monitoring.latency.count) + 2) {
   for (const ManifestOutputMonitor& monitor : monitoring.outputs) {
     const auto it = std::find_if(outputs.begin(), outputs.end(),
@@ -24,14 +56,14 @@ Stats::Stats(const ManifestMonitoring& monitoring, const std::vector<ManifestTen
     const size_t bins = monitor.kind == MONITOR_KIND_CLASSES ? static_cast<size_t>(monitor.classes)
                                                              : monitor.edges.size() - 1;
     auto state = std::unique_ptr<OutputMonitorState>(
-        new OutputMonitorState{monitor, static_cast<size_t>(it - outputs.begin()), Counters(bins + 3)});
+        new OutputMonitorState{monitor, static_cast<size_t>(it - outputs.begin()), Counters(bins + EXTRA_SLOTS)});
     monitors_.push_back(std::move(state));
   }
 }
 
 void Stats::stats_record(double latency_us, uint64_t nan_input_values,
                          const std::vector<Tensor>& outputs) {
-  runs_.fetch_add(1, std::memory_order_relaxed);
+  const uint64_t run = runs_.fetch_add(1, std::memory_order_relaxed);
   if (nan_input_values > 0) {
     nan_input_runs_.fetch_add(1, std::memory_order_relaxed);
     nan_input_values_.fetch_add(nan_input_values, std::memory_order_relaxed);
@@ -51,19 +83,25 @@ void Stats::stats_record(double latency_us, uint64_t nan_input_values,
   }
 
   for (const auto& state : monitors_) {
-    if (state->output_index < outputs.size()) output_record(*state, outputs[state->output_index]);
+    if (state->output_index < outputs.size()) output_record(*state, outputs[state->output_index], run);
   }
 }
 
-void Stats::output_record(OutputMonitorState& state, const Tensor& output) {
+void Stats::output_record(OutputMonitorState& state, const Tensor& output, uint64_t run) {
   const ManifestOutputMonitor& monitor = state.monitor;
-  const size_t bins = state.counts.size - 3;
+  const size_t bins = state.counts.size - EXTRA_SLOTS;
+  // Counted locally, then added to the shared atomics once per non-empty slot.
+  std::vector<uint64_t> local(state.counts.size, 0);
   const auto numel = static_cast<size_t>(shape_numel(output.shape()));
   const void* data = output.data();
   if (monitor.kind == MONITOR_KIND_CLASSES) {
     const size_t row = output.shape().empty() ? 1 : static_cast<size_t>(output.shape().back());
     if (row == 0) return;
-    for (size_t start = 0; start + row <= numel; start += row) {
+    const size_t rows = numel / row;
+    const size_t budget = sample_limit_ == 0 ? 0 : std::max<size_t>(1, sample_limit_ / row);
+    const Sample sample = sample_plan(rows, budget, run);
+    for (size_t r = sample.offset; r < rows; r += sample.stride) {
+      const size_t start = r * row;
       size_t best = row;
       double best_value = 0.0;
       for (size_t i = 0; i < row; ++i) {
@@ -74,29 +112,43 @@ void Stats::output_record(OutputMonitorState& state, const Tensor& output) {
           best_value = value;
         }
       }
+      ++local[bins + SLOT_BINNED];
       if (best == row) {
-        state.counts.add(bins + 2);  // an all-NaN row
+        ++local[bins + SLOT_NAN];  // an all-NaN row
       } else if (best >= bins) {
-        state.counts.add(bins + 1);
+        ++local[bins + SLOT_OVERFLOW];
       } else {
-        state.counts.add(best);
+        ++local[best];
       }
     }
-    return;
-  }
-  const std::vector<double>& edges = monitor.edges;
-  for (size_t i = 0; i < numel; ++i) {
-    const double value = value_load(data, output.dtype(), i);
-    if (std::isnan(value)) {
-      state.counts.add(bins + 2);
-    } else if (value < edges.front()) {
-      state.counts.add(bins);
-    } else if (value >= edges.back()) {
-      state.counts.add(bins + 1);
-    } else {
-      const auto bin = std::upper_bound(edges.begin(), edges.end(), value) - edges.begin() - 1;
-      state.counts.add(static_cast<size_t>(bin));
+    local[bins + SLOT_SEEN] = rows;
+  } else {
+    // Sampled in runs of HISTOGRAM_CHUNK neighbours: a few cache lines per chunk instead of one
+    // cache (and TLB) miss per value.
+    const std::vector<double>& edges = monitor.edges;
+    const size_t chunks = (numel + HISTOGRAM_CHUNK - 1) / HISTOGRAM_CHUNK;
+    const size_t budget = sample_limit_ == 0 ? 0 : std::max<size_t>(1, sample_limit_ / HISTOGRAM_CHUNK);
+    const Sample sample = sample_plan(chunks, budget, run);
+    for (size_t c = sample.offset; c < chunks; c += sample.stride) {
+      for (size_t i = c * HISTOGRAM_CHUNK; i < std::min(numel, (c + 1) * HISTOGRAM_CHUNK); ++i) {
+        const double value = value_load(data, output.dtype(), i);
+        ++local[bins + SLOT_BINNED];
+        if (std::isnan(value)) {
+          ++local[bins + SLOT_NAN];
+        } else if (value < edges.front()) {
+          ++local[bins + SLOT_UNDERFLOW];
+        } else if (value >= edges.back()) {
+          ++local[bins + SLOT_OVERFLOW];
+        } else {
+          const auto bin = std::upper_bound(edges.begin(), edges.end(), value) - edges.begin() - 1;
+          ++local[static_cast<size_t>(bin)];
+        }
+      }
     }
+    local[bins + SLOT_SEEN] = numel;
+  }
+  for (size_t i = 0; i < local.size(); ++i) {
+    if (local[i] != 0) state.counts.add(i, local[i]);
   }
 }
 
@@ -122,10 +174,13 @@ StatsSnapshot Stats::stats_snapshot() const {
     summary.name = state->monitor.name;
     summary.kind = state->monitor.kind;
     std::vector<uint64_t> counts = state->counts.load();
-    summary.nan = counts[counts.size() - 1];
-    summary.overflow = counts[counts.size() - 2];
-    summary.underflow = counts[counts.size() - 3];
-    counts.resize(counts.size() - 3);
+    const size_t bins = counts.size() - EXTRA_SLOTS;
+    summary.underflow = counts[bins + SLOT_UNDERFLOW];
+    summary.overflow = counts[bins + SLOT_OVERFLOW];
+    summary.nan = counts[bins + SLOT_NAN];
+    summary.seen = counts[bins + SLOT_SEEN];
+    summary.binned = counts[bins + SLOT_BINNED];
+    counts.resize(bins);
     summary.counts = std::move(counts);
     out.outputs.push_back(std::move(summary));
   }

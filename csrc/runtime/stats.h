@@ -3,6 +3,11 @@
 //
 // Recording is lock-free (relaxed atomics): many threads record at once while a reader takes a
 // snapshot, which is consistent per counter, not across counters.
+//
+// Large outputs are sampled, so a run's summary costs the same for a 1x10 classifier and a
+// 1x21x512x512 segmentation map: at most `sample_limit` values (histograms) or values' worth of
+// rows (class counts) are binned per run, evenly strided with an offset that moves from run to
+// run, so over many runs every element position is visited. `seen` and `binned` say how many.
 #pragma once
 
 #include <atomic>
@@ -24,7 +29,12 @@ struct OutputSummary {
   uint64_t underflow = 0;        ///< histogram: values below edges[0]
   uint64_t overflow = 0;         ///< histogram: values >= edges.back(); classes: arg-max >= classes
   uint64_t nan = 0;              ///< histogram: NaN values; classes: rows that are all NaN
+  uint64_t seen = 0;             ///< values (histogram) or rows (classes) the runs produced
+  uint64_t binned = 0;           ///< how many of them were binned (the rest skipped by sampling)
 };
+
+/// Default number of values a run's output summary reads at most (see the file comment).
+constexpr uint64_t STATS_SAMPLE_LIMIT = 1024;
 
 /// A snapshot of a Session's statistics.
 struct StatsSnapshot {
@@ -49,7 +59,9 @@ double stats_percentile_us(const StatsSnapshot& snapshot, double q);
 class Stats {
  public:
   /// Counters laid out for `monitoring`; `outputs` are the manifest's outputs (for their order).
-  Stats(const ManifestMonitoring& monitoring, const std::vector<ManifestTensor>& outputs);
+  /// `sample_limit` bounds the values read per output per run (0: read every value).
+  Stats(const ManifestMonitoring& monitoring, const std::vector<ManifestTensor>& outputs,
+        uint64_t sample_limit = STATS_SAMPLE_LIMIT);
 
   /// Record one successful run: its latency, the NaN input elements, and its outputs
   /// (in manifest order) for the monitored summaries.
@@ -76,13 +88,14 @@ class Stats {
   struct OutputMonitorState {
     ManifestOutputMonitor monitor;
     size_t output_index = 0;  ///< position in the manifest's outputs
-    Counters counts;          ///< per class / bin, then underflow, overflow, nan
+    Counters counts;          ///< per class / bin, then underflow, overflow, nan, seen, binned
   };
 
-  void output_record(OutputMonitorState& state, const Tensor& output);
+  void output_record(OutputMonitorState& state, const Tensor& output, uint64_t run);
 
   ManifestLatencyBuckets latency_;
   double log_factor_;
+  uint64_t sample_limit_;
   std::atomic<uint64_t> runs_{0};
   std::atomic<uint64_t> errors_{0};
   std::atomic<uint64_t> nan_input_runs_{0};

@@ -104,5 +104,60 @@ TEST(Stats, ConcurrentRecordingLosesNothing) {
   EXPECT_EQ(s.outputs[0].counts, (std::vector<uint64_t>{8000, 8000, 0}));
 }
 
+TEST(Stats, LargeOutputsAreSampledAndEveryPositionIsVisited) {
+  constexpr int N = 64 * 20;  // 20 chunks of 64 neighbouring values
+  ManifestMonitoring m;
+  ManifestOutputMonitor histogram;
+  histogram.name = "mask";
+  histogram.kind = MONITOR_KIND_HISTOGRAM;
+  histogram.edges = {0.0, static_cast<double>(N)};
+  m.outputs = {histogram};
+  const std::vector<ManifestTensor> outputs = {{"mask", "float32", {1, N}}};
+  std::vector<Tensor> out;
+  out.emplace_back(DTYPE_FLOAT32, std::vector<int64_t>{1, N});
+  auto* values = static_cast<float*>(out[0].data());
+  for (int i = 0; i < N; ++i) values[i] = static_cast<float>(i);
+
+  Stats exhaustive(m, outputs, 0);
+  exhaustive.stats_record(10.0, 0, out);
+  EXPECT_EQ(exhaustive.stats_snapshot().outputs[0].binned, static_cast<uint64_t>(N));
+
+  Stats sampled(m, outputs, 128);  // 2 chunks a run, every 10th chunk
+  for (int run = 0; run < 10; ++run) sampled.stats_record(10.0, 0, out);
+  const OutputSummary s = sampled.stats_snapshot().outputs[0];
+  EXPECT_EQ(s.seen, 10u * N);
+  EXPECT_EQ(s.binned, static_cast<uint64_t>(N));
+  EXPECT_EQ(s.counts, std::vector<uint64_t>{static_cast<uint64_t>(N)});
+  // Ten runs with moving offsets read each position exactly once: one bin per element shows it.
+  ManifestMonitoring fine = m;
+  fine.outputs[0].edges.clear();
+  for (int i = 0; i <= N; ++i) fine.outputs[0].edges.push_back(i);
+  Stats visits(fine, outputs, 128);
+  for (int run = 0; run < 10; ++run) visits.stats_record(10.0, 0, out);
+  EXPECT_EQ(visits.stats_snapshot().outputs[0].counts, std::vector<uint64_t>(N, 1));
+}
+
+TEST(Stats, ClassRowsAreSampledToo) {
+  ManifestMonitoring m;
+  ManifestOutputMonitor classes;
+  classes.name = "logits";
+  classes.kind = MONITOR_KIND_CLASSES;
+  classes.classes = 4;
+  m.outputs = {classes};
+  const std::vector<ManifestTensor> outputs = {{"logits", "float32", {100, 4}}};
+  std::vector<Tensor> out;
+  out.emplace_back(DTYPE_FLOAT32, std::vector<int64_t>{100, 4});
+  auto* values = static_cast<float*>(out[0].data());
+  for (int r = 0; r < 100; ++r) {
+    for (int c = 0; c < 4; ++c) values[r * 4 + c] = c == r % 4 ? 1.0f : 0.0f;
+  }
+  Stats stats(m, outputs, 40);  // 10 rows of 4 a run, stride 10
+  for (int run = 0; run < 10; ++run) stats.stats_record(10.0, 0, out);
+  const OutputSummary s = stats.stats_snapshot().outputs[0];
+  EXPECT_EQ(s.seen, 1000u);
+  EXPECT_EQ(s.binned, 100u);
+  EXPECT_EQ(s.counts, (std::vector<uint64_t>{25, 25, 25, 25}));
+}
+
 }  // namespace
 }  // namespace edgesmith

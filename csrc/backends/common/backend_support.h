@@ -2,12 +2,16 @@
 // for concurrent callers, and the one-sentence form of an engine's exception.
 #pragma once
 
+#include <algorithm>
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -55,58 +59,151 @@ BackendStatus backend_status_make(BackendStatusCode code, std::string message);
 /// Check that `inputs` match the manifest's input count; returns an INVALID status otherwise.
 BackendStatus backend_inputs_check(const Manifest& manifest, const std::vector<TensorView>& inputs);
 
-/// Engine instances (VMs, infer requests) for concurrent callers: a caller takes an idle one or
-/// makes a new one, and gives it back afterwards. The mutex is held only to take or return one.
+/// Engine instances (VMs, infer requests) for concurrent callers, at most `limit` of them: a
+/// caller takes an idle one, makes a new one while fewer than `limit` exist, or waits for one to
+/// be given back. So N callers never make more than `limit` engine states (and thread pools)
+/// however many threads call. The mutex is held only to take or return one, never while making.
 template <typename T>
 class InstancePool {
  public:
   using Factory = std::function<std::unique_ptr<T>()>;
 
-  /// A pool that makes instances with `factory` (called without the pool's mutex held).
-  explicit InstancePool(Factory factory) : factory_(std::move(factory)) {}
+  /// A pool of at most `limit` (>= 1) instances made with `factory`.
+  InstancePool(Factory factory, size_t limit)
+      : factory_(std::move(factory)), limit_(limit > 0 ? limit : 1) {}
 
-  /// An idle instance, or a new one; throws what the factory throws.
+  /// An idle instance, a new one, or (at the limit) the next one given back; throws what the
+  /// factory throws.
   std::unique_ptr<T> pool_take() {
     {
-      std::lock_guard<std::mutex> lock(mutex_);
+      std::unique_lock<std::mutex> lock(mutex_);
+      idle_or_room_.wait(lock, [this] { return !idle_.empty() || created_ < limit_; });
       if (!idle_.empty()) {
         std::unique_ptr<T> instance = std::move(idle_.back());
         idle_.pop_back();
         return instance;
       }
+      ++created_;  // reserve the slot, then make the instance without the lock
     }
-    return pool_make();
+    try {
+      return factory_();
+    } catch (...) {
+      pool_forget();
+      throw;
+    }
   }
 
   /// Give an instance back for reuse.
   void pool_return(std::unique_ptr<T> instance) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    idle_.push_back(std::move(instance));
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      idle_.push_back(std::move(instance));
+    }
+    idle_or_room_.notify_one();
   }
 
-  /// Make instances until `count` exist (for callers that announce their concurrency).
+  /// An instance was dropped (its state is unknown after a failure): make room for a new one.
+  void pool_forget() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      --created_;
+    }
+    idle_or_room_.notify_one();
+  }
+
+  /// Make instances until `count` (at most the limit) exist, so start-up failures surface at load.
   void pool_reserve(size_t count) {
-    while (pool_created() < count) pool_return(pool_make());
+    std::vector<std::unique_ptr<T>> made;
+    while (pool_created() < std::min(count, limit_)) made.push_back(pool_take());
+    for (auto& instance : made) pool_return(std::move(instance));
   }
 
-  /// Number of instances made so far.
+  /// Number of instances that exist (idle or in use).
   size_t pool_created() {
     std::lock_guard<std::mutex> lock(mutex_);
     return created_;
   }
 
- private:
-  std::unique_ptr<T> pool_make() {
-    std::unique_ptr<T> instance = factory_();
-    std::lock_guard<std::mutex> lock(mutex_);
-    ++created_;
-    return instance;
-  }
+  /// The most instances this pool will make.
+  size_t pool_limit() const noexcept { return limit_; }
 
+ private:
   Factory factory_;
+  const size_t limit_;
   std::mutex mutex_;
+  std::condition_variable idle_or_room_;
   std::vector<std::unique_ptr<T>> idle_;
   size_t created_ = 0;
+};
+
+/// A thread of its own that runs calls handed to it one at a time, for engines whose worker pools
+/// belong to the calling thread (TVM's parallel-for pool is thread-local): giving each engine
+/// instance one CallThread bounds the pools by the instances, not by the callers' threads.
+class CallThread {
+ public:
+  /// Start the thread; `on_start` runs first on it (e.g. sizing the engine's thread pool).
+  explicit CallThread(std::function<void()> on_start = {})
+      : on_start_(std::move(on_start)), thread_([this] { thread_loop(); }) {}
+  ~CallThread() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stopping_ = true;
+    }
+    wake_.notify_all();
+    thread_.join();
+  }
+  CallThread(const CallThread&) = delete;
+  CallThread& operator=(const CallThread&) = delete;
+
+  /// Run `task` on the thread and wait for it; what it throws is rethrown here. One caller at a
+  /// time (the instance's lease guarantees it).
+  void call_run(const std::function<void()>& task) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    task_ = &task;
+    done_ = false;
+    error_ = nullptr;
+    wake_.notify_all();
+    wake_.wait(lock, [this] { return done_; });
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  void thread_loop() {
+    if (on_start_) {
+      try {
+        on_start_();
+      } catch (...) {
+        // Sizing failed: the engine falls back to its defaults; calls still run.
+      }
+    }
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      wake_.wait(lock, [this] { return stopping_ || task_ != nullptr; });
+      if (task_ == nullptr) return;
+      const std::function<void()>* task = task_;
+      lock.unlock();
+      std::exception_ptr error;
+      try {
+        (*task)();
+      } catch (...) {
+        error = std::current_exception();
+      }
+      lock.lock();
+      task_ = nullptr;
+      error_ = error;
+      done_ = true;
+      wake_.notify_all();
+    }
+  }
+
+  std::function<void()> on_start_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  const std::function<void()>* task_ = nullptr;
+  std::exception_ptr error_;
+  bool done_ = false;
+  bool stopping_ = false;
+  std::thread thread_;  // last: started after everything it uses is initialised
 };
 
 /// Borrows one instance of an InstancePool for a scope and returns it on exit.
@@ -126,7 +223,10 @@ class InstanceLease {
   T* operator->() const { return instance_.get(); }
 
   /// Drop the instance instead of returning it (its engine state is unknown after a failure).
-  void lease_discard() { instance_.reset(); }
+  void lease_discard() {
+    instance_.reset();
+    pool_.pool_forget();
+  }
 
  private:
   InstancePool<T>& pool_;

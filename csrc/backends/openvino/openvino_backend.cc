@@ -3,8 +3,8 @@
 // validated with), and runs it.
 //
 // An ov::InferRequest serves one caller at a time; concurrent callers each take one from a pool
-// (pre-filled with the compiled model's optimal number of requests, grown on demand), while the
-// compiled model's streams decide how much really runs in parallel.
+// bounded by max_concurrency, or else by the compiled model's optimal number of requests (what its
+// streams can really run in parallel: 1 under the LATENCY hint); further callers wait.
 #include <cstring>
 #include <exception>
 #include <memory>
@@ -96,11 +96,24 @@ size_t port_find(const std::vector<ov::Output<const ov::Node>>& ports, const std
   return fallback;
 }
 
+/// At most this many infer requests: max_concurrency, else the compiled model's optimum.
+size_t request_limit(const BackendOpenArgs& args, const ov::CompiledModel& compiled) {
+  if (args.max_concurrency > 0) return static_cast<size_t>(args.max_concurrency);
+  uint32_t optimal = 1;
+  try {
+    optimal = compiled.get_property(ov::optimal_number_of_infer_requests);
+  } catch (const std::exception&) {
+    // Not every plugin reports it: one request at a time.
+  }
+  return optimal > 0 ? optimal : 1;
+}
+
 class OpenVinoBackend final : public Backend {
  public:
   OpenVinoBackend(const BackendOpenArgs& args, ov::CompiledModel compiled)
       : manifest_(args.manifest), compiled_(std::move(compiled)),
-        requests_([this] { return std::make_unique<ov::InferRequest>(compiled_.create_infer_request()); }) {
+        requests_([this] { return std::make_unique<ov::InferRequest>(compiled_.create_infer_request()); },
+                  request_limit(args, compiled_)) {
     const auto inputs = compiled_.inputs();
     const auto outputs = compiled_.outputs();
     if (inputs.size() != manifest_.inputs.size() || outputs.size() != manifest_.outputs.size()) {
@@ -116,14 +129,7 @@ class OpenVinoBackend final : public Backend {
       output_ports_.push_back(port_find(outputs, manifest_.outputs[i].name, i));
       output_dtypes_.push_back(dtype_from_name(manifest_.outputs[i].dtype));
     }
-    uint32_t optimal = 1;
-    try {
-      optimal = compiled_.get_property(ov::optimal_number_of_infer_requests);
-    } catch (const std::exception&) {
-      // Not every plugin reports it; one request, grown on demand.
-    }
-    const size_t wanted = args.max_concurrency > 0 ? static_cast<size_t>(args.max_concurrency) : optimal;
-    requests_.pool_reserve(wanted > 0 ? wanted : 1);
+    requests_.pool_reserve(requests_.pool_limit());
   }
 
   BackendStatus backend_run(const std::vector<TensorView>& inputs,

@@ -7,9 +7,12 @@
 //
 // Threads: TVM's parallel-for pool belongs to the *calling* thread (one pool per caller thread,
 // created on its first parallel launch, sized by TVM_NUM_THREADS or the core count — halved on
-// x86). `runtime.config_threadpool(-3, n, cpus)` called before that sizes the calling thread's
-// pool to exactly n workers (checked with runtime.NumThreads), so run() applies the resolved
-// thread count once per caller thread. A pool that already exists can only shrink.
+// x86). So a library with parallel loops never runs on its callers' threads: each VM has a
+// CallThread of its own whose pool is sized once with `runtime.config_threadpool(-3, n, cpus)`
+// (exactly n workers, checked with runtime.NumThreads), and the VM pool is bounded, so N callers
+// share at most `max_concurrency` (default 1) pools of n workers instead of making N of them.
+// A serial library (no parallel loops) never touches TVM's pool: its VMs run on the caller's
+// thread, at most `max_concurrency` (default: the thread count) at once.
 #include <dlfcn.h>
 #include <dlpack/dlpack.h>
 #include <elf.h>
@@ -183,19 +186,29 @@ std::string shape_text(const std::vector<int64_t>& shape) {
   return text + (shape.size() == 1 ? ",)" : ")");
 }
 
-/// One Relax VM over the shared library, with input tensors it owns.
+/// One Relax VM over the shared library, with input tensors it owns, and the thread its calls run
+/// on when the library has parallel loops (null: the caller's thread).
 struct VmInstance {
   ffi::Module vm;
   ffi::Function main;
   std::vector<ffi::Tensor> inputs;
+  std::unique_ptr<CallThread> thread;
 };
+
+/// How many VMs may exist: what the caller announced, else one per pool of `threads` workers
+/// (one), or for a serial library one per thread the target grants.
+size_t vm_limit(const BackendOpenArgs& args, int32_t threads, bool parallel) {
+  if (args.max_concurrency > 0) return static_cast<size_t>(args.max_concurrency);
+  if (parallel) return 1;
+  return threads > 0 ? static_cast<size_t>(threads) : 1;
+}
 
 class TvmBackend final : public Backend {
  public:
-  TvmBackend(const BackendOpenArgs& args, ffi::Module library, int32_t threads)
+  TvmBackend(const BackendOpenArgs& args, ffi::Module library, int32_t threads, bool parallel)
       : manifest_(args.manifest), library_(std::move(library)), threads_(threads),
-        cpu_list_(cpu_list_make(threads)),
-        vms_([this] { return vm_make(); }) {
+        parallel_(parallel), cpu_list_(cpu_list_make(threads)),
+        vms_([this] { return vm_make(); }, vm_limit(args, threads, parallel)) {
     for (const ManifestTensor& input : manifest_.inputs) {
       DLDataType dl{};
       if (!dtype_to_dl(dtype_from_name(input.dtype), &dl)) {
@@ -207,7 +220,7 @@ class TvmBackend final : public Backend {
       output_dtypes_.push_back(dtype_from_name(output.dtype));
     }
     // One VM now: a library that loads but cannot make a VM is a load failure, not a run failure.
-    vms_.pool_reserve(args.max_concurrency > 0 ? static_cast<size_t>(args.max_concurrency) : 1);
+    vms_.pool_reserve(1);
   }
 
   BackendStatus backend_run(const std::vector<TensorView>& inputs,
@@ -215,10 +228,13 @@ class TvmBackend final : public Backend {
     try {
       BackendStatus status = backend_inputs_check(manifest_, inputs);
       if (!status.ok()) return status;
-      threads_apply();
       InstanceLease<VmInstance> vm(vms_);
       try {
-        status = vm_run(*vm, inputs, outputs);
+        if (vm->thread) {
+          vm->thread->call_run([&] { status = vm_run(*vm, inputs, outputs); });
+        } else {
+          status = vm_run(*vm, inputs, outputs);
+        }
       } catch (...) {
         vm.lease_discard();  // a VM that threw mid-call may hold half-written state
         throw;
@@ -254,7 +270,8 @@ class TvmBackend final : public Backend {
             VM_ALLOCATOR_POOLED);
     ffi::Optional<ffi::Function> main = vm->GetFunction("main", false);
     if (!main.has_value()) throw std::runtime_error("model.so has no main function");
-    auto instance = std::unique_ptr<VmInstance>(new VmInstance{vm, *main, {}});
+    auto instance = std::unique_ptr<VmInstance>(new VmInstance{vm, *main, {}, nullptr});
+    if (parallel_) instance->thread = std::make_unique<CallThread>([this] { threads_apply(); });
     for (size_t i = 0; i < manifest_.inputs.size(); ++i) {
       const std::vector<int64_t>& shape = manifest_.inputs[i].shape;
       instance->inputs.push_back(ffi::Tensor::FromNDAlloc(
@@ -264,9 +281,9 @@ class TvmBackend final : public Backend {
     return instance;
   }
 
+  /// Size the calling thread's TVM pool (run first on each VM's CallThread).
   void threads_apply() const {
-    thread_local int32_t configured_threads = -1;
-    if (threads_ <= 0 || configured_threads == threads_) return;
+    if (threads_ <= 0) return;
     // Leaked on purpose: libtvm_runtime may be gone when static destructors run.
     static const auto* config =
         new ffi::Optional<ffi::Function>(ffi::Function::GetGlobal("runtime.config_threadpool"));
@@ -276,7 +293,6 @@ class TvmBackend final : public Backend {
       // the cores. All workers share all of the process's CPUs, as without pinning.
       (**config)(TVM_AFFINITY_SHARE_ALL_CORES, static_cast<int>(threads_), cpu_list_);
     }
-    configured_threads = threads_;
   }
 
   BackendStatus vm_run(VmInstance& vm, const std::vector<TensorView>& inputs,
@@ -353,6 +369,7 @@ class TvmBackend final : public Backend {
   Manifest manifest_;
   ffi::Module library_;
   int32_t threads_;
+  bool parallel_;
   ffi::Array<ffi::String> cpu_list_;
   std::vector<DLDataType> input_dtypes_;
   std::vector<DType> output_dtypes_;
@@ -376,8 +393,8 @@ Backend* tvm_backend_open(const BackendOpenArgs& args, BackendStatus* status) {
       return nullptr;
     }
     ffi::Module library = ffi::Module::LoadFromFile(path);
-    const int32_t threads = library_is_parallel(path) ? settings.threads : 0;
-    return new TvmBackend(args, std::move(library), threads);
+    const bool parallel = library_is_parallel(path);
+    return new TvmBackend(args, std::move(library), settings.threads, parallel);
   } catch (const ffi::Error& e) {
     *status = backend_status_make(BACKEND_STATUS_LOAD_FAILED,
                                   "TVM could not load " + args.manifest.payload.entry + ": " +
