@@ -158,8 +158,8 @@ def _validate(staging: Path, result, backend, target: Target, ref: ReferenceRun,
     outputs = [run(sample) for sample in ref.samples]
     cmp = compare(outputs, ref.outputs, [s.name for s in ref.output_specs], tolerance.atol, tolerance.rtol)
     if not cmp.passed:
-        raise ValidationError(f"{name}: output {cmp.worst_output!r} differs from ONNX Runtime by up to {cmp.max_abs_err:.3g} "
-                              f"(tolerance atol={tolerance.atol:g}, rtol={tolerance.rtol:g}); the backend miscompiles this model, try another backend")
+        raise ValidationError(f"{name}: output {cmp.worst_output!r} differs from ONNX Runtime: {cmp.summary(tolerance.atol, tolerance.rtol)}; "
+                              "the backend miscompiles this model, try another backend")
     return Validation(status="passed", executed=Executed(isa=host_isa(), how=execution.how), max_abs_err=cmp.max_abs_err,
                       max_rel_err=cmp.max_rel_err, top1_agreement=cmp.top1_agreement, reason=execution.reason, **common)
 

@@ -30,8 +30,8 @@ class Comparison:
     bad_elements: int = 0  # pairs that break the rule (NaN/inf mismatches included)
 
     def summary(self, atol: float, rtol: float) -> str:
-        """One line for a failed comparison, e.g. for a build's error message."""
-        return (f"output {self.worst_output!r}: {self.bad_elements} of {self.elements} values outside atol={atol:g}, "
+        """What failed, for an error message: counts over all samples and outputs, and the error."""
+        return (f"{self.bad_elements} of {self.elements} values (all samples and outputs) are outside atol={atol:g}, "
                 f"rtol={rtol:g} (NaN and inf must match exactly), max abs error over finite values {self.max_abs_err:.3g}")
 
 
