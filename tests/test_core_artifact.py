@@ -64,7 +64,8 @@ def _manifest_for(directory: Path) -> dict[str, Any]:
             "onnx_sha256": "0" * 64,
             "opset": 17,
         },
-        "target": {"name": "x86_64-avx2", "isa": "x86_64", "threads": 4, "description": "any AVX2 x86-64 CPU"},
+        "target": {"name": "x86_64-avx2", "isa": "x86_64", "threads": 4, "description": "any AVX2 x86-64 CPU",
+                   "cpu_features": ["avx2", "fma"]},
         "backend": {"name": "openvino", "version": "2026.4.1", "precision": "fp32",
                     "options": {"config": {"INFERENCE_NUM_THREADS": 4, "PERFORMANCE_HINT": "LATENCY"}}},
         "payload": {"format": "openvino-ir", "entry": "model.xml"},
@@ -339,7 +340,8 @@ def _python_view(manifest: dict[str, Any]) -> dict[str, Any]:
 
     given = manifest["monitoring"].get("latency", {})
     latency = {k: given.get(k, default) for k, default in (("start_us", 1.0), ("factor", 2 ** 0.25), ("count", 96))}
-    target = pick(manifest["target"], "name", "isa", *(["threads"] if manifest["target"].get("threads") is not None else []))
+    target = {**pick(manifest["target"], "name", "isa", *(["threads"] if manifest["target"].get("threads") is not None else [])),
+              "cpu_features": manifest["target"].get("cpu_features", [])}
 
     return {
         "schema_version": manifest["schema_version"],
