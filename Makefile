@@ -5,7 +5,7 @@ export EDGESMITH_HOME ?= $(CURDIR)/.edgesmith
 STAMP := $(VENV)/.bootstrapped
 BOOTSTRAP_INPUTS := $(wildcard scripts/*.sh) pyproject.toml CMakeLists.txt $(shell find csrc cmake -type f 2>/dev/null)
 
-.PHONY: demo test test-fast cpp-test bootstrap clean
+.PHONY: demo test test-fast cpp-test bootstrap clean rebuild
 
 bootstrap: $(STAMP)
 
@@ -14,10 +14,7 @@ $(STAMP): $(BOOTSTRAP_INPUTS)
 	touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/edgesmith targets
-	$(VENV)/bin/edgesmith build edgesmith.toolchain.models.digits:digits_cnn --input-shape 1,1,8,8 \
-	    --target all --backend all --output dist/demo
-	$(VENV)/bin/edgesmith verify dist/demo/digits-cnn-rpi4-aarch64-tvm
+	VENV=$(VENV) bash scripts/demo.sh
 
 test: $(STAMP) cpp-test
 	$(VENV)/bin/python -m pytest -q
@@ -33,3 +30,7 @@ test-fast: $(STAMP)
 
 clean:
 	rm -rf build dist .pytest_cache
+
+# Developers: rebuild the C++ core and backend plugins into the venv after editing csrc/.
+rebuild:
+	$(VENV)/bin/python -m pip install --quiet --no-build-isolation --no-deps -e .

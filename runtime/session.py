@@ -57,8 +57,12 @@ class Session:
     """A verified artifact loaded into its backend, ready to run.
 
     ``trusted_keys`` are raw 32-byte Ed25519 public keys; ``None`` means the keys in
-    ``$EDGESMITH_HOME/keys/*.pub`` and ``$EDGESMITH_HOME/trusted/*.pub``. ``threads`` = 0 uses
-    the target's thread count; ``max_concurrency`` = 0 lets the backend size its pool as needed.
+    ``<home>/keys/*.pub`` and ``<home>/trusted/*.pub`` (the edgesmith home:
+    :func:`edgesmith.runtime.keys.edgesmith_home`); keys are only read, never created.
+    ``threads`` = 0 uses the target's thread count. ``max_concurrency`` bounds the engine
+    instances serving concurrent ``run`` callers (further callers wait); 0 = the backend's default
+    (OpenVINO: the compiled model's optimal number of requests; TVM: one VM with its own thread
+    pool for libraries with parallel loops, ``threads`` VMs for serial ones).
     """
 
     def __init__(self, path: str | os.PathLike[str], threads: int = 0,

@@ -49,7 +49,10 @@ def _build_from_source(name: str, echo) -> Path:
         raise UserError(f"building the {name} needs an edgesmith source checkout ({script} is missing); "
                         "run this from a clone of the repository")
     echo(f"building the {name} with {script.name} ...")
-    result = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    # The script knows only $EDGESMITH_HOME: hand it the home this process resolved (it may have
+    # been found from the working directory).
+    env = {**os.environ, "EDGESMITH_HOME": str(edgesmith_home())}
+    result = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env)
     if result.returncode != 0:
         tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-5:])
         raise UserError(f"building the {name} failed:\n{tail}")
