@@ -40,9 +40,9 @@ PY
 )
 mapfile -t deps <<<"$deps"
 "$VENV/bin/python" -m pip install --quiet "${deps[@]}"
-# Both backend plugins are required here (ON, not AUTO): a missing engine must fail the build.
-"$VENV/bin/python" -m pip install --quiet --no-build-isolation --no-deps \
-  -C cmake.define.EDGESMITH_WITH_TVM=ON -C cmake.define.EDGESMITH_WITH_OPENVINO=ON -e .
+# pyproject.toml requires every backend plugin in pip builds (EDGESMITH_REQUIRE_BACKENDS): a
+# missing engine fails here.
+"$VENV/bin/python" -m pip install --quiet --no-build-isolation --no-deps -e .
 
 export EDGESMITH_HOME=${EDGESMITH_HOME:-$PWD/.edgesmith}
 echo "bootstrap: LiteRT converter environment"

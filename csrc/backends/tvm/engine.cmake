@@ -60,7 +60,4 @@ if(EDGESMITH_TVM_FFI_INCLUDE_DIR AND EDGESMITH_DLPACK_INCLUDE_DIR AND EDGESMITH_
       INTERFACE_LINK_LIBRARIES edgesmith::tvm_ffi)
   endif()
   message(STATUS "edgesmith: TVM ${EDGESMITH_TVM_VERSION} runtime from ${_edgesmith_tvm_root}")
-else()
-  message(STATUS "edgesmith: TVM runtime not found (set EDGESMITH_TVM_ROOT to the unpacked "
-                 "apache-tvm + apache-tvm-ffi wheels)")
 endif()
