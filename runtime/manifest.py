@@ -131,6 +131,9 @@ class OutputMonitor(_Model):
     classes: Annotated[int, Field(ge=1, le=2**24)] | None = None
     # kind == "histogram": strictly ascending bin edges (+ under/overflow bins)
     edges: Annotated[list[FiniteFloat], Field(min_length=2, max_length=4097)] | None = None
+    # The build's share of rows per class, or of values per bin then underflow, overflow: what a
+    # monitor measures drift against (absent in artifacts built before it was recorded).
+    reference: list[Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]] | None = None
 
     @model_validator(mode="after")
     def _kind_fields(self) -> OutputMonitor:
@@ -141,6 +144,10 @@ class OutputMonitor(_Model):
                 raise ValueError("a 'histogram' monitor needs 'edges'")
             if any(b <= a for a, b in zip(self.edges, self.edges[1:])):
                 raise ValueError("histogram edges must be strictly ascending")
+        if self.reference is not None:
+            want = self.classes if self.kind == "classes" else len(self.edges or []) - 1 + 2
+            if len(self.reference) != want:
+                raise ValueError(f"'reference' holds {len(self.reference)} shares, the {self.kind} monitor has {want} bins")
         return self
 
 

@@ -89,9 +89,16 @@ def test_golden_files_match_manifest_and_reference(digits_artifacts):
 
 
 def test_monitoring_spec_in_manifest(digits_artifacts, tmp_path):
-    m = manifest(digits_artifacts["artifacts"][("x86_64-avx2", "tvm")]["path"])
-    assert m["monitoring"]["outputs"] == [{"name": m["outputs"][0]["name"], "kind": "classes", "classes": 10,
-                                           "edges": None}]
+    art = Path(digits_artifacts["artifacts"][("x86_64-avx2", "tvm")]["path"])
+    m = manifest(art)
+    (monitor,) = m["monitoring"]["outputs"]
+    assert {k: monitor[k] for k in ("name", "kind", "classes", "edges")} == {
+        "name": m["outputs"][0]["name"], "kind": "classes", "classes": 10, "edges": None}
+    # The reference shares are the golden outputs' arg-max classes among the build's samples.
+    shares = monitor["reference"]
+    assert len(shares) == 10 and abs(sum(shares) - 1) < 1e-9 and all(s * 8 == round(s * 8) for s in shares)
+    for sample in m["golden"]["samples"]:
+        assert shares[int(np.argmax(np.load(art / sample["outputs"][0])))] > 0
     assert m["monitoring"]["latency"]["count"] > 0
     # A non-classifier output gets a histogram whose edges are quantiles of the reference outputs.
     path = _conv_model(tmp_path, "convrelu", "Relu")
@@ -99,6 +106,8 @@ def test_monitoring_spec_in_manifest(digits_artifacts, tmp_path):
     monitor = manifest(built["artifacts"][0]["path"])["monitoring"]["outputs"][0]
     assert monitor["kind"] == "histogram" and len(monitor["edges"]) >= 3
     assert monitor["edges"] == sorted(monitor["edges"])
+    # Quantile edges: the reference spreads over the bins (plus the maximum, at the last edge, in overflow).
+    assert len(monitor["reference"]) == len(monitor["edges"]) + 1 and abs(sum(monitor["reference"]) - 1) < 1e-9
 
 
 def test_default_backend_is_the_targets_first(tmp_path):

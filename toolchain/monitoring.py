@@ -28,12 +28,39 @@ def histogram_edges(values: np.ndarray, bins: int = HISTOGRAM_BINS) -> list[floa
     return [float(e) for e in edges]
 
 
+def class_shares(outputs: np.ndarray, classes: int) -> list[float]:
+    """Share of rows whose arg-max is each class (NaNs ignored, as the runtime counts them)."""
+    rows = outputs.reshape(-1, outputs.shape[-1]).astype(np.float64)
+    rows = rows[~np.all(np.isnan(rows), axis=1)]
+    if rows.size == 0:
+        return [0.0] * classes
+    counts = np.bincount(np.nanargmax(rows, axis=1), minlength=classes)[:classes]
+    return [float(c) for c in counts / len(rows)]
+
+
+def bin_shares(values: np.ndarray, edges: list[float]) -> list[float]:
+    """Share of finite values per bin, then below the first edge, then at/above the last (the
+    runtime's layout: bins are [e_k, e_k+1))."""
+    finite = values[np.isfinite(values)].astype(np.float64)
+    if finite.size == 0:
+        return [0.0] * (len(edges) + 1)
+    index = np.searchsorted(np.asarray(edges), finite, side="right") - 1
+    bins = len(edges) - 1
+    counts = np.bincount(np.clip(index, 0, bins - 1)[(index >= 0) & (index < bins)], minlength=bins)
+    under, over = int(np.sum(index < 0)), int(np.sum(index >= bins))
+    return [float(c) / finite.size for c in [*counts, under, over]]
+
+
 def monitoring_spec(output_specs: list[TensorSpec], reference_outputs: list[list[np.ndarray]]) -> Monitoring:
+    """The summaries the runtime keeps per output, with the reference run's shares to measure drift against."""
     monitors = []
     for i, spec in enumerate(output_specs):
+        values = np.concatenate([sample[i].reshape(-1, *sample[i].shape[1:]) for sample in reference_outputs])
         if is_classifier(spec):
-            monitors.append(OutputMonitor(name=spec.name, kind="classes", classes=spec.shape[1]))
+            monitors.append(OutputMonitor(name=spec.name, kind="classes", classes=spec.shape[1],
+                                          reference=class_shares(values, spec.shape[1])))
         else:
-            values = np.concatenate([sample[i].ravel() for sample in reference_outputs])
-            monitors.append(OutputMonitor(name=spec.name, kind="histogram", edges=histogram_edges(values)))
+            edges = histogram_edges(values.ravel())
+            monitors.append(OutputMonitor(name=spec.name, kind="histogram", edges=edges,
+                                          reference=bin_shares(values.ravel(), edges)))
     return Monitoring(outputs=monitors)
