@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 APT_PACKAGES=(cmake g++ pkg-config libsodium-dev nlohmann-json3-dev libgtest-dev
-              mosquitto qemu-user-static g++-aarch64-linux-gnu binutils-aarch64-linux-gnu)
+              mosquitto mosquitto-clients libpaho-mqtt-dev libsqlite3-dev libtomlplusplus-dev
+              chromium qemu-user-static g++-aarch64-linux-gnu binutils-aarch64-linux-gnu)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

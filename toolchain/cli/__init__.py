@@ -31,7 +31,7 @@ def print_error(message: str) -> None:
 
 
 def _register() -> None:
-    from edgesmith.toolchain.cli import artifacts, build, keys, prove, targets, tools
+    from edgesmith.toolchain.cli import artifacts, broker, build, keys, prove, targets, tools
 
     app.command("targets")(targets.targets)
     app.command("build")(build.build)
@@ -40,6 +40,7 @@ def _register() -> None:
     app.command("prove")(prove.prove)
     app.add_typer(keys.app, name="keys")
     app.add_typer(tools.app, name="tools")
+    app.add_typer(broker.app, name="broker")
 
 
 _register()
