@@ -10,10 +10,15 @@
 #
 # The bundle needs no LD_LIBRARY_PATH and no libsodium on the device (linked statically); it needs
 # a glibc >= 2.35 device (the openvino wheel's manylinux_2_35 tag) with libstdc++ from GCC >= 12.
-# Run it here with:  qemu-aarch64-static -L /usr/aarch64-linux-gnu <bundle>/bin/edgesmith-run ARTIFACT
+# Run it here with Debian's multiarch arm64 libc/libstdc++ (libc6:arm64, libstdc++6:arm64) and no -L:
+#   qemu-aarch64-static -cpu cortex-a72 <bundle>/bin/edgesmith-run ARTIFACT
+# (`edgesmith prove` does this, plus a -L prefix holding only an aarch64 /proc/cpuinfo). Never with
+# -L /usr/aarch64-linux-gnu: under qemu-user the cross sysroot's libc spins forever at the first
+# pthread_create of any dynamically linked program.
 #
 # Needs: g++-aarch64-linux-gnu, cmake, ninja (or make), pip (to download wheels), and
-# libsodium-dev:arm64 + nlohmann-json3-dev (installed with apt when missing, as root).
+# libsodium-dev:arm64, libc6:arm64, libstdc++6:arm64 + nlohmann-json3-dev (the arm64 ones are
+# installed with apt when missing, as root).
 # Idempotent: downloads, unpacking and the CMake build are skipped when up to date.
 #
 # Environment: EDGESMITH_HOME, PYTHON (interpreter whose pip downloads the wheels; default the
@@ -40,12 +45,18 @@ command -v aarch64-linux-gnu-g++ >/dev/null || die "aarch64-linux-gnu-g++ is mis
 command -v cmake >/dev/null || die "cmake is missing; install it with: apt-get install cmake"
 
 # --- target libraries (multiarch) -----------------------------------------------------------------
-if ! dpkg -s libsodium-dev:arm64 >/dev/null 2>&1; then
-  [[ "$(id -u)" == 0 ]] || die "libsodium-dev:arm64 is missing; as root run: dpkg --add-architecture arm64 && apt-get update && apt-get install -y libsodium-dev:arm64"
-  log "installing libsodium-dev:arm64"
+# libsodium-dev:arm64 to link against; libc6:arm64 and libstdc++6:arm64 to run the bundle under qemu.
+arm64_packages=(libsodium-dev:arm64 libc6:arm64 libstdc++6:arm64)
+arm64_missing=()
+for pkg in "${arm64_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || arm64_missing+=("$pkg")
+done
+if [[ ${#arm64_missing[@]} -gt 0 ]]; then
+  [[ "$(id -u)" == 0 ]] || die "arm64 packages missing (${arm64_missing[*]}); as root run: dpkg --add-architecture arm64 && apt-get update && apt-get install -y ${arm64_missing[*]}"
+  log "installing ${arm64_missing[*]}"
   dpkg --add-architecture arm64
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libsodium-dev:arm64
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${arm64_missing[@]}"
 fi
 
 # --- wheels -------------------------------------------------------------------------------------

@@ -4,6 +4,14 @@ The runner is ``edgesmith-run`` (C++, no Python) — natively for the host's ISA
 build of it under ``qemu-aarch64-static`` for Arm targets. The golden outputs in the artifact are
 ONNX Runtime's outputs for the golden inputs, so a proven artifact matches ONNX Runtime when run
 by the same code the device runs.
+
+Under qemu the runner emulates the target's core (``-cpu``, the target's ``qemu_cpu``) and loads
+Debian's multiarch arm64 libc/libstdc++ (``libc6:arm64``, ``libstdc++6:arm64``). It never uses the
+cross-compiler's sysroot (``-L /usr/aarch64-linux-gnu``): there every dynamically linked program
+spins forever at its first ``pthread_create``. ``-L`` points instead at a small per-CPU prefix
+holding only an aarch64 ``/proc/cpuinfo`` and ``midr_el1`` files: qemu looks guest paths up there
+first and falls back to the real root, so the engines (OpenVINO's Arm plugin, cpuinfo readers)
+see the emulated core rather than the host's x86 ``/proc/cpuinfo``.
 """
 
 from __future__ import annotations
@@ -23,20 +31,41 @@ from edgesmith.toolchain.errors import UserError
 from edgesmith.toolchain.targets import Target, proof_status
 
 QEMU = "qemu-aarch64-static"
-AARCH64_SYSROOT = "/usr/aarch64-linux-gnu"
-PROOF_TIMEOUT_S = 600
+PROOF_TIMEOUT_S = 300
 
-# Backends whose engine cannot run under qemu-aarch64 user emulation here (Debian's qemu 7.2):
-# OpenVINO's Arm CPU plugin spins forever inside compile_model, also in a 15-line runner that
-# links nothing but OpenVINO, so the proof would only burn the timeout. Such artifacts need a device.
-QEMU_UNSUPPORTED = {"openvino": "OpenVINO's Arm CPU plugin hangs in compile_model under qemu-aarch64 user emulation; prove it on a device"}
+
+@dataclass(frozen=True)
+class QemuCpu:
+    midr: int  # MIDR_EL1: implementer, variant, part, revision
+    features: tuple[str, ...]  # /proc/cpuinfo "Features", i.e. the AT_HWCAP flags qemu gives the guest
+
+
+_ARMV8_0 = ("fp", "asimd", "aes", "pmull", "sha1", "sha2", "crc32", "cpuid")
+_ARMV8_2 = ("fp", "asimd", "aes", "pmull", "sha1", "sha2", "crc32", "atomics", "fphp", "asimdhp", "cpuid",
+            "asimdrdm", "lrcpc", "dcpop", "asimddp")
+# What qemu-aarch64 7.2 emulates per -cpu model, read under it with getauxval(AT_HWCAP) and
+# `mrs midr_el1`; oldest first, so the default model for a target is the oldest one that fits.
+QEMU_CPUS = {
+    "cortex-a53": QemuCpu(0x410FD034, _ARMV8_0),
+    "cortex-a57": QemuCpu(0x411FD070, _ARMV8_0),
+    "cortex-a72": QemuCpu(0x410FD083, _ARMV8_0),
+    "cortex-a76": QemuCpu(0x414FD0B1, _ARMV8_2),
+    "neoverse-n1": QemuCpu(0x414FD0C1, _ARMV8_2),
+}
 
 
 @dataclass
 class Runner:
-    command: list[str]
+    exe: Path  # edgesmith-run
     env: dict[str, str]
     how: str  # "native" | "qemu-aarch64"
+    cpu: str | None = None  # the emulated CPU model (qemu only)
+
+    def command(self) -> list[str]:
+        """The command that starts ``edgesmith-run``; under qemu it writes the CPU's -L prefix first."""
+        if self.cpu is None:
+            return [str(self.exe)]
+        return [QEMU, "-cpu", self.cpu, "-L", str(qemu_prefix(self.cpu)), str(self.exe)]
 
 
 def aarch64_bundle() -> Path:
@@ -54,30 +83,79 @@ def _native_runner() -> Runner:
     from edgesmith.runtime import _core
 
     env = {"EDGESMITH_BACKEND_PATH": str(Path(_core.__file__).parent / "backends")}
-    return Runner([str(exe)], env, "native")
+    return Runner(exe, env, "native")
 
 
-def _qemu_runner() -> Runner | None:
+def qemu_cpu_for(target: Target) -> tuple[str | None, str]:
+    """The qemu CPU model an aarch64 target's proof emulates, or None and why there is none."""
+    wanted = set(target.cpu_features)
+    if target.qemu_cpu is None:
+        fitting = [name for name, cpu in QEMU_CPUS.items() if wanted <= set(cpu.features)]
+        if not fitting:
+            return None, (f"no qemu CPU model known to edgesmith has all of {', '.join(sorted(wanted))}; "
+                          f"set qemu_cpu in {target.source or target.name} to a model from `{QEMU} -cpu help` and add it to QEMU_CPUS")
+        return fitting[0], ""
+    cpu = QEMU_CPUS.get(target.qemu_cpu)
+    if cpu is None:
+        return None, (f"qemu_cpu {target.qemu_cpu!r} of {target.name} is not one edgesmith can describe to the guest; "
+                      f"use one of {', '.join(QEMU_CPUS)}")
+    missing = sorted(wanted - set(cpu.features))
+    if missing:
+        return None, (f"qemu_cpu {target.qemu_cpu!r} of {target.name} lacks {', '.join(missing)}, which its cpu_features list; "
+                      f"use a model that has them ({', '.join(n for n, c in QEMU_CPUS.items() if wanted <= set(c.features))})")
+    return target.qemu_cpu, ""
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    # Concurrent proofs share the prefix: replace files atomically, never truncate one in place.
+    if path.is_file() and path.read_text() == text:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+        f.write(text)
+    os.replace(f.name, path)
+
+
+def qemu_prefix(name: str) -> Path:
+    """A qemu ``-L`` prefix describing CPU model ``name`` to the guest: ``proc/cpuinfo`` and
+    ``sys/devices/system/cpu/cpuN/regs/identification/midr_el1``, one entry per host CPU (the
+    emulated threads run on those), laid out as Linux on that core writes them."""
+    cpu = QEMU_CPUS[name]
+    prefix = edgesmith_home() / "cache" / "qemu-prefix" / name
+    midr = cpu.midr
+    block = (f"Features\t: {' '.join(cpu.features)}\n"
+             f"CPU implementer\t: 0x{midr >> 24 & 0xFF:02x}\n"
+             f"CPU architecture: 8\n"
+             f"CPU variant\t: 0x{midr >> 20 & 0xF:x}\n"
+             f"CPU part\t: 0x{midr >> 4 & 0xFFF:03x}\n"
+             f"CPU revision\t: {midr & 0xF}\n\n")
+    count = os.cpu_count() or 1
+    _write_if_changed(prefix / "proc" / "cpuinfo", "".join(f"processor\t: {i}\n{block}" for i in range(count)))
+    cpus = prefix / "sys" / "devices" / "system" / "cpu"
+    for i in range(count):
+        _write_if_changed(cpus / f"cpu{i}" / "regs" / "identification" / "midr_el1", f"0x{midr:016x}\n")
+    return prefix
+
+
+def _qemu_runner(target: Target) -> tuple[Runner | None, str]:
     exe = aarch64_bundle() / "bin" / "edgesmith-run"
     if not exe.is_file():
-        return None
-    return Runner([QEMU, "-L", AARCH64_SYSROOT, str(exe)], {}, "qemu-aarch64")
+        return None, (f"the aarch64 runtime is not built ({aarch64_bundle()} is missing); "
+                      "run `edgesmith tools install aarch64-runtime`")
+    cpu, why = qemu_cpu_for(target)
+    if cpu is None:
+        return None, why
+    return Runner(exe, {}, "qemu-aarch64", cpu), "qemu-aarch64"
 
 
-def runner_for(target: Target, backend: str | None = None) -> tuple[Runner | None, str]:
-    """The runner that executes this target's (and backend's) artifacts here, or None and the reason."""
+def runner_for(target: Target) -> tuple[Runner | None, str]:
+    """The runner that executes this target's artifacts (of every backend) here, or None and the reason."""
     possible, how = proof_status(target)
     if not possible:
         return None, how
     if how == "native":
         return _native_runner(), "native"
-    if backend in QEMU_UNSUPPORTED:
-        return None, QEMU_UNSUPPORTED[backend]
-    runner = _qemu_runner()
-    if runner is None:
-        return None, (f"the aarch64 runtime is not built ({aarch64_bundle()} is missing); "
-                      "run `edgesmith tools install aarch64-runtime`")
-    return runner, how
+    return _qemu_runner(target)
 
 
 def run_golden(artifact: Path, runner: Runner, public_keys: list[bytes]) -> dict:
@@ -89,7 +167,7 @@ def run_golden(artifact: Path, runner: Runner, public_keys: list[bytes]) -> dict
             path.write_text(key.hex() + "\n")
             key_args += ["--key", str(path)]
         try:
-            result = subprocess.run([*runner.command, str(artifact), "--golden", "--json", *key_args],
+            result = subprocess.run([*runner.command(), str(artifact), "--golden", "--json", *key_args],
                                     capture_output=True, text=True, timeout=PROOF_TIMEOUT_S,
                                     env={**os.environ, **runner.env})
         except subprocess.TimeoutExpired:
@@ -110,13 +188,18 @@ def run_golden(artifact: Path, runner: Runner, public_keys: list[bytes]) -> dict
 
 
 def prove(artifact: Path, target: Target, backend: str, public_keys: list[bytes]) -> Proof:
-    """Run the artifact on its ISA; a Proof with status proven, failed, or not-run (and why)."""
-    runner, how = runner_for(target, backend)
+    """Run the artifact on its ISA; a Proof with status proven, failed, or not-run (and why).
+
+    ``backend`` does not change how: every backend's artifacts run in the same runtime."""
+    runner, how = runner_for(target)
     if runner is None:
         return Proof(status="not-run", isa=target.isa, reason=how)
     report = run_golden(artifact, runner, public_keys)
     passed = bool(report.get("passed")) and report["exit_code"] == 0
     reason = None if passed else report.get("error") or "outputs differ from the golden outputs beyond tolerance"
+    described = report.get("runner")
+    if described and runner.cpu:
+        described = f"{described} under {QEMU} -cpu {runner.cpu}"
     return Proof(status="proven" if passed else "failed", isa=target.isa, how=runner.how,
-                 runner=report.get("runner"), samples=int(report.get("samples", 0)),
+                 runner=described, samples=int(report.get("samples", 0)),
                  max_abs_err=report.get("max_abs_err"), reason=reason)
