@@ -9,7 +9,7 @@ Under qemu the runner emulates the target's core (``-cpu``, the target's ``qemu_
 Debian's multiarch arm64 libc/libstdc++ (``libc6:arm64``, ``libstdc++6:arm64``). It never uses the
 cross-compiler's sysroot (``-L /usr/aarch64-linux-gnu``): there every dynamically linked program
 spins forever at its first ``pthread_create``. ``-L`` points instead at a small per-CPU prefix
-holding only an aarch64 ``/proc/cpuinfo`` and ``midr_el1`` files: qemu looks guest paths up there
+holding only an aarch64 ``/proc/cpuinfo`` and the cores' ``midr_el1``: qemu looks guest paths up there
 first and falls back to the real root, so the engines (OpenVINO's Arm plugin, cpuinfo readers)
 see the emulated core rather than the host's x86 ``/proc/cpuinfo``.
 """
