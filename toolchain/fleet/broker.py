@@ -239,6 +239,43 @@ def down(directory: Path, timeout: float = 10.0) -> bool:
     raise UserError(f"Mosquitto (pid {pid}) did not stop within {timeout:g} s; stop it with `kill {pid}`")
 
 
+def add_devices(directory: Path, devices: list[str], fleet: str) -> list[dict[str, Any]]:
+    """Provision many new devices at once (load tests, fleet imports): one password-file rewrite
+    (``mosquitto_passwd -U`` hashes a plain-text file in place), one ACL write, one reload.
+    Devices that exist already keep their credentials."""
+    for device in devices:
+        _check_id("device", device)
+    _check_id("fleet", fleet)
+    _, passwd_tool = _require_mosquitto()
+    broker = Broker(Path(directory).resolve())
+    settings = broker.settings()
+    results, fresh = [], {}
+    for device in devices:
+        path = broker.dir / "devices" / f"{device}.json"
+        if path.is_file():
+            results.append({**json.loads(path.read_text()), "credentials": str(path)})
+            continue
+        password = secrets.token_urlsafe(24)
+        fresh[device] = password
+        credentials = {"device": device, "fleet": fleet, "host": settings.host, "port": settings.port,
+                       "username": device, "password": password, "tls": settings.tls, "cafile": settings.cafile}
+        _write_private(path, json.dumps(credentials, indent=2) + "\n")
+        results.append({**credentials, "credentials": str(path)})
+    if fresh:
+        plain = broker.dir / f".passwd.{secrets.token_hex(4)}.tmp"
+        _write_private(plain, "".join(f"{user}:{password}\n" for user, password in fresh.items()))
+        result = subprocess.run([passwd_tool, "-U", str(plain)], capture_output=True, text=True)
+        if result.returncode != 0:
+            plain.unlink(missing_ok=True)
+            raise UserError(f"mosquitto_passwd -U failed: {(result.stderr or result.stdout).strip()}")
+        with open(broker.dir / "passwd", "a") as out:
+            out.write(plain.read_text())
+        plain.unlink()
+        (broker.dir / "acl").write_text(_acl(broker))
+        _reload(broker)
+    return results
+
+
 def add_device(directory: Path, device: str, fleet: str, rotate: bool = False) -> dict[str, Any]:
     """Create a device's login and ACL; write and return its credentials (what the agent reads)."""
     _check_id("device", device)
