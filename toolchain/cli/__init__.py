@@ -31,7 +31,7 @@ def print_error(message: str) -> None:
 
 
 def _register() -> None:
-    from edgesmith.toolchain.cli import artifacts, broker, build, keys, prove, targets, tools
+    from edgesmith.toolchain.cli import artifacts, broker, build, fleet, keys, prove, targets, tools
 
     app.command("targets")(targets.targets)
     app.command("build")(build.build)
@@ -41,6 +41,7 @@ def _register() -> None:
     app.add_typer(keys.app, name="keys")
     app.add_typer(tools.app, name="tools")
     app.add_typer(broker.app, name="broker")
+    app.add_typer(fleet.app, name="fleet")
 
 
 _register()

@@ -1,0 +1,106 @@
+"""``edgesmith fleet``: watch the fleet's telemetry (monitor) and show what it stored (status)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from edgesmith.toolchain.fleet.alerts import Thresholds
+
+app = typer.Typer(help="Watch the fleet: store telemetry, aggregate per model version × target, detect drift, alert.",
+                  no_args_is_help=True)
+
+DB_HELP = "Database URL of the monitor's store (default: sqlite:///<edgesmith home>/fleet/monitor.db; PostgreSQL works)."
+INTERVAL_HELP = ("Telemetry interval (s) assumed for devices whose birth did not say (silent after 3), "
+                 "and the step of the dashboard's charts.")
+
+
+@app.command("monitor")
+def monitor(
+    broker: Path = typer.Option(..., "--broker", envvar="EDGESMITH_BROKER_DIR",
+                                help="The broker's directory (`edgesmith broker up --dir`); the monitor logs in with its monitor.json."),
+    db: str = typer.Option(None, "--db", envvar="EDGESMITH_FLEET_DB", help=DB_HELP),
+    http: str = typer.Option("127.0.0.1:9110", "--http", envvar="EDGESMITH_MONITOR_HTTP",
+                             help="Where to serve the dashboard (/), /metrics and /api/fleet (HOST:PORT; port 0 picks one)."),
+    shared: str = typer.Option(None, "--shared", help="Share the stream with other monitors: MQTT v5 shared "
+                               "subscription $share/GROUP/edgesmith/v1/# (give each monitor its own --client-id)."),
+    client_id: str = typer.Option(None, "--client-id", help="MQTT client id; the persistent session is kept under it "
+                                  "(default edgesmith-monitor, or edgesmith-monitor-GROUP with --shared)."),
+    interval_s: float = typer.Option(10.0, "--interval-s", min=0.1, help=INTERVAL_HELP),
+    recent_s: float = typer.Option(300.0, "--recent-s", min=1, help="How much of each device's recent telemetry (s, "
+                                   "by its window end times) the percentiles, rates and drift are computed over."),
+    drift_psi: float = typer.Option(Thresholds.drift_psi, "--drift-psi", min=0, help="Drift alert when an output's "
+                                    "population stability index against the build's reference exceeds this."),
+    drift_js: float = typer.Option(Thresholds.drift_js, "--drift-js", min=0, max=1, help="... or its Jensen-Shannon "
+                                   "divergence (bits, 0..1) exceeds this."),
+    error_rate: float = typer.Option(Thresholds.error_rate, "--error-rate", min=0, max=1,
+                                     help="Error-rate alert above this share of failed runs."),
+    latency_ratio: float = typer.Option(Thresholds.latency_ratio, "--latency-ratio", min=1,
+                                        help="Latency alert when recent p50 exceeds this multiple of the build's p50."),
+    webhook: str = typer.Option(None, "--webhook", envvar="EDGESMITH_ALERT_WEBHOOK",
+                                help="POST every alert (JSON) to this URL, besides the log and MQTT."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log HTTP requests and more."),
+) -> None:
+    """Store the fleet's telemetry, aggregate, detect drift, alert; serve a dashboard, /metrics and /api/fleet.
+
+    Runs until interrupted. Restarting resumes the same persistent MQTT session: nothing is lost and
+    nothing is counted twice. Alerts go to the log, to edgesmith/v1/FLEET/_monitor/alert and to --webhook.
+    """
+    from edgesmith.toolchain.fleet.monitor import Monitor, MonitorConfig, parse_http
+    from edgesmith.toolchain.fleet.store import default_url
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    host, port = parse_http(http)
+    config = MonitorConfig(broker_dir=broker, db_url=db or default_url(), http_host=host, http_port=port,
+                           shared_group=_group(shared), client_id=client_id, interval_s=interval_s, recent_s=recent_s,
+                           thresholds=Thresholds(drift_psi=drift_psi, drift_js=drift_js, error_rate=error_rate,
+                                                 latency_ratio=latency_ratio),
+                           webhook=webhook)
+    Monitor(config).run()
+
+
+def _group(value: str | None) -> str | None:
+    from edgesmith.toolchain.errors import UserError
+
+    if value is not None and (not value or any(c in value for c in "/+#")):
+        raise UserError(f"--shared {value!r} is not a share group name; use letters and digits (no '/', '+' or '#')")
+    return value
+
+
+@app.command("status")
+def status(
+    db: str = typer.Option(None, "--db", envvar="EDGESMITH_FLEET_DB", help=DB_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list: device, fleet, online, artifact, latency "
+                                 "{p50_us, p95_us, p99_us} of the last window, and more."),
+    interval_s: float = typer.Option(10.0, "--interval-s", min=0.1, help=INTERVAL_HELP),
+) -> None:
+    """Show every device the monitor has stored: online or not, its artifact, the last window's latency."""
+    from edgesmith.toolchain.cli import out_console
+    from edgesmith.toolchain.fleet.store import Store, default_url, fleet_status
+
+    store = Store.open(db or default_url(), create=False)
+    rows = fleet_status(store, default_interval_s=interval_s)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table("device", "fleet", "online", "artifact", "version", "p50 ms", "p95 ms", "p99 ms", "runs", "errors",
+                  "last seen")
+    now = time.time()
+    for r in rows:
+        lat = r["latency"]
+        ms = lambda us: "–" if us is None else f"{us / 1000:.3g}"  # noqa: E731
+        online = "[green]online[/]" if r["online"] else "[red]silent[/]" if r["session_open"] else "[red]offline[/]"
+        table.add_row(r["device"], r["fleet"], online, r["artifact"] or "–", r["version"] or "–", ms(lat["p50_us"]),
+                      ms(lat["p95_us"]), ms(lat["p99_us"]), str(r["runs"]), str(r["errors"]),
+                      f"{now - r['last_seen_ms'] / 1000:.0f} s ago")
+    console = out_console()
+    console.print(table)
+    if not rows:
+        console.print("no devices yet: the monitor has stored nothing from any device")

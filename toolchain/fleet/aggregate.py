@@ -1,0 +1,353 @@
+"""The fleet as the monitor shows it: recent windows per device and per model version × target.
+
+The view follows the store (new rows by batch number, so it sees what every monitor sharing the
+database stored) and keeps, per device, the windows of its current artifact whose end lies within
+``recent_s`` of its newest window (device clock, so a device's clock offset does not matter).
+Sums over those windows are kept incrementally, per device and per group (fleet, model, version,
+target): latency bucket counts merged in the birth's layout (then p50/p95/p99), runs, errors,
+window time (throughput) and output counts (drift against the birth's reference shares).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgesmith.toolchain.fleet import drift
+from edgesmith.toolchain.fleet.latency import LatencyHistogram
+from edgesmith.toolchain.fleet.protocol import LatencyLayout
+from edgesmith.toolchain.fleet.store import Store, is_silent, now_ms
+
+GroupKey = tuple[str, str, str, str]  # fleet, model, version, target
+DeviceKey = tuple[str, str]
+
+
+@dataclass(slots=True)
+class Window:
+    end_ms: int
+    duration_ms: int
+    runs: int
+    errors: int
+    latency: np.ndarray | None  # buckets, underflow, overflow (None: not in the birth's layout)
+    sum_us: float
+    max_us: float
+    outputs: dict[str, np.ndarray]  # in each reference's layout
+
+
+@dataclass
+class Sums:
+    """Sums over a set of windows; windows are added and removed one at a time."""
+
+    layout: LatencyLayout | None
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    latency: np.ndarray | None = None
+    sum_us: float = 0.0
+    runs: int = 0
+    errors: int = 0
+    duration_ms: int = 0
+    windows: int = 0
+
+    def __post_init__(self) -> None:
+        if self.layout is not None and self.latency is None:
+            self.latency = np.zeros(self.layout.count + 2, dtype=np.int64)
+
+    def add(self, w: Window, sign: int = 1) -> None:
+        self.runs += sign * w.runs
+        self.errors += sign * w.errors
+        self.duration_ms += sign * w.duration_ms
+        self.windows += sign
+        if w.latency is not None and self.latency is not None and w.latency.shape == self.latency.shape:
+            self.latency += sign * w.latency
+            self.sum_us += sign * w.sum_us
+        for name, counts in w.outputs.items():
+            mine = self.outputs.get(name)
+            if mine is None:
+                self.outputs[name] = sign * counts.copy()
+            elif mine.shape == counts.shape:
+                mine += sign * counts
+
+    def merge(self, other: Sums, sign: int = 1) -> None:
+        self.runs += sign * other.runs
+        self.errors += sign * other.errors
+        self.duration_ms += sign * other.duration_ms
+        self.windows += sign * other.windows
+        if other.latency is not None and self.latency is not None and other.latency.shape == self.latency.shape:
+            self.latency += sign * other.latency
+            self.sum_us += sign * other.sum_us
+        for name, counts in other.outputs.items():
+            mine = self.outputs.get(name)
+            if mine is None:
+                self.outputs[name] = sign * counts.copy()
+            elif mine.shape == counts.shape:
+                mine += sign * counts
+
+    def quantiles(self, max_us: float) -> dict[str, float | None]:
+        if self.layout is None or self.latency is None:
+            return {"p50_us": None, "p95_us": None, "p99_us": None}
+        counts = self.latency.tolist()
+        hist = LatencyHistogram(self.layout, counts=counts[:-2], underflow=counts[-2], overflow=counts[-1],
+                                sum_us=self.sum_us, max_us=max_us)
+        return hist.quantiles()
+
+    @property
+    def error_rate(self) -> float | None:
+        attempts = self.runs + self.errors
+        return self.errors / attempts if attempts else None
+
+    @property
+    def throughput_rps(self) -> float | None:
+        return self.runs / (self.duration_ms / 1000) if self.duration_ms > 0 else None
+
+
+def _window(row: dict[str, Any], birth: dict[str, Any]) -> Window:
+    lat = json.loads(row["latency"])
+    layout = birth["metrics"]["latency"]
+    latency = None
+    if lat["layout"] == [layout["start_us"], layout["factor"], layout["count"]] and len(lat["counts"]) == layout["count"]:
+        latency = np.array([*lat["counts"], lat["underflow"], lat["overflow"]], dtype=np.int64)
+    window_outputs = json.loads(row["outputs"])
+    outputs = {}
+    for spec in birth["metrics"]["outputs"]:
+        got = window_outputs.get(spec["name"])
+        if got is not None:
+            outputs[spec["name"]] = np.array(drift.observed_counts(spec["kind"], got), dtype=np.int64)
+    return Window(end_ms=row["window_end_ms"], duration_ms=max(0, row["window_end_ms"] - row["window_start_ms"]),
+                  runs=row["runs"], errors=row["errors"], latency=latency, sum_us=lat["sum_us"], max_us=lat["max_us"],
+                  outputs=outputs)
+
+
+class DeviceView:
+    """One device: its store row, current birth, and the recent windows of its current artifact."""
+
+    def __init__(self, row: dict[str, Any]):
+        self.row = row
+        self.birth: dict[str, Any] | None = json.loads(row["birth"]) if row["birth"] else None
+        self.windows: deque[Window] = deque()
+        self.sums = Sums(self.layout)
+        self.summary: dict[str, Any] = {}
+        self.dirty = True
+
+    @property
+    def layout(self) -> LatencyLayout | None:
+        return LatencyLayout(**self.birth["metrics"]["latency"]) if self.birth else None
+
+    @property
+    def sha(self) -> str | None:
+        return self.birth["artifact"]["manifest_sha256"] if self.birth else None
+
+    @property
+    def group(self) -> GroupKey | None:
+        if not self.birth:
+            return None
+        a = self.birth["artifact"]
+        return (self.row["fleet"], a["model"], a["model_version"], a["target"])
+
+    def references(self) -> dict[str, tuple[str, list[float] | None]]:
+        if not self.birth:
+            return {}
+        return {o["name"]: (o["kind"], o.get("reference")) for o in self.birth["metrics"]["outputs"]}
+
+    def add(self, w: Window, horizon_ms: int) -> tuple[list[Window], bool]:
+        """Insert a window; returns the windows that fell out of the horizon and whether it was kept."""
+        newest = self.windows[-1].end_ms if self.windows else w.end_ms
+        if w.end_ms < max(newest, w.end_ms) - horizon_ms:
+            return [], False
+        ends = [x.end_ms for x in self.windows]
+        self.windows.insert(bisect.bisect_right(ends, w.end_ms), w)
+        self.sums.add(w)
+        expired = []
+        cutoff = self.windows[-1].end_ms - horizon_ms
+        while self.windows and self.windows[0].end_ms < cutoff:
+            old = self.windows.popleft()
+            self.sums.add(old, -1)
+            expired.append(old)
+        self.dirty = True
+        return expired, True
+
+    def max_us(self) -> float:
+        return max((w.max_us for w in self.windows if w.latency is not None), default=0.0)
+
+
+@dataclass
+class GroupView:
+    key: GroupKey
+    sums: Sums
+    references: dict[str, tuple[str, list[float] | None]]
+    members: set[DeviceKey] = field(default_factory=set)
+    history: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=360))
+    summary: dict[str, Any] = field(default_factory=dict)
+    dirty: bool = True
+
+
+def _drift(sums: Sums, references: dict[str, tuple[str, list[float] | None]], min_samples: int) -> dict[str, Any]:
+    out = {}
+    for name, (_kind, reference) in references.items():
+        counts = sums.outputs.get(name)
+        measured = drift.measure(counts, reference, min_samples) if counts is not None else None
+        out[name] = measured.as_dict() if measured else None
+    return out
+
+
+def _worst(drifts: dict[str, Any], measure: str) -> float | None:
+    values = [d[measure] for d in drifts.values() if d]
+    return max(values) if values else None
+
+
+class FleetView:
+    def __init__(self, store: Store, recent_s: float = 300.0, default_interval_s: float = 10.0,
+                 min_drift_samples: int = drift.MIN_SAMPLES):
+        self.store = store
+        self.horizon_ms = int(recent_s * 1000)
+        self.default_interval_s = default_interval_s
+        self.min_drift_samples = min_drift_samples
+        self.devices: dict[DeviceKey, DeviceView] = {}
+        self.groups: dict[GroupKey, GroupView] = {}
+        self.cursor = 0
+
+    # ---- following the store -------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Start from the store: every device, and windows received recently enough to matter."""
+        upto = self.store.batch()
+        for row in self.store.devices():
+            self._device_row(row)
+        since = now_ms() - 2 * self.horizon_ms
+        self._windows(self.store.windows(received_after_ms=since, up_to_batch=upto))
+        self.cursor = upto
+
+    def refresh(self) -> int:
+        """Take in what was stored since the last call; returns how many windows came."""
+        upto = self.store.batch()
+        if upto == self.cursor:
+            return 0
+        for row in self.store.devices(since_batch=self.cursor):
+            self._device_row(row)
+        rows = self.store.windows(since_batch=self.cursor, up_to_batch=upto)
+        self._windows(rows)
+        self.cursor = upto
+        return len(rows)
+
+    def _device_row(self, row: dict[str, Any]) -> None:
+        key = (row["fleet"], row["device"])
+        view = self.devices.get(key)
+        birth = json.loads(row["birth"]) if row["birth"] else None
+        if view is not None and (view.birth is None) == (birth is None) and (
+                birth is None or (birth["artifact"] == view.birth["artifact"] and birth["metrics"] == view.birth["metrics"])):
+            view.row, view.birth = row, birth  # same artifact (e.g. a reconnect): recent windows stay
+            view.dirty = True
+            return
+        # New device, or a new artifact: its recent windows start over (a new artifact is measured
+        # against its own reference and layout).
+        if view is not None:
+            self._leave_group(key, view)
+        view = self.devices[key] = DeviceView(row)
+        group = view.group
+        if group is not None:
+            g = self.groups.get(group)
+            if g is None:
+                g = self.groups[group] = GroupView(group, Sums(view.layout), view.references())
+            g.members.add(key)
+            g.dirty = True
+
+    def _leave_group(self, key: DeviceKey, view: DeviceView) -> None:
+        group = view.group
+        g = self.groups.get(group) if group else None
+        if g is not None:
+            g.sums.merge(view.sums, -1)
+            g.members.discard(key)
+            g.dirty = True
+
+    def _windows(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            view = self.devices.get((row["fleet"], row["device"]))
+            if view is None or view.birth is None or row["artifact_sha256"] != view.sha:
+                continue  # not the device's current artifact: stored, but not part of its recent view
+            w = _window(row, view.birth)
+            expired, kept = view.add(w, self.horizon_ms)
+            g = self.groups.get(view.group)
+            if g is not None:
+                if kept:
+                    g.sums.add(w)
+                for old in expired:
+                    g.sums.add(old, -1)
+                g.dirty = True
+
+    # ---- what is shown -------------------------------------------------------------------------------
+
+    def device_summary(self, view: DeviceView, at_ms: int) -> dict[str, Any]:
+        r = view.row
+        silent = is_silent(r["last_seen_ms"], r["interval_s"], at_ms, self.default_interval_s)
+        if view.dirty or not view.summary:
+            drifts = _drift(view.sums, view.references(), self.min_drift_samples)
+            view.summary = {
+                "recent": {"windows": view.sums.windows, "runs": view.sums.runs, "errors": view.sums.errors,
+                           "error_rate": view.sums.error_rate, "throughput_rps": view.sums.throughput_rps,
+                           **view.sums.quantiles(view.max_us())},
+                "drift": drifts, "psi": _worst(drifts, "psi"), "js": _worst(drifts, "js"),
+            }
+            view.dirty = False
+        return {
+            "device": r["device"], "fleet": r["fleet"], "online": bool(r["session_open"]) and not silent,
+            "silent": silent, "session_open": bool(r["session_open"]), "death_reason": r["death_reason"],
+            "bd_seq": r["bd_seq"], "artifact": r["artifact"], "model": r["model"], "version": r["model_version"],
+            "target": r["target"], "backend": r["backend"], "manifest_sha256": r["manifest_sha256"],
+            "interval_s": r["interval_s"], "build_latency_us": r["build_latency_us"],
+            "last_seen_ms": r["last_seen_ms"], "first_seen_ms": r["first_seen_ms"],
+            "last_window": {"end_ms": r["last_window_end_ms"], "p50_us": r["p50_us"], "p95_us": r["p95_us"],
+                            "p99_us": r["p99_us"]},
+            "runs_total": r["runs"], "errors_total": r["errors"], "messages": r["messages"],
+            "duplicates": r["duplicates"], "gaps": r["gaps"],
+            **view.summary,
+        }
+
+    def group_summary(self, g: GroupView, online: int) -> dict[str, Any]:
+        if g.dirty or not g.summary:
+            max_us = max((self.devices[k].max_us() for k in g.members if k in self.devices), default=0.0)
+            drifts = _drift(g.sums, g.references, self.min_drift_samples)
+            rates = [r for r in (self.devices[k].sums.throughput_rps for k in g.members if k in self.devices)
+                     if r is not None]
+            g.summary = {
+                "recent": {"windows": g.sums.windows, "runs": g.sums.runs, "errors": g.sums.errors,
+                           "error_rate": g.sums.error_rate,
+                           "throughput_rps": sum(rates) if rates else None,
+                           **g.sums.quantiles(max_us)},
+                "drift": drifts, "psi": _worst(drifts, "psi"), "js": _worst(drifts, "js"),
+            }
+            g.dirty = False
+        fleet, model, version, target = g.key
+        return {"fleet": fleet, "model": model, "version": version, "target": target, "devices": len(g.members),
+                "online": online, **g.summary, "history": list(g.history)}
+
+    def snapshot(self, at_ms: int | None = None) -> dict[str, Any]:
+        at_ms = at_ms if at_ms is not None else now_ms()
+        devices = [self.device_summary(self.devices[k], at_ms) for k in sorted(self.devices)]
+        online: dict[GroupKey, int] = {}
+        for d in devices:
+            if d["online"] and d["model"] is not None:
+                key = (d["fleet"], d["model"], d["version"], d["target"])
+                online[key] = online.get(key, 0) + 1
+        for key in [k for k, g in self.groups.items() if not g.members]:
+            del self.groups[key]
+        groups = [self.group_summary(self.groups[k], online.get(k, 0)) for k in sorted(self.groups)]
+        mix: dict[str, dict[str, dict[str, int]]] = {}
+        for d in devices:
+            if d["model"] is not None:
+                versions = mix.setdefault(d["fleet"], {}).setdefault(f"{d['model']} × {d['target']}", {})
+                versions[d["version"]] = versions.get(d["version"], 0) + 1
+        return {"generated_ms": at_ms, "devices": devices, "groups": groups, "version_mix": mix}
+
+    def record_history(self, snapshot: dict[str, Any]) -> None:
+        """One chart point per group from a snapshot."""
+        for g in snapshot["groups"]:
+            view = self.groups.get((g["fleet"], g["model"], g["version"], g["target"]))
+            if view is not None:
+                recent = g["recent"]
+                view.history.append({"t_ms": snapshot["generated_ms"], "p50_us": recent["p50_us"],
+                                     "p95_us": recent["p95_us"], "p99_us": recent["p99_us"], "psi": g["psi"],
+                                     "js": g["js"], "throughput_rps": recent["throughput_rps"],
+                                     "error_rate": recent["error_rate"]})

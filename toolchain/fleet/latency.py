@@ -1,0 +1,95 @@
+"""Latency histograms as the device runtime keeps them: log-spaced buckets from the birth's layout.
+
+Bucket k holds runs in ``[start_us * factor**k, start_us * factor**(k+1))``, with an underflow and
+an overflow count. Windows merge by adding counts; percentiles are estimated exactly as the C++
+core does (``stats_percentile_us`` in ``csrc/runtime/stats.cc``), so a merged window of one device
+gives the same p50 the device reported.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from edgesmith.toolchain.fleet.protocol import LatencyLayout
+
+
+def layout_key(layout: LatencyLayout) -> tuple[float, float, int]:
+    return (layout.start_us, layout.factor, layout.count)
+
+
+def bucket_index(latency_us: float, layout: LatencyLayout) -> int:
+    """-1 for underflow, ``layout.count`` for overflow, else the bucket."""
+    if not latency_us >= layout.start_us:
+        return -1
+    k = math.floor(math.log(latency_us / layout.start_us) / math.log(layout.factor))
+    return min(k, layout.count)
+
+
+@dataclass
+class LatencyHistogram:
+    """Counts in one layout; ``add`` merges a window's counts in."""
+
+    layout: LatencyLayout
+    counts: list[int] = field(default_factory=list)
+    underflow: int = 0
+    overflow: int = 0
+    sum_us: float = 0.0
+    max_us: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            self.counts = [0] * self.layout.count
+
+    @classmethod
+    def of_samples(cls, samples_us: Iterable[float], layout: LatencyLayout) -> LatencyHistogram:
+        hist = cls(layout)
+        for value in samples_us:
+            k = bucket_index(value, layout)
+            if k < 0:
+                hist.underflow += 1
+            elif k >= layout.count:
+                hist.overflow += 1
+            else:
+                hist.counts[k] += 1
+            hist.sum_us += value
+            hist.max_us = max(hist.max_us, value)
+        return hist
+
+    @property
+    def total(self) -> int:
+        return self.underflow + self.overflow + sum(self.counts)
+
+    def add(self, counts: list[int], underflow: int, overflow: int, sum_us: float, max_us: float) -> bool:
+        """Merge one window; False (nothing merged) when its bucket count differs from the layout's."""
+        if len(counts) != len(self.counts):
+            return False
+        self.counts = [a + b for a, b in zip(self.counts, counts)]
+        self.underflow += underflow
+        self.overflow += overflow
+        self.sum_us += sum_us
+        self.max_us = max(self.max_us, max_us)
+        return True
+
+    def percentile_us(self, q: float) -> float | None:
+        """The q-quantile (0..1) interpolated log-linearly inside its bucket, capped at the maximum
+        seen; None for an empty histogram."""
+        total = self.total
+        if total == 0:
+            return None
+        rank = min(max(q, 0.0), 1.0) * total
+        seen = float(self.underflow)
+        if self.underflow > 0 and rank <= seen:
+            return self.layout.start_us
+        for k, count in enumerate(self.counts):
+            if count > 0 and rank <= seen + count:
+                fraction = (rank - seen) / count
+                estimate = self.layout.start_us * self.layout.factor ** (k + fraction)
+                return min(estimate, self.max_us) if self.max_us > 0 else estimate
+            seen += count
+        return self.max_us
+
+    def quantiles(self) -> dict[str, float | None]:
+        return {"p50_us": self.percentile_us(0.50), "p95_us": self.percentile_us(0.95),
+                "p99_us": self.percentile_us(0.99)}

@@ -1,0 +1,333 @@
+"""``edgesmith fleet monitor``: subscribe to the fleet's telemetry, store it, aggregate, detect drift, alert, serve.
+
+Threads: paho's network loop hands every message to a queue; the ingest loop validates, batches
+and stores (one transaction per batch), and only then acknowledges the batch's messages (manual
+PUBACK), so a monitor that dies mid-batch gets them again from its persistent session and the
+store's sequence bookkeeping drops what it had already written. The evaluator follows the store
+once a tick (aggregates, drift, alerts) and publishes a snapshot that the HTTP server reads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import re
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from edgesmith.toolchain.errors import UserError
+from edgesmith.toolchain.fleet import protocol
+from edgesmith.toolchain.fleet.aggregate import FleetView
+from edgesmith.toolchain.fleet.alerts import AlertManager, Notifier, Thresholds
+from edgesmith.toolchain.fleet.broker import Broker
+from edgesmith.toolchain.fleet.store import Incoming, Store, now_ms
+from edgesmith.toolchain.fleet.web import HttpServer
+
+log = logging.getLogger("edgesmith.fleet.monitor")
+
+SESSION_EXPIRY_S = 7 * 24 * 3600  # as the devices' sessions: a monitor away for a week misses nothing
+KEEPALIVE_S = 30
+INT64_MAX = 2**63 - 1  # the store's integers are signed 64-bit; the protocol allows up to 2**64 - 1
+RC_SESSION_TAKEN_OVER = 142
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    broker_dir: Path
+    db_url: str
+    http_host: str = "127.0.0.1"
+    http_port: int = 9110
+    shared_group: str | None = None
+    client_id: str | None = None
+    interval_s: float = 10.0  # assumed telemetry interval of devices whose birth did not say; chart step
+    recent_s: float = 300.0
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    webhook: str | None = None
+    batch_size: int = 500
+    batch_wait_s: float = 0.05
+    tick_s: float = 1.0
+
+    @property
+    def subscription(self) -> str:
+        topic = f"{protocol.TOPIC_ROOT}/#"
+        return f"$share/{self.shared_group}/{topic}" if self.shared_group else topic
+
+    @property
+    def mqtt_client_id(self) -> str:
+        if self.client_id:
+            return self.client_id
+        return f"edgesmith-monitor-{self.shared_group}" if self.shared_group else "edgesmith-monitor"
+
+
+def parse_http(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise UserError(f"--http {value!r} is not HOST:PORT; use e.g. 127.0.0.1:9110")
+    return host.strip("[]"), int(port)
+
+
+_MONITOR_TOPIC = re.compile(rf"^{re.escape(protocol.TOPIC_ROOT)}/[^/]+/_monitor/")
+
+
+def classify(topic: str, payload: bytes, received_ms: int) -> Incoming | None:
+    """Validate one MQTT message; None for topics that are not device messages (alerts, desired states)."""
+    parts = protocol.parse_topic(topic)
+    if parts is None:
+        return None if _MONITOR_TOPIC.match(topic) else Incoming(received_ms, dropped="unknown_topic")
+    fleet, device, kind = parts
+    if kind == "desired":
+        return None
+    if kind not in protocol.DEVICE_KINDS:
+        return Incoming(received_ms, dropped="unknown_topic")
+    if len(payload) > protocol.MAX_PAYLOAD_BYTES:
+        return Incoming(received_ms, dropped="oversized")
+    try:
+        message = protocol.parse_message(payload)
+    except ValidationError as e:
+        malformed = any(err["type"] == "json_invalid" for err in e.errors())
+        return Incoming(received_ms, dropped="malformed" if malformed else "invalid")
+    except ValueError:
+        return Incoming(received_ms, dropped="malformed")
+    if (message.fleet, message.device, message.kind) != (fleet, device, kind):
+        return Incoming(received_ms, dropped="topic_mismatch")  # a device may only speak for itself
+    if not _storable(message, payload):
+        return Incoming(received_ms, dropped="invalid")
+    return Incoming(received_ms, message=message)
+
+
+def _storable(message: Any, payload: bytes) -> bool:
+    """Valid by the protocol but not storable portably: integers past signed 64 bits, or NUL
+    characters (PostgreSQL text cannot hold them)."""
+    if b"\\u0000" in payload:
+        return False
+    numbers = [message.seq, message.bdSeq, message.ts_ms]
+    if message.kind == "telemetry":
+        numbers += [message.window_start_ms, message.window_end_ms, message.runs, message.errors,
+                    message.nan_input_runs, message.process.rss_bytes, message.spool.queued, message.spool.dropped_total]
+    return all(n <= INT64_MAX for n in numbers)
+
+
+@dataclass
+class _Received:
+    generation: int
+    mid: int
+    qos: int
+    topic: str
+    payload: bytes
+    received_ms: int
+
+
+class Monitor:
+    def __init__(self, config: MonitorConfig):
+        self.config = config
+        broker = Broker(Path(config.broker_dir).resolve())
+        self.broker_settings = broker.settings()
+        try:
+            self.credentials = broker.monitor_credentials()
+        except (OSError, ValueError):
+            raise UserError(f"no monitor login in {broker.dir / 'monitor.json'}; run `edgesmith broker up --dir "
+                            f"{broker.dir}` first") from None
+        self.store = Store.open(config.db_url)
+        self.view = FleetView(self.store, recent_s=config.recent_s, default_interval_s=config.interval_s)
+        self.received: queue.Queue[_Received] = queue.Queue()
+        self.stop_event = threading.Event()
+        self.fatal: str | None = None
+        self.generation = 0
+        self.connected = False
+        self._snapshot: dict[str, Any] | None = None
+        self._last_history_ms = 0
+        self.client = self._client()
+        self.notifier = Notifier(publish=self._publish_alert, webhook=config.webhook)
+        self.alerts = AlertManager(self.store, config.thresholds, self.notifier)
+        self.http: HttpServer | None = None
+
+    # ---- MQTT ------------------------------------------------------------------------------------
+
+    def _client(self) -> mqtt.Client:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.config.mqtt_client_id, protocol=mqtt.MQTTv5,
+                             manual_ack=True)
+        client.username_pw_set(self.credentials["username"], self.credentials["password"])
+        if self.broker_settings.tls:
+            client.tls_set(ca_certs=self.broker_settings.cafile)
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    def _on_connect(self, client: mqtt.Client, _userdata: Any, flags: Any, reason_code: Any, _props: Any) -> None:
+        if reason_code.is_failure:
+            self.fatal = (f"the broker refused the monitor's login ({reason_code}); check "
+                          f"{Path(self.config.broker_dir) / 'monitor.json'} belongs to this broker")
+            self.stop_event.set()
+            return
+        self.generation += 1
+        self.connected = True
+        client.subscribe(self.config.subscription, qos=1)
+        log.info("connected to %s:%d as %s (%s session), subscribed to %s", self.broker_settings.host,
+                 self.broker_settings.port, self.config.mqtt_client_id,
+                 "resumed" if flags.session_present else "new", self.config.subscription)
+
+    def _on_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason_code: Any, _props: Any) -> None:
+        self.connected = False
+        if self.stop_event.is_set():
+            return
+        if reason_code == RC_SESSION_TAKEN_OVER:
+            self.fatal = (f"another client connected with the monitor's client id {self.config.mqtt_client_id!r} and "
+                          "took over its session; give each monitor its own --client-id")
+            self.stop_event.set()
+            return
+        log.warning("disconnected from the broker (%s); reconnecting", reason_code)
+
+    def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        self.received.put(_Received(self.generation, msg.mid, msg.qos, msg.topic, msg.payload, now_ms()))
+
+    def _publish_alert(self, fleet: str, event: dict[str, Any]) -> None:
+        self.client.publish(protocol.alert_topic(fleet), json.dumps(event), qos=1)
+
+    # ---- ingest ----------------------------------------------------------------------------------
+
+    def _next_batch(self) -> list[_Received]:
+        try:
+            first = self.received.get(timeout=0.2)
+        except queue.Empty:
+            return []
+        batch = [first]
+        deadline = time.monotonic() + self.config.batch_wait_s
+        while len(batch) < self.config.batch_size:
+            remaining = deadline - time.monotonic()
+            try:
+                batch.append(self.received.get(timeout=remaining) if remaining > 0 else self.received.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _store(self, items: list[Incoming]) -> bool:
+        """Store a batch, retrying while the database is unreachable; False when stopped first."""
+        delay = 1.0
+        while True:
+            try:
+                self.store.ingest(items)
+                return True
+            except OperationalError as e:
+                log.error("cannot write to the store (%s); retrying in %.0f s", str(e.orig).strip().splitlines()[0], delay)
+            except DBAPIError as e:
+                if len(items) == 1:
+                    log.error("a message from %s could not be stored (%s); dropped", items[0].message.device
+                              if items[0].message else "?", str(e.orig).strip().splitlines()[0])
+                    items = [Incoming(items[0].received_ms, dropped="unstorable")]
+                    continue
+                # One message the database refuses must not hold up the rest: store them one by one.
+                return all(self._store([item]) for item in items)
+            if self.stop_event.wait(delay):
+                return False
+            delay = min(delay * 2, 30.0)
+
+    def _ingest(self, batch: list[_Received]) -> bool:
+        items = [classify(r.topic, r.payload, r.received_ms) for r in batch]
+        if not self._store([i for i in items if i is not None]):
+            return False  # not acknowledged: the broker delivers them again in the next session
+        for r in batch:
+            if r.qos > 0 and r.generation == self.generation:
+                self.client.ack(r.mid, r.qos)
+        return True
+
+    def _ingest_loop(self) -> None:
+        while not self.stop_event.is_set():
+            batch = self._next_batch()
+            if batch and not self._ingest(batch):
+                return
+        # Stopping: store and acknowledge what has arrived so far; anything later stays queued at
+        # the broker for the next session.
+        left = self.received.qsize()
+        while left > 0 and not self.fatal:
+            batch = []
+            while len(batch) < min(left, self.config.batch_size):
+                batch.append(self.received.get_nowait())
+            left -= len(batch)
+            if not self._ingest(batch):
+                return
+
+    # ---- evaluation --------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        assert self._snapshot is not None
+        return self._snapshot
+
+    def evaluate(self) -> None:
+        self.view.refresh()
+        at = now_ms()
+        snap = self.view.snapshot(at)
+        if at - self._last_history_ms >= self.config.interval_s * 1000:
+            self.view.record_history(snap)
+            self._last_history_ms = at
+            snap = self.view.snapshot(at)
+        self.alerts.evaluate(snap, at)
+        snap["alerts"] = self.store.alerts()
+        snap["monitor"] = {"counters": self.store.counters(), "connected": self.connected,
+                           "client_id": self.config.mqtt_client_id, "subscription": self.config.subscription,
+                           "queued": self.received.qsize(), "thresholds": asdict(self.config.thresholds)}
+        self._snapshot = snap
+
+    def _evaluate_loop(self) -> None:
+        while not self.stop_event.wait(self.config.tick_s):
+            try:
+                self.evaluate()
+            except OperationalError as e:
+                log.error("cannot read the store (%s); the view is not updated", str(e.orig).strip().splitlines()[0])
+
+    # ---- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.view.load()
+        self.evaluate()
+        self.http = HttpServer(self.config.http_host, self.config.http_port, self.snapshot,
+                               asdict(self.config.thresholds))
+        self.http.start()
+        host, port = self.http.address
+        log.info("store %s; dashboard http://%s:%d/ (metrics /metrics, JSON /api/fleet)",
+                 self.store.engine.url.render_as_string(), host, port)
+        s = self.broker_settings
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = SESSION_EXPIRY_S
+        # Batches are acknowledged after they are stored: let the broker keep a few batches in flight.
+        props.ReceiveMaximum = min(65535, 4 * self.config.batch_size)
+        self.client.connect_async(s.host, s.port, keepalive=KEEPALIVE_S, clean_start=False, properties=props)
+        self.client.loop_start()
+
+    def run(self) -> None:
+        """Run until SIGINT/SIGTERM (or a fatal broker error); stops cleanly, the session kept."""
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self.stop_event.set())
+        self.start()
+        evaluator = threading.Thread(target=self._evaluate_loop, name="evaluate", daemon=True)
+        evaluator.start()
+        try:
+            self._ingest_loop()
+        finally:
+            self.stop_event.set()
+            self.close()
+            evaluator.join(timeout=10)
+        if self.fatal:
+            raise UserError(self.fatal)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.notifier.close()
+        if self.http is not None:
+            self.http.stop()
+        self.store.engine.dispose()
+        log.info("monitor stopped")

@@ -1,0 +1,351 @@
+"""Simulated devices: protocol-valid birth, telemetry and death over MQTT v5 (paho), each with its own login.
+
+Two uses: the monitor's tests, which need exact messages (a chosen seq, a duplicate, a gap, a
+stale death, shifted outputs), and the load benchmark, which needs many devices per process:
+``Swarm`` drives any number of paho clients from one thread on a selector instead of a thread per
+client. The real device agent is C++ (``edgesmith-agent``); this stands in for it in Python.
+
+    python -m edgesmith.toolchain.fleet.simulate --broker DIR --fleet F --devices 1000 --interval-s 10 --duration-s 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import selectors
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from edgesmith.toolchain.fleet import protocol
+from edgesmith.toolchain.fleet.latency import LatencyHistogram
+
+SESSION_EXPIRY_S = 7 * 24 * 3600
+DEFAULT_LAYOUT = protocol.LatencyLayout(start_us=1.0, factor=2 ** 0.25, count=96)  # the manifest's default
+
+
+def sha256_of(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass
+class SimArtifact:
+    """What a simulated device has installed (what its birth announces)."""
+
+    name: str = "digits-x86_64-avx2-tvm"
+    model: str = "digits"
+    model_version: str = "1"
+    target: str = "x86_64-avx2"
+    backend: str = "tvm"
+    backend_version: str = "0.27.0"
+    outputs: list[protocol.OutputLayout] = field(default_factory=lambda: [
+        protocol.OutputLayout(name="logits", kind="classes", classes=4, reference=[0.25, 0.25, 0.25, 0.25])])
+    latency: protocol.LatencyLayout = field(default_factory=lambda: DEFAULT_LAYOUT)
+    build_latency_us: float | None = 1000.0
+
+    @property
+    def sha256(self) -> str:
+        return sha256_of(f"{self.name}/{self.model}/{self.model_version}/{self.target}/{self.backend}")
+
+    def ref(self) -> protocol.ArtifactRef:
+        return protocol.ArtifactRef(name=self.name, model=self.model, model_version=self.model_version,
+                                    target=self.target, backend=self.backend, backend_version=self.backend_version,
+                                    manifest_sha256=self.sha256)
+
+
+def output_window(counts: Sequence[int], underflow: int = 0, overflow: int = 0, nan: int = 0) -> protocol.OutputWindow:
+    binned = int(sum(counts)) + underflow + overflow + nan
+    return protocol.OutputWindow(counts=[int(c) for c in counts], underflow=underflow, overflow=overflow, nan=nan,
+                                 seen=binned, binned=binned)
+
+
+class SimulatedDevice:
+    """One device: builds messages with its own ``bdSeq``/``seq`` counters and publishes them."""
+
+    def __init__(self, credentials: dict[str, Any], artifact: SimArtifact | None = None, interval_s: float = 10.0,
+                 bd_seq: int = 1, seq: int = 0, seed: int = 0):
+        self.credentials = credentials
+        self.fleet = credentials["fleet"]
+        self.device = credentials["device"]
+        self.artifact = artifact or SimArtifact()
+        self.interval_s = interval_s
+        self.bd_seq = bd_seq
+        self.seq = seq
+        self.birth_seq = seq
+        self.rng = np.random.default_rng(seed)
+        self.window_end_ms = int(time.time() * 1000)
+        self.client: mqtt.Client | None = None
+        self._acks: dict[int, ReasonCode] = {}
+        self._subacks: dict[int, list[ReasonCode]] = {}
+        self._received: list[mqtt.MQTTMessage] = []
+        self._cond = threading.Condition()
+        self.connected = threading.Event()
+
+    # ---- messages (no network) ---------------------------------------------------------------------
+
+    def _envelope(self, historical: bool, seq: int | None = None) -> dict[str, Any]:
+        if seq is None:
+            self.seq += 1
+            seq = self.seq
+        return {"fleet": self.fleet, "device": self.device, "bdSeq": self.bd_seq, "seq": seq,
+                "ts_ms": int(time.time() * 1000), "historical": historical}
+
+    def birth(self, historical: bool = False) -> protocol.Birth:
+        envelope = self._envelope(historical)
+        self.birth_seq = envelope["seq"]
+        a = self.artifact
+        return protocol.Birth(**envelope, target=a.target, runtime=protocol.Runtime(version="0.1.0", isa="x86_64"),
+                              artifact=a.ref(), metrics=protocol.MetricSchema(
+                                  interval_s=self.interval_s, latency=a.latency, outputs=a.outputs,
+                                  build_latency_us=a.build_latency_us))
+
+    def death(self, reason: str = "shutdown", bd_seq: int | None = None) -> protocol.Death:
+        """A death repeats its session's birth seq (and bdSeq)."""
+        return protocol.Death(fleet=self.fleet, device=self.device, bdSeq=self.bd_seq if bd_seq is None else bd_seq,
+                              seq=self.birth_seq, ts_ms=int(time.time() * 1000), reason=reason)
+
+    def telemetry(self, runs: int, errors: int = 0, latency_us: Sequence[float] | np.ndarray | None = None,
+                  outputs: dict[str, protocol.OutputWindow] | None = None, historical: bool = False,
+                  seq: int | None = None, window_s: float | None = None) -> protocol.Telemetry:
+        """One window. ``latency_us``: the runs' latencies (default: lognormal around 1 ms);
+        ``outputs``: per output (default: class counts drawn from the reference shares)."""
+        if latency_us is None:
+            latency_us = self.rng.lognormal(np.log(1000.0), 0.2, size=runs)
+        hist = LatencyHistogram.of_samples(latency_us, self.artifact.latency)
+        q = hist.quantiles()
+        if outputs is None:
+            outputs = {}
+            for o in self.artifact.outputs:
+                shares = np.asarray(o.reference or [1.0], dtype=np.float64)
+                outputs[o.name] = output_window(self.rng.multinomial(runs, shares / shares.sum()).tolist())
+        start_ms = self.window_end_ms
+        self.window_end_ms = start_ms + int((window_s or self.interval_s) * 1000)
+        return protocol.Telemetry(
+            **self._envelope(historical, seq), artifact_sha256=self.artifact.sha256, window_start_ms=start_ms,
+            window_end_ms=self.window_end_ms, runs=runs, errors=errors, nan_input_runs=0, nan_input_values=0,
+            latency=protocol.LatencyWindow(counts=hist.counts, underflow=hist.underflow, overflow=hist.overflow,
+                                           sum_us=hist.sum_us, max_us=hist.max_us, p50_us=q["p50_us"] or 0.0,
+                                           p95_us=q["p95_us"] or 0.0, p99_us=q["p99_us"] or 0.0),
+            outputs=outputs, process=protocol.ProcessWindow(rss_bytes=50_000_000, cpu_seconds=0.1, cpu_percent=1.0),
+            temperature_c=None, spool=protocol.SpoolState(queued=0, dropped_total=0))
+
+    def topic(self, kind: str) -> str:
+        return protocol.topic(self.fleet, self.device, kind)
+
+    # ---- network -----------------------------------------------------------------------------------
+
+    def make_client(self) -> mqtt.Client:
+        """A paho client with this device's login and its will (the death of the current bdSeq)."""
+        c = self.credentials
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{self.fleet}.{self.device}", protocol=mqtt.MQTTv5)
+        client.username_pw_set(c["username"], c["password"])
+        if c.get("tls"):
+            client.tls_set(ca_certs=c.get("cafile"))
+        # The will is this session's death: it repeats the seq the birth about to be sent will carry.
+        will = self.death("connection-lost").model_copy(update={"seq": self.seq + 1})
+        client.will_set(self.topic("death"), will.model_dump_json(), qos=1)
+        client.max_inflight_messages_set(1000)
+        client.on_connect = lambda *_a: self.connected.set()
+        client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        return client
+
+    @staticmethod
+    def connect_properties() -> Properties:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = SESSION_EXPIRY_S
+        return props
+
+    def connect(self, birth: bool = True, timeout: float = 10.0) -> None:
+        """Start a session (bdSeq as set; call ``new_session`` first for the next one) and publish the birth."""
+        self.connected.clear()
+        self.client = self.make_client()
+        self.client.connect(self.credentials["host"], self.credentials["port"], keepalive=30, clean_start=False,
+                            properties=self.connect_properties())
+        self.client.loop_start()
+        if not self.connected.wait(timeout):
+            raise TimeoutError(f"{self.device}: no CONNACK within {timeout} s")
+        if birth:
+            self.send(self.birth())
+
+    def new_session(self) -> None:
+        self.bd_seq += 1
+
+    def _on_publish(self, _client: Any, _userdata: Any, mid: int, reason_code: ReasonCode, _props: Any) -> None:
+        with self._cond:
+            self._acks[mid] = reason_code
+            self._cond.notify_all()
+
+    def _on_subscribe(self, _client: Any, _userdata: Any, mid: int, reason_codes: list[ReasonCode], _props: Any) -> None:
+        with self._cond:
+            self._subacks[mid] = reason_codes
+            self._cond.notify_all()
+
+    def _on_message(self, _client: Any, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        with self._cond:
+            self._received.append(msg)
+            self._cond.notify_all()
+
+    def _wait(self, table: dict[int, Any], mid: int, timeout: float) -> Any:
+        with self._cond:
+            if not self._cond.wait_for(lambda: mid in table, timeout):
+                raise TimeoutError(f"{self.device}: no acknowledgement for message {mid} within {timeout} s")
+            return table.pop(mid)
+
+    def send(self, message: protocol.Envelope | tuple[str, bytes], qos: int = 1, timeout: float = 10.0) -> ReasonCode | None:
+        """Publish a message (or a raw ``(topic, payload)``); with QoS 1 waits for the PUBACK and returns its reason code."""
+        assert self.client is not None, "connect() first"
+        if isinstance(message, tuple):
+            topic, payload = message
+        else:
+            topic, payload = self.topic(message.kind), message.model_dump_json().encode()
+        info = self.client.publish(topic, payload, qos=qos)
+        return self._wait(self._acks, info.mid, timeout) if qos > 0 else None
+
+    def subscribe(self, topic: str, timeout: float = 10.0) -> list[ReasonCode]:
+        assert self.client is not None, "connect() first"
+        _, mid = self.client.subscribe(topic, qos=1)
+        return self._wait(self._subacks, mid, timeout)
+
+    def received(self) -> list[mqtt.MQTTMessage]:
+        with self._cond:
+            return list(self._received)
+
+    def shutdown(self) -> None:
+        """A clean stop: the death said by the device, then a normal disconnect (the will is discarded)."""
+        assert self.client is not None
+        self.send(self.death("shutdown"))
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.client = None
+
+    def drop(self) -> None:
+        """Lose the connection without DISCONNECT: the broker publishes the will (death, connection-lost)."""
+        assert self.client is not None
+        self.client.loop_stop()
+        sock = self.client.socket()
+        if sock is not None:
+            sock.close()
+        self.client = None
+
+
+class Swarm:
+    """Many simulated devices on one thread: paho clients driven from a selector (paho's
+    ``loop_read``/``loop_write``/``loop_misc``), not a thread each."""
+
+    def __init__(self, devices: list[SimulatedDevice]):
+        self.devices = devices
+        self.clients: list[mqtt.Client] = []
+        self.selector = selectors.DefaultSelector()
+        self.acked = 0
+        self.published = 0
+
+    def _on_publish(self, *_args: Any) -> None:
+        self.acked += 1
+
+    def connect(self, timeout: float = 60.0) -> None:
+        for device in self.devices:
+            client = device.make_client()
+            client.on_publish = self._on_publish
+            client.connect(device.credentials["host"], device.credentials["port"], keepalive=60, clean_start=False,
+                           properties=device.connect_properties())
+            self.selector.register(client.socket(), selectors.EVENT_READ, client)
+            self.clients.append(client)
+            device.client = client
+        deadline = time.monotonic() + timeout
+        while not all(d.connected.is_set() for d in self.devices):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{sum(not d.connected.is_set() for d in self.devices)} devices did not connect")
+            self.pump(0.05)
+        for device in self.devices:
+            self.publish(device, device.birth())
+
+    def publish(self, device: SimulatedDevice, message: protocol.Envelope) -> None:
+        assert device.client is not None
+        device.client.publish(device.topic(message.kind), message.model_dump_json(), qos=1)
+        self.published += 1
+
+    def pump(self, timeout: float) -> None:
+        for client in self.clients:
+            if client.want_write():
+                client.loop_write()
+        for key, _ in self.selector.select(timeout):
+            key.data.loop_read(max_packets=100)
+        for client in self.clients:
+            if client.want_write():
+                client.loop_write()
+
+    def run(self, duration_s: float, runs_per_window: int = 20) -> None:
+        """Each device publishes a window every ``interval_s`` (staggered) for ``duration_s``."""
+        start = time.monotonic()
+        n = len(self.devices)
+        next_due = [start + (i / n) * self.devices[i].interval_s for i in range(n)]
+        last_misc = start
+        while (now := time.monotonic()) - start < duration_s:
+            for i, device in enumerate(self.devices):
+                if next_due[i] <= now:
+                    self.publish(device, device.telemetry(runs=runs_per_window))
+                    next_due[i] += device.interval_s
+            self.pump(0.01)
+            if now - last_misc >= 1.0:
+                for client in self.clients:
+                    client.loop_misc()
+                last_misc = now
+
+    def drain(self, timeout: float = 30.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.acked < self.published and time.monotonic() < deadline:
+            self.pump(0.05)
+        return self.acked >= self.published
+
+    def close(self, clean: bool = True) -> None:
+        for device in self.devices:
+            if clean and device.client is not None:
+                self.publish(device, device.death("shutdown"))
+        self.drain(10.0)
+        for client in self.clients:
+            client.disconnect()
+            self.pump(0.0)
+        self.selector.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--broker", type=Path, required=True, help="broker directory (devices are added to it)")
+    parser.add_argument("--fleet", default="sim")
+    parser.add_argument("--devices", type=int, default=10)
+    parser.add_argument("--first", type=int, default=0, help="index of the first device (to split over processes)")
+    parser.add_argument("--prefix", default="sim-")
+    parser.add_argument("--interval-s", type=float, default=10.0)
+    parser.add_argument("--duration-s", type=float, default=60.0)
+    parser.add_argument("--runs", type=int, default=20, help="runs per window")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    from edgesmith.toolchain.fleet import broker
+
+    creds = [broker.add_device(args.broker, f"{args.prefix}{i:05d}", args.fleet)
+             for i in range(args.first, args.first + args.devices)]
+    swarm = Swarm([SimulatedDevice(c, interval_s=args.interval_s, seed=args.seed + i) for i, c in enumerate(creds)])
+    swarm.connect()
+    swarm.run(args.duration_s, runs_per_window=args.runs)
+    ok = swarm.drain()
+    swarm.close()
+    print(json.dumps({"devices": len(creds), "published": swarm.published, "acked": swarm.acked, "drained": ok}))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,569 @@
+"""The monitor's store: SQLAlchemy Core over SQLite (default, WAL) or PostgreSQL, portable types only.
+
+Tables: ``devices`` (one row per device: its current session, presence, sequence bookkeeping,
+cumulative counts and the last window's latency), ``sessions`` (one row per birth/death bdSeq),
+``windows`` (every telemetry window), ``messages`` (events, states and deaths, as received),
+``alerts`` (each alert condition and whether it is firing) and ``counters`` (monitor-wide counts,
+the schema version, and the batch number).
+
+Ingest is one transaction per batch. It starts by incrementing the ``batch`` counter, which takes
+that row's write lock: batches from several monitors (a shared subscription onto one database)
+are serialised and numbered in commit order, so each sees the others' sequence bookkeeping and
+readers can follow new rows by batch number without missing any.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (BigInteger, Boolean, Column, Float, Index, Integer, MetaData, String, Table, Text, bindparam,
+                        create_engine, event, select, update)
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError
+
+from edgesmith.runtime.keys import edgesmith_home
+from edgesmith.toolchain.errors import UserError
+from edgesmith.toolchain.fleet import protocol
+from edgesmith.toolchain.fleet.sequence import SeqTracker
+
+SCHEMA_VERSION = 1
+SILENT_INTERVALS = 3  # a device is silent (offline) after this many of its intervals without a message
+DROP_REASONS = ("malformed", "oversized", "invalid", "topic_mismatch", "unknown_topic", "unstorable")
+IN_CHUNK = 500  # keys per IN (...) clause, under every driver's parameter limit
+
+metadata = MetaData()
+# SQLite only autoincrements an INTEGER PRIMARY KEY; elsewhere a 64-bit id.
+RowId = BigInteger().with_variant(Integer(), "sqlite")
+
+devices = Table(
+    "devices", metadata,
+    Column("fleet", String(64), primary_key=True),
+    Column("device", String(64), primary_key=True),
+    Column("bd_seq", BigInteger),  # the current session: the newest non-historical birth's bdSeq
+    Column("session_open", Boolean, nullable=False),  # that birth came and its death did not
+    Column("death_reason", String(32)),
+    Column("interval_s", Float),
+    Column("artifact", Text), Column("model", Text), Column("model_version", Text), Column("target", Text),
+    Column("backend", Text), Column("manifest_sha256", String(64)), Column("build_latency_us", Float),
+    Column("birth", Text),  # the current birth message (JSON): metric schema, runtime, artifact
+    Column("seq_state", Text),  # SeqTracker as JSON
+    Column("gaps", BigInteger, nullable=False),
+    Column("messages", BigInteger, nullable=False),
+    Column("duplicates", BigInteger, nullable=False),
+    Column("runs", BigInteger, nullable=False),
+    Column("errors", BigInteger, nullable=False),
+    Column("first_seen_ms", BigInteger, nullable=False),
+    Column("last_seen_ms", BigInteger, nullable=False),
+    Column("last_window_end_ms", BigInteger),
+    Column("p50_us", Float), Column("p95_us", Float), Column("p99_us", Float),
+    Column("batch", BigInteger, nullable=False, index=True),
+)
+
+sessions = Table(
+    "sessions", metadata,
+    Column("fleet", String(64), primary_key=True),
+    Column("device", String(64), primary_key=True),
+    Column("bd_seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("birth_seq", BigInteger),
+    Column("birth_ts_ms", BigInteger),
+    Column("historical", Boolean),
+    Column("birth", Text),  # null when only the death was seen
+    Column("death_reason", String(32)),
+    Column("death_received_ms", BigInteger),
+    Column("received_ms", BigInteger, nullable=False),
+    Column("batch", BigInteger, nullable=False),
+)
+
+windows = Table(
+    "windows", metadata,
+    Column("id", RowId, primary_key=True, autoincrement=True),
+    Column("batch", BigInteger, nullable=False, index=True),
+    Column("fleet", String(64), nullable=False),
+    Column("device", String(64), nullable=False),
+    Column("bd_seq", BigInteger, nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("historical", Boolean, nullable=False),
+    Column("ts_ms", BigInteger, nullable=False),  # device clock, when it made the message
+    Column("received_ms", BigInteger, nullable=False),  # monitor clock
+    Column("stored_ms", BigInteger, nullable=False),  # monitor clock, when its batch was written
+    Column("window_start_ms", BigInteger, nullable=False),
+    Column("window_end_ms", BigInteger, nullable=False),
+    Column("artifact_sha256", String(64), nullable=False),
+    Column("model", Text), Column("model_version", Text), Column("target", Text),
+    Column("runs", BigInteger, nullable=False),
+    Column("errors", BigInteger, nullable=False),
+    Column("nan_input_runs", BigInteger, nullable=False),
+    Column("p50_us", Float), Column("p95_us", Float), Column("p99_us", Float),
+    Column("latency", Text, nullable=False),  # {"layout": [start_us, factor, count] | null, counts, underflow, overflow, sum_us, max_us}
+    Column("outputs", Text, nullable=False),  # {name: OutputWindow}
+    Column("rss_bytes", BigInteger), Column("cpu_percent", Float), Column("temperature_c", Float),
+    Column("spool_queued", BigInteger), Column("spool_dropped_total", BigInteger),
+    Index("ix_windows_device_seq", "fleet", "device", "seq"),
+    Index("ix_windows_received", "received_ms"),
+)
+
+messages = Table(
+    "messages", metadata,
+    Column("id", RowId, primary_key=True, autoincrement=True),
+    Column("batch", BigInteger, nullable=False, index=True),
+    Column("fleet", String(64), nullable=False),
+    Column("device", String(64), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("bd_seq", BigInteger, nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("historical", Boolean, nullable=False),
+    Column("ts_ms", BigInteger, nullable=False),
+    Column("received_ms", BigInteger, nullable=False),
+    Column("payload", Text, nullable=False),
+    Index("ix_messages_device_seq", "fleet", "device", "seq"),
+)
+
+alerts = Table(
+    "alerts", metadata,
+    Column("fleet", String(64), primary_key=True),
+    Column("alert", String(32), primary_key=True),
+    Column("subject", String(200), primary_key=True),  # the device, or device/output for drift
+    Column("device", String(64)),
+    Column("model", Text), Column("model_version", Text), Column("target", Text),
+    Column("active", Boolean, nullable=False),
+    Column("value", Float), Column("threshold", Float),
+    Column("message", Text),
+    Column("since_ms", BigInteger), Column("changed_ms", BigInteger, nullable=False),
+    Column("fired", BigInteger, nullable=False),  # how many times it went from clear to firing
+)
+
+counters = Table(
+    "counters", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", BigInteger, nullable=False),
+)
+
+_COUNTER_NAMES = ("schema_version", "batch", "stored", "duplicates", *(f"dropped.{r}" for r in DROP_REASONS))
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def default_url() -> str:
+    return f"sqlite:///{edgesmith_home() / 'fleet' / 'monitor.db'}"
+
+
+def is_silent(last_seen_ms: int, interval_s: float | None, at_ms: int, default_interval_s: float) -> bool:
+    """Nothing from the device for SILENT_INTERVALS of its telemetry interval."""
+    return at_ms - last_seen_ms > SILENT_INTERVALS * (interval_s or default_interval_s) * 1000
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL: readers (the HTTP view, `fleet status`) never block the ingest writer, nor it them.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def open_engine(url: str, create: bool) -> Engine:
+    """An engine for ``url``; with ``create`` False a missing SQLite file is a UserError, not a new empty store."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise UserError(f"--db {url!r} is not a database URL; use e.g. sqlite:///fleet/monitor.db or "
+                        "postgresql+psycopg://user:password@host/db") from None
+    is_sqlite = parsed.get_backend_name() == "sqlite"
+    if is_sqlite:
+        if not parsed.database or parsed.database == ":memory:":
+            raise UserError("the monitor's store must be a file (sqlite:///path/monitor.db): an in-memory database "
+                            "is not shared with `edgesmith fleet status`")
+        path = Path(parsed.database)
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        elif not path.is_file():
+            raise UserError(f"there is no monitor store at {path}; start `edgesmith fleet monitor --db {url}` first, "
+                            "or pass the --db the monitor uses")
+    try:
+        engine = create_engine(url)
+    except (NoSuchModuleError, ModuleNotFoundError) as e:
+        raise UserError(f"the database driver for {parsed.drivername} is not installed ({e}); install it, e.g. "
+                        "`pip install psycopg[binary]` for postgresql+psycopg://") from None
+    if is_sqlite:
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+@dataclass
+class Incoming:
+    """One MQTT message after validation: a device message, or the reason it was refused."""
+
+    received_ms: int
+    message: protocol.Birth | protocol.Death | protocol.Telemetry | protocol.Event | protocol.State | None = None
+    dropped: str | None = None
+
+
+@dataclass
+class BatchResult:
+    batch: int
+    stored: int = 0
+    duplicates: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass
+class _Device:
+    """A device row being updated inside an ingest transaction."""
+
+    row: dict[str, Any]
+    tracker: SeqTracker
+    is_new: bool
+
+    @classmethod
+    def new(cls, fleet: str, device: str, received_ms: int) -> _Device:
+        row = {c.name: None for c in devices.columns}
+        row.update(fleet=fleet, device=device, session_open=False, gaps=0, messages=0, duplicates=0, runs=0,
+                   errors=0, first_seen_ms=received_ms, last_seen_ms=received_ms)
+        return cls(row=row, tracker=SeqTracker(), is_new=True)
+
+
+def _session_labels(birth: protocol.Birth) -> dict[str, Any]:
+    a = birth.artifact
+    return {"artifact": a.name, "model": a.model, "model_version": a.model_version, "target": a.target,
+            "backend": a.backend, "manifest_sha256": a.manifest_sha256}
+
+
+@lru_cache(maxsize=4096)
+def _birth_info(birth_json: str | None) -> tuple[dict[str, Any], list[Any] | None, str | None]:
+    """Labels, latency layout and manifest digest of a stored birth (cached: every window asks)."""
+    if not birth_json:
+        return {}, None, None
+    birth = json.loads(birth_json)
+    a, lat = birth["artifact"], birth["metrics"]["latency"]
+    labels = {"model": a["model"], "model_version": a["model_version"], "target": a["target"]}
+    return labels, [lat["start_us"], lat["factor"], lat["count"]], a["manifest_sha256"]
+
+
+class Store:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    @classmethod
+    def open(cls, url: str, create: bool = True) -> Store:
+        store = cls(open_engine(url, create))
+        try:
+            if create:
+                store.init_schema()
+            store.check_schema()
+        except DBAPIError as e:
+            raise UserError(f"cannot use the monitor store {store.engine.url.render_as_string()}: "
+                            f"{str(e.orig).strip().splitlines()[0]}") from None
+        return store
+
+    def init_schema(self) -> None:
+        metadata.create_all(self.engine)
+        with self.engine.begin() as conn:
+            have = set(conn.scalars(select(counters.c.name)))
+            for name in _COUNTER_NAMES:
+                if name not in have:
+                    try:
+                        with conn.begin_nested():
+                            conn.execute(counters.insert().values(
+                                name=name, value=SCHEMA_VERSION if name == "schema_version" else 0))
+                    except IntegrityError:
+                        pass  # another monitor created it first
+
+    def check_schema(self) -> None:
+        with self.engine.connect() as conn:
+            if not self.engine.dialect.has_table(conn, "counters"):
+                raise UserError(f"{self.engine.url.render_as_string()} holds no monitor store; start "
+                                "`edgesmith fleet monitor` with it first")
+            version = conn.scalar(select(counters.c.value).where(counters.c.name == "schema_version"))
+        if version != SCHEMA_VERSION:
+            raise UserError(f"the monitor store {self.engine.url.render_as_string()} has schema version {version}, this "
+                            f"edgesmith uses {SCHEMA_VERSION}; use a new --db")
+
+    # ---- ingest ------------------------------------------------------------------------------------
+
+    def ingest(self, items: Sequence[Incoming], stored_ms: int | None = None) -> BatchResult:
+        """Store one batch in one transaction: duplicates dropped, gaps counted, presence updated."""
+        stored_ms = stored_ms if stored_ms is not None else now_ms()
+        with self.engine.begin() as conn:
+            return self._ingest(conn, items, stored_ms)
+
+    def _next_batch(self, conn: Connection) -> int:
+        conn.execute(update(counters).where(counters.c.name == "batch").values(value=counters.c.value + 1))
+        return int(conn.scalar(select(counters.c.value).where(counters.c.name == "batch")))
+
+    def _load_devices(self, conn: Connection, keys: set[tuple[str, str]]) -> dict[tuple[str, str], _Device]:
+        found: dict[tuple[str, str], _Device] = {}
+        names = sorted({device for _, device in keys})
+        for i in range(0, len(names), IN_CHUNK):
+            for row in conn.execute(select(devices).where(devices.c.device.in_(names[i:i + IN_CHUNK]))).mappings():
+                key = (row["fleet"], row["device"])
+                if key in keys:
+                    found[key] = _Device(row=dict(row), tracker=SeqTracker.from_json(row["seq_state"]), is_new=False)
+        return found
+
+    def _load_sessions(self, conn: Connection, wanted: set[tuple[str, str, int]]) -> dict[tuple[str, str, int], dict[str, Any]]:
+        found: dict[tuple[str, str, int], dict[str, Any]] = {}
+        names = sorted({device for _, device, _ in wanted})
+        for i in range(0, len(names), IN_CHUNK):
+            query = select(sessions).where(sessions.c.device.in_(names[i:i + IN_CHUNK]),
+                                           sessions.c.bd_seq.in_(sorted({bd for _, _, bd in wanted})))
+            for row in conn.execute(query).mappings():
+                key = (row["fleet"], row["device"], row["bd_seq"])
+                if key in wanted:
+                    found[key] = dict(row)
+        return found
+
+    def _ingest(self, conn: Connection, items: Sequence[Incoming], stored_ms: int) -> BatchResult:
+        batch = self._next_batch(conn)
+        result = BatchResult(batch=batch)
+        result.dropped.update(i.dropped for i in items if i.dropped)
+        accepted = [i for i in items if i.message is not None]
+        state = self._load_devices(conn, {(i.message.fleet, i.message.device) for i in accepted})
+        current = {key: dev.row["bd_seq"] for key, dev in state.items()}
+        # Sessions to look at: births' and deaths' own, and those of windows from an older session.
+        wanted = {(m.fleet, m.device, m.bdSeq) for m in (i.message for i in accepted)
+                  if m.kind in ("birth", "death") or (m.kind == "telemetry" and current.get((m.fleet, m.device)) != m.bdSeq)}
+        known_sessions = self._load_sessions(conn, wanted)
+        new_sessions: dict[tuple[str, str, int], dict[str, Any]] = {}
+        changed_sessions: dict[tuple[str, str, int], dict[str, Any]] = {}
+        window_rows: list[dict[str, Any]] = []
+        message_rows: list[dict[str, Any]] = []
+
+        def session(key: tuple[str, str, int]) -> dict[str, Any] | None:
+            return new_sessions.get(key) or known_sessions.get(key)
+
+        for item in accepted:
+            msg = item.message
+            key = (msg.fleet, msg.device)
+            dev = state.get(key)
+            if dev is None:
+                dev = state[key] = _Device.new(msg.fleet, msg.device, item.received_ms)
+            row = dev.row
+            row["last_seen_ms"] = max(row["last_seen_ms"], item.received_ms)
+            skey = (msg.fleet, msg.device, msg.bdSeq)
+
+            if msg.kind == "death":
+                # A death repeats its birth's seq: it is deduplicated by its session, not by seq.
+                sess = session(skey)
+                if sess is not None and sess["death_reason"] is not None:
+                    row["duplicates"] += 1
+                    result.duplicates += 1
+                    continue
+                if sess is None:
+                    sess = new_sessions[skey] = {"fleet": msg.fleet, "device": msg.device, "bd_seq": msg.bdSeq,
+                                                 "birth_seq": None, "birth_ts_ms": None, "historical": None,
+                                                 "birth": None, "received_ms": item.received_ms, "batch": batch}
+                elif skey not in new_sessions:
+                    changed_sessions[skey] = sess
+                sess.update(death_reason=msg.reason, death_received_ms=item.received_ms, batch=batch)
+                if not msg.historical and row["bd_seq"] == msg.bdSeq and row["session_open"]:
+                    row["session_open"] = False
+                    row["death_reason"] = msg.reason
+                message_rows.append(self._message_row(batch, item, msg))
+            else:
+                if not dev.tracker.accept(msg.seq):
+                    row["duplicates"] += 1
+                    result.duplicates += 1
+                    continue
+                if msg.kind == "birth":
+                    self._birth(batch, item, msg, row, skey, session(skey), new_sessions, changed_sessions)
+                elif msg.kind == "telemetry":
+                    window_rows.append(self._window(batch, item, msg, row, session(skey), stored_ms))
+                else:
+                    message_rows.append(self._message_row(batch, item, msg))
+            row["messages"] += 1
+            result.stored += 1
+
+        for dev in state.values():
+            dev.row["seq_state"] = dev.tracker.to_json()
+            dev.row["gaps"] = dev.tracker.gaps
+            dev.row["batch"] = batch
+        self._write(conn, state, new_sessions, changed_sessions, window_rows, message_rows, result)
+        return result
+
+    @staticmethod
+    def _message_row(batch: int, item: Incoming, msg: Any) -> dict[str, Any]:
+        return {"batch": batch, "fleet": msg.fleet, "device": msg.device, "kind": msg.kind, "bd_seq": msg.bdSeq,
+                "seq": msg.seq, "historical": msg.historical, "ts_ms": msg.ts_ms, "received_ms": item.received_ms,
+                "payload": msg.model_dump_json()}
+
+    @staticmethod
+    def _birth(batch: int, item: Incoming, msg: protocol.Birth, row: dict[str, Any], skey: tuple[str, str, int],
+               sess: dict[str, Any] | None, new_sessions: dict, changed_sessions: dict) -> None:
+        birth_json = msg.model_dump_json()
+        values = {"birth_seq": msg.seq, "birth_ts_ms": msg.ts_ms, "historical": msg.historical, "birth": birth_json,
+                  "batch": batch}
+        if sess is None:
+            new_sessions[skey] = {"fleet": msg.fleet, "device": msg.device, "bd_seq": msg.bdSeq, "death_reason": None,
+                                  "death_received_ms": None, "received_ms": item.received_ms, **values}
+            died = False
+        else:
+            sess.update(values)
+            if skey not in new_sessions:
+                changed_sessions[skey] = sess
+            died = sess["death_reason"] is not None  # its death overtook it
+        # A replayed (historical) birth, or one from an older session, never changes presence.
+        if msg.historical or (row["bd_seq"] is not None and msg.bdSeq < row["bd_seq"]):
+            return
+        row.update(_session_labels(msg), bd_seq=msg.bdSeq, session_open=not died, death_reason=None, birth=birth_json,
+                   interval_s=msg.metrics.interval_s, build_latency_us=msg.metrics.build_latency_us)
+
+    @staticmethod
+    def _window(batch: int, item: Incoming, msg: protocol.Telemetry, row: dict[str, Any],
+                sess: dict[str, Any] | None, stored_ms: int) -> dict[str, Any]:
+        # Labels and latency layout come from the window's own session (it may be replayed from an
+        # older one), else from the current birth when it is the same artifact.
+        if sess is not None and sess["birth"]:
+            birth_json = sess["birth"]
+        elif row["bd_seq"] == msg.bdSeq or row["manifest_sha256"] == msg.artifact_sha256:
+            birth_json = row["birth"]
+        else:
+            birth_json = None
+        labels, layout, sha = _birth_info(birth_json)
+        if sha != msg.artifact_sha256:
+            labels, layout = {}, None
+        lat = msg.latency
+        row["runs"] += msg.runs
+        row["errors"] += msg.errors
+        if row["last_window_end_ms"] is None or msg.window_end_ms >= row["last_window_end_ms"]:
+            row.update(last_window_end_ms=msg.window_end_ms, p50_us=lat.p50_us, p95_us=lat.p95_us, p99_us=lat.p99_us)
+        return {
+            "batch": batch, "fleet": msg.fleet, "device": msg.device, "bd_seq": msg.bdSeq, "seq": msg.seq,
+            "historical": msg.historical, "ts_ms": msg.ts_ms, "received_ms": item.received_ms, "stored_ms": stored_ms,
+            "window_start_ms": msg.window_start_ms, "window_end_ms": msg.window_end_ms,
+            "artifact_sha256": msg.artifact_sha256, "model": labels.get("model"),
+            "model_version": labels.get("model_version"), "target": labels.get("target"),
+            "runs": msg.runs, "errors": msg.errors, "nan_input_runs": msg.nan_input_runs,
+            "p50_us": lat.p50_us, "p95_us": lat.p95_us, "p99_us": lat.p99_us,
+            "latency": json.dumps({"layout": layout, "counts": lat.counts, "underflow": lat.underflow,
+                                   "overflow": lat.overflow, "sum_us": lat.sum_us, "max_us": lat.max_us},
+                                  separators=(",", ":")),
+            "outputs": json.dumps({k: v.model_dump() for k, v in msg.outputs.items()}, separators=(",", ":")),
+            "rss_bytes": msg.process.rss_bytes, "cpu_percent": msg.process.cpu_percent,
+            "temperature_c": msg.temperature_c, "spool_queued": msg.spool.queued,
+            "spool_dropped_total": msg.spool.dropped_total,
+        }
+
+    def _write(self, conn: Connection, state: dict[tuple[str, str], _Device], new_sessions: dict,
+               changed_sessions: dict, window_rows: list, message_rows: list, result: BatchResult) -> None:
+        if window_rows:
+            conn.execute(windows.insert(), window_rows)
+        if message_rows:
+            conn.execute(messages.insert(), message_rows)
+        if new_sessions:
+            conn.execute(sessions.insert(), list(new_sessions.values()))
+        if changed_sessions:
+            keyed = [{**{f"k_{k}": v for k, v in s.items() if k in ("fleet", "device", "bd_seq")},
+                      **{k: v for k, v in s.items() if k not in ("fleet", "device", "bd_seq")}}
+                     for s in changed_sessions.values()]
+            conn.execute(update(sessions).where(sessions.c.fleet == bindparam("k_fleet"),
+                                                sessions.c.device == bindparam("k_device"),
+                                                sessions.c.bd_seq == bindparam("k_bd_seq")), keyed)
+        inserts = [d.row for d in state.values() if d.is_new]
+        updates = [{"k_fleet": d.row["fleet"], "k_device": d.row["device"],
+                    **{k: v for k, v in d.row.items() if k not in ("fleet", "device")}}
+                   for d in state.values() if not d.is_new]
+        if inserts:
+            conn.execute(devices.insert(), inserts)
+        if updates:
+            conn.execute(update(devices).where(devices.c.fleet == bindparam("k_fleet"),
+                                               devices.c.device == bindparam("k_device")), updates)
+        increments = {"stored": result.stored, "duplicates": result.duplicates,
+                      **{f"dropped.{reason}": n for reason, n in result.dropped.items()}}
+        increments = [{"k_name": k, "delta": v} for k, v in increments.items() if v]
+        if increments:
+            conn.execute(update(counters).where(counters.c.name == bindparam("k_name"))
+                         .values(value=counters.c.value + bindparam("delta")), increments)
+
+    # ---- reads -------------------------------------------------------------------------------------
+
+    def counters(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            return {row.name: int(row.value) for row in conn.execute(select(counters))}
+
+    def devices(self, since_batch: int | None = None) -> list[dict[str, Any]]:
+        query = select(devices)
+        if since_batch is not None:
+            query = query.where(devices.c.batch > since_batch)
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(query.order_by(devices.c.fleet, devices.c.device)).mappings()]
+
+    def windows(self, since_batch: int | None = None, received_after_ms: int | None = None,
+                up_to_batch: int | None = None) -> list[dict[str, Any]]:
+        query = select(windows)
+        if since_batch is not None:
+            query = query.where(windows.c.batch > since_batch)
+        if up_to_batch is not None:
+            query = query.where(windows.c.batch <= up_to_batch)
+        if received_after_ms is not None:
+            query = query.where(windows.c.received_ms > received_after_ms)
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(query.order_by(windows.c.id)).mappings()]
+
+    def batch(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.scalar(select(counters.c.value).where(counters.c.name == "batch")))
+
+    # ---- alerts: fire once per condition, across restarts and monitors ------------------------------
+
+    def alert_fire(self, key: tuple[str, str, str], info: dict[str, Any], at_ms: int) -> bool:
+        """Mark an alert firing; True only for the caller that changed it from clear (or new) to firing."""
+        fleet, alert, subject = key
+        where = (alerts.c.fleet == fleet, alerts.c.alert == alert, alerts.c.subject == subject)
+        values = {k: info.get(k) for k in ("device", "model", "model_version", "target", "value", "threshold", "message")}
+        with self.engine.begin() as conn:
+            changed = conn.execute(update(alerts).where(*where, alerts.c.active.is_(False)).values(
+                active=True, since_ms=at_ms, changed_ms=at_ms, fired=alerts.c.fired + 1, **values)).rowcount
+            if changed:
+                return True
+            if conn.scalar(select(alerts.c.active).where(*where)) is not None:
+                conn.execute(update(alerts).where(*where).values(value=values["value"], message=values["message"]))
+                return False
+            try:
+                with conn.begin_nested():
+                    conn.execute(alerts.insert().values(fleet=fleet, alert=alert, subject=subject, active=True,
+                                                        since_ms=at_ms, changed_ms=at_ms, fired=1, **values))
+            except IntegrityError:
+                return False  # another monitor fired it first
+            return True
+
+    def alert_clear(self, key: tuple[str, str, str], at_ms: int) -> bool:
+        fleet, alert, subject = key
+        with self.engine.begin() as conn:
+            return bool(conn.execute(update(alerts).where(
+                alerts.c.fleet == fleet, alerts.c.alert == alert, alerts.c.subject == subject,
+                alerts.c.active.is_(True)).values(active=False, changed_ms=at_ms)).rowcount)
+
+    def alerts(self, active_only: bool = False) -> list[dict[str, Any]]:
+        query = select(alerts).order_by(alerts.c.fleet, alerts.c.alert, alerts.c.subject)
+        if active_only:
+            query = query.where(alerts.c.active.is_(True))
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(query).mappings()]
+
+
+def fleet_status(store: Store, default_interval_s: float, at_ms: int | None = None) -> list[dict[str, Any]]:
+    """Every device with its presence, artifact and last window's latency (what `fleet status` prints)."""
+    at_ms = at_ms if at_ms is not None else now_ms()
+    rows = []
+    for d in store.devices():
+        silent = is_silent(d["last_seen_ms"], d["interval_s"], at_ms, default_interval_s)
+        rows.append({
+            "device": d["device"], "fleet": d["fleet"], "online": bool(d["session_open"]) and not silent,
+            "silent": silent, "session_open": bool(d["session_open"]), "artifact": d["artifact"], "model": d["model"], "version": d["model_version"],
+            "target": d["target"], "backend": d["backend"], "bd_seq": d["bd_seq"],
+            "latency": {"p50_us": d["p50_us"], "p95_us": d["p95_us"], "p99_us": d["p99_us"],
+                        "window_end_ms": d["last_window_end_ms"]},
+            "runs": d["runs"], "errors": d["errors"], "messages": d["messages"], "duplicates": d["duplicates"],
+            "gaps": d["gaps"], "last_seen_ms": d["last_seen_ms"],
+        })
+    return rows
+
