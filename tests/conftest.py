@@ -86,3 +86,13 @@ def edgenet_artifacts(tmp_path_factory, session_home) -> dict:
     return {"artifacts": {(a["target"], a["backend"]): a for a in result["artifacts"]}, "failures": result["failures"],
             "home": session_home, "pub": session_home / "keys" / "default.pub", "build_s": build_s,
             "onnx": load_source(EDGENET, [1, 3, 96, 96]).onnx_model}
+
+
+@pytest.fixture(scope="session")
+def digits_host_openvino(tmp_path_factory, session_home) -> dict:
+    """The demo CNN built once for the host with OpenVINO only (what the agent tests serve)."""
+    out = tmp_path_factory.mktemp("dist-host-openvino")
+    result = build_json(DIGITS, "--input-shape", "1,1,8,8", "-t", "x86_64-avx2", "--backend", "openvino",
+                        "-o", str(out), env={"EDGESMITH_HOME": str(session_home)})
+    (artifact,) = result["artifacts"]
+    return {"path": Path(artifact["path"]), "pub": session_home / "keys" / "default.pub"}

@@ -18,6 +18,9 @@
 #include "runtime/cpu_features.h"
 #include "runtime/isa.h"
 #include "session.h"
+#ifdef EDGESMITH_WITH_TELEMETRY
+#include "telemetry.h"
+#endif
 
 namespace py = pybind11;
 
@@ -177,4 +180,7 @@ PYBIND11_MODULE(_core, m) {
         "The entries of `features` this CPU lacks (unknown names included, marked as such): the "
         "rule Session applies to a manifest's target.cpu_features before loading anything.");
   session_register(m);
+#ifdef EDGESMITH_WITH_TELEMETRY
+  telemetry_register(m);
+#endif
 }

@@ -193,7 +193,10 @@ uint32_t le_read(const std::string& bytes, size_t offset, size_t width) {
 
 }  // namespace
 
-Tensor npy_parse(const std::string& bytes, const std::string& name) {
+namespace {
+
+// One .npy file at the start of `bytes`; `consumed` null: nothing may follow it.
+Tensor npy_parse_one(const std::string& bytes, const std::string& name, size_t* consumed) {
   if (bytes.size() < NPY_MAGIC_BYTES + 2 ||
       std::memcmp(bytes.data(), NPY_MAGIC, NPY_MAGIC_BYTES) != 0) {
     npy_fail(name, "it does not start with the .npy magic \\x93NUMPY");
@@ -252,12 +255,26 @@ Tensor npy_parse(const std::string& bytes, const std::string& name) {
     npy_fail(name, "the data is truncated (" + std::to_string(available) + " bytes, the header " +
                        "promises " + std::to_string(data_bytes) + ")");
   }
-  if (available > data_bytes) {
+  if (available > data_bytes && consumed == nullptr) {
     npy_fail(name, "it has " + std::to_string(available - data_bytes) +
                        " bytes after the data");
   }
+  if (consumed != nullptr) *consumed = prelude + header_len + static_cast<size_t>(data_bytes);
   Tensor tensor(found->dtype, std::move(shape));
   if (data_bytes > 0) std::memcpy(tensor.data(), bytes.data() + prelude + header_len, data_bytes);
+  return tensor;
+}
+
+}  // namespace
+
+Tensor npy_parse(const std::string& bytes, const std::string& name) {
+  return npy_parse_one(bytes, name, nullptr);
+}
+
+Tensor npy_parse_next(const std::string& bytes, size_t* offset, const std::string& name) {
+  size_t consumed = 0;
+  Tensor tensor = npy_parse_one(bytes.substr(*offset), name, &consumed);
+  *offset += consumed;
   return tensor;
 }
 

@@ -22,6 +22,11 @@ constexpr uint64_t NPY_MAX_FILE_BYTES = uint64_t{1} << 32;
 /// Throws Error(ERROR_CODE_INVALID_ARGUMENT) on any malformed or unsupported content.
 Tensor npy_parse(const std::string& bytes, const std::string& name = "npy data");
 
+/// Parse the .npy file starting at `*offset` in `bytes` (several may be concatenated, as the
+/// agent's HTTP API sends them) and move `*offset` past it. The checks of npy_parse(), except that
+/// bytes may follow the data.
+Tensor npy_parse_next(const std::string& bytes, size_t* offset, const std::string& name = "npy data");
+
 /// Read and parse a .npy file. A missing or unreadable file is Error(ERROR_CODE_IO).
 Tensor npy_read(const std::string& path);
 

@@ -1,0 +1,218 @@
+#include "agent/agent_config.h"
+
+#define TOML_HEADER_ONLY 1
+#define TOML_EXCEPTIONS 1
+#include <toml++/toml.h>
+
+#include <cerrno>
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <map>
+#include <optional>
+#include <sstream>
+
+#include "telemetry/spool.h"
+
+namespace fs = std::filesystem;
+
+namespace edgesmith {
+
+const char* const AGENT_USAGE =
+    "usage: edgesmith-agent --config device.toml [flags...]\n"
+    "       edgesmith-agent --device ID --fleet F --artifact DIR --credentials FILE --data-dir DIR\n"
+    "                       [--interval SECONDS] [--synthetic-load RPS] [--http HOST:PORT] [--key FILE.pub ...]\n"
+    "\n"
+    "Serve an artifact on loopback HTTP and report telemetry over MQTT (docs/telemetry.md).\n"
+    "  --config FILE         TOML with the keys below (device, fleet, artifact, credentials, data_dir,\n"
+    "                        interval_s, synthetic_load_rps, http, trusted_keys, spool_max_bytes);\n"
+    "                        flags override it, relative paths are taken from its directory\n"
+    "  --device ID           this device (default: the credentials' device; must match them)\n"
+    "  --fleet F             its fleet (default: the credentials' fleet; must match them)\n"
+    "  --artifact DIR        the installed artifact, verified before it is loaded\n"
+    "  --credentials FILE    the JSON file `edgesmith broker add-device --json` writes\n"
+    "  --data-dir DIR        the spool (spool.db) and agent.json (the HTTP port) live here\n"
+    "  --interval SECONDS    one telemetry summary per interval (default 10)\n"
+    "  --synthetic-load RPS  run the model itself RPS times a second on its golden inputs plus\n"
+    "                        small seeded noise (demos and tests; default 0: off)\n"
+    "  --synthetic-shift X   add X to every synthetic input value (to show drift)\n"
+    "  --http HOST:PORT      local inference API (default 127.0.0.1:0: any free port)\n"
+    "  --key FILE.pub        trusted signing key (default: $EDGESMITH_HOME/{keys,trusted}/*.pub)\n"
+    "  --spool-max-bytes N   the spool's disk budget (default 33554432); the oldest messages are\n"
+    "                        dropped, counted and reported when it is exhausted\n"
+    "\n"
+    "HTTP: POST /v1/infer (the inputs as concatenated .npy -> the outputs as concatenated .npy),\n"
+    "GET /v1/health, GET /v1/stats. SIGTERM or SIGINT: last window, flush, death, disconnect.\n";
+
+namespace {
+
+double seconds_parse(const std::string& what, const std::string& text, bool zero_ok) {
+  char* end = nullptr;
+  errno = 0;
+  const double value = std::strtod(text.c_str(), &end);
+  if (text.empty() || *end != '\0' || errno != 0 || !std::isfinite(value) || value < 0.0 ||
+      (!zero_ok && value == 0.0)) {
+    throw AgentConfigError{what + " takes a " + (zero_ok ? "non-negative" : "positive") + " number, got '" + text + "'"};
+  }
+  return value;
+}
+
+uint64_t bytes_parse(const std::string& what, const std::string& text) {
+  char* end = nullptr;
+  errno = 0;
+  const unsigned long long value = std::strtoull(text.c_str(), &end, 10);
+  if (text.empty() || text[0] == '-' || *end != '\0' || errno != 0 || value < 1024) {
+    throw AgentConfigError{what + " takes a number of bytes (at least 1024), got '" + text + "'"};
+  }
+  return value;
+}
+
+std::string path_from(const fs::path& base, const std::string& value) {
+  const fs::path p(value);
+  return p.is_absolute() ? value : (base / p).lexically_normal().string();
+}
+
+void toml_apply(const std::string& file, AgentConfig* config) {
+  std::error_code ec;
+  if (!fs::is_regular_file(file, ec)) throw AgentConfigError{"the config file " + file + " does not exist"};
+  toml::table table;
+  try {
+    table = toml::parse_file(file);
+  } catch (const toml::parse_error& e) {
+    std::ostringstream where;
+    where << e.source().begin;
+    throw AgentConfigError{file + " is not valid TOML (" + std::string(e.description()) + " at " + where.str() + ")"};
+  }
+  const fs::path base = fs::absolute(fs::path(file)).parent_path();
+  static const char* const KNOWN =
+      "device, fleet, artifact, credentials, data_dir, interval_s, synthetic_load_rps, synthetic_shift, http, "
+      "trusted_keys, spool_max_bytes";
+  for (const auto& [key, node] : table) {
+    const std::string name(key.str());
+    const auto text = [&]() -> std::string {
+      if (!node.is_string()) throw AgentConfigError{file + ": '" + name + "' must be a string"};
+      return *node.value<std::string>();
+    };
+    const auto number = [&]() -> double {
+      if (!node.is_number()) throw AgentConfigError{file + ": '" + name + "' must be a number"};
+      return *node.value<double>();
+    };
+    if (name == "device") {
+      config->device = text();
+    } else if (name == "fleet") {
+      config->fleet = text();
+    } else if (name == "artifact") {
+      config->artifact = path_from(base, text());
+    } else if (name == "credentials") {
+      config->credentials = path_from(base, text());
+    } else if (name == "data_dir") {
+      config->data_dir = path_from(base, text());
+    } else if (name == "http") {
+      config->http = text();
+    } else if (name == "interval_s") {
+      config->interval_s = number();
+      if (!(config->interval_s > 0.0)) throw AgentConfigError{file + ": 'interval_s' must be positive"};
+    } else if (name == "synthetic_load_rps") {
+      config->synthetic_load_rps = number();
+      if (!(config->synthetic_load_rps >= 0.0)) throw AgentConfigError{file + ": 'synthetic_load_rps' must be >= 0"};
+    } else if (name == "synthetic_shift") {
+      config->synthetic_shift = number();
+    } else if (name == "spool_max_bytes") {
+      if (!node.is_integer() || *node.value<int64_t>() < 1024) {
+        throw AgentConfigError{file + ": 'spool_max_bytes' must be an integer of at least 1024"};
+      }
+      config->spool_max_bytes = static_cast<uint64_t>(*node.value<int64_t>());
+    } else if (name == "trusted_keys") {
+      const toml::array* keys = node.as_array();
+      if (keys == nullptr) throw AgentConfigError{file + ": 'trusted_keys' must be a list of .pub file paths"};
+      config->trusted_keys.clear();
+      for (const toml::node& entry : *keys) {
+        if (!entry.is_string()) throw AgentConfigError{file + ": 'trusted_keys' must be a list of .pub file paths"};
+        config->trusted_keys.push_back(path_from(base, *entry.value<std::string>()));
+      }
+    } else {
+      throw AgentConfigError{file + ": unknown key '" + name + "' (known keys: " + KNOWN + ")"};
+    }
+  }
+}
+
+}  // namespace
+
+void agent_http_address(const std::string& text, std::string* host, int* port) {
+  const size_t colon = text.rfind(':');
+  if (colon == std::string::npos || colon == 0) {
+    throw AgentConfigError{"--http takes HOST:PORT (e.g. 127.0.0.1:8080, port 0 for any), got '" + text + "'"};
+  }
+  const std::string port_text = text.substr(colon + 1);
+  char* end = nullptr;
+  const long value = std::strtol(port_text.c_str(), &end, 10);
+  if (port_text.empty() || *end != '\0' || value < 0 || value > 65535) {
+    throw AgentConfigError{"--http takes HOST:PORT with a port 0-65535, got '" + text + "'"};
+  }
+  *host = text.substr(0, colon);
+  if (host->size() > 2 && host->front() == '[' && host->back() == ']') *host = host->substr(1, host->size() - 2);
+  *port = static_cast<int>(value);
+}
+
+AgentConfig agent_config_parse(int argc, char** argv) {
+  std::string config_file;
+  for (int i = 1; i < argc; ++i) {
+    if (std::string(argv[i]) == "--config") {
+      if (i + 1 >= argc) throw AgentConfigError{"--config needs a value"};
+      config_file = argv[i + 1];
+    }
+  }
+  AgentConfig config;
+  if (!config_file.empty()) toml_apply(config_file, &config);
+  std::vector<std::string> keys;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    const auto value = [&]() -> std::string {
+      if (i + 1 >= argc) throw AgentConfigError{arg + " needs a value"};
+      return argv[++i];
+    };
+    if (arg == "--config") {
+      ++i;
+    } else if (arg == "--device") {
+      config.device = value();
+    } else if (arg == "--fleet") {
+      config.fleet = value();
+    } else if (arg == "--artifact") {
+      config.artifact = value();
+    } else if (arg == "--credentials") {
+      config.credentials = value();
+    } else if (arg == "--data-dir") {
+      config.data_dir = value();
+    } else if (arg == "--interval") {
+      config.interval_s = seconds_parse(arg, value(), false);
+    } else if (arg == "--synthetic-load") {
+      config.synthetic_load_rps = seconds_parse(arg, value(), true);
+    } else if (arg == "--synthetic-shift") {
+      const std::string text = value();
+      char* end = nullptr;
+      config.synthetic_shift = std::strtod(text.c_str(), &end);
+      if (text.empty() || *end != '\0' || !std::isfinite(config.synthetic_shift)) {
+        throw AgentConfigError{"--synthetic-shift takes a number, got '" + text + "'"};
+      }
+    } else if (arg == "--http") {
+      config.http = value();
+    } else if (arg == "--key") {
+      keys.push_back(value());
+    } else if (arg == "--spool-max-bytes") {
+      config.spool_max_bytes = bytes_parse(arg, value());
+    } else {
+      throw AgentConfigError{"unknown option " + arg};
+    }
+  }
+  if (!keys.empty()) config.trusted_keys = keys;
+  const char* where = config_file.empty() ? "" : " (or in the config file)";
+  if (config.artifact.empty()) throw AgentConfigError{std::string("--artifact DIR is missing") + where};
+  if (config.credentials.empty()) throw AgentConfigError{std::string("--credentials FILE is missing") + where};
+  if (config.data_dir.empty()) throw AgentConfigError{std::string("--data-dir DIR is missing") + where};
+  std::string host;
+  int port = 0;
+  agent_http_address(config.http, &host, &port);
+  return config;
+}
+
+}  // namespace edgesmith

@@ -1,0 +1,41 @@
+// edgesmith-agent's settings: a device.toml (--config) and flags that override it
+// (docs/telemetry.md, "The agent").
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace edgesmith {
+
+/// A mistake in the command line or the config file: one sentence, printed with the usage.
+struct AgentConfigError {
+  std::string message;
+};
+
+/// Everything the agent needs to run.
+struct AgentConfig {
+  std::string device;       ///< must match the credentials' device (default: theirs)
+  std::string fleet;        ///< must match the credentials' fleet (default: theirs)
+  std::string artifact;     ///< the installed artifact directory
+  std::string credentials;  ///< the JSON file `edgesmith broker add-device` writes
+  std::string data_dir;     ///< spool.db and agent.json
+  double interval_s = 10.0;
+  double synthetic_load_rps = 0.0;
+  double synthetic_shift = 0.0;  ///< added to every synthetic input value (drift demos)
+  std::string http = "127.0.0.1:0";
+  std::vector<std::string> trusted_keys;  ///< .pub files; empty: the default home rule
+  uint64_t spool_max_bytes = 0;           ///< 0: the spool's default
+};
+
+/// The usage text (--help).
+extern const char* const AGENT_USAGE;
+
+/// Parse flags (argv[1..]) and the --config file they name. Relative paths in the file are taken
+/// from the file's directory. Throws AgentConfigError naming the bad flag, key or file.
+AgentConfig agent_config_parse(int argc, char** argv);
+
+/// Split HOST:PORT; throws AgentConfigError.
+void agent_http_address(const std::string& text, std::string* host, int* port);
+
+}  // namespace edgesmith

@@ -1,0 +1,197 @@
+// edgesmith-agent: the device side of fleet telemetry, no Python. Loads the installed artifact
+// through session_open (verified first), serves it on loopback HTTP, optionally drives it with
+// synthetic load, and reports birth / telemetry / events / death over MQTT from an on-disk spool
+// (docs/telemetry.md). Usage: AGENT_USAGE in agent_config.cc.
+//
+// Exit status: 0 after SIGTERM/SIGINT, 1 when it cannot start, 2 for a usage or config mistake.
+#include <signal.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <system_error>
+
+#include <nlohmann/json.hpp>
+
+#include "agent/agent_config.h"
+#include "agent/http_api.h"
+#include "agent/synthetic_load.h"
+#include "artifact/keys.h"
+#include "common/error.h"
+#include "common/version.h"
+#include "runtime/plugin.h"
+#include "runtime/session.h"
+#include "telemetry/credentials.h"
+#include "telemetry/reporter.h"
+
+namespace fs = std::filesystem;
+
+namespace edgesmith {
+namespace {
+
+constexpr double SHUTDOWN_FLUSH_S = 5.0;
+// Failed runs become `run_error` events, at most one per this many seconds (a client sending
+// garbage must not flood the spool).
+constexpr double RUN_ERROR_EVENT_PERIOD_S = 1.0;
+
+void log_line(const std::string& line) { std::cerr << "edgesmith-agent: " << line << std::endl; }
+
+// agent.json: how local clients find the agent. Written atomically (rename) so a reader never
+// sees half a file.
+void agent_file_write(const std::string& path, const nlohmann::json& doc) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << doc.dump(2) << "\n";
+    if (!out) throw Error(ERROR_CODE_IO, "cannot write " + tmp + "; check the data directory's permissions");
+  }
+  std::error_code ec;
+  fs::rename(tmp, path, ec);
+  if (ec) throw Error(ERROR_CODE_IO, "cannot write " + path + " (" + ec.message() + ")");
+}
+
+uint32_t seed_of(const std::string& device) {
+  uint32_t hash = 2166136261u;  // FNV-1a: each device its own, reproducible noise
+  for (const char c : device) hash = (hash ^ static_cast<uint8_t>(c)) * 16777619u;
+  return hash;
+}
+
+int agent_main(const AgentConfig& config, const sigset_t& signals) {
+  // Cheap checks first: a wrong credentials file should not wait for the engine to load.
+  const MqttCredentials credentials = credentials_read(config.credentials);
+  if (!config.device.empty() && config.device != credentials.device) {
+    throw Error(ERROR_CODE_INVALID_ARGUMENT, "--device is " + config.device + " but " + config.credentials +
+                                                 " holds device " + credentials.device + "'s credentials");
+  }
+  if (!config.fleet.empty() && config.fleet != credentials.fleet) {
+    throw Error(ERROR_CODE_INVALID_ARGUMENT, "--fleet is " + config.fleet + " but " + config.credentials +
+                                                 " is for fleet " + credentials.fleet);
+  }
+  std::vector<std::vector<uint8_t>> keys;
+  for (const std::string& path : config.trusted_keys) keys.push_back(public_key_read(path));
+  if (config.trusted_keys.empty()) keys = trusted_keys_default();
+  if (keys.empty()) {
+    throw Error(ERROR_CODE_INVALID_ARGUMENT, "no trusted public keys: pass --key FILE.pub (trusted_keys in the "
+                                             "config) or copy the signer's .pub to " + keys_home() + "/trusted/");
+  }
+  const std::unique_ptr<Session> session = session_open(config.artifact, keys);
+
+  ReporterOptions options;
+  options.credentials_path = config.credentials;
+  options.data_dir = config.data_dir;
+  options.interval_s = config.interval_s;
+  if (config.spool_max_bytes > 0) options.spool_max_bytes = config.spool_max_bytes;
+  options.expect_device = config.device;
+  options.expect_fleet = config.fleet;
+  SessionReporter reporter(*session, options);
+  const nlohmann::json ids = reporter.reporter_status();
+  const std::string device = ids["device"];
+
+  std::mutex error_mutex;
+  auto last_error_event = std::chrono::steady_clock::time_point{};
+  const auto on_run_error = [&](const std::string& message) {
+    {
+      std::lock_guard<std::mutex> lock(error_mutex);
+      const auto now = std::chrono::steady_clock::now();
+      if (now - last_error_event < std::chrono::duration<double>(RUN_ERROR_EVENT_PERIOD_S)) return;
+      last_error_event = now;
+    }
+    try {
+      reporter.reporter_event("run_error", message);
+    } catch (const std::exception& e) {
+      log_line(std::string("a run_error event was not stored: ") + e.what());
+    }
+  };
+
+  HttpApi http(*session, device, on_run_error, [&reporter] { return reporter.reporter_status(); });
+  std::string host;
+  int port = 0;
+  agent_http_address(config.http, &host, &port);
+  port = http.http_start(host, port);
+  const std::string agent_file = (fs::path(config.data_dir) / "agent.json").string();
+  agent_file_write(agent_file, {{"pid", static_cast<int64_t>(getpid())},
+                                {"device", device},
+                                {"fleet", ids["fleet"]},
+                                {"artifact", session->session_manifest().name},
+                                {"host", host},
+                                {"port", port},
+                                {"url", "http://" + (host.find(':') != std::string::npos ? "[" + host + "]" : host) +
+                                            ":" + std::to_string(port)}});
+
+  std::unique_ptr<SyntheticLoad> load;
+  if (config.synthetic_load_rps > 0.0) {
+    load = std::make_unique<SyntheticLoad>(*session, config.synthetic_load_rps, config.synthetic_shift,
+                                           seed_of(device), on_run_error);
+  }
+  reporter.reporter_start();
+  if (load) load->load_start();
+  log_line("device " + device + " serves " + session->session_manifest().name + " (" + session->session_describe() +
+           ") on http://" + host + ":" + std::to_string(port) + ", telemetry every " +
+           nlohmann::json(config.interval_s).dump() + " s");
+
+  int signal_number = 0;
+  sigwait(&signals, &signal_number);
+  log_line(std::string("stopping (") + (signal_number == SIGINT ? "SIGINT" : "SIGTERM") + ")");
+  if (load) load->load_stop();
+  http.http_stop();
+  reporter.reporter_stop(SHUTDOWN_FLUSH_S);
+  std::error_code ec;
+  fs::remove(agent_file, ec);
+  const nlohmann::json status = reporter.reporter_status();
+  log_line("stopped; " + std::to_string(status["queued"].get<uint64_t>()) + " messages left in the spool");
+  return 0;
+}
+
+}  // namespace
+}  // namespace edgesmith
+
+int main(int argc, char** argv) {
+  using namespace edgesmith;
+#ifdef EDGESMITH_AGENT_PACKAGE_BACKENDS
+  // Installed into a virtualenv's bin/ (like edgesmith-run): also search the Python package's
+  // plugin directory, after anything the user put in EDGESMITH_BACKEND_PATH.
+  std::error_code ec;
+  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+  if (!ec) {
+    const char* current = std::getenv(BACKEND_PATH_ENV);
+    std::string path = current != nullptr ? std::string(current) + ":" : std::string();
+    path += (exe.parent_path() / EDGESMITH_AGENT_PACKAGE_BACKENDS).lexically_normal().string();
+    setenv(BACKEND_PATH_ENV, path.c_str(), 1);
+  }
+#endif
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "-h" || arg == "--help") {
+      std::cout << AGENT_USAGE;
+      return 0;
+    }
+    if (arg == "--version") {
+      std::cout << "edgesmith-agent " << version_string() << "\n";
+      return 0;
+    }
+  }
+  // Block the stop signals in every thread (threads inherit the mask), and take them with
+  // sigwait() in main: the shutdown then runs as ordinary code, not in a signal handler.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  signal(SIGPIPE, SIG_IGN);  // a client or broker closing its socket is an error code, not a death
+  try {
+    return agent_main(agent_config_parse(argc, argv), signals);
+  } catch (const AgentConfigError& e) {
+    std::cerr << "error: " << e.message << "\n(see edgesmith-agent --help)\n";
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    return 1;
+  }
+}

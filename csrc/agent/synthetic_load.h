@@ -1,0 +1,54 @@
+// --synthetic-load RPS: the agent drives its own Session with the artifact's golden inputs plus
+// small seeded Gaussian noise (float32/float64 inputs), for demos and tests.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "runtime/session.h"
+
+namespace edgesmith {
+
+/// Standard deviation of the noise added to golden float inputs.
+constexpr double SYNTHETIC_NOISE_STD = 0.01;
+
+/// A background thread running the Session `rps` times a second.
+class SyntheticLoad {
+ public:
+  /// Load the golden inputs (every sample, used in turn). `shift` is added to every float input
+  /// value (to show drift). `on_run_error` hears about failed runs. Throws Error when the artifact
+  /// has no golden samples.
+  SyntheticLoad(Session& session, double rps, double shift, uint32_t seed,
+                std::function<void(const std::string&)> on_run_error);
+  ~SyntheticLoad();
+  SyntheticLoad(const SyntheticLoad&) = delete;
+  SyntheticLoad& operator=(const SyntheticLoad&) = delete;
+
+  /// Start the thread.
+  void load_start();
+
+  /// Stop it (waits for the run in progress).
+  void load_stop();
+
+ private:
+  void loop();
+
+  Session& session_;
+  double rps_;
+  double shift_;
+  uint32_t seed_;
+  std::function<void(const std::string&)> on_run_error_;
+  std::vector<std::vector<Tensor>> samples_;
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  bool stopping_ = false;
+  std::thread thread_;
+};
+
+}  // namespace edgesmith

@@ -1,0 +1,29 @@
+// A device's broker login: the JSON file `edgesmith broker add-device` writes
+// ({"device", "fleet", "host", "port", "username", "password", "tls", "cafile"}).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace edgesmith {
+
+/// Where and as whom a device connects.
+struct MqttCredentials {
+  std::string device;    ///< device id (a topic level)
+  std::string fleet;     ///< fleet id (a topic level)
+  std::string host = "127.0.0.1";
+  int32_t port = 1883;
+  std::string username;
+  std::string password;
+  bool tls = false;      ///< connect with TLS (ssl://)
+  std::string cafile;    ///< CA certificate to verify the broker with; empty: the system's
+};
+
+/// Whether `id` is a valid fleet or device id (^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$).
+bool telemetry_id_valid(const std::string& id);
+
+/// Read a credentials file. A missing file is Error(ERROR_CODE_IO); a malformed one
+/// Error(ERROR_CODE_INVALID_ARGUMENT) naming the file and the bad key.
+MqttCredentials credentials_read(const std::string& path);
+
+}  // namespace edgesmith

@@ -1,0 +1,221 @@
+#include "telemetry/reporter.h"
+
+#include <filesystem>
+#include <system_error>
+#include <utility>
+
+#include "common/digest.h"
+#include "common/error.h"
+#include "common/version.h"
+#include "runtime/isa.h"
+
+namespace edgesmith {
+
+namespace {
+
+std::string json_string(const nlohmann::json& doc, const char* a, const char* b) {
+  const auto outer = doc.find(a);
+  if (outer == doc.end() || !outer->is_object()) return "";
+  const auto inner = outer->find(b);
+  return inner != outer->end() && inner->is_string() ? inner->get<std::string>() : "";
+}
+
+}  // namespace
+
+nlohmann::json birth_body(const Session& session, double interval_s) {
+  const Manifest& manifest = session.session_manifest();
+  // The signed manifest has more than the core's reader keeps (model, backend version, the
+  // monitoring references): read those from its raw JSON.
+  const nlohmann::json raw = nlohmann::json::parse(session.session_manifest_json(), nullptr, false);
+  const nlohmann::json doc = raw.is_object() ? raw : nlohmann::json::object();
+  nlohmann::json outputs = nlohmann::json::array();
+  const nlohmann::json* raw_monitors = nullptr;
+  if (doc.contains("monitoring") && doc["monitoring"].is_object() && doc["monitoring"].contains("outputs") &&
+      doc["monitoring"]["outputs"].is_array()) {
+    raw_monitors = &doc["monitoring"]["outputs"];
+  }
+  for (const ManifestOutputMonitor& monitor : manifest.monitoring.outputs) {
+    nlohmann::json item = {{"name", monitor.name}};
+    if (monitor.kind == MONITOR_KIND_CLASSES) {
+      item["kind"] = "classes";
+      item["classes"] = monitor.classes;
+      item["edges"] = nullptr;
+    } else {
+      item["kind"] = "histogram";
+      item["classes"] = nullptr;
+      item["edges"] = monitor.edges;
+    }
+    item["reference"] = nullptr;
+    if (raw_monitors != nullptr) {
+      for (const nlohmann::json& entry : *raw_monitors) {
+        if (entry.is_object() && entry.value("name", "") == monitor.name && entry.contains("reference") &&
+            entry["reference"].is_array()) {
+          item["reference"] = entry["reference"];
+        }
+      }
+    }
+    outputs.push_back(item);
+  }
+  std::string model = json_string(doc, "model", "name");
+  std::string model_version = json_string(doc, "model", "version");
+  const ManifestLatencyBuckets& latency = manifest.monitoring.latency;
+  return {
+      {"target", manifest.target_name},
+      {"runtime", {{"version", version_string()}, {"isa", host_isa()}}},
+      {"artifact",
+       {{"name", manifest.name},
+        {"model", model.empty() ? manifest.name : model},
+        {"model_version", model_version.empty() ? "unknown" : model_version},
+        {"target", manifest.target_name},
+        {"backend", manifest.backend_name},
+        {"backend_version", json_string(doc, "backend", "version")},
+        {"manifest_sha256", sha256_string(session.session_manifest_json())}}},
+      {"metrics",
+       {{"interval_s", interval_s},
+        {"latency", {{"start_us", latency.start_us}, {"factor", latency.factor}, {"count", latency.count}}},
+        {"outputs", outputs},
+        // Not recorded in manifests yet; the monitor then has no build-time latency to compare with.
+        {"build_latency_us", nullptr}}},
+  };
+}
+
+SessionReporter::SessionReporter(const Session& session, ReporterOptions options)
+    : session_(session), options_(std::move(options)) {
+  if (!(options_.interval_s > 0.0)) {
+    throw Error(ERROR_CODE_INVALID_ARGUMENT, "the telemetry interval must be a positive number of seconds");
+  }
+  credentials_ = credentials_read(options_.credentials_path);
+  if (!options_.expect_device.empty() && options_.expect_device != credentials_.device) {
+    throw Error(ERROR_CODE_INVALID_ARGUMENT, "the credentials " + options_.credentials_path + " are device " +
+                                                 credentials_.device + "'s, not " + options_.expect_device +
+                                                 "'s; pass that device's credentials file");
+  }
+  if (!options_.expect_fleet.empty() && options_.expect_fleet != credentials_.fleet) {
+    throw Error(ERROR_CODE_INVALID_ARGUMENT, "the credentials " + options_.credentials_path + " are for fleet " +
+                                                 credentials_.fleet + ", not " + options_.expect_fleet +
+                                                 "; pass that fleet's credentials file");
+  }
+  std::error_code ec;
+  std::filesystem::create_directories(options_.data_dir, ec);
+  if (ec) {
+    throw Error(ERROR_CODE_IO, "cannot create the data directory " + options_.data_dir + " (" + ec.message() + ")");
+  }
+  artifact_sha256_ = sha256_string(session_.session_manifest_json());
+  PublisherOptions publisher;
+  publisher.credentials = credentials_;
+  publisher.spool_path = (std::filesystem::path(options_.data_dir) / "spool.db").string();
+  publisher.spool_max_bytes = options_.spool_max_bytes;
+  const double interval_s = options_.interval_s;
+  publisher.birth_body = [&session, interval_s] { return birth_body(session, interval_s); };
+  publisher_ = std::make_unique<Publisher>(std::move(publisher));
+}
+
+SessionReporter::~SessionReporter() {
+  {
+    std::lock_guard<std::mutex> lock(stop_mutex_);
+    stopping_ = true;
+  }
+  stop_cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+void SessionReporter::reporter_start() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (started_) return;
+    started_ = true;
+    window_ = std::make_unique<WindowSummariser>(session_.session_stats(), process_sample(), telemetry_now_ms());
+  }
+  publisher_->publisher_start();
+  reporter_event("started", "telemetry started",
+                 {{"artifact", session_.session_manifest().name}, {"interval_s", options_.interval_s}});
+  thread_ = std::thread([this] { loop(); });
+}
+
+void SessionReporter::reporter_event(const std::string& name, const std::string& message,
+                                     const nlohmann::json& details) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  publisher_->publisher_send("event", {{"event", name}, {"message", message},
+                                       {"details", details.is_object() ? details : nlohmann::json::object()}});
+}
+
+void SessionReporter::reporter_window() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (!window_) return;
+  nlohmann::json body = window_->window_close(session_.session_stats(), process_sample(), telemetry_now_ms());
+  body["artifact_sha256"] = artifact_sha256_;
+  const std::optional<double> temperature = temperature_read(options_.thermal_root);
+  body["temperature_c"] = temperature ? nlohmann::json(*temperature) : nlohmann::json(nullptr);
+  Spool& spool = publisher_->publisher_spool();
+  const SpoolState state = spool.spool_state();
+  // queued counts what is waiting before this message; dropped_total includes drops up to now.
+  body["spool"] = {{"queued", state.queued}, {"dropped_total", state.dropped_total}};
+  publisher_->publisher_send("telemetry", body);
+  const uint64_t unreported = spool.spool_dropped_unreported();
+  if (unreported > 0) {
+    const SpoolState after = spool.spool_state();
+    publisher_->publisher_send(
+        "event", {{"event", "spool_dropped"},
+                  {"message", "the spool's disk budget was exhausted: " + std::to_string(unreported) +
+                                  " oldest messages dropped"},
+                  {"details", {{"dropped", unreported}, {"dropped_total", after.dropped_total},
+                               {"max_bytes", options_.spool_max_bytes}}}});
+    spool.spool_dropped_mark_reported(unreported);
+  }
+}
+
+void SessionReporter::loop() {
+  const auto interval = std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+      std::chrono::duration<double>(options_.interval_s));
+  auto next = std::chrono::steady_clock::now() + interval;
+  while (true) {
+    {
+      std::unique_lock<std::mutex> lock(stop_mutex_);
+      if (stop_cv_.wait_until(lock, next, [&] { return stopping_; })) return;
+    }
+    try {
+      reporter_window();
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "edgesmith telemetry: a window was not stored: %s\n", e.what());
+    }
+    next += interval;
+    // Fell behind (a stalled disk, a suspended process): skip the missed ticks, don't burst.
+    const auto now = std::chrono::steady_clock::now();
+    if (next < now) next = now + interval;
+  }
+}
+
+void SessionReporter::reporter_stop(double timeout_s) {
+  {
+    std::lock_guard<std::mutex> lock(stop_mutex_);
+    if (stopping_) return;
+    stopping_ = true;
+  }
+  stop_cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+  if (started_) {
+    try {
+      reporter_window();
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "edgesmith telemetry: the last window was not stored: %s\n", e.what());
+    }
+  }
+  publisher_->publisher_stop(timeout_s);
+}
+
+nlohmann::json SessionReporter::reporter_status() {
+  const PublisherStatus s = publisher_->publisher_status();
+  return {{"device", credentials_.device},
+          {"fleet", credentials_.fleet},
+          {"connected", s.connected},
+          {"bdSeq", s.bd_seq},
+          {"seq", s.spool.seq},
+          {"connects", s.connects},
+          {"acked", s.acked},
+          {"in_flight", s.in_flight},
+          {"queued", s.spool.queued},
+          {"queued_bytes", s.spool.queued_bytes},
+          {"dropped_total", s.spool.dropped_total}};
+}
+
+}  // namespace edgesmith

@@ -1,0 +1,83 @@
+// A Session's telemetry: a Publisher that announces the session's artifact in its birth and, every
+// interval, publishes the window's summary (WindowSummariser) and a spool_dropped event when the
+// spool had to drop messages. What edgesmith-agent and Python's edgesmith.runtime.telemetry use.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "runtime/session.h"
+#include "telemetry/publisher.h"
+#include "telemetry/window.h"
+
+namespace edgesmith {
+
+/// How a SessionReporter reports.
+struct ReporterOptions {
+  std::string credentials_path;      ///< the JSON file `edgesmith broker add-device` writes
+  std::string data_dir;              ///< holds spool.db (created when missing)
+  double interval_s = 10.0;          ///< one telemetry message per interval
+  uint64_t spool_max_bytes = SPOOL_DEFAULT_MAX_BYTES;
+  std::string thermal_root = "/sys/class/thermal";
+  std::string expect_device;         ///< when set, the credentials must be this device's
+  std::string expect_fleet;          ///< when set, the credentials must be in this fleet
+};
+
+/// The birth's fields beyond the envelope for a session (target, runtime, artifact, metrics), as
+/// docs/telemetry.md describes them; output references come from the manifest's monitoring section.
+nlohmann::json birth_body(const Session& session, double interval_s);
+
+/// Reports one Session. The Session must outlive the reporter.
+class SessionReporter {
+ public:
+  /// Read the credentials, open the spool; nothing is sent before reporter_start(). Throws Error.
+  SessionReporter(const Session& session, ReporterOptions options);
+  /// Stops like reporter_stop(0) would, without the final window.
+  ~SessionReporter();
+  SessionReporter(const SessionReporter&) = delete;
+  SessionReporter& operator=(const SessionReporter&) = delete;
+
+  /// Connect, publish the birth, a `started` event and a telemetry window every interval.
+  void reporter_start();
+
+  /// Publish an event (`name` like run_error; `details` a JSON object).
+  void reporter_event(const std::string& name, const std::string& message,
+                      const nlohmann::json& details = nlohmann::json::object());
+
+  /// Close the current window now and publish it (also what the interval timer does).
+  void reporter_window();
+
+  /// Publish the last (partial) window, flush for at most `timeout_s`, publish death (shutdown)
+  /// and disconnect. Idempotent.
+  void reporter_stop(double timeout_s);
+
+  /// Connection and spool state, and the configured ids.
+  nlohmann::json reporter_status();
+
+  /// The publisher (for tests and the agent's status).
+  Publisher& reporter_publisher() noexcept { return *publisher_; }
+
+ private:
+  void loop();
+
+  const Session& session_;
+  ReporterOptions options_;
+  MqttCredentials credentials_;
+  std::string artifact_sha256_;
+  std::unique_ptr<Publisher> publisher_;
+  std::unique_ptr<WindowSummariser> window_;
+  std::mutex mutex_;         // window_ and the event order
+  std::mutex stop_mutex_;
+  std::condition_variable stop_cv_;
+  bool stopping_ = false;
+  bool started_ = false;
+  std::thread thread_;
+};
+
+}  // namespace edgesmith

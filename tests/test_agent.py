@@ -1,0 +1,502 @@
+"""edgesmith-agent (csrc/agent/, csrc/telemetry/) against a real Mosquitto run by `edgesmith broker`.
+
+What an outside MQTT client sees (topics, schema), presence (birth, the will on SIGKILL, the
+shutdown death), store-and-forward across a broker restart and a 60 s outage (nothing lost,
+nothing counted twice), the spool's disk budget, local HTTP inference, the Python publisher, config
+errors, and the aarch64 agent under qemu.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+
+from conftest import REPO, run_cli
+
+AGENT = Path(sys.executable).parent / "edgesmith-agent"
+SCHEMA = json.loads((REPO / "docs" / "telemetry.schema.json").read_text())
+VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
+FLEET = "plant-a"
+
+pytestmark = pytest.mark.integration
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+class Broker:
+    """A Mosquitto broker in a temporary directory, through the `edgesmith broker` commands."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.info = json.loads(run_cli("broker", "up", "--dir", str(directory), "--json").stdout)
+
+    @property
+    def port(self) -> int:
+        return self.info["port"]
+
+    def up(self) -> None:
+        run_cli("broker", "up", "--dir", str(self.dir), "--json")
+
+    def down(self) -> None:
+        run_cli("broker", "down", "--dir", str(self.dir))
+
+    def add_device(self, device: str, fleet: str = FLEET) -> Path:
+        out = json.loads(run_cli("broker", "add-device", device, "--fleet", fleet, "--dir", str(self.dir),
+                                 "--json").stdout)
+        return Path(out["credentials"])
+
+
+@pytest.fixture
+def broker(tmp_path):
+    b = Broker(tmp_path / "broker")
+    yield b
+    run_cli("broker", "down", "--dir", str(b.dir), check=False)
+
+
+class Collector:
+    """A monitor-like subscriber: paho-mqtt, MQTT v5, QoS 1, a persistent session (the broker
+    queues for it while it is away), reconnecting by itself."""
+
+    def __init__(self, broker: Broker, topic: str = "edgesmith/v1/#"):
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        self.messages: list[tuple[str, dict]] = []
+        self._lock = threading.Lock()
+        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"collector-{uuid.uuid4().hex[:8]}",
+                                   protocol=mqtt.MQTTv5)
+        creds = broker.info["monitor"]
+        self._client.username_pw_set(creds["username"], creds["password"])
+        self._client.on_connect = lambda c, u, flags, rc, props: c.subscribe(topic, qos=1)
+        self._client.on_message = self._on_message
+        self._client.reconnect_delay_set(0.2, 2)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        self._client.connect("127.0.0.1", broker.port, keepalive=10, clean_start=False, properties=props)
+        self._client.loop_start()
+        wait_for(self._client.is_connected, 10, "the collector to connect")
+        time.sleep(0.3)  # the SUBACK
+
+    def _on_message(self, client, userdata, msg) -> None:
+        with self._lock:
+            self.messages.append((msg.topic, json.loads(msg.payload)))
+
+    def snapshot(self) -> list[tuple[str, dict]]:
+        with self._lock:
+            return list(self.messages)
+
+    def of_kind(self, kind: str) -> list[dict]:
+        return [m for _, m in self.snapshot() if m["kind"] == kind]
+
+    def close(self) -> None:
+        self._client.loop_stop()
+        self._client.disconnect()
+
+
+class Agent:
+    """edgesmith-agent in a subprocess; its stderr goes to <data-dir>.log."""
+
+    def __init__(self, artifact: dict, credentials: Path, data_dir: Path, *extra: str, command: list[str] | None = None,
+                 env: dict | None = None):
+        self.data_dir = data_dir
+        self.log_path = data_dir.with_suffix(".log")
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()/kill()
+        args = [*(command or [str(AGENT)]), "--artifact", str(artifact["path"]), "--credentials", str(credentials),
+                "--data-dir", str(data_dir), "--key", str(artifact["pub"]), *extra]
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def ready(self, timeout: float = 60) -> dict:
+        def agent_json():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the agent exited ({self.proc.returncode}):\n{self.log()}")
+            path = self.data_dir / "agent.json"
+            return json.loads(path.read_text()) if path.is_file() else None
+        return wait_for(agent_json, timeout, "agent.json")
+
+    def stop(self, timeout: float = 60) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        self._log.close()
+        return code
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+        self._log.close()
+
+
+def spool_counters(data_dir: Path) -> tuple[dict[str, int], list[int]]:
+    """The spool's counters and the seqs still queued in it (read after the agent exited)."""
+    with sqlite3.connect(data_dir / "spool.db") as db:
+        counters = dict(db.execute("SELECT name, value FROM counters").fetchall())
+        queued = [row[0] for row in db.execute("SELECT seq FROM messages ORDER BY id")]
+    return counters, queued
+
+
+def test_outside_client_sees_documented_topics_and_valid_payloads(broker, digits_host_openvino, tmp_path):
+    credentials = broker.add_device("cam-01")
+    monitor = broker.info["monitor"]
+    sub = subprocess.Popen(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), "-u", monitor["username"],
+                            "-P", monitor["password"], "-V", "mqttv5", "-q", "1", "-t", "edgesmith/v1/#", "-v"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(sub.stdout.readline, "")), daemon=True)
+    reader.start()
+    time.sleep(0.5)
+    agent = Agent(digits_host_openvino, credentials, tmp_path / "data", "--interval", "0.3", "--synthetic-load", "40")
+    try:
+        agent.ready()
+        wait_for(lambda: sum("/telemetry " in line for line in lines) >= 4, 60, "4 telemetry messages")
+    finally:
+        assert agent.stop() == 0, agent.log()
+    wait_for(lambda: any("/death " in line for line in lines), 20, "the death")
+    sub.terminate()
+    sub.wait(10)
+
+    messages = []
+    for line in lines:
+        topic, payload = line.rstrip("\n").split(" ", 1)
+        message = json.loads(payload)
+        errors = sorted(VALIDATOR.iter_errors(message), key=str)
+        assert not errors, f"{topic}: {errors[0].message}\n{payload[:400]}"
+        assert topic == f"edgesmith/v1/{FLEET}/cam-01/{message['kind']}"
+        messages.append(message)
+    kinds = [m["kind"] for m in messages]
+    assert kinds[0] == "birth", kinds[:5]
+    assert kinds[-1] == "death"
+    assert {"birth", "telemetry", "event", "death"} <= set(kinds)
+
+    birth, death = messages[0], messages[-1]
+    manifest_bytes = (digits_host_openvino["path"] / "manifest.json").read_bytes()
+    manifest = json.loads(manifest_bytes)
+    assert birth["artifact"]["manifest_sha256"] == hashlib.sha256(manifest_bytes).hexdigest()
+    assert birth["artifact"]["model"] == manifest["model"]["name"]
+    assert birth["runtime"]["isa"] == "x86_64"
+    assert birth["metrics"]["outputs"][0]["reference"] == manifest["monitoring"]["outputs"][0]["reference"]
+    assert birth["metrics"]["interval_s"] == 0.3
+    assert death["reason"] == "shutdown"
+    assert (death["bdSeq"], death["seq"]) == (birth["bdSeq"], birth["seq"])
+    telemetry = [m for m in messages if m["kind"] == "telemetry"]
+    assert all(t["bdSeq"] == birth["bdSeq"] and not t["historical"] for t in telemetry)
+    assert sum(t["runs"] for t in telemetry) > 0
+    for t in telemetry:
+        assert sum(t["latency"]["counts"]) + t["latency"]["underflow"] + t["latency"]["overflow"] == t["runs"]
+        assert sum(t["outputs"]["linear"]["counts"]) + t["outputs"]["linear"]["overflow"] == t["outputs"]["linear"]["binned"]
+        assert t["window_end_ms"] >= t["window_start_ms"]
+        assert t["process"]["rss_bytes"] > 0
+    seqs = [m["seq"] for m in messages if m["kind"] != "death"]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+
+
+def test_sigkill_death_arrives_through_the_will(broker, digits_host_openvino, tmp_path):
+    credentials = broker.add_device("cam-02")
+    collector = Collector(broker)
+    agent = Agent(digits_host_openvino, credentials, tmp_path / "data", "--interval", "0.5")
+    try:
+        agent.ready()
+        (birth,) = wait_for(lambda: collector.of_kind("birth"), 30, "the birth")
+        wait_for(lambda: collector.of_kind("telemetry"), 30, "a telemetry message")
+        agent.kill()
+        (death,) = wait_for(lambda: collector.of_kind("death"), 30, "the will")
+    finally:
+        collector.close()
+        if agent.proc.poll() is None:
+            agent.kill()
+    assert death["reason"] == "connection-lost"
+    assert (death["bdSeq"], death["seq"]) == (birth["bdSeq"], birth["seq"])
+    assert not list(VALIDATOR.iter_errors(death))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_broker_restart_and_60s_outage_lose_and_duplicate_nothing(broker, digits_host_openvino, tmp_path):
+    credentials = broker.add_device("cam-03")
+    collector = Collector(broker)
+    data = tmp_path / "data"
+    agent = Agent(digits_host_openvino, credentials, data, "--interval", "0.02", "--synthetic-load", "20")
+    try:
+        agent.ready()
+        time.sleep(10)
+        broker.down()  # restart mid-stream
+        broker.up()
+        time.sleep(10)
+        broker.down()  # the device is offline for 60 s: it keeps summarising into its spool
+        time.sleep(60)
+        broker.up()
+        wait_for(lambda: len(collector.of_kind("birth")) >= 3, 60, "the third session's birth")
+        time.sleep(10)
+    finally:
+        code = agent.stop()
+    assert code == 0, agent.log()
+    wait_for(lambda: collector.of_kind("death"), 30, "the shutdown death")
+    counters, still_queued = spool_counters(data)
+    assert still_queued == [], f"{len(still_queued)} messages were never acknowledged"
+    assert counters.get("dropped_total", 0) == 0
+    made = set(range(1, counters["seq"] + 1)) - {counters.get("birth_seq", 0)}
+
+    def received_seqs():
+        return {m["seq"] for _, m in collector.snapshot() if m["kind"] != "death"}
+
+    wait_for(lambda: received_seqs() >= made, 120, "every message the agent made", interval=0.5)
+    time.sleep(2)  # late duplicates, if any
+    collector.close()
+
+    messages = [m for _, m in collector.snapshot() if m["kind"] != "death"]
+    keys = Counter((m["device"], m["bdSeq"], m["seq"]) for m in messages)
+    unique_by_seq = Counter(seq for (_, _, seq) in keys)
+    redelivered = sum(n - 1 for n in keys.values())
+    print(f"\n{len(made)} messages made, {len(messages)} delivered, {redelivered} QoS 1 redeliveries "
+          f"(dropped by (device, bdSeq, seq)), {sum(m['historical'] for m in messages)} historical, "
+          f"{len(collector.of_kind('birth'))} births")
+    assert len(made) >= 3000
+    # Nothing lost: every seq arrived. Nothing counted twice: no seq under two (bdSeq) keys, and a
+    # redelivery is the same message.
+    assert {seq for (_, _, seq) in keys} == made
+    assert max(unique_by_seq.values()) == 1
+    first = {}
+    for m in messages:
+        key = (m["device"], m["bdSeq"], m["seq"])
+        if key in first:
+            assert (m["kind"], m["ts_ms"]) == (first[key]["kind"], first[key]["ts_ms"])
+        first[key] = m
+    # What was made during the outage was replayed flagged as historical.
+    assert any(m["historical"] for m in messages)
+    births = collector.of_kind("birth")
+    assert len({b["bdSeq"] for b in births}) == len(births) >= 3
+
+
+def test_exhausted_spool_drops_oldest_counts_and_reports(broker, digits_host_openvino, tmp_path):
+    credentials = broker.add_device("cam-04")
+    collector = Collector(broker)  # its persistent session queues what arrives while it reconnects
+    broker.down()
+    data = tmp_path / "data"
+    agent = Agent(digits_host_openvino, credentials, data, "--interval", "0.05", "--spool-max-bytes", "16384")
+    try:
+        info = agent.ready()
+        time.sleep(4)  # ~80 windows of ~1.2 kB into a 16 kB budget, broker away
+        broker.up()
+        drops = wait_for(lambda: collector.of_kind("event") and
+                         [e for e in collector.of_kind("event") if e["event"] == "spool_dropped"], 60,
+                         "a spool_dropped event")
+        live = wait_for(lambda: [t for t in collector.of_kind("telemetry")
+                                 if not t["historical"] and t["spool"]["dropped_total"] > 0], 30,
+                        "a live telemetry counting the drops")
+        assert agent.proc.poll() is None, agent.log()
+        with urllib.request.urlopen(f"{info['url']}/v1/health", timeout=10) as response:
+            assert json.load(response)["device"] == "cam-04"
+    finally:
+        code = agent.stop()
+        collector.close()
+    assert code == 0, agent.log()
+    dropped = drops[0]["details"]["dropped"]
+    assert dropped > 0
+    assert live[0]["spool"]["dropped_total"] >= dropped
+    counters, _ = spool_counters(data)
+    assert counters["dropped_total"] >= live[0]["spool"]["dropped_total"]
+    # The oldest went: the earliest seqs never arrived, the newest did.
+    seqs = {m["seq"] for _, m in collector.snapshot()}
+    assert 2 not in seqs  # the `started` event, made first while the broker was away
+    assert max(seqs) >= counters["seq"] - 5
+    for _, message in collector.snapshot():
+        assert not list(VALIDATOR.iter_errors(message))
+
+
+def _npy_concat(arrays) -> bytes:
+    out = io.BytesIO()
+    for a in arrays:
+        np.save(out, a)
+    return out.getvalue()
+
+
+def _npy_split(data: bytes) -> list[np.ndarray]:
+    stream, out = io.BytesIO(data), []
+    while stream.tell() < len(data):
+        out.append(np.load(stream))
+    return out
+
+
+def test_http_inference_matches_session(broker, digits_host_openvino, tmp_path):
+    from edgesmith.runtime import Session
+
+    credentials = broker.add_device("cam-05")
+    agent = Agent(digits_host_openvino, credentials, tmp_path / "data", "--interval", "1")
+    session = Session(digits_host_openvino["path"],
+                      trusted_keys=[bytes.fromhex(digits_host_openvino["pub"].read_text().strip())])
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(1, 1, 8, 8)).astype(np.float32)
+    try:
+        url = agent.ready()["url"]
+        request = urllib.request.Request(f"{url}/v1/infer", data=_npy_concat([x]), method="POST")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            got = _npy_split(response.read())
+        expected = session.run([x])
+        assert len(got) == len(expected) == 1
+        assert got[0].dtype == expected[0].dtype and got[0].shape == expected[0].shape
+        np.testing.assert_allclose(got[0], expected[0], rtol=1e-6, atol=1e-7)
+
+        wrong = urllib.request.Request(f"{url}/v1/infer", data=_npy_concat([x[:, :, :4]]), method="POST")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(wrong, timeout=30)
+        assert refused.value.code == 400
+        assert "input" in json.loads(refused.value.read())["error"]
+        garbage = urllib.request.Request(f"{url}/v1/infer", data=b"not npy", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(garbage, timeout=30)
+        assert refused.value.code == 400
+
+        with urllib.request.urlopen(f"{url}/v1/health", timeout=10) as response:
+            health = json.load(response)
+        assert health == {"device": "cam-05", "artifact": digits_host_openvino["path"].name, "runs": 1, "errors": 1}
+        with urllib.request.urlopen(f"{url}/v1/stats", timeout=10) as response:
+            stats = json.load(response)
+        assert stats["runs"] == 1 and stats["outputs"]["linear"]["kind"] == "classes"
+        assert stats["telemetry"]["device"] == "cam-05"
+    finally:
+        assert agent.stop() == 0, agent.log()
+    assert not (tmp_path / "data" / "agent.json").exists()
+
+
+def test_python_publisher_reports_a_session(broker, digits_host_openvino, tmp_path):
+    from edgesmith.runtime import Session
+    from edgesmith.runtime.telemetry import Publisher
+
+    credentials = broker.add_device("py-01")
+    collector = Collector(broker)
+    session = Session(digits_host_openvino["path"],
+                      trusted_keys=[bytes.fromhex(digits_host_openvino["pub"].read_text().strip())])
+    x = np.zeros((1, 1, 8, 8), np.float32)
+    try:
+        with Publisher(session, credentials, tmp_path / "py-data", interval_s=60) as publisher:
+            wait_for(lambda: publisher.status()["connected"], 30, "the publisher to connect")
+            for _ in range(5):
+                session.run([x])
+            publisher.event("recalibrated", "camera recalibrated", {"exposure_ms": 4})
+            publisher.window()
+            wait_for(lambda: collector.of_kind("telemetry"), 30, "the window")
+        wait_for(lambda: collector.of_kind("death"), 30, "the death")
+    finally:
+        collector.close()
+    (telemetry,) = [t for t in collector.of_kind("telemetry") if t["runs"] == 5]
+    assert telemetry["outputs"]["linear"]["binned"] == 5
+    events = {e["event"]: e for e in collector.of_kind("event")}
+    assert events["recalibrated"]["details"] == {"exposure_ms": 4}
+    assert collector.of_kind("death")[0]["reason"] == "shutdown"
+    for _, message in collector.snapshot():
+        assert not list(VALIDATOR.iter_errors(message))
+
+
+def _agent_error(*args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(AGENT), *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    return result
+
+
+def test_config_errors_are_one_line(broker, digits_host_openvino, tmp_path):
+    credentials = broker.add_device("cam-06")
+    config = tmp_path / "device.toml"
+    config.write_text(f'artifact = "{digits_host_openvino["path"]}"\ncredentials = "{credentials}"\n'
+                      f'data_dir = "data"\nintervall_s = 5\n')
+    result = _agent_error("--config", str(config))
+    assert result.returncode == 2
+    assert "unknown key 'intervall_s'" in result.stderr.splitlines()[0]
+
+    result = _agent_error("--artifact", str(digits_host_openvino["path"]), "--credentials", str(tmp_path / "nope.json"),
+                          "--data-dir", str(tmp_path / "d"))
+    assert result.returncode == 1
+    assert "nope.json does not exist" in result.stderr.splitlines()[0]
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"device": "cam-06", "fleet": FLEET, "host": "127.0.0.1", "port": "x",
+                               "username": "u", "password": "p"}))
+    result = _agent_error("--artifact", str(digits_host_openvino["path"]), "--credentials", str(bad),
+                          "--data-dir", str(tmp_path / "d"))
+    assert "'port'" in result.stderr.splitlines()[0]
+
+    result = _agent_error("--artifact", str(digits_host_openvino["path"]), "--credentials", str(credentials),
+                          "--data-dir", str(tmp_path / "d"), "--device", "cam-99")
+    assert "cam-06" in result.stderr and "cam-99" in result.stderr
+
+    result = _agent_error("--credentials", str(credentials), "--data-dir", str(tmp_path / "d"))
+    assert result.returncode == 2 and "--artifact" in result.stderr.splitlines()[0]
+
+    result = _agent_error("--artifact", str(digits_host_openvino["path"]), "--credentials", str(credentials),
+                          "--data-dir", str(tmp_path / "d"), "--interval", "0")
+    assert result.returncode == 2 and "--interval" in result.stderr.splitlines()[0]
+
+    # A config file that works: relative data_dir from the file's directory, flags override it.
+    config.write_text(f'artifact = "{digits_host_openvino["path"]}"\ncredentials = "{credentials}"\n'
+                      f'data_dir = "data"\ninterval_s = 5\ntrusted_keys = ["{digits_host_openvino["pub"]}"]\n')
+    proc = subprocess.Popen([str(AGENT), "--config", str(config), "--interval", "0.5"], stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (tmp_path / "data" / "agent.json").is_file(), 60, "agent.json next to the config")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "telemetry every 0.5 s" in err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_aarch64_agent_publishes_under_qemu(broker, tmp_path, session_home):
+    from edgesmith.toolchain.prove import QEMU, aarch64_bundle, qemu_prefix
+
+    bundle = aarch64_bundle()
+    exe = bundle / "bin" / "edgesmith-agent"
+    assert exe.is_file(), f"{exe} is missing; build the bundle with `edgesmith tools install aarch64-runtime`"
+    assert shutil.which(QEMU), f"{QEMU} is missing (bootstrap installs qemu-user-static)"
+    out = tmp_path / "dist"
+    result = json.loads(run_cli("build", "edgesmith.toolchain.models.digits:digits_cnn", "--input-shape", "1,1,8,8",
+                                "-t", "rpi4-aarch64", "--backend", "tvm", "-o", str(out), "--json",
+                                env={"EDGESMITH_HOME": str(session_home)}).stdout)
+    (built,) = result["artifacts"]
+    artifact = {"path": Path(built["path"]), "pub": session_home / "keys" / "default.pub"}
+    credentials = broker.add_device("rpi-01")
+    collector = Collector(broker)
+    agent = Agent(artifact, credentials, tmp_path / "data", "--interval", "1", "--synthetic-load", "2",
+                  command=[QEMU, "-cpu", "cortex-a72", "-L", str(qemu_prefix("cortex-a72")), str(exe)])
+    try:
+        agent.ready(timeout=300)
+        (birth,) = wait_for(lambda: collector.of_kind("birth"), 300, "the aarch64 agent's birth")
+        wait_for(lambda: [t for t in collector.of_kind("telemetry") if t["runs"] > 0], 300,
+                 "telemetry with runs from the aarch64 agent")
+    finally:
+        code = agent.stop(timeout=120)
+    assert code == 0, agent.log()
+    wait_for(lambda: collector.of_kind("death"), 60, "the shutdown death")
+    collector.close()
+    assert birth["runtime"]["isa"] == "aarch64"
+    assert birth["artifact"]["target"] == "rpi4-aarch64"
+    for _, message in collector.snapshot():
+        assert not list(VALIDATOR.iter_errors(message)), message
