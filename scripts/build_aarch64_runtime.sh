@@ -3,6 +3,8 @@
 #
 #   ${EDGESMITH_HOME:-~/.edgesmith}/runners/aarch64-linux/
 #     bin/edgesmith-run                       the runtime as a command (RUNPATH $ORIGIN/../lib)
+#     bin/edgesmith-agent                     the telemetry agent (Paho, SQLite, OpenSSL linked in)
+#     lib/libcpp-httplib.so.0.11, libbrotli*  the agent's HTTP library (Debian builds it shared)
 #     lib/edgesmith/backends/*.so             backend plugins (RUNPATH $ORIGIN/../..)
 #     lib/libtvm_runtime.so, libtvm_ffi.so    from the aarch64 apache-tvm / apache-tvm-ffi wheels
 #     lib/libopenvino.so.*, libopenvino_arm_cpu_plugin.so, libopenvino_ir_frontend.so.*, libtbb*, ...
@@ -46,7 +48,9 @@ command -v cmake >/dev/null || die "cmake is missing; install it with: apt-get i
 
 # --- target libraries (multiarch) -----------------------------------------------------------------
 # libsodium-dev:arm64 to link against; libc6:arm64 and libstdc++6:arm64 to run the bundle under qemu.
-arm64_packages=(libsodium-dev:arm64 libc6:arm64 libstdc++6:arm64)
+# The agent: libpaho-mqtt-dev, libsqlite3-dev, libssl-dev (static), libcpp-httplib-dev (shared).
+arm64_packages=(libsodium-dev:arm64 libc6:arm64 libstdc++6:arm64
+                libpaho-mqtt-dev:arm64 libsqlite3-dev:arm64 libssl-dev:arm64 libcpp-httplib-dev:arm64)
 arm64_missing=()
 for pkg in "${arm64_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || arm64_missing+=("$pkg")
@@ -153,6 +157,22 @@ for lib in "$cache"/openvino/openvino/libs/*.so*; do
   esac
   copy_lib "$lib"
 done
+
+# The agent's HTTP library and its brotli dependencies, under their sonames (libssl3 and zlib,
+# which it also needs, are on every device).
+needed() { aarch64-linux-gnu-readelf -d "$1" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p'; }
+if [[ -x "$bundle/bin/edgesmith-agent" ]]; then
+  httplib="$(needed "$bundle/bin/edgesmith-agent" | grep '^libcpp-httplib' || true)"
+  [[ -n "$httplib" ]] || die "edgesmith-agent does not link libcpp-httplib; the build changed, update this script"
+  brotli="$(needed "/usr/lib/aarch64-linux-gnu/$httplib" | grep '^libbrotli' || true)"
+  for lib in $brotli; do brotli+=" $(needed "/usr/lib/aarch64-linux-gnu/$lib" | grep '^libbrotli' || true)"; done
+  for soname in "$httplib" $(printf '%s\n' $brotli | sort -u); do
+    target="$bundle/lib/$soname"
+    if [[ ! -f "$target" ]] || ! cmp -s "/usr/lib/aarch64-linux-gnu/$soname" "$target"; then
+      cp -fL "/usr/lib/aarch64-linux-gnu/$soname" "$target"
+    fi
+  done
+fi
 
 # edgesmith-run may not exist in every tree (e.g. a core-only checkout); report what was built.
 if [[ -x "$bundle/bin/edgesmith-run" ]]; then

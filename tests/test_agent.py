@@ -500,3 +500,54 @@ def test_aarch64_agent_publishes_under_qemu(broker, tmp_path, session_home):
     assert birth["artifact"]["target"] == "rpi4-aarch64"
     for _, message in collector.snapshot():
         assert not list(VALIDATOR.iter_errors(message)), message
+
+
+def _tls_files(directory: Path) -> dict[str, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1 (openssl CLI)."""
+    directory.mkdir()
+    ca_key, ca, key, csr, cert = (directory / n for n in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem"))
+    ext = directory / "san.cnf"
+    ext.write_text("subjectAltName = IP:127.0.0.1\n")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca), "-days", "2",
+            "-subj", "/CN=edgesmith test CA")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", "/CN=127.0.0.1")
+    openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial", "-out", str(cert),
+            "-days", "2", "-extfile", str(ext))
+    return {"ca": ca, "key": key, "cert": cert}
+
+
+def test_agent_connects_with_tls_when_the_credentials_say_so(digits_host_openvino, tmp_path):
+    import paho.mqtt.client as mqtt
+
+    tls = _tls_files(tmp_path / "tls")
+    directory = tmp_path / "tls-broker"
+    info = json.loads(run_cli("broker", "up", "--dir", str(directory), "--certfile", str(tls["cert"]), "--keyfile",
+                              str(tls["key"]), "--cafile", str(tls["ca"]), "--json").stdout)
+    try:
+        out = json.loads(run_cli("broker", "add-device", "tls-01", "--fleet", FLEET, "--dir", str(directory),
+                                 "--json").stdout)
+        assert out["tls"] is True and out["cafile"] == str(tls["ca"])
+        received: list[dict] = []
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="tls-collector", protocol=mqtt.MQTTv5)
+        client.username_pw_set(info["monitor"]["username"], info["monitor"]["password"])
+        client.tls_set(ca_certs=str(tls["ca"]))
+        client.on_connect = lambda c, u, flags, rc, props: c.subscribe("edgesmith/v1/#", qos=1)
+        client.on_message = lambda c, u, msg: received.append(json.loads(msg.payload))
+        client.connect("127.0.0.1", info["port"])
+        client.loop_start()
+        agent = Agent(digits_host_openvino, Path(out["credentials"]), tmp_path / "data", "--interval", "0.5")
+        try:
+            agent.ready()
+            wait_for(lambda: any(m["kind"] == "telemetry" for m in received), 60, "telemetry over TLS")
+        finally:
+            assert agent.stop() == 0, agent.log()
+        wait_for(lambda: any(m["kind"] == "death" for m in received), 30, "the death over TLS")
+        client.loop_stop()
+        client.disconnect()
+        assert "connected to 127.0.0.1" in agent.log()
+    finally:
+        run_cli("broker", "down", "--dir", str(directory), check=False)

@@ -45,7 +45,9 @@ TEST_F(SpoolTest, AppendsInOrderWithGrowingSeq) {
     EXPECT_EQ(all[i].payload, payload_of(i + 1));
     EXPECT_EQ(all[i].topic, "t");
     EXPECT_EQ(all[i].bd_seq, 1u);
-    if (i > 0) EXPECT_GT(all[i].id, all[i - 1].id);
+    if (i > 0) {
+      EXPECT_GT(all[i].id, all[i - 1].id);
+    }
   }
   const std::vector<SpoolMessage> after = spool.spool_read(all[2].id, 100);
   ASSERT_EQ(after.size(), 2u);
