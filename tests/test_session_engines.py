@@ -157,7 +157,7 @@ def test_prove_cli_on_host_artifact(digits_artifacts):
     out = run_cli("prove", path, env=env).stdout
     assert out.startswith("proven:") and "native" in out
     record = json.loads(run_cli("prove", path, "--json", env=env).stdout)
-    assert record["status"] == "proven" and record["samples"] == 2
+    assert record["status"] == "proven" and record["samples"] == 8
 
 
 def test_prove_cli_refuses_tampered_artifact(digits_artifacts, tmp_path):

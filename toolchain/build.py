@@ -46,7 +46,9 @@ class BuildOptions:
     num_samples: int = 8
     allow_constant_output: bool = False
     model_version: str = "1"
-    golden_samples: int = 2
+    # Golden samples kept in the artifact: the self-test's and proof's cases, and the inputs an agent's
+    # synthetic load replays, so they are the samples the monitoring reference was measured on.
+    golden_samples: int = 8
 
 
 @dataclass
