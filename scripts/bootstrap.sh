@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 APT_PACKAGES=(cmake g++ pkg-config libsodium-dev nlohmann-json3-dev libgtest-dev
-              mosquitto mosquitto-clients libpaho-mqtt-dev libsqlite3-dev libtomlplusplus-dev libcpp-httplib-dev
+              mosquitto mosquitto-clients libpaho-mqtt-dev libsqlite3-dev libtomlplusplus-dev libcpp-httplib-dev openssl
               chromium qemu-user-static g++-aarch64-linux-gnu binutils-aarch64-linux-gnu)
 
 missing=()

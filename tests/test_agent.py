@@ -388,6 +388,7 @@ def test_http_inference_matches_session(broker, digits_host_openvino, tmp_path):
 
 def test_python_publisher_reports_a_session(broker, digits_host_openvino, tmp_path):
     from edgesmith.runtime import Session
+    from edgesmith.runtime.errors import ValueError as EdgesmithValueError
     from edgesmith.runtime.telemetry import Publisher
 
     credentials = broker.add_device("py-01")
@@ -401,6 +402,8 @@ def test_python_publisher_reports_a_session(broker, digits_host_openvino, tmp_pa
             for _ in range(5):
                 session.run([x])
             publisher.event("recalibrated", "camera recalibrated", {"exposure_ms": 4})
+            with pytest.raises(EdgesmithValueError, match="event name 'Bad Name'"):
+                publisher.event("Bad Name", "not a protocol event name")
             publisher.window()
             wait_for(lambda: collector.of_kind("telemetry"), 30, "the window")
         wait_for(lambda: collector.of_kind("death"), 30, "the death")

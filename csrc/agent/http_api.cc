@@ -16,7 +16,7 @@ constexpr size_t MAX_REQUEST_BYTES = 256u << 20;
 
 void json_reply(httplib::Response& response, int status, const nlohmann::json& body) {
   response.status = status;
-  response.set_content(body.dump(), "application/json");
+  response.set_content(body.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace), "application/json");
 }
 
 }  // namespace

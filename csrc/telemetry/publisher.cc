@@ -237,7 +237,8 @@ std::string Publisher::envelope(const std::string& kind, uint64_t bd_seq, uint64
   message["seq"] = seq;
   message["ts_ms"] = telemetry_now_ms();
   message["historical"] = false;
-  return message.dump();
+  // Error texts can carry bytes that are not UTF-8 (a file name): replaced, never a throw.
+  return message.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
 }
 
 void Publisher::publisher_start() {
@@ -343,7 +344,7 @@ bool Publisher::publish_one(const SpoolMessage& message, uint64_t session) {
     nlohmann::json parsed = nlohmann::json::parse(payload, nullptr, false);
     if (parsed.is_object()) {
       parsed["historical"] = true;
-      payload = parsed.dump();
+      payload = parsed.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
     }
   }
   MQTTAsync_message msg = MQTTAsync_message_initializer;

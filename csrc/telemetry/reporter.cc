@@ -134,6 +134,15 @@ void SessionReporter::reporter_start() {
 
 void SessionReporter::reporter_event(const std::string& name, const std::string& message,
                                      const nlohmann::json& details) {
+  // The protocol's event names (^[a-z][a-z0-9_.-]{0,63}$): a monitor drops anything else.
+  bool valid = !name.empty() && name.size() <= 64 && name[0] >= 'a' && name[0] <= 'z';
+  for (const char c : name) {
+    valid = valid && ((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_' || c == '.' || c == '-');
+  }
+  if (!valid) {
+    throw Error(ERROR_CODE_INVALID_ARGUMENT, "event name '" + name + "' is not allowed; use 1-64 lower-case "
+                                             "letters, digits, '_', '.' or '-', starting with a letter");
+  }
   std::lock_guard<std::mutex> lock(mutex_);
   publisher_->publisher_send("event", {{"event", name}, {"message", message},
                                        {"details", details.is_object() ? details : nlohmann::json::object()}});
