@@ -305,7 +305,7 @@ void Publisher::connect_attempt() {
   will.payload.data = will_payload_.data();
   will.payload.len = static_cast<int>(will_payload_.size());
   will.qos = 1;
-  will.retained = 0;
+  will.retained = 1;  // like the birth: a monitor that subscribes later sees the session ended
 
   MQTTProperties properties = MQTTProperties_initializer;
   MQTTProperty expiry;
@@ -338,6 +338,15 @@ void Publisher::connect_attempt() {
   if (rc != MQTTASYNC_SUCCESS) connect_schedule_retry("connecting failed: " + paho_error(rc));
 }
 
+namespace {
+
+bool topic_is_birth(const std::string& topic) {
+  static const std::string suffix = "/birth";
+  return topic.size() >= suffix.size() && topic.compare(topic.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+}  // namespace
+
 bool Publisher::publish_one(const SpoolMessage& message, uint64_t session) {
   std::string payload = message.payload;
   if (message.bd_seq != session) {
@@ -351,7 +360,9 @@ bool Publisher::publish_one(const SpoolMessage& message, uint64_t session) {
   msg.payload = payload.data();
   msg.payloadlen = static_cast<int>(payload.size());
   msg.qos = 1;
-  msg.retained = 0;
+  // The current session's birth is retained, so a monitor that subscribes later still learns what
+  // the device runs (a replayed birth of an older session must not replace it).
+  msg.retained = message.bd_seq == session && topic_is_birth(message.topic) ? 1 : 0;
   auto* context = new PublishContext{this, message.id, message.seq};
   MQTTAsync_responseOptions response = MQTTAsync_responseOptions_initializer;
   response.onSuccess5 = &PublisherCallbacks::publish_success;
@@ -533,6 +544,7 @@ void Publisher::publisher_stop(double timeout_s) {
   msg.payload = const_cast<char*>(death.data());
   msg.payloadlen = static_cast<int>(death.size());
   msg.qos = 1;
+  msg.retained = 1;
   MQTTAsync_responseOptions response = MQTTAsync_responseOptions_initializer;
   response.onSuccess5 = &PublisherCallbacks::death_success;
   response.onFailure5 = &PublisherCallbacks::death_failure;
