@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import bisect
 import json
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from edgesmith.toolchain.fleet import drift
+from edgesmith.toolchain.fleet import drift, protocol
 from edgesmith.toolchain.fleet.latency import LatencyHistogram
 from edgesmith.toolchain.fleet.protocol import LatencyLayout
-from edgesmith.toolchain.fleet.store import Store, is_silent, now_ms
+from edgesmith.toolchain.fleet.store import BatchResult, Store, is_silent, now_ms
 
 GroupKey = tuple[str, str, str, str]  # fleet, model, version, target
+WINDOW_COLUMNS = ("batch", "fleet", "device", "artifact_sha256", "window_start_ms", "window_end_ms", "runs", "errors", "latency",
+                  "latency_layout", "outputs")
 DeviceKey = tuple[str, str]
 
 
@@ -104,20 +107,31 @@ class Sums:
         return self.runs / (self.duration_ms / 1000) if self.duration_ms > 0 else None
 
 
-def _window(row: dict[str, Any], birth: dict[str, Any]) -> Window:
-    lat = json.loads(row["latency"])
+def _window(row: dict[str, Any], birth: dict[str, Any], msg: protocol.Telemetry | None = None) -> Window:
+    """A window in its birth's layout, from a stored row, or (the ingest's own batches) from the
+    row and its message, which saves parsing the row's JSON again."""
     layout = birth["metrics"]["latency"]
+    if msg is not None:
+        lat = msg.latency
+        counts, underflow, overflow, sum_us, max_us = lat.counts, lat.underflow, lat.overflow, lat.sum_us, lat.max_us
+        window_outputs = msg.outputs
+    else:
+        lat = json.loads(row["latency"])
+        counts, underflow, overflow, sum_us, max_us = (lat["counts"], lat["underflow"], lat["overflow"], lat["sum_us"],
+                                                       lat["max_us"])
+        window_outputs = {k: protocol.OutputWindow.model_construct(**v) for k, v in json.loads(row["outputs"]).items()}
     latency = None
-    if lat["layout"] == [layout["start_us"], layout["factor"], layout["count"]] and len(lat["counts"]) == layout["count"]:
-        latency = np.array([*lat["counts"], lat["underflow"], lat["overflow"]], dtype=np.int64)
-    window_outputs = json.loads(row["outputs"])
+    if (row["latency_layout"] == json.dumps([layout["start_us"], layout["factor"], layout["count"]])
+            and len(counts) == layout["count"]):
+        latency = np.array([*counts, underflow, overflow], dtype=np.int64)
     outputs = {}
     for spec in birth["metrics"]["outputs"]:
         got = window_outputs.get(spec["name"])
         if got is not None:
-            outputs[spec["name"]] = np.array(drift.observed_counts(spec["kind"], got), dtype=np.int64)
+            values = got.counts if spec["kind"] == "classes" else [*got.counts, got.underflow, got.overflow]
+            outputs[spec["name"]] = np.array(values, dtype=np.int64)
     return Window(end_ms=row["window_end_ms"], duration_ms=max(0, row["window_end_ms"] - row["window_start_ms"]),
-                  runs=row["runs"], errors=row["errors"], latency=latency, sum_us=lat["sum_us"], max_us=lat["max_us"],
+                  runs=row["runs"], errors=row["errors"], latency=latency, sum_us=sum_us, max_us=max_us,
                   outputs=outputs)
 
 
@@ -129,8 +143,13 @@ class DeviceView:
         self.birth: dict[str, Any] | None = json.loads(row["birth"]) if row["birth"] else None
         self.windows: deque[Window] = deque()
         self.sums = Sums(self.layout)
-        self.summary: dict[str, Any] = {}
-        self.dirty = True
+        # Summaries are rebuilt only when what they come from changed: the windows (sums_dirty)
+        # or the store row (row_dirty); presence depends on the time and is added per snapshot.
+        self.recent: dict[str, Any] = {}
+        self.static: dict[str, Any] = {}
+        self.sums_dirty = True
+        self.row_dirty = True
+        self.was_silent = False
 
     @property
     def layout(self) -> LatencyLayout | None:
@@ -166,7 +185,7 @@ class DeviceView:
             old = self.windows.popleft()
             self.sums.add(old, -1)
             expired.append(old)
-        self.dirty = True
+        self.sums_dirty = True
         return expired, True
 
     def max_us(self) -> float:
@@ -208,8 +227,31 @@ class FleetView:
         self.devices: dict[DeviceKey, DeviceView] = {}
         self.groups: dict[GroupKey, GroupView] = {}
         self.cursor = 0
+        # Silence is judged only from this time on: the monitor sets it when it starts, while it is
+        # disconnected, and while it works through a backlog (a device is not silent just because
+        # its queued messages have not been read yet).
+        self.listening_since_ms = now_ms()
+        # This process's own ingest batches, handed over as committed (BatchListener), so only what
+        # other monitors sharing the store wrote is read back from it.
+        self._lock = threading.Lock()
+        self._pending: set[int] = set()
+        self._inbox: dict[int, BatchResult] = {}
+        self._changed: set[DeviceKey] = set()
 
     # ---- following the store -------------------------------------------------------------------------
+
+    def batch_started(self, batch: int) -> None:
+        with self._lock:
+            self._pending.add(batch)
+
+    def batch_committed(self, result: BatchResult) -> None:
+        with self._lock:
+            self._pending.discard(result.batch)
+            self._inbox[result.batch] = result
+
+    def batch_abandoned(self, batch: int) -> None:
+        with self._lock:
+            self._pending.discard(batch)
 
     def load(self) -> None:
         """Start from the store: every device, and windows received recently enough to matter."""
@@ -217,29 +259,54 @@ class FleetView:
         for row in self.store.devices():
             self._device_row(row)
         since = now_ms() - 2 * self.horizon_ms
-        self._windows(self.store.windows(received_after_ms=since, up_to_batch=upto))
+        for row in self.store.windows(received_after_ms=since, up_to_batch=upto, columns=WINDOW_COLUMNS):
+            self._window_row(row)
         self.cursor = upto
 
     def refresh(self) -> int:
-        """Take in what was stored since the last call; returns how many windows came."""
+        """Take in what was stored since the last call, in batch order; returns how many windows came."""
         upto = self.store.batch()
-        if upto == self.cursor:
+        with self._lock:
+            if self._pending:  # our own batch being committed: wait for it rather than read around it
+                upto = min(upto, min(self._pending) - 1)
+            own = {b: self._inbox.pop(b) for b in sorted(self._inbox) if b <= upto}
+        if upto <= self.cursor:
             return 0
-        for row in self.store.devices(since_batch=self.cursor):
-            self._device_row(row)
-        rows = self.store.windows(since_batch=self.cursor, up_to_batch=upto)
-        self._windows(rows)
+        # Other monitors' batches (none when this one is alone on the store), then everything in order.
+        foreign_devices = self.store.devices(since_batch=self.cursor, exclude_batches=list(own))
+        foreign_windows = self.store.windows(since_batch=self.cursor, up_to_batch=upto, columns=WINDOW_COLUMNS,
+                                             exclude_batches=list(own))
+        by_batch: dict[int, tuple[list, list]] = {}
+        for row in foreign_devices:
+            by_batch.setdefault(row["batch"], ([], []))[0].append(row)
+        for row in foreign_windows:
+            by_batch.setdefault(row["batch"], ([], []))[1].append((row, None))
+        for batch, result in own.items():
+            by_batch[batch] = (result.devices, result.windows)
+        count = 0
+        for batch in sorted(by_batch):
+            device_rows, windows = by_batch[batch]
+            for row in device_rows:
+                self._device_row(row)
+            for row, msg in windows:
+                self._window_row(row, msg)
+            count += len(windows)
         self.cursor = upto
-        return len(rows)
+        return count
 
     def _device_row(self, row: dict[str, Any]) -> None:
         key = (row["fleet"], row["device"])
         view = self.devices.get(key)
+        self._changed.add(key)
+        if view is not None and view.row["birth"] == row["birth"]:
+            view.row = row
+            view.row_dirty = True
+            return
         birth = json.loads(row["birth"]) if row["birth"] else None
         if view is not None and (view.birth is None) == (birth is None) and (
                 birth is None or (birth["artifact"] == view.birth["artifact"] and birth["metrics"] == view.birth["metrics"])):
             view.row, view.birth = row, birth  # same artifact (e.g. a reconnect): recent windows stay
-            view.dirty = True
+            view.row_dirty = True
             return
         # New device, or a new artifact: its recent windows start over (a new artifact is measured
         # against its own reference and layout).
@@ -262,48 +329,50 @@ class FleetView:
             g.members.discard(key)
             g.dirty = True
 
-    def _windows(self, rows: list[dict[str, Any]]) -> None:
-        for row in rows:
-            view = self.devices.get((row["fleet"], row["device"]))
-            if view is None or view.birth is None or row["artifact_sha256"] != view.sha:
-                continue  # not the device's current artifact: stored, but not part of its recent view
-            w = _window(row, view.birth)
-            expired, kept = view.add(w, self.horizon_ms)
-            g = self.groups.get(view.group)
-            if g is not None:
-                if kept:
-                    g.sums.add(w)
-                for old in expired:
-                    g.sums.add(old, -1)
-                g.dirty = True
+    def _window_row(self, row: dict[str, Any], msg: protocol.Telemetry | None = None) -> None:
+        view = self.devices.get((row["fleet"], row["device"]))
+        if view is None or view.birth is None or row["artifact_sha256"] != view.sha:
+            return  # not the device's current artifact: stored, but not part of its recent view
+        w = _window(row, view.birth, msg)
+        expired, kept = view.add(w, self.horizon_ms)
+        self._changed.add((row["fleet"], row["device"]))
+        g = self.groups.get(view.group)
+        if g is not None:
+            if kept:
+                g.sums.add(w)
+            for old in expired:
+                g.sums.add(old, -1)
+            g.dirty = True
 
     # ---- what is shown -------------------------------------------------------------------------------
 
     def device_summary(self, view: DeviceView, at_ms: int) -> dict[str, Any]:
         r = view.row
-        silent = is_silent(r["last_seen_ms"], r["interval_s"], at_ms, self.default_interval_s)
-        if view.dirty or not view.summary:
+        if view.sums_dirty or not view.recent:
             drifts = _drift(view.sums, view.references(), self.min_drift_samples)
-            view.summary = {
+            view.recent = {
                 "recent": {"windows": view.sums.windows, "runs": view.sums.runs, "errors": view.sums.errors,
                            "error_rate": view.sums.error_rate, "throughput_rps": view.sums.throughput_rps,
                            **view.sums.quantiles(view.max_us())},
                 "drift": drifts, "psi": _worst(drifts, "psi"), "js": _worst(drifts, "js"),
             }
-            view.dirty = False
-        return {
-            "device": r["device"], "fleet": r["fleet"], "online": bool(r["session_open"]) and not silent,
-            "silent": silent, "session_open": bool(r["session_open"]), "death_reason": r["death_reason"],
-            "bd_seq": r["bd_seq"], "artifact": r["artifact"], "model": r["model"], "version": r["model_version"],
-            "target": r["target"], "backend": r["backend"], "manifest_sha256": r["manifest_sha256"],
-            "interval_s": r["interval_s"], "build_latency_us": r["build_latency_us"],
-            "last_seen_ms": r["last_seen_ms"], "first_seen_ms": r["first_seen_ms"],
-            "last_window": {"end_ms": r["last_window_end_ms"], "p50_us": r["p50_us"], "p95_us": r["p95_us"],
-                            "p99_us": r["p99_us"]},
-            "runs_total": r["runs"], "errors_total": r["errors"], "messages": r["messages"],
-            "duplicates": r["duplicates"], "gaps": r["gaps"],
-            **view.summary,
-        }
+            view.sums_dirty = False
+        if view.row_dirty or not view.static:
+            view.static = {
+                "device": r["device"], "fleet": r["fleet"], "session_open": bool(r["session_open"]),
+                "death_reason": r["death_reason"], "bd_seq": r["bd_seq"], "artifact": r["artifact"], "model": r["model"],
+                "version": r["model_version"], "target": r["target"], "backend": r["backend"],
+                "manifest_sha256": r["manifest_sha256"], "interval_s": r["interval_s"],
+                "build_latency_us": r["build_latency_us"], "last_seen_ms": r["last_seen_ms"],
+                "first_seen_ms": r["first_seen_ms"],
+                "last_window": {"end_ms": r["last_window_end_ms"], "p50_us": r["p50_us"], "p95_us": r["p95_us"],
+                                "p99_us": r["p99_us"]},
+                "runs_total": r["runs"], "errors_total": r["errors"], "messages": r["messages"],
+                "duplicates": r["duplicates"], "gaps": r["gaps"],
+            }
+            view.row_dirty = False
+        silent = is_silent(max(r["last_seen_ms"], self.listening_since_ms), r["interval_s"], at_ms, self.default_interval_s)
+        return {**view.static, "online": bool(r["session_open"]) and not silent, "silent": silent, **view.recent}
 
     def group_summary(self, g: GroupView, online: int) -> dict[str, Any]:
         if g.dirty or not g.summary:
@@ -341,13 +410,26 @@ class FleetView:
                 versions[d["version"]] = versions.get(d["version"], 0) + 1
         return {"generated_ms": at_ms, "devices": devices, "groups": groups, "version_mix": mix}
 
-    def record_history(self, snapshot: dict[str, Any]) -> None:
-        """One chart point per group from a snapshot."""
-        for g in snapshot["groups"]:
-            view = self.groups.get((g["fleet"], g["model"], g["version"], g["target"]))
-            if view is not None:
-                recent = g["recent"]
-                view.history.append({"t_ms": snapshot["generated_ms"], "p50_us": recent["p50_us"],
-                                     "p95_us": recent["p95_us"], "p99_us": recent["p99_us"], "psi": g["psi"],
-                                     "js": g["js"], "throughput_rps": recent["throughput_rps"],
-                                     "error_rate": recent["error_rate"]})
+    def record_history(self, at_ms: int) -> None:
+        """One chart point per group."""
+        for key in [k for k, g in self.groups.items() if not g.members]:
+            del self.groups[key]
+        for g in self.groups.values():
+            summary = self.group_summary(g, 0)
+            recent = summary["recent"]
+            g.history.append({"t_ms": at_ms, "p50_us": recent["p50_us"], "p95_us": recent["p95_us"],
+                              "p99_us": recent["p99_us"], "psi": summary["psi"], "js": summary["js"],
+                              "throughput_rps": recent["throughput_rps"], "error_rate": recent["error_rate"]})
+
+    def take_changed(self, at_ms: int) -> list[dict[str, Any]]:
+        """Summaries of the devices whose windows or row changed since the last call, or whose
+        silence began or ended: all that alert rules need to look at again."""
+        keys, self._changed = self._changed, set()
+        listening = self.listening_since_ms
+        for key, view in self.devices.items():
+            r = view.row
+            silent = is_silent(max(r["last_seen_ms"], listening), r["interval_s"], at_ms, self.default_interval_s)
+            if silent != view.was_silent:
+                view.was_silent = silent
+                keys.add(key)
+        return [self.device_summary(self.devices[k], at_ms) for k in sorted(keys) if k in self.devices]

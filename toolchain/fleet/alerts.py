@@ -16,11 +16,12 @@ import queue
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from edgesmith.toolchain.fleet.store import Store
+if TYPE_CHECKING:  # the CLI reads the default thresholds from here without loading SQLAlchemy
+    from edgesmith.toolchain.fleet.store import AlertKey, Store
 
 log = logging.getLogger("edgesmith.fleet.monitor")
 
@@ -36,8 +37,6 @@ class Thresholds:
     latency_ratio: float = 1.5  # recent p50 over the build's p50
     min_runs: int = 20  # error rate and latency need this many runs (+ errors) in the recent windows
 
-
-AlertKey = tuple[str, str, str]  # fleet, alert, subject
 
 
 @dataclass(frozen=True)
@@ -58,8 +57,8 @@ def _judge(value: float, threshold: float) -> str | None:
     return None
 
 
-def conditions(snapshot: dict[str, Any], t: Thresholds) -> dict[AlertKey, Condition]:
-    """What every rule says about every device now."""
+def conditions(devices: Iterable[dict[str, Any]], t: Thresholds) -> dict[AlertKey, Condition]:
+    """What every rule says about these devices (their summaries in the monitor's view) now."""
     out: dict[AlertKey, Condition] = {}
 
     def put(d: dict[str, Any], alert: str, subject: str, state: str | None, value: float | None, threshold: float,
@@ -68,7 +67,7 @@ def conditions(snapshot: dict[str, Any], t: Thresholds) -> dict[AlertKey, Condit
             out[(d["fleet"], alert, subject)] = Condition(state, {**_labels(d), "value": value, "threshold": threshold,
                                                                  "message": message})
 
-    for d in snapshot["devices"]:
+    for d in devices:
         dev, recent = d["device"], d["recent"]
         silent_state = "firing" if d["session_open"] and d["silent"] else ("clear" if not d["silent"] else None)
         interval = d["interval_s"]
@@ -147,22 +146,24 @@ class AlertManager:
         self.thresholds = thresholds
         self.notifier = notifier
 
-    def evaluate(self, snapshot: dict[str, Any], at_ms: int) -> list[dict[str, Any]]:
-        """Fire what started, resolve what cleared; returns the events sent."""
-        active = {(a["fleet"], a["alert"], a["subject"]) for a in self.store.alerts(active_only=True)}
+    def evaluate(self, devices: Iterable[dict[str, Any]], at_ms: int) -> list[dict[str, Any]]:
+        """Judge these devices (those whose data or silence changed): fire what started, resolve
+        what cleared; returns the events sent."""
+        found = conditions(devices, self.thresholds)
+        if not found:
+            return []
+        active = self.store.active_alerts()
+        firing = {k: c.info for k, c in found.items() if c.state == "firing" and k not in active}
+        clearing = [k for k, c in found.items() if c.state == "clear" and k in active]
+        if not firing and not clearing:
+            return []
+        fired, cleared = self.store.alert_transitions(firing, clearing, at_ms)
         events = []
-        for key, condition in conditions(snapshot, self.thresholds).items():
-            if condition.state == "firing" and key not in active:
-                changed = self.store.alert_fire(key, condition.info, at_ms)
-            elif condition.state == "clear" and key in active:
-                changed = self.store.alert_clear(key, at_ms)
-            else:
-                continue
-            if changed:
+        for keys, state in ((fired, "firing"), (cleared, "resolved")):
+            for key in keys:
                 fleet, alert, subject = key
-                event = {"v": 1, "kind": "alert", "alert": alert,
-                         "state": "firing" if condition.state == "firing" else "resolved",
-                         "fleet": fleet, "subject": subject, **condition.info, "ts_ms": at_ms}
+                event = {"v": 1, "kind": "alert", "alert": alert, "state": state, "fleet": fleet, "subject": subject,
+                         **found[key].info, "ts_ms": at_ms}
                 self.notifier.send(event)
                 events.append(event)
         return events

@@ -9,7 +9,7 @@ gives the same p50 the device reported.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from edgesmith.toolchain.fleet.protocol import LatencyLayout
@@ -75,21 +75,32 @@ class LatencyHistogram:
     def percentile_us(self, q: float) -> float | None:
         """The q-quantile (0..1) interpolated log-linearly inside its bucket, capped at the maximum
         seen; None for an empty histogram."""
+        return self.percentiles_us((q,))[0]
+
+    def percentiles_us(self, qs: Sequence[float]) -> list[float | None]:
+        """Several quantiles (ascending) in one pass over the buckets."""
         total = self.total
         if total == 0:
-            return None
-        rank = min(max(q, 0.0), 1.0) * total
+            return [None] * len(qs)
+        ranks = [min(max(q, 0.0), 1.0) * total for q in qs]
+        out: list[float | None] = [None] * len(qs)
+        i = 0
         seen = float(self.underflow)
-        if self.underflow > 0 and rank <= seen:
-            return self.layout.start_us
+        while i < len(ranks) and self.underflow > 0 and ranks[i] <= seen:
+            out[i] = self.layout.start_us
+            i += 1
         for k, count in enumerate(self.counts):
-            if count > 0 and rank <= seen + count:
-                fraction = (rank - seen) / count
-                estimate = self.layout.start_us * self.layout.factor ** (k + fraction)
-                return min(estimate, self.max_us) if self.max_us > 0 else estimate
+            while i < len(ranks) and count > 0 and ranks[i] <= seen + count:
+                estimate = self.layout.start_us * self.layout.factor ** (k + (ranks[i] - seen) / count)
+                out[i] = min(estimate, self.max_us) if self.max_us > 0 else estimate
+                i += 1
+            if i == len(ranks):
+                return out
             seen += count
-        return self.max_us
+        for j in range(i, len(ranks)):
+            out[j] = self.max_us
+        return out
 
     def quantiles(self) -> dict[str, float | None]:
-        return {"p50_us": self.percentile_us(0.50), "p95_us": self.percentile_us(0.95),
-                "p99_us": self.percentile_us(0.99)}
+        p50, p95, p99 = self.percentiles_us((0.50, 0.95, 0.99))
+        return {"p50_us": p50, "p95_us": p95, "p99_us": p99}

@@ -145,8 +145,10 @@ class Monitor:
         self.stop_event = threading.Event()
         self.fatal: str | None = None
         self.generation = 0
+        self.stored_here = 0  # by this process (several monitors may share the store)
         self.connected = False
         self._snapshot: dict[str, Any] | None = None
+        self._view_lock = threading.Lock()  # the evaluator changes the view, HTTP requests read it
         self._last_history_ms = 0
         self.client = self._client()
         self.notifier = Notifier(publish=self._publish_alert, webhook=config.webhook)
@@ -175,6 +177,7 @@ class Monitor:
             return
         self.generation += 1
         self.connected = True
+        self.view.listening_since_ms = now_ms()
         client.subscribe(self.config.subscription, qos=1)
         log.info("connected to %s:%d as %s (%s session), subscribed to %s", self.broker_settings.host,
                  self.broker_settings.port, self.config.mqtt_client_id,
@@ -219,7 +222,7 @@ class Monitor:
         delay = 1.0
         while True:
             try:
-                self.store.ingest(items)
+                self.stored_here += self.store.ingest(items, listener=self.view).stored
                 return True
             except OperationalError as e:
                 log.error("cannot write to the store (%s); retrying in %.0f s", str(e.orig).strip().splitlines()[0], delay)
@@ -247,6 +250,8 @@ class Monitor:
     def _ingest_loop(self) -> None:
         while not self.stop_event.is_set():
             batch = self._next_batch()
+            if len(batch) >= self.config.batch_size:  # a backlog: the devices are not silent, we are behind
+                self.view.listening_since_ms = now_ms()
             if batch and not self._ingest(batch):
                 return
         # Stopping: store and acknowledge what has arrived so far; anything later stays queued at
@@ -263,28 +268,39 @@ class Monitor:
     # ---- evaluation --------------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        assert self._snapshot is not None
-        return self._snapshot
+        """The whole fleet as the HTTP side shows it; built on request, at most once per tick."""
+        with self._view_lock:
+            at = now_ms()
+            if self._snapshot is None or at - self._snapshot["generated_ms"] >= self.config.tick_s * 1000:
+                snap = self.view.snapshot(at)
+                snap["alerts"] = self.store.alerts()
+                snap["monitor"] = {"counters": self.store.counters(), "connected": self.connected,
+                                   "client_id": self.config.mqtt_client_id, "subscription": self.config.subscription,
+                                   "queued": self.received.qsize(), "stored_here": self.stored_here,
+                                   "thresholds": asdict(self.config.thresholds)}
+                self._snapshot = snap
+            return self._snapshot
 
     def evaluate(self) -> None:
-        self.view.refresh()
-        at = now_ms()
-        snap = self.view.snapshot(at)
-        if at - self._last_history_ms >= self.config.interval_s * 1000:
-            self.view.record_history(snap)
-            self._last_history_ms = at
-            snap = self.view.snapshot(at)
-        self.alerts.evaluate(snap, at)
-        snap["alerts"] = self.store.alerts()
-        snap["monitor"] = {"counters": self.store.counters(), "connected": self.connected,
-                           "client_id": self.config.mqtt_client_id, "subscription": self.config.subscription,
-                           "queued": self.received.qsize(), "thresholds": asdict(self.config.thresholds)}
-        self._snapshot = snap
+        """One tick: follow the store, judge the devices that changed, keep the charts' history."""
+        with self._view_lock:
+            self.view.refresh()
+            at = now_ms()
+            if not self.connected:  # while we hear nothing, nobody is silent
+                self.view.listening_since_ms = at
+            changed = self.view.take_changed(at)
+            if at - self._last_history_ms >= self.config.interval_s * 1000:
+                self.view.record_history(at)
+                self._last_history_ms = at
+            self._snapshot = None
+        self.alerts.evaluate(changed, at)
 
     def _evaluate_loop(self) -> None:
         while not self.stop_event.wait(self.config.tick_s):
             try:
+                started = time.perf_counter()
                 self.evaluate()
+                log.debug("evaluated in %.0f ms", (time.perf_counter() - started) * 1000)
             except OperationalError as e:
                 log.error("cannot read the store (%s); the view is not updated", str(e.orig).strip().splitlines()[0])
 

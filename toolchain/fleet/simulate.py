@@ -92,6 +92,7 @@ class SimulatedDevice:
         self._received: list[mqtt.MQTTMessage] = []
         self._cond = threading.Condition()
         self.connected = threading.Event()
+        self.refused: ReasonCode | None = None
 
     # ---- messages (no network) ---------------------------------------------------------------------
 
@@ -111,10 +112,10 @@ class SimulatedDevice:
                                   interval_s=self.interval_s, latency=a.latency, outputs=a.outputs,
                                   build_latency_us=a.build_latency_us))
 
-    def death(self, reason: str = "shutdown", bd_seq: int | None = None) -> protocol.Death:
+    def death(self, reason: str = "shutdown", bd_seq: int | None = None, seq: int | None = None) -> protocol.Death:
         """A death repeats its session's birth seq (and bdSeq)."""
         return protocol.Death(fleet=self.fleet, device=self.device, bdSeq=self.bd_seq if bd_seq is None else bd_seq,
-                              seq=self.birth_seq, ts_ms=int(time.time() * 1000), reason=reason)
+                              seq=self.birth_seq if seq is None else seq, ts_ms=int(time.time() * 1000), reason=reason)
 
     def telemetry(self, runs: int, errors: int = 0, latency_us: Sequence[float] | np.ndarray | None = None,
                   outputs: dict[str, protocol.OutputWindow] | None = None, historical: bool = False,
@@ -157,7 +158,7 @@ class SimulatedDevice:
         will = self.death("connection-lost").model_copy(update={"seq": self.seq + 1})
         client.will_set(self.topic("death"), will.model_dump_json(), qos=1)
         client.max_inflight_messages_set(1000)
-        client.on_connect = lambda *_a: self.connected.set()
+        client.on_connect = self._on_connect
         client.on_publish = self._on_publish
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
@@ -177,12 +178,19 @@ class SimulatedDevice:
                             properties=self.connect_properties())
         self.client.loop_start()
         if not self.connected.wait(timeout):
-            raise TimeoutError(f"{self.device}: no CONNACK within {timeout} s")
+            raise TimeoutError(f"{self.device}: not connected within {timeout} s (last refusal: {self.refused})")
         if birth:
             self.send(self.birth())
 
     def new_session(self) -> None:
         self.bd_seq += 1
+
+    def _on_connect(self, _client: Any, _userdata: Any, _flags: Any, reason_code: ReasonCode, _props: Any) -> None:
+        # A refused login is retried by paho's loop (a device added a moment ago may not be in the
+        # broker's password file yet: Mosquitto reloads it on SIGHUP, asynchronously).
+        self.refused = reason_code if reason_code.is_failure else None
+        if not reason_code.is_failure:
+            self.connected.set()
 
     def _on_publish(self, _client: Any, _userdata: Any, mid: int, reason_code: ReasonCode, _props: Any) -> None:
         with self._cond:
@@ -252,6 +260,7 @@ class Swarm:
         self.selector = selectors.DefaultSelector()
         self.acked = 0
         self.published = 0
+        self._fds: dict[int, int] = {}
 
     def _on_publish(self, *_args: Any) -> None:
         self.acked += 1
@@ -260,18 +269,36 @@ class Swarm:
         for device in self.devices:
             client = device.make_client()
             client.on_publish = self._on_publish
-            client.connect(device.credentials["host"], device.credentials["port"], keepalive=60, clean_start=False,
-                           properties=device.connect_properties())
-            self.selector.register(client.socket(), selectors.EVENT_READ, client)
+            self._open(device, client)
             self.clients.append(client)
             device.client = client
         deadline = time.monotonic() + timeout
+        last_retry = time.monotonic()
         while not all(d.connected.is_set() for d in self.devices):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{sum(not d.connected.is_set() for d in self.devices)} devices did not connect")
             self.pump(0.05)
+            if time.monotonic() - last_retry > 1.0:  # refused logins (password file not reloaded yet): again
+                last_retry = time.monotonic()
+                for device in self.devices:
+                    if device.refused is not None and not device.connected.is_set():
+                        device.refused = None
+                        self._open(device, device.client)
         for device in self.devices:
             self.publish(device, device.birth())
+
+    def _open(self, device: SimulatedDevice, client: mqtt.Client) -> None:
+        old = self._fds.pop(id(client), None)
+        if old is not None:
+            try:
+                self.selector.unregister(old)  # by descriptor number: paho may have closed the socket already
+            except KeyError:
+                pass
+        client.connect(device.credentials["host"], device.credentials["port"], keepalive=60, clean_start=False,
+                       properties=device.connect_properties())
+        sock = client.socket()
+        self.selector.register(sock, selectors.EVENT_READ, client)
+        self._fds[id(client)] = sock.fileno()
 
     def publish(self, device: SimulatedDevice, message: protocol.Envelope) -> None:
         assert device.client is not None
@@ -336,8 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from edgesmith.toolchain.fleet import broker
 
-    creds = [broker.add_device(args.broker, f"{args.prefix}{i:05d}", args.fleet)
-             for i in range(args.first, args.first + args.devices)]
+    creds = broker.add_devices(args.broker, [f"{args.prefix}{i:05d}" for i in range(args.first, args.first + args.devices)],
+                               args.fleet)
     swarm = Swarm([SimulatedDevice(c, interval_s=args.interval_s, seed=args.seed + i) for i, c in enumerate(creds)])
     swarm.connect()
     swarm.run(args.duration_s, runs_per_window=args.runs)

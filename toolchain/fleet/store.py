@@ -21,12 +21,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from pydantic import TypeAdapter
 from sqlalchemy import (BigInteger, Boolean, Column, Float, Index, Integer, MetaData, String, Table, Text, bindparam,
                         create_engine, event, select, update)
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
 from edgesmith.runtime.keys import edgesmith_home
 from edgesmith.toolchain.errors import UserError
@@ -36,6 +37,7 @@ from edgesmith.toolchain.fleet.sequence import SeqTracker
 SCHEMA_VERSION = 1
 SILENT_INTERVALS = 3  # a device is silent (offline) after this many of its intervals without a message
 DROP_REASONS = ("malformed", "oversized", "invalid", "topic_mismatch", "unknown_topic", "unstorable")
+AlertKey = tuple[str, str, str]  # fleet, alert, subject
 IN_CHUNK = 500  # keys per IN (...) clause, under every driver's parameter limit
 
 metadata = MetaData()
@@ -101,8 +103,9 @@ windows = Table(
     Column("errors", BigInteger, nullable=False),
     Column("nan_input_runs", BigInteger, nullable=False),
     Column("p50_us", Float), Column("p95_us", Float), Column("p99_us", Float),
-    Column("latency", Text, nullable=False),  # {"layout": [start_us, factor, count] | null, counts, underflow, overflow, sum_us, max_us}
-    Column("outputs", Text, nullable=False),  # {name: OutputWindow}
+    Column("latency", Text, nullable=False),  # the window's LatencyWindow (JSON)
+    Column("latency_layout", Text),  # its session's bucket layout, [start_us, factor, count] (JSON); null if unknown
+    Column("outputs", Text, nullable=False),  # {name: OutputWindow} (JSON)
     Column("rss_bytes", BigInteger), Column("cpu_percent", Float), Column("temperature_c", Float),
     Column("spool_queued", BigInteger), Column("spool_dropped_total", BigInteger),
     Index("ix_windows_device_seq", "fleet", "device", "seq"),
@@ -145,6 +148,11 @@ counters = Table(
     Column("value", BigInteger, nullable=False),
 )
 
+# What any stored message may change in its device's row; the rest changes with a birth or a death.
+_HOT_COLUMNS = ("seq_state", "gaps", "messages", "duplicates", "runs", "errors", "last_seen_ms", "last_window_end_ms",
+                "p50_us", "p95_us", "p99_us", "batch")
+_OUTPUTS = TypeAdapter(dict[str, protocol.OutputWindow])
+_DEVICE_COLUMNS = [c.name for c in devices.columns]
 _COUNTER_NAMES = ("schema_version", "batch", "stored", "duplicates", *(f"dropped.{r}" for r in DROP_REASONS))
 
 
@@ -213,6 +221,16 @@ class BatchResult:
     stored: int = 0
     duplicates: int = 0
     dropped: Counter[str] = field(default_factory=Counter)
+    devices: list[dict[str, Any]] = field(default_factory=list)  # the device rows as committed
+    windows: list[tuple[dict[str, Any], protocol.Telemetry]] = field(default_factory=list)  # rows as committed, and their messages
+
+
+class BatchListener(Protocol):
+    """Told about each ingest batch (the monitor's view, so it need not read its own writes back)."""
+
+    def batch_started(self, batch: int) -> None: ...
+    def batch_committed(self, result: BatchResult) -> None: ...
+    def batch_abandoned(self, batch: int) -> None: ...
 
 
 @dataclass
@@ -222,6 +240,7 @@ class _Device:
     row: dict[str, Any]
     tracker: SeqTracker
     is_new: bool
+    presence_changed: bool = False  # a birth or death: the whole row is written, not only _HOT_COLUMNS
 
     @classmethod
     def new(cls, fleet: str, device: str, received_ms: int) -> _Device:
@@ -251,6 +270,10 @@ def _birth_info(birth_json: str | None) -> tuple[dict[str, Any], list[Any] | Non
 class Store:
     def __init__(self, engine: Engine):
         self.engine = engine
+        # Device rows as this process last committed them. A row is reused while its `batch` in
+        # the store is still the one it was written in (another monitor sharing the store would
+        # have changed it); this saves reading every device's birth back on every batch.
+        self._rows: dict[tuple[str, str], dict[str, Any]] = {}
 
     @classmethod
     def open(cls, url: str, create: bool = True) -> Store:
@@ -267,15 +290,9 @@ class Store:
     def init_schema(self) -> None:
         metadata.create_all(self.engine)
         with self.engine.begin() as conn:
-            have = set(conn.scalars(select(counters.c.name)))
-            for name in _COUNTER_NAMES:
-                if name not in have:
-                    try:
-                        with conn.begin_nested():
-                            conn.execute(counters.insert().values(
-                                name=name, value=SCHEMA_VERSION if name == "schema_version" else 0))
-                    except IntegrityError:
-                        pass  # another monitor created it first
+            for name in _COUNTER_NAMES:  # another monitor may be creating them at the same time
+                conn.execute(self._insert_ignore(counters).values(
+                    name=name, value=SCHEMA_VERSION if name == "schema_version" else 0))
 
     def check_schema(self) -> None:
         with self.engine.connect() as conn:
@@ -289,11 +306,24 @@ class Store:
 
     # ---- ingest ------------------------------------------------------------------------------------
 
-    def ingest(self, items: Sequence[Incoming], stored_ms: int | None = None) -> BatchResult:
+    def ingest(self, items: Sequence[Incoming], stored_ms: int | None = None,
+               listener: BatchListener | None = None) -> BatchResult:
         """Store one batch in one transaction: duplicates dropped, gaps counted, presence updated."""
         stored_ms = stored_ms if stored_ms is not None else now_ms()
-        with self.engine.begin() as conn:
-            return self._ingest(conn, items, stored_ms)
+        self._numbered: int | None = None
+        try:
+            with self.engine.begin() as conn:
+                result, state = self._ingest(conn, items, stored_ms, listener)
+        except BaseException:
+            if listener is not None and self._numbered is not None:
+                listener.batch_abandoned(self._numbered)  # rolled back: the number will be given out again
+            raise
+        for key, dev in state.items():  # committed: these rows are what the store holds now
+            self._rows[key] = dev.row
+        result.devices = [dev.row for dev in state.values()]
+        if listener is not None:
+            listener.batch_committed(result)
+        return result
 
     def _next_batch(self, conn: Connection) -> int:
         conn.execute(update(counters).where(counters.c.name == "batch").values(value=counters.c.value + 1))
@@ -301,9 +331,21 @@ class Store:
 
     def _load_devices(self, conn: Connection, keys: set[tuple[str, str]]) -> dict[tuple[str, str], _Device]:
         found: dict[tuple[str, str], _Device] = {}
+        stale: list[str] = []
         names = sorted({device for _, device in keys})
         for i in range(0, len(names), IN_CHUNK):
-            for row in conn.execute(select(devices).where(devices.c.device.in_(names[i:i + IN_CHUNK]))).mappings():
+            query = select(devices.c.fleet, devices.c.device, devices.c.batch).where(devices.c.device.in_(names[i:i + IN_CHUNK]))
+            for fleet, device, batch in conn.execute(query):
+                cached = self._rows.get((fleet, device))
+                if (fleet, device) not in keys:
+                    continue
+                if cached is not None and cached["batch"] == batch:
+                    found[(fleet, device)] = _Device(row=dict(cached), tracker=SeqTracker.from_json(cached["seq_state"]),
+                                                     is_new=False)
+                else:
+                    stale.append(device)
+        for i in range(0, len(stale), IN_CHUNK):
+            for row in conn.execute(select(devices).where(devices.c.device.in_(stale[i:i + IN_CHUNK]))).mappings():
                 key = (row["fleet"], row["device"])
                 if key in keys:
                     found[key] = _Device(row=dict(row), tracker=SeqTracker.from_json(row["seq_state"]), is_new=False)
@@ -321,8 +363,11 @@ class Store:
                     found[key] = dict(row)
         return found
 
-    def _ingest(self, conn: Connection, items: Sequence[Incoming], stored_ms: int) -> BatchResult:
-        batch = self._next_batch(conn)
+    def _ingest(self, conn: Connection, items: Sequence[Incoming], stored_ms: int,
+                listener: BatchListener | None) -> tuple[BatchResult, dict[tuple[str, str], _Device]]:
+        batch = self._numbered = self._next_batch(conn)
+        if listener is not None:
+            listener.batch_started(batch)
         result = BatchResult(batch=batch)
         result.dropped.update(i.dropped for i in items if i.dropped)
         accepted = [i for i in items if i.message is not None]
@@ -367,6 +412,7 @@ class Store:
                 if not msg.historical and row["bd_seq"] == msg.bdSeq and row["session_open"]:
                     row["session_open"] = False
                     row["death_reason"] = msg.reason
+                    dev.presence_changed = True
                 message_rows.append(self._message_row(batch, item, msg))
             else:
                 if not dev.tracker.accept(msg.seq):
@@ -374,9 +420,11 @@ class Store:
                     result.duplicates += 1
                     continue
                 if msg.kind == "birth":
-                    self._birth(batch, item, msg, row, skey, session(skey), new_sessions, changed_sessions)
+                    dev.presence_changed |= self._birth(batch, item, msg, row, skey, session(skey), new_sessions,
+                                                        changed_sessions)
                 elif msg.kind == "telemetry":
                     window_rows.append(self._window(batch, item, msg, row, session(skey), stored_ms))
+                    result.windows.append((window_rows[-1], msg))
                 else:
                     message_rows.append(self._message_row(batch, item, msg))
             row["messages"] += 1
@@ -387,7 +435,7 @@ class Store:
             dev.row["gaps"] = dev.tracker.gaps
             dev.row["batch"] = batch
         self._write(conn, state, new_sessions, changed_sessions, window_rows, message_rows, result)
-        return result
+        return result, state
 
     @staticmethod
     def _message_row(batch: int, item: Incoming, msg: Any) -> dict[str, Any]:
@@ -397,7 +445,8 @@ class Store:
 
     @staticmethod
     def _birth(batch: int, item: Incoming, msg: protocol.Birth, row: dict[str, Any], skey: tuple[str, str, int],
-               sess: dict[str, Any] | None, new_sessions: dict, changed_sessions: dict) -> None:
+               sess: dict[str, Any] | None, new_sessions: dict, changed_sessions: dict) -> bool:
+        """Record a birth; True when it became the device's current session."""
         birth_json = msg.model_dump_json()
         values = {"birth_seq": msg.seq, "birth_ts_ms": msg.ts_ms, "historical": msg.historical, "birth": birth_json,
                   "batch": batch}
@@ -412,9 +461,10 @@ class Store:
             died = sess["death_reason"] is not None  # its death overtook it
         # A replayed (historical) birth, or one from an older session, never changes presence.
         if msg.historical or (row["bd_seq"] is not None and msg.bdSeq < row["bd_seq"]):
-            return
+            return False
         row.update(_session_labels(msg), bd_seq=msg.bdSeq, session_open=not died, death_reason=None, birth=birth_json,
                    interval_s=msg.metrics.interval_s, build_latency_us=msg.metrics.build_latency_us)
+        return True
 
     @staticmethod
     def _window(batch: int, item: Incoming, msg: protocol.Telemetry, row: dict[str, Any],
@@ -443,10 +493,8 @@ class Store:
             "model_version": labels.get("model_version"), "target": labels.get("target"),
             "runs": msg.runs, "errors": msg.errors, "nan_input_runs": msg.nan_input_runs,
             "p50_us": lat.p50_us, "p95_us": lat.p95_us, "p99_us": lat.p99_us,
-            "latency": json.dumps({"layout": layout, "counts": lat.counts, "underflow": lat.underflow,
-                                   "overflow": lat.overflow, "sum_us": lat.sum_us, "max_us": lat.max_us},
-                                  separators=(",", ":")),
-            "outputs": json.dumps({k: v.model_dump() for k, v in msg.outputs.items()}, separators=(",", ":")),
+            "latency": lat.model_dump_json(), "latency_layout": json.dumps(layout) if layout else None,
+            "outputs": _OUTPUTS.dump_json(msg.outputs).decode(),
             "rss_bytes": msg.process.rss_bytes, "cpu_percent": msg.process.cpu_percent,
             "temperature_c": msg.temperature_c, "spool_queued": msg.spool.queued,
             "spool_dropped_total": msg.spool.dropped_total,
@@ -468,14 +516,15 @@ class Store:
                                                 sessions.c.device == bindparam("k_device"),
                                                 sessions.c.bd_seq == bindparam("k_bd_seq")), keyed)
         inserts = [d.row for d in state.values() if d.is_new]
-        updates = [{"k_fleet": d.row["fleet"], "k_device": d.row["device"],
-                    **{k: v for k, v in d.row.items() if k not in ("fleet", "device")}}
-                   for d in state.values() if not d.is_new]
         if inserts:
             conn.execute(devices.insert(), inserts)
-        if updates:
-            conn.execute(update(devices).where(devices.c.fleet == bindparam("k_fleet"),
-                                               devices.c.device == bindparam("k_device")), updates)
+        for whole in (True, False):
+            columns = [c for c in _DEVICE_COLUMNS if c not in ("fleet", "device")] if whole else _HOT_COLUMNS
+            updates = [{"k_fleet": d.row["fleet"], "k_device": d.row["device"], **{c: d.row[c] for c in columns}}
+                       for d in state.values() if not d.is_new and d.presence_changed == whole]
+            if updates:
+                conn.execute(update(devices).where(devices.c.fleet == bindparam("k_fleet"),
+                                                   devices.c.device == bindparam("k_device")), updates)
         increments = {"stored": result.stored, "duplicates": result.duplicates,
                       **{f"dropped.{reason}": n for reason, n in result.dropped.items()}}
         increments = [{"k_name": k, "delta": v} for k, v in increments.items() if v]
@@ -489,16 +538,21 @@ class Store:
         with self.engine.connect() as conn:
             return {row.name: int(row.value) for row in conn.execute(select(counters))}
 
-    def devices(self, since_batch: int | None = None) -> list[dict[str, Any]]:
+    def devices(self, since_batch: int | None = None, exclude_batches: Sequence[int] = ()) -> list[dict[str, Any]]:
         query = select(devices)
         if since_batch is not None:
             query = query.where(devices.c.batch > since_batch)
+        if exclude_batches:
+            query = query.where(devices.c.batch.not_in(list(exclude_batches)))
         with self.engine.connect() as conn:
             return [dict(r) for r in conn.execute(query.order_by(devices.c.fleet, devices.c.device)).mappings()]
 
     def windows(self, since_batch: int | None = None, received_after_ms: int | None = None,
-                up_to_batch: int | None = None) -> list[dict[str, Any]]:
-        query = select(windows)
+                up_to_batch: int | None = None, columns: Sequence[str] | None = None,
+                exclude_batches: Sequence[int] = ()) -> list[dict[str, Any]]:
+        query = select(*(windows.c[name] for name in columns)) if columns else select(windows)
+        if exclude_batches:
+            query = query.where(windows.c.batch.not_in(list(exclude_batches)))
         if since_batch is not None:
             query = query.where(windows.c.batch > since_batch)
         if up_to_batch is not None:
@@ -514,33 +568,48 @@ class Store:
 
     # ---- alerts: fire once per condition, across restarts and monitors ------------------------------
 
-    def alert_fire(self, key: tuple[str, str, str], info: dict[str, Any], at_ms: int) -> bool:
-        """Mark an alert firing; True only for the caller that changed it from clear (or new) to firing."""
-        fleet, alert, subject = key
-        where = (alerts.c.fleet == fleet, alerts.c.alert == alert, alerts.c.subject == subject)
-        values = {k: info.get(k) for k in ("device", "model", "model_version", "target", "value", "threshold", "message")}
+    def alert_transitions(self, firing: dict[AlertKey, dict[str, Any]], clearing: list[AlertKey],
+                          at_ms: int) -> tuple[list[AlertKey], list[AlertKey]]:
+        """Mark alerts firing and cleared, in one transaction; returns the ones this call changed
+        (an alert already firing, or fired by another monitor first, is not returned again)."""
+        fired, cleared = [], []
         with self.engine.begin() as conn:
-            changed = conn.execute(update(alerts).where(*where, alerts.c.active.is_(False)).values(
-                active=True, since_ms=at_ms, changed_ms=at_ms, fired=alerts.c.fired + 1, **values)).rowcount
-            if changed:
-                return True
-            if conn.scalar(select(alerts.c.active).where(*where)) is not None:
-                conn.execute(update(alerts).where(*where).values(value=values["value"], message=values["message"]))
-                return False
-            try:
-                with conn.begin_nested():
-                    conn.execute(alerts.insert().values(fleet=fleet, alert=alert, subject=subject, active=True,
-                                                        since_ms=at_ms, changed_ms=at_ms, fired=1, **values))
-            except IntegrityError:
-                return False  # another monitor fired it first
-            return True
+            for key, info in firing.items():
+                fleet, alert, subject = key
+                where = (alerts.c.fleet == fleet, alerts.c.alert == alert, alerts.c.subject == subject)
+                values = {k: info.get(k) for k in ("device", "model", "model_version", "target", "value", "threshold",
+                                                   "message")}
+                if conn.execute(update(alerts).where(*where, alerts.c.active.is_(False)).values(
+                        active=True, since_ms=at_ms, changed_ms=at_ms, fired=alerts.c.fired + 1, **values)).rowcount:
+                    fired.append(key)
+                elif conn.execute(self._insert_ignore(alerts).values(
+                        fleet=fleet, alert=alert, subject=subject, active=True, since_ms=at_ms, changed_ms=at_ms,
+                        fired=1, **values)).rowcount:
+                    fired.append(key)
+            for key in clearing:
+                fleet, alert, subject = key
+                if conn.execute(update(alerts).where(alerts.c.fleet == fleet, alerts.c.alert == alert,
+                                                     alerts.c.subject == subject, alerts.c.active.is_(True))
+                                .values(active=False, changed_ms=at_ms)).rowcount:
+                    cleared.append(key)
+        return fired, cleared
 
-    def alert_clear(self, key: tuple[str, str, str], at_ms: int) -> bool:
-        fleet, alert, subject = key
-        with self.engine.begin() as conn:
-            return bool(conn.execute(update(alerts).where(
-                alerts.c.fleet == fleet, alerts.c.alert == alert, alerts.c.subject == subject,
-                alerts.c.active.is_(True)).values(active=False, changed_ms=at_ms)).rowcount)
+    def _insert_ignore(self, table: Table) -> Any:
+        """INSERT that does nothing when the key exists (another monitor was first): the SQLite and
+        PostgreSQL dialects spell it the same way in SQLAlchemy."""
+        dialect = self.engine.dialect.name
+        if dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        elif dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            raise UserError(f"the monitor's store supports SQLite and PostgreSQL, not {dialect}")
+        return insert(table).on_conflict_do_nothing()
+
+    def active_alerts(self) -> set[AlertKey]:
+        with self.engine.connect() as conn:
+            return {tuple(r) for r in conn.execute(select(alerts.c.fleet, alerts.c.alert, alerts.c.subject)
+                                                   .where(alerts.c.active.is_(True)))}
 
     def alerts(self, active_only: bool = False) -> list[dict[str, Any]]:
         query = select(alerts).order_by(alerts.c.fleet, alerts.c.alert, alerts.c.subject)
