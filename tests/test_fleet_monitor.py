@@ -399,6 +399,31 @@ def test_stale_death_does_not_mark_offline(broker_dir, start_monitor):
     assert not got["online"] and got["bd_seq"] == 2
 
 
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_monitor_started_after_the_devices_learns_them_from_retained_births(broker_dir, start_monitor):
+    ca, cb = devices(broker_dir, "cam-01", "cam-02")
+    a = connected(ca, interval_s=60)  # birth (seq 1), retained
+    a.send(a.telemetry(runs=5))  # seq 2, 3: before any monitor subscribed, so never queued for one
+    a.send(a.telemetry(runs=5))
+    b = connected(cb, interval_s=60)
+    b.shutdown()  # its retained death says the session ended
+    monitor = start_monitor()
+    got = monitor.wait_device("cam-01", lambda x: x["artifact"] is not None, "cam-01 from its retained birth")
+    assert got["online"] and got["duplicates"] == 0
+    gone = monitor.wait_device("cam-02", lambda x: x["death_reason"] == "shutdown", "cam-02's retained death")
+    assert not gone["online"] and gone["artifact"] == b.artifact.name
+    a.send(a.telemetry(runs=7))
+    got = monitor.wait_device("cam-01", lambda x: x["runs_total"] == 7, "a window after the monitor started")
+    assert got["gaps"] == 2  # the two windows nobody was subscribed for
+    # Restarted: a retained birth seen again is not news, nothing is counted twice.
+    monitor.stop()
+    monitor = start_monitor()
+    a.send(a.telemetry(runs=1))
+    got = monitor.wait_device("cam-01", lambda x: x["runs_total"] == 8, "the next window")
+    assert (got["duplicates"], got["messages"]) == (0, 3)
+
+
 class _Webhook(BaseHTTPRequestHandler):
     posts: list = []
 

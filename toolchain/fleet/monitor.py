@@ -24,6 +24,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, OperationalError
 
@@ -81,7 +82,7 @@ def parse_http(value: str) -> tuple[str, int]:
 _MONITOR_TOPIC = re.compile(rf"^{re.escape(protocol.TOPIC_ROOT)}/[^/]+/_monitor/")
 
 
-def classify(topic: str, payload: bytes, received_ms: int) -> Incoming | None:
+def classify(topic: str, payload: bytes, received_ms: int, retained: bool = False) -> Incoming | None:
     """Validate one MQTT message; None for topics that are not device messages (alerts, desired states)."""
     parts = protocol.parse_topic(topic)
     if parts is None:
@@ -104,7 +105,7 @@ def classify(topic: str, payload: bytes, received_ms: int) -> Incoming | None:
         return Incoming(received_ms, dropped="topic_mismatch")  # a device may only speak for itself
     if not _storable(message, payload):
         return Incoming(received_ms, dropped="invalid")
-    return Incoming(received_ms, message=message)
+    return Incoming(received_ms, message=message, retained=retained)
 
 
 def _storable(message: Any, payload: bytes) -> bool:
@@ -127,6 +128,7 @@ class _Received:
     topic: str
     payload: bytes
     received_ms: int
+    retained: bool
 
 
 class Monitor:
@@ -154,6 +156,7 @@ class Monitor:
         self.notifier = Notifier(publish=self._publish_alert, webhook=config.webhook)
         self.alerts = AlertManager(self.store, config.thresholds, self.notifier)
         self.http: HttpServer | None = None
+        self.store_was_empty = True
 
     # ---- MQTT ------------------------------------------------------------------------------------
 
@@ -178,7 +181,12 @@ class Monitor:
         self.generation += 1
         self.connected = True
         self.view.listening_since_ms = now_ms()
-        client.subscribe(self.config.subscription, qos=1)
+        # Devices retain their current birth and last death. A store that knows no device yet wants
+        # them on every subscription; otherwise only a new subscription gets them (a resumed
+        # session has everything since in its queue).
+        handling = (SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE if self.store_was_empty
+                    else SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
+        client.subscribe(self.config.subscription, options=SubscribeOptions(qos=1, retainHandling=handling))
         log.info("connected to %s:%d as %s (%s session), subscribed to %s", self.broker_settings.host,
                  self.broker_settings.port, self.config.mqtt_client_id,
                  "resumed" if flags.session_present else "new", self.config.subscription)
@@ -195,7 +203,7 @@ class Monitor:
         log.warning("disconnected from the broker (%s); reconnecting", reason_code)
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        self.received.put(_Received(self.generation, msg.mid, msg.qos, msg.topic, msg.payload, now_ms()))
+        self.received.put(_Received(self.generation, msg.mid, msg.qos, msg.topic, msg.payload, now_ms(), msg.retain))
 
     def _publish_alert(self, fleet: str, event: dict[str, Any]) -> None:
         self.client.publish(protocol.alert_topic(fleet), json.dumps(event), qos=1)
@@ -239,7 +247,7 @@ class Monitor:
             delay = min(delay * 2, 30.0)
 
     def _ingest(self, batch: list[_Received]) -> bool:
-        items = [classify(r.topic, r.payload, r.received_ms) for r in batch]
+        items = [classify(r.topic, r.payload, r.received_ms, r.retained) for r in batch]
         if not self._store([i for i in items if i is not None]):
             return False  # not acknowledged: the broker delivers them again in the next session
         for r in batch:
@@ -308,6 +316,7 @@ class Monitor:
 
     def start(self) -> None:
         self.view.load()
+        self.store_was_empty = not self.view.devices
         self.evaluate()
         self.http = HttpServer(self.config.http_host, self.config.http_port, self.snapshot,
                                asdict(self.config.thresholds))

@@ -33,6 +33,7 @@ from edgesmith.toolchain.fleet import protocol
 from edgesmith.toolchain.fleet.latency import LatencyHistogram
 
 SESSION_EXPIRY_S = 7 * 24 * 3600
+RETAINED_KINDS = ("birth", "death")  # the current session's birth and the last death (docs/telemetry.md)
 DEFAULT_LAYOUT = protocol.LatencyLayout(start_us=1.0, factor=2 ** 0.25, count=96)  # the manifest's default
 
 
@@ -156,7 +157,7 @@ class SimulatedDevice:
             client.tls_set(ca_certs=c.get("cafile"))
         # The will is this session's death: it repeats the seq the birth about to be sent will carry.
         will = self.death("connection-lost").model_copy(update={"seq": self.seq + 1})
-        client.will_set(self.topic("death"), will.model_dump_json(), qos=1)
+        client.will_set(self.topic("death"), will.model_dump_json(), qos=1, retain=True)
         client.max_inflight_messages_set(1000)
         client.on_connect = self._on_connect
         client.on_publish = self._on_publish
@@ -214,13 +215,15 @@ class SimulatedDevice:
             return table.pop(mid)
 
     def send(self, message: protocol.Envelope | tuple[str, bytes], qos: int = 1, timeout: float = 10.0) -> ReasonCode | None:
-        """Publish a message (or a raw ``(topic, payload)``); with QoS 1 waits for the PUBACK and returns its reason code."""
+        """Publish a message (or a raw ``(topic, payload)``); with QoS 1 waits for the PUBACK and
+        returns its reason code. Births and deaths are retained, as the agent does."""
         assert self.client is not None, "connect() first"
         if isinstance(message, tuple):
-            topic, payload = message
+            (topic, payload), retain = message, False
         else:
             topic, payload = self.topic(message.kind), message.model_dump_json().encode()
-        info = self.client.publish(topic, payload, qos=qos)
+            retain = message.kind in RETAINED_KINDS
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
         return self._wait(self._acks, info.mid, timeout) if qos > 0 else None
 
     def subscribe(self, topic: str, timeout: float = 10.0) -> list[ReasonCode]:
@@ -302,7 +305,8 @@ class Swarm:
 
     def publish(self, device: SimulatedDevice, message: protocol.Envelope) -> None:
         assert device.client is not None
-        device.client.publish(device.topic(message.kind), message.model_dump_json(), qos=1)
+        device.client.publish(device.topic(message.kind), message.model_dump_json(), qos=1,
+                              retain=message.kind in RETAINED_KINDS)
         self.published += 1
 
     def pump(self, timeout: float) -> None:

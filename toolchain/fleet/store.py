@@ -213,6 +213,7 @@ class Incoming:
     received_ms: int
     message: protocol.Birth | protocol.Death | protocol.Telemetry | protocol.Event | protocol.State | None = None
     dropped: str | None = None
+    retained: bool = False  # delivered because it is retained (a birth or death the broker keeps), not as news
 
 
 @dataclass
@@ -399,8 +400,7 @@ class Store:
                 # A death repeats its birth's seq: it is deduplicated by its session, not by seq.
                 sess = session(skey)
                 if sess is not None and sess["death_reason"] is not None:
-                    row["duplicates"] += 1
-                    result.duplicates += 1
+                    self._duplicate(row, item, result)
                     continue
                 if sess is None:
                     sess = new_sessions[skey] = {"fleet": msg.fleet, "device": msg.device, "bd_seq": msg.bdSeq,
@@ -416,8 +416,7 @@ class Store:
                 message_rows.append(self._message_row(batch, item, msg))
             else:
                 if not dev.tracker.accept(msg.seq):
-                    row["duplicates"] += 1
-                    result.duplicates += 1
+                    self._duplicate(row, item, result)
                     continue
                 if msg.kind == "birth":
                     dev.presence_changed |= self._birth(batch, item, msg, row, skey, session(skey), new_sessions,
@@ -436,6 +435,14 @@ class Store:
             dev.row["batch"] = batch
         self._write(conn, state, new_sessions, changed_sessions, window_rows, message_rows, result)
         return result, state
+
+    @staticmethod
+    def _duplicate(row: dict[str, Any], item: Incoming, result: BatchResult) -> None:
+        # A retained birth or death seen again (a new subscription) is the broker's memory, not a
+        # second delivery: dropped, but not counted.
+        if not item.retained:
+            row["duplicates"] += 1
+            result.duplicates += 1
 
     @staticmethod
     def _message_row(batch: int, item: Incoming, msg: Any) -> dict[str, Any]:
