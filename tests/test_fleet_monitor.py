@@ -14,11 +14,11 @@ import math
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable
 from html.parser import HTMLParser
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -58,10 +58,10 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, what: str = 
 class MonitorProcess:
     """`edgesmith fleet monitor` as a subprocess, with its log in the test's directory."""
 
-    def __init__(self, broker_dir: Path, db: Path, log: Path, *extra: str):
+    def __init__(self, broker_dir: Path, db: str, log: Path, *extra: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.args = [EDGESMITH, "fleet", "monitor", "--broker", str(broker_dir), "--db", f"sqlite:///{db}",
+        self.args = [EDGESMITH, "fleet", "monitor", "--broker", str(broker_dir), "--db", db,
                      "--http", f"127.0.0.1:{self.port}", "--interval-s", "1", *extra]
         self.db = db
         self.log = log
@@ -126,12 +126,44 @@ def broker_dir(tmp_path):
 
 
 @pytest.fixture
-def start_monitor(broker_dir, tmp_path):
+def store_url(tmp_path):
+    """The monitor's store: an SQLite file; or, with EDGESMITH_TEST_FLEET_DB set to a PostgreSQL
+    server's URL, a new database there for the test (the same tests run against PostgreSQL)."""
+    server = os.environ.get("EDGESMITH_TEST_FLEET_DB")
+    if not server:
+        yield f"sqlite:///{tmp_path / 'monitor.db'}"
+        return
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = f"fleet_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    yield make_url(server).set(database=name).render_as_string(hide_password=False)
+    with admin.connect() as conn:
+        conn.execute(text(f"DROP DATABASE {name} WITH (FORCE)"))
+    admin.dispose()
+
+
+def query(url: str, sql: str) -> list[tuple]:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(text(sql))]
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def start_monitor(broker_dir, tmp_path, store_url):
     """Start monitors (same store unless told); at teardown each must stop cleanly: exit 0, no traceback."""
     started: list[MonitorProcess] = []
 
-    def start(*extra: str, db: Path | None = None, log_name: str = "monitor.log") -> MonitorProcess:
-        monitor = MonitorProcess(broker_dir, db or tmp_path / "monitor.db", tmp_path / log_name, *extra).start()
+    def start(*extra: str, log_name: str = "monitor.log") -> MonitorProcess:
+        monitor = MonitorProcess(broker_dir, store_url, tmp_path / log_name, *extra).start()
         started.append(monitor)
         return monitor
 
@@ -228,10 +260,9 @@ def test_ingest_and_aggregates_exact(broker_dir, start_monitor):
     assert monitor.api()["version_mix"] == {FLEET: {f"{art.model} × {art.target}": {art.model_version: 2}}}
 
     # Stored: every window once, in the store `fleet status` reads.
-    with sqlite3.connect(monitor.db) as conn:
-        assert conn.execute("select device, count(*), sum(runs) from windows group by device order by device").fetchall() == [
-            ("cam-01", 3, 150), ("cam-02", 2, 40)]
-    status = json.loads(run_cli("fleet", "status", "--db", f"sqlite:///{monitor.db}", "--json").stdout)
+    assert query(monitor.db, "select device, count(*), sum(runs) from windows group by device order by device") == [
+        ("cam-01", 3, 150), ("cam-02", 2, 40)]
+    status = json.loads(run_cli("fleet", "status", "--db", monitor.db, "--json").stdout)
     by_name = {s["device"]: s for s in status}
     assert set(by_name) == {"cam-01", "cam-02"}
     assert {k: by_name["cam-01"][k] for k in ("device", "fleet", "online", "artifact")} == {
@@ -239,7 +270,7 @@ def test_ingest_and_aggregates_exact(broker_dir, start_monitor):
     last = sent_a[-1].latency
     assert by_name["cam-01"]["latency"] == {"p50_us": last.p50_us, "p95_us": last.p95_us, "p99_us": last.p99_us,
                                              "window_end_ms": sent_a[-1].window_end_ms}
-    table = run_cli("fleet", "status", "--db", f"sqlite:///{monitor.db}").stdout
+    table = run_cli("fleet", "status", "--db", monitor.db).stdout
     assert "cam-01" in table and "cam-02" in table and "online" in table
 
 
@@ -332,9 +363,8 @@ def test_broker_refuses_foreign_topics(broker_dir, start_monitor):
 
 # ---- restarts and presence -------------------------------------------------------------------------
 
-def _window_rows(db: Path) -> int:
-    with sqlite3.connect(db) as conn:
-        return conn.execute("select count(*) from windows").fetchone()[0]
+def _window_rows(db: str) -> int:
+    return query(db, "select count(*) from windows")[0][0]
 
 
 @pytest.mark.integration
