@@ -97,10 +97,15 @@ class MonitorProcess:
         return self.api()["monitor"]["counters"]
 
     def wait_device(self, name: str, predicate: Callable[[dict[str, Any]], bool], what: str, timeout: float = 30.0) -> dict:
+        last: list = [None]
+
         def check() -> dict | None:
-            d = self.device(name)
+            d = last[0] = self.device(name)
             return d if d is not None and predicate(d) else None
-        return wait_until(check, timeout, f"{name}: {what}")
+        try:
+            return wait_until(check, timeout, f"{name}: {what}")
+        except AssertionError as e:
+            raise AssertionError(f"{e}; last seen: {json.dumps(last[0])}\nmonitor log:\n{self.log_text()[-3000:]}") from None
 
     def alerts(self, active: bool = True) -> set[tuple[str, str]]:
         return {(a["alert"], a["subject"]) for a in self.api()["alerts"] if a["active"] or not active}

@@ -107,7 +107,14 @@ class Sums:
         return self.runs / (self.duration_ms / 1000) if self.duration_ms > 0 else None
 
 
-def _window(row: dict[str, Any], birth: dict[str, Any], msg: protocol.Telemetry | None = None) -> Window:
+def _layout_json(birth: dict[str, Any]) -> str:
+    """The birth's latency layout as the store writes it with each window (compared, not parsed)."""
+    lat = birth["metrics"]["latency"]
+    return json.dumps([lat["start_us"], lat["factor"], lat["count"]])
+
+
+def _window(row: dict[str, Any], birth: dict[str, Any], layout_json: str,
+            msg: protocol.Telemetry | None = None) -> Window:
     """A window in its birth's layout, from a stored row, or (the ingest's own batches) from the
     row and its message, which saves parsing the row's JSON again."""
     layout = birth["metrics"]["latency"]
@@ -121,8 +128,7 @@ def _window(row: dict[str, Any], birth: dict[str, Any], msg: protocol.Telemetry 
                                                        lat["max_us"])
         window_outputs = {k: protocol.OutputWindow.model_construct(**v) for k, v in json.loads(row["outputs"]).items()}
     latency = None
-    if (row["latency_layout"] == json.dumps([layout["start_us"], layout["factor"], layout["count"]])
-            and len(counts) == layout["count"]):
+    if row["latency_layout"] == layout_json and len(counts) == layout["count"]:
         latency = np.array([*counts, underflow, overflow], dtype=np.int64)
     outputs = {}
     for spec in birth["metrics"]["outputs"]:
@@ -141,6 +147,7 @@ class DeviceView:
     def __init__(self, row: dict[str, Any]):
         self.row = row
         self.birth: dict[str, Any] | None = json.loads(row["birth"]) if row["birth"] else None
+        self.layout_json = _layout_json(self.birth) if self.birth else None
         self.windows: deque[Window] = deque()
         self.sums = Sums(self.layout)
         # Summaries are rebuilt only when what they come from changed: the windows (sums_dirty)
@@ -333,7 +340,7 @@ class FleetView:
         view = self.devices.get((row["fleet"], row["device"]))
         if view is None or view.birth is None or row["artifact_sha256"] != view.sha:
             return  # not the device's current artifact: stored, but not part of its recent view
-        w = _window(row, view.birth, msg)
+        w = _window(row, view.birth, view.layout_json, msg)
         expired, kept = view.add(w, self.horizon_ms)
         self._changed.add((row["fleet"], row["device"]))
         g = self.groups.get(view.group)

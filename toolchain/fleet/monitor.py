@@ -149,6 +149,7 @@ class Monitor:
         self.generation = 0
         self.stored_here = 0  # by this process (several monitors may share the store)
         self.connected = False
+        self._unreachable_logged = False
         self._snapshot: dict[str, Any] | None = None
         self._view_lock = threading.Lock()  # the evaluator changes the view, HTTP requests read it
         self._last_history_ms = 0
@@ -168,6 +169,7 @@ class Monitor:
             client.tls_set(ca_certs=self.broker_settings.cafile)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         return client
@@ -180,6 +182,7 @@ class Monitor:
             return
         self.generation += 1
         self.connected = True
+        self._unreachable_logged = False
         self.view.listening_since_ms = now_ms()
         # Devices retain their current birth and last death. A store that knows no device yet wants
         # them on every subscription; otherwise only a new subscription gets them (a resumed
@@ -190,6 +193,12 @@ class Monitor:
         log.info("connected to %s:%d as %s (%s session), subscribed to %s", self.broker_settings.host,
                  self.broker_settings.port, self.config.mqtt_client_id,
                  "resumed" if flags.session_present else "new", self.config.subscription)
+
+    def _on_connect_fail(self, _client: mqtt.Client, _userdata: Any) -> None:
+        if not self._unreachable_logged:  # once per outage; paho keeps retrying
+            self._unreachable_logged = True
+            log.warning("cannot reach the broker at %s:%d; retrying (is it up? `edgesmith broker up --dir %s`)",
+                        self.broker_settings.host, self.broker_settings.port, self.config.broker_dir)
 
     def _on_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason_code: Any, _props: Any) -> None:
         self.connected = False

@@ -69,6 +69,9 @@ class SeqTracker:
             start, end = self.holes.pop(0)
             self.forgotten += end - start
 
+    def copy(self) -> SeqTracker:
+        return SeqTracker(self.lowest, self.highest, [hole[:] for hole in self.holes], self.forgotten)
+
     def to_json(self) -> str:
         return json.dumps({"lowest": self.lowest, "highest": self.highest, "holes": self.holes,
                            "forgotten": self.forgotten}, separators=(",", ":"))

@@ -258,14 +258,14 @@ def _session_labels(birth: protocol.Birth) -> dict[str, Any]:
 
 
 @lru_cache(maxsize=4096)
-def _birth_info(birth_json: str | None) -> tuple[dict[str, Any], list[Any] | None, str | None]:
-    """Labels, latency layout and manifest digest of a stored birth (cached: every window asks)."""
+def _birth_info(birth_json: str | None) -> tuple[dict[str, Any], str | None, str | None]:
+    """Labels, latency layout (JSON) and manifest digest of a stored birth (cached: every window asks)."""
     if not birth_json:
         return {}, None, None
     birth = json.loads(birth_json)
     a, lat = birth["artifact"], birth["metrics"]["latency"]
     labels = {"model": a["model"], "model_version": a["model_version"], "target": a["target"]}
-    return labels, [lat["start_us"], lat["factor"], lat["count"]], a["manifest_sha256"]
+    return labels, json.dumps([lat["start_us"], lat["factor"], lat["count"]]), a["manifest_sha256"]
 
 
 class Store:
@@ -274,7 +274,7 @@ class Store:
         # Device rows as this process last committed them. A row is reused while its `batch` in
         # the store is still the one it was written in (another monitor sharing the store would
         # have changed it); this saves reading every device's birth back on every batch.
-        self._rows: dict[tuple[str, str], dict[str, Any]] = {}
+        self._rows: dict[tuple[str, str], tuple[dict[str, Any], SeqTracker]] = {}
 
     @classmethod
     def open(cls, url: str, create: bool = True) -> Store:
@@ -320,7 +320,7 @@ class Store:
                 listener.batch_abandoned(self._numbered)  # rolled back: the number will be given out again
             raise
         for key, dev in state.items():  # committed: these rows are what the store holds now
-            self._rows[key] = dev.row
+            self._rows[key] = (dev.row, dev.tracker)
         result.devices = [dev.row for dev in state.values()]
         if listener is not None:
             listener.batch_committed(result)
@@ -340,9 +340,8 @@ class Store:
                 cached = self._rows.get((fleet, device))
                 if (fleet, device) not in keys:
                     continue
-                if cached is not None and cached["batch"] == batch:
-                    found[(fleet, device)] = _Device(row=dict(cached), tracker=SeqTracker.from_json(cached["seq_state"]),
-                                                     is_new=False)
+                if cached is not None and cached[0]["batch"] == batch:
+                    found[(fleet, device)] = _Device(row=dict(cached[0]), tracker=cached[1].copy(), is_new=False)
                 else:
                     stale.append(device)
         for i in range(0, len(stale), IN_CHUNK):
@@ -500,7 +499,7 @@ class Store:
             "model_version": labels.get("model_version"), "target": labels.get("target"),
             "runs": msg.runs, "errors": msg.errors, "nan_input_runs": msg.nan_input_runs,
             "p50_us": lat.p50_us, "p95_us": lat.p95_us, "p99_us": lat.p99_us,
-            "latency": lat.model_dump_json(), "latency_layout": json.dumps(layout) if layout else None,
+            "latency": lat.model_dump_json(), "latency_layout": layout,
             "outputs": _OUTPUTS.dump_json(msg.outputs).decode(),
             "rss_bytes": msg.process.rss_bytes, "cpu_percent": msg.process.cpu_percent,
             "temperature_c": msg.temperature_c, "spool_queued": msg.spool.queued,
