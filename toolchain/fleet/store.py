@@ -275,6 +275,7 @@ class Store:
         # the store is still the one it was written in (another monitor sharing the store would
         # have changed it); this saves reading every device's birth back on every batch.
         self._rows: dict[tuple[str, str], tuple[dict[str, Any], SeqTracker]] = {}
+        self._numbered: int | None = None  # the batch number of the ingest transaction under way
 
     @classmethod
     def open(cls, url: str, create: bool = True) -> Store:
@@ -311,7 +312,7 @@ class Store:
                listener: BatchListener | None = None) -> BatchResult:
         """Store one batch in one transaction: duplicates dropped, gaps counted, presence updated."""
         stored_ms = stored_ms if stored_ms is not None else now_ms()
-        self._numbered: int | None = None
+        self._numbered = None
         try:
             with self.engine.begin() as conn:
                 result, state = self._ingest(conn, items, stored_ms, listener)
@@ -414,7 +415,13 @@ class Store:
                     dev.presence_changed = True
                 message_rows.append(self._message_row(batch, item, msg))
             else:
-                if not dev.tracker.accept(msg.seq):
+                if msg.kind == "birth" and (session(skey) or {}).get("birth") is not None:
+                    self._duplicate(row, item, result)  # this session's birth is stored already
+                    continue
+                # A retained birth is the broker's memory of the device's state, not part of its
+                # stream (a monitor subscribing late gets it long after): it does not take part in
+                # the sequence bookkeeping, or everything the device sent since would count as gaps.
+                if not (msg.kind == "birth" and item.retained) and not dev.tracker.accept(msg.seq):
                     self._duplicate(row, item, result)
                     continue
                 if msg.kind == "birth":
