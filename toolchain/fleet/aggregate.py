@@ -32,14 +32,38 @@ DeviceKey = tuple[str, str]
 
 @dataclass(slots=True)
 class Window:
+    """One telemetry window as the view keeps it: compact, since a big fleet keeps hundreds of
+    thousands of them (the latency buckets sparse, the outputs in one array)."""
+
     end_ms: int
     duration_ms: int
     runs: int
     errors: int
-    latency: np.ndarray | None  # buckets, underflow, overflow (None: not in the birth's layout)
+    layout: str | None  # the latency layout (JSON) the buckets are in; None: unknown, not merged
+    latency: np.ndarray | None  # the non-empty slots of [buckets..., underflow, overflow]: indices, then counts
     sum_us: float
     max_us: float
-    outputs: dict[str, np.ndarray]  # in each reference's layout
+    outputs: np.ndarray | None  # every monitored output's counts, in the birth's order (OutputSpec slices)
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """Where one monitored output sits in a window's output array, and its reference shares."""
+
+    name: str
+    kind: str
+    reference: list[float] | None
+    start: int
+    stop: int
+
+
+def output_specs(birth: dict[str, Any]) -> list[OutputSpec]:
+    specs, start = [], 0
+    for o in birth["metrics"]["outputs"]:
+        size = o["classes"] if o["kind"] == "classes" else len(o["edges"]) - 1 + 2  # bins, under, over
+        specs.append(OutputSpec(o["name"], o["kind"], o.get("reference"), start, start + size))
+        start += size
+    return specs
 
 
 @dataclass
@@ -47,7 +71,8 @@ class Sums:
     """Sums over a set of windows; windows are added and removed one at a time."""
 
     layout: LatencyLayout | None
-    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    layout_json: str | None = None
+    outputs: np.ndarray | None = None
     latency: np.ndarray | None = None
     sum_us: float = 0.0
     runs: int = 0
@@ -59,35 +84,34 @@ class Sums:
         if self.layout is not None and self.latency is None:
             self.latency = np.zeros(self.layout.count + 2, dtype=np.int64)
 
+    def _add_outputs(self, counts: np.ndarray | None, sign: int) -> None:
+        if counts is None:
+            return
+        if self.outputs is None:
+            self.outputs = np.zeros_like(counts)
+        if self.outputs.shape == counts.shape:
+            self.outputs += sign * counts
+
     def add(self, w: Window, sign: int = 1) -> None:
         self.runs += sign * w.runs
         self.errors += sign * w.errors
         self.duration_ms += sign * w.duration_ms
         self.windows += sign
-        if w.latency is not None and self.latency is not None and w.latency.shape == self.latency.shape:
-            self.latency += sign * w.latency
+        if w.latency is not None and self.latency is not None and w.layout == self.layout_json:
+            k = len(w.latency) // 2
+            self.latency[w.latency[:k]] += sign * w.latency[k:]
             self.sum_us += sign * w.sum_us
-        for name, counts in w.outputs.items():
-            mine = self.outputs.get(name)
-            if mine is None:
-                self.outputs[name] = sign * counts.copy()
-            elif mine.shape == counts.shape:
-                mine += sign * counts
+        self._add_outputs(w.outputs, sign)
 
     def merge(self, other: Sums, sign: int = 1) -> None:
         self.runs += sign * other.runs
         self.errors += sign * other.errors
         self.duration_ms += sign * other.duration_ms
         self.windows += sign * other.windows
-        if other.latency is not None and self.latency is not None and other.latency.shape == self.latency.shape:
+        if other.latency is not None and self.latency is not None and other.layout_json == self.layout_json:
             self.latency += sign * other.latency
             self.sum_us += sign * other.sum_us
-        for name, counts in other.outputs.items():
-            mine = self.outputs.get(name)
-            if mine is None:
-                self.outputs[name] = sign * counts.copy()
-            elif mine.shape == counts.shape:
-                mine += sign * counts
+        self._add_outputs(other.outputs, sign)
 
     def quantiles(self, max_us: float) -> dict[str, float | None]:
         if self.layout is None or self.latency is None:
@@ -113,11 +137,10 @@ def _layout_json(birth: dict[str, Any]) -> str:
     return json.dumps([lat["start_us"], lat["factor"], lat["count"]])
 
 
-def _window(row: dict[str, Any], birth: dict[str, Any], layout_json: str,
+def _window(row: dict[str, Any], birth: dict[str, Any], layout_json: str, specs: list[OutputSpec],
             msg: protocol.Telemetry | None = None) -> Window:
     """A window in its birth's layout, from a stored row, or (the ingest's own batches) from the
     row and its message, which saves parsing the row's JSON again."""
-    layout = birth["metrics"]["latency"]
     if msg is not None:
         lat = msg.latency
         counts, underflow, overflow, sum_us, max_us = lat.counts, lat.underflow, lat.overflow, lat.sum_us, lat.max_us
@@ -128,17 +151,22 @@ def _window(row: dict[str, Any], birth: dict[str, Any], layout_json: str,
                                                        lat["max_us"])
         window_outputs = {k: protocol.OutputWindow.model_construct(**v) for k, v in json.loads(row["outputs"]).items()}
     latency = None
-    if row["latency_layout"] == layout_json and len(counts) == layout["count"]:
-        latency = np.array([*counts, underflow, overflow], dtype=np.int64)
-    outputs = {}
-    for spec in birth["metrics"]["outputs"]:
-        got = window_outputs.get(spec["name"])
-        if got is not None:
-            values = got.counts if spec["kind"] == "classes" else [*got.counts, got.underflow, got.overflow]
-            outputs[spec["name"]] = np.array(values, dtype=np.int64)
+    if row["latency_layout"] == layout_json and len(counts) == birth["metrics"]["latency"]["count"]:
+        slots = [*counts, underflow, overflow]
+        used = [i for i, c in enumerate(slots) if c]
+        latency = np.array(used + [slots[i] for i in used], dtype=np.int64)
+    outputs = None
+    if specs:
+        outputs = np.zeros(specs[-1].stop, dtype=np.int64)
+        for spec in specs:
+            got = window_outputs.get(spec.name)
+            if got is not None:
+                values = got.counts if spec.kind == "classes" else [*got.counts, got.underflow, got.overflow]
+                if len(values) == spec.stop - spec.start:  # else not in the reference's layout: left out
+                    outputs[spec.start:spec.stop] = values
     return Window(end_ms=row["window_end_ms"], duration_ms=max(0, row["window_end_ms"] - row["window_start_ms"]),
-                  runs=row["runs"], errors=row["errors"], latency=latency, sum_us=sum_us, max_us=max_us,
-                  outputs=outputs)
+                  runs=row["runs"], errors=row["errors"], layout=layout_json if latency is not None else None,
+                  latency=latency, sum_us=sum_us, max_us=max_us, outputs=outputs)
 
 
 class DeviceView:
@@ -148,8 +176,9 @@ class DeviceView:
         self.row = row
         self.birth: dict[str, Any] | None = json.loads(row["birth"]) if row["birth"] else None
         self.layout_json = _layout_json(self.birth) if self.birth else None
+        self.specs = output_specs(self.birth) if self.birth else []
         self.windows: deque[Window] = deque()
-        self.sums = Sums(self.layout)
+        self.sums = Sums(self.layout, self.layout_json)
         # Summaries are rebuilt only when what they come from changed: the windows (sums_dirty)
         # or the store row (row_dirty); presence depends on the time and is added per snapshot.
         self.recent: dict[str, Any] = {}
@@ -172,11 +201,6 @@ class DeviceView:
             return None
         a = self.birth["artifact"]
         return (self.row["fleet"], a["model"], a["model_version"], a["target"])
-
-    def references(self) -> dict[str, tuple[str, list[float] | None]]:
-        if not self.birth:
-            return {}
-        return {o["name"]: (o["kind"], o.get("reference")) for o in self.birth["metrics"]["outputs"]}
 
     def add(self, w: Window, horizon_ms: int) -> tuple[list[Window], bool]:
         """Insert a window; returns the windows that fell out of the horizon and whether it was kept."""
@@ -203,19 +227,19 @@ class DeviceView:
 class GroupView:
     key: GroupKey
     sums: Sums
-    references: dict[str, tuple[str, list[float] | None]]
+    specs: list[OutputSpec]
     members: set[DeviceKey] = field(default_factory=set)
     history: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=360))
     summary: dict[str, Any] = field(default_factory=dict)
     dirty: bool = True
 
 
-def _drift(sums: Sums, references: dict[str, tuple[str, list[float] | None]], min_samples: int) -> dict[str, Any]:
+def _drift(sums: Sums, specs: list[OutputSpec], min_samples: int) -> dict[str, Any]:
     out = {}
-    for name, (_kind, reference) in references.items():
-        counts = sums.outputs.get(name)
-        measured = drift.measure(counts, reference, min_samples) if counts is not None else None
-        out[name] = measured.as_dict() if measured else None
+    for spec in specs:
+        counts = sums.outputs[spec.start:spec.stop] if sums.outputs is not None else None
+        measured = drift.measure(counts, spec.reference, min_samples) if counts is not None else None
+        out[spec.name] = measured.as_dict() if measured else None
     return out
 
 
@@ -324,7 +348,7 @@ class FleetView:
         if group is not None:
             g = self.groups.get(group)
             if g is None:
-                g = self.groups[group] = GroupView(group, Sums(view.layout), view.references())
+                g = self.groups[group] = GroupView(group, Sums(view.layout, view.layout_json), view.specs)
             g.members.add(key)
             g.dirty = True
 
@@ -340,7 +364,7 @@ class FleetView:
         view = self.devices.get((row["fleet"], row["device"]))
         if view is None or view.birth is None or row["artifact_sha256"] != view.sha:
             return  # not the device's current artifact: stored, but not part of its recent view
-        w = _window(row, view.birth, view.layout_json, msg)
+        w = _window(row, view.birth, view.layout_json, view.specs, msg)
         expired, kept = view.add(w, self.horizon_ms)
         self._changed.add((row["fleet"], row["device"]))
         g = self.groups.get(view.group)
@@ -356,7 +380,7 @@ class FleetView:
     def device_summary(self, view: DeviceView, at_ms: int) -> dict[str, Any]:
         r = view.row
         if view.sums_dirty or not view.recent:
-            drifts = _drift(view.sums, view.references(), self.min_drift_samples)
+            drifts = _drift(view.sums, view.specs, self.min_drift_samples)
             view.recent = {
                 "recent": {"windows": view.sums.windows, "runs": view.sums.runs, "errors": view.sums.errors,
                            "error_rate": view.sums.error_rate, "throughput_rps": view.sums.throughput_rps,
@@ -384,7 +408,7 @@ class FleetView:
     def group_summary(self, g: GroupView, online: int) -> dict[str, Any]:
         if g.dirty or not g.summary:
             max_us = max((self.devices[k].max_us() for k in g.members if k in self.devices), default=0.0)
-            drifts = _drift(g.sums, g.references, self.min_drift_samples)
+            drifts = _drift(g.sums, g.specs, self.min_drift_samples)
             rates = [r for r in (self.devices[k].sums.throughput_rps for k in g.members if k in self.devices)
                      if r is not None]
             g.summary = {

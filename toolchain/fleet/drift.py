@@ -15,23 +15,12 @@ numpy rather than scipy: scipy is not a dependency of the toolchain and these ar
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 EPSILON = 1e-4
 MIN_SAMPLES = 100  # below this many counted values a share is noise, not drift
-
-
-def observed_counts(kind: str, window: Mapping[str, Any]) -> list[int]:
-    """A window's counts (an ``OutputWindow`` as a dict) in the reference's layout: per class for
-    classifiers (rows whose arg-max fell outside the classes are not in the reference either), else
-    the bins, then underflow, then overflow."""
-    if kind == "classes":
-        return list(window["counts"])
-    return [*window["counts"], window["underflow"], window["overflow"]]
 
 
 def _shares(values: np.ndarray) -> np.ndarray:
