@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import heapq
 import json
 import selectors
 import sys
@@ -254,8 +255,10 @@ class SimulatedDevice:
 
 
 class Swarm:
-    """Many simulated devices on one thread: paho clients driven from a selector (paho's
-    ``loop_read``/``loop_write``/``loop_misc``), not a thread each."""
+    """Many simulated devices on one thread: paho clients driven from a selector (paho's external
+    loop: ``loop_read``/``loop_write``/``loop_misc``, with write interest registered through its
+    socket callbacks), not a thread each, and windows due taken from a heap, so an idle swarm costs
+    nothing and a busy one only what it sends."""
 
     def __init__(self, devices: list[SimulatedDevice]):
         self.devices = devices
@@ -268,10 +271,24 @@ class Swarm:
     def _on_publish(self, *_args: Any) -> None:
         self.acked += 1
 
+    def _want_write(self, client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+        self._interest(client, sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
+
+    def _written(self, client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+        self._interest(client, sock, selectors.EVENT_READ)
+
+    def _interest(self, client: mqtt.Client, sock: Any, events: int) -> None:
+        try:
+            self.selector.modify(sock, events, client)
+        except (KeyError, ValueError):
+            pass  # not registered yet (connecting), or closed: _open registers it
+
     def connect(self, timeout: float = 60.0) -> None:
         for device in self.devices:
             client = device.make_client()
             client.on_publish = self._on_publish
+            client.on_socket_register_write = self._want_write
+            client.on_socket_unregister_write = self._written
             self._open(device, client)
             self.clients.append(client)
             device.client = client
@@ -300,7 +317,8 @@ class Swarm:
         client.connect(device.credentials["host"], device.credentials["port"], keepalive=60, clean_start=False,
                        properties=device.connect_properties())
         sock = client.socket()
-        self.selector.register(sock, selectors.EVENT_READ, client)
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if client.want_write() else 0)
+        self.selector.register(sock, events, client)
         self._fds[id(client)] = sock.fileno()
 
     def publish(self, device: SimulatedDevice, message: protocol.Envelope) -> None:
@@ -310,28 +328,27 @@ class Swarm:
         self.published += 1
 
     def pump(self, timeout: float) -> None:
-        for client in self.clients:
-            if client.want_write():
-                client.loop_write()
-        for key, _ in self.selector.select(timeout):
-            key.data.loop_read(max_packets=100)
-        for client in self.clients:
-            if client.want_write():
-                client.loop_write()
+        for key, events in self.selector.select(timeout):
+            if events & selectors.EVENT_READ:
+                key.data.loop_read(max_packets=100)
+            if events & selectors.EVENT_WRITE:
+                key.data.loop_write()
 
     def run(self, duration_s: float, runs_per_window: int = 20) -> None:
         """Each device publishes a window every ``interval_s`` (staggered) for ``duration_s``."""
         start = time.monotonic()
         n = len(self.devices)
-        next_due = [start + (i / n) * self.devices[i].interval_s for i in range(n)]
+        due = [(start + (i / n) * d.interval_s, i) for i, d in enumerate(self.devices)]
+        heapq.heapify(due)
         last_misc = start
         while (now := time.monotonic()) - start < duration_s:
-            for i, device in enumerate(self.devices):
-                if next_due[i] <= now:
-                    self.publish(device, device.telemetry(runs=runs_per_window))
-                    next_due[i] += device.interval_s
-            self.pump(0.01)
-            if now - last_misc >= 1.0:
+            while due and due[0][0] <= now:
+                at, i = heapq.heappop(due)
+                device = self.devices[i]
+                self.publish(device, device.telemetry(runs=runs_per_window))
+                heapq.heappush(due, (at + device.interval_s, i))
+            self.pump(max(0.0, min(0.05, due[0][0] - time.monotonic())) if due else 0.05)
+            if now - last_misc >= 1.0:  # keepalive pings and retries
                 for client in self.clients:
                     client.loop_misc()
                 last_misc = now
