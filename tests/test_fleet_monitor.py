@@ -769,3 +769,36 @@ def test_store_schema_compiles_for_postgresql():
     ddl += "\n".join(str(CreateIndex(i).compile(dialect=dialect)) for t in store.metadata.sorted_tables for i in t.indexes)
     assert "BIGSERIAL" in ddl and "AUTOINCREMENT" not in ddl.upper().replace("BIGSERIAL", "")
     assert "INTEGER NOT NULL" not in ddl.split("CREATE TABLE windows")[1].split(")")[0]  # ids are 64-bit there
+
+
+def test_percentiles_match_the_device_runtime_rule():
+    """The monitor's (vectorised) estimate against a line-by-line transcription of
+    stats_percentile_us in csrc/runtime/stats.cc, on random sparse histograms."""
+    import numpy as np
+
+    from edgesmith.toolchain.fleet.latency import percentiles_us
+
+    def stats_percentile_us(counts, underflow, overflow, lay, max_us, q):
+        total = underflow + overflow + sum(counts)
+        rank = min(max(q, 0.0), 1.0) * total
+        seen = float(underflow)
+        if rank <= seen and underflow > 0:
+            return lay.start_us
+        for k, count in enumerate(counts):
+            if count > 0 and rank <= seen + count:
+                estimate = lay.start_us * lay.factor ** (k + (rank - seen) / count)
+                return min(estimate, max_us) if max_us > 0.0 else estimate
+            seen += count
+        return max_us
+
+    rng = np.random.default_rng(7)
+    lay = protocol.LatencyLayout(start_us=1.0, factor=2 ** 0.25, count=96)
+    for _ in range(500):
+        counts = (rng.integers(0, 5, 96) * (rng.random(96) < 0.2)).tolist()
+        underflow, overflow = int(rng.integers(0, 3)), int(rng.integers(0, 3))
+        if sum(counts) + underflow + overflow == 0:
+            continue
+        max_us = float(rng.choice([0.0, 1e3, 1e9]))
+        qs = (0.0001, 0.5, 0.95, 0.99, 1.0)
+        got = percentiles_us(np.array(counts + [underflow, overflow]), lay, max_us, qs)
+        assert got == pytest.approx([stats_percentile_us(counts, underflow, overflow, lay, max_us, q) for q in qs])

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from edgesmith.toolchain.fleet import drift, protocol
-from edgesmith.toolchain.fleet.latency import LatencyHistogram
+from edgesmith.toolchain.fleet.latency import percentiles_us
 from edgesmith.toolchain.fleet.protocol import LatencyLayout
 from edgesmith.toolchain.fleet.store import BatchResult, Store, is_silent, now_ms
 
@@ -116,10 +116,8 @@ class Sums:
     def quantiles(self, max_us: float) -> dict[str, float | None]:
         if self.layout is None or self.latency is None:
             return {"p50_us": None, "p95_us": None, "p99_us": None}
-        counts = self.latency.tolist()
-        hist = LatencyHistogram(self.layout, counts=counts[:-2], underflow=counts[-2], overflow=counts[-1],
-                                sum_us=self.sum_us, max_us=max_us)
-        return hist.quantiles()
+        p50, p95, p99 = percentiles_us(self.latency, self.layout, max_us, (0.50, 0.95, 0.99))
+        return {"p50_us": p50, "p95_us": p95, "p99_us": p99}
 
     @property
     def error_rate(self) -> float | None:
@@ -175,6 +173,7 @@ class DeviceView:
     def __init__(self, row: dict[str, Any]):
         self.row = row
         self.birth: dict[str, Any] | None = json.loads(row["birth"]) if row["birth"] else None
+        self.layout = LatencyLayout(**self.birth["metrics"]["latency"]) if self.birth else None
         self.layout_json = _layout_json(self.birth) if self.birth else None
         self.specs = output_specs(self.birth) if self.birth else []
         self.windows: deque[Window] = deque()
@@ -187,9 +186,6 @@ class DeviceView:
         self.row_dirty = True
         self.was_silent = False
 
-    @property
-    def layout(self) -> LatencyLayout | None:
-        return LatencyLayout(**self.birth["metrics"]["latency"]) if self.birth else None
 
     @property
     def sha(self) -> str | None:

@@ -12,6 +12,8 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from edgesmith.toolchain.fleet.protocol import LatencyLayout
 
 
@@ -25,6 +27,33 @@ def bucket_index(latency_us: float, layout: LatencyLayout) -> int:
         return -1
     k = math.floor(math.log(latency_us / layout.start_us) / math.log(layout.factor))
     return min(k, layout.count)
+
+
+def percentiles_us(slots: np.ndarray, layout: LatencyLayout, max_us: float, qs: Sequence[float]) -> list[float | None]:
+    """Quantiles of ``[bucket counts..., underflow, overflow]``: the rank ``q * n`` falls in the
+    first bucket whose running total reaches it; the estimate is ``start_us * factor**(k + f)``
+    with ``f`` the rank's fraction of that bucket, capped at the maximum seen; a rank inside the
+    underflow gives ``start_us``, one past the buckets the maximum. None for an empty histogram."""
+    total = int(slots.sum())
+    if total == 0:
+        return [None] * len(qs)
+    underflow = int(slots[-2])
+    buckets = slots[:-2]
+    running = np.cumsum(buckets) + underflow
+    out: list[float | None] = []
+    for q in qs:
+        rank = min(max(q, 0.0), 1.0) * total
+        if underflow > 0 and rank <= underflow:
+            out.append(layout.start_us)
+            continue
+        k = int(np.searchsorted(running, rank, side="left"))
+        if k >= len(buckets):
+            out.append(max_us)
+            continue
+        seen = int(running[k]) - int(buckets[k])
+        estimate = layout.start_us * layout.factor ** (k + (rank - seen) / int(buckets[k]))
+        out.append(min(estimate, max_us) if max_us > 0 else estimate)
+    return out
 
 
 @dataclass
@@ -78,28 +107,8 @@ class LatencyHistogram:
         return self.percentiles_us((q,))[0]
 
     def percentiles_us(self, qs: Sequence[float]) -> list[float | None]:
-        """Several quantiles (ascending) in one pass over the buckets."""
-        total = self.total
-        if total == 0:
-            return [None] * len(qs)
-        ranks = [min(max(q, 0.0), 1.0) * total for q in qs]
-        out: list[float | None] = [None] * len(qs)
-        i = 0
-        seen = float(self.underflow)
-        while i < len(ranks) and self.underflow > 0 and ranks[i] <= seen:
-            out[i] = self.layout.start_us
-            i += 1
-        for k, count in enumerate(self.counts):
-            while i < len(ranks) and count > 0 and ranks[i] <= seen + count:
-                estimate = self.layout.start_us * self.layout.factor ** (k + (ranks[i] - seen) / count)
-                out[i] = min(estimate, self.max_us) if self.max_us > 0 else estimate
-                i += 1
-            if i == len(ranks):
-                return out
-            seen += count
-        for j in range(i, len(ranks)):
-            out[j] = self.max_us
-        return out
+        return percentiles_us(np.asarray([*self.counts, self.underflow, self.overflow], dtype=np.int64),
+                              self.layout, self.max_us, qs)
 
     def quantiles(self) -> dict[str, float | None]:
         p50, p95, p99 = self.percentiles_us((0.50, 0.95, 0.99))
