@@ -18,6 +18,7 @@ BACKENDS: dict[str, str] = {
     "tvm": "edgesmith.toolchain.backends.tvm",
     "openvino": "edgesmith.toolchain.backends.openvino",
     "tflite": "edgesmith.toolchain.backends.tflite",
+    "ort": "edgesmith.toolchain.backends.ort",
 }
 
 

@@ -1,0 +1,61 @@
+# Locate ONNX Runtime for the ort backend plugin: the library from the unpacked onnxruntime wheel,
+# the C/C++ API headers from Debian's libonnxruntime-dev (the wheel ships none).
+#
+#   EDGESMITH_ORT_ROOT         a directory holding the unpacked onnxruntime wheel
+#                              (`onnxruntime/capi/libonnxruntime.so.<version>`); defaults to the
+#                              site-packages of EDGESMITH_PYTHON (host builds only).
+#   EDGESMITH_ORT_INCLUDE_DIR  a directory holding onnxruntime_c_api.h and onnxruntime_cxx_api.h;
+#                              by default third_party/onnxruntime/fetch_headers.sh fetches them into
+#                              the build tree (needs apt and a Debian mirror, once per build tree).
+#
+# Defines EDGESMITH_ORT_FOUND, EDGESMITH_ORT_VERSION, EDGESMITH_ORT_LIBRARY_NAME (the wheel's file
+# name of the library, libonnxruntime.so.<version>), EDGESMITH_ORT_LIBRARY_DIRS and
+# EDGESMITH_ORT_INCLUDE_DIRS.
+include_guard(GLOBAL)
+include(EdgesmithPythonPackages)
+
+set(EDGESMITH_ORT_ROOT "" CACHE PATH "Directory with the unpacked onnxruntime wheel")
+set(EDGESMITH_ORT_INCLUDE_DIR "" CACHE PATH "Directory holding the ONNX Runtime C/C++ API headers")
+
+set(EDGESMITH_ORT_FOUND OFF)
+set(_edgesmith_ort_root "${EDGESMITH_ORT_ROOT}")
+if(NOT _edgesmith_ort_root)
+  edgesmith_python_package_dir(onnxruntime _edgesmith_ort_pkg)
+  if(_edgesmith_ort_pkg)
+    get_filename_component(_edgesmith_ort_root "${_edgesmith_ort_pkg}" DIRECTORY)
+  endif()
+endif()
+
+set(_edgesmith_ort_library "")
+if(_edgesmith_ort_root)
+  # The wheel holds libonnxruntime.so.<version> only (no unversioned link), which is its SONAME.
+  file(GLOB _edgesmith_ort_libraries "${_edgesmith_ort_root}/onnxruntime/capi/libonnxruntime.so.*")
+  if(_edgesmith_ort_libraries)
+    list(SORT _edgesmith_ort_libraries)
+    list(GET _edgesmith_ort_libraries -1 _edgesmith_ort_library)
+  endif()
+endif()
+
+if(_edgesmith_ort_library)
+  set(_edgesmith_ort_include "${EDGESMITH_ORT_INCLUDE_DIR}")
+  if(NOT _edgesmith_ort_include)
+    set(_edgesmith_ort_include_cache "${PROJECT_BINARY_DIR}/third_party/onnxruntime")
+    execute_process(
+      COMMAND bash "${PROJECT_SOURCE_DIR}/third_party/onnxruntime/fetch_headers.sh" "${_edgesmith_ort_include_cache}"
+      OUTPUT_VARIABLE _edgesmith_ort_fetched OUTPUT_STRIP_TRAILING_WHITESPACE
+      ERROR_VARIABLE _edgesmith_ort_fetch_error RESULT_VARIABLE _edgesmith_ort_fetch_rc)
+    if(_edgesmith_ort_fetch_rc EQUAL 0)
+      set(_edgesmith_ort_include "${_edgesmith_ort_fetched}/onnxruntime")
+    else()
+      message(STATUS "edgesmith: could not fetch the ONNX Runtime headers: ${_edgesmith_ort_fetch_error}")
+    endif()
+  endif()
+  if(_edgesmith_ort_include AND EXISTS "${_edgesmith_ort_include}/onnxruntime_c_api.h")
+    set(EDGESMITH_ORT_FOUND ON)
+    get_filename_component(EDGESMITH_ORT_LIBRARY_NAME "${_edgesmith_ort_library}" NAME)
+    string(REGEX REPLACE "^libonnxruntime\\.so\\." "" EDGESMITH_ORT_VERSION "${EDGESMITH_ORT_LIBRARY_NAME}")
+    get_filename_component(EDGESMITH_ORT_LIBRARY_DIRS "${_edgesmith_ort_library}" DIRECTORY)
+    set(EDGESMITH_ORT_INCLUDE_DIRS "${_edgesmith_ort_include}")
+    message(STATUS "edgesmith: ONNX Runtime ${EDGESMITH_ORT_VERSION} from ${_edgesmith_ort_root}, headers from ${_edgesmith_ort_include}")
+  endif()
+endif()
