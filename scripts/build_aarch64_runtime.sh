@@ -9,6 +9,7 @@
 #     lib/libtvm_runtime.so, libtvm_ffi.so    from the aarch64 apache-tvm / apache-tvm-ffi wheels
 #     lib/libopenvino.so.*, libopenvino_arm_cpu_plugin.so, libopenvino_ir_frontend.so.*, libtbb*, ...
 #                                             from the aarch64 openvino wheel
+#     lib/libonnxruntime.so.<version>         from the aarch64 onnxruntime wheel
 #
 # The bundle needs no LD_LIBRARY_PATH and no libsodium on the device (linked statically); it needs
 # a glibc >= 2.35 device (the openvino wheel's manylinux_2_35 tag) with libstdc++ from GCC >= 12.
@@ -30,6 +31,7 @@ set -euo pipefail
 TVM_VERSION="0.27.0.post1"
 TVM_FFI_VERSION="0.1.14.post1"
 OPENVINO_VERSION="2026.4.1"
+ORT_VERSION="1.32.0"
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 home="${EDGESMITH_HOME:-$HOME/.edgesmith}"
@@ -81,6 +83,9 @@ fi
 if ! have_wheel "openvino-${OPENVINO_VERSION}-*aarch64*.whl"; then
   download manylinux_2_35_aarch64 -- "openvino==${OPENVINO_VERSION}"
 fi
+if ! have_wheel "onnxruntime-${ORT_VERSION}-*aarch64*.whl"; then
+  download manylinux_2_28_aarch64 manylinux_2_27_aarch64 manylinux_2_17_aarch64 -- "onnxruntime==${ORT_VERSION}"
+fi
 
 # Unpack only what the runtime needs: TVM/tvm-ffi libraries + tvm-ffi headers; OpenVINO's
 # libs, headers and CMake config (the wheels are zip files; python's zipfile needs no unzip).
@@ -107,6 +112,9 @@ EOF
 unpack "apache_tvm-${TVM_VERSION}-*aarch64*.whl" "$cache/tvm" tvm/lib/libtvm_runtime.so apache_tvm-
 unpack "apache_tvm_ffi-${TVM_FFI_VERSION}-*aarch64*.whl" "$cache/tvm-ffi" tvm_ffi/include/ tvm_ffi/lib/libtvm_ffi.so apache_tvm_ffi-
 unpack "openvino-${OPENVINO_VERSION}-*aarch64*.whl" "$cache/openvino" openvino/libs/ openvino/include/ openvino/cmake/
+# ONNX Runtime: the C API library only (the ort plugin's headers come from
+# third_party/onnxruntime/fetch_headers.sh, run by the configure).
+unpack "onnxruntime-${ORT_VERSION}-*aarch64*.whl" "$cache/onnxruntime" "onnxruntime/capi/libonnxruntime.so."
 # EdgesmithTvm.cmake expects one directory holding tvm/ and tvm_ffi/ (like site-packages).
 mkdir -p "$cache/tvm-root"
 ln -sfn "$cache/tvm/tvm" "$cache/tvm-root/tvm"
@@ -119,7 +127,8 @@ done
 build="$cache/build"
 generator=()
 command -v ninja >/dev/null && generator=(-G Ninja)
-if [[ ! -f "$build/CMakeCache.txt" ]]; then
+# A build tree configured before the ort backend existed is configured again with its engine.
+if [[ ! -f "$build/CMakeCache.txt" ]] || ! grep -qx "EDGESMITH_ORT_ROOT:PATH=$cache/onnxruntime" "$build/CMakeCache.txt"; then
   log "configuring $build"
   # CMakeGenericSystem prefers .so; this project include (after project()) makes find_library pick
   # libsodium.a, so the bundle needs no libsodium on the device.
@@ -133,7 +142,8 @@ if [[ ! -f "$build/CMakeCache.txt" ]]; then
     -DCMAKE_INSTALL_RPATH='$ORIGIN/../lib' \
     -DEDGESMITH_BUILD_PYTHON=OFF -DEDGESMITH_BUILD_TESTS=OFF \
     -DEDGESMITH_WITH_TVM=ON -DEDGESMITH_TVM_ROOT="$cache/tvm-root" \
-    -DEDGESMITH_WITH_OPENVINO=ON -DEDGESMITH_OPENVINO_ROOT="$cache/openvino" >"$cache/configure.log" \
+    -DEDGESMITH_WITH_OPENVINO=ON -DEDGESMITH_OPENVINO_ROOT="$cache/openvino" \
+    -DEDGESMITH_WITH_ORT=ON -DEDGESMITH_ORT_ROOT="$cache/onnxruntime" >"$cache/configure.log" \
     || { cat "$cache/configure.log" >&2; die "CMake configure failed (log above)"; }
 fi
 log "building (targets: every one the tree defines)"
@@ -148,6 +158,7 @@ copy_lib() {  # copy_lib <file>: copy when changed (keeps the bundle's mtimes st
 }
 copy_lib "$cache/tvm/tvm/lib/libtvm_runtime.so"
 copy_lib "$cache/tvm-ffi/tvm_ffi/lib/libtvm_ffi.so"
+copy_lib "$cache/onnxruntime/onnxruntime/capi/libonnxruntime.so.${ORT_VERSION}"
 # OpenVINO: the core, the IR reader, the Arm CPU plugin and its TBB/hwloc deps; not the
 # ONNX/TF/PyTorch/Paddle/JAX/GGUF frontends (artifacts carry IR) nor the C API.
 for lib in "$cache"/openvino/openvino/libs/*.so*; do
