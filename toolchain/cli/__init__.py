@@ -31,10 +31,11 @@ def print_error(message: str) -> None:
 
 
 def _register() -> None:
-    from edgesmith.toolchain.cli import artifacts, broker, build, fleet, keys, prove, targets, tools
+    from edgesmith.toolchain.cli import artifacts, broker, build, fleet, keys, prove, targets, tools, train
 
     app.command("targets")(targets.targets)
     app.command("build")(build.build)
+    app.command("train")(train.train)
     app.command("verify")(artifacts.verify)
     app.command("inspect")(artifacts.inspect)
     app.command("prove")(prove.prove)

@@ -1,0 +1,136 @@
+"""Datasets for the reference trainer: scikit-learn's digits, a user's .npz, or an image folder.
+
+Whatever the source, the trainer gets one ``Splits``: float32 inputs shaped like the model's input
+(batch axis first), int64 labels, a stratified, seeded train/val/test split, normalised with the
+training split's statistics only. The held-out test split is exactly what the model will see, so
+it is stored with the run and builds can use it as real sample inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgesmith.toolchain.errors import UserError
+from edgesmith.toolchain.train.config import TrainConfig
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".ppm"}
+
+
+@dataclass
+class Dataset:
+    x: np.ndarray  # float32, (N, *input_shape[1:])
+    y: np.ndarray  # int64, (N,)
+    source: str
+    classes: list[str]
+
+    @property
+    def digest(self) -> str:
+        """sha256 over the raw inputs and labels (shape and dtype included), truncated like MLflow's."""
+        h = hashlib.sha256()
+        for array in (self.x, self.y):
+            h.update(f"{array.dtype}{array.shape}".encode())
+            h.update(np.ascontiguousarray(array).tobytes())
+        return h.hexdigest()[:16]
+
+
+@dataclass
+class Splits:
+    train: tuple[np.ndarray, np.ndarray]
+    val: tuple[np.ndarray, np.ndarray]
+    test: tuple[np.ndarray, np.ndarray]
+    mean: float
+    std: float
+    classes: list[str]
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return digits.images.astype(np.float32), digits.target.astype(np.int64), [str(c) for c in digits.target_names]
+
+
+def _npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise UserError(f"dataset {path} is not a readable .npz file ({e})") from None
+    if "x" not in data.files or "y" not in data.files:
+        raise UserError(f"dataset {path} needs arrays named x (inputs) and y (integer labels); it has {', '.join(data.files) or 'none'}")
+    x, y = data["x"], data["y"]
+    if y.ndim != 1 or y.dtype.kind not in "iu" or len(y) != len(x):
+        raise UserError(f"dataset {path}: y must be one integer label per row of x ({len(x)} rows); it is {y.dtype} with shape {list(y.shape)}")
+    if x.dtype.kind not in "fiub":
+        raise UserError(f"dataset {path}: x has dtype {x.dtype}; give numbers")
+    classes = [str(c) for c in range(int(y.max()) + 1)]
+    return x.astype(np.float32), y.astype(np.int64), classes
+
+
+def _image_folder(path: Path, shape: list[int]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    from PIL import Image
+
+    if len(shape) != 4 or shape[1] not in (1, 3):
+        raise UserError(f"an image folder needs input_shape [1, C, H, W] with C 1 or 3; the config has {shape}")
+    channels, height, width = shape[1:]
+    classes = sorted(d.name for d in path.iterdir() if d.is_dir())
+    xs, ys = [], []
+    for label, name in enumerate(classes):
+        for file in sorted((path / name).iterdir()):
+            if file.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                image = Image.open(file).convert("L" if channels == 1 else "RGB").resize((width, height))
+            except Exception as e:
+                raise UserError(f"cannot read image {file} ({e}); remove it or replace it") from None
+            array = np.asarray(image, dtype=np.float32)
+            xs.append(array[None] if channels == 1 else array.transpose(2, 0, 1))
+            ys.append(label)
+    if len(classes) < 2 or not xs:
+        raise UserError(f"image folder {path} needs at least two class sub-folders holding images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return np.stack(xs), np.asarray(ys, np.int64), classes
+
+
+def load_dataset(config: TrainConfig) -> Dataset:
+    source = config.dataset.source
+    if source == "sklearn:digits":
+        x, y, classes = _digits()
+    elif source.startswith("sklearn:"):
+        raise UserError(f"dataset {source!r} is not built in; the built-in one is sklearn:digits, or give a .npz file or an image folder")
+    else:
+        path = Path(source)
+        if path.is_dir():
+            x, y, classes = _image_folder(path, config.input_shape)
+        elif path.is_file():
+            x, y, classes = _npz(path)
+        else:
+            raise UserError(f"dataset {source} does not exist; give sklearn:digits, a .npz file (x, y) or an image folder")
+    sample_shape = list(config.input_shape[1:])
+    if list(x.shape[1:]) != sample_shape:
+        if int(np.prod(x.shape[1:])) != int(np.prod(sample_shape)):
+            raise UserError(f"dataset {source}: one input has shape {list(x.shape[1:])}, the config's input_shape takes {sample_shape}")
+        x = x.reshape(len(x), *sample_shape)
+    return Dataset(x=np.ascontiguousarray(x, np.float32), y=y, source=source, classes=classes)
+
+
+def split(dataset: Dataset, config: TrainConfig) -> Splits:
+    """Stratified train/val/test split seeded by the config; normalised by the training split."""
+    from sklearn.model_selection import train_test_split
+
+    index = np.arange(len(dataset.y))
+    try:
+        rest, test = train_test_split(index, test_size=config.split.test, random_state=config.seed, stratify=dataset.y)
+        val_share = config.split.val / (1 - config.split.test)
+        train, val = train_test_split(rest, test_size=val_share, random_state=config.seed, stratify=dataset.y[rest])
+    except ValueError as e:
+        raise UserError(f"dataset {dataset.source} cannot be split as configured ({e}); give more samples per class or change [split]") from None
+    x = dataset.x
+    mean, std = 0.0, 1.0
+    if config.dataset.normalise == "standardise":
+        mean, std = float(x[train].mean()), float(x[train].std()) or 1.0
+        x = ((x - mean) / std).astype(np.float32)
+    return Splits(train=(x[train], dataset.y[train]), val=(x[val], dataset.y[val]), test=(x[test], dataset.y[test]),
+                  mean=mean, std=std, classes=dataset.classes)

@@ -1,0 +1,159 @@
+"""The training loop: plain PyTorch, deterministic, optionally data-parallel (DDP, gloo on CPU).
+
+Determinism: one seed fixes the split, the weight initialisation and the shuffling (a seeded
+``torch.Generator``, or ``DistributedSampler``'s seed under DDP); torch's deterministic algorithms
+and a fixed thread count keep the arithmetic in the same order. Same config, same weights.
+
+Under DDP every rank evaluates the whole (small) validation split on the synchronised weights,
+so all ranks reach the same early-stopping decision without exchanging anything.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from edgesmith.toolchain.errors import UserError, first_line
+from edgesmith.toolchain.train.config import TrainConfig
+from edgesmith.toolchain.train.data import Splits
+
+
+@dataclass
+class EpochMetrics:
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+
+
+@dataclass
+class TrainResult:
+    model: object  # torch.nn.Module, best validation weights, eval mode
+    history: list[EpochMetrics] = field(default_factory=list)
+    best_epoch: int = 0
+    stopped_early: bool = False
+
+    @property
+    def best_val_accuracy(self) -> float:
+        return self.history[self.best_epoch - 1].val_accuracy if self.history else 0.0
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) as torchrun sets them; (0, 1) when not launched by torchrun."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def make_deterministic(config: TrainConfig) -> None:
+    import torch
+
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed % 2**32)
+    torch.set_num_threads(config.threads)
+    torch.use_deterministic_algorithms(True)
+
+
+def build_model(config: TrainConfig):
+    """Call the config's ``module:callable`` with torch seeded, so initial weights repeat."""
+    import torch
+
+    from edgesmith.toolchain.sources import _import_callable
+
+    factory, _ = _import_callable(config.model)
+    torch.manual_seed(config.seed)
+    try:
+        model = factory()
+    except Exception as e:
+        raise UserError(f"calling {config.model}() failed: {type(e).__name__}: {first_line(e)}") from None
+    if not isinstance(model, torch.nn.Module):
+        raise UserError(f"{config.model}() returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def evaluate(model, x: np.ndarray, y: np.ndarray, batch: int = 512) -> tuple[float, float, np.ndarray]:
+    """(mean loss, accuracy, predicted labels) on one split."""
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    losses, preds = [], []
+    with torch.no_grad():
+        for start in range(0, len(x), batch):
+            logits = model(torch.from_numpy(x[start:start + batch]))
+            losses.append(F.cross_entropy(logits, torch.from_numpy(y[start:start + batch]), reduction="sum").item())
+            preds.append(logits.argmax(1).numpy())
+    pred = np.concatenate(preds) if preds else np.zeros(0, np.int64)
+    return sum(losses) / max(len(x), 1), float((pred == y).mean()) if len(y) else 0.0, pred
+
+
+def _optimiser(config: TrainConfig, params):
+    import torch
+
+    if config.optimiser == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimiser == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+def train(config: TrainConfig, splits: Splits, on_epoch: Callable[[EpochMetrics], None] = lambda m: None) -> TrainResult:
+    """Train with the config's optimiser and early stopping; return the best-validation weights.
+
+    ``on_epoch`` runs after every epoch on every rank (it may raise, e.g. to prune a search trial).
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    make_deterministic(config)
+    rank, size = world()
+    model = build_model(config)
+    net = model
+    data = TensorDataset(torch.from_numpy(splits.train[0]), torch.from_numpy(splits.train[1]))
+    if size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(data, num_replicas=size, rank=rank, shuffle=True, seed=config.seed)
+        loader = DataLoader(data, batch_size=config.batch_size, sampler=sampler)
+        net = DistributedDataParallel(model)
+    else:
+        sampler = None
+        loader = DataLoader(data, batch_size=config.batch_size, shuffle=True,
+                            generator=torch.Generator().manual_seed(config.seed))
+    optimiser = _optimiser(config, net.parameters())
+    result = TrainResult(model=model)
+    best_state, best_acc, waited = copy.deepcopy(model.state_dict()), -1.0, 0
+    stopping = config.early_stopping
+    for epoch in range(1, config.epochs + 1):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        net.train()
+        total, correct, loss_sum = 0, 0, 0.0
+        for xb, yb in loader:
+            optimiser.zero_grad(set_to_none=True)
+            logits = net(xb)
+            loss = F.cross_entropy(logits, yb)
+            loss.backward()
+            optimiser.step()
+            loss_sum += loss.item() * len(yb)
+            correct += int((logits.argmax(1) == yb).sum())
+            total += len(yb)
+        val_loss, val_acc, _ = evaluate(model, *splits.val)
+        metrics = EpochMetrics(epoch, loss_sum / total, correct / total, val_loss, val_acc)
+        result.history.append(metrics)
+        if val_acc > best_acc + (stopping.min_delta if stopping else 0.0):
+            best_state, best_acc, waited, result.best_epoch = copy.deepcopy(model.state_dict()), val_acc, 0, epoch
+        else:
+            waited += 1
+        on_epoch(metrics)
+        if stopping and waited >= stopping.patience:
+            result.stopped_early = True
+            break
+    model.load_state_dict(best_state)
+    model.eval()
+    return result

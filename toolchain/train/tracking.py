@@ -1,0 +1,174 @@
+"""MLflow for the trainer: where the store is, reaching it, and what a finished model leaves there.
+
+Default store: ``sqlite:///<edgesmith home>/mlflow.db`` with artifacts in ``<home>/mlartifacts``
+(an SQLite store keeps artifacts next to its file); ``--tracking-uri`` or ``MLFLOW_TRACKING_URI``
+point elsewhere (e.g. a tracking server backed by PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+
+from edgesmith.runtime.keys import edgesmith_home
+from edgesmith.toolchain.errors import UserError, first_line
+
+# Run artifact and model version tag names that builds read back (toolchain/registry.py).
+TEST_SPLIT = "data/test.npz"
+ONNX_MODEL = "onnx"
+TAG_DATASET = "edgesmith.dataset_digest"
+TAG_CONFIG = "edgesmith.config_sha256"
+TAG_INPUT = "edgesmith.input_shape"
+
+
+def tracking_uri(explicit: str | None = None) -> str:
+    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    home = edgesmith_home()
+    return f"sqlite:///{(home / 'mlflow.db').resolve()}"
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def connect(uri: str):
+    """Point MLflow at ``uri`` and check it answers; one clear sentence if it does not."""
+    # MLflow otherwise reports usage to its maintainers over the network.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import logging
+
+    import mlflow
+
+    # edgesmith prints its own summary; MLflow's INFO lines (registrations, migrations) and
+    # torch.export's notes while logging the model would bury it.
+    for name in ("mlflow", "alembic", "torch._export", "torch.export"):
+        logging.getLogger(name).setLevel(logging.WARNING if name.startswith("mlflow") else logging.ERROR)
+
+    db = _sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    elif urlparse(uri).scheme in ("http", "https"):
+        import requests
+
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=5)
+        except requests.RequestException as e:
+            raise UserError(f"the MLflow tracking server {uri} cannot be reached ({type(e).__name__}); "
+                            "start it, or pass another --tracking-uri / MLFLOW_TRACKING_URI") from None
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = mlflow.MlflowClient(uri, uri)
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as e:
+        raise UserError(f"the MLflow tracking store {uri} cannot be used ({first_line(e)}); check --tracking-uri / MLFLOW_TRACKING_URI") from None
+    return client
+
+
+def experiment_id(client, name: str, uri: str) -> str:
+    existing = client.get_experiment_by_name(name)
+    if existing is not None:
+        return existing.experiment_id
+    db = _sqlite_path(uri)
+    location = (db.parent / "mlartifacts" / name).resolve().as_uri() if db is not None else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+@contextlib.contextmanager
+def ending_status():
+    """Inside an active run: Ctrl-C ends it KILLED, any other failure FAILED (never left RUNNING)."""
+    import mlflow
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        mlflow.end_run(status="KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+
+
+def log_confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str], name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mlflow
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    fig, ax = plt.subplots(figsize=(6, 6))
+    ConfusionMatrixDisplay.from_predictions(y_true, y_pred, labels=list(range(len(classes))), display_labels=classes,
+                                            ax=ax, colorbar=False)
+    ax.set_title("test split")
+    mlflow.log_figure(fig, name)
+    plt.close(fig)
+
+
+def log_dataset(dataset, context: str = "training") -> None:
+    import mlflow
+
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+
+    if dataset.source.startswith("sklearn:"):
+        source = CodeDatasetSource({"loader": "sklearn.datasets.load_digits"})
+    else:
+        source = str(Path(dataset.source).resolve())
+    ds = mlflow.data.from_numpy(dataset.x, targets=dataset.y, source=source, name=dataset.source, digest=dataset.digest)
+    mlflow.log_input(ds, context=context)
+
+
+def export_onnx(model, input_shape: list[int]):
+    """Static-shape ONNX of the trained model (input ``input``), checked against PyTorch."""
+    import torch
+
+    from edgesmith.toolchain.sources import _check_export, export_to_onnx
+
+    example = (torch.randn(*input_shape, generator=torch.Generator().manual_seed(0)),)
+    onnx_model = export_to_onnx(model, example, ["input"])
+    _check_export(model, example, onnx_model, "the trained model")
+    return onnx_model
+
+
+def log_and_register(model, config, splits, dataset, test_accuracy: float, y_pred: np.ndarray, alias: str | None):
+    """The trained model's record in the active run, and a new registered version of it.
+
+    The registered version is the ONNX export (what ``edgesmith build models:/...`` compiles); the
+    PyTorch model and the held-out test split are run artifacts next to it.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    run_id = mlflow.active_run().info.run_id
+    mlflow.log_metric("test_accuracy", test_accuracy)
+    log_confusion_matrix(splits.test[1], y_pred, splits.classes, "confusion_matrix.png")
+    with tempfile.TemporaryDirectory(prefix="edgesmith-train-") as tmp:
+        test_file = Path(tmp) / "test.npz"
+        np.savez(test_file, x=splits.test[0], y=splits.test[1])
+        mlflow.log_artifact(str(test_file), artifact_path=str(Path(TEST_SPLIT).parent))
+    requirements = ["torch==2.13.0", "onnx", "onnxruntime"]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        mlflow.pytorch.log_model(model, name="pytorch", pip_requirements=requirements,
+                                 input_example=splits.test[0][:1])
+        info = mlflow.onnx.log_model(export_onnx(model, config.input_shape), name=ONNX_MODEL,
+                                     registered_model_name=config.name, pip_requirements=requirements,
+                                     save_as_external_data=False)
+    version = info.registered_model_version
+    tags = {TAG_DATASET: dataset.digest, TAG_CONFIG: config.digest(),
+            TAG_INPUT: ",".join(str(d) for d in config.input_shape), "edgesmith.test_accuracy": f"{test_accuracy:.4f}"}
+    for key, value in tags.items():
+        client.set_model_version_tag(config.name, str(version), key, value)
+    client.update_model_version(config.name, str(version),
+                                description=f"trained by edgesmith on {dataset.source} (digest {dataset.digest}), run {run_id}")
+    if alias:
+        client.set_registered_model_alias(config.name, alias, str(version))
+    return version
