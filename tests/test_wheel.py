@@ -26,7 +26,7 @@ import pytest
 
 from conftest import DIGITS, REPO
 
-ENGINE_LIBRARY_DIRS = {"tvm": ["tvm/lib", "tvm_ffi/lib"], "openvino": ["openvino/libs"]}
+ENGINE_LIBRARY_DIRS = {"tvm": ["tvm/lib", "tvm_ffi/lib"], "openvino": ["openvino/libs"], "ort": ["onnxruntime/capi"]}
 # What a binary of the wheel may need from the system: glibc and the GCC runtime, nothing else.
 SYSTEM_LIBRARIES = {"libc.so.6", "libm.so.6", "libstdc++.so.6", "libgcc_s.so.1", "libdl.so.2",
                     "libpthread.so.0", "ld-linux-x86-64.so.2"}
@@ -141,11 +141,11 @@ def test_engine_pins_agree():
     """The plugins are compiled against the engines in build-system.requires and load the ones the
     extras install: the versions must be the same, or the plugins' ABI is a guess."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
-    engines = ("apache-tvm==", "apache-tvm-ffi==", "openvino==")
+    engines = ("apache-tvm==", "apache-tvm-ffi==", "openvino==", "onnxruntime==")
     def pins(requirements):
         return sorted(r for r in requirements if r.startswith(engines))
     build = pins(project["build-system"]["requires"])
-    assert len(build) == 3, build
+    assert len(build) == 4, build
     extras = project["project"]["optional-dependencies"]
     assert pins(extras["runtime"]) == build
     assert pins(extras["toolchain"]) == build
@@ -179,7 +179,7 @@ def test_wheel_ships_targets_plugins_and_relative_runpaths(wheel, tmp_path):
 def test_toolchain_venv_builds_and_runs_outside_checkout(toolchain_venv, outside):
     site = _site_packages(toolchain_venv)
     env = _clean_env(toolchain_venv, outside["home"])
-    assert outside["backends"] == ["openvino", "tvm"]
+    assert outside["backends"] == ["openvino", "ort", "tvm"]
 
     where = _run(["python", "-c", "import edgesmith.toolchain, edgesmith.toolchain.targets as t; "
                   "print(edgesmith.toolchain.__file__); print(t.builtin_targets_dir())"],
