@@ -61,9 +61,16 @@ class TensorSpec(_Model):
 
 
 class SourceInfo(_Model):
-    kind: Literal["onnx", "pytorch"]
+    kind: Literal["onnx", "pytorch", "registry"]
     ref: str
     sha256: str
+    # A model registry source (kind "registry"): the resolved version, so lineage runs from the
+    # model version to this artifact. Absent for files and callables.
+    model_uri: str | None = Field(default=None, description="models:/NAME/VERSION the build resolved (an alias resolves to its version)")
+    run_id: str | None = Field(default=None, description="the MLflow run that trained and logged the model version")
+    dataset_digest: str | None = Field(default=None, description="digest of the training data the version was tagged with")
+    samples: str | None = Field(default=None, description="where the build's sample inputs (golden samples, monitoring "
+                                "reference) came from: 'registry:<run>/data/test.npz', 'file:<path>' or 'synthetic N(0,1)'")
 
 
 class ModelInfo(_Model):

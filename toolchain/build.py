@@ -60,6 +60,7 @@ class ReferenceRun:
     output_specs: list[TensorSpec]
     sensitivity: float
     version: str
+    origin: str = "synthetic N(0,1)"  # where the sample inputs came from (manifest source.samples)
 
 
 @dataclass
@@ -74,8 +75,12 @@ class BuiltArtifact:
 
 
 def run_reference(source: ModelSource, options: BuildOptions) -> ReferenceRun:
+    origin = "synthetic N(0,1)"
     if options.samples_path is not None:
         samples = reference.load_samples(options.samples_path, source.inputs)
+        origin = f"file:{options.samples_path}"
+    elif source.samples:  # real held-out inputs that came with the source (a registered test split)
+        samples, origin = source.samples, source.samples_origin
     else:
         if options.num_samples < 2:
             raise UserError("--num-samples must be at least 2, so validation can tell the outputs depend on the input")
@@ -85,7 +90,7 @@ def run_reference(source: ModelSource, options: BuildOptions) -> ReferenceRun:
     sensitivity = input_sensitivity(outputs)
     specs = [TensorSpec(name=name, dtype=arr.dtype.name, shape=list(arr.shape))
              for name, arr in zip(model.output_names, outputs[0])]
-    return ReferenceRun(samples, outputs, specs, sensitivity, reference.version())
+    return ReferenceRun(samples, outputs, specs, sensitivity, reference.version(), origin)
 
 
 def choose_backends(target: Target, backend: str | None) -> list[str]:
@@ -192,7 +197,8 @@ def build_one(source: ModelSource, ref: ReferenceRun, target: Target, backend_na
         manifest = Manifest(
             name=name,
             model=ModelInfo(name=source.name, version=options.model_version,
-                            source=SourceInfo(kind=source.kind, ref=source.ref, sha256=source.sha256),
+                            source=SourceInfo(kind=source.kind, ref=source.ref, sha256=source.sha256, samples=ref.origin,
+                                              **_lineage(source)),
                             onnx_sha256=source.onnx_sha256, opset=source.opset),
             target=target.spec(),
             backend=BackendInfo(name=backend_name, version=backend_version, precision=options.precision, options=result.options),
@@ -233,5 +239,28 @@ def build_one(source: ModelSource, ref: ReferenceRun, target: Target, backend_na
         sign_and_check(staging, manifest, key)
         size = sum(f.size for f in manifest.files)
         publish(staging, final)
-    return BuiltArtifact(target=target.name, backend=backend_name, path=final, manifest=manifest, size_bytes=size,
-                         duration_s=duration, stages=stages)
+    built = BuiltArtifact(target=target.name, backend=backend_name, path=final, manifest=manifest, size_bytes=size,
+                          duration_s=duration, stages=stages)
+    if source.registry is not None:
+        _log_build(source, built, key, getattr(backend, "DEVICE_RUNTIME", False), status)
+    return built
+
+
+def _lineage(source: ModelSource) -> dict:
+    version = source.registry
+    if version is None:
+        return {}
+    return {"model_uri": version.uri, "run_id": version.run_id, "dataset_digest": version.dataset_digest}
+
+
+def _log_build(source: ModelSource, built: BuiltArtifact, key: SigningKey, device_runtime: bool, status) -> None:
+    """Record the published artifact in MLflow, linked to its model version. The artifact is already
+    complete and signed, so a tracking failure is reported, not turned into a build failure."""
+    from edgesmith.toolchain.registry import log_build
+
+    status(f"{built.manifest.name}: logging the build to MLflow")
+    try:
+        log_build(source.registry, built, key.public_key, device_runtime)
+    except Exception as e:
+        print(f"warning: {built.manifest.name} was built, but logging it to MLflow failed ({type(e).__name__}: "
+              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})", file=sys.stderr)

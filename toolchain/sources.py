@@ -1,4 +1,5 @@
-"""Model sources: an ONNX file, or a PyTorch ``module:callable`` exported to ONNX.
+"""Model sources: an ONNX file, a PyTorch ``module:callable`` exported to ONNX, or a registered
+model version (``models:/...``, toolchain/registry.py).
 
 Whatever the user hands over, the stages after this one see one thing: a ``ModelSource`` with a
 static-shape ONNX graph and its input/output specs. PyTorch sources keep the module too, for
@@ -39,6 +40,9 @@ class ModelSource:
     inputs: list[TensorSpec]
     module: Any = None  # torch.nn.Module for PyTorch sources
     example_inputs: tuple = field(default_factory=tuple)
+    registry: Any = None  # toolchain.registry.RegistryVersion for models:/ sources
+    samples: list[list[np.ndarray]] | None = None  # real inputs the source came with (held-out data)
+    samples_origin: str | None = None
 
     @property
     def onnx_bytes(self) -> bytes:
@@ -236,9 +240,16 @@ def _check_export(module, example: tuple, model, ref: str) -> None:
 
 
 def load_source(ref: str, input_shapes: InputShapes | list[int] | None = None, name: str | None = None) -> ModelSource:
-    """Resolve a model reference: a path to an .onnx file, or ``module:callable``."""
+    """Resolve a model reference: a path to an .onnx file, ``module:callable``, or a registered
+    version (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``)."""
+    from edgesmith.toolchain import registry
+
     path = Path(ref)
-    if path.is_file():
+    if registry.is_registry_ref(ref):
+        if input_shapes:
+            raise UserError(f"{ref} is registered with static input shapes; drop --input-shape")
+        source = registry.load_registry_source(ref)
+    elif path.is_file():
         source = _load_onnx(path, input_shapes)
     elif ":" in ref and not path.suffix == ".onnx":
         source = _load_pytorch(ref, input_shapes)

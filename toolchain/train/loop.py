@@ -4,8 +4,8 @@ Determinism: one seed fixes the split, the weight initialisation and the shuffli
 ``torch.Generator``, or ``DistributedSampler``'s seed under DDP); torch's deterministic algorithms
 and a fixed thread count keep the arithmetic in the same order. Same config, same weights.
 
-Under DDP every rank evaluates the whole (small) validation split on the synchronised weights,
-so all ranks reach the same early-stopping decision without exchanging anything.
+Under DDP every rank evaluates the whole (small) validation split on the synchronised weights
+(and rank 0's BatchNorm statistics), so all ranks reach the same early-stopping decision.
 """
 
 from __future__ import annotations
@@ -143,6 +143,11 @@ def train(config: TrainConfig, splits: Splits, on_epoch: Callable[[EpochMetrics]
             loss_sum += loss.item() * len(yb)
             correct += int((logits.argmax(1) == yb).sum())
             total += len(yb)
+        if size > 1:  # the last step's BatchNorm statistics are rank-local: take rank 0's everywhere
+            import torch.distributed as dist
+
+            for buffer in model.buffers():
+                dist.broadcast(buffer, 0)
         val_loss, val_acc, _ = evaluate(model, *splits.val)
         metrics = EpochMetrics(epoch, loss_sum / total, correct / total, val_loss, val_acc)
         result.history.append(metrics)

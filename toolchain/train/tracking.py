@@ -75,12 +75,18 @@ def connect(uri: str):
 
 
 def experiment_id(client, name: str, uri: str) -> str:
+    """The experiment's id, created on first use; also made the active one, so nested runs land there."""
+    import mlflow
+
     existing = client.get_experiment_by_name(name)
     if existing is not None:
-        return existing.experiment_id
-    db = _sqlite_path(uri)
-    location = (db.parent / "mlartifacts" / name).resolve().as_uri() if db is not None else None
-    return client.create_experiment(name, artifact_location=location)
+        ident = existing.experiment_id
+    else:
+        db = _sqlite_path(uri)
+        location = (db.parent / "mlartifacts" / name).resolve().as_uri() if db is not None else None
+        ident = client.create_experiment(name, artifact_location=location)
+    mlflow.set_experiment(experiment_id=ident)
+    return ident
 
 
 @contextlib.contextmanager

@@ -1,0 +1,174 @@
+"""The MLflow model registry as a build source, and each build's record back in MLflow.
+
+``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` resolves to a registered version; the build
+compiles its ONNX model and, when the training run stored its held-out test split
+(``edgesmith train`` does), takes real inputs from it for golden samples and the monitoring
+reference instead of noise. Every artifact built from the registry is logged as an MLflow run
+tagged with the model version, and the version is tagged with that run: model version → artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgesmith.runtime.manifest import TensorSpec
+from edgesmith.toolchain.errors import UserError, first_line
+from edgesmith.toolchain.train import tracking
+
+MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/@]+)|@(?P<alias>[^/@]+))$")
+# Real held-out inputs taken from the registered test split: enough for a class-frequency
+# reference, few enough that validating every backend on them stays quick.
+REAL_SAMPLES = 64
+
+
+@dataclass
+class RegistryVersion:
+    name: str
+    version: str
+    run_id: str | None
+    dataset_digest: str | None
+    tracking_uri: str
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def is_registry_ref(ref: str) -> bool:
+    return ref.startswith("models:/")
+
+
+def _exists(error: Exception) -> bool:
+    return getattr(error, "error_code", "") != "RESOURCE_DOES_NOT_EXIST"
+
+
+def resolve(ref: str, tracking_uri: str | None = None) -> RegistryVersion:
+    """The registered version ``ref`` names; an unknown name, version or alias lists what exists."""
+    match = MODELS_URI.match(ref)
+    if not match:
+        raise UserError(f"{ref!r} is not a registry reference; write models:/NAME/VERSION or models:/NAME@ALIAS")
+    name, version, alias = match["name"], match["version"], match["alias"]
+    uri = tracking.tracking_uri(tracking_uri)
+    client = tracking.connect(uri)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        registered = client.get_registered_model(name)
+    except MlflowException as e:
+        if _exists(e):
+            raise UserError(f"the model registry at {uri} cannot be read ({first_line(e)})") from None
+        names = sorted(m.name for m in client.search_registered_models())
+        known = ", ".join(names) if names else "none (train one with `edgesmith train CONFIG.toml`)"
+        raise UserError(f"no registered model {name!r} in {uri}; registered models: {known}") from None
+    versions = sorted((v.version for v in client.search_model_versions(f"name = '{name}'")), key=int)
+    if alias is not None:
+        aliases = registered.aliases or {}
+        if alias not in aliases:
+            known = ", ".join(f"@{a} (version {v})" for a, v in sorted(aliases.items())) or "none"
+            raise UserError(f"model {name!r} has no alias @{alias}; its aliases: {known}; versions: {', '.join(versions)}")
+        version = str(aliases[alias])
+    elif version not in versions:
+        raise UserError(f"model {name!r} has no version {version}; its versions: {', '.join(versions) or 'none'}")
+    mv = client.get_model_version(name, version)
+    return RegistryVersion(name=name, version=str(mv.version), run_id=mv.run_id,
+                           dataset_digest=(mv.tags or {}).get(tracking.TAG_DATASET), tracking_uri=uri)
+
+
+def download_onnx(version: RegistryVersion, into: Path) -> Path:
+    import mlflow
+
+    try:
+        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.uri, dst_path=str(into)))
+    except Exception as e:
+        raise UserError(f"downloading {version.uri} failed ({first_line(e)}); check the artifact store is reachable") from None
+    models = sorted(folder.rglob("*.onnx"))
+    if not models:
+        raise UserError(f"{version.uri} holds no ONNX model; register an ONNX export (edgesmith train does) to build it")
+    return models[0]
+
+
+def test_samples(version: RegistryVersion, inputs: list[TensorSpec], into: Path) -> list[list[np.ndarray]] | None:
+    """Held-out inputs from the training run's test split (``x`` of data/test.npz), shaped like the
+    model's single input; None when the run stored no split or it does not fit the model."""
+    import mlflow
+
+    if version.run_id is None or len(inputs) != 1:
+        return None
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=tracking.TEST_SPLIT, dst_path=str(into))
+    except Exception:
+        return None  # a version registered by other tools: no split, synthetic samples then
+    x = np.load(path)["x"]
+    spec = inputs[0]
+    if spec.shape[0] != 1 or list(x.shape[1:]) != spec.shape[1:]:
+        raise UserError(f"the test split of {version.uri} holds inputs of shape {list(x.shape[1:])}, the model takes {spec.shape[1:]}")
+    return [[np.ascontiguousarray(x[k:k + 1], dtype=spec.dtype)] for k in range(min(REAL_SAMPLES, len(x)))]
+
+
+def samples_origin(version: RegistryVersion) -> str:
+    return f"registry:{version.run_id}/{tracking.TEST_SPLIT}"
+
+
+def _latency_p50_us(artifact: Path, public_key: bytes, threads: int | None, runs: int = 50) -> float | None:
+    """p50 of the device runtime's own latency histogram over the golden inputs."""
+    from edgesmith.runtime import Session
+
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    inputs = [[np.load(artifact / p) for p in sample["inputs"]] for sample in manifest["golden"]["samples"]]
+    session = Session(artifact, threads=threads, trusted_keys=[public_key])
+    for k in range(runs):
+        session.run(inputs[k % len(inputs)])
+    return float(session.stats()["latency"]["p50_us"])
+
+
+def log_build(version: RegistryVersion, built, public_key: bytes, device_runtime: bool) -> str:
+    """One MLflow run per artifact, in the training run's experiment, tagged with the model version."""
+    import mlflow
+
+    client = tracking.connect(version.tracking_uri)
+    experiment = client.get_run(version.run_id).info.experiment_id if version.run_id else \
+        tracking.experiment_id(client, "edgesmith", version.tracking_uri)
+    m = built.manifest
+    latency = None
+    if device_runtime and m.validation.executed is not None and m.validation.executed.how == "native":
+        latency = _latency_p50_us(built.path, public_key, m.target.threads)
+    with mlflow.start_run(experiment_id=experiment, run_name=f"build-{m.name}") as run, tracking.ending_status():
+        mlflow.set_tags({"edgesmith.kind": "build", "edgesmith.model_version_uri": version.uri,
+                         "edgesmith.model_run_id": version.run_id or "", tracking.TAG_DATASET: version.dataset_digest or "",
+                         "edgesmith.validation": m.validation.status, "edgesmith.proof": m.proof.status,
+                         "edgesmith.samples": m.model.source.samples or "", "edgesmith.artifact_path": str(built.path)})
+        mlflow.log_params({"target": built.target, "backend": built.backend, "precision": m.backend.precision,
+                           "backend_version": m.backend.version, "payload_format": m.payload.format})
+        metrics = {"build_time_s": built.duration_s, "size_bytes": built.size_bytes,
+                   "validation_samples": m.validation.samples}
+        for key in ("max_abs_err", "max_rel_err", "top1_agreement"):
+            if getattr(m.validation, key) is not None:
+                metrics[f"validation_{key}"] = getattr(m.validation, key)
+        if latency is not None:
+            metrics["latency_p50_us"] = latency
+        mlflow.log_metrics(metrics)
+        mlflow.log_dict({f.path: f.sha256 for f in m.files}, "artifact/files_sha256.json")
+        mlflow.log_artifact(str(built.path / "manifest.json"), artifact_path="artifact")
+    client.set_model_version_tag(version.name, version.version, f"edgesmith.build.{m.name}", run.info.run_id)
+    return run.info.run_id
+
+
+def load_registry_source(ref: str):
+    """A ModelSource for ``models:/...``: the registered ONNX model plus its lineage and real samples."""
+    from edgesmith.toolchain.sources import _load_onnx, _safe_name
+
+    version = resolve(ref)
+    with tempfile.TemporaryDirectory(prefix="edgesmith-registry-") as tmp:
+        source = _load_onnx(download_onnx(version, Path(tmp)), None)
+        samples = test_samples(version, source.inputs, Path(tmp))
+    source.kind, source.ref, source.name = "registry", ref, _safe_name(version.name)
+    source.registry = version
+    if samples:
+        source.samples, source.samples_origin = samples, samples_origin(version)
+    return source
