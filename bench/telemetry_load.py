@@ -9,10 +9,16 @@ against a fresh broker and store:
 1. **steady**: every device sends one summary per 10 s (staggered), one monitor. Prints the
    rate ingested, p99 publish -> stored latency (the device's ``ts_ms`` to the monitor's
    ``stored_ms``, one clock), and lost / duplicated counts (stored vs published).
-2. **ceiling, 1 monitor**: every device sends as often as ``--burst-interval-s`` allows, more than
-   one monitor can take; prints what it ingests per second while the backlog drains.
-3. **ceiling, 2 monitors** on an MQTT v5 shared subscription: the same offered load; the ratio to
-   run 2 says how close a second monitor comes to doubling the ceiling.
+2. **ceiling, 1 monitor**: the monitor's persistent session is made, the monitor stopped, and
+   every device sends a window per ``--burst-interval-s`` for ``--burst-duration-s`` into the
+   broker's queue; then the monitor starts and drains the backlog. Its rate while draining is the
+   ceiling of one monitor, measured without the simulators competing for the cores.
+3. **ceiling, 2 monitors** on an MQTT v5 shared subscription, the same way (Mosquitto queues a
+   shared subscription's messages for its offline members in turn); the ratio to run 2 says how
+   close a second monitor comes to doubling the ceiling.
+
+Each run also prints the CPU time each part used per 1,000 telemetry messages (monitors,
+simulators, Mosquitto): on shared cores that, not the wall-clock rate, says what a part costs.
 
 Goals (issue 7): the full steady rate held with zero lost, p99 <= 100 ms; the second monitor near
 doubling the ceiling. The figures depend on the machine and what else runs on it: quote them
@@ -69,6 +75,22 @@ def start_monitors(broker: Path, db: Path, count: int, workdir: Path) -> list[su
     raise SystemExit("the monitor did not start:\n" + "\n".join(logs))
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a running process (``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stop_monitors(monitors: list[subprocess.Popen]) -> float:
+    """Stop the monitors (their sessions kept); the CPU seconds they used."""
+    used = sum(cpu_seconds(m.pid) for m in monitors if m.poll() is None)
+    for m in monitors:
+        m.terminate()
+    for m in monitors:
+        m.wait(timeout=60)
+    return used
+
+
 def run_swarm(broker: Path, devices: int, processes: int, interval_s: float, duration_s: float) -> dict:
     per = devices // processes
     procs = [subprocess.Popen([sys.executable, "-m", "edgesmith.toolchain.fleet.simulate", "--broker", str(broker),
@@ -82,7 +104,7 @@ def run_swarm(broker: Path, devices: int, processes: int, interval_s: float, dur
             raise SystemExit(f"a simulator failed ({p.returncode}): {err.strip()[-2000:]}")
         reports.append(json.loads(out.strip().splitlines()[-1]))
     return {"devices": sum(r["devices"] for r in reports), "published": sum(r["published"] for r in reports),
-            "acked": sum(r["acked"] for r in reports)}
+            "acked": sum(r["acked"] for r in reports), "cpu_s": sum(r.get("cpu_s", 0.0) for r in reports)}
 
 
 def stored_windows(db: Path) -> list[tuple[str, int, int, int, int]]:
@@ -115,7 +137,8 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def one_run(name: str, args, monitors: int, interval_s: float, duration_s: float) -> dict:
+def one_run(name: str, args, monitors: int, interval_s: float, duration_s: float, backlog: bool = False) -> dict:
+    """One run against a fresh broker and store. ``backlog``: queue everything first, then drain."""
     from edgesmith.toolchain.fleet import broker as fleet_broker
 
     workdir = Path(tempfile.mkdtemp(prefix=f"edgesmith-load-{name}-"))
@@ -124,29 +147,38 @@ def one_run(name: str, args, monitors: int, interval_s: float, duration_s: float
     started = time.monotonic()
     fleet_broker.add_devices(broker_dir, [f"dev-{i:05d}" for i in range(args.devices)], FLEET)
     provision_s = time.monotonic() - started
+    broker_pid = fleet_broker.Broker(broker_dir).pid()
+    broker_cpu0 = cpu_seconds(broker_pid)
     procs = start_monitors(broker_dir, db, monitors, workdir)
+    monitor_cpu = 0.0
     try:
+        if backlog:  # the sessions exist now: stop the monitors, fill their queues, then drain
+            monitor_cpu += stop_monitors(procs)
         swarm = run_swarm(broker_dir, args.devices, args.processes, interval_s, duration_s)
+        if backlog:
+            procs = start_monitors(broker_dir, db, monitors, workdir)
         # Births and deaths are published too: one each per device.
         telemetry_published = swarm["published"] - 2 * swarm["devices"]
         wait_settled(db, telemetry_published, timeout=600)
         rows = stored_windows(db)
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=30)
+        monitor_cpu += stop_monitors(procs)
+        broker_cpu = cpu_seconds(broker_pid) - broker_cpu0
         fleet_broker.down(broker_dir)
     keys = {(d, b, s) for d, b, s, _, _ in rows}
     latencies = [stored - ts for _, _, _, ts, stored in rows]
     stored_ms = sorted(stored for *_, stored in rows)
     span_s = (stored_ms[-1] - stored_ms[0]) / 1000 if len(stored_ms) > 1 else float("nan")
+    per_k = 1000 / max(1, len(rows))
     return {"run": name, "monitors": monitors, "devices": swarm["devices"], "interval_s": interval_s,
             "provision_s": round(provision_s, 1), "published": telemetry_published, "stored": len(rows),
             "lost": telemetry_published - len(keys), "duplicated": len(rows) - len(keys),
             "ingest_msg_per_s": round(len(rows) / span_s, 1) if span_s == span_s and span_s > 0 else None,
-            "offered_msg_per_s": round(swarm["devices"] / interval_s, 1),
-            "p50_publish_to_stored_ms": percentile(latencies, 0.50), "p99_publish_to_stored_ms": percentile(latencies, 0.99),
+            "offered_msg_per_s": None if backlog else round(swarm["devices"] / interval_s, 1),
+            "p50_publish_to_stored_ms": None if backlog else percentile(latencies, 0.50),
+            "p99_publish_to_stored_ms": None if backlog else percentile(latencies, 0.99),
+            "cpu_s_per_1000": {"monitors": round(monitor_cpu * per_k, 3), "simulators": round(swarm["cpu_s"] * per_k, 3),
+                               "mosquitto": round(broker_cpu * per_k, 3)},
             "workdir": str(workdir)}
 
 
@@ -156,26 +188,36 @@ def main() -> int:
     parser.add_argument("--processes", type=int, default=4)
     parser.add_argument("--duration-s", type=float, default=60.0)
     parser.add_argument("--burst-interval-s", type=float, default=2.0, help="per-device interval of the ceiling runs")
-    parser.add_argument("--burst-duration-s", type=float, default=30.0)
+    parser.add_argument("--burst-duration-s", type=float, default=10.0, help="how long the ceiling runs' backlog is queued")
+    parser.add_argument("--only", choices=("steady", "ceiling"), help="run only the steady run or the two ceiling runs")
     args = parser.parse_args()
     limit = raise_fd_limit()
     if limit < args.devices + 1000:
         raise SystemExit(f"the open-file limit is {limit}; {args.devices} connections need more (ulimit -n)")
     print(f"machine: {os.cpu_count()} cores; {args.devices} devices over {args.processes} processes", flush=True)
-    results = [one_run("steady", args, 1, 10.0, args.duration_s)]
-    print(json.dumps(results[-1]), flush=True)
-    results.append(one_run("ceiling-1", args, 1, args.burst_interval_s, args.burst_duration_s))
-    print(json.dumps(results[-1]), flush=True)
-    results.append(one_run("ceiling-2", args, 2, args.burst_interval_s, args.burst_duration_s))
-    print(json.dumps(results[-1]), flush=True)
-    steady, one, two = results
-    print(f"\nsteady: {steady['stored']}/{steady['published']} stored at {steady['ingest_msg_per_s']} msg/s "
-          f"(offered {steady['offered_msg_per_s']}), lost {steady['lost']}, duplicated {steady['duplicated']}, "
-          f"p99 publish->stored {steady['p99_publish_to_stored_ms']} ms (goal <= 100)")
-    if one["ingest_msg_per_s"] and two["ingest_msg_per_s"]:
-        print(f"ceiling: 1 monitor {one['ingest_msg_per_s']} msg/s, 2 monitors {two['ingest_msg_per_s']} msg/s, "
-              f"ratio {two['ingest_msg_per_s'] / one['ingest_msg_per_s']:.2f} (goal: near 2); "
-              f"lost {one['lost']} / {two['lost']}, duplicated {one['duplicated']} / {two['duplicated']}")
+    results = {}
+    if args.only in (None, "steady"):
+        results["steady"] = one_run("steady", args, 1, 10.0, args.duration_s)
+        print(json.dumps(results["steady"]), flush=True)
+    if args.only in (None, "ceiling"):
+        for name, monitors in (("ceiling-1", 1), ("ceiling-2", 2)):
+            results[name] = one_run(name, args, monitors, args.burst_interval_s, args.burst_duration_s, backlog=True)
+            print(json.dumps(results[name]), flush=True)
+    print()
+    if "steady" in results:
+        steady = results["steady"]
+        print(f"steady: {steady['stored']}/{steady['published']} stored at {steady['ingest_msg_per_s']} msg/s "
+              f"(offered {steady['offered_msg_per_s']}), lost {steady['lost']}, duplicated {steady['duplicated']}, "
+              f"p50 / p99 publish->stored {steady['p50_publish_to_stored_ms']} / "
+              f"{steady['p99_publish_to_stored_ms']} ms (goal p99 <= 100); CPU s per 1,000 messages "
+              f"{steady['cpu_s_per_1000']}")
+    if "ceiling-1" in results:
+        one, two = results["ceiling-1"], results["ceiling-2"]
+        ratio = two["ingest_msg_per_s"] / one["ingest_msg_per_s"] if one["ingest_msg_per_s"] and two["ingest_msg_per_s"] else float("nan")
+        print(f"ceiling (backlog of {one['published']} windows drained): 1 monitor {one['ingest_msg_per_s']} msg/s, "
+              f"2 monitors {two['ingest_msg_per_s']} msg/s, ratio {ratio:.2f} (goal: near 2); "
+              f"lost {one['lost']} / {two['lost']}, duplicated {one['duplicated']} / {two['duplicated']}; "
+              f"monitor CPU s per 1,000 messages {one['cpu_s_per_1000']['monitors']} / {two['cpu_s_per_1000']['monitors']}")
     return 0
 
 
