@@ -66,7 +66,7 @@ def resolve(ref: str, tracking_uri: str | None = None) -> RegistryVersion:
         names = sorted(m.name for m in client.search_registered_models())
         known = ", ".join(names) if names else "none (train one with `edgesmith train CONFIG.toml`)"
         raise UserError(f"no registered model {name!r} in {uri}; registered models: {known}") from None
-    versions = sorted((v.version for v in client.search_model_versions(f"name = '{name}'")), key=int)
+    versions = sorted((str(v.version) for v in client.search_model_versions(f"name = '{name}'")), key=int)
     if alias is not None:
         aliases = registered.aliases or {}
         if alias not in aliases:

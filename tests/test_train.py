@@ -1,0 +1,251 @@
+"""edgesmith train: config validation, data sources, determinism, MLflow tracking and registration,
+Ctrl-C, an unreachable tracking server, DDP under torchrun, and an Optuna search that resumes.
+
+Every MLflow store here is a real SQLite store in a temporary directory."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import EDGESMITH, REPO
+from edgesmith.toolchain.errors import UserError
+from edgesmith.toolchain.train.config import load_config
+
+EXAMPLE = REPO / "examples" / "digits.toml"
+TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+
+
+def _write(tmp_path: Path, text: str, name: str = "c.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _config_text(**top) -> str:
+    lines = EXAMPLE.read_text().splitlines()
+    for key, value in top.items():
+        lines = [f"{key} = {value}" if line.startswith(f"{key} = ") else line for line in lines]
+    return "\n".join(lines) + "\n"
+
+
+def _store(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+# --- config and data (no MLflow) ---------------------------------------------------------------
+
+def test_unknown_top_level_key_is_named_with_the_valid_ones(tmp_path):
+    path = _write(tmp_path, EXAMPLE.read_text().replace("epochs = 30", "epoch = 30"))
+    with pytest.raises(UserError) as e:
+        load_config(path)
+    message = str(e.value)
+    assert "unknown key 'epoch'" in message and "did you mean 'epochs'" in message
+    assert "batch_size" in message and "early_stopping" in message and "\n" not in message
+
+
+def test_unknown_nested_key_lists_that_tables_keys(tmp_path):
+    path = _write(tmp_path, EXAMPLE.read_text().replace("test = 0.2", "tset = 0.2"))
+    with pytest.raises(UserError, match=r"unknown key 'split.tset'.*valid keys here are: test, val$"):
+        load_config(path)
+
+
+def test_bad_values_are_one_sentence(tmp_path):
+    with pytest.raises(UserError, match="search cannot vary momentum"):
+        load_config(_write(tmp_path, EXAMPLE.read_text() + "momentum = { low = 0.5, high = 0.9 }\n"))
+    with pytest.raises(UserError, match="required key 'model' is missing"):
+        load_config(_write(tmp_path, "\n".join(l for l in EXAMPLE.read_text().splitlines() if not l.startswith("model ="))))
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_config_hash_follows_values_not_formatting(tmp_path):
+    a = load_config(EXAMPLE)
+    b = load_config(_write(tmp_path, "# a comment\n" + EXAMPLE.read_text()))
+    assert a.digest() == b.digest()
+    assert a.with_overrides(seed=1).digest() != a.digest()
+
+
+def test_npz_and_image_folder_datasets(tmp_path):
+    from PIL import Image
+
+    from edgesmith.toolchain.train.data import load_dataset, split
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.random((60, 64)), y=np.repeat(np.arange(3), 20))
+    cfg = load_config(EXAMPLE).with_overrides(dataset={"source": str(tmp_path / "d.npz")})
+    data = load_dataset(cfg)
+    assert data.x.shape == (60, 1, 8, 8) and data.classes == ["0", "1", "2"]
+    parts = split(data, cfg)
+    assert len(parts.train[0]) + len(parts.val[0]) + len(parts.test[0]) == 60
+    assert abs(float(parts.train[0].mean())) < 1e-5  # standardised with the training split's statistics
+
+    np.savez(tmp_path / "bad.npz", inputs=rng.random((4, 64)))
+    with pytest.raises(UserError, match="needs arrays named x"):
+        load_dataset(cfg.with_overrides(dataset={"source": str(tmp_path / "bad.npz")}))
+
+    for label in ("cat", "dog"):
+        (tmp_path / "img" / label).mkdir(parents=True)
+        for k in range(5):
+            Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(tmp_path / "img" / label / f"{k}.png")
+    images = load_dataset(cfg.with_overrides(dataset={"source": str(tmp_path / "img")}))
+    assert images.x.shape == (10, 1, 8, 8) and images.classes == ["cat", "dog"] and list(images.y) == [0] * 5 + [1] * 5
+
+
+# --- training and tracking -------------------------------------------------------------------
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_same_config_and_seed_give_identical_weights():
+    import torch
+
+    from edgesmith.toolchain.train.data import load_dataset, split
+    from edgesmith.toolchain.train.loop import train
+
+    cfg = load_config(EXAMPLE).with_overrides(epochs=2)
+    splits = split(load_dataset(cfg), cfg)
+    a, b = train(cfg, splits).model.state_dict(), train(cfg, splits).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other_cfg = cfg.with_overrides(seed=1)
+    c = train(other_cfg, split(load_dataset(other_cfg), other_cfg)).model.state_dict()
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The example config trained once, as shipped, into a fresh SQLite store."""
+    from edgesmith.toolchain.train.run import train_and_register
+
+    store = tmp_path_factory.mktemp("mlflow")
+    uri = _store(store)
+    summary = train_and_register(load_config(EXAMPLE), uri, alias="champion", progress=False)
+    return {"uri": uri, "dir": store, "summary": summary}
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_digits_reaches_97_percent_tracked_and_registered(trained):
+    import mlflow
+
+    s = trained["summary"]
+    assert s.test_accuracy >= 0.97, s
+    client = mlflow.MlflowClient(trained["uri"], trained["uri"])
+    run = client.get_run(s.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["lr"] == "0.003" and run.data.params["dataset.source"] == "sklearn:digits"
+    assert run.data.metrics["test_accuracy"] == pytest.approx(s.test_accuracy)
+    history = client.get_metric_history(s.run_id, "val_accuracy")
+    assert [m.step for m in history] == list(range(1, s.epochs_run + 1))
+    files = {a.path for a in client.list_artifacts(s.run_id)} | {a.path for a in client.list_artifacts(s.run_id, "data")}
+    assert {"confusion_matrix.png", "data/test.npz"} <= files
+    (dataset_input,) = run.inputs.dataset_inputs
+    assert dataset_input.dataset.digest == s.dataset_digest and dataset_input.tags[0].value == "training"
+    version = client.get_model_version("digits", s.version)
+    assert version.run_id == s.run_id
+    assert version.tags["edgesmith.dataset_digest"] == s.dataset_digest
+    assert version.tags["edgesmith.config_sha256"] == load_config(EXAMPLE).digest()
+    assert str(client.get_model_version_by_alias("digits", "champion").version) == s.version
+    # artifacts stay next to the SQLite store, not in the working directory
+    assert (trained["dir"] / "mlartifacts").is_dir() and not (Path.cwd() / "mlruns").exists()
+
+
+def _epoch_logged(db: Path) -> bool:
+    try:
+        with sqlite3.connect(db) as con:
+            return con.execute("select count(*) from metrics where key = 'val_accuracy'").fetchone()[0] > 0
+    except sqlite3.Error:
+        return False
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_ctrl_c_ends_the_run_killed(tmp_path):
+    import mlflow
+
+    uri = _store(tmp_path)
+    cfg = str(_write(tmp_path, _config_text(epochs=500).replace("patience = 6", "patience = 500")))
+    proc = subprocess.Popen([sys.executable, "-m", "edgesmith.toolchain.train", cfg, "--tracking-uri", uri],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not _epoch_logged(tmp_path / "mlflow.db"):  # raw SQL: an MLflow client would race the schema set-up
+            if time.monotonic() > deadline or proc.poll() is not None:
+                pytest.fail("training never logged an epoch")
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    client = mlflow.MlflowClient(uri)
+    assert proc.returncode == 130, err
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "KILLED"
+    assert "Traceback" not in err
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_unreachable_tracking_server_is_one_sentence(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket closes
+    result = subprocess.run([EDGESMITH, "train", str(EXAMPLE), "--tracking-uri", f"http://127.0.0.1:{port}"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "cannot be reached" in result.stderr, result.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ddp_two_processes_rank0_logs_and_registers(tmp_path):
+    import mlflow
+
+    uri = _store(tmp_path)
+    result = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "edgesmith.toolchain.train",
+                             str(EXAMPLE), "--epochs", "2", "--tracking-uri", uri, "--json"],
+                            capture_output=True, text=True, timeout=280, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = mlflow.MlflowClient(uri, uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("edgesmith").experiment_id])
+    assert run.data.tags["edgesmith.world_size"] == "2" and run.data.params["world_size"] == "2"
+    assert run.info.status == "FINISHED"
+    assert [str(v.version) for v in client.search_model_versions("name = 'digits'")] == ["1"]  # only rank 0 registers
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_search_parent_child_runs_best_registered_and_resumes(tmp_path):
+    import mlflow
+    import optuna
+
+    from edgesmith.toolchain.train.search import optuna_storage, run_search, study_name
+
+    uri = _store(tmp_path)
+    cfg = load_config(EXAMPLE).with_overrides(epochs=2)
+    first = run_search(cfg, 2, uri, progress=False)
+    client = mlflow.MlflowClient(uri, uri)
+    experiment = client.get_experiment_by_name("edgesmith").experiment_id
+    (parent,) = client.search_runs([experiment], "tags.`edgesmith.kind` = 'search'")
+    children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == 2 and {c.data.tags["edgesmith.kind"] for c in children} == {"trial"}
+    assert first.run_id in {c.info.run_id for c in children}
+    assert client.get_model_version("digits", first.version).run_id == first.run_id
+    assert (tmp_path / "optuna.db").exists()
+
+    second = run_search(cfg, 3, uri, progress=False)  # same config: the same study, one more trial
+    study = optuna.load_study(study_name=study_name(cfg), storage=optuna_storage(uri))
+    assert len(study.trials) == 3 and second.trials == 3
+    (parent_again,) = client.search_runs([experiment], "tags.`edgesmith.kind` = 'search'")
+    assert parent_again.info.run_id == parent.info.run_id
+    assert len(client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")) == 3
