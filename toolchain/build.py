@@ -196,7 +196,7 @@ def build_one(source: ModelSource, ref: ReferenceRun, target: Target, backend_na
         golden = _save_golden(staging, ref, options.golden_samples)
         manifest = Manifest(
             name=name,
-            model=ModelInfo(name=source.name, version=options.model_version,
+            model=ModelInfo(name=source.name, version=source.registry.version if source.registry else options.model_version,
                             source=SourceInfo(kind=source.kind, ref=source.ref, sha256=source.sha256, samples=ref.origin,
                                               **_lineage(source)),
                             onnx_sha256=source.onnx_sha256, opset=source.opset),
