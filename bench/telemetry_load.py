@@ -6,8 +6,9 @@ Every simulated device is its own MQTT v5 client with its own login (light paho 
 from a selector, ``toolchain/fleet/simulate.py``, spread over a few processes). Three runs, each
 against a fresh broker and store:
 
-1. **steady**: every device sends one summary per 10 s (staggered), one monitor. Prints the
-   rate ingested, p99 publish -> stored latency (the device's ``ts_ms`` to the monitor's
+1. **steady**: the devices connect and send their births (the time until the monitor has stored
+   every birth is printed: the connection storm a broker restart causes), then every device
+   sends one summary per 10 s (staggered), one monitor. Prints the rate ingested, p99 publish -> stored latency (the device's ``ts_ms`` to the monitor's
    ``stored_ms``, one clock), and lost / duplicated counts (stored vs published).
 2. **ceiling, 1 monitor**: the monitor's persistent session is made, the monitor stopped, and
    every device sends a window per ``--burst-interval-s`` for ``--burst-duration-s`` into the
@@ -91,12 +92,29 @@ def stop_monitors(monitors: list[subprocess.Popen]) -> float:
     return used
 
 
-def run_swarm(broker: Path, devices: int, processes: int, interval_s: float, duration_s: float) -> dict:
+def run_swarm(broker: Path, db: Path, devices: int, processes: int, interval_s: float, duration_s: float,
+              warm_up: bool) -> dict:
+    """Run the simulators. With ``warm_up`` they connect and send their births first, and the
+    windows start together once the monitor has stored every birth (the connection storm is then
+    measured on its own, not mixed into the windows' latency)."""
     per = devices // processes
     procs = [subprocess.Popen([sys.executable, "-m", "edgesmith.toolchain.fleet.simulate", "--broker", str(broker),
                                "--fleet", FLEET, "--devices", str(per), "--first", str(k * per), "--prefix", "dev-",
-                               "--interval-s", str(interval_s), "--duration-s", str(duration_s), "--seed", str(k)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(processes)]
+                               "--interval-s", str(interval_s), "--duration-s", str(duration_s), "--seed", str(k),
+                               *(["--wait-for-go"] if warm_up else [])],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for k in range(processes)]
+    started, births_s = time.monotonic(), None
+    if warm_up:
+        for p in procs:
+            line = p.stdout.readline()
+            if not line:
+                raise SystemExit(f"a simulator failed ({p.wait()}): {p.stderr.read().strip()[-2000:]}")
+        wait_count(db, "sessions", per * processes, timeout=600)
+        births_s = time.monotonic() - started
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
     reports = []
     for p in procs:
         out, err = p.communicate(timeout=duration_s + 600)
@@ -104,7 +122,8 @@ def run_swarm(broker: Path, devices: int, processes: int, interval_s: float, dur
             raise SystemExit(f"a simulator failed ({p.returncode}): {err.strip()[-2000:]}")
         reports.append(json.loads(out.strip().splitlines()[-1]))
     return {"devices": sum(r["devices"] for r in reports), "published": sum(r["published"] for r in reports),
-            "acked": sum(r["acked"] for r in reports), "cpu_s": sum(r.get("cpu_s", 0.0) for r in reports)}
+            "acked": sum(r["acked"] for r in reports), "cpu_s": sum(r.get("cpu_s", 0.0) for r in reports),
+            "births_s": births_s}
 
 
 def stored_windows(db: Path) -> list[tuple[str, int, int, int, int]]:
@@ -112,13 +131,14 @@ def stored_windows(db: Path) -> list[tuple[str, int, int, int, int]]:
         return con.execute("SELECT device, bd_seq, seq, ts_ms, stored_ms FROM windows").fetchall()
 
 
-def wait_settled(db: Path, expected: int, timeout: float) -> None:
+def wait_count(db: Path, table: str, expected: int, timeout: float) -> None:
+    """Until ``table`` holds ``expected`` rows, or nothing new came for 20 s (what is missing is lost)."""
     deadline = time.monotonic() + timeout
     last, since = -1, time.monotonic()
     while time.monotonic() < deadline:
         try:
             with sqlite3.connect(db) as con:
-                n = con.execute("SELECT count(*) FROM windows").fetchone()[0]
+                n = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
         except sqlite3.Error:
             n = 0
         if n >= expected:
@@ -127,7 +147,7 @@ def wait_settled(db: Path, expected: int, timeout: float) -> None:
             last, since = n, time.monotonic()
         elif time.monotonic() - since > 20:  # nothing new for 20 s: what is missing is lost
             return
-        time.sleep(0.5)
+        time.sleep(0.2)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -154,12 +174,12 @@ def one_run(name: str, args, monitors: int, interval_s: float, duration_s: float
     try:
         if backlog:  # the sessions exist now: stop the monitors, fill their queues, then drain
             monitor_cpu += stop_monitors(procs)
-        swarm = run_swarm(broker_dir, args.devices, args.processes, interval_s, duration_s)
+        swarm = run_swarm(broker_dir, db, args.devices, args.processes, interval_s, duration_s, warm_up=not backlog)
         if backlog:
             procs = start_monitors(broker_dir, db, monitors, workdir)
         # Births and deaths are published too: one each per device.
         telemetry_published = swarm["published"] - 2 * swarm["devices"]
-        wait_settled(db, telemetry_published, timeout=600)
+        wait_count(db, "windows", telemetry_published, timeout=600)
         rows = stored_windows(db)
     finally:
         monitor_cpu += stop_monitors(procs)
@@ -171,7 +191,8 @@ def one_run(name: str, args, monitors: int, interval_s: float, duration_s: float
     span_s = (stored_ms[-1] - stored_ms[0]) / 1000 if len(stored_ms) > 1 else float("nan")
     per_k = 1000 / max(1, len(rows))
     return {"run": name, "monitors": monitors, "devices": swarm["devices"], "interval_s": interval_s,
-            "provision_s": round(provision_s, 1), "published": telemetry_published, "stored": len(rows),
+            "provision_s": round(provision_s, 1),
+            "births_stored_s": round(swarm["births_s"], 1) if swarm["births_s"] is not None else None, "published": telemetry_published, "stored": len(rows),
             "lost": telemetry_published - len(keys), "duplicated": len(rows) - len(keys),
             "ingest_msg_per_s": round(len(rows) / span_s, 1) if span_s == span_s and span_s > 0 else None,
             "offered_msg_per_s": None if backlog else round(swarm["devices"] / interval_s, 1),
@@ -206,6 +227,7 @@ def main() -> int:
     print()
     if "steady" in results:
         steady = results["steady"]
+        print(f"births: {steady['devices']} stored {steady['births_stored_s']} s after the simulators started")
         print(f"steady: {steady['stored']}/{steady['published']} stored at {steady['ingest_msg_per_s']} msg/s "
               f"(offered {steady['offered_msg_per_s']}), lost {steady['lost']}, duplicated {steady['duplicated']}, "
               f"p50 / p99 publish->stored {steady['p50_publish_to_stored_ms']} / "

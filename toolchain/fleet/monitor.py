@@ -9,11 +9,13 @@ once a tick (aggregates, drift, alerts) and publishes a snapshot that the HTTP s
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import queue
 import re
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -42,6 +44,17 @@ SESSION_EXPIRY_S = 7 * 24 * 3600  # as the devices' sessions: a monitor away for
 KEEPALIVE_S = 30
 INT64_MAX = 2**63 - 1  # the store's integers are signed 64-bit; the protocol allows up to 2**64 - 1
 RC_SESSION_TAKEN_OVER = 142
+# paho's network thread gives up the GIL on every socket read (several per message) and must win it
+# back from the busy ingest and evaluator threads each time; at Python's default 5 ms switch interval
+# that alone held it to a few hundred messages a second and put seconds of latency on the stream.
+SWITCH_INTERVAL_S = 0.0005
+# The view keeps hundreds of thousands of small objects (recent windows of every device). Python's
+# cyclic collector walked them all in full collections, stopping every thread for up to 0.4 s.
+# What has lived a while is moved out of its reach (gc.freeze: no collection ever walks it; it is
+# still freed by reference counting when the view drops it), and a full collection including it
+# runs rarely, to reclaim any reference cycles among it.
+GC_FREEZE_EVERY_S = 1.0
+GC_FULL_EVERY_S = 1800.0
 
 
 @dataclass(frozen=True)
@@ -57,7 +70,7 @@ class MonitorConfig:
     thresholds: Thresholds = field(default_factory=Thresholds)
     webhook: str | None = None
     batch_size: int = 500
-    batch_wait_s: float = 0.05
+    batch_wait_s: float = 0.005
     tick_s: float = 1.0
 
     @property
@@ -312,8 +325,18 @@ class Monitor:
             self._snapshot = None
         self.alerts.evaluate(changed, at)
 
+    def _collect_garbage(self, at: float) -> None:
+        if at - self._gc_full_at >= GC_FULL_EVERY_S:
+            gc.unfreeze()
+            gc.collect()
+            self._gc_full_at = at
+        if at - self._gc_frozen_at >= GC_FREEZE_EVERY_S:
+            gc.freeze()
+            self._gc_frozen_at = at
+
     def _evaluate_loop(self) -> None:
         while not self.stop_event.wait(self.config.tick_s):
+            self._collect_garbage(time.monotonic())
             try:
                 started = time.perf_counter()
                 self.evaluate()
@@ -345,7 +368,10 @@ class Monitor:
         """Run until SIGINT/SIGTERM (or a fatal broker error); stops cleanly, the session kept."""
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self.stop_event.set())
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         self.start()
+        gc.freeze()  # what start() loaded from the store
+        self._gc_frozen_at = self._gc_full_at = time.monotonic()
         evaluator = threading.Thread(target=self._evaluate_loop, name="evaluate", daemon=True)
         evaluator.start()
         try:

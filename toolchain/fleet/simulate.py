@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import heapq
 import json
+import select
 import selectors
 import sys
 import threading
@@ -430,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration-s", type=float, default=60.0)
     parser.add_argument("--runs", type=int, default=20, help="runs per window")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--wait-for-go", action="store_true",
+                        help="after the births, print a 'connected' line and send windows only once a line comes on "
+                             "stdin (so several processes start together, after their births are stored)")
     args = parser.parse_args(argv)
     from edgesmith.toolchain.fleet import broker
 
@@ -437,6 +441,12 @@ def main(argv: list[str] | None = None) -> int:
                                args.fleet)
     swarm = Swarm([SimulatedDevice(c, interval_s=args.interval_s, seed=args.seed + i) for i, c in enumerate(creds)])
     swarm.connect()
+    if args.wait_for_go:
+        swarm.drain()
+        print(json.dumps({"connected": len(creds)}), flush=True)
+        while not select.select([sys.stdin], [], [], 0)[0]:
+            swarm.pump(0.05)  # keep the sessions alive while waiting
+        sys.stdin.readline()
     swarm.run(args.duration_s, runs_per_window=args.runs)
     ok = swarm.drain()
     swarm.close()
