@@ -91,7 +91,7 @@ def run_search(config: TrainConfig, trials: int, tracking_uri: str | None = None
     experiment = tracking.experiment_id(client, config.experiment, uri)
     dataset = load_dataset(config)
     splits = split(dataset, config)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a trial cut by Ctrl-C is reported by the run status
     name = study_name(config)
     study = optuna.create_study(study_name=name, storage=optuna_storage(uri), load_if_exists=True, direction="maximize",
                                 sampler=optuna.samplers.TPESampler(seed=config.seed),
@@ -145,9 +145,15 @@ def run_search(config: TrainConfig, trials: int, tracking_uri: str | None = None
         mlflow.log_metric("best_val_accuracy", best.value)
         best_run = best.user_attrs["mlflow_run_id"]
         model = _load_checkpoint(best_config, best_run)
-        with mlflow.start_run(run_id=best_run, nested=True), tracking.ending_status():
-            _, test_accuracy, y_pred = evaluate(model, *splits.test)
-            version = tracking.log_and_register(model, best_config, splits, dataset, test_accuracy, y_pred, alias)
+        _, test_accuracy, y_pred = evaluate(model, *splits.test)
+        earlier = [v for v in client.search_model_versions(f"name = '{config.name}'") if v.run_id == best_run]
+        if earlier:  # a resumed search whose best trial did not change: no duplicate version
+            version = earlier[0].version
+            if alias:
+                client.set_registered_model_alias(config.name, alias, str(version))
+        else:
+            with mlflow.start_run(run_id=best_run, nested=True), tracking.ending_status():
+                version = tracking.log_and_register(model, best_config, splits, dataset, test_accuracy, y_pred, alias)
         mlflow.log_metric("test_accuracy", test_accuracy)
     return TrainSummary(best_run, config.name, str(version), test_accuracy, best.user_attrs.get("best_epoch", 0),
                         len(best.intermediate_values), dataset.digest, time.perf_counter() - started,
