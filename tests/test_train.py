@@ -111,7 +111,7 @@ def test_same_config_and_seed_give_identical_weights():
     from edgesmith.toolchain.train.data import load_dataset, split
     from edgesmith.toolchain.train.loop import train
 
-    cfg = load_config(EXAMPLE).with_overrides(epochs=2)
+    cfg = load_config(EXAMPLE).with_overrides(epochs=1)
     splits = split(load_dataset(cfg), cfg)
     a, b = train(cfg, splits).model.state_dict(), train(cfg, splits).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -211,10 +211,16 @@ def test_ddp_two_processes_rank0_logs_and_registers(tmp_path):
     import mlflow
 
     uri = _store(tmp_path)
-    result = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "edgesmith.toolchain.train",
-                             str(EXAMPLE), "--epochs", "2", "--tracking-uri", uri, "--json"],
-                            capture_output=True, text=True, timeout=280, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    # its own session, so a hang is cleaned up with both workers, not just the launcher
+    proc = subprocess.Popen([TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "edgesmith.toolchain.train",
+                             str(EXAMPLE), "--epochs", "1", "--tracking-uri", uri, "--json"], start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        _, err = proc.communicate(timeout=280)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err[-3000:]
     client = mlflow.MlflowClient(uri, uri)
     (run,) = client.search_runs([client.get_experiment_by_name("edgesmith").experiment_id])
     assert run.data.tags["edgesmith.world_size"] == "2" and run.data.params["world_size"] == "2"

@@ -9,8 +9,10 @@ tagged with the model version, and the version is tagged with that run: model ve
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,7 +140,9 @@ def log_build(version: RegistryVersion, built, public_key: bytes, device_runtime
     latency = None
     if device_runtime and m.validation.executed is not None and m.validation.executed.how == "native":
         latency = _latency_p50_us(built.path, public_key, m.target.threads)
-    with mlflow.start_run(experiment_id=experiment, run_name=f"build-{m.name}") as run, tracking.ending_status():
+    # a tracking server's client prints the run's URL on stdout, which `build --json` keeps for JSON
+    with contextlib.redirect_stdout(sys.stderr), \
+            mlflow.start_run(experiment_id=experiment, run_name=f"build-{m.name}") as run, tracking.ending_status():
         mlflow.set_tags({"edgesmith.kind": "build", "edgesmith.model_version_uri": version.uri,
                          "edgesmith.model_run_id": version.run_id or "", tracking.TAG_DATASET: version.dataset_digest or "",
                          "edgesmith.validation": m.validation.status, "edgesmith.proof": m.proof.status,

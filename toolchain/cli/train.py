@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -30,10 +31,12 @@ def train(
 
     cfg = load_config(config).with_overrides(seed=seed, epochs=epochs)
     lead = world()[0] == 0
-    if search:
-        summary = run_search(cfg, search, tracking_uri, alias, progress=not as_json)
-    else:
-        summary = train_and_register(cfg, tracking_uri, alias, progress=lead and not as_json)
+    # a tracking server's client prints run URLs on stdout: keep stdout for the JSON with --json
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+        if search:
+            summary = run_search(cfg, search, tracking_uri, alias, progress=not as_json)
+        else:
+            summary = train_and_register(cfg, tracking_uri, alias, progress=lead and not as_json)
     if not lead:
         return
     if as_json:

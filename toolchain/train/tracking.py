@@ -46,7 +46,10 @@ def connect(uri: str):
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import logging
 
-    import mlflow
+    try:
+        import mlflow
+    except ImportError:
+        raise UserError("MLflow is not installed; install the toolchain extra: pip install 'edgesmith[toolchain]'") from None
 
     # edgesmith prints its own summary; MLflow's INFO lines (registrations, migrations) and
     # torch.export's notes while logging the model would bury it.
