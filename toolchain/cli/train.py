@@ -46,7 +46,7 @@ def train(
         f"{summary.epochs_run} epochs on {summary.world_size} process(es), best epoch {summary.best_epoch}"
     out_console().print(f"[bold]{summary.model_name}[/] version {summary.version}: test accuracy "
                         f"{summary.test_accuracy:.2%} ({what}, {summary.duration_s:.1f} s); run {summary.run_id}; "
-                        f"build it with: edgesmith build models:/{summary.model_name}/{summary.version}", highlight=False)
+                        f"build it with: edgesmith build models:/{summary.model_name}/{summary.version}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

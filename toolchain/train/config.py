@@ -41,23 +41,33 @@ class EarlyStopping(_Strict):
     min_delta: Annotated[float, Field(ge=0)] = 0.0
 
 
-class FloatRange(_Strict):
-    low: float
-    high: float
+class SearchParam(_Strict):
+    """One dimension of the search space: a range (``low``, ``high``; integers if both are, and
+    ``log`` for a log scale) or a list of ``choices``."""
+
+    low: int | float | None = None
+    high: int | float | None = None
     log: bool = False
+    choices: list[Union[str, int, float]] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SearchParam:
+        has_range = self.low is not None or self.high is not None
+        if has_range == (self.choices is not None):
+            raise ValueError("give either low and high, or choices")
+        if has_range and (self.low is None or self.high is None or not self.low < self.high):
+            raise ValueError("a range needs low below high")
+        if self.log and has_range and self.low <= 0:
+            raise ValueError("a log range needs low above 0")
+        return self
+
+    @property
+    def kind(self) -> Literal["choices", "int", "float"]:
+        if self.choices is not None:
+            return "choices"
+        return "int" if isinstance(self.low, int) and isinstance(self.high, int) else "float"
 
 
-class IntRange(_Strict):
-    low: int
-    high: int
-    log: bool = False
-
-
-class Choice(_Strict):
-    choices: list[Union[str, int, float]] = Field(min_length=1)
-
-
-SearchParam = Union[IntRange, FloatRange, Choice]
 SEARCHABLE = ("lr", "weight_decay", "batch_size", "optimiser", "epochs")
 
 
@@ -86,9 +96,6 @@ class TrainConfig(_Strict):
         unknown = set(self.search) - set(SEARCHABLE)
         if unknown:
             raise ValueError(f"search cannot vary {', '.join(sorted(unknown))}; searchable: {', '.join(SEARCHABLE)}")
-        for key, param in self.search.items():
-            if isinstance(param, (IntRange, FloatRange)) and not param.low < param.high:
-                raise ValueError(f"search.{key}: low must be below high")
         return self
 
     def digest(self) -> str:

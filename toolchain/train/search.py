@@ -15,7 +15,7 @@ from pathlib import Path
 from edgesmith.runtime.keys import edgesmith_home
 from edgesmith.toolchain.errors import UserError
 from edgesmith.toolchain.train import tracking
-from edgesmith.toolchain.train.config import Choice, FloatRange, IntRange, TrainConfig
+from edgesmith.toolchain.train.config import TrainConfig
 from edgesmith.toolchain.train.data import load_dataset, split
 from edgesmith.toolchain.train.loop import build_model, evaluate, train, world
 from edgesmith.toolchain.train.run import TrainSummary, flat_params, log_epoch
@@ -38,11 +38,11 @@ def study_name(config: TrainConfig) -> str:
 def suggest(trial, config: TrainConfig) -> dict:
     values = {}
     for key, param in config.search.items():
-        if isinstance(param, Choice):
+        if param.kind == "choices":
             values[key] = trial.suggest_categorical(key, param.choices)
-        elif isinstance(param, IntRange):
+        elif param.kind == "int":
             values[key] = trial.suggest_int(key, param.low, param.high, log=param.log)
-        elif isinstance(param, FloatRange):
+        else:
             values[key] = trial.suggest_float(key, param.low, param.high, log=param.log)
     return values
 
