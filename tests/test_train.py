@@ -57,6 +57,9 @@ def test_unknown_nested_key_lists_that_tables_keys(tmp_path):
     path = _write(tmp_path, EXAMPLE.read_text().replace("test = 0.2", "tset = 0.2"))
     with pytest.raises(UserError, match=r"unknown key 'split.tset'.*valid keys here are: test, val$"):
         load_config(path)
+    path = _write(tmp_path, EXAMPLE.read_text().replace("high = 0.03", "hgh = 0.03"))
+    with pytest.raises(UserError, match=r"unknown key 'search.lr.hgh' \(did you mean 'high'\?\); valid keys here are: low, high, log, choices"):
+        load_config(path)
 
 
 def test_bad_values_are_one_sentence(tmp_path):

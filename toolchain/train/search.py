@@ -25,7 +25,7 @@ TAG_STUDY = "edgesmith.optuna_study"
 
 
 def optuna_storage(mlflow_uri: str) -> str:
-    db = tracking._sqlite_path(mlflow_uri)
+    db = tracking.sqlite_path(mlflow_uri)
     folder = db.parent if db is not None else edgesmith_home()
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{(folder / 'optuna.db').resolve()}"

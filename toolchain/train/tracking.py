@@ -35,7 +35,7 @@ def tracking_uri(explicit: str | None = None) -> str:
     return f"sqlite:///{(home / 'mlflow.db').resolve()}"
 
 
-def _sqlite_path(uri: str) -> Path | None:
+def sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
@@ -56,7 +56,7 @@ def connect(uri: str):
     for name in ("mlflow", "alembic", "torch._export", "torch.export"):
         logging.getLogger(name).setLevel(logging.WARNING if name.startswith("mlflow") else logging.ERROR)
 
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
     elif urlparse(uri).scheme in ("http", "https"):
@@ -85,7 +85,7 @@ def experiment_id(client, name: str, uri: str) -> str:
     if existing is not None:
         ident = existing.experiment_id
     else:
-        db = _sqlite_path(uri)
+        db = sqlite_path(uri)
         location = (db.parent / "mlartifacts" / name).resolve().as_uri() if db is not None else None
         ident = client.create_experiment(name, artifact_location=location)
     mlflow.set_experiment(experiment_id=ident)
