@@ -83,6 +83,12 @@ def test_alias_resolves_to_its_version(tracking):
     assert source.registry.uri == f"models:/digits/{tracking['summary'].version}"
     assert source.ref == "models:/digits@champion" and source.name == "digits"
     assert [i.shape for i in source.inputs] == [[1, 1, 8, 8]]
+    # the PyTorch model logged with it, for backends converting from PyTorch (tflite): same function
+    from edgesmith.toolchain.reference import ReferenceModel
+
+    expected = ReferenceModel(source.onnx_model).run([source.samples[0][0]])[0]
+    got = source.module(*source.example_inputs).detach().numpy()
+    assert np.allclose(got, expected, atol=1e-4)
 
 
 @pytest.mark.timeout(120)

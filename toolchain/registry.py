@@ -113,6 +113,19 @@ def test_samples(version: RegistryVersion, inputs: list[TensorSpec], into: Path)
     return [[np.ascontiguousarray(x[k:k + 1], dtype=spec.dtype)] for k in range(min(REAL_SAMPLES, len(x)))]
 
 
+def pytorch_module(version: RegistryVersion, into: Path):
+    """The PyTorch model logged next to the ONNX export (``edgesmith train`` logs both), for
+    backends that convert from PyTorch (tflite); None when the run has none."""
+    import mlflow
+
+    if version.run_id is None:
+        return None
+    try:
+        return mlflow.pytorch.load_model(f"runs:/{version.run_id}/{tracking.PYTORCH_MODEL}", dst_path=str(into))  # an exported program: already in inference mode
+    except Exception:
+        return None
+
+
 def samples_origin(version: RegistryVersion) -> str:
     return f"registry:{version.run_id}/{tracking.TEST_SPLIT}"
 
@@ -168,11 +181,19 @@ def load_registry_source(ref: str):
     from edgesmith.toolchain.sources import _load_onnx, _safe_name
 
     version = resolve(ref)
+    import torch
+
     with tempfile.TemporaryDirectory(prefix="edgesmith-registry-") as tmp:
-        source = _load_onnx(download_onnx(version, Path(tmp)), None)
-        samples = test_samples(version, source.inputs, Path(tmp))
+        source = _load_onnx(download_onnx(version, Path(tmp) / "onnx"), None)
+        samples = test_samples(version, source.inputs, Path(tmp) / "data")
+        module = pytorch_module(version, Path(tmp) / "pytorch")
     source.kind, source.ref, source.name = "registry", ref, _safe_name(version.name)
     source.registry = version
     if samples:
         source.samples, source.samples_origin = samples, samples_origin(version)
+    if module is not None:
+        generator = torch.Generator().manual_seed(0)
+        source.module = module
+        source.example_inputs = tuple(torch.from_numpy(a) for a in samples[0]) if samples else \
+            tuple(torch.randn(*spec.shape, generator=generator) for spec in source.inputs)
     return source

@@ -22,6 +22,7 @@ from edgesmith.toolchain.errors import UserError, first_line
 # Run artifact and model version tag names that builds read back (toolchain/registry.py).
 TEST_SPLIT = "data/test.npz"
 ONNX_MODEL = "onnx"
+PYTORCH_MODEL = "pytorch"
 TAG_DATASET = "edgesmith.dataset_digest"
 TAG_CONFIG = "edgesmith.config_sha256"
 TAG_INPUT = "edgesmith.input_shape"
@@ -166,7 +167,7 @@ def log_and_register(model, config, splits, dataset, test_accuracy: float, y_pre
         mlflow.log_artifact(str(test_file), artifact_path=str(Path(TEST_SPLIT).parent))
     requirements = ["torch==2.13.0", "onnx", "onnxruntime"]
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        mlflow.pytorch.log_model(model, name="pytorch", pip_requirements=requirements,
+        mlflow.pytorch.log_model(model, name=PYTORCH_MODEL, pip_requirements=requirements,
                                  input_example=splits.test[0][:1])
         info = mlflow.onnx.log_model(export_onnx(model, config.input_shape), name=ONNX_MODEL,
                                      registered_model_name=config.name, pip_requirements=requirements,
