@@ -58,6 +58,8 @@ def test_build_from_registry_records_lineage_real_samples_and_an_mlflow_run(trac
     first = np.load(path / manifest["golden"]["samples"][0]["inputs"][0])
     assert np.array_equal(first, test["x"][:1])
     assert artifact["validation"]["samples"] == min(64, len(test["y"]))
+    # all of them are golden: an agent's synthetic load replays what the reference was measured on
+    assert len(manifest["golden"]["samples"]) == artifact["validation"]["samples"]
     # the monitoring reference is the trained model's class shares on those real inputs
     shares = manifest["monitoring"]["outputs"][0]["reference"]
     assert sum(shares) == pytest.approx(1.0) and max(shares) < 0.5

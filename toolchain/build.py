@@ -193,7 +193,9 @@ def build_one(source: ModelSource, ref: ReferenceRun, target: Target, backend_na
         result = backend.compile(CompileRequest(source=source, target=target, precision=options.precision,
                                                 out_dir=staging, work_dir=Path(work), tuning_db=options.tuning_db))
         stages["compile_s"] = time.perf_counter() - t0
-        golden = _save_golden(staging, ref, options.golden_samples)
+        # Held-out real inputs are all kept as golden samples, so an agent's synthetic load replays
+        # exactly what the monitoring reference was measured on.
+        golden = _save_golden(staging, ref, len(ref.samples) if ref.origin.startswith("registry:") else options.golden_samples)
         manifest = Manifest(
             name=name,
             model=ModelInfo(name=source.name, version=source.registry.version if source.registry else options.model_version,
