@@ -692,6 +692,37 @@ def test_two_monitors_share_the_stream_and_the_store(broker_dir, start_monitor, 
     assert sum(stored) == 52 and min(stored) > 0, stored
 
 
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+def test_an_ingest_only_worker_takes_a_share_the_full_monitor_shows(broker_dir, start_monitor, store_url, tmp_path):
+    full = start_monitor("--shared", "g", "--client-id", "mon-full", log_name="monitor-full.log")
+    log = tmp_path / "worker.log"
+    with open(log, "w") as out:
+        worker = subprocess.Popen([EDGESMITH, "fleet", "monitor", "--broker", str(broker_dir), "--db", store_url,
+                                   "--http", "127.0.0.1:1", "--shared", "g", "--client-id", "mon-worker",
+                                   "--ingest-only"], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "subscribed" in log.read_text() or worker.poll() is not None, 60, "the worker to subscribe")
+        assert worker.poll() is None, log.read_text()
+        sims = [connected(c, interval_s=60, seed=i) for i, c in enumerate(devices(broker_dir, "cam-01", "cam-02"))]
+        for _ in range(25):
+            for sim in sims:
+                sim.send(sim.telemetry(runs=4))
+        for name in ("cam-01", "cam-02"):  # the full monitor's view has the worker's windows too (the last 300 s: 6)
+            got = full.wait_device(name, lambda x: x["runs_total"] == 100 and x["recent"]["runs"] == 24,
+                                   "every window in the full monitor's view")
+            assert (got["messages"], got["duplicates"], got["gaps"]) == (26, 0, 0)
+        api = full.api()
+        assert api["monitor"]["counters"]["stored"] == 52
+        assert 0 < api["monitor"]["stored_here"] < 52  # the worker stored the rest
+        assert _window_rows(full.db) == 50
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=30) == 0, log.read_text()
+    text = log.read_text()
+    assert "Traceback" not in text and "ingest only" in text, text
+
+
 # ---- errors a user sees ----------------------------------------------------------------------------
 
 @pytest.mark.integration

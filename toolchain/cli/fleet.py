@@ -32,6 +32,9 @@ def monitor(
                                "subscription $share/GROUP/edgesmith/v1/# (give each monitor its own --client-id)."),
     client_id: str = typer.Option(None, "--client-id", help="MQTT client id; the persistent session is kept under it "
                                   "(default edgesmith-monitor, or edgesmith-monitor-GROUP with --shared)."),
+    ingest_only: bool = typer.Option(False, "--ingest-only", help="Only store what arrives (no dashboard, metrics "
+                                     "or alerts): an extra worker on a --shared subscription, beside one full monitor "
+                                     "on the same --db."),
     interval_s: float = typer.Option(10.0, "--interval-s", min=0.1, help=INTERVAL_HELP),
     recent_s: float = typer.Option(300.0, "--recent-s", min=1, help="How much of each device's recent telemetry (s, "
                                    "by its window end times) the percentiles, rates and drift are computed over."),
@@ -62,7 +65,7 @@ def monitor(
                            shared_group=_group(shared), client_id=client_id, interval_s=interval_s, recent_s=recent_s,
                            thresholds=Thresholds(drift_psi=drift_psi, drift_js=drift_js, error_rate=error_rate,
                                                  latency_ratio=latency_ratio),
-                           webhook=webhook)
+                           webhook=webhook, ingest_only=ingest_only)
     Monitor(config).run()
 
 
@@ -79,6 +82,9 @@ def status(
     db: str = typer.Option(None, "--db", envvar="EDGESMITH_FLEET_DB", help=DB_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list: device, fleet, online, artifact, latency "
                                  "{p50_us, p95_us, p99_us} of the last window, and more."),
+    ingest_only: bool = typer.Option(False, "--ingest-only", help="Only store what arrives (no dashboard, metrics "
+                                     "or alerts): an extra worker on a --shared subscription, beside one full monitor "
+                                     "on the same --db."),
     interval_s: float = typer.Option(10.0, "--interval-s", min=0.1, help=INTERVAL_HELP),
 ) -> None:
     """Show every device the monitor has stored: online or not, its artifact, the last window's latency."""

@@ -15,7 +15,7 @@ import json
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -135,6 +135,14 @@ def _layout_json(birth: dict[str, Any]) -> str:
     return json.dumps([lat["start_us"], lat["factor"], lat["count"]])
 
 
+class _Counts(NamedTuple):
+    """What a window's output summary contributes (an ``OutputWindow`` read back from the store)."""
+
+    counts: list[int]
+    underflow: int
+    overflow: int
+
+
 def _window(row: dict[str, Any], birth: dict[str, Any], layout_json: str, specs: list[OutputSpec],
             msg: protocol.Telemetry | None = None) -> Window:
     """A window in its birth's layout, from a stored row, or (the ingest's own batches) from the
@@ -147,7 +155,8 @@ def _window(row: dict[str, Any], birth: dict[str, Any], layout_json: str, specs:
         lat = json.loads(row["latency"])
         counts, underflow, overflow, sum_us, max_us = (lat["counts"], lat["underflow"], lat["overflow"], lat["sum_us"],
                                                        lat["max_us"])
-        window_outputs = {k: protocol.OutputWindow.model_construct(**v) for k, v in json.loads(row["outputs"]).items()}
+        window_outputs = {k: _Counts(v["counts"], v.get("underflow", 0), v.get("overflow", 0))
+                          for k, v in json.loads(row["outputs"]).items()}
     latency = None
     if row["latency_layout"] == layout_json and len(counts) == birth["metrics"]["latency"]["count"]:
         slots = [*counts, underflow, overflow]

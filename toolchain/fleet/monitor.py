@@ -70,6 +70,9 @@ class MonitorConfig:
     thresholds: Thresholds = field(default_factory=Thresholds)
     webhook: str | None = None
     batch_size: int = 500
+    # Store only (no view, alerts or HTTP): extra workers on a shared subscription take a share of
+    # the stream's ingest; one full monitor on the same store serves the dashboard and alerts.
+    ingest_only: bool = False
     batch_wait_s: float = 0.005
     tick_s: float = 1.0
 
@@ -252,7 +255,8 @@ class Monitor:
         delay = 1.0
         while True:
             try:
-                self.stored_here += self.store.ingest(items, listener=self.view).stored
+                listener = None if self.config.ingest_only else self.view
+                self.stored_here += self.store.ingest(items, listener=listener).stored
                 return True
             except OperationalError as e:
                 log.error("cannot write to the store (%s); retrying in %.0f s", str(e.orig).strip().splitlines()[0], delay)
@@ -337,6 +341,8 @@ class Monitor:
     def _evaluate_loop(self) -> None:
         while not self.stop_event.wait(self.config.tick_s):
             self._collect_garbage(time.monotonic())
+            if self.config.ingest_only:
+                continue
             try:
                 started = time.perf_counter()
                 self.evaluate()
@@ -347,15 +353,20 @@ class Monitor:
     # ---- lifecycle ---------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self.view.load()
-        self.store_was_empty = not self.view.devices
-        self.evaluate()
-        self.http = HttpServer(self.config.http_host, self.config.http_port, self.snapshot,
-                               asdict(self.config.thresholds))
-        self.http.start()
-        host, port = self.http.address
-        log.info("store %s; dashboard http://%s:%d/ (metrics /metrics, JSON /api/fleet)",
-                 self.store.engine.url.render_as_string(), host, port)
+        if self.config.ingest_only:
+            self.store_was_empty = self.store.batch() == 0
+            log.info("store %s; ingest only (the dashboard, metrics and alerts are the full monitor's)",
+                     self.store.engine.url.render_as_string())
+        else:
+            self.view.load()
+            self.store_was_empty = not self.view.devices
+            self.evaluate()
+            self.http = HttpServer(self.config.http_host, self.config.http_port, self.snapshot,
+                                   asdict(self.config.thresholds))
+            self.http.start()
+            host, port = self.http.address
+            log.info("store %s; dashboard http://%s:%d/ (metrics /metrics, JSON /api/fleet)",
+                     self.store.engine.url.render_as_string(), host, port)
         s = self.broker_settings
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = SESSION_EXPIRY_S
