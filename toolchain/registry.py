@@ -10,17 +10,20 @@ tagged with the model version, and the version is tagged with that run: model ve
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from edgesmith.runtime.manifest import TensorSpec
 from edgesmith.toolchain.errors import UserError, first_line
+from edgesmith.toolchain.sources import ModelSource
 from edgesmith.toolchain.train import tracking
 
 MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/@]+)|@(?P<alias>[^/@]+))$")
@@ -181,19 +184,47 @@ def load_registry_source(ref: str):
     from edgesmith.toolchain.sources import _load_onnx, _safe_name
 
     version = resolve(ref)
-    import torch
-
     with tempfile.TemporaryDirectory(prefix="edgesmith-registry-") as tmp:
-        source = _load_onnx(download_onnx(version, Path(tmp) / "onnx"), None)
-        samples = test_samples(version, source.inputs, Path(tmp) / "data")
-        module = pytorch_module(version, Path(tmp) / "pytorch")
+        onnx_source = _load_onnx(download_onnx(version, Path(tmp) / "onnx"), None)
+        samples = test_samples(version, onnx_source.inputs, Path(tmp) / "data")
+    source = RegistrySource(**{f.name: getattr(onnx_source, f.name) for f in dataclasses.fields(onnx_source)})
     source.kind, source.ref, source.name = "registry", ref, _safe_name(version.name)
     source.registry = version
     if samples:
         source.samples, source.samples_origin = samples, samples_origin(version)
-    if module is not None:
-        generator = torch.Generator().manual_seed(0)
-        source.module = module
-        source.example_inputs = tuple(torch.from_numpy(a) for a in samples[0]) if samples else \
-            tuple(torch.randn(*spec.shape, generator=generator) for spec in source.inputs)
     return source
+
+
+class RegistrySource(ModelSource):
+    """A registered version. Its PyTorch model (for backends converting from PyTorch: tflite) is
+    downloaded on first use only, since most builds never ask for it."""
+
+    _module: Any = None
+    _example_inputs: tuple = ()
+    _tried = False
+
+    @property
+    def module(self):
+        if not self._tried and self.registry is not None:
+            self._tried = True
+            with tempfile.TemporaryDirectory(prefix="edgesmith-registry-") as tmp:
+                self._module = pytorch_module(self.registry, Path(tmp))
+        return self._module
+
+    @module.setter
+    def module(self, value) -> None:
+        self._module = value
+
+    @property
+    def example_inputs(self) -> tuple:
+        import torch
+
+        if self.module is not None and not self._example_inputs:
+            generator = torch.Generator().manual_seed(0)
+            self._example_inputs = tuple(torch.from_numpy(a) for a in self.samples[0]) if self.samples else \
+                tuple(torch.randn(*spec.shape, generator=generator) for spec in self.inputs)
+        return self._example_inputs
+
+    @example_inputs.setter
+    def example_inputs(self, value: tuple) -> None:
+        self._example_inputs = tuple(value)
