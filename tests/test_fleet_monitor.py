@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -833,3 +834,23 @@ def test_percentiles_match_the_device_runtime_rule():
         qs = (0.0001, 0.5, 0.95, 0.99, 1.0)
         got = percentiles_us(np.array(counts + [underflow, overflow]), lay, max_us, qs)
         assert got == pytest.approx([stats_percentile_us(counts, underflow, overflow, lay, max_us, q) for q in qs])
+
+
+# ---- the load benchmark runs (its figures are the bench's business, not a test's) ----------------
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_load_bench_small_run_loses_nothing():
+    bench = Path(__file__).resolve().parent.parent / "bench" / "telemetry_load.py"
+    out = subprocess.run([sys.executable, str(bench), "--devices", "200", "--processes", "2", "--duration-s", "6",
+                          "--burst-interval-s", "1", "--burst-duration-s", "3"],
+                         capture_output=True, text=True, timeout=580)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = {r["run"]: r for r in (json.loads(line) for line in out.stdout.splitlines() if line.startswith("{"))}
+    assert set(runs) == {"steady", "ceiling-1", "ceiling-2", "ceiling-2-ingest"}, out.stdout
+    for run in runs.values():
+        assert run["published"] > 0 and run["stored"] == run["published"], run
+        assert run["lost"] == 0 and run["duplicated"] == 0, run
+    assert runs["steady"]["births_stored_s"] is not None
+    assert "steady:" in out.stdout and "ceiling (a backlog of" in out.stdout
