@@ -98,7 +98,7 @@ class TargetInfo(BaseModel):
 class BackendInfo(_Model):
     name: NonEmptyStr
     version: str
-    precision: Literal["fp32", "fp16"]
+    precision: Literal["fp32", "fp16", "int8"]
     options: dict[str, Any] = {}
 
 
@@ -202,6 +202,26 @@ class Validation(_Model):
     reason: str | None = None
 
 
+class QuantizationData(_Model):
+    origin: str = Field(description="file:<path>, or registry:<run id>/data/test.npz[a:b] (a slice of the held-out split)")
+    samples: int = Field(ge=1)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the inputs' bytes (C order, float32 as stored)")
+
+
+class Quantization(_Model):
+    """How an INT8 payload was made and the accuracy gate it passed (``edgesmith build --quantize int8``)."""
+
+    scheme: Literal["int8"]
+    method: NonEmptyStr = Field(description="the quantizer and its version, e.g. nncf 3.4.0 post-training quantization")
+    calibration: QuantizationData
+    evaluation: QuantizationData = Field(description="the labelled held-out inputs both accuracies were measured on")
+    fp32_accuracy: float = Field(ge=0, le=1, description="top-1 accuracy of the FP32 model (ONNX Runtime)")
+    int8_accuracy: float = Field(ge=0, le=1, description="top-1 accuracy of this payload")
+    accuracy_drop: FiniteFloat = Field(description="(fp32_accuracy - int8_accuracy) in percentage points")
+    max_accuracy_drop: FiniteFloat = Field(description="the bound the drop was checked against (--max-accuracy-drop)")
+    top1_agreement: float = Field(ge=0, le=1, description="share of evaluation inputs where INT8 and FP32 predict the same class")
+
+
 class HostInfo(_Model):
     isa: str
     cpu: str
@@ -239,6 +259,9 @@ class Manifest(_Model):
     validation: Validation
     proof: Proof
     build: BuildInfo
+    # absent, not null, when not quantized: FP32 manifests keep their exact bytes
+    quantization: Quantization | None = Field(default=None, exclude_if=lambda value: value is None,
+                                              description="present only in quantized (INT8) artifacts")
 
     def to_bytes(self) -> bytes:
         """The canonical bytes written to manifest.json (and signed)."""

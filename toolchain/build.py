@@ -21,8 +21,8 @@ from typing import Callable
 import numpy as np
 
 from edgesmith.runtime.manifest import (BackendInfo, BuildInfo, Executed, Golden, GoldenSample, HostInfo, Manifest,
-                                        ModelInfo, Payload, Proof, SourceInfo, TensorSpec, Validation)
-from edgesmith.toolchain import reference
+                                        ModelInfo, Payload, Proof, Quantization, SourceInfo, TensorSpec, Validation)
+from edgesmith.toolchain import quantize, reference
 from edgesmith.toolchain.backends import get_backend
 from edgesmith.toolchain.backends.base import CompileRequest
 from edgesmith.toolchain.errors import UserError, ValidationError
@@ -49,6 +49,11 @@ class BuildOptions:
     # Golden samples kept in the artifact: the self-test's and proof's cases, and the inputs an agent's
     # synthetic load replays, so they are the samples the monitoring reference was measured on.
     golden_samples: int = 8
+    # --quantize int8: calibration/evaluation data and the accuracy gate's bound (toolchain/quantize.py)
+    quantize: str | None = None
+    calib_path: Path | None = None
+    eval_path: Path | None = None
+    max_accuracy_drop: float = 1.0
 
 
 @dataclass
@@ -61,6 +66,7 @@ class ReferenceRun:
     sensitivity: float
     version: str
     origin: str = "synthetic N(0,1)"  # where the sample inputs came from (manifest source.samples)
+    quantization: "quantize.Plan | None" = None  # --quantize: data, FP32 accuracy, the gate's bound
 
 
 @dataclass
@@ -90,7 +96,10 @@ def run_reference(source: ModelSource, options: BuildOptions) -> ReferenceRun:
     sensitivity = input_sensitivity(outputs)
     specs = [TensorSpec(name=name, dtype=arr.dtype.name, shape=list(arr.shape))
              for name, arr in zip(model.output_names, outputs[0])]
-    return ReferenceRun(samples, outputs, specs, sensitivity, reference.version(), origin)
+    plan = None
+    if options.quantize:
+        plan = quantize.prepare(source, options.quantize, options.calib_path, options.eval_path, options.max_accuracy_drop)
+    return ReferenceRun(samples, outputs, specs, sensitivity, reference.version(), origin, plan)
 
 
 def choose_backends(target: Target, backend: str | None) -> list[str]:
@@ -171,6 +180,40 @@ def _validate(staging: Path, result, backend, target: Target, ref: ReferenceRun,
                       max_rel_err=cmp.max_rel_err, top1_agreement=cmp.top1_agreement, reason=execution.reason, **common)
 
 
+def _validate_int8(staging: Path, result, backend, target: Target, ref: ReferenceRun, tolerance, name: str,
+                   public_key: bytes) -> tuple[Validation, Quantization, list[list[np.ndarray]]]:
+    """INT8 payloads are judged by the task, not element-wise: the accuracy gate on the labelled
+    held-out inputs (toolchain/quantize.py), then top-1 agreement with FP32. Returns the payload's
+    own outputs for the golden inputs too: they become the golden outputs."""
+    execution = backend.executes_here(target)
+    if not execution.possible:
+        raise UserError(f"{name}: an INT8 artifact must pass the accuracy gate, which runs it, and this machine cannot "
+                        f"({execution.reason}); build it on a machine that runs {target.isa} payloads")
+    plan = ref.quantization
+    run = _runner(staging, result, backend, target, execution.how, public_key)
+    record = plan.gate(name, [run(sample) for sample in plan.evaluation.samples()], result.options.get("quantization", backend.NAME))
+    golden = [run(sample) for sample in ref.samples]
+    cmp = compare(golden, ref.outputs, [s.name for s in ref.output_specs], tolerance.atol, tolerance.rtol)
+    validation = Validation(status="passed", executed=Executed(isa=host_isa(), how=execution.how),
+                            reference=f"onnxruntime {ref.version} (FP32 model); passed the INT8 accuracy gate",
+                            samples=len(plan.evaluation.x), max_abs_err=cmp.max_abs_err, max_rel_err=cmp.max_rel_err,
+                            top1_agreement=record.top1_agreement, atol=tolerance.atol, rtol=tolerance.rtol,
+                            input_sensitivity=ref.sensitivity,
+                            reason="INT8: judged by accuracy and top-1 agreement with FP32 on the evaluation inputs; "
+                                   "max_abs_err/max_rel_err are the golden inputs' INT8-vs-FP32 differences, for information")
+    return validation, record, golden
+
+
+def _int8_golden(staging: Path, manifest: Manifest, outputs: list[list[np.ndarray]], tolerance) -> None:
+    """Golden outputs of an INT8 artifact are its own outputs here; a device's INT8 kernels may
+    round differently, so its self-test allows as much as quantization moved them from FP32."""
+    for sample, arrays in zip(manifest.golden.samples, outputs):
+        for path, array in zip(sample.outputs, arrays):
+            np.save(staging / path, np.ascontiguousarray(array), allow_pickle=False)
+    manifest.golden.atol = max(tolerance.atol, float(manifest.validation.max_abs_err or 0.0))
+    manifest.files = file_entries(staging)
+
+
 def build_one(source: ModelSource, ref: ReferenceRun, target: Target, backend_name: str, options: BuildOptions,
               key: SigningKey, status: Callable[[str], None] = lambda _: None) -> BuiltArtifact:
     """Compile, validate, prove, package and sign one artifact; nothing is left on disk if any step fails.
@@ -190,8 +233,16 @@ def build_one(source: ModelSource, ref: ReferenceRun, target: Target, backend_na
     with staging_dir(final) as staging, tempfile.TemporaryDirectory(prefix="edgesmith-") as work:
         status(f"{name}: compiling with {backend_name} {backend_version}")
         t0 = time.perf_counter()
-        result = backend.compile(CompileRequest(source=source, target=target, precision=options.precision,
-                                                out_dir=staging, work_dir=Path(work), tuning_db=options.tuning_db))
+        request = CompileRequest(source=source, target=target, precision=options.precision, out_dir=staging,
+                                 work_dir=Path(work), tuning_db=options.tuning_db)
+        if ref.quantization is not None:
+            compile_int8 = getattr(backend, "compile_int8", None)
+            if compile_int8 is None:
+                raise UserError(f"the {backend_name} backend has no INT8 path; use --backend openvino or ort with --quantize int8")
+            status(f"{name}: quantizing to INT8 on {len(ref.quantization.calibration.x)} calibration samples")
+            result = compile_int8(request, ref.quantization.calibration)
+        else:
+            result = backend.compile(request)
         stages["compile_s"] = time.perf_counter() - t0
         # Held-out real inputs are all kept as golden samples, so an agent's synthetic load replays
         # exactly what the monitoring reference was measured on.
@@ -203,7 +254,8 @@ def build_one(source: ModelSource, ref: ReferenceRun, target: Target, backend_na
                                               **_lineage(source)),
                             onnx_sha256=source.onnx_sha256, opset=source.opset),
             target=target.spec(),
-            backend=BackendInfo(name=backend_name, version=backend_version, precision=options.precision, options=result.options),
+            backend=BackendInfo(name=backend_name, version=backend_version, options=result.options,
+                                precision="int8" if ref.quantization is not None else options.precision),
             payload=Payload(format=result.format, entry=result.entry),
             files=file_entries(staging),
             inputs=source.inputs,
@@ -221,9 +273,16 @@ def build_one(source: ModelSource, ref: ReferenceRun, target: Target, backend_na
         staging_key = ephemeral_key()
         sign_and_check(staging, manifest, staging_key)
 
-        status(f"{name}: validating on {len(ref.samples)} samples against ONNX Runtime")
         t0 = time.perf_counter()
-        manifest.validation = _validate(staging, result, backend, target, ref, tolerance, name, staging_key.public_key)
+        if ref.quantization is not None:
+            status(f"{name}: INT8 accuracy gate on {len(ref.quantization.evaluation.x)} held-out samples")
+            manifest.validation, manifest.quantization, int8_golden = _validate_int8(
+                staging, result, backend, target, ref, tolerance, name, staging_key.public_key)
+            _int8_golden(staging, manifest, int8_golden, tolerance)
+            sign_and_check(staging, manifest, staging_key)
+        else:
+            status(f"{name}: validating on {len(ref.samples)} samples against ONNX Runtime")
+            manifest.validation = _validate(staging, result, backend, target, ref, tolerance, name, staging_key.public_key)
         stages["validate_s"] = time.perf_counter() - t0
 
         if getattr(backend, "DEVICE_RUNTIME", False):
@@ -262,7 +321,24 @@ def _log_build(source: ModelSource, built: BuiltArtifact, key: SigningKey, devic
 
     status(f"{built.manifest.name}: logging the build to MLflow")
     try:
-        log_build(source.registry, built, key.public_key, device_runtime)
+        run_id = log_build(source.registry, built, key.public_key, device_runtime)
+        if built.manifest.quantization is not None:
+            _log_quantization(source.registry.tracking_uri, run_id, built.manifest.quantization)
     except Exception as e:
         print(f"warning: {built.manifest.name} was built, but logging it to MLflow failed ({type(e).__name__}: "
               f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})", file=sys.stderr)
+
+
+def _log_quantization(tracking_uri: str, run_id: str, q: Quantization) -> None:
+    """The INT8 gate's figures and calibration data on the build's MLflow run."""
+    from edgesmith.toolchain.train import tracking
+
+    client = tracking.connect(tracking_uri)
+    for key, value in (("fp32_accuracy", q.fp32_accuracy), ("int8_accuracy", q.int8_accuracy),
+                       ("accuracy_drop", q.accuracy_drop), ("int8_top1_agreement", q.top1_agreement),
+                       ("calibration_samples", q.calibration.samples), ("evaluation_samples", q.evaluation.samples)):
+        client.log_metric(run_id, key, value)
+    for key, value in (("quantization", q.scheme), ("quantization_method", q.method),
+                       ("max_accuracy_drop", q.max_accuracy_drop), ("calibration_sha256", q.calibration.sha256),
+                       ("calibration_origin", q.calibration.origin), ("evaluation_origin", q.evaluation.origin)):
+        client.log_param(run_id, key, value)

@@ -13,7 +13,7 @@ from typing import Literal
 import numpy as np
 
 from edgesmith.toolchain.backends.base import BackendSettings, CompileRequest, CompileResult, Execution, Runner
-from edgesmith.toolchain.errors import BackendUnavailable, CompileError, first_line
+from edgesmith.toolchain.errors import BackendUnavailable, CompileError, UserError, first_line
 from edgesmith.toolchain.targets import Target, host_isa, runs_natively
 
 NAME = "openvino"
@@ -59,6 +59,26 @@ def compile(request: CompileRequest) -> CompileResult:
     ov.save_model(model, str(request.out_dir / ENTRY), compress_to_fp16=request.precision == "fp16")
     options = {"device": request.target.openvino.device, "config": compile_config(request.target),
                "weights": request.precision}
+    return CompileResult(format=FORMAT, entry=ENTRY, options=options)
+
+
+def compile_int8(request: CompileRequest, calibration) -> CompileResult:
+    """INT8 IR: NNCF post-training quantization of the converted model (toolchain/quantize.py)."""
+    import openvino as ov
+
+    from edgesmith.toolchain.quantize import nncf_openvino
+
+    onnx_path = request.work_dir / "model.onnx"
+    onnx_path.write_bytes(request.source.onnx_bytes)
+    try:
+        model, method = nncf_openvino(onnx_path, calibration)
+    except UserError:
+        raise
+    except Exception as e:
+        raise CompileError(f"NNCF cannot quantize the model for openvino: {first_line(e)}; build it FP32 or try --backend ort") from None
+    ov.save_model(model, str(request.out_dir / ENTRY), compress_to_fp16=False)
+    options = {"device": request.target.openvino.device, "config": compile_config(request.target), "weights": "int8",
+               "quantization": method}
     return CompileResult(format=FORMAT, entry=ENTRY, options=options)
 
 

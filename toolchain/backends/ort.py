@@ -17,6 +17,7 @@ runs it on its ISA.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Literal
 
@@ -98,6 +99,19 @@ def compile(request: CompileRequest) -> CompileResult:
                "payload": settings.payload, "intra_op_spinning": settings.intra_op_spinning,
                "intra_op_threads": request.target.threads, "execution_provider": "CPUExecutionProvider"}
     return CompileResult(format=fmt, entry=entry, options=options)
+
+
+def compile_int8(request: CompileRequest, calibration) -> CompileResult:
+    """ONNX Runtime's static QDQ model (toolchain/quantize.py), optimized and saved like an FP32 one."""
+    import copy
+
+    from edgesmith.toolchain.quantize import qdq_onnx
+
+    source = copy.copy(request.source)
+    source.onnx_model, method = qdq_onnx(request.source.onnx_bytes, request.source.inputs[0].name, calibration, request.work_dir)
+    result = compile(dataclasses.replace(request, source=source))
+    result.options["quantization"] = method
+    return result
 
 
 def executes_here(target: Target) -> Execution:

@@ -50,16 +50,26 @@ def build(
     samples: Path = typer.Option(None, "--samples", help=".npz of validation inputs named like the model inputs, samples on axis 0."),
     num_samples: int = typer.Option(8, "--num-samples", help="Number of random validation samples when --samples is not given."),
     allow_constant_output: bool = typer.Option(False, "--allow-constant-output", help="Accept a model whose outputs ignore its input (latency work only)."),
+    quantize: str = typer.Option(None, "--quantize", envvar="EDGESMITH_QUANTIZE",
+                                 help="int8: post-training quantization (openvino: NNCF; ort: ONNX Runtime QDQ) behind an accuracy gate."),
+    calib: Path = typer.Option(None, "--calib", help="Calibration inputs for --quantize: .npz with x (N samples shaped like the model input); default: a registered model's test split."),
+    eval_data: Path = typer.Option(None, "--eval", help="Labelled held-out data for the accuracy gate: .npz with x and integer y; default: a registered model's test split."),
+    max_accuracy_drop: float = typer.Option(1.0, "--max-accuracy-drop", help="Refuse an INT8 artifact whose top-1 accuracy is more than this many points below FP32's."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object listing every artifact instead of a table."),
 ) -> None:
     """Build, validate against ONNX Runtime, package and sign one artifact per target (and backend)."""
     if precision not in ("fp32", "fp16"):
         raise UserError(f"--precision {precision!r} is not known; use fp32 or fp16")
+    if quantize is not None and precision != "fp32":
+        raise UserError("--quantize int8 starts from the FP32 model; drop --precision")
+    if quantize is None and (calib or eval_data):
+        raise UserError("--calib and --eval are data for --quantize int8; add --quantize int8 or drop them")
     targets = _targets(target)
     plan = [(t, b) for t in targets for b in choose_backends(t, backend)]
     signing_key = load_signing_key(key) if key else default_signing_key()
     options = BuildOptions(out_dir=output, precision=precision, tuning_db=tuning_db, samples_path=samples,
-                           num_samples=num_samples, allow_constant_output=allow_constant_output, model_version=model_version)
+                           num_samples=num_samples, allow_constant_output=allow_constant_output, model_version=model_version,
+                           quantize=quantize, calib_path=calib, eval_path=eval_data, max_accuracy_drop=max_accuracy_drop)
     err = Console(stderr=True)
     with err.status("loading the model") as status:
         source = load_source(model, parse_input_shapes(input_shape or []), name)
@@ -82,6 +92,7 @@ def build(
             {"target": r.target, "backend": r.backend, "path": str(r.path), "size_bytes": r.size_bytes,
              "build_time_s": round(r.duration_s, 3), "stages_s": {k: round(v, 3) for k, v in r.stages.items()},
              "validation": r.manifest.validation.model_dump(mode="json"),
+             "quantization": r.manifest.quantization.model_dump(mode="json") if r.manifest.quantization else None,
              "proof": r.manifest.proof.model_dump(mode="json")}
             for r in results], "failures": failures}, indent=2))
     else:
