@@ -136,6 +136,11 @@ std::vector<std::string> plugin_search_dirs() {
   const std::string exe = executable_dir();
   if (!exe.empty()) {
     dirs.push_back((fs::path(exe).parent_path() / "lib" / "edgesmith" / "backends").string());
+#ifdef EDGESMITH_PACKAGE_BACKENDS
+    // A Python build: commands installed into a virtualenv's bin/ (edgesmith-run, edgesmith-agent)
+    // find the plugins in the Python package, relative to bin/.
+    dirs.push_back((fs::path(exe) / EDGESMITH_PACKAGE_BACKENDS).lexically_normal().string());
+#endif
   }
   return dirs;
 }

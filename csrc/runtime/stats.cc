@@ -90,8 +90,10 @@ void Stats::stats_record(double latency_us, uint64_t nan_input_values,
 void Stats::output_record(OutputMonitorState& state, const Tensor& output, uint64_t run) {
   const ManifestOutputMonitor& monitor = state.monitor;
   const size_t bins = state.counts.size - EXTRA_SLOTS;
-  // Counted locally, then added to the shared atomics once per non-empty slot.
-  std::vector<uint64_t> local(state.counts.size, 0);
+  // Counted locally, then added to the shared atomics once per non-empty slot. The scratch is the
+  // calling thread's, reused run after run: no allocation on the inference path.
+  thread_local std::vector<uint64_t> local;
+  local.assign(state.counts.size, 0);
   const auto numel = static_cast<size_t>(shape_numel(output.shape()));
   const void* data = output.data();
   if (monitor.kind == MONITOR_KIND_CLASSES) {

@@ -352,18 +352,6 @@ int run_main(const Options& options) {
 
 int main(int argc, char** argv) {
   using namespace edgesmith;
-#ifdef EDGESMITH_RUN_PACKAGE_BACKENDS
-  // Installed into a virtualenv's bin/: also search the Python package's plugin directory, after
-  // anything the user put in EDGESMITH_BACKEND_PATH.
-  std::error_code ec;
-  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
-  if (!ec) {
-    const char* current = std::getenv(BACKEND_PATH_ENV);
-    std::string path = current != nullptr ? std::string(current) + ":" : std::string();
-    path += (exe.parent_path() / EDGESMITH_RUN_PACKAGE_BACKENDS).lexically_normal().string();
-    setenv(BACKEND_PATH_ENV, path.c_str(), 1);
-  }
-#endif
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "-h" || arg == "--help") {
