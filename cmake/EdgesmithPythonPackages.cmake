@@ -28,3 +28,17 @@ function(edgesmith_python_package_dir package out_var)
     set(${out_var} "${_dir}" PARENT_SCOPE)
   endif()
 endfunction()
+
+# edgesmith_wheel_root(<package> <given> <out-var>): the directory an engine's wheel is unpacked in
+# (the site-packages holding <package>): <given> when set (a cross build's unpacked target wheel),
+# else where EDGESMITH_PYTHON has <package> installed, else empty.
+function(edgesmith_wheel_root package given out_var)
+  set(_root "${given}")
+  if(NOT _root)
+    edgesmith_python_package_dir(${package} _pkg)
+    if(_pkg)
+      get_filename_component(_root "${_pkg}" DIRECTORY)
+    endif()
+  endif()
+  set(${out_var} "${_root}" PARENT_SCOPE)
+endfunction()

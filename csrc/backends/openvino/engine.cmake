@@ -12,13 +12,7 @@ include(EdgesmithPythonPackages)
 set(EDGESMITH_OPENVINO_ROOT "" CACHE PATH "Directory with the unpacked openvino wheel")
 
 set(EDGESMITH_OPENVINO_FOUND OFF)
-set(_edgesmith_ov_root "${EDGESMITH_OPENVINO_ROOT}")
-if(NOT _edgesmith_ov_root)
-  edgesmith_python_package_dir(openvino _edgesmith_ov_pkg)
-  if(_edgesmith_ov_pkg)
-    get_filename_component(_edgesmith_ov_root "${_edgesmith_ov_pkg}" DIRECTORY)
-  endif()
-endif()
+edgesmith_wheel_root(openvino "${EDGESMITH_OPENVINO_ROOT}" _edgesmith_ov_root)
 
 if(_edgesmith_ov_root AND EXISTS "${_edgesmith_ov_root}/openvino/cmake/OpenVINOConfig.cmake")
   # The wheel's config resolves everything relative to itself, so it also serves cross builds

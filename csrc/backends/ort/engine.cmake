@@ -18,13 +18,7 @@ set(EDGESMITH_ORT_ROOT "" CACHE PATH "Directory with the unpacked onnxruntime wh
 set(EDGESMITH_ORT_INCLUDE_DIR "" CACHE PATH "Directory holding the ONNX Runtime C/C++ API headers")
 
 set(EDGESMITH_ORT_FOUND OFF)
-set(_edgesmith_ort_root "${EDGESMITH_ORT_ROOT}")
-if(NOT _edgesmith_ort_root)
-  edgesmith_python_package_dir(onnxruntime _edgesmith_ort_pkg)
-  if(_edgesmith_ort_pkg)
-    get_filename_component(_edgesmith_ort_root "${_edgesmith_ort_pkg}" DIRECTORY)
-  endif()
-endif()
+edgesmith_wheel_root(onnxruntime "${EDGESMITH_ORT_ROOT}" _edgesmith_ort_root)
 
 set(_edgesmith_ort_library "")
 if(_edgesmith_ort_root)

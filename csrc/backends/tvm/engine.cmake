@@ -13,13 +13,7 @@ include(EdgesmithPythonPackages)
 set(EDGESMITH_TVM_ROOT "" CACHE PATH "Directory with the unpacked apache-tvm and apache-tvm-ffi wheels")
 
 set(EDGESMITH_TVM_FOUND OFF)
-set(_edgesmith_tvm_root "${EDGESMITH_TVM_ROOT}")
-if(NOT _edgesmith_tvm_root)
-  edgesmith_python_package_dir(tvm_ffi _edgesmith_tvm_ffi_pkg)
-  if(_edgesmith_tvm_ffi_pkg)
-    get_filename_component(_edgesmith_tvm_root "${_edgesmith_tvm_ffi_pkg}" DIRECTORY)
-  endif()
-endif()
+edgesmith_wheel_root(tvm_ffi "${EDGESMITH_TVM_ROOT}" _edgesmith_tvm_root)
 
 if(_edgesmith_tvm_root)
   find_path(EDGESMITH_TVM_FFI_INCLUDE_DIR tvm/ffi/extra/module.h
