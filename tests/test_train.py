@@ -71,6 +71,27 @@ def test_bad_values_are_one_sentence(tmp_path):
         load_config(tmp_path / "nope.toml")
 
 
+@pytest.mark.parametrize("old, new, message", [
+    ('batch_size = { choices = [32, 64, 128] }', 'optimiser = { choices = ["adam", "rmsprop"] }',
+     r"search.optimiser: choice 'rmsprop' is not a valid optimiser \(Input should be 'adam', 'adamw' or 'sgd'\)$"),
+    ('batch_size = { choices = [32, 64, 128] }', 'epochs = { low = 1.5, high = 4 }',
+     r"search.epochs: epochs is an integer, so its range needs integer low and high \(got 1.5 and 4\)$"),
+    ('batch_size = { choices = [32, 64, 128] }', 'batch_size = { low = 0, high = 128 }',
+     r"search.batch_size: low 0 is not a valid batch_size \(Input should be greater than or equal to 1\)$"),
+    ('lr = { low = 0.0003, high = 0.03, log = true }', 'lr = { low = -1, high = 0.03 }',
+     r"search.lr: low -1 is not a valid lr"),
+])
+def test_bad_search_space_is_refused_when_the_config_loads(tmp_path, old, new, message):
+    """Every value a trial can draw passes the trial's override path, or the config is refused."""
+    text = EXAMPLE.read_text()
+    assert old in text
+    with pytest.raises(UserError, match=message) as e:
+        load_config(_write(tmp_path, text.replace(old, new)))
+    assert "\n" not in str(e.value)
+    good = load_config(_write(tmp_path, text.replace(old, 'epochs = { low = 2, high = 4 }')))
+    assert good.search["epochs"].kind == "int"
+
+
 def test_config_hash_follows_values_not_formatting(tmp_path):
     a = load_config(EXAMPLE)
     b = load_config(_write(tmp_path, "# a comment\n" + EXAMPLE.read_text()))

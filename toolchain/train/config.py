@@ -96,7 +96,26 @@ class TrainConfig(_Strict):
         unknown = set(self.search) - set(SEARCHABLE)
         if unknown:
             raise ValueError(f"search cannot vary {', '.join(sorted(unknown))}; searchable: {', '.join(SEARCHABLE)}")
+        for key, param in self.search.items():
+            self._check_search_param(key, param)
         return self
+
+    def _check_search_param(self, key: str, param: SearchParam) -> None:
+        """Every value a trial can draw must pass the override path a trial takes (``with_overrides``),
+        so a bad space is refused when the config loads, not by the first trial mid-search."""
+        annotation = TrainConfig.model_fields[key].annotation
+        if param.kind == "float" and annotation is int:
+            raise ValueError(f"search.{key}: {key} is an integer, so its range needs integer low and high "
+                             f"(got {param.low} and {param.high})")
+        values = param.choices if param.kind == "choices" else [param.low, param.high]
+        base = {**self.model_dump(), "search": {}}
+        for value in values:
+            try:
+                TrainConfig.model_validate({**base, key: value})
+            except ValidationError as e:
+                what = "choice" if param.kind == "choices" else ("low" if value == param.low else "high")
+                raise ValueError(f"search.{key}: {what} {value!r} is not a valid {key} "
+                                 f"({e.errors()[0]['msg'].removeprefix('Value error, ')})") from None
 
     def digest(self) -> str:
         """sha256 of the validated config (canonical JSON): same setup, same hash."""
