@@ -92,6 +92,56 @@ def test_bad_search_space_is_refused_when_the_config_loads(tmp_path, old, new, m
     assert good.search["epochs"].kind == "int"
 
 
+def _bad_inputs(tmp_path: Path, case: str):
+    """(config path or config, what to call) for one bad input; see the parametrize list below."""
+    from edgesmith.toolchain.train.data import load_dataset, split
+    from edgesmith.toolchain.train.loop import train
+
+    rng = np.random.default_rng(0)
+    cfg = load_config(EXAMPLE).with_overrides(epochs=1)
+
+    def dataset(**arrays):
+        path = tmp_path / "d.npz"
+        np.savez(path, **arrays)
+        return cfg.with_overrides(dataset={"source": str(path)})
+
+    def trains(c):
+        return lambda: train(c, split(load_dataset(c), c))
+
+    if case == "directory":
+        return lambda: load_config(tmp_path)
+    if case == "binary":
+        (tmp_path / "c.toml").write_bytes(bytes(range(256)))
+        return lambda: load_config(tmp_path / "c.toml")
+    if case == "npy":
+        np.save(tmp_path / "d.npy", rng.random((30, 64)))
+        return lambda: load_dataset(cfg.with_overrides(dataset={"source": str(tmp_path / "d.npy")}))
+    if case == "empty":
+        return lambda: load_dataset(dataset(x=np.zeros((0, 64), np.float32), y=np.zeros(0, np.int64)))
+    if case == "negative":
+        return lambda: load_dataset(dataset(x=rng.random((30, 64)), y=np.repeat(np.arange(-1, 2), 10)))
+    if case == "too_many_classes":  # the digits CNN gives 10 logits
+        return trains(dataset(x=rng.random((120, 64)), y=np.repeat(np.arange(12), 10)))
+    if case == "input_shape":  # the same 64 values per input, but 2 channels where the CNN takes 1
+        return trains(dataset(x=rng.random((60, 64)), y=np.repeat(np.arange(3), 20)).with_overrides(input_shape=[1, 2, 4, 8]))
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("directory", r"is a directory; pass a TOML file"),
+    ("binary", r"is not text \(not UTF-8\); pass a TOML file"),
+    ("npy", r"is a single \.npy array, not an \.npz with x and y"),
+    ("empty", r"holds no samples"),
+    ("negative", r"labels must be 0 or more \(class indices\); y holds -1"),
+    ("too_many_classes", r"gives 10 outputs but the dataset has 12 classes"),
+    ("input_shape", r"fails on an input of shape \[1, 2, 4, 8\] .*check input_shape in the config"),
+])
+def test_bad_files_data_and_shapes_are_one_sentence(tmp_path, case, message):
+    with pytest.raises(UserError, match=message) as e:
+        _bad_inputs(tmp_path, case)()
+    assert "\n" not in str(e.value)
+
+
 def test_config_hash_follows_values_not_formatting(tmp_path):
     a = load_config(EXAMPLE)
     b = load_config(_write(tmp_path, "# a comment\n" + EXAMPLE.read_text()))

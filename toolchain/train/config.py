@@ -161,6 +161,12 @@ def load_config(path: str | Path) -> TrainConfig:
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"config {path} is a directory; pass a TOML file (e.g. examples/digits.toml)") from None
+    except OSError as e:
+        raise UserError(f"config file {path} cannot be read ({e.strerror or type(e).__name__})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not text (not UTF-8); pass a TOML file") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path} is not valid TOML ({e})") from None
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgesmith.toolchain.errors import UserError
+from edgesmith.toolchain.errors import UserError, first_line
 from edgesmith.toolchain.train.config import TrainConfig
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".ppm"}
@@ -58,14 +58,26 @@ def _npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     try:
         data = np.load(path, allow_pickle=False)
     except Exception as e:
-        raise UserError(f"dataset {path} is not a readable .npz file ({e})") from None
-    if "x" not in data.files or "y" not in data.files:
-        raise UserError(f"dataset {path} needs arrays named x (inputs) and y (integer labels); it has {', '.join(data.files) or 'none'}")
-    x, y = data["x"], data["y"]
-    if y.ndim != 1 or y.dtype.kind not in "iu" or len(y) != len(x):
-        raise UserError(f"dataset {path}: y must be one integer label per row of x ({len(x)} rows); it is {y.dtype} with shape {list(y.shape)}")
+        raise UserError(f"dataset {path} is not a readable .npz file ({first_line(e)})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise UserError(f"dataset {path} is a single .npy array, not an .npz with x and y; save both with "
+                        "numpy.savez(FILE.npz, x=inputs, y=labels)")
+    with data:
+        if "x" not in data.files or "y" not in data.files:
+            raise UserError(f"dataset {path} needs arrays named x (inputs) and y (integer labels); it has {', '.join(data.files) or 'none'}")
+        try:
+            x, y = data["x"], data["y"]
+        except Exception as e:
+            raise UserError(f"dataset {path} is not a readable .npz file ({first_line(e)})") from None
+    if x.ndim == 0 or y.ndim != 1 or y.dtype.kind not in "iu" or len(y) != len(x):
+        raise UserError(f"dataset {path}: y must be one integer label per row of x ({len(x) if x.ndim else 0} rows); "
+                        f"it is {y.dtype} with shape {list(y.shape)}")
+    if len(y) == 0:
+        raise UserError(f"dataset {path} holds no samples (x and y are empty); give at least a few per class")
     if x.dtype.kind not in "fiub":
         raise UserError(f"dataset {path}: x has dtype {x.dtype}; give numbers")
+    if y.min() < 0:
+        raise UserError(f"dataset {path}: labels must be 0 or more (class indices); y holds {int(y.min())}")
     classes = [str(c) for c in range(int(y.max()) + 1)]
     return x.astype(np.float32), y.astype(np.int64), classes
 

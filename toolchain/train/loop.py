@@ -57,8 +57,13 @@ def make_deterministic(config: TrainConfig) -> None:
     torch.use_deterministic_algorithms(True)
 
 
-def build_model(config: TrainConfig):
-    """Call the config's ``module:callable`` with torch seeded, so initial weights repeat."""
+def build_model(config: TrainConfig, classes: int | None = None):
+    """Call the config's ``module:callable`` with torch seeded, so initial weights repeat.
+
+    One probe forward pass on zeros of ``input_shape`` (eval mode, no gradients: weights, BatchNorm
+    statistics and the random stream stay untouched) checks the model takes that shape and, given
+    the dataset's class count, gives one logit per class, so a mismatch is one sentence, not a
+    traceback from the first training batch."""
     import torch
 
     from edgesmith.toolchain.sources import _import_callable
@@ -71,6 +76,21 @@ def build_model(config: TrainConfig):
         raise UserError(f"calling {config.model}() failed: {type(e).__name__}: {first_line(e)}") from None
     if not isinstance(model, torch.nn.Module):
         raise UserError(f"{config.model}() returned {type(model).__name__}, not a torch.nn.Module")
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(*config.input_shape))
+    except Exception as e:
+        raise UserError(f"{config.model} fails on an input of shape {config.input_shape} ({type(e).__name__}: {first_line(e)}); "
+                        "check input_shape in the config") from None
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != config.input_shape[0]:
+        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UserError(f"{config.model} returns {shape} for input_shape {config.input_shape}; a classifier must return "
+                        "one row of class logits per input (batch, classes)")
+    if classes is not None and out.shape[1] < classes:
+        raise UserError(f"{config.model} gives {out.shape[1]} outputs but the dataset has {classes} classes "
+                        f"(labels 0..{classes - 1}); give the model at least {classes} outputs or fix the labels")
+    model.train()
     return model
 
 
@@ -111,7 +131,7 @@ def train(config: TrainConfig, splits: Splits, on_epoch: Callable[[EpochMetrics]
 
     make_deterministic(config)
     rank, size = world()
-    model = build_model(config)
+    model = build_model(config, len(splits.classes))
     net = model
     data = TensorDataset(torch.from_numpy(splits.train[0]), torch.from_numpy(splits.train[1]))
     if size > 1:
