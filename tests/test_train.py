@@ -232,6 +232,28 @@ def test_digits_reaches_97_percent_tracked_and_registered(trained):
     assert (trained["dir"] / "mlartifacts").is_dir() and not (Path.cwd() / "mlruns").exists()
 
 
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_registered_onnx_takes_raw_inputs_and_keeps_the_test_accuracy(trained, tmp_path):
+    """The registered model carries its standardisation: the raw held-out split through the
+    registered ONNX (ONNX Runtime) gives the logged test accuracy."""
+    import mlflow
+    import onnxruntime as ort
+
+    s = trained["summary"]
+    client = mlflow.MlflowClient(trained["uri"], trained["uri"])
+    mlflow.set_tracking_uri(trained["uri"])
+    test = np.load(mlflow.artifacts.download_artifacts(run_id=s.run_id, artifact_path="data/test.npz", dst_path=str(tmp_path)))
+    x, y = test["x"], test["y"]
+    assert x.min() >= 0 and x.max() > 10  # raw digits pixels (0..16), not standardised values
+    folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/digits/{s.version}", dst_path=str(tmp_path / "m")))
+    (onnx_file,) = folder.rglob("*.onnx")
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    pred = np.array([session.run(None, {"input": x[k:k + 1]})[0].argmax() for k in range(len(x))])
+    accuracy = float((pred == y).mean())
+    assert accuracy >= 0.97 and accuracy == pytest.approx(client.get_run(s.run_id).data.metrics["test_accuracy"])
+
+
 def _epoch_logged(db: Path) -> bool:
     try:
         with sqlite3.connect(db) as con:

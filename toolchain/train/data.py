@@ -2,8 +2,9 @@
 
 Whatever the source, the trainer gets one ``Splits``: float32 inputs shaped like the model's input
 (batch axis first), int64 labels, a stratified, seeded train/val/test split, normalised with the
-training split's statistics only. The held-out test split is exactly what the model will see, so
-it is stored with the run and builds can use it as real sample inputs.
+training split's statistics only. The network trains on standardised inputs, but the model that is
+exported and registered takes raw inputs (the standardisation is its first step), so the held-out
+test split is kept raw as well (``test_raw``): that is what a device feeds the deployed model.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class Splits:
     train: tuple[np.ndarray, np.ndarray]
     val: tuple[np.ndarray, np.ndarray]
     test: tuple[np.ndarray, np.ndarray]
+    test_raw: np.ndarray  # the test inputs before normalising: what the registered model takes
     mean: float
     std: float
     classes: list[str]
@@ -145,4 +147,4 @@ def split(dataset: Dataset, config: TrainConfig) -> Splits:
         mean, std = float(x[train].mean()), float(x[train].std()) or 1.0
         x = ((x - mean) / std).astype(np.float32)
     return Splits(train=(x[train], dataset.y[train]), val=(x[val], dataset.y[val]), test=(x[test], dataset.y[test]),
-                  mean=mean, std=std, classes=dataset.classes)
+                  test_raw=dataset.x[test], mean=mean, std=std, classes=dataset.classes)

@@ -137,6 +137,24 @@ def log_dataset(dataset, context: str = "training") -> None:
     mlflow.log_input(ds, context=context)
 
 
+def deployable(model, mean: float, std: float):
+    """The model a device runs: ``(x - mean) / std`` (the training split's statistics) followed by
+    the trained network, so it takes raw inputs like the ones the data came as."""
+    import torch
+
+    class Standardised(torch.nn.Module):
+        def __init__(self, net: torch.nn.Module) -> None:
+            super().__init__()
+            self.net = net
+            self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
+            self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
+
+        def forward(self, x):
+            return self.net((x - self.mean) / self.std)
+
+    return Standardised(model).eval()
+
+
 def export_onnx(model, input_shape: list[int]):
     """Static-shape ONNX of the trained model (input ``input``), checked against PyTorch."""
     import torch
@@ -152,8 +170,9 @@ def export_onnx(model, input_shape: list[int]):
 def log_and_register(model, config, splits, dataset, test_accuracy: float, y_pred: np.ndarray, alias: str | None):
     """The trained model's record in the active run, and a new registered version of it.
 
-    The registered version is the ONNX export (what ``edgesmith build models:/...`` compiles); the
-    PyTorch model and the held-out test split are run artifacts next to it.
+    The registered version is the ONNX export (what ``edgesmith build models:/...`` compiles) of the
+    model wrapped with its input standardisation, so it takes raw inputs; the PyTorch model (same
+    wrapper) and the raw held-out test split are run artifacts next to it.
     """
     import mlflow
 
@@ -163,13 +182,14 @@ def log_and_register(model, config, splits, dataset, test_accuracy: float, y_pre
     log_confusion_matrix(splits.test[1], y_pred, splits.classes, "confusion_matrix.png")
     with tempfile.TemporaryDirectory(prefix="edgesmith-train-") as tmp:
         test_file = Path(tmp) / "test.npz"
-        np.savez(test_file, x=splits.test[0], y=splits.test[1])
+        np.savez(test_file, x=splits.test_raw, y=splits.test[1])
         mlflow.log_artifact(str(test_file), artifact_path=str(Path(TEST_SPLIT).parent))
+    deployed = deployable(model, splits.mean, splits.std)
     requirements = ["torch==2.13.0", "onnx", "onnxruntime"]
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        mlflow.pytorch.log_model(model, name=PYTORCH_MODEL, pip_requirements=requirements,
-                                 input_example=splits.test[0][:1])
-        info = mlflow.onnx.log_model(export_onnx(model, config.input_shape), name=ONNX_MODEL,
+        mlflow.pytorch.log_model(deployed, name=PYTORCH_MODEL, pip_requirements=requirements,
+                                 input_example=splits.test_raw[:1])
+        info = mlflow.onnx.log_model(export_onnx(deployed, config.input_shape), name=ONNX_MODEL,
                                      registered_model_name=config.name, pip_requirements=requirements,
                                      save_as_external_data=False)
     version = info.registered_model_version
