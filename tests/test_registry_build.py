@@ -120,3 +120,25 @@ def test_sample_origin_is_recorded_for_files_and_noise(tracking, tmp_path):
     assert ref.origin == f"file:{samples}" and len(ref.samples) == 3
     source.samples = None  # a source without data of its own
     assert run_reference(source, BuildOptions(out_dir=tmp_path)).origin == "synthetic N(0,1)"
+
+
+@pytest.mark.timeout(120)
+def test_test_split_missing_is_none_unreadable_is_one_sentence(tracking, tmp_path):
+    """Only a run without the artifact means "no split"; a split that cannot be used is an error."""
+    import mlflow
+
+    from edgesmith.runtime.manifest import TensorSpec
+    from edgesmith.toolchain.registry import RegistryVersion, pytorch_module, test_samples
+
+    mlflow.set_tracking_uri(tracking["uri"])
+    spec = [TensorSpec(name="input", dtype="float32", shape=[1, 1, 8, 8])]
+    with mlflow.start_run(experiment_id=mlflow.MlflowClient().get_experiment_by_name("edgesmith").experiment_id) as run:
+        pass
+    bare = RegistryVersion("digits", "1", run.info.run_id, None, tracking["uri"])
+    assert test_samples(bare, spec, tmp_path / "a") is None and pytorch_module(bare, tmp_path / "b") is None
+
+    np.savez(tmp_path / "test.npz", inputs=np.zeros((2, 1, 8, 8), np.float32))
+    with mlflow.start_run(experiment_id=run.info.experiment_id) as wrong:
+        mlflow.log_artifact(str(tmp_path / "test.npz"), artifact_path="data")
+    with pytest.raises(UserError, match=r"the test split data/test.npz of models:/digits/1 .*cannot be used \(KeyError"):
+        test_samples(RegistryVersion("digits", "1", wrong.info.run_id, None, tracking["uri"]), spec, tmp_path / "c")

@@ -53,6 +53,13 @@ def _exists(error: Exception) -> bool:
     return getattr(error, "error_code", "") != "RESOURCE_DOES_NOT_EXIST"
 
 
+def _missing(error: Exception) -> bool:
+    """The run has no such artifact (or no longer exists): not an error, just no data."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(error, MlflowException) and not _exists(error)
+
+
 def resolve(ref: str, tracking_uri: str | None = None) -> RegistryVersion:
     """The registered version ``ref`` names; an unknown name, version or alias lists what exists."""
     match = MODELS_URI.match(ref)
@@ -107,9 +114,17 @@ def test_samples(version: RegistryVersion, inputs: list[TensorSpec], into: Path)
         return None
     try:
         path = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=tracking.TEST_SPLIT, dst_path=str(into))
-    except Exception:
-        return None  # a version registered by other tools: no split, synthetic samples then
-    x = np.load(path)["x"]
+    except Exception as e:
+        if _missing(e):
+            return None  # a version registered by other tools: no split, synthetic samples then
+        raise UserError(f"reading the test split of {version.uri} (run {version.run_id}) failed ({first_line(e)}); "
+                        "check the artifact store is reachable and readable") from None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            x = data["x"]
+    except Exception as e:  # not an .npz, no array x, a truncated file...
+        raise UserError(f"the test split {tracking.TEST_SPLIT} of {version.uri} (run {version.run_id}) cannot be used "
+                        f"({type(e).__name__}: {first_line(e)}); it must be an .npz holding inputs x") from None
     spec = inputs[0]
     if spec.shape[0] != 1 or list(x.shape[1:]) != spec.shape[1:]:
         raise UserError(f"the test split of {version.uri} holds inputs of shape {list(x.shape[1:])}, the model takes {spec.shape[1:]}")
@@ -125,8 +140,11 @@ def pytorch_module(version: RegistryVersion, into: Path):
         return None
     try:
         return mlflow.pytorch.load_model(f"runs:/{version.run_id}/{tracking.PYTORCH_MODEL}", dst_path=str(into))  # an exported program: already in inference mode
-    except Exception:
-        return None
+    except Exception as e:
+        if _missing(e):
+            return None
+        raise UserError(f"loading the PyTorch model of {version.uri} (run {version.run_id}) failed ({first_line(e)}); "
+                        "check the artifact store is reachable and readable") from None
 
 
 def samples_origin(version: RegistryVersion) -> str:
