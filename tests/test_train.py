@@ -254,6 +254,28 @@ def test_registered_onnx_takes_raw_inputs_and_keeps_the_test_accuracy(trained, t
     assert accuracy >= 0.97 and accuracy == pytest.approx(client.get_run(s.run_id).data.metrics["test_accuracy"])
 
 
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_a_failed_alias_leaves_no_version_behind(trained):
+    """Tags go in with the version; if the alias cannot be set the new version is deleted again."""
+    import types
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from edgesmith.toolchain.train.tracking import register_version
+
+    s = trained["summary"]
+    client = mlflow.MlflowClient(trained["uri"], trained["uri"])
+    existing = client.get_model_version("digits", s.version)
+    assert existing.tags["edgesmith.test_accuracy"] == f"{s.test_accuracy:.4f}"
+    before = sorted(str(v.version) for v in client.search_model_versions("name = 'digits'"))
+    info = types.SimpleNamespace(model_uri=existing.source, model_id=existing.model_id)
+    with pytest.raises(MlflowException):  # MLflow reserves 'latest'
+        register_version(client, "digits", info, s.run_id, {"k": "v"}, "again", alias="latest")
+    assert sorted(str(v.version) for v in client.search_model_versions("name = 'digits'")) == before
+
+
 def _epoch_logged(db: Path) -> bool:
     try:
         with sqlite3.connect(db) as con:

@@ -167,6 +167,29 @@ def export_onnx(model, input_shape: list[int]):
     return onnx_model
 
 
+def register_version(client, name: str, model_info, run_id: str, tags: dict[str, str], description: str,
+                     alias: str | None) -> str:
+    """A new version of ``name`` created with its tags in one call; removed again if the alias cannot
+    be set, so no half-labelled version is left behind."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as e:
+        if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    mv = client.create_model_version(name, source=model_info.model_uri, run_id=run_id, tags=tags,
+                                     description=description, model_id=model_info.model_id)
+    version = str(mv.version)
+    if alias:
+        try:
+            client.set_registered_model_alias(name, alias, version)
+        except BaseException:
+            client.delete_model_version(name, version)
+            raise
+    return version
+
+
 def log_and_register(model, config, splits, dataset, test_accuracy: float, y_pred: np.ndarray, alias: str | None):
     """The trained model's record in the active run, and a new registered version of it.
 
@@ -190,15 +213,8 @@ def log_and_register(model, config, splits, dataset, test_accuracy: float, y_pre
         mlflow.pytorch.log_model(deployed, name=PYTORCH_MODEL, pip_requirements=requirements,
                                  input_example=splits.test_raw[:1])
         info = mlflow.onnx.log_model(export_onnx(deployed, config.input_shape), name=ONNX_MODEL,
-                                     registered_model_name=config.name, pip_requirements=requirements,
-                                     save_as_external_data=False)
-    version = info.registered_model_version
+                                     pip_requirements=requirements, save_as_external_data=False)
     tags = {TAG_DATASET: dataset.digest, TAG_CONFIG: config.digest(),
             TAG_INPUT: ",".join(str(d) for d in config.input_shape), "edgesmith.test_accuracy": f"{test_accuracy:.4f}"}
-    for key, value in tags.items():
-        client.set_model_version_tag(config.name, str(version), key, value)
-    client.update_model_version(config.name, str(version),
-                                description=f"trained by edgesmith on {dataset.source} (digest {dataset.digest}), run {run_id}")
-    if alias:
-        client.set_registered_model_alias(config.name, alias, str(version))
-    return version
+    return register_version(client, config.name, info, run_id, tags,
+                            f"trained by edgesmith on {dataset.source} (digest {dataset.digest}), run {run_id}", alias)
