@@ -148,3 +148,20 @@ def test_quantize_without_data_and_a_backend_without_int8_are_refused(tracking, 
                      "--quantize", "int8", "-o", str(tmp_path / "dist"), check=False)
     assert result.returncode == 1 and "tvm" in result.stderr and "INT8" in result.stderr
     assert not (tmp_path / "dist").exists() or not any((tmp_path / "dist").iterdir())
+
+
+@pytest.mark.timeout(300)
+def test_litert_int8_from_the_registered_pytorch_model(tracking, tmp_path):
+    out = tmp_path / "dist"
+    result = json.loads(run_cli("build", f"models:/digits/{tracking['summary'].version}", "-t", "android-arm64-tflite",
+                                "--quantize", "int8", "-o", str(out), "--json").stdout)
+    (artifact,) = result["artifacts"]
+    q = artifact["quantization"]
+    assert q["method"].startswith("litert-torch ") and q["accuracy_drop"] <= 1.0 and q["top1_agreement"] >= 0.97
+    assert artifact["validation"]["executed"]["how"] == "host-engine"
+
+    # the flatbuffer really is integer: weights and activations are INT8 tensors (an FP32 one has none)
+    from ai_edge_litert.interpreter import Interpreter
+
+    tensors = Interpreter(model_path=str(out / "digits-android-arm64-tflite-tflite" / "model.tflite")).get_tensor_details()
+    assert sum(t["dtype"] == np.int8 for t in tensors) >= 8

@@ -52,7 +52,7 @@ def _natural_key(name: str) -> list:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
-def compile(request: CompileRequest) -> CompileResult:
+def compile(request: CompileRequest, calibration=None) -> CompileResult:
     import torch
 
     source = request.source
@@ -68,7 +68,11 @@ def compile(request: CompileRequest) -> CompileResult:
         raise CompileError(f"torch.export failed, so the tflite backend cannot convert the model: {first_line(e)}") from None
     python = tools.tool_python("litert")
     out_path = request.out_dir / ENTRY
-    result = subprocess.run([str(python), str(_CONVERTER), str(program_path), str(out_path)],
+    calib_args = []
+    if calibration is not None:  # INT8: PT2E post-training quantization inside the converter environment
+        calib_args = [str(request.work_dir / "calib.npy")]
+        np.save(calib_args[0], calibration.x[:, None], allow_pickle=False)
+    result = subprocess.run([str(python), str(_CONVERTER), str(program_path), str(out_path), *calib_args],
                             capture_output=True, text=True, timeout=1800)
     if result.returncode != 0:
         lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
@@ -81,6 +85,14 @@ def compile(request: CompileRequest) -> CompileResult:
     return CompileResult(format=FORMAT, entry=ENTRY, options=options)
 
 
+def compile_int8(request: CompileRequest, calibration) -> CompileResult:
+    """INT8 flatbuffer: litert-torch's PT2E post-training quantization (_litert_convert.py)."""
+    result = compile(request, calibration)
+    result.options["quantization"] = (f"litert-torch {tools.TOOLS['litert'][1].split('==')[1]} PT2E post-training "
+                                      "quantization (symmetric, per-channel weights, static activations)")
+    return result
+
+
 def executes_here(target: Target) -> Execution:
     return Execution(True, "host-engine", reason=f"flatbuffer run by the {host_isa()} LiteRT interpreter; on-device proof needs a phone")
 
@@ -91,9 +103,24 @@ def load(out_dir: Path, result: CompileResult, target: Target) -> Runner:
     interpreter = Interpreter(model_path=str(out_dir / result.entry), num_threads=2)
     runner = interpreter.get_signature_runner(result.options["signature"])
     input_names, output_names = result.options["input_names"], result.options["output_names"]
+    # An INT8 flatbuffer (--quantize int8) takes and returns integer tensors: (de)quantize at the edge.
+    in_details, out_details = runner.get_input_details(), runner.get_output_details()
+
+    def quantize(x: np.ndarray, detail: dict) -> np.ndarray:
+        if not np.issubdtype(detail["dtype"], np.integer) or np.issubdtype(x.dtype, np.integer):
+            return np.ascontiguousarray(x)
+        scale, zero = detail["quantization"]
+        info = np.iinfo(detail["dtype"])
+        return np.clip(np.round(x / scale) + zero, info.min, info.max).astype(detail["dtype"])
+
+    def dequantize(y: np.ndarray, detail: dict) -> np.ndarray:
+        if not np.issubdtype(y.dtype, np.integer) or detail["quantization"][0] == 0:
+            return np.asarray(y)
+        scale, zero = detail["quantization"]
+        return ((y.astype(np.float32) - zero) * np.float32(scale)).astype(np.float32)
 
     def run(inputs: list[np.ndarray]) -> list[np.ndarray]:
-        outputs = runner(**{name: np.ascontiguousarray(x) for name, x in zip(input_names, inputs)})
-        return [np.asarray(outputs[name]) for name in output_names]
+        outputs = runner(**{name: quantize(x, in_details[name]) for name, x in zip(input_names, inputs)})
+        return [dequantize(outputs[name], out_details[name]) for name in output_names]
 
     return run
