@@ -76,16 +76,16 @@ def measure(artifact: Path, home: Path, rounds: int, block: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backend", action="append", choices=["openvino", "tvm"], help="default: both")
+    parser.add_argument("--backend", action="append", choices=["openvino", "tvm", "ort"], help="default: all three")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--block", type=int, default=30)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "home"
         rows = []
-        for backend in args.backend or ["openvino", "tvm"]:
+        for backend in args.backend or ["openvino", "tvm", "ort"]:
             artifact = build(backend, Path(tmp) / "dist", home)
-            block = args.block if backend == "openvino" else max(3, args.block // 10)  # untuned TVM is ~60x slower
+            block = max(3, args.block // 10) if backend == "tvm" else args.block  # untuned TVM is ~60x slower
             rows.append(measure(artifact, home, args.rounds, block))
     print(f"{'backend':10} {'python API ms':>14} {'Session ms':>11} {'ratio':>7}")
     for row in rows:
