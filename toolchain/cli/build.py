@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import typer
@@ -62,6 +63,8 @@ def build(
         raise UserError(f"--precision {precision!r} is not known; use fp32 or fp16")
     if quantize is not None and precision != "fp32":
         raise UserError("--quantize int8 starts from the FP32 model; drop --precision")
+    if not math.isfinite(max_accuracy_drop):
+        raise UserError(f"--max-accuracy-drop {max_accuracy_drop} is not a number of points; give e.g. 1.0")
     if quantize is None and (calib or eval_data):
         raise UserError("--calib and --eval are data for --quantize int8; add --quantize int8 or drop them")
     targets = _targets(target)
@@ -105,7 +108,10 @@ def _print_table(results, key_id: str) -> None:
     if not results:
         return
     table = Table(title=f"artifacts (signed with key {key_id})")
-    for column in ("target", "backend", "size", "validation", "max abs err", "top-1", "proof on ISA", "build time", "path"):
+    quantized = any(r.manifest.quantization for r in results)
+    columns = ["target", "backend", "size", "validation", "max abs err", "top-1", *(["INT8 / FP32 acc"] if quantized else []),
+               "proof on ISA", "build time", "path"]
+    for column in columns:
         table.add_column(column, justify="right" if column in ("size", "max abs err", "build time") else "left")
     for r in results:
         v = r.manifest.validation
@@ -114,6 +120,11 @@ def _print_table(results, key_id: str) -> None:
         proof = f"[green]proven[/] ({p.how})" if p.status == "proven" else f"[yellow]{p.status}[/]"
         table.add_row(r.target, r.backend, _size(r.size_bytes), state,
                       f"{v.max_abs_err:.2e}" if v.max_abs_err is not None else "—",
-                      f"{v.top1_agreement:.0%}" if v.top1_agreement is not None else "—", proof,
+                      f"{v.top1_agreement:.0%}" if v.top1_agreement is not None else "—",
+                      *([_accuracy(r.manifest.quantization)] if quantized else []), proof,
                       f"{r.duration_s:.1f} s", str(r.path))
     out_console().print(table)
+
+
+def _accuracy(q) -> str:
+    return "—" if q is None else f"{q.int8_accuracy:.2%} / {q.fp32_accuracy:.2%}"
