@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# `make demo`'s main job on embedded defaults, in the current directory: builds the digits CNN for
-# every target x backend into dist/demo, signed with the project's key under ./.edgesmith (the
-# home `edgesmith` finds from this directory afterwards, so the README's commands work as written).
+# `make demo`'s main job on embedded defaults, in the current directory: trains the digits CNN
+# (MLflow store under the home), builds it from the registry for every target x backend into
+# dist/demo, signed with the project's key under ./.edgesmith (the home `edgesmith` finds from
+# this directory afterwards, so the README's commands work as written), then runs the fleet loop.
 set -euo pipefail
 VENV=${VENV:-.venv}
 export EDGESMITH_HOME=${EDGESMITH_HOME:-$PWD/.edgesmith}
@@ -9,7 +10,11 @@ mkdir -p "$EDGESMITH_HOME"
 edgesmith=("$VENV/bin/edgesmith")
 
 "${edgesmith[@]}" targets
-"${edgesmith[@]}" build edgesmith.toolchain.models.digits:digits_cnn --input-shape 1,1,8,8 \
+# Train the digits CNN on real data (scikit-learn's digits), tracked in MLflow under the home and
+# registered; then build every target x backend from the registry (golden samples and monitoring
+# reference from its held-out test split).
+"${edgesmith[@]}" train "$(dirname "$0")/../examples/digits.toml" --alias champion
+"${edgesmith[@]}" build models:/digits@champion --name digits-cnn \
   --target all --backend all --output dist/demo
 "${edgesmith[@]}" verify dist/demo/digits-cnn-rpi4-aarch64-tvm
 
@@ -43,7 +48,7 @@ db="sqlite:///$PWD/$fleet/monitor.db"
 pids+=($!)
 for device in cam-01 cam-02 cam-03; do
   shift_args=()
-  [[ "$device" == cam-03 ]] && shift_args=(--synthetic-shift 2.5)
+  [[ "$device" == cam-03 ]] && shift_args=(--synthetic-shift 4)
   "$VENV/bin/edgesmith-agent" --device "$device" --fleet plant-a --artifact "$artifact" \
     --credentials "$fleet/broker/devices/$device.json" --data-dir "$fleet/$device" --interval 2 \
     --synthetic-load 40 "${shift_args[@]}" >"$fleet/$device.log" 2>&1 &
