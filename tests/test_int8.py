@@ -150,6 +150,7 @@ def test_quantize_without_data_and_a_backend_without_int8_are_refused(tracking, 
     assert not (tmp_path / "dist").exists() or not any((tmp_path / "dist").iterdir())
 
 
+@pytest.mark.slow  # litert-torch's conversion in its own environment: ~30 s
 @pytest.mark.timeout(300)
 def test_litert_int8_from_the_registered_pytorch_model(tracking, tmp_path):
     out = tmp_path / "dist"
