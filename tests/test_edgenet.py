@@ -13,7 +13,7 @@ import torch
 
 from edgesmith.toolchain.models.edgenet import edgenet, synthetic_images
 
-BACKENDS = ["tvm", "openvino"]
+BACKENDS = ["tvm", "openvino", "ort"]
 # The tests with real engines share one set-up, the build for both backends plus the ONNX export
 # for the reference: about 70 s here (2 shared cores, other builds running), so they are `slow`.
 

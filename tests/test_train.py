@@ -300,7 +300,7 @@ def test_ctrl_c_ends_the_run_killed(tmp_path):
                 pytest.fail("training never logged an epoch")
             time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
     client = mlflow.MlflowClient(uri)

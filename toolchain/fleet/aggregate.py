@@ -312,23 +312,23 @@ class FleetView:
         foreign_devices = self.store.devices(since_batch=self.cursor, exclude_batches=list(own))
         foreign_windows = self.store.windows(since_batch=self.cursor, up_to_batch=upto, columns=WINDOW_COLUMNS,
                                              exclude_batches=list(own))
-        by_batch: dict[int, tuple[list, list]] = {}
-        for row in foreign_devices:
-            by_batch.setdefault(row["batch"], ([], []))[0].append(row)
-        for row in foreign_windows:
-            by_batch.setdefault(row["batch"], ([], []))[1].append((row, None))
+        # Device rows first (in batch order, so each device ends with its newest row), then the
+        # windows in batch order. A device row carries the number of the last batch that touched
+        # it, not of its birth's: a device whose birth another monitor stored is only known from
+        # that row, and its windows from earlier batches must not arrive before it.
+        device_rows = sorted([*foreign_devices, *(row for result in own.values() for row in result.devices)],
+                             key=lambda row: row["batch"])
+        windows: list[tuple[int, dict[str, Any], protocol.Telemetry | None]] = [
+            (row["batch"], row, None) for row in foreign_windows]
         for batch, result in own.items():
-            by_batch[batch] = (result.devices, result.windows)
-        count = 0
-        for batch in sorted(by_batch):
-            device_rows, windows = by_batch[batch]
-            for row in device_rows:
-                self._device_row(row)
-            for row, msg in windows:
-                self._window_row(row, msg)
-            count += len(windows)
+            windows.extend((batch, row, msg) for row, msg in result.windows)
+        windows.sort(key=lambda w: w[0])
+        for row in device_rows:
+            self._device_row(row)
+        for _, row, msg in windows:
+            self._window_row(row, msg)
         self.cursor = upto
-        return count
+        return len(windows)
 
     def _device_row(self, row: dict[str, Any]) -> None:
         key = (row["fleet"], row["device"])

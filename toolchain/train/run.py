@@ -40,8 +40,9 @@ def flat_params(config: TrainConfig) -> dict[str, str]:
 def log_epoch(metrics: EpochMetrics) -> None:
     import mlflow
 
-    mlflow.log_metrics({"train_loss": metrics.train_loss, "train_accuracy": metrics.train_accuracy,
-                        "val_loss": metrics.val_loss, "val_accuracy": metrics.val_accuracy}, step=metrics.epoch)
+    with tracking.deferred_interrupt():
+        mlflow.log_metrics({"train_loss": metrics.train_loss, "train_accuracy": metrics.train_accuracy,
+                            "val_loss": metrics.val_loss, "val_accuracy": metrics.val_accuracy}, step=metrics.epoch)
 
 
 @contextlib.contextmanager

@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -91,6 +93,24 @@ def experiment_id(client, name: str, uri: str) -> str:
         ident = client.create_experiment(name, artifact_location=location)
     mlflow.set_experiment(experiment_id=ident)
     return ident
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Ctrl-C inside (a write to the tracking store) takes effect when it is done, never halfway
+    through the store's transaction (a store left mid-write could not then end the run KILLED)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, lambda *_: received.append(1))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
