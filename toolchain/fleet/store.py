@@ -294,7 +294,15 @@ class Store:
         return store
 
     def init_schema(self) -> None:
-        metadata.create_all(self.engine)
+        # Monitors started together on a new store race between create_all's existence check and
+        # its CREATE TABLE; the loser's next pass finds the tables there.
+        for attempt in range(3):
+            try:
+                metadata.create_all(self.engine)
+                break
+            except DBAPIError:
+                if attempt == 2:
+                    raise
         with self.engine.begin() as conn:
             for name in _COUNTER_NAMES:  # another monitor may be creating them at the same time
                 conn.execute(self._insert_ignore(counters).values(
