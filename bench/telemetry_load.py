@@ -79,6 +79,8 @@ def start_monitors(broker: Path, db: Path, count: int, workdir: Path, workers: s
         if any(m.poll() is not None for m in monitors):
             break
         time.sleep(0.2)
+    for m in monitors:
+        m.terminate()
     raise SystemExit("the monitor did not start:\n" + "\n".join(logs))
 
 
@@ -176,9 +178,10 @@ def one_run(name: str, args, monitors: int, interval_s: float, duration_s: float
     provision_s = time.monotonic() - started
     broker_pid = fleet_broker.Broker(broker_dir).pid()
     broker_cpu0 = cpu_seconds(broker_pid)
-    procs = start_monitors(broker_dir, db, monitors, workdir, workers)
+    procs: list[subprocess.Popen] = []
     monitor_cpu = 0.0
-    try:
+    try:  # the broker and monitors are stopped whatever happens
+        procs = start_monitors(broker_dir, db, monitors, workdir, workers)
         if backlog:  # the sessions exist now: stop the monitors, fill their queues, then drain
             monitor_cpu += stop_monitors(procs)
         swarm = run_swarm(broker_dir, db, args.devices, args.processes, interval_s, duration_s, warm_up=not backlog)
