@@ -165,3 +165,30 @@ def verify_signature_py(manifest_bytes: bytes, sig_bytes: bytes) -> bool:
     except nacl.exceptions.BadSignatureError:
         return False
     return True
+
+
+# ---- deploy keys (docs/deployment.md §2-3) ------------------------------------------------------------
+# A deploy key signs desired states, never artifacts. It lives in its own directory so that no
+# device given the build keys' directory (``keys/*.pub``) ever trusts it as a build key, nor the
+# reverse: a device lists the two kinds separately in its trust_dir (build/, deploy/).
+
+def deploy_keys_dir() -> Path:
+    return edgesmith_home() / "keys" / "deploy"
+
+
+def generate_deploy_key(name: str = "default", directory: Path | None = None, overwrite: bool = False) -> Path:
+    """Write ``NAME.key``/``NAME.pub`` under the deploy keys' directory (see ``generate_key``)."""
+    return generate_key(name, Path(directory) if directory else deploy_keys_dir(), overwrite=overwrite)
+
+
+def load_deploy_key(path: Path | None = None) -> SigningKey:
+    """The deploy key at ``path``, or the default one; never created implicitly, since no device
+    would trust a key made on the fly."""
+    path = Path(path) if path else deploy_keys_dir() / "default.key"
+    if not path.exists():
+        raise UserError(f"there is no deploy key at {path}; create one with `edgesmith keys generate --deploy` and "
+                        "provision its .pub into each device's trust_dir/deploy/")
+    if path.resolve().parent == (edgesmith_home() / "keys").resolve():
+        raise UserError(f"{path} is a build key (it is in {path.parent}); desired states are signed with a deploy key "
+                        "from `edgesmith keys generate --deploy`, so a build key's holder cannot move the fleet")
+    return load_signing_key(path)

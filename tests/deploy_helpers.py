@@ -1,0 +1,50 @@
+"""Helpers for the deployment tests: small signed artifacts (real manifest, real signature, file
+hashes that match) made without a compiler, so the central side's tests need no build."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from edgesmith.runtime.manifest import (BackendInfo, BuildInfo, FileEntry, Golden, GoldenSample, HostInfo,
+                                        LatencyBuckets, Manifest, ModelInfo, Monitoring, OutputMonitor, Payload,
+                                        Proof, SourceInfo, TensorSpec, Validation)
+from edgesmith.toolchain.signing import SigningKey, sign_manifest
+
+
+def make_artifact(directory: Path, key: SigningKey, version: str = "1", model_uri: str | None = None,
+                  payload: bytes = b"payload") -> Path:
+    """An artifact directory for model ``tiny`` version ``version`` (payload bytes differ per version)."""
+    directory.mkdir(parents=True)
+    (directory / "golden" / "sample_0").mkdir(parents=True)
+    contents = {"model.xml": payload + version.encode(), "model.bin": b"\0" * 64,
+                "golden/sample_0/input_0.npy": b"in", "golden/sample_0/output_0.npy": b"out"}
+    for path, data in contents.items():
+        (directory / path).write_bytes(data)
+    files = [FileEntry(path=p, size=len(d), sha256=hashlib.sha256(d).hexdigest()) for p, d in sorted(contents.items())]
+    source = SourceInfo(kind="registry" if model_uri else "onnx", ref=model_uri or "tiny.onnx", sha256="0" * 64,
+                        model_uri=model_uri)
+    manifest = Manifest(
+        name=f"tiny-v{version}-x86_64-avx2-openvino",
+        model=ModelInfo(name="tiny", version=version, source=source, onnx_sha256="1" * 64, opset=17),
+        target={"name": "x86_64-avx2", "isa": "x86_64", "threads": 2, "cpu_features": [],
+                "description": "test", "tolerance": {"fp32": {"atol": 1e-4, "rtol": 1e-3}}},
+        backend=BackendInfo(name="openvino", version="2026.4.1", precision="fp32", options={}),
+        payload=Payload(format="openvino-ir", entry="model.xml"),
+        files=files,
+        inputs=[TensorSpec(name="x", dtype="float32", shape=[1, 4])],
+        outputs=[TensorSpec(name="y", dtype="float32", shape=[1, 2])],
+        golden=Golden(samples=[GoldenSample(inputs=["golden/sample_0/input_0.npy"],
+                                            outputs=["golden/sample_0/output_0.npy"])], atol=1e-5, rtol=1e-4),
+        monitoring=Monitoring(outputs=[OutputMonitor(name="y", kind="classes", classes=2)],
+                              latency=LatencyBuckets(start_us=1.0, factor=2.0, count=40)),
+        validation=Validation(status="passed", reference="onnxruntime", executed=None, samples=1, max_abs_err=0.0,
+                              max_rel_err=0.0, top1_agreement=1.0, atol=1e-5, rtol=1e-4, input_sensitivity=0.5),
+        proof=Proof(status="not-run", isa="x86_64", reason="test"),
+        build=BuildInfo(created_at="2026-01-01T00:00:00+00:00", duration_s=1.0,
+                        host=HostInfo(isa="x86_64", cpu="test", os="linux"), toolchain={}),
+    )
+    data = manifest.to_bytes()
+    (directory / "manifest.json").write_bytes(data)
+    (directory / "manifest.sig").write_bytes(sign_manifest(data, key))
+    return directory

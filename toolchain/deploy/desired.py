@@ -1,0 +1,95 @@
+"""The signed desired state of one device (docs/deployment.md §2).
+
+The envelope carries the desired-state JSON as a string, so what is signed is exactly the bytes
+the device parses; the signature covers ``"edgesmith-desired-v1\\n" + signed``, a prefix no
+manifest starts with, so a desired-state signature is never a valid manifest signature.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+from typing import Any, Literal
+
+import nacl.exceptions
+import nacl.signing
+
+from edgesmith.toolchain.deploy.archive import ArchiveInfo
+from edgesmith.toolchain.fleet import protocol
+from edgesmith.toolchain.signing import SigningKey, key_id
+
+DOMAIN = b"edgesmith-desired-v1\n"
+ENVELOPE_FIELDS = ("v", "signed", "key_id", "signature")
+STATE_FIELDS = ("v", "fleet", "device", "version", "deployment_id", "action", "issued_at_ms", "artifact")
+ARTIFACT_FIELDS = ("url", "sha256", "size", "manifest_sha256", "name")
+Action = Literal["deploy", "rollback"]
+
+
+def desired_topic(fleet: str, device: str) -> str:
+    return protocol.topic(fleet, device, "desired")
+
+
+def new_deployment_id(at_s: float | None = None) -> str:
+    """``dep-YYYYMMDD-HHMM-<6 hex>`` (UTC)."""
+    stamp = time.strftime("%Y%m%d-%H%M", time.gmtime(at_s if at_s is not None else time.time()))
+    return f"dep-{stamp}-{secrets.token_hex(3)}"
+
+
+def artifact_url(base_url: str, sha256: str) -> str:
+    return f"{base_url.rstrip('/')}/artifacts/{sha256}.tar"
+
+
+def desired_state(fleet: str, device: str, version: int, deployment_id: str, action: Action, archive: ArchiveInfo,
+                  base_url: str, issued_at_ms: int | None = None) -> dict[str, Any]:
+    return {
+        "v": 1, "fleet": fleet, "device": device, "version": int(version), "deployment_id": deployment_id,
+        "action": action, "issued_at_ms": issued_at_ms if issued_at_ms is not None else int(time.time() * 1000),
+        "artifact": {"url": artifact_url(base_url, archive.sha256), "sha256": archive.sha256, "size": archive.size,
+                     "manifest_sha256": archive.manifest_sha256, "name": archive.name},
+    }
+
+
+def sign(state: dict[str, Any], key: SigningKey) -> bytes:
+    """The envelope's bytes (what is published, retained, on the device's desired topic)."""
+    signed = json.dumps(state, separators=(",", ":"), sort_keys=True)
+    signature = nacl.signing.SigningKey(key.seed).sign(DOMAIN + signed.encode()).signature
+    return json.dumps({"v": 1, "signed": signed, "key_id": key.key_id, "signature": signature.hex()}).encode()
+
+
+def verify(envelope: bytes, public_keys: list[bytes]) -> dict[str, Any]:
+    """Check an envelope as a device does (§2's field, key and signature rules; not the device's
+    own fleet/device/version checks) and return the desired state; ValueError says why not."""
+    try:
+        outer = json.loads(envelope)
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError("the envelope is not JSON") from None
+    if not isinstance(outer, dict) or any(f not in outer for f in ENVELOPE_FIELDS) or outer["v"] != 1:
+        raise ValueError("the envelope lacks a field or is not version 1")
+    if not isinstance(outer["signed"], str) or not isinstance(outer["signature"], str) \
+            or not re.fullmatch(r"[0-9a-f]{128}", outer["signature"]):
+        raise ValueError("the envelope's signed text or signature is malformed")
+    keys = {key_id(k): k for k in public_keys}
+    if outer["key_id"] not in keys:
+        raise ValueError(f"key {outer['key_id']} is not a trusted deploy key")
+    try:
+        nacl.signing.VerifyKey(keys[outer["key_id"]]).verify(DOMAIN + outer["signed"].encode(),
+                                                             bytes.fromhex(outer["signature"]))
+    except nacl.exceptions.BadSignatureError:
+        raise ValueError("the desired state's signature is not valid") from None
+    state = json.loads(outer["signed"])
+    if not isinstance(state, dict) or any(f not in state for f in STATE_FIELDS) \
+            or not isinstance(state["artifact"], dict) or any(f not in state["artifact"] for f in ARTIFACT_FIELDS):
+        raise ValueError("the desired state lacks a field")
+    if state["action"] not in ("deploy", "rollback"):
+        raise ValueError(f"unknown action {state['action']!r}")
+    return state
+
+
+def version_of(envelope: bytes) -> int | None:
+    """The version in a (retained) envelope, unverified: only used to keep versions increasing."""
+    try:
+        return int(json.loads(json.loads(envelope)["signed"])["version"])
+    except (ValueError, KeyError, TypeError):
+        return None
