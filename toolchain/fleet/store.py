@@ -39,6 +39,7 @@ SILENT_INTERVALS = 3  # a device is silent (offline) after this many of its inte
 DROP_REASONS = ("malformed", "oversized", "invalid", "topic_mismatch", "unknown_topic", "unstorable")
 AlertKey = tuple[str, str, str]  # fleet, alert, subject
 IN_CHUNK = 500  # keys per IN (...) clause, under every driver's parameter limit
+INT64_MAX = 2**63 - 1
 
 metadata = MetaData()
 # SQLite only autoincrements an INTEGER PRIMARY KEY; elsewhere a 64-bit id.
@@ -147,6 +148,89 @@ counters = Table(
     Column("name", String(64), primary_key=True),
     Column("value", BigInteger, nullable=False),
 )
+
+# ---- deployments (docs/deployment.md §6): written by `edgesmith deploy`/`rollback`, results also by ingest
+deployments = Table(
+    "deployments", metadata,
+    Column("id", String(64), primary_key=True),  # dep-YYYYMMDD-HHMM-xxxxxx
+    Column("fleet", String(64), nullable=False, index=True),
+    Column("action", String(16), nullable=False),  # deploy | rollback
+    Column("rolls_back", String(64)),  # the deployment a rollback undoes
+    Column("artifact", Text, nullable=False), Column("archive_sha256", String(64), nullable=False),
+    Column("manifest_sha256", String(64), nullable=False), Column("model", Text), Column("model_version", Text),
+    Column("model_uri", Text), Column("url", Text, nullable=False), Column("key_id", String(16), nullable=False),
+    Column("waves", Text, nullable=False),  # the plan: cumulative shares, JSON
+    Column("abort_on_failure", Float),
+    Column("status", String(16), nullable=False),  # running | completed | aborted | rolled-back | failed
+    Column("message", Text),
+    Column("mlflow_run_id", String(64)),
+    Column("started_ms", BigInteger, nullable=False), Column("finished_ms", BigInteger),
+)
+
+deploy_waves = Table(
+    "deploy_waves", metadata,
+    Column("deployment_id", String(64), primary_key=True),
+    Column("wave", Integer, primary_key=True, autoincrement=False),
+    Column("share", Float, nullable=False), Column("devices", Integer, nullable=False),
+    Column("applied", Integer, nullable=False), Column("failed", Integer, nullable=False),
+    Column("status", String(16), nullable=False),  # waiting | running | done | aborted
+    Column("started_ms", BigInteger), Column("finished_ms", BigInteger),
+)
+
+deploy_targets = Table(
+    "deploy_targets", metadata,
+    Column("deployment_id", String(64), primary_key=True),
+    Column("device", String(64), primary_key=True),
+    Column("fleet", String(64), nullable=False),
+    Column("wave", Integer, nullable=False),
+    Column("version", BigInteger, nullable=False),  # the desired state's version
+    Column("previous_manifest_sha256", String(64)),  # what it served before (a rollback's target)
+    Column("previous_artifact", Text),
+    Column("result", String(16), nullable=False),  # published | in-progress | applied | failed | refused | timeout
+    Column("phase", String(16)), Column("error", Text), Column("slot", String(8)),
+    Column("published_ms", BigInteger, nullable=False), Column("reported_ms", BigInteger),
+)
+
+desired_versions = Table(  # the highest desired-state version published per device (strictly increasing)
+    "desired_versions", metadata,
+    Column("fleet", String(64), primary_key=True),
+    Column("device", String(64), primary_key=True),
+    Column("version", BigInteger, nullable=False),
+)
+
+device_deploy = Table(  # each device's last reported deployment state (its newest `state` message)
+    "device_deploy", metadata,
+    Column("fleet", String(64), primary_key=True),
+    Column("device", String(64), primary_key=True),
+    Column("seq", BigInteger, nullable=False),
+    Column("artifact_sha256", String(64)), Column("artifact", Text), Column("slot", String(8)),
+    Column("desired_version", BigInteger), Column("deployment_id", String(64)),
+    Column("result", String(16)), Column("phase", String(16)), Column("error", Text),
+    Column("received_ms", BigInteger, nullable=False),
+)
+
+DEPLOY_TABLES = (deployments, deploy_waves, deploy_targets, desired_versions, device_deploy)
+FINAL_RESULTS = ("applied", "failed", "refused")
+_EVENT_RESULTS = {"deploy.started": "in-progress", "deploy.applied": "applied", "deploy.failed": "failed",
+                  "deploy.refused": "refused", "deploy.rolled-back": "applied"}
+
+
+def deploy_report(msg: Any) -> dict[str, Any] | None:
+    """What a device's ``state``/``event`` message says about a deployment (§5), or None."""
+    details = msg.details if isinstance(getattr(msg, "details", None), dict) else {}
+    deployment_id = details.get("deployment_id")
+    if msg.kind == "event":
+        result = details.get("result") or _EVENT_RESULTS.get(msg.event)
+        if not msg.event.startswith("deploy."):
+            return None
+    else:
+        result = details.get("result")
+    if not isinstance(deployment_id, str) or result not in (*FINAL_RESULTS, "in-progress"):
+        return None
+    text = lambda v, n: v[:n] if isinstance(v, str) else None  # noqa: E731
+    return {"deployment_id": deployment_id[:64], "result": result, "phase": text(details.get("phase"), 16),
+            "error": text(details.get("error"), 2000), "slot": text(details.get("slot"), 8)}
+
 
 # What any stored message may change in its device's row; the rest changes with a birth or a death.
 _HOT_COLUMNS = ("seq_state", "gaps", "messages", "duplicates", "runs", "errors", "last_seen_ms", "last_window_end_ms",
@@ -402,6 +486,7 @@ class Store:
         changed_sessions: dict[tuple[str, str, int], dict[str, Any]] = {}
         window_rows: list[dict[str, Any]] = []
         message_rows: list[dict[str, Any]] = []
+        deploy_msgs: list[tuple[Incoming, Any]] = []
 
         def session(key: tuple[str, str, int]) -> dict[str, Any] | None:
             return new_sessions.get(key) or known_sessions.get(key)
@@ -452,6 +537,8 @@ class Store:
                     result.windows.append((window_rows[-1], msg))
                 else:
                     message_rows.append(self._message_row(batch, item, msg))
+                    if msg.kind in ("state", "event"):
+                        deploy_msgs.append((item, msg))
             row["messages"] += 1
             result.stored += 1
 
@@ -460,7 +547,35 @@ class Store:
             dev.row["gaps"] = dev.tracker.gaps
             dev.row["batch"] = batch
         self._write(conn, state, new_sessions, changed_sessions, window_rows, message_rows, result)
+        for item, msg in deploy_msgs:
+            self._record_deploy(conn, item, msg)
         return result, state
+
+    def _record_deploy(self, conn: Connection, item: Incoming, msg: Any) -> None:
+        """A device's report of a deployment: its deploy state (newest state message wins) and the
+        result of that deployment's target row, if `edgesmith deploy` made one."""
+        report = deploy_report(msg)
+        if msg.kind == "state":
+            d = msg.details
+            text = lambda k, n: d.get(k)[:n] if isinstance(d.get(k), str) else None  # noqa: E731
+            version = d.get("desired_version")
+            values = {"seq": msg.seq, "artifact_sha256": msg.artifact_sha256, "artifact": text("artifact", 200),
+                      "slot": text("slot", 8), "deployment_id": text("deployment_id", 64),
+                      "desired_version": version if isinstance(version, int) and 0 <= version <= INT64_MAX else None,
+                      "result": text("result", 16), "phase": text("phase", 16), "error": text("error", 2000),
+                      "received_ms": item.received_ms}
+            key = (device_deploy.c.fleet == msg.fleet, device_deploy.c.device == msg.device)
+            if not conn.execute(update(device_deploy).where(*key, device_deploy.c.seq < msg.seq)
+                                .values(**values)).rowcount:
+                conn.execute(self._insert_ignore(device_deploy).values(fleet=msg.fleet, device=msg.device, **values))
+        if report is None:
+            return
+        where = [deploy_targets.c.deployment_id == report["deployment_id"], deploy_targets.c.device == msg.device,
+                 deploy_targets.c.fleet == msg.fleet]
+        if report["result"] == "in-progress":  # never undoes a final result
+            where.append(deploy_targets.c.result.not_in(FINAL_RESULTS))
+        values = {k: v for k, v in report.items() if k != "deployment_id" and (v is not None or k == "error")}
+        conn.execute(update(deploy_targets).where(*where).values(**values, reported_ms=item.received_ms))
 
     @staticmethod
     def _duplicate(row: dict[str, Any], item: Incoming, result: BatchResult) -> None:
