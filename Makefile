@@ -16,8 +16,12 @@ $(STAMP): $(BOOTSTRAP_INPUTS)
 demo: $(STAMP)
 	VENV=$(VENV) bash scripts/demo.sh
 
+# Two xdist workers, a test file per worker at a time: much of the suite waits on brokers, agents
+# and emulated devices, and module fixtures stay built once (tests/conftest.py).
+PYTEST_WORKERS ?= 2
+
 test: $(STAMP) cpp-test
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 # The C++ core on its own, without Python (as it is cross-compiled for devices), with GoogleTest.
 cpp-test:
@@ -26,7 +30,7 @@ cpp-test:
 	ctest --test-dir build/cpp-tests --output-on-failure
 
 test-fast: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -m "not integration and not slow"
+	$(VENV)/bin/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not integration and not slow"
 
 clean:
 	rm -rf build dist .pytest_cache

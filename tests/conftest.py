@@ -1,15 +1,24 @@
 """Shared fixtures. Every test gets its own EDGESMITH_HOME (keys), while tool environments
-(the LiteRT converter, installed once by `make test`'s bootstrap) stay where bootstrap put them."""
+(the LiteRT converter, installed once by `make test`'s bootstrap) stay where bootstrap put them.
+
+`make test` runs the suite on two pytest-xdist workers, a test file per worker at a time
+(``--dist loadfile``): module fixtures are built once. The expensive session fixtures are built
+once per run too, by whichever worker asks first, under a file lock in a directory both workers
+share (``_once``); the other worker waits and reads the result.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
+from filelock import FileLock
 
 REPO = Path(__file__).resolve().parent.parent
 EDGESMITH = str(Path(sys.executable).parent / "edgesmith")
@@ -45,54 +54,88 @@ def build_json(*args: str, env: dict | None = None) -> dict:
 
 
 @pytest.fixture(scope="session")
-def session_home(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("session-home")
+def shared_root(tmp_path_factory, worker_id) -> Path:
+    """A directory every xdist worker of this run shares (the run's base temp directory)."""
+    base = tmp_path_factory.getbasetemp()
+    return base if worker_id == "master" else base.parent
+
+
+def _once(root: Path, name: str, make: Callable[[Path], dict]) -> dict:
+    """``make(directory)`` once per test run, whichever worker asks first; its JSON result is kept
+    next to the directory, and a worker that finds it reads it instead of building again."""
+    with FileLock(str(root / f"{name}.lock")):
+        record = root / f"{name}.json"
+        if record.is_file():
+            return json.loads(record.read_text())
+        directory = root / name
+        shutil.rmtree(directory, ignore_errors=True)  # what an earlier failed attempt left
+        directory.mkdir(parents=True)
+        result = make(directory)
+        record.write_text(json.dumps(result))
+        return result
 
 
 @pytest.fixture(scope="session")
-def digits_artifacts(tmp_path_factory, session_home) -> dict:
+def session_home(shared_root) -> Path:
+    """One EDGESMITH_HOME (its default signing key) for the run's shared builds, on every worker."""
+    home = shared_root / "session-home"
+    home.mkdir(exist_ok=True)
+    return home
+
+
+def _artifacts_by_key(result: dict) -> dict:
+    return {(a["target"], a["backend"]): a for a in result["artifacts"]}
+
+
+@pytest.fixture(scope="session")
+def digits_artifacts(shared_root, session_home) -> dict:
     """The demo CNN built once for the host (tvm, openvino), rpi4 (tvm) and android (tflite)."""
-    out = tmp_path_factory.mktemp("dist")
-    env = {"EDGESMITH_HOME": str(session_home)}
-    result = build_json(DIGITS, "--input-shape", "1,1,8,8", "-t", "x86_64-avx2", "-t", "rpi4-aarch64",
-                        "-t", "android-arm64-tflite", "--backend", "all", "-o", str(out), env=env)
-    by_key = {(a["target"], a["backend"]): a for a in result["artifacts"]}
-    return {"dir": out, "home": session_home, "artifacts": by_key, "failures": result["failures"],
-            "pub": session_home / "keys" / "default.pub"}
+    def make(out: Path) -> dict:
+        return build_json(DIGITS, "--input-shape", "1,1,8,8", "-t", "x86_64-avx2", "-t", "rpi4-aarch64",
+                          "-t", "android-arm64-tflite", "--backend", "all", "-o", str(out),
+                          env={"EDGESMITH_HOME": str(session_home)})
+
+    result = _once(shared_root, "digits-dist", make)
+    return {"dir": shared_root / "digits-dist", "home": session_home, "artifacts": _artifacts_by_key(result),
+            "failures": result["failures"], "pub": session_home / "keys" / "default.pub"}
 
 
 EDGENET = "edgesmith.toolchain.models.edgenet:edgenet"
 
 
 @pytest.fixture(scope="session")
-def edgenet_artifacts(tmp_path_factory, session_home) -> dict:
+def edgenet_artifacts(shared_root, session_home) -> dict:
     """EdgeNet (3×96×96, residual and depthwise-separable blocks) built once for the host with tvm
     and openvino, validated on synthetic images like those its BatchNorm statistics came from; plus
     the ONNX graph the same PyTorch source path exports, for ONNX Runtime comparisons."""
-    import time
-
-    import numpy as np
-
-    from edgesmith.toolchain.models.edgenet import synthetic_images
     from edgesmith.toolchain.sources import load_source
 
-    root = tmp_path_factory.mktemp("edgenet")
-    samples = root / "samples.npz"
-    np.savez(samples, input=synthetic_images(8, seed=100).numpy()[:, None])  # 8 samples of 1×3×96×96
-    started = time.perf_counter()
-    result = build_json(EDGENET, "--input-shape", "1,3,96,96", "-t", "x86_64-avx2", "--backend", "all",
-                        "--samples", str(samples), "-o", str(root / "dist"), env={"EDGESMITH_HOME": str(session_home)})
-    build_s = time.perf_counter() - started
-    return {"artifacts": {(a["target"], a["backend"]): a for a in result["artifacts"]}, "failures": result["failures"],
-            "home": session_home, "pub": session_home / "keys" / "default.pub", "build_s": build_s,
+    def make(root: Path) -> dict:
+        import time
+
+        import numpy as np
+
+        from edgesmith.toolchain.models.edgenet import synthetic_images
+
+        samples = root / "samples.npz"
+        np.savez(samples, input=synthetic_images(8, seed=100).numpy()[:, None])  # 8 samples of 1×3×96×96
+        started = time.perf_counter()
+        result = build_json(EDGENET, "--input-shape", "1,3,96,96", "-t", "x86_64-avx2", "--backend", "all",
+                            "--samples", str(samples), "-o", str(root / "dist"), env={"EDGESMITH_HOME": str(session_home)})
+        return {**result, "build_s": time.perf_counter() - started}
+
+    result = _once(shared_root, "edgenet", make)
+    return {"artifacts": _artifacts_by_key(result), "failures": result["failures"],
+            "home": session_home, "pub": session_home / "keys" / "default.pub", "build_s": result["build_s"],
             "onnx": load_source(EDGENET, [1, 3, 96, 96]).onnx_model}
 
 
 @pytest.fixture(scope="session")
-def digits_host_openvino(tmp_path_factory, session_home) -> dict:
+def digits_host_openvino(shared_root, session_home) -> dict:
     """The demo CNN built once for the host with OpenVINO only (what the agent tests serve)."""
-    out = tmp_path_factory.mktemp("dist-host-openvino")
-    result = build_json(DIGITS, "--input-shape", "1,1,8,8", "-t", "x86_64-avx2", "--backend", "openvino",
-                        "-o", str(out), env={"EDGESMITH_HOME": str(session_home)})
-    (artifact,) = result["artifacts"]
+    def make(out: Path) -> dict:
+        return build_json(DIGITS, "--input-shape", "1,1,8,8", "-t", "x86_64-avx2", "--backend", "openvino",
+                          "-o", str(out), env={"EDGESMITH_HOME": str(session_home)})
+
+    (artifact,) = _once(shared_root, "dist-host-openvino", make)["artifacts"]
     return {"path": Path(artifact["path"]), "pub": session_home / "keys" / "default.pub"}
