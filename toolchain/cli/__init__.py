@@ -31,7 +31,7 @@ def print_error(message: str) -> None:
 
 
 def _register() -> None:
-    from edgesmith.toolchain.cli import artifacts, broker, build, deploy, fleet, keys, prove, targets, tools, train
+    from edgesmith.toolchain.cli import artifacts, bench, broker, build, deploy, fleet, keys, prove, targets, tools, train
 
     app.command("targets")(targets.targets)
     app.command("build")(build.build)
@@ -39,6 +39,7 @@ def _register() -> None:
     app.command("verify")(artifacts.verify)
     app.command("inspect")(artifacts.inspect)
     app.command("prove")(prove.prove)
+    app.command("bench")(bench.bench)
     app.command("deploy")(deploy.deploy)
     app.command("rollback")(deploy.rollback)
     app.add_typer(keys.app, name="keys")
