@@ -246,15 +246,15 @@ def test_broker_restart_and_60s_outage_lose_and_duplicate_nothing(broker, digits
     agent = Agent(digits_host_openvino, credentials, data, "--interval", "0.02", "--synthetic-load", "20")
     try:
         agent.ready()
-        time.sleep(10)
+        time.sleep(3)
         broker.down()  # restart mid-stream
         broker.up()
-        time.sleep(10)
+        time.sleep(3)
         broker.down()  # the device is offline for 60 s: it keeps summarising into its spool
         time.sleep(60)
         broker.up()
         wait_for(lambda: len({b["bdSeq"] for b in collector.of_kind("birth")}) >= 3, 60, "the third session's birth")
-        time.sleep(10)
+        time.sleep(3)
     finally:
         code = agent.stop()
     assert code == 0, agent.log()

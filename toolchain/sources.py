@@ -188,16 +188,25 @@ def export_to_onnx(module, example_inputs: tuple, input_names: list[str]):
     return program.model_proto
 
 
-def _load_pytorch(ref: str, shapes) -> ModelSource:
+def make_module(ref: str):
+    """Call the ``module:callable`` / ``file.py:callable`` that builds a PyTorch model; returns the
+    nn.Module and the callable's source file. A failing call or a non-module is one sentence."""
     import torch
 
     factory, source_file = _import_callable(ref)
     try:
         module = factory()
     except Exception as e:
-        raise UserError(f"calling {ref}() failed: {type(e).__name__}: {e}") from None
+        raise UserError(f"calling {ref}() failed: {type(e).__name__}: {first_line(e)}") from None
     if not isinstance(module, torch.nn.Module):
         raise UserError(f"{ref}() returned {type(module).__name__}, not a torch.nn.Module")
+    return module, source_file
+
+
+def _load_pytorch(ref: str, shapes) -> ModelSource:
+    import torch
+
+    module, source_file = make_module(ref)
     if shapes is None:
         raise UserError(f"a PyTorch source needs --input-shape (e.g. --input-shape 1,3,224,224) to export {ref}")
     if isinstance(shapes, dict):

@@ -51,12 +51,18 @@ def _register() -> None:
 _register()
 
 
-def main() -> None:
+def run(command: typer.Typer, interrupted: str = "interrupted; nothing half-written was left behind") -> None:
+    """Run a Typer app as a console script: a user mistake is one ``error:`` sentence and status 1,
+    Ctrl-C prints ``interrupted`` and exits 130."""
     try:
-        app()
+        command()
     except (UserError, RuntimeErrorBase) as e:
         print_error(str(e))
         sys.exit(1)
     except KeyboardInterrupt:
-        err_console.print("interrupted; nothing half-written was left behind")
+        err_console.print(interrupted)
         sys.exit(130)
+
+
+def main() -> None:
+    run(app)

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import typer
 
-from edgesmith.toolchain.cli import out_console, print_error
-from edgesmith.toolchain.errors import UserError
+from edgesmith.toolchain.cli import out_console
 
 
 def train(
@@ -51,15 +50,8 @@ def train(
 
 def main() -> None:
     """Entry point of ``python -m edgesmith.toolchain.train`` (and so of torchrun)."""
-    from edgesmith.runtime.errors import Error as RuntimeErrorBase
+    from edgesmith.toolchain.cli import run
 
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     app.command()(train)
-    try:
-        app()
-    except (UserError, RuntimeErrorBase) as e:
-        print_error(str(e))
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print_error("interrupted; the MLflow run was ended as KILLED")
-        sys.exit(130)
+    run(app, "interrupted; the MLflow run was ended as KILLED")

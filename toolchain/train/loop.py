@@ -66,16 +66,10 @@ def build_model(config: TrainConfig, classes: int | None = None):
     traceback from the first training batch."""
     import torch
 
-    from edgesmith.toolchain.sources import _import_callable
+    from edgesmith.toolchain.sources import make_module
 
-    factory, _ = _import_callable(config.model)
     torch.manual_seed(config.seed)
-    try:
-        model = factory()
-    except Exception as e:
-        raise UserError(f"calling {config.model}() failed: {type(e).__name__}: {first_line(e)}") from None
-    if not isinstance(model, torch.nn.Module):
-        raise UserError(f"{config.model}() returned {type(model).__name__}, not a torch.nn.Module")
+    model, _ = make_module(config.model)
     model.eval()
     try:
         with torch.no_grad():
