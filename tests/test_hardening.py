@@ -127,17 +127,17 @@ def test_failed_publish_keeps_the_old_artifact_whole(digits_artifacts, tmp_path,
 def test_one_failing_pair_of_any_kind_does_not_stop_the_others(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
+    from edgesmith.toolchain import build as build_mod
     from edgesmith.toolchain.cli import app
-    from edgesmith.toolchain.cli import build as build_cli
 
-    real = build_cli.build_one
+    real = build_mod.stage_one
 
     def flaky(source, ref, target, backend, *args, **kwargs):
         if backend == "tvm":
             raise ZeroDivisionError("a bug in a backend")
         return real(source, ref, target, backend, *args, **kwargs)
 
-    monkeypatch.setattr(build_cli, "build_one", flaky)
+    monkeypatch.setattr(build_mod, "stage_one", flaky)
     result = CliRunner().invoke(app, ["build", DIGITS, "--input-shape", "1,1,8,8", "-t", "x86_64-avx2",
                                       "--backend", "all", "-o", str(tmp_path), "--json"])
     assert result.exit_code == 1
