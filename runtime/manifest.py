@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -233,6 +233,44 @@ class BuildInfo(_Model):
     duration_s: float
     host: HostInfo
     toolchain: dict[str, str]
+    # Written by every build since backend selection (null when this machine could not time it);
+    # absent in older artifacts, and kept absent when one is re-read, so their bytes stay the same.
+    latency_us: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = Field(
+        default=None, description="p50 latency of this artifact measured at build time through the edgesmith runtime "
+        "(Session, the target's threads); null when the build host cannot run it (docs/selection.md)")
+
+    @model_serializer(mode="wrap")
+    def _keep_absent_latency_absent(self, handler):
+        data = handler(self)
+        if "latency_us" not in self.model_fields_set:
+            data.pop("latency_us", None)
+        return data
+
+
+class SelectionCandidate(_Model):
+    """One backend the build tried for the target, and how it fared (docs/selection.md)."""
+
+    backend: NonEmptyStr
+    status: Literal["passed", "failed", "skipped"] = Field(
+        description="passed: compiled, validated and proven as far as this machine can; failed: one of those steps "
+                    "failed (see error); skipped: the backend is not installed here")
+    latency_us_p50: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = Field(
+        default=None, description="median latency of the best timing block, in microseconds; null when not timed here")
+    latency_us_p95: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    timed_how: str | None = Field(default=None, description="e.g. 'native Session, 2 threads, best of 5 blocks of 200 runs'; "
+                                  "null when not timed here")
+    error: str | None = Field(default=None, description="why it failed or was skipped; null when it passed")
+
+
+class Selection(_Model):
+    """How the artifact's backend was chosen among the target's candidates (``--backend auto``/``all``)."""
+
+    mode: Literal["auto", "all"] = Field(description="auto: only the chosen candidate was published; all: every "
+                                         "passing candidate was, and `chosen` names the one auto would keep")
+    rule: NonEmptyStr = Field(description="the ranking rule applied, in one sentence")
+    chosen: NonEmptyStr = Field(description="the backend the rule picked")
+    reason: NonEmptyStr = Field(description="why that backend, with the figures that decided it")
+    candidates: list[SelectionCandidate] = Field(min_length=1, description="every candidate, in the target's listed order")
 
 
 def _require_schema_version(schema: dict[str, Any]) -> None:
@@ -262,6 +300,9 @@ class Manifest(_Model):
     # absent, not null, when not quantized: FP32 manifests keep their exact bytes
     quantization: Quantization | None = Field(default=None, exclude_if=lambda value: value is None,
                                               description="present only in quantized (INT8) artifacts")
+    # absent, not null, in artifacts of a forced backend (--backend NAME) and in older ones
+    selection: Selection | None = Field(default=None, exclude_if=lambda value: value is None,
+                                        description="present when the build chose among the target's backends")
 
     def to_bytes(self) -> bytes:
         """The canonical bytes written to manifest.json (and signed)."""

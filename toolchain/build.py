@@ -9,29 +9,32 @@ from __future__ import annotations
 
 import datetime as dt
 import platform
+import statistics
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as dist_version
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 
 from edgesmith.runtime.manifest import (BackendInfo, BuildInfo, Executed, Golden, GoldenSample, HostInfo, Manifest,
-                                        ModelInfo, Payload, Proof, Quantization, SourceInfo, TensorSpec, Validation)
+                                        ModelInfo, Payload, Proof, Quantization, Selection, SelectionCandidate, SourceInfo,
+                                        TensorSpec, Validation)
 from edgesmith.toolchain import quantize, reference
 from edgesmith.toolchain.backends import get_backend
 from edgesmith.toolchain.backends.base import CompileRequest
-from edgesmith.toolchain.errors import UserError, ValidationError
+from edgesmith.toolchain.errors import BackendUnavailable, UserError, ValidationError, first_line
 from edgesmith.toolchain.monitoring import monitoring_spec
 from edgesmith.toolchain.prove import prove
 from edgesmith.toolchain.package import file_entries, publish, sign_and_check, staging_dir
 from edgesmith.toolchain.signing import SigningKey, ephemeral_key
 from edgesmith.toolchain.sources import ModelSource
-from edgesmith.toolchain.targets import Precision, Target, host_isa
+from edgesmith.toolchain.targets import Precision, Target, host_isa, missing_cpu_features
 from edgesmith.toolchain.validate import compare, input_sensitivity, require_input_dependence
 
 GOLDEN_DIR = "golden"
@@ -102,15 +105,28 @@ def run_reference(source: ModelSource, options: BuildOptions) -> ReferenceRun:
     return ReferenceRun(samples, outputs, specs, sensitivity, reference.version(), origin, plan)
 
 
-def choose_backends(target: Target, backend: str | None) -> list[str]:
-    """The target's default backend, the one asked for, or all of them (``all``)."""
-    if backend is None:
-        return [target.backends[0]]
+Mode = Literal["auto", "all", "forced"]
+
+
+@dataclass
+class BackendPlan:
+    """Which of a target's backends a build tries, and what it publishes: ``auto`` the best one
+    (docs/selection.md), ``all`` every one that passes, ``forced`` the one asked for."""
+
+    mode: Mode
+    backends: list[str]
+
+
+def choose_backends(target: Target, backend: str | None) -> BackendPlan:
+    """``auto`` (the default), ``all``, or one backend the target lists."""
+    if backend is None or backend == "auto":
+        return BackendPlan("auto", list(target.backends))
     if backend == "all":
-        return list(target.backends)
+        return BackendPlan("all", list(target.backends))
     if backend not in target.backends:
-        raise UserError(f"target {target.name} does not list backend {backend!r}; its backends are: {', '.join(target.backends)}")
-    return [backend]
+        raise UserError(f"target {target.name} does not list backend {backend!r}; its backends are: "
+                        f"{', '.join(target.backends)} (or use auto or all)")
+    return BackendPlan("forced", [backend])
 
 
 def _versions(backend_pkg: str | None) -> dict[str, str]:
@@ -214,13 +230,30 @@ def _int8_golden(staging: Path, manifest: Manifest, outputs: list[list[np.ndarra
     manifest.files = file_entries(staging)
 
 
-def build_one(source: ModelSource, ref: ReferenceRun, target: Target, backend_name: str, options: BuildOptions,
-              key: SigningKey, status: Callable[[str], None] = lambda _: None) -> BuiltArtifact:
-    """Compile, validate, prove, package and sign one artifact; nothing is left on disk if any step fails.
+@dataclass
+class StagedArtifact:
+    """A candidate compiled, validated and proven in its hidden staging directory, signed with the
+    build's throwaway staging key; :func:`finish` signs it with the real key and publishes it."""
+
+    target: Target
+    backend: str
+    path: Path  # the staging directory, beside ``final``
+    final: Path
+    manifest: Manifest
+    staging_key: SigningKey
+    device_runtime: bool
+    duration_s: float
+    stages: dict[str, float]
+
+
+def stage_one(source: ModelSource, ref: ReferenceRun, target: Target, backend_name: str, options: BuildOptions,
+              stack: ExitStack, status: Callable[[str], None] = lambda _: None) -> StagedArtifact:
+    """Compile, validate and prove one candidate in a staging directory that ``stack`` removes when
+    it closes (unless it was published first); if any step fails it is removed at once.
 
     The device code that validates and proves it (Session, edgesmith-run) refuses unsigned
-    artifacts, so the staging directory is first signed with a throwaway key that exists only in
-    this process; ``key`` signs the manifest once, at the end, after validation and proof passed.
+    artifacts, so the staging directory is signed with a throwaway key that exists only in this
+    process; :func:`finish` signs the manifest with the real key after every check passed.
     """
     started = time.perf_counter()
     backend = get_backend(backend_name)
@@ -230,7 +263,9 @@ def build_one(source: ModelSource, ref: ReferenceRun, target: Target, backend_na
     name = f"{source.name}-{target.name}-{backend_name}"
     final = options.out_dir / name
     stages: dict[str, float] = {}
-    with staging_dir(final) as staging, tempfile.TemporaryDirectory(prefix="edgesmith-") as work:
+    with ExitStack() as own:
+        staging = own.enter_context(staging_dir(final))
+        work = own.enter_context(tempfile.TemporaryDirectory(prefix="edgesmith-"))
         status(f"{name}: compiling with {backend_name} {backend_version}")
         t0 = time.perf_counter()
         request = CompileRequest(source=source, target=target, precision=options.precision, out_dir=staging,
@@ -285,7 +320,8 @@ def build_one(source: ModelSource, ref: ReferenceRun, target: Target, backend_na
             manifest.validation = _validate(staging, result, backend, target, ref, tolerance, name, staging_key.public_key)
         stages["validate_s"] = time.perf_counter() - t0
 
-        if getattr(backend, "DEVICE_RUNTIME", False):
+        device_runtime = bool(getattr(backend, "DEVICE_RUNTIME", False))
+        if device_runtime:
             status(f"{name}: proving on {target.isa} with edgesmith-run")
             t0 = time.perf_counter()
             manifest.proof = prove(staging, target, backend_name, [staging_key.public_key])
@@ -294,17 +330,280 @@ def build_one(source: ModelSource, ref: ReferenceRun, target: Target, backend_na
                 raise ValidationError(f"{name}: the device runtime's run on {target.isa} ({manifest.proof.how}) failed: {manifest.proof.reason}")
         else:
             manifest.proof = Proof(status="not-run", isa=target.isa, reason=f"the C++ runtime does not run {result.format} payloads")
+        staged = StagedArtifact(target=target, backend=backend_name, path=staging, final=final, manifest=manifest,
+                                staging_key=staging_key, device_runtime=device_runtime,
+                                duration_s=time.perf_counter() - started, stages=stages)
+        stack.enter_context(own.pop_all())  # the work directory goes with the staging one, when the caller is done
+    return staged
 
-        duration = time.perf_counter() - started
-        manifest.build.duration_s = round(duration, 3)
-        sign_and_check(staging, manifest, key)
-        size = sum(f.size for f in manifest.files)
-        publish(staging, final)
-    built = BuiltArtifact(target=target.name, backend=backend_name, path=final, manifest=manifest, size_bytes=size,
-                          duration_s=duration, stages=stages)
+
+def finish(source: ModelSource, staged: StagedArtifact, key: SigningKey, latency_us: float | None,
+           selection: Selection | None, status: Callable[[str], None] = lambda _: None) -> BuiltArtifact:
+    """Record the measured latency and the selection, sign with the real key, publish atomically."""
+    manifest = staged.manifest
+    manifest.build.latency_us = latency_us  # set even when None: new manifests say "not measured" explicitly
+    manifest.selection = selection
+    manifest.build.duration_s = round(staged.duration_s, 3)
+    sign_and_check(staged.path, manifest, key)
+    size = sum(f.size for f in manifest.files)
+    publish(staged.path, staged.final)
+    built = BuiltArtifact(target=staged.target.name, backend=staged.backend, path=staged.final, manifest=manifest,
+                          size_bytes=size, duration_s=staged.duration_s, stages=staged.stages)
     if source.registry is not None:
-        _log_build(source, built, key, getattr(backend, "DEVICE_RUNTIME", False), status)
+        _log_build(source, built, key, staged.device_runtime, status)
     return built
+
+
+def build_one(source: ModelSource, ref: ReferenceRun, target: Target, backend_name: str, options: BuildOptions,
+              key: SigningKey, status: Callable[[str], None] = lambda _: None) -> BuiltArtifact:
+    """Compile, validate, prove, time (where this machine runs it), package and sign one artifact;
+    nothing is left on disk if any step fails."""
+    with ExitStack() as stack:
+        staged = stage_one(source, ref, target, backend_name, options, stack, status)
+        timing = time_candidates([staged], status).get(backend_name)
+        return finish(source, staged, key, timing.p50_us if timing else None, None, status)
+
+
+# --- timing and selection (docs/selection.md) --------------------------------------------------------
+
+TIMING_BLOCKS = 5  # blocks per candidate (fewer for slow models, see _block_plan)
+TIMING_BLOCK_S = 0.2  # a block's target length
+TIMING_BUDGET_S = 1.5  # all of one candidate's blocks
+TIMING_MAX_RUNS = 200  # runs per block
+TIMING_MIN_RUNS = 3
+TIMING_WARMUP = 3  # runs before each block, not timed: the engine's threads wake up, caches refill
+TIMING_PAUSE_S = 0.05  # between blocks, so the previous engine's spinning worker threads go idle
+
+
+@dataclass
+class Timing:
+    p50_us: float
+    p95_us: float
+    how: str
+    seconds: float = 0.0  # wall time spent timing this candidate
+
+
+def timeable(staged: StagedArtifact) -> bool:
+    """The payload ran natively here, in the C++ runtime the device uses: its latency here means something."""
+    executed = staged.manifest.validation.executed
+    return staged.device_runtime and executed is not None and executed.how == "native"
+
+
+def _block_plan(seconds_per_run: float) -> tuple[int, int]:
+    runs = max(TIMING_MIN_RUNS, min(TIMING_MAX_RUNS, int(TIMING_BLOCK_S / max(seconds_per_run, 1e-9))))
+    blocks = max(1, min(TIMING_BLOCKS, int(TIMING_BUDGET_S / (runs * seconds_per_run))))
+    return runs, blocks
+
+
+def time_candidates(staged: list[StagedArtifact], status: Callable[[str], None] = lambda _: None) -> dict[str, Timing]:
+    """Median latency of each timeable candidate through the device runtime (Session, the target's
+    threads), in blocks: one candidate's whole block, then the next one's, never interleaved calls,
+    since an engine's worker threads keep spinning for a while after each call and would slow the
+    other engine's. Blocks rotate through the candidates a few times; a candidate's figure is its
+    best block's median (and that block's p95): shared cores only ever add time."""
+    from edgesmith.runtime import Session
+
+    runnable = [s for s in staged if timeable(s)]
+    if not runnable:
+        return {}
+    status(f"{runnable[0].target.name}: timing {', '.join(s.backend for s in runnable)} through the device runtime")
+    inputs = [np.load(runnable[0].path / p) for p in runnable[0].manifest.golden.samples[0].inputs]
+    sessions, plans, best, spent = {}, {}, {}, {}
+    for s in runnable:
+        t0 = time.perf_counter()
+        session = Session(s.path, threads=s.target.threads, trusted_keys=[s.staging_key.public_key])
+        for _ in range(TIMING_WARMUP):
+            t1 = time.perf_counter()
+            session.run(inputs)
+        sessions[s.backend], plans[s.backend] = session, _block_plan(time.perf_counter() - t1)
+        spent[s.backend] = time.perf_counter() - t0
+    rounds = max(blocks for _, blocks in plans.values())
+    for k in range(rounds):
+        for s in runnable[k % len(runnable):] + runnable[:k % len(runnable)]:
+            runs, blocks = plans[s.backend]
+            if k >= blocks:
+                continue
+            run = sessions[s.backend].run
+            t_block = time.perf_counter()
+            for _ in range(TIMING_WARMUP):
+                run(inputs)
+            times = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                run(inputs)
+                times.append(time.perf_counter() - t0)
+            spent[s.backend] += time.perf_counter() - t_block
+            median = statistics.median(times)
+            if s.backend not in best or median < best[s.backend][0]:
+                best[s.backend] = (median, float(np.percentile(times, 95)))
+            time.sleep(TIMING_PAUSE_S)
+    sessions.clear()
+    return {s.backend: Timing(p50_us=round(best[s.backend][0] * 1e6, 2), p95_us=round(best[s.backend][1] * 1e6, 2),
+                              how=f"native Session, {s.target.threads} threads, best of {plans[s.backend][1]} blocks "
+                                  f"of {plans[s.backend][0]} runs", seconds=spent[s.backend])
+            for s in runnable}
+
+
+RULE = ("Among the candidates that passed, the fastest p50 measured here through the device runtime (Session, the "
+        "target's threads, best of blocks) wins; candidates not timed here follow the target's listed order, except "
+        "that a TVM build ranks after every other backend unless its tuning database records a latency on this "
+        "target that beats every other candidate's recorded latency.")
+
+
+@dataclass
+class Candidate:
+    """One backend tried for a target: its staged artifact when it passed, its error otherwise."""
+
+    backend: str
+    status: Literal["passed", "failed", "skipped"]
+    error: str | None = None
+    staged: StagedArtifact | None = None
+    timing: Timing | None = None
+
+    def record(self) -> SelectionCandidate:
+        t = self.timing
+        return SelectionCandidate(backend=self.backend, status=self.status, error=self.error,
+                                  latency_us_p50=t.p50_us if t else None, latency_us_p95=t.p95_us if t else None,
+                                  timed_how=t.how if t else None)
+
+
+def recorded_latency_us(staged: StagedArtifact) -> float | None:
+    """A latency measured on the target's own device class and recorded in the payload's options:
+    today a TVM tuning database's (``options.tuning``: ``latency_us``, ``measured_on`` = target name)."""
+    tuning = staged.manifest.backend.options.get("tuning")
+    if not isinstance(tuning, dict) or not tuning.get("workloads_matched"):
+        return None
+    latency, measured_on = tuning.get("latency_us"), tuning.get("measured_on")
+    if isinstance(latency, (int, float)) and not isinstance(latency, bool) and latency > 0 \
+            and measured_on == staged.target.name:
+        return float(latency)
+    return None
+
+
+def _not_timed_why(target: Target, staged: StagedArtifact) -> str:
+    if target.isa != host_isa():
+        return f"{target.name} runs {target.isa} code and this machine is {host_isa()}"
+    missing = missing_cpu_features(target) if target.os == "linux" else []
+    if missing:
+        return f"this machine lacks {', '.join(missing)}"
+    if target.os != "linux":
+        return f"{target.name} runs {target.os}, not this machine's OS"
+    if not staged.device_runtime:
+        return f"the C++ runtime does not run {staged.manifest.payload.format} payloads"
+    return "its payload did not run natively here"
+
+
+def select(target: Target, candidates: list[Candidate]) -> tuple[str, str] | None:
+    """The chosen backend and why, by :data:`RULE`; None when no candidate passed."""
+    passed = [c for c in candidates if c.status == "passed"]
+    if not passed:
+        return None
+    timed = sorted((c for c in passed if c.timing), key=lambda c: c.timing.p50_us)
+    untimed = [c for c in passed if not c.timing]
+    untimed_note = "; not timed here: " + ", ".join(f"{c.backend} ({_not_timed_why(target, c.staged)})" for c in untimed) \
+        if untimed else ""
+    if timed:
+        best = timed[0]
+        others = ", ".join(f"{c.backend} {c.timing.p50_us:.1f} µs" for c in timed[1:])
+        if not others:
+            return best.backend, (f"{best.backend} is the only candidate timed here (p50 {best.timing.p50_us:.1f} µs)"
+                                  f"{untimed_note}")
+        return best.backend, f"fastest p50 here: {best.backend} {best.timing.p50_us:.1f} µs against {others}{untimed_note}"
+    if len(passed) == 1:
+        return passed[0].backend, (f"{passed[0].backend} is the only candidate that passed; not timed here "
+                                   f"({_not_timed_why(target, passed[0].staged)})")
+    recorded = {c.backend: recorded_latency_us(c.staged) for c in passed}
+    for c in passed:
+        others = [v for b, v in recorded.items() if b != c.backend]
+        if c.backend == "tvm" and recorded[c.backend] is not None and all(v is not None for v in others) \
+                and recorded[c.backend] < min(others):
+            return c.backend, (f"not timed here ({_not_timed_why(target, c.staged)}); tvm's tuning database records "
+                               f"{recorded[c.backend]:.1f} µs on {target.name}, below every other candidate's")
+    ranked = [c for c in passed if c.backend != "tvm"] + [c for c in passed if c.backend == "tvm"]
+    best = ranked[0]
+    why = f"not timed here ({_not_timed_why(target, best.staged)}); {best.backend} is the first passing candidate in " \
+          f"the target's order ({', '.join(target.backends)})"
+    tvm = next((c for c in passed if c.backend == "tvm"), None)
+    if tvm is not None and best is not tvm:
+        tuned = recorded[tvm.backend] is not None
+        why += (", and tvm's recorded tuning latency does not beat every other candidate's" if tuned
+                else ", and tvm is untuned here (no tuning database measured on this target), so it ranks last")
+    return best.backend, why
+
+
+def error_message(e: Exception) -> str:
+    """One sentence for a candidate that failed: the user error, or an internal one to report."""
+    if isinstance(e, UserError):
+        return str(e)
+    return (f"internal error in edgesmith ({type(e).__name__}: {first_line(e)}); nothing was written for this "
+            "pair, please report it with the model")
+
+
+@dataclass
+class TargetBuild:
+    """What building one target produced: every candidate, the published artifacts, the choice."""
+
+    target: str
+    mode: Mode
+    candidates: list[Candidate]
+    artifacts: list[BuiltArtifact] = field(default_factory=list)
+    chosen: str | None = None
+    reason: str | None = None
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (backend, error) that fail the build
+
+    def selection(self) -> Selection | None:
+        if self.mode == "forced" or self.chosen is None:
+            return None
+        return Selection(mode=self.mode, rule=RULE, chosen=self.chosen, reason=self.reason,
+                         candidates=[c.record() for c in self.candidates])
+
+
+def build_target(source: ModelSource, ref: ReferenceRun, target: Target, plan: BackendPlan, options: BuildOptions,
+                 key: SigningKey, status: Callable[[str], None] = lambda _: None) -> TargetBuild:
+    """Stage every candidate of ``plan``, time the ones this machine runs natively, choose, and
+    publish: the chosen one (``auto``), every passing one (``all``) or the one asked for (``forced``).
+    Candidates not published leave nothing behind: their staging directories go when this returns."""
+    tolerance = target.tolerance_for(options.precision)
+    # the model's problem, not a backend's: one error rather than one per candidate
+    require_input_dependence(ref.outputs, tolerance.atol, tolerance.rtol, options.allow_constant_output)
+    result = TargetBuild(target=target.name, mode=plan.mode, candidates=[])
+    with ExitStack() as stack:
+        for backend in plan.backends:
+            try:
+                staged = stage_one(source, ref, target, backend, options, stack, status)
+                result.candidates.append(Candidate(backend, "passed", staged=staged))
+            except KeyboardInterrupt:
+                raise
+            except BackendUnavailable as e:
+                result.candidates.append(Candidate(backend, "skipped", error=error_message(e)))
+            except Exception as e:  # one failing candidate must not stop the others
+                result.candidates.append(Candidate(backend, "failed", error=error_message(e)))
+        passed = [c for c in result.candidates if c.status == "passed"]
+        try:
+            timings = time_candidates([c.staged for c in passed], status)
+        except Exception as e:  # the candidates passed in Session already; say so rather than lose them all
+            raise UserError(f"{target.name}: timing the candidates through the device runtime failed: {error_message(e)}") from e
+        for c in passed:
+            c.timing = timings.get(c.backend)
+            if c.timing is not None:
+                c.staged.duration_s += c.timing.seconds
+        choice = select(target, result.candidates)
+        if choice is not None:
+            result.chosen, result.reason = choice
+        failed = [c for c in result.candidates if c.status != "passed"]
+        if plan.mode != "auto" or not passed:
+            result.errors = [(c.backend, c.error or "") for c in failed]
+        publish_now = [c for c in passed if plan.mode != "auto" or c.backend == result.chosen]
+        selection = result.selection()
+        for c in publish_now:
+            try:
+                result.artifacts.append(finish(source, c.staged, key, c.timing.p50_us if c.timing else None,
+                                               selection, status))
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:
+                result.errors.append((c.backend, error_message(e)))
+    return result
 
 
 def _lineage(source: ModelSource) -> dict:

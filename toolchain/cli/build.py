@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import typer
@@ -12,8 +13,8 @@ from rich.console import Console
 from edgesmith.toolchain.cli import out_console, print_error
 from rich.table import Table
 
-from edgesmith.toolchain.build import BuildOptions, build_one, choose_backends, run_reference
-from edgesmith.toolchain.errors import UserError, first_line
+from edgesmith.toolchain.build import BuildOptions, TargetBuild, build_target, choose_backends, error_message, run_reference
+from edgesmith.toolchain.errors import UserError
 from edgesmith.toolchain.signing import default_signing_key, load_signing_key
 from edgesmith.toolchain.sources import load_source, parse_input_shapes
 from edgesmith.toolchain.targets import all_targets, get_target
@@ -39,8 +40,12 @@ def build(
     model: str = typer.Argument(..., help="An .onnx file, or a PyTorch `module:callable` / `file.py:callable` returning an nn.Module."),
     target: list[str] = typer.Option(["host"], "--target", "-t", envvar="EDGESMITH_TARGET",
                                      help="Target name (see `edgesmith targets`), `host`, or `all`; repeatable."),
-    backend: str = typer.Option(None, "--backend", "-b", envvar="EDGESMITH_BACKEND",
-                                help="Force a backend the target lists, or `all` for every candidate (default: the target's first)."),
+    backend: str = typer.Option("auto", "--backend", "-b", envvar="EDGESMITH_BACKEND",
+                                help="auto: build every backend the target lists, validate each, keep the best one: the fastest "
+                                     "p50 timed here through the device runtime where the target runs natively, else the "
+                                     "target's listed order with TVM last unless its tuning database's recorded latency on "
+                                     "the target beats every other's (docs/selection.md). all: publish every candidate that "
+                                     "passes. NAME: force one backend the target lists."),
     output: Path = typer.Option(Path("dist"), "--output", "-o", envvar="EDGESMITH_DIST", help="Directory to write artifacts into."),
     input_shape: list[str] = typer.Option(None, "--input-shape", help="Static input shape: 1,3,224,224 or NAME=1,3,224,224; repeatable."),
     name: str = typer.Option(None, "--name", help="Model name used in artifact names (default: file or callable name)."),
@@ -56,9 +61,19 @@ def build(
     calib: Path = typer.Option(None, "--calib", help="Calibration inputs for --quantize: .npz with x (N samples shaped like the model input); default: a registered model's test split."),
     eval_data: Path = typer.Option(None, "--eval", help="Labelled held-out data for the accuracy gate: .npz with x and integer y; default: a registered model's test split."),
     max_accuracy_drop: float = typer.Option(1.0, "--max-accuracy-drop", help="Refuse an INT8 artifact whose top-1 accuracy is more than this many points below FP32's."),
+    tracking_uri: str = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
+                                     help="MLflow tracking URI for models:/ sources (default sqlite:///<edgesmith home>/mlflow.db)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object listing every artifact instead of a table."),
 ) -> None:
-    """Build, validate against ONNX Runtime, package and sign one artifact per target (and backend)."""
+    """Build, validate against ONNX Runtime, package and sign one artifact per target.
+
+    By default (--backend auto) every backend the target lists is built and validated, and only the
+    best is published: where the target runs natively here, the fastest p50 measured through the
+    device runtime (Session, the target's threads, in blocks); elsewhere the target's listed order,
+    with TVM ranked last unless its tuning database records a latency on the target that beats every
+    other candidate's. The manifest's `selection` records every candidate, its latency or error, and
+    the reason (docs/selection.md).
+    """
     if precision not in ("fp32", "fp16"):
         raise UserError(f"--precision {precision!r} is not known; use fp32 or fp16")
     if quantize is not None and precision != "fp32":
@@ -68,7 +83,10 @@ def build(
     if quantize is None and (calib or eval_data):
         raise UserError("--calib and --eval are data for --quantize int8; add --quantize int8 or drop them")
     targets = _targets(target)
-    plan = [(t, b) for t in targets for b in choose_backends(t, backend)]
+    plans = [(t, choose_backends(t, backend)) for t in targets]
+    if tracking_uri:
+        # the registry and MLflow's own clients read the store from the environment (toolchain/registry.py)
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     signing_key = load_signing_key(key) if key else default_signing_key()
     options = BuildOptions(out_dir=output, precision=precision, tuning_db=tuning_db, samples_path=samples,
                            num_samples=num_samples, allow_constant_output=allow_constant_output, model_version=model_version,
@@ -78,30 +96,74 @@ def build(
         source = load_source(model, parse_input_shapes(input_shape or []), name)
         status.update("running ONNX Runtime on the sample inputs")
         ref = run_reference(source, options)
-        results, failures = [], []
-        for t, b in plan:
+        builds: list[TargetBuild] = []
+        failures, notes = [], []
+        for t, plan in plans:
             try:
-                results.append(build_one(source, ref, t, b, options, signing_key, status=status.update))
+                built = build_target(source, ref, t, plan, options, signing_key, status=status.update)
             except KeyboardInterrupt:
                 raise
-            except Exception as e:  # one failing pair must not stop the others
-                message = str(e) if isinstance(e, UserError) else (
-                    f"internal error in edgesmith ({type(e).__name__}: {first_line(e)}); nothing was written for this "
-                    "pair, please report it with the model")
+            except Exception as e:  # one failing target must not stop the others
+                failures.append({"target": t.name, "backend": plan.mode if plan.mode != "forced" else plan.backends[0],
+                                 "error": error_message(e)})
+                print_error(f"{t.name}: {error_message(e)}")
+                continue
+            builds.append(built)
+            for b, message in built.errors:
                 failures.append({"target": t.name, "backend": b, "error": message})
                 print_error(f"{t.name}/{b}: {message}")
+            if built.mode == "auto" and not built.errors:
+                for c in built.candidates:
+                    if c.error:
+                        notes.append({"target": t.name, "backend": c.backend, "status": c.status, "error": c.error})
+                        err.print(f"note: {t.name}/{c.backend} {c.status}, another backend was chosen: {c.error}",
+                                  markup=False, highlight=False)
+    results = [a for b in builds for a in b.artifacts]
     if as_json:
         print(json.dumps({"artifacts": [
             {"target": r.target, "backend": r.backend, "path": str(r.path), "size_bytes": r.size_bytes,
              "build_time_s": round(r.duration_s, 3), "stages_s": {k: round(v, 3) for k, v in r.stages.items()},
+             "latency_us": r.manifest.build.latency_us,
              "validation": r.manifest.validation.model_dump(mode="json"),
              "quantization": r.manifest.quantization.model_dump(mode="json") if r.manifest.quantization else None,
              "proof": r.manifest.proof.model_dump(mode="json")}
-            for r in results], "failures": failures}, indent=2))
+            for r in results],
+            "selections": [_selection_json(b) for b in builds if b.mode != "forced"],
+            "failures": failures, "notes": notes}, indent=2))
     else:
         _print_table(results, signing_key.key_id)
+        _print_selection([b for b in builds if b.mode != "forced"])
     if failures:
         raise typer.Exit(1)
+
+
+def _selection_json(b: TargetBuild) -> dict:
+    from edgesmith.toolchain.build import RULE
+
+    return {"target": b.target, "mode": b.mode, "chosen": b.chosen, "reason": b.reason, "rule": RULE,
+            "candidates": [c.record().model_dump(mode="json") for c in b.candidates]}
+
+
+def _print_selection(builds: list[TargetBuild]) -> None:
+    if not builds:
+        return
+    table = Table(title="backend selection (docs/selection.md)")
+    for column in ("target", "backend", "status", "p50", "p95", "timed / error"):
+        table.add_column(column, justify="right" if column in ("p50", "p95") else "left")
+    for b in builds:
+        for c in b.candidates:
+            r = c.record()
+            mark = "[bold green]chosen[/]" if c.backend == b.chosen else (
+                "[green]passed[/]" if c.status == "passed" else f"[red]{c.status}[/]")
+            detail = r.error or r.timed_how or "not timed here"
+            table.add_row(b.target, c.backend, mark,
+                          f"{r.latency_us_p50:.1f} µs" if r.latency_us_p50 else "—",
+                          f"{r.latency_us_p95:.1f} µs" if r.latency_us_p95 else "—", detail)
+    console = out_console()
+    console.print(table)
+    for b in builds:
+        if b.chosen:
+            console.print(f"{b.target}: {b.chosen}: {b.reason}", markup=False, highlight=False)
 
 
 def _print_table(results, key_id: str) -> None:
@@ -110,9 +172,9 @@ def _print_table(results, key_id: str) -> None:
     table = Table(title=f"artifacts (signed with key {key_id})")
     quantized = any(r.manifest.quantization for r in results)
     columns = ["target", "backend", "size", "validation", "max abs err", "top-1", *(["INT8 / FP32 acc"] if quantized else []),
-               "proof on ISA", "build time", "path"]
+               "proof on ISA", "p50 here", "build time", "path"]
     for column in columns:
-        table.add_column(column, justify="right" if column in ("size", "max abs err", "build time") else "left")
+        table.add_column(column, justify="right" if column in ("size", "max abs err", "p50 here", "build time") else "left")
     for r in results:
         v = r.manifest.validation
         state = f"[green]{v.status}[/] ({v.executed.how})" if v.executed else f"[yellow]{v.status}[/]"
@@ -122,6 +184,7 @@ def _print_table(results, key_id: str) -> None:
                       f"{v.max_abs_err:.2e}" if v.max_abs_err is not None else "—",
                       f"{v.top1_agreement:.0%}" if v.top1_agreement is not None else "—",
                       *([_accuracy(r.manifest.quantization)] if quantized else []), proof,
+                      f"{r.manifest.build.latency_us:.1f} µs" if r.manifest.build.latency_us else "—",
                       f"{r.duration_s:.1f} s", str(r.path))
     out_console().print(table)
 
