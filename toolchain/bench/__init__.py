@@ -151,8 +151,10 @@ def _machine() -> dict:
             "python": platform.python_version()}
 
 
-def run_bench(config: BenchConfig, report_dir: Path | None = None, progress: Progress | None = None) -> dict:
-    """Benchmark; returns the report dict (and writes it with plots when ``report_dir`` is given)."""
+def run_bench(config: BenchConfig, report_dir: Path | None = None, progress: Progress | None = None,
+              source=None) -> dict:
+    """Benchmark; returns the report dict (and writes it with plots when ``report_dir`` is given).
+    ``source``: the ``ModelSource`` of ``config.model`` when the caller has loaded it already."""
     from edgesmith.toolchain.reference import ReferenceModel, make_samples
     from edgesmith.toolchain.sources import load_source
     from edgesmith.toolchain.targets import get_target, host_isa, runs_natively
@@ -166,8 +168,9 @@ def run_bench(config: BenchConfig, report_dir: Path | None = None, progress: Pro
     backends = [] if config.artifacts else parse_backends(config.backends, target)
     named_peers = parse_against(config.against)
     threads = config.threads or target.threads
-    progress.status("loading the model")
-    source = load_source(config.model, config.input_shapes)
+    if source is None:
+        progress.status("loading the model")
+        source = load_source(config.model, config.input_shapes)
     against = peers_for(named_peers, source)
     with tempfile.TemporaryDirectory(prefix="edgesmith-bench-") as tmp:
         work = Path(tmp)

@@ -13,12 +13,16 @@ def size_text(n: int) -> str:
     return f"{n / 1024:.0f} KiB" if n < 1 << 20 else f"{n / (1 << 20):.1f} MiB"
 
 
+def ms(value: float) -> str:
+    return f"{value:.3f}" if value < 1 else f"{value:.2f}" if value < 100 else f"{value:.0f}"
+
+
 def table_rows(report: dict) -> list[list[str]]:
     rows = []
     for e in report["engines"]:
         ratio = f"{e['ratio_to_fastest_peer']:.2f}×" if e["ratio_to_fastest_peer"] is not None else "–"
         rows.append([e["name"] + (f" ({e['precision'].upper()})" if e["precision"] != "fp32" else ""), e["version"],
-                     f"{e['p50_ms']:.2f}", f"{e['p95_ms']:.2f}", f"{e['p99_ms']:.2f}", f"{e['throughput_per_s']:.1f}",
+                     ms(e["p50_ms"]), ms(e["p95_ms"]), ms(e["p99_ms"]), f"{e['throughput_per_s']:.1f}",
                      f"{e['cold_start_s']:.2f}", f"{e['peak_rss_mib']:.0f}", size_text(e["size_bytes"]),
                      f"{e['max_abs_err_vs_ort']:.1e}", ratio])
     return rows
