@@ -1,4 +1,5 @@
-"""``edgesmith fleet``: watch the fleet's telemetry (monitor) and show what it stored (status)."""
+"""``edgesmith fleet``: watch the fleet's telemetry (monitor), show what it stored (status: devices,
+artifacts, deployments), serve artifacts to devices."""
 
 from __future__ import annotations
 
@@ -80,33 +81,103 @@ def _group(value: str | None) -> str | None:
 @app.command("status")
 def status(
     db: str = typer.Option(None, "--db", envvar="EDGESMITH_FLEET_DB", help=DB_HELP),
+    fleet: str = typer.Option(None, "--fleet", envvar="EDGESMITH_FLEET", help="Only this fleet."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list: device, fleet, online, artifact, latency "
-                                 "{p50_us, p95_us, p99_us} of the last window, and more."),
-    ingest_only: bool = typer.Option(False, "--ingest-only", help="Only store what arrives (no dashboard, metrics "
-                                     "or alerts): an extra worker on a --shared subscription, beside one full monitor "
-                                     "on the same --db."),
+                                 "{p50_us, p95_us, p99_us} of the last window, deploy {slot, deployment_id, result, "
+                                 "error, desired_version}, and more (deployments: `edgesmith fleet deployments --json`)."),
+    deployments_shown: int = typer.Option(5, "--deployments", min=0, help="How many recent deployments to list."),
     interval_s: float = typer.Option(10.0, "--interval-s", min=0.1, help=INTERVAL_HELP),
 ) -> None:
-    """Show every device the monitor has stored: online or not, its artifact, the last window's latency."""
+    """Show every device the monitor has stored (online or not, its artifact, slot, last deployment and
+    result, the last window's latency), the fleet's artifact mix, and recent deployments with their waves."""
     from edgesmith.toolchain.cli import out_console
-    from edgesmith.toolchain.fleet.store import Store, default_url, fleet_status
+    from edgesmith.toolchain.fleet.store import Store, default_url
+    from edgesmith.toolchain.fleet.status import fleet_overview
 
     store = Store.open(db or default_url(), create=False)
-    rows = fleet_status(store, default_interval_s=interval_s)
+    overview = fleet_overview(store, fleet, default_interval_s=interval_s, deployments=deployments_shown)
+    if as_json:
+        print(json.dumps(overview["devices"], indent=2))
+        return
+    console = out_console()
+    table = Table("device", "fleet", "online", "artifact", "version", "slot", "deployment", "result", "p50 ms",
+                  "p95 ms", "runs", "errors", "last seen")
+    now = time.time()
+    colours = {"applied": "green", "failed": "red", "refused": "red", "timeout": "red", "in-progress": "yellow",
+               "published": "yellow"}
+    for r in overview["devices"]:
+        lat, dep = r["latency"], r["deploy"]
+        ms = lambda us: "–" if us is None else f"{us / 1000:.3g}"  # noqa: E731
+        online = "[green]online[/]" if r["online"] else "[red]silent[/]" if r["session_open"] else "[red]offline[/]"
+        result = dep.get("result")
+        shown = f"[{colours.get(result, 'white')}]{result}[/]" if result else "–"
+        if result and dep.get("action") == "rollback":
+            shown += " (rollback)"
+        table.add_row(r["device"], r["fleet"], online, r["artifact"] or "–", r["version"] or "–", dep.get("slot") or "–",
+                      dep.get("deployment_id") or "–", shown, ms(lat["p50_us"]), ms(lat["p95_us"]), str(r["runs"]),
+                      str(r["errors"]), "–" if r["last_seen_ms"] is None else f"{now - r['last_seen_ms'] / 1000:.0f} s ago")
+    console.print(table)
+    if not overview["devices"]:
+        console.print("no devices yet: the monitor has stored nothing from any device")
+        return
+    mix = ", ".join(f"{artifact}: {n}" for artifact, n in overview["versions"].items())
+    console.print(f"artifacts served: {mix}", highlight=False, soft_wrap=True)
+    for d in overview["deployments"]:
+        waves = "; ".join(f"wave {w['wave']} {w['share']:.0%}: {w['applied']}/{w['devices']} applied"
+                          + (f", {w['failed']} failed" if w["failed"] else "") + ("" if w["status"] == "done" else f" ({w['status']})")
+                          for w in d["wave_rows"])
+        what = f"rollback of {d['rolls_back']}" if d["action"] == "rollback" else "deploy"
+        console.print(f"{d['id']} {what} {d['artifact']} → {d['fleet']}: [bold]{d['status']}[/] "
+                      f"({', '.join(f'{n} {k}' for k, n in sorted(d['results'].items()))}); {waves}", highlight=False,
+                      soft_wrap=True)
+
+
+@app.command("deployments")
+def deployments_cmd(
+    db: str = typer.Option(None, "--db", envvar="EDGESMITH_FLEET_DB", help=DB_HELP),
+    fleet: str = typer.Option(None, "--fleet", envvar="EDGESMITH_FLEET", help="Only this fleet."),
+    limit: int = typer.Option(20, "--limit", min=1, help="How many, newest first."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list: id, fleet, action, artifact, status, "
+                                 "waves, wave_rows, results, and per-device targets."),
+) -> None:
+    """List deployments and rollbacks (newest first) with their waves and every device's result."""
+    from edgesmith.toolchain.cli import out_console
+    from edgesmith.toolchain.deploy import history
+    from edgesmith.toolchain.fleet.store import Store, default_url
+
+    store = Store.open(db or default_url(), create=False)
+    rows = history.deployments_list(store, fleet, limit) if history.has_tables(store) else []
+    for r in rows:
+        r["targets"] = history.targets(store, r["id"])
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table("device", "fleet", "online", "artifact", "version", "p50 ms", "p95 ms", "p99 ms", "runs", "errors",
-                  "last seen")
-    now = time.time()
-    for r in rows:
-        lat = r["latency"]
-        ms = lambda us: "–" if us is None else f"{us / 1000:.3g}"  # noqa: E731
-        online = "[green]online[/]" if r["online"] else "[red]silent[/]" if r["session_open"] else "[red]offline[/]"
-        table.add_row(r["device"], r["fleet"], online, r["artifact"] or "–", r["version"] or "–", ms(lat["p50_us"]),
-                      ms(lat["p95_us"]), ms(lat["p99_us"]), str(r["runs"]), str(r["errors"]),
-                      f"{now - r['last_seen_ms'] / 1000:.0f} s ago")
     console = out_console()
-    console.print(table)
     if not rows:
-        console.print("no devices yet: the monitor has stored nothing from any device")
+        console.print("no deployments yet")
+    for r in rows:
+        what = f"rollback of {r['rolls_back']}" if r["action"] == "rollback" else "deploy"
+        console.print(f"[bold]{r['id']}[/] {what} {r['artifact']} → {r['fleet']}: {r['status']}"
+                      + (f" — {r['message']}" if r["message"] else ""), highlight=False)
+        table = Table("wave", "device", "desired version", "result", "slot", "error")
+        for t in r["targets"]:
+            table.add_row(str(t["wave"]), t["device"], str(t["version"]), t["result"], t["slot"] or "–", t["error"] or "")
+        console.print(table)
+
+
+@app.command("serve-artifacts")
+def serve_artifacts(
+    store: Path = typer.Option(None, "--store", envvar="EDGESMITH_ARTIFACT_STORE",
+                               help="Artifact store directory (default $EDGESMITH_HOME/deploy/artifacts)."),
+    http: str = typer.Option("0.0.0.0:8470", "--http", envvar="EDGESMITH_ARTIFACT_HTTP", help="HOST:PORT to listen on."),
+) -> None:
+    """Serve the artifact store to devices (GET/HEAD /artifacts/<sha256>.tar, Range resumes) until interrupted;
+    point `edgesmith deploy --base-url` at it."""
+    from edgesmith.toolchain.deploy.archive import default_store_dir
+    from edgesmith.toolchain.deploy.server import serve_forever
+    from edgesmith.toolchain.fleet.monitor import parse_http
+
+    host, port = parse_http(http)
+    directory = store or default_store_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    serve_forever(directory, host, port)

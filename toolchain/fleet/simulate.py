@@ -57,10 +57,21 @@ class SimArtifact:
         protocol.OutputLayout(name="logits", kind="classes", classes=4, reference=[0.25, 0.25, 0.25, 0.25])])
     latency: protocol.LatencyLayout = field(default_factory=lambda: DEFAULT_LAYOUT)
     build_latency_us: float | None = 1000.0
+    manifest_sha256: str | None = None  # a real artifact's; else one made up from the labels
 
     @property
     def sha256(self) -> str:
+        if self.manifest_sha256:
+            return self.manifest_sha256
         return sha256_of(f"{self.name}/{self.model}/{self.model_version}/{self.target}/{self.backend}")
+
+    @classmethod
+    def of_manifest(cls, manifest_bytes: bytes) -> SimArtifact:
+        """What a device serving this real artifact announces."""
+        m = json.loads(manifest_bytes)
+        return cls(name=m["name"], model=m["model"]["name"], model_version=m["model"]["version"],
+                   target=m["target"]["name"], backend=m["backend"]["name"], backend_version=m["backend"]["version"],
+                   manifest_sha256=hashlib.sha256(manifest_bytes).hexdigest())
 
     def ref(self) -> protocol.ArtifactRef:
         return protocol.ArtifactRef(name=self.name, model=self.model, model_version=self.model_version,

@@ -520,8 +520,12 @@ class Store:
                     dev.presence_changed = True
                 message_rows.append(self._message_row(batch, item, msg))
             else:
-                if msg.kind == "birth" and (session(skey) or {}).get("birth") is not None:
-                    self._duplicate(row, item, result)  # this session's birth is stored already
+                stored_birth = session(skey) or {}
+                # This session's birth is stored already; a later one (higher seq) in the same session
+                # is a device announcing a new artifact after a deployment switched it (deployment.md §5).
+                if msg.kind == "birth" and stored_birth.get("birth") is not None \
+                        and msg.seq <= (stored_birth.get("birth_seq") or 0):
+                    self._duplicate(row, item, result)
                     continue
                 # A retained birth is the broker's memory of the device's state, not part of its
                 # stream (a monitor subscribing late gets it long after): it does not take part in

@@ -1,0 +1,139 @@
+"""Staged rollouts against a real Mosquitto: `edgesmith deploy` / `rollback` / `fleet status` run
+as a user runs them (subprocesses), a real monitor stores what devices report, and the devices are
+Python devices that follow docs/deployment.md (toolchain/fleet/simulate_deploy.py: signature and
+replay checks, Range download, archive and artifact verification, slot switch, state/event/birth
+reports) — until the C++ agent's deployment support is wired into these tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from deploy_helpers import make_artifact
+from edgesmith.toolchain.deploy import desired
+from edgesmith.toolchain.fleet import broker as fleet_broker
+from edgesmith.toolchain.fleet.simulate_deploy import DeployingDevice
+from edgesmith.toolchain.signing import generate_deploy_key, generate_key, load_deploy_key, load_signing_key
+from test_fleet_monitor import broker_dir, start_monitor, store_url, wait_until  # noqa: F401  (fixtures)
+
+FLEET = "plant-a"
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+@pytest.fixture
+def fleet(tmp_path, broker_dir, _isolated_home):  # noqa: F811
+    """Keys (a build key the home trusts, a deploy key), artifacts v1 (factory) and v2, five devices on v1."""
+    build = load_signing_key(generate_key("default"))
+    deploy_pub = load_deploy_key(generate_deploy_key()).public_key
+    v1 = make_artifact(tmp_path / "dist" / "v1", build, version="1")
+    v2 = make_artifact(tmp_path / "dist" / "v2", build, version="2")
+    names = [f"cam-0{i}" for i in range(1, 6)]
+    credentials = fleet_broker.add_devices(broker_dir, names, FLEET)
+    made: list[DeployingDevice] = []
+
+    def start(failing: tuple[str, ...] = ()) -> dict[str, DeployingDevice]:
+        for c in credentials:
+            made.append(DeployingDevice(c, tmp_path / "devices" / c["device"], v1, [deploy_pub], [build.public_key],
+                                        fail_self_test=c["device"] in failing, interval_s=1.0).start())
+        return {d.device: d for d in made}
+
+    yield {"v1": v1, "v2": v2, "start": start, "store": tmp_path / "store", "broker": broker_dir}
+    for device in made:
+        device.stop()
+
+
+def _deploy(fleet: dict, db: str, artifact: Path, *extra: str, check: bool = True):
+    return run_cli("deploy", str(artifact), "--fleet", FLEET, "--broker", str(fleet["broker"]), "--db", db,
+                   "--store", str(fleet["store"]), "--serve", "127.0.0.1:0", "--previous", str(fleet["v1"]),
+                   "--wave-timeout", "20", *extra, check=check)
+
+
+def _status(db: str) -> dict[str, dict]:
+    return {r["device"]: r for r in json.loads(run_cli("fleet", "status", "--db", db, "--json").stdout)}
+
+
+def _status_when(db: str, predicate, what: str) -> dict[str, dict]:
+    """`fleet status --json` once the monitor has stored what ``predicate`` wants (it ingests asynchronously)."""
+    def check():
+        status = _status(db)
+        return status if predicate(status) else None
+
+    return wait_until(check, 30, what)
+
+
+def test_staged_rollout_then_explicit_rollback(fleet, store_url, start_monitor):  # noqa: F811
+    monitor = start_monitor()
+    devices = fleet["start"]()
+    wait_until(lambda: len(monitor.api()["devices"]) == 5, 30, "the monitor to learn the five devices")
+    result = _deploy(fleet, store_url, fleet["v2"], "--waves", "20%,60%,100%", "--abort-on-failure", "20%")
+    out = result.stdout
+    assert "in 3 wave(s)" in out and "wave 3/3" in out and "completed: 5 of 5 device(s) applied" in out, out
+    assert all(d.artifact.name == "tiny-v2-x86_64-avx2-openvino" and d.current == "a" for d in devices.values())
+    status = _status_when(store_url, lambda s: all(r["artifact"] == "tiny-v2-x86_64-avx2-openvino" for r in s.values()),
+                          "births of v2 stored")
+    assert {r["deploy"]["result"] for r in status.values()} == {"applied"}
+    assert {r["deploy"]["slot"] for r in status.values()} == {"a"}
+    versions = {d: r["deploy"]["desired_version"] for d, r in status.items()}
+    # Waves: 1 device (20%), then 2 (60%), then 2 (100%).
+    table = run_cli("fleet", "status", "--db", store_url).stdout
+    assert "artifacts served: tiny-v2-x86_64-avx2-openvino: 5" in table, table
+    assert "wave 1 20%: 1/1 applied; wave 2 60%: 2/2 applied; wave 3 100%: 2/2 applied" in table, table
+
+    # Explicit rollback: signed, to the artifact each device served before (downloaded: v1 was the factory's).
+    back = run_cli("rollback", "--fleet", FLEET, "--broker", str(fleet["broker"]), "--db", store_url,
+                   "--store", str(fleet["store"]), "--serve", "127.0.0.1:0", "--timeout", "20").stdout
+    assert "5 of 5 device(s) back" in back, back
+    assert all(d.artifact.name == "tiny-v1-x86_64-avx2-openvino" and d.current == "b" for d in devices.values())
+    status = _status_when(store_url, lambda s: all(r["deploy"].get("action") == "rollback" and r["deploy"]["result"]
+                                                   == "applied" for r in s.values()), "the rollback's results")
+    assert all(r["deploy"]["desired_version"] > versions[d] for d, r in status.items())  # versions only grow
+
+    # A replayed (older) desired state is refused by the device; the rollout's versions outrun it.
+    cam = devices["cam-01"]
+    old = desired.sign(desired.desired_state(FLEET, "cam-01", versions["cam-01"], "dep-replay", "deploy",
+                                             _archive_of(fleet), "http://127.0.0.1:1"),
+                       load_deploy_key())
+    cam.apply(old)
+    assert cam.last["result"] == "refused" and "not above" in cam.last["error"]
+    assert cam.artifact.name == "tiny-v1-x86_64-avx2-openvino"
+
+
+def _archive_of(fleet: dict):
+    from edgesmith.toolchain.deploy.archive import archive
+
+    return archive(fleet["v2"], fleet["store"])
+
+
+def test_failing_device_aborts_and_rolls_back(fleet, store_url, start_monitor):  # noqa: F811
+    monitor = start_monitor()
+    devices = fleet["start"](failing=("cam-02",))
+    wait_until(lambda: len(monitor.api()["devices"]) == 5, 30, "the monitor to learn the five devices")
+    result = _deploy(fleet, store_url, fleet["v2"], "--waves", "20%,60%,100%", "--abort-on-failure", "20%",
+                     check=False)
+    out = result.stdout
+    assert result.returncode == 1, out + result.stderr
+    assert "cam-02: failed: golden self-test failed" in out and "ABORT: 33% failed > 20%" in out, out
+    assert "wave 3/3" not in out and "rolled-back" in out, out
+    # cam-01 (wave 1) and cam-03 (wave 2) applied it and were rolled back; cam-02 kept v1; wave 3 never started.
+    assert {n: d.artifact.name.split("-")[1] for n, d in devices.items()} == {n: "v1" for n in devices}
+    assert devices["cam-01"].highest_version == devices["cam-03"].highest_version == 2
+    assert devices["cam-04"].highest_version == 0 and devices["cam-05"].highest_version == 0
+
+    status = _status_when(store_url, lambda s: s["cam-03"]["deploy"].get("action") == "rollback"
+                          and s["cam-01"]["artifact"] == "tiny-v1-x86_64-avx2-openvino", "the rollback in the store")
+    assert status["cam-01"]["deploy"]["result"] == status["cam-03"]["deploy"]["result"] == "applied"
+    assert status["cam-02"]["deploy"]["result"] == "failed" and "self-test" in status["cam-02"]["deploy"]["error"]
+    for untouched in ("cam-04", "cam-05"):  # their state (sent on connect) names no deployment
+        assert status[untouched]["deploy"]["deployment_id"] is None and status[untouched]["deploy"]["slot"] is None
+    table = run_cli("fleet", "status", "--db", store_url).stdout
+    assert "artifacts served: tiny-v1-x86_64-avx2-openvino: 5" in table, table
+    assert "rolled-back" in table and "rollback of dep-" in table, table
+    history = json.loads(run_cli("fleet", "deployments", "--db", store_url, "--json").stdout)
+    rollback, deployment = history
+    assert deployment["status"] == "rolled-back" and rollback["rolls_back"] == deployment["id"]
+    assert {t["device"]: t["result"] for t in deployment["targets"]} == {
+        "cam-01": "applied", "cam-02": "failed", "cam-03": "applied"}
+    assert [w["status"] for w in deployment["wave_rows"]] == ["done", "aborted", "waiting"]
