@@ -112,8 +112,8 @@ EOF
 unpack "apache_tvm-${TVM_VERSION}-*aarch64*.whl" "$cache/tvm" tvm/lib/libtvm_runtime.so apache_tvm-
 unpack "apache_tvm_ffi-${TVM_FFI_VERSION}-*aarch64*.whl" "$cache/tvm-ffi" tvm_ffi/include/ tvm_ffi/lib/libtvm_ffi.so apache_tvm_ffi-
 unpack "openvino-${OPENVINO_VERSION}-*aarch64*.whl" "$cache/openvino" openvino/libs/ openvino/include/ openvino/cmake/
-# ONNX Runtime: the C API library only (the ort plugin's headers come from
-# third_party/onnxruntime/fetch_headers.sh, run by the configure).
+# ONNX Runtime: the C API library only (the ort plugin's headers are kept in
+# third_party/onnxruntime/include).
 unpack "onnxruntime-${ORT_VERSION}-*aarch64*.whl" "$cache/onnxruntime" "onnxruntime/capi/libonnxruntime.so."
 # EdgesmithTvm.cmake expects one directory holding tvm/ and tvm_ffi/ (like site-packages).
 mkdir -p "$cache/tvm-root"

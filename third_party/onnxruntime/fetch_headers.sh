@@ -3,6 +3,10 @@
 #
 #   fetch_headers.sh DEST
 #
+# How the copy in third_party/onnxruntime/include was made (README.md there): to move to another
+# version, change VERSION and SHA256, run it into a scratch directory and copy include/ and
+# LICENSE.onnxruntime over the vendored ones. Builds do not run it.
+#
 # PyPI's onnxruntime wheels ship libonnxruntime.so but no headers. The plugin compiles against the
 # headers of Debian trixie's libonnxruntime-dev (ORT 1.21, ORT_API_VERSION 21) and runs against the
 # newer library of the wheel: ORT's C API is backward compatible (OrtGetApiBase()->GetApi(21) is

@@ -1,12 +1,13 @@
 # Locate ONNX Runtime for the ort backend plugin: the library from the unpacked onnxruntime wheel,
-# the C/C++ API headers from Debian's libonnxruntime-dev (the wheel ships none).
+# the C/C++ API headers kept in third_party/onnxruntime (the wheel ships none).
 #
 #   EDGESMITH_ORT_ROOT         a directory holding the unpacked onnxruntime wheel
 #                              (`onnxruntime/capi/libonnxruntime.so.<version>`); defaults to the
 #                              site-packages of EDGESMITH_PYTHON (host builds only).
 #   EDGESMITH_ORT_INCLUDE_DIR  a directory holding onnxruntime_c_api.h and onnxruntime_cxx_api.h;
-#                              by default third_party/onnxruntime/fetch_headers.sh fetches them into
-#                              the build tree (needs apt and a Debian mirror, once per build tree).
+#                              default: third_party/onnxruntime/include/onnxruntime, the headers of
+#                              Debian trixie's libonnxruntime-dev 1.21.0+dfsg-1 (ORT API 21, MIT),
+#                              vendored so a build needs no network (third_party/onnxruntime/README.md).
 #
 # Defines EDGESMITH_ORT_FOUND, EDGESMITH_ORT_VERSION, EDGESMITH_ORT_LIBRARY_NAME (the wheel's file
 # name of the library, libonnxruntime.so.<version>), EDGESMITH_ORT_LIBRARY_DIRS and
@@ -33,16 +34,7 @@ endif()
 if(_edgesmith_ort_library)
   set(_edgesmith_ort_include "${EDGESMITH_ORT_INCLUDE_DIR}")
   if(NOT _edgesmith_ort_include)
-    set(_edgesmith_ort_include_cache "${PROJECT_BINARY_DIR}/third_party/onnxruntime")
-    execute_process(
-      COMMAND bash "${PROJECT_SOURCE_DIR}/third_party/onnxruntime/fetch_headers.sh" "${_edgesmith_ort_include_cache}"
-      OUTPUT_VARIABLE _edgesmith_ort_fetched OUTPUT_STRIP_TRAILING_WHITESPACE
-      ERROR_VARIABLE _edgesmith_ort_fetch_error RESULT_VARIABLE _edgesmith_ort_fetch_rc)
-    if(_edgesmith_ort_fetch_rc EQUAL 0)
-      set(_edgesmith_ort_include "${_edgesmith_ort_fetched}/onnxruntime")
-    else()
-      message(STATUS "edgesmith: could not fetch the ONNX Runtime headers: ${_edgesmith_ort_fetch_error}")
-    endif()
+    set(_edgesmith_ort_include "${PROJECT_SOURCE_DIR}/third_party/onnxruntime/include/onnxruntime")
   endif()
   if(_edgesmith_ort_include AND EXISTS "${_edgesmith_ort_include}/onnxruntime_c_api.h")
     set(EDGESMITH_ORT_FOUND ON)
