@@ -284,7 +284,7 @@ def open_engine(url: str, create: bool) -> Engine:
         engine = create_engine(url)
     except (NoSuchModuleError, ModuleNotFoundError) as e:
         raise UserError(f"the database driver for {parsed.drivername} is not installed ({e}); install it, e.g. "
-                        "`pip install psycopg[binary]` for postgresql+psycopg://") from None
+                        "`pip install edgesmith[postgres]` (psycopg) for postgresql+psycopg://") from None
     if is_sqlite:
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine
