@@ -32,9 +32,11 @@ def print_error(message: str) -> None:
 
 def _register() -> None:
     from edgesmith.toolchain.cli import artifacts, bench, broker, build, deploy, fleet, keys, prove, targets, tools, train
+    from edgesmith.toolchain.cli import tune
 
     app.command("targets")(targets.targets)
     app.command("build")(build.build)
+    app.command("tune")(tune.tune)
     app.command("train")(train.train)
     app.command("verify")(artifacts.verify)
     app.command("inspect")(artifacts.inspect)
