@@ -136,4 +136,12 @@ def test_failing_device_aborts_and_rolls_back(fleet, store_url, start_monitor): 
     assert deployment["status"] == "rolled-back" and rollback["rolls_back"] == deployment["id"]
     assert {t["device"]: t["result"] for t in deployment["targets"]} == {
         "cam-01": "applied", "cam-02": "failed", "cam-03": "applied"}
-    assert [w["status"] for w in deployment["wave_rows"]] == ["done", "aborted", "waiting"]
+    assert [w["status"] for w in deployment["wave_rows"]] == ["done", "aborted", "skipped"]
+    # The dashboard: the version mix (every device back on version 1) and the deployments.
+    def dashboard() -> str | None:
+        page = monitor.get("/").decode()
+        return page if f'data-deployment="{rollback["id"]}"' in page else None
+
+    page = wait_until(dashboard, 30, "the dashboard to show the rollback")
+    assert "<h2>Version mix</h2>" in page and "1: 5" in page and "rolled-back" in page
+    assert monitor.api()["version_mix"] == {FLEET: {"tiny × x86_64-avx2": {"1": 5}}}

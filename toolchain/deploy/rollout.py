@@ -310,6 +310,8 @@ def deploy(archive: ArchiveInfo, config: RolloutConfig, store: Store, say: Say) 
                 f"{failed_so_far} of {len(targeted)} targeted failed ({share_failed:.0%})")
             if share_failed > config.abort_on_failure:
                 history.update_wave(store, deployment_id, number, status="aborted")
+                for later in range(number + 1, len(waves) + 1):
+                    history.update_wave(store, deployment_id, later, status="skipped")
                 say(f"ABORT: {share_failed:.0%} failed > {config.abort_on_failure:.0%}; rolling back")
                 result.status = "aborted"
                 break

@@ -308,12 +308,23 @@ class Monitor:
             if self._snapshot is None or at - self._snapshot["generated_ms"] >= self.config.tick_s * 1000:
                 snap = self.view.snapshot(at)
                 snap["alerts"] = self.store.alerts()
+                snap["deployments"], snap["deploy_states"] = self._deployments()
                 snap["monitor"] = {"counters": self.store.counters(), "connected": self.connected,
                                    "client_id": self.config.mqtt_client_id, "subscription": self.config.subscription,
                                    "queued": self.received.qsize(), "stored_here": self.stored_here,
                                    "thresholds": asdict(self.config.thresholds)}
                 self._snapshot = snap
             return self._snapshot
+
+    def _deployments(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Recent deployments and each device's deployment state (written by `edgesmith deploy` and ingest)."""
+        from edgesmith.toolchain.deploy import history
+        from edgesmith.toolchain.fleet.status import deploy_info
+
+        states = history.device_states(self.store)
+        rows = [{"fleet": fleet, "device": device, "deploy": deploy_info(entry)}
+                for (fleet, device), entry in sorted(states.items())]
+        return history.deployments_list(self.store, None, 10), [r for r in rows if r["deploy"]]
 
     def evaluate(self) -> None:
         """One tick: follow the store, judge the devices that changed, keep the charts' history."""

@@ -10,7 +10,7 @@ from edgesmith.toolchain.deploy import history
 from edgesmith.toolchain.fleet.store import Store, fleet_status
 
 
-def _deploy_info(entry: dict[str, Any] | None) -> dict[str, Any]:
+def deploy_info(entry: dict[str, Any] | None) -> dict[str, Any]:
     """The device's last deployment as the store knows it: the newest of its reported state and the
     rollout's target row (a rollout may have recorded a result the monitor has not seen, or the reverse)."""
     if not entry:
@@ -37,13 +37,13 @@ def fleet_overview(store: Store, fleet: str | None, default_interval_s: float,
     rows = [r for r in fleet_status(store, default_interval_s) if fleet is None or r["fleet"] == fleet]
     deploy = history.device_states(store, fleet) if history.has_tables(store) else {}
     for r in rows:
-        r["deploy"] = _deploy_info(deploy.pop((r["fleet"], r["device"]), None))
+        r["deploy"] = deploy_info(deploy.pop((r["fleet"], r["device"]), None))
     for (fleet_name, device), entry in sorted(deploy.items()):  # targeted, but the monitor never heard from it
         rows.append({"device": device, "fleet": fleet_name, "online": False, "silent": True, "session_open": False,
                      "artifact": None, "model": None, "version": None, "target": None, "backend": None, "bd_seq": None,
                      "latency": {"p50_us": None, "p95_us": None, "p99_us": None, "window_end_ms": None},
                      "runs": 0, "errors": 0, "messages": 0, "duplicates": 0, "gaps": 0, "last_seen_ms": None,
-                     "deploy": _deploy_info(entry)})
+                     "deploy": deploy_info(entry)})
     versions = Counter(r["artifact"] or "unknown" for r in rows)
     listed = history.deployments_list(store, fleet, deployments) if deployments and history.has_tables(store) else []
     return {"devices": rows, "versions": dict(versions.most_common()), "deployments": listed}

@@ -173,7 +173,7 @@ deploy_waves = Table(
     Column("wave", Integer, primary_key=True, autoincrement=False),
     Column("share", Float, nullable=False), Column("devices", Integer, nullable=False),
     Column("applied", Integer, nullable=False), Column("failed", Integer, nullable=False),
-    Column("status", String(16), nullable=False),  # waiting | running | done | aborted
+    Column("status", String(16), nullable=False),  # waiting | running | done | aborted | skipped
     Column("started_ms", BigInteger), Column("finished_ms", BigInteger),
 )
 

@@ -254,8 +254,38 @@ def render_dashboard(snap: dict[str, Any], thresholds: dict[str, float]) -> str:
                 text = ", ".join(f"{v}: {n}" for v, n in sorted(versions.items()))
                 out.append(f"<tr><td>{e(fleet)}</td><td>{e(model)}</td><td>{e(text)}</td></tr>")
         out.append("</table>")
+    out.extend(_deployments_html(snap.get("deployments") or [], snap.get("deploy_states") or [], at))
     out.append('<p class=muted><a href="/api/fleet">/api/fleet</a> · <a href="/metrics">/metrics</a></p></body></html>')
     return "".join(out)
+
+
+def _deployments_html(deployments: list[dict[str, Any]], states: list[dict[str, Any]], at: int) -> list[str]:
+    """Recent deployments with their waves, and each device's deployment state (docs/deployment.md §6)."""
+    e = html.escape
+    if not deployments and not states:
+        return []
+    out = ["<h2>Deployments</h2><table id=deployments><tr><th>deployment</th><th>action</th><th>artifact</th>"
+           "<th>fleet</th><th>status</th><th>waves (applied / devices)</th><th>results</th><th>started</th></tr>"]
+    for d in deployments:
+        waves = "; ".join(f"{w['share']:.0%}: {w['applied']}/{w['devices']}" + (f" ({w['status']})" if w["status"] != "done" else "")
+                          for w in d["wave_rows"])
+        results = ", ".join(f"{k} {n}" for k, n in sorted(d["results"].items()))
+        action = f"rollback of {d['rolls_back']}" if d["action"] == "rollback" else d["action"]
+        css = "off" if d["status"] in ("aborted", "rolled-back", "failed") else "on" if d["status"] == "completed" else ""
+        out.append(f'<tr data-deployment="{e(d["id"])}"><td>{e(d["id"])}</td><td>{e(action)}</td><td>{e(d["artifact"])}</td>'
+                   f"<td>{e(d['fleet'])}</td><td><span class={css}>{e(d['status'])}</span></td><td>{e(waves)}</td>"
+                   f"<td>{e(results)}</td><td>{_ago(d['started_ms'], at)}</td></tr>")
+    out.append("</table>")
+    if states:
+        out.append("<table id=deploy-states><tr><th>device</th><th>fleet</th><th>slot</th><th>deployment</th>"
+                   "<th>result</th><th>error</th></tr>")
+        for r in states:
+            dep = r["deploy"]
+            out.append(f'<tr data-device="{e(r["device"])}"><td>{e(r["device"])}</td><td>{e(r["fleet"])}</td>'
+                       f"<td>{e(dep.get('slot') or '–')}</td><td>{e(dep.get('deployment_id') or '–')}</td>"
+                       f"<td>{e(dep.get('result') or '–')}</td><td>{e(dep.get('error') or '')}</td></tr>")
+        out.append("</table>")
+    return out
 
 
 # ---- server ----------------------------------------------------------------------------------------
