@@ -136,6 +136,7 @@ def test_deploy_keys_live_apart_from_build_keys(tmp_path, _isolated_home):
         load_deploy_key(build)
 
 
+@pytest.mark.integration
 def test_keys_cli_makes_a_deploy_key(_isolated_home):
     from conftest import run_cli
 
@@ -177,3 +178,86 @@ def test_server_head_range_and_resume(tmp_path, artifact):
         for bad in ("/artifacts/../store/index", f"/artifacts/{'0' * 64}.tar", "/artifacts/index",
                     f"/artifacts/{info.sha256}.tar.tmp", "/"):
             assert _request(server.url, "GET", bad)[0] == 404, bad
+
+
+# ---- waves, store bookkeeping, lineage ------------------------------------------------------------------
+
+def test_waves_are_cumulative_shares():
+    from edgesmith.toolchain.deploy.rollout import parse_share, parse_waves, plan_waves
+
+    names = [f"d{i}" for i in range(10)]
+    assert plan_waves(names, parse_waves("10%,50%,100%")) == [(0.1, names[:1]), (0.5, names[1:5]), (1.0, names[5:])]
+    assert [len(w) for _, w in plan_waves(names[:2], parse_waves("10%,20%,100%"))] == [1, 1]  # none empty
+    assert [len(w) for _, w in plan_waves(names[:1], parse_waves("10%,50%,100%"))] == [1]
+    assert parse_share("20%", "x") == 0.2
+    for bad in ("50%,10%,100%", "10%,50%", "0%,100%", "ten", "10,100"):
+        with pytest.raises(UserError):
+            parse_waves(bad)
+
+
+def test_ingest_records_deploy_reports(tmp_path):
+    """The monitor's ingest: a device's state becomes its deploy state (newest seq wins), and its
+    reports settle the deployment's target row; in-progress never undoes a final result."""
+    from edgesmith.toolchain.deploy import history
+    from edgesmith.toolchain.fleet import protocol
+    from edgesmith.toolchain.fleet.store import Incoming, Store
+
+    store = Store.open(f"sqlite:///{tmp_path / 'm.db'}")
+    history.create_deployment(store, {"id": "dep-1", "fleet": "f", "action": "deploy", "rolls_back": None,
+                                      "artifact": "a", "archive_sha256": "0" * 64, "manifest_sha256": "1" * 64,
+                                      "model": "m", "model_version": "2", "model_uri": None, "url": "http://x",
+                                      "key_id": "0" * 16, "waves": "[1.0]", "abort_on_failure": 0.2}, [(1.0, ["d"])])
+    history.add_target(store, "dep-1", "f", "d", 1, history.reserve_version(store, "f", "d", 4), ("2" * 64, "old"))
+    assert history.targets(store, "dep-1")[0]["version"] == 5  # above what the device had
+    assert history.reserve_version(store, "f", "d") == 6
+
+    def msg(kind: str, seq: int, result: str, **extra):
+        details = {"slot": "a", "artifact": "a", "desired_version": 5, "deployment_id": "dep-1", "result": result,
+                   "phase": None, "error": extra.pop("error", None)}
+        common = {"fleet": "f", "device": "d", "bdSeq": 1, "seq": seq, "ts_ms": 1, "details": details}
+        if kind == "state":
+            return Incoming(1000 + seq, protocol.State(**common, artifact_sha256="1" * 64))
+        return Incoming(1000 + seq, protocol.Event(**common, event=extra["event"], message="m"))
+
+    store.ingest([msg("state", 1, "in-progress"), msg("event", 2, "applied", event="deploy.applied")])
+    store.ingest([msg("state", 3, "applied")])
+    store.ingest([msg("event", 4, "in-progress", event="deploy.started")])  # late / replayed: not final
+    target = history.targets(store, "dep-1")[0]
+    assert (target["result"], target["slot"]) == ("applied", "a")
+    state = history.device_states(store)[("f", "d")]["state"]
+    assert (state["seq"], state["result"], state["desired_version"]) == (3, "applied", 5)
+    store.ingest([msg("state", 5, "failed", error="self-test failed")])
+    assert history.targets(store, "dep-1")[0]["error"] == "self-test failed"
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_lineage_logged_to_mlflow(tmp_path, monkeypatch, build_key):
+    """A deployment of an artifact built from models:/tiny/1: a run in the training run's experiment,
+    tagged with the model version, listing the devices; the model version is tagged with it."""
+    import mlflow
+
+    from edgesmith.toolchain.deploy.lineage import log_deployment
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = mlflow.MlflowClient(uri, uri)
+    experiment = client.create_experiment("train", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    training = client.create_run(experiment)
+    client.create_registered_model("tiny")
+    client.create_model_version("tiny", f"{training.info.artifact_uri}/onnx", run_id=training.info.run_id)
+    info = archive_mod.archive(make_artifact(tmp_path / "reg", build_key, model_uri="models:/tiny/1"), tmp_path / "s")
+    deployment = {"id": "dep-x", "fleet": "plant-a", "status": "completed", "waves": "[0.5, 1.0]",
+                  "abort_on_failure": 0.2}
+    targets = [{"device": d, "result": "applied", "wave": 1, "version": 3, "slot": "a", "error": None,
+                "previous_artifact": "old"} for d in ("cam-01", "cam-02")]
+    run_id = log_deployment(info, deployment, targets)
+    run = client.get_run(run_id)
+    assert run.info.experiment_id == experiment
+    assert run.data.tags["edgesmith.model_version_uri"] == "models:/tiny/1"
+    assert run.data.tags["edgesmith.deployment_id"] == "dep-x" and run.data.metrics["applied"] == 2
+    assert run.data.tags["edgesmith.manifest_sha256"] == info.manifest_sha256
+    assert client.get_model_version("tiny", "1").tags["edgesmith.deploy.dep-x"].startswith("completed plant-a")
+    devices = json.loads((Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="deployment/devices.json",
+                                                                   dst_path=str(tmp_path / "dl")))).read_text())
+    assert set(devices) == {"cam-01", "cam-02"}
