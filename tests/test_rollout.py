@@ -145,3 +145,69 @@ def test_failing_device_aborts_and_rolls_back(fleet, store_url, start_monitor): 
     page = wait_until(dashboard, 30, "the dashboard to show the rollback")
     assert "<h2>Version mix</h2>" in page and "1: 5" in page and "rolled-back" in page
     assert monitor.api()["version_mix"] == {FLEET: {"tiny × x86_64-avx2": {"1": 5}}}
+
+
+# ---- real agents (edgesmith-agent, C++) -------------------------------------------------------------------
+
+def _agent_deploys() -> bool:
+    from test_agent import AGENT
+
+    if not AGENT.exists():
+        return False
+    import subprocess
+
+    help_text = subprocess.run([str(AGENT), "--help"], capture_output=True, text=True).stdout
+    return "--trust-dir" in help_text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not _agent_deploys(), reason="this edgesmith-agent has no deployment support (--trust-dir) yet")
+def test_real_agents_abort_and_roll_back(tmp_path, broker_dir, store_url, start_monitor,  # noqa: F811
+                                         digits_host_openvino, digits_artifacts, _isolated_home):
+    """Three C++ agents on the factory artifact (OpenVINO); the rollout of the TVM build reaches cam-01
+    and cam-02 in wave 1; cam-02 was provisioned without the deploy key, refuses, and the rollout
+    aborts: cam-01 is rolled back to the factory artifact, cam-03 is never touched."""
+    import shutil
+
+    from test_agent import Agent
+
+    # The home trusts the build key the artifacts were signed with (the deploy command verifies them).
+    (_isolated_home / "keys").mkdir(parents=True, exist_ok=True)
+    shutil.copy(digits_host_openvino["pub"], _isolated_home / "keys" / "build.pub")
+    deploy_pub = generate_deploy_key().with_suffix(".pub")
+    factory = digits_host_openvino["path"]
+    new = Path(digits_artifacts["artifacts"][("x86_64-avx2", "tvm")]["path"])
+    monitor = start_monitor()
+    agents = []
+    try:
+        for device in ("cam-01", "cam-02", "cam-03"):
+            credentials = Path(fleet_broker.add_device(broker_dir, device, FLEET)["credentials"])
+            trust = tmp_path / "trust" / device
+            (trust / "build").mkdir(parents=True)
+            (trust / "deploy").mkdir()
+            shutil.copy(digits_host_openvino["pub"], trust / "build" / "build.pub")
+            if device != "cam-02":  # cam-02 trusts no deploy key: it must refuse every desired state
+                shutil.copy(deploy_pub, trust / "deploy" / "deploy.pub")
+            agent = Agent(digits_host_openvino, credentials, tmp_path / "agents" / device, "--trust-dir", str(trust),
+                          "--interval-s", "1")
+            agents.append(agent)
+            agent.ready()
+        wait_until(lambda: len(monitor.api()["devices"]) == 3, 60, "the monitor to learn the three agents")
+        result = run_cli("deploy", str(new), "--fleet", FLEET, "--broker", str(broker_dir), "--db", store_url,
+                         "--store", str(tmp_path / "store"), "--serve", "127.0.0.1:0", "--previous", str(factory),
+                         "--waves", "50%,100%", "--abort-on-failure", "20%", "--wave-timeout", "90", check=False)
+        out = result.stdout
+        assert result.returncode == 1, out + result.stderr
+        assert "cam-02: refused" in out and "ABORT" in out and "cam-03" not in out, out
+        factory_name = json.loads((factory / "manifest.json").read_text())["name"]
+        status = _status_when(store_url, lambda s: s["cam-01"]["artifact"] == factory_name
+                              and s["cam-01"]["deploy"].get("action") == "rollback"
+                              and s["cam-01"]["deploy"].get("result") == "applied", "cam-01 back on the factory artifact")
+        assert status["cam-02"]["deploy"]["result"] == "refused"
+        assert status["cam-03"]["deploy"].get("deployment_id") is None and status["cam-03"]["artifact"] == factory_name
+        table = run_cli("fleet", "status", "--db", store_url).stdout
+        assert "rolled-back" in table, table
+    finally:
+        for agent in agents:
+            agent.stop()

@@ -111,12 +111,11 @@ def deploy(
 
 def _log_lineage(fleet_store, info, deployment_id: str, rollback_id: str | None, history) -> None:
     from edgesmith.toolchain.deploy.lineage import log_deployment
-    from edgesmith.toolchain.errors import UserError
 
     try:
         run_id = log_deployment(info, history.deployment(fleet_store, deployment_id),
                                 history.targets(fleet_store, deployment_id), rollback_id)
-    except (UserError, OSError) as e:  # the rollout happened; only its record in MLflow is missing
+    except Exception as e:  # noqa: BLE001 — the rollout happened; only its record in MLflow is missing
         _say(f"warning: the deployment was not logged to MLflow ({e})")
         return
     row = history.deployment(fleet_store, deployment_id)
