@@ -22,10 +22,12 @@ const char* const AGENT_USAGE =
     "usage: edgesmith-agent --config device.toml [flags...]\n"
     "       edgesmith-agent --device ID --fleet F --artifact DIR --credentials FILE --data-dir DIR\n"
     "                       [--interval SECONDS] [--synthetic-load RPS] [--http HOST:PORT] [--key FILE.pub ...]\n"
+    "                       [--trust-dir DIR [--deploy-max-bytes N] [--deploy-timeout SECONDS]]\n"
     "\n"
     "Serve an artifact on loopback HTTP and report telemetry over MQTT (docs/telemetry.md).\n"
     "  --config FILE         TOML with the keys below (device, fleet, artifact, credentials, data_dir,\n"
-    "                        interval_s, synthetic_load_rps, http, trusted_keys, spool_max_bytes);\n"
+    "                        interval_s, synthetic_load_rps, http, trusted_keys, spool_max_bytes,\n"
+    "                        trust_dir, deploy_max_bytes, deploy_timeout_s);\n"
     "                        flags override it, relative paths are taken from its directory\n"
     "  --device ID           this device (default: the credentials' device; must match them)\n"
     "  --fleet F             its fleet (default: the credentials' fleet; must match them)\n"
@@ -40,6 +42,11 @@ const char* const AGENT_USAGE =
     "  --key FILE.pub        trusted signing key (default: $EDGESMITH_HOME/{keys,trusted}/*.pub)\n"
     "  --spool-max-bytes N   the spool's disk budget (default 33554432); the oldest messages are\n"
     "                        dropped, counted and reported when it is exhausted\n"
+    "  --trust-dir DIR       enable deployment (docs/deployment.md): DIR/build/*.pub sign artifacts,\n"
+    "                        DIR/deploy/*.pub sign desired states; the agent then serves the A/B slot\n"
+    "                        under <data-dir>/deploy (--artifact is the factory artifact)\n"
+    "  --deploy-max-bytes N  largest artifact archive accepted (default 536870912)\n"
+    "  --deploy-timeout SECONDS  give up a deployment's download after this long (default 600)\n"
     "\n"
     "HTTP: POST /v1/infer (the inputs as concatenated .npy -> the outputs as concatenated .npy),\n"
     "GET /v1/health, GET /v1/stats. SIGTERM or SIGINT: last window, flush, death, disconnect.\n";
@@ -86,7 +93,7 @@ void toml_apply(const std::string& file, AgentConfig* config) {
   const fs::path base = fs::absolute(fs::path(file)).parent_path();
   static const char* const KNOWN =
       "device, fleet, artifact, credentials, data_dir, interval_s, synthetic_load_rps, synthetic_shift, http, "
-      "trusted_keys, spool_max_bytes";
+      "trusted_keys, spool_max_bytes, trust_dir, deploy_max_bytes, deploy_timeout_s";
   for (const auto& [key, node] : table) {
     const std::string name(key.str());
     const auto text = [&]() -> std::string {
@@ -122,6 +129,16 @@ void toml_apply(const std::string& file, AgentConfig* config) {
         throw AgentConfigError{file + ": 'spool_max_bytes' must be an integer of at least 1024"};
       }
       config->spool_max_bytes = static_cast<uint64_t>(*node.value<int64_t>());
+    } else if (name == "trust_dir") {
+      config->trust_dir = path_from(base, text());
+    } else if (name == "deploy_max_bytes") {
+      if (!node.is_integer() || *node.value<int64_t>() < 1024) {
+        throw AgentConfigError{file + ": 'deploy_max_bytes' must be an integer of at least 1024"};
+      }
+      config->deploy_max_bytes = static_cast<uint64_t>(*node.value<int64_t>());
+    } else if (name == "deploy_timeout_s") {
+      config->deploy_timeout_s = number();
+      if (!(config->deploy_timeout_s > 0.0)) throw AgentConfigError{file + ": 'deploy_timeout_s' must be positive"};
     } else if (name == "trusted_keys") {
       const toml::array* keys = node.as_array();
       if (keys == nullptr) throw AgentConfigError{file + ": 'trusted_keys' must be a list of .pub file paths"};
@@ -198,6 +215,12 @@ AgentConfig agent_config_parse(int argc, char** argv) {
       config.http = value();
     } else if (arg == "--key") {
       keys.push_back(value());
+    } else if (arg == "--trust-dir") {
+      config.trust_dir = value();
+    } else if (arg == "--deploy-max-bytes") {
+      config.deploy_max_bytes = bytes_parse(arg, value());
+    } else if (arg == "--deploy-timeout") {
+      config.deploy_timeout_s = seconds_parse(arg, value(), false);
     } else if (arg == "--spool-max-bytes") {
       config.spool_max_bytes = bytes_parse(arg, value());
     } else {

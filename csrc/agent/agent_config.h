@@ -26,6 +26,9 @@ struct AgentConfig {
   std::string http = "127.0.0.1:0";
   std::vector<std::string> trusted_keys;  ///< .pub files; empty: the default home rule
   uint64_t spool_max_bytes = 0;           ///< 0: the spool's default
+  std::string trust_dir;                  ///< build/*.pub and deploy/*.pub; empty: deployment disabled
+  uint64_t deploy_max_bytes = 512ull << 20;  ///< largest artifact archive accepted
+  double deploy_timeout_s = 600.0;        ///< how long one deployment's download may take
 };
 
 /// The usage text (--help).

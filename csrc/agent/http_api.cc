@@ -5,6 +5,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/digest.h"
 #include "common/error.h"
 #include "runtime/npy.h"
 
@@ -49,7 +50,7 @@ nlohmann::json stats_json(const StatsSnapshot& s) {
           {"outputs", outputs}};
 }
 
-HttpApi::HttpApi(Session& session, std::string device, std::function<void(const std::string&)> on_run_error,
+HttpApi::HttpApi(std::function<std::shared_ptr<Session>()> session_getter, std::string device, std::function<void(const std::string&)> on_run_error,
                  std::function<nlohmann::json()> status)
     : session_(session),
       device_(std::move(device)),
@@ -58,7 +59,8 @@ HttpApi::HttpApi(Session& session, std::string device, std::function<void(const 
       server_(std::make_unique<httplib::Server>()) {
   server_->set_payload_max_length(MAX_REQUEST_BYTES);
   server_->Post("/v1/infer", [this](const httplib::Request& request, httplib::Response& response) {
-    const Manifest& manifest = session_.session_manifest();
+    const std::shared_ptr<Session> session = session_();
+    const Manifest& manifest = session->session_manifest();
     std::vector<Tensor> inputs;
     try {
       size_t offset = 0;
@@ -80,7 +82,7 @@ HttpApi::HttpApi(Session& session, std::string device, std::function<void(const 
     for (const Tensor& t : inputs) views.push_back(t.view());
     std::vector<Tensor> outputs;
     try {
-      outputs = session_.session_run(views);
+      outputs = session->session_run(views);
     } catch (const Error& e) {
       // A mismatch is the client's mistake (400); the engine failing is ours (500) and reported.
       const bool input = e.code() == ERROR_CODE_INPUT || e.code() == ERROR_CODE_INVALID_ARGUMENT;
@@ -93,12 +95,14 @@ HttpApi::HttpApi(Session& session, std::string device, std::function<void(const 
     response.set_content(body, "application/octet-stream");
   });
   server_->Get("/v1/health", [this](const httplib::Request&, httplib::Response& response) {
-    const StatsSnapshot stats = session_.session_stats();
-    json_reply(response, 200, {{"device", device_}, {"artifact", session_.session_manifest().name},
+    const std::shared_ptr<Session> session = session_();
+    const StatsSnapshot stats = session->session_stats();
+    json_reply(response, 200, {{"device", device_}, {"artifact", session->session_manifest().name},
+                               {"manifest_sha256", sha256_string(session->session_manifest_json())},
                                {"runs", stats.runs}, {"errors", stats.errors}});
   });
   server_->Get("/v1/stats", [this](const httplib::Request&, httplib::Response& response) {
-    nlohmann::json body = stats_json(session_.session_stats());
+    nlohmann::json body = stats_json(session_()->session_stats());
     if (status_) body["telemetry"] = status_();
     json_reply(response, 200, body);
   });

@@ -1,7 +1,7 @@
 // The agent's local inference API on loopback HTTP (docs/telemetry.md, "The agent"):
 //   POST /v1/infer   the inputs as .npy files concatenated in input order -> the outputs likewise;
 //                    400 {"error"} for inputs that do not match the model
-//   GET  /v1/health  {"device", "artifact", "runs", "errors"}
+//   GET  /v1/health  {"device", "artifact", "manifest_sha256", "runs", "errors"}
 //   GET  /v1/stats   the Session's statistics since start, plus the telemetry connection state
 #pragma once
 
@@ -23,12 +23,13 @@ namespace edgesmith {
 /// The Session's statistics as JSON (counters, latency with percentiles, output summaries).
 nlohmann::json stats_json(const StatsSnapshot& stats);
 
-/// The HTTP API of one Session.
+/// The HTTP API of the serving Session (asked for each request: a deployment swaps it, and a
+/// request in progress keeps the Session it started with).
 class HttpApi {
  public:
   /// `on_run_error` is told about every failed inference (the agent reports them as events);
   /// `status` adds the telemetry state to /v1/stats.
-  HttpApi(Session& session, std::string device, std::function<void(const std::string&)> on_run_error,
+  HttpApi(std::function<std::shared_ptr<Session>()> session, std::string device, std::function<void(const std::string&)> on_run_error,
           std::function<nlohmann::json()> status);
   ~HttpApi();
   HttpApi(const HttpApi&) = delete;
@@ -42,7 +43,7 @@ class HttpApi {
   void http_stop();
 
  private:
-  Session& session_;
+  std::function<std::shared_ptr<Session>()> session_;
   std::string device_;
   std::function<void(const std::string&)> on_run_error_;
   std::function<nlohmann::json()> status_;

@@ -21,11 +21,13 @@
 #include <nlohmann/json.hpp>
 
 #include "agent/agent_config.h"
+#include "agent/deployer.h"
 #include "agent/http_api.h"
 #include "agent/synthetic_load.h"
 #include "artifact/keys.h"
 #include "common/error.h"
 #include "common/version.h"
+#include "deploy/desired.h"
 #include "runtime/plugin.h"
 #include "runtime/session.h"
 #include "telemetry/credentials.h"
@@ -76,12 +78,58 @@ int agent_main(const AgentConfig& config, const sigset_t& signals) {
   }
   std::vector<std::vector<uint8_t>> keys;
   for (const std::string& path : config.trusted_keys) keys.push_back(public_key_read(path));
-  if (config.trusted_keys.empty()) keys = trusted_keys_default();
+  std::vector<std::vector<uint8_t>> deploy_keys;
+  if (!config.trust_dir.empty()) {
+    // Deployment: the trust store's build keys (plus any --key) sign artifacts, its deploy keys
+    // desired states (docs/deployment.md §3).
+    std::error_code ec;
+    if (!fs::is_directory(config.trust_dir, ec)) {
+      throw Error(ERROR_CODE_INVALID_ARGUMENT, "the trust directory " + config.trust_dir +
+                                                   " does not exist; provision it with build/*.pub and deploy/*.pub");
+    }
+    for (auto& key : trust_keys_read((fs::path(config.trust_dir) / "build").string())) keys.push_back(std::move(key));
+    deploy_keys = trust_keys_read((fs::path(config.trust_dir) / "deploy").string());
+    if (keys.empty()) {
+      throw Error(ERROR_CODE_INVALID_ARGUMENT, "no artifact signing keys: put the build key's .pub into " +
+                                                   config.trust_dir + "/build/");
+    }
+    if (deploy_keys.empty()) {
+      log_line("no deploy keys in " + config.trust_dir + "/deploy/: every desired state will be refused");
+    }
+  } else if (config.trusted_keys.empty()) {
+    keys = trusted_keys_default();
+  }
   if (keys.empty()) {
     throw Error(ERROR_CODE_INVALID_ARGUMENT, "no trusted public keys: pass --key FILE.pub (trusted_keys in the "
                                              "config) or copy the signer's .pub to " + keys_home() + "/trusted/");
   }
-  const std::unique_ptr<Session> session = session_open(config.artifact, keys);
+  std::unique_ptr<Deployer> deployer;
+  std::shared_ptr<Session> first;
+  if (!config.trust_dir.empty()) {
+    DeployerOptions deploy;
+    deploy.data_dir = config.data_dir;
+    deploy.fleet = credentials.fleet;
+    deploy.device = credentials.device;
+    deploy.factory_artifact = config.artifact;
+    deploy.build_keys = keys;
+    deploy.deploy_keys = deploy_keys;
+    deploy.max_bytes = config.deploy_max_bytes;
+    deploy.timeout_s = config.deploy_timeout_s;
+    deploy.log = [](const std::string& line) { log_line(line); };
+    std::error_code ec;
+    fs::create_directories(config.data_dir, ec);
+    deployer = std::make_unique<Deployer>(deploy);
+    first = deployer->deployer_boot();
+  } else {
+    first = session_open(config.artifact, keys);
+  }
+  // The serving Session: a deployment swaps it; each request holds the one it started with.
+  std::mutex serving_mutex;
+  std::shared_ptr<Session> serving = first;
+  const auto serving_get = [&serving_mutex, &serving] {
+    std::lock_guard<std::mutex> lock(serving_mutex);
+    return serving;
+  };
 
   ReporterOptions options;
   options.credentials_path = config.credentials;
@@ -90,7 +138,12 @@ int agent_main(const AgentConfig& config, const sigset_t& signals) {
   if (config.spool_max_bytes > 0) options.spool_max_bytes = config.spool_max_bytes;
   options.expect_device = config.device;
   options.expect_fleet = config.fleet;
-  SessionReporter reporter(*session, options);
+  if (deployer) {
+    Deployer* d = deployer.get();
+    options.on_desired = [d](const std::string& payload, bool) { d->deployer_desired(payload); };
+    options.on_subscribed = [d] { d->deployer_subscribed(); };
+  }
+  SessionReporter reporter(std::shared_ptr<const Session>(first), options);
   const nlohmann::json ids = reporter.reporter_status();
   const std::string device = ids["device"];
 
@@ -110,7 +163,7 @@ int agent_main(const AgentConfig& config, const sigset_t& signals) {
     }
   };
 
-  HttpApi http(*session, device, on_run_error, [&reporter] { return reporter.reporter_status(); });
+  HttpApi http(serving_get, device, on_run_error, [&reporter] { return reporter.reporter_status(); });
   std::string host;
   int port = 0;
   agent_http_address(config.http, &host, &port);
@@ -119,7 +172,7 @@ int agent_main(const AgentConfig& config, const sigset_t& signals) {
   agent_file_write(agent_file, {{"pid", static_cast<int64_t>(getpid())},
                                 {"device", device},
                                 {"fleet", ids["fleet"]},
-                                {"artifact", session->session_manifest().name},
+                                {"artifact", first->session_manifest().name},
                                 {"host", host},
                                 {"port", port},
                                 {"url", "http://" + (host.find(':') != std::string::npos ? "[" + host + "]" : host) +
@@ -127,18 +180,29 @@ int agent_main(const AgentConfig& config, const sigset_t& signals) {
 
   std::unique_ptr<SyntheticLoad> load;
   if (config.synthetic_load_rps > 0.0) {
-    load = std::make_unique<SyntheticLoad>(*session, config.synthetic_load_rps, config.synthetic_shift,
+    load = std::make_unique<SyntheticLoad>(serving_get, config.synthetic_load_rps, config.synthetic_shift,
                                            seed_of(device), on_run_error);
   }
   reporter.reporter_start();
+  if (deployer) {
+    deployer->deployer_start(&reporter, [&](std::shared_ptr<Session> next) {
+      {
+        std::lock_guard<std::mutex> lock(serving_mutex);
+        serving = next;
+      }
+      reporter.reporter_session_switch(next);
+      log_line("switched to " + next->session_manifest().name + " (" + next->session_describe() + ")");
+    });
+  }
   if (load) load->load_start();
-  log_line("device " + device + " serves " + session->session_manifest().name + " (" + session->session_describe() +
+  log_line("device " + device + " serves " + first->session_manifest().name + " (" + first->session_describe() +
            ") on http://" + host + ":" + std::to_string(port) + ", telemetry every " +
            nlohmann::json(config.interval_s).dump() + " s");
 
   int signal_number = 0;
   sigwait(&signals, &signal_number);
   log_line(std::string("stopping (") + (signal_number == SIGINT ? "SIGINT" : "SIGTERM") + ")");
+  if (deployer) deployer->deployer_stop();
   if (load) load->load_stop();
   http.http_stop();
   reporter.reporter_stop(SHUTDOWN_FLUSH_S);

@@ -11,21 +11,28 @@
 
 namespace edgesmith {
 
-SyntheticLoad::SyntheticLoad(Session& session, double rps, double shift, uint32_t seed,
-                             std::function<void(const std::string&)> on_run_error)
-    : session_(session), rps_(rps), shift_(shift), seed_(seed), on_run_error_(std::move(on_run_error)) {
-  const Manifest& manifest = session_.session_manifest();
+std::vector<std::vector<Tensor>> SyntheticLoad::samples_load(const Session& session) {
+  const Manifest& manifest = session.session_manifest();
   if (manifest.golden.samples.empty()) {
     throw Error(ERROR_CODE_INVALID_ARGUMENT, "--synthetic-load needs golden samples and " + manifest.name +
                                                  " has none; drive it through the HTTP API instead");
   }
+  std::vector<std::vector<Tensor>> samples;
   for (const ManifestGoldenSample& sample : manifest.golden.samples) {
     std::vector<Tensor> inputs;
     for (const std::string& path : sample.inputs) {
-      inputs.push_back(npy_read((std::filesystem::path(session_.session_artifact_dir()) / path).string()));
+      inputs.push_back(npy_read((std::filesystem::path(session.session_artifact_dir()) / path).string()));
     }
-    samples_.push_back(std::move(inputs));
+    samples.push_back(std::move(inputs));
   }
+  return samples;
+}
+
+SyntheticLoad::SyntheticLoad(SessionGetter session, double rps, double shift, uint32_t seed,
+                             std::function<void(const std::string&)> on_run_error)
+    : session_(std::move(session)), rps_(rps), shift_(shift), seed_(seed), on_run_error_(std::move(on_run_error)) {
+  samples_of_ = session_();
+  samples_ = samples_load(*samples_of_);
 }
 
 SyntheticLoad::~SyntheticLoad() { load_stop(); }
@@ -54,6 +61,15 @@ void SyntheticLoad::loop() {
       std::unique_lock<std::mutex> lock(mutex_);
       if (cv_.wait_until(lock, next, [&] { return stopping_; })) return;
     }
+    const std::shared_ptr<Session> session = session_();
+    if (session != samples_of_) {  // a deployment switched the model: its own golden inputs
+      try {
+        samples_ = samples_load(*session);
+      } catch (const Error& e) {
+        if (on_run_error_) on_run_error_(e.what());
+      }
+      samples_of_ = session;
+    }
     const std::vector<Tensor>& golden = samples_[run % samples_.size()];
     std::vector<Tensor> inputs;
     std::vector<TensorView> views;
@@ -73,7 +89,7 @@ void SyntheticLoad::loop() {
     }
     for (const Tensor& t : inputs) views.push_back(t.view());
     try {
-      session_.session_run(views);
+      session->session_run(views);
     } catch (const Error& e) {
       if (on_run_error_) on_run_error_(e.what());
     }

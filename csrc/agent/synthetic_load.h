@@ -6,6 +6,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -18,13 +19,17 @@ namespace edgesmith {
 /// Standard deviation of the noise added to golden float inputs.
 constexpr double SYNTHETIC_NOISE_STD = 0.01;
 
-/// A background thread running the Session `rps` times a second.
+/// Which Session serves right now (the agent swaps it after a deployment).
+using SessionGetter = std::function<std::shared_ptr<Session>()>;
+
+/// A background thread running the serving Session `rps` times a second (on the golden inputs of
+/// whichever Session serves: they are reloaded after a switch).
 class SyntheticLoad {
  public:
   /// Load the golden inputs (every sample, used in turn). `shift` is added to every float input
   /// value (to show drift). `on_run_error` hears about failed runs. Throws Error when the artifact
   /// has no golden samples.
-  SyntheticLoad(Session& session, double rps, double shift, uint32_t seed,
+  SyntheticLoad(SessionGetter session, double rps, double shift, uint32_t seed,
                 std::function<void(const std::string&)> on_run_error);
   ~SyntheticLoad();
   SyntheticLoad(const SyntheticLoad&) = delete;
@@ -38,8 +43,10 @@ class SyntheticLoad {
 
  private:
   void loop();
+  static std::vector<std::vector<Tensor>> samples_load(const Session& session);
 
-  Session& session_;
+  SessionGetter session_;
+  std::shared_ptr<Session> samples_of_;
   double rps_;
   double shift_;
   uint32_t seed_;

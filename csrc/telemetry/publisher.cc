@@ -60,6 +60,7 @@ struct PublisherCallbacks {
       self->connected_ = true;
       self->connecting_ = false;
       self->need_birth_ = true;
+      self->need_subscribe_ = !self->options_.subscribe_topic.empty();
       self->connects_ += 1;
       self->backoff_s_ = self->options_.reconnect_min_s;
       for (auto& entry : self->in_flight_) entry.second = std::chrono::steady_clock::now();
@@ -98,11 +99,31 @@ struct PublisherCallbacks {
     self->connect_schedule_retry(std::string("the broker disconnected: ") + (text != nullptr ? text : "no reason"));
   }
 
-  static int message_arrived(void* /*context*/, char* topic, int /*topic_len*/, MQTTAsync_message* message) {
-    // Nothing is subscribed yet (desired state is the deployment work's); drop what arrives.
+  static int message_arrived(void* context, char* topic, int topic_len, MQTTAsync_message* message) {
+    auto* self = static_cast<Publisher*>(context);
+    const std::string name = topic_len > 0 ? std::string(topic, static_cast<size_t>(topic_len)) : std::string(topic);
+    if (self->options_.on_message && name == self->options_.subscribe_topic) {
+      const std::string payload(static_cast<const char*>(message->payload), static_cast<size_t>(message->payloadlen));
+      try {
+        self->options_.on_message(payload, message->retained != 0);
+      } catch (const std::exception& e) {
+        self->options_.log(std::string("a message on ") + name + " was dropped: " + e.what());
+      }
+    }
     MQTTAsync_freeMessage(&message);
     MQTTAsync_free(topic);
     return 1;
+  }
+
+  static void subscribe_success(void* context, MQTTAsync_successData5* /*response*/) {
+    auto* self = static_cast<Publisher*>(context);
+    if (self->options_.on_subscribed) self->options_.on_subscribed();
+  }
+
+  static void subscribe_failure(void* context, MQTTAsync_failureData5* response) {
+    auto* self = static_cast<Publisher*>(context);
+    self->options_.log("subscribing to " + self->options_.subscribe_topic + " failed: " + failure_text(response) +
+                       "; check the device's ACL");
   }
 
   static void publish_success(void* context, MQTTAsync_successData5* /*response*/) {
@@ -252,6 +273,8 @@ void Publisher::publisher_start() {
   thread_ = std::thread([this] { pump(); });
 }
 
+SpoolAppendResult Publisher::publisher_rebirth() { return publisher_send("birth", options_.birth_body()); }
+
 SpoolAppendResult Publisher::publisher_send(const std::string& kind, const nlohmann::json& body) {
   uint64_t bd_seq;
   {
@@ -399,6 +422,7 @@ void Publisher::pump() {
   while (true) {
     bool connect_now = false;
     bool send_birth = false;
+    bool subscribe = false;
     bool connected = false;
     uint64_t session = 0;
     size_t room = 0;
@@ -413,6 +437,8 @@ void Publisher::pump() {
       session = bd_seq_;
       send_birth = connected_ && need_birth_;
       if (send_birth) need_birth_ = false;
+      subscribe = connected_ && need_subscribe_;
+      if (subscribe) need_subscribe_ = false;
       if (connected_) {
         const auto now = Clock::now();
         for (auto it = in_flight_.begin(); it != in_flight_.end();) {
@@ -450,6 +476,14 @@ void Publisher::pump() {
           publish_one(birth, session);
           room = room > 0 ? room - 1 : 0;
         }
+      }
+      if (subscribe) {
+        MQTTAsync_responseOptions response = MQTTAsync_responseOptions_initializer;
+        response.onSuccess5 = &PublisherCallbacks::subscribe_success;
+        response.onFailure5 = &PublisherCallbacks::subscribe_failure;
+        response.context = this;
+        const int rc = MQTTAsync_subscribe(handle(client_), options_.subscribe_topic.c_str(), 1, &response);
+        if (rc != MQTTASYNC_SUCCESS) options_.log("subscribing to " + options_.subscribe_topic + " failed: " + paho_error(rc));
       }
       // Paho gave up on these (the connection dropped under them): first in line again.
       std::sort(retry.begin(), retry.end());

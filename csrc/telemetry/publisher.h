@@ -46,6 +46,12 @@ struct PublisherOptions {
   /// The birth's fields beyond the envelope (target, runtime, artifact, metrics); called after
   /// each CONNACK.
   std::function<nlohmann::json()> birth_body;
+  /// When set, this topic is subscribed at QoS 1 after each CONNACK (the device's `desired`
+  /// topic, docs/deployment.md) and what arrives on it goes to on_message (on Paho's thread:
+  /// keep it short), with MQTT's retain flag; on_subscribed is told when each SUBACK arrives.
+  std::string subscribe_topic;
+  std::function<void(const std::string& payload, bool retained)> on_message;
+  std::function<void()> on_subscribed;
   /// Where connection changes are reported, one line each (default: stderr).
   std::function<void(const std::string&)> log;
 };
@@ -83,6 +89,10 @@ class Publisher {
   /// Store one message of `kind` (telemetry, event, state) whose fields beyond the envelope are
   /// `body`; it is published when connected.
   SpoolAppendResult publisher_send(const std::string& kind, const nlohmann::json& body);
+
+  /// Store a new birth (the current birth_body()) in the current session: same bdSeq, a new seq;
+  /// what the agent publishes after switching to another artifact.
+  SpoolAppendResult publisher_rebirth();
 
   /// Wait until nothing is queued or in flight, at most `timeout_s`; true when everything was acknowledged.
   bool publisher_flush(double timeout_s);
@@ -126,6 +136,7 @@ class Publisher {
   bool connected_ = false;
   bool connecting_ = false;
   bool need_birth_ = false;
+  bool need_subscribe_ = false;
   uint64_t bd_seq_ = 0;          // current session
   uint64_t birth_seq_ = 0;       // the current session's birth (and death) seq
   uint64_t connects_ = 0;

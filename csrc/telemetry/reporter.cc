@@ -59,6 +59,11 @@ nlohmann::json birth_body(const Session& session, double interval_s) {
   std::string model = json_string(doc, "model", "name");
   std::string model_version = json_string(doc, "model", "version");
   const ManifestLatencyBuckets& latency = manifest.monitoring.latency;
+  nlohmann::json build_latency = nullptr;
+  if (doc.contains("build") && doc["build"].is_object() && doc["build"].contains("latency_us")) {
+    const nlohmann::json& value = doc["build"]["latency_us"];
+    if (value.is_number() && value.get<double>() >= 0.0) build_latency = value;
+  }
   return {
       {"target", manifest.target_name},
       {"runtime", {{"version", version_string()}, {"isa", host_isa()}}},
@@ -74,13 +79,16 @@ nlohmann::json birth_body(const Session& session, double interval_s) {
        {{"interval_s", interval_s},
         {"latency", {{"start_us", latency.start_us}, {"factor", latency.factor}, {"count", latency.count}}},
         {"outputs", outputs},
-        // Not recorded in manifests yet; the monitor then has no build-time latency to compare with.
-        {"build_latency_us", nullptr}}},
+        // What the build measured (manifest build.latency_us), when the manifest records it.
+        {"build_latency_us", build_latency}}},
   };
 }
 
 SessionReporter::SessionReporter(const Session& session, ReporterOptions options)
-    : session_(session), options_(std::move(options)) {
+    : SessionReporter(std::shared_ptr<const Session>(&session, [](const Session*) {}), std::move(options)) {}
+
+SessionReporter::SessionReporter(std::shared_ptr<const Session> session, ReporterOptions options)
+    : session_(std::move(session)), options_(std::move(options)) {
   if (!(options_.interval_s > 0.0)) {
     throw Error(ERROR_CODE_INVALID_ARGUMENT, "the telemetry interval must be a positive number of seconds");
   }
@@ -100,13 +108,18 @@ SessionReporter::SessionReporter(const Session& session, ReporterOptions options
   if (ec) {
     throw Error(ERROR_CODE_IO, "cannot create the data directory " + options_.data_dir + " (" + ec.message() + ")");
   }
-  artifact_sha256_ = sha256_string(session_.session_manifest_json());
+  artifact_sha256_ = sha256_string(session_->session_manifest_json());
   PublisherOptions publisher;
   publisher.credentials = credentials_;
   publisher.spool_path = (std::filesystem::path(options_.data_dir) / "spool.db").string();
   publisher.spool_max_bytes = options_.spool_max_bytes;
   const double interval_s = options_.interval_s;
-  publisher.birth_body = [&session, interval_s] { return birth_body(session, interval_s); };
+  publisher.birth_body = [this, interval_s] { return birth_body(*session_current(), interval_s); };
+  if (options_.on_desired) {
+    publisher.subscribe_topic = telemetry_topic(credentials_.fleet, credentials_.device, "desired");
+    publisher.on_message = options_.on_desired;
+    publisher.on_subscribed = options_.on_subscribed;
+  }
   publisher_ = std::make_unique<Publisher>(std::move(publisher));
 }
 
@@ -124,11 +137,11 @@ void SessionReporter::reporter_start() {
     std::lock_guard<std::mutex> lock(mutex_);
     if (started_) return;
     started_ = true;
-    window_ = std::make_unique<WindowSummariser>(session_.session_stats(), process_sample(), telemetry_now_ms());
+    window_ = std::make_unique<WindowSummariser>(session_current()->session_stats(), process_sample(), telemetry_now_ms());
   }
   publisher_->publisher_start();
   reporter_event("started", "telemetry started",
-                 {{"artifact", session_.session_manifest().name}, {"interval_s", options_.interval_s}});
+                 {{"artifact", session_current()->session_manifest().name}, {"interval_s", options_.interval_s}});
   thread_ = std::thread([this] { loop(); });
 }
 
@@ -148,10 +161,35 @@ void SessionReporter::reporter_event(const std::string& name, const std::string&
                                        {"details", details.is_object() ? details : nlohmann::json::object()}});
 }
 
+std::shared_ptr<const Session> SessionReporter::session_current() {
+  std::lock_guard<std::mutex> lock(session_mutex_);
+  return session_;
+}
+
+void SessionReporter::reporter_session_switch(std::shared_ptr<const Session> next) {
+  reporter_window();  // the old session's last window
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    {
+      std::lock_guard<std::mutex> session_lock(session_mutex_);
+      session_ = next;
+    }
+    artifact_sha256_ = sha256_string(next->session_manifest_json());
+    if (window_) window_ = std::make_unique<WindowSummariser>(next->session_stats(), process_sample(), telemetry_now_ms());
+    publisher_->publisher_rebirth();
+  }
+}
+
+void SessionReporter::reporter_state(const nlohmann::json& body) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  publisher_->publisher_send("state", body);
+}
+
 void SessionReporter::reporter_window() {
   std::lock_guard<std::mutex> lock(mutex_);
   if (!window_) return;
-  nlohmann::json body = window_->window_close(session_.session_stats(), process_sample(), telemetry_now_ms());
+  const std::shared_ptr<const Session> session = session_current();
+  nlohmann::json body = window_->window_close(session->session_stats(), process_sample(), telemetry_now_ms());
   body["artifact_sha256"] = artifact_sha256_;
   const std::optional<double> temperature = temperature_read(options_.thermal_root);
   body["temperature_c"] = temperature ? nlohmann::json(*temperature) : nlohmann::json(nullptr);

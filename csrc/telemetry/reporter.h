@@ -4,6 +4,7 @@
 #pragma once
 
 #include <condition_variable>
+#include <functional>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -27,17 +28,23 @@ struct ReporterOptions {
   std::string thermal_root = "/sys/class/thermal";
   std::string expect_device;         ///< when set, the credentials must be this device's
   std::string expect_fleet;          ///< when set, the credentials must be in this fleet
+  /// When set, the device's `desired` topic is subscribed and its messages go here (on Paho's
+  /// thread; keep it short), and on_subscribed is told after each SUBACK (docs/deployment.md).
+  std::function<void(const std::string& payload, bool retained)> on_desired;
+  std::function<void()> on_subscribed;
 };
 
 /// The birth's fields beyond the envelope for a session (target, runtime, artifact, metrics), as
 /// docs/telemetry.md describes them; output references come from the manifest's monitoring section.
 nlohmann::json birth_body(const Session& session, double interval_s);
 
-/// Reports one Session. The Session must outlive the reporter.
+/// Reports one Session at a time (the agent switches it after a deployment). A Session passed by
+/// reference must outlive the reporter.
 class SessionReporter {
  public:
   /// Read the credentials, open the spool; nothing is sent before reporter_start(). Throws Error.
   SessionReporter(const Session& session, ReporterOptions options);
+  SessionReporter(std::shared_ptr<const Session> session, ReporterOptions options);
   /// Stops like reporter_stop(0) would, without the final window.
   ~SessionReporter();
   SessionReporter(const SessionReporter&) = delete;
@@ -49,6 +56,13 @@ class SessionReporter {
   /// Publish an event (`name` like run_error; `details` a JSON object).
   void reporter_event(const std::string& name, const std::string& message,
                       const nlohmann::json& details = nlohmann::json::object());
+
+  /// Report `next` from now on: the current window is closed and published for the old
+  /// session, a new window starts, and a new birth (same bdSeq, new seq) names the new artifact.
+  void reporter_session_switch(std::shared_ptr<const Session> next);
+
+  /// Publish a `state` message (docs/deployment.md §5); `body` holds artifact_sha256 and details.
+  void reporter_state(const nlohmann::json& body);
 
   /// Close the current window now and publish it (also what the interval timer does).
   void reporter_window();
@@ -65,8 +79,10 @@ class SessionReporter {
 
  private:
   void loop();
+  std::shared_ptr<const Session> session_current();
 
-  const Session& session_;
+  std::mutex session_mutex_;  // session_ only; never held while calling the publisher
+  std::shared_ptr<const Session> session_;
   ReporterOptions options_;
   MqttCredentials credentials_;
   std::string artifact_sha256_;

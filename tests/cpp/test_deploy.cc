@@ -1,0 +1,407 @@
+// edgesmith_deploy: desired-state envelopes, strict ustar extraction, state.json and the boot
+// choice (docs/deployment.md).
+#include <gtest/gtest.h>
+#include <sodium.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "artifact/signature.h"
+#include "common/digest.h"
+#include "common/error.h"
+#include "deploy/archive.h"
+#include "deploy/desired.h"
+#include "deploy/slots.h"
+
+namespace fs = std::filesystem;
+using namespace edgesmith;
+
+namespace {
+
+class TempDir {
+ public:
+  TempDir() {
+    std::random_device rd;
+    path_ = fs::temp_directory_path() / ("edgesmith-deploy-test-" + std::to_string(rd()) + std::to_string(getpid()));
+    fs::create_directories(path_);
+  }
+  ~TempDir() {
+    std::error_code ec;
+    fs::remove_all(path_, ec);
+  }
+  const fs::path& path() const { return path_; }
+
+ private:
+  fs::path path_;
+};
+
+std::string hex(const uint8_t* data, size_t n) {
+  static const char* digits = "0123456789abcdef";
+  std::string out;
+  for (size_t i = 0; i < n; ++i) {
+    out += digits[data[i] >> 4];
+    out += digits[data[i] & 15];
+  }
+  return out;
+}
+
+struct Key {
+  std::vector<uint8_t> pk = std::vector<uint8_t>(crypto_sign_PUBLICKEYBYTES);
+  std::vector<uint8_t> sk = std::vector<uint8_t>(crypto_sign_SECRETKEYBYTES);
+  Key() {
+    sodium_ensure_init();
+    crypto_sign_keypair(pk.data(), sk.data());
+  }
+  std::string id() const { return key_id_compute(pk.data()); }
+  std::string sign(const std::string& message) const {
+    uint8_t sig[crypto_sign_BYTES];
+    crypto_sign_detached(sig, nullptr, reinterpret_cast<const uint8_t*>(message.data()), message.size(), sk.data());
+    return hex(sig, sizeof(sig));
+  }
+};
+
+nlohmann::json state_doc() {
+  return {{"v", 1}, {"fleet", "plant-a"}, {"device", "cam-01"}, {"version", 7}, {"deployment_id", "dep-1"},
+          {"action", "deploy"}, {"issued_at_ms", 1790000000000LL},
+          {"artifact", {{"url", "http://127.0.0.1:8470/artifacts/" + std::string(64, 'a') + ".tar"},
+                        {"sha256", std::string(64, 'a')}, {"size", 1234},
+                        {"manifest_sha256", std::string(64, 'b')}, {"name", "digits"}}}};
+}
+
+std::string envelope(const Key& key, const std::string& signed_text, const std::string& prefix = DESIRED_DOMAIN) {
+  return nlohmann::json{{"v", 1}, {"signed", signed_text}, {"key_id", key.id()},
+                        {"signature", key.sign(prefix + signed_text)}}
+      .dump();
+}
+
+std::string refusal(const std::string& text, const std::vector<std::vector<uint8_t>>& keys) {
+  try {
+    desired_parse(text, keys);
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ERROR_CODE_INTEGRITY);
+    return e.what();
+  }
+  return "";
+}
+
+}  // namespace
+
+TEST(Desired, AcceptsAValidEnvelope) {
+  Key key;
+  const std::string text = state_doc().dump();
+  const DesiredState s = desired_parse(envelope(key, text), {key.pk});
+  EXPECT_EQ(s.fleet, "plant-a");
+  EXPECT_EQ(s.device, "cam-01");
+  EXPECT_EQ(s.version, 7u);
+  EXPECT_EQ(s.action, "deploy");
+  EXPECT_EQ(s.artifact.size, 1234u);
+  EXPECT_EQ(s.artifact.manifest_sha256, std::string(64, 'b'));
+  EXPECT_EQ(s.signed_sha256, sha256_string(text));
+  const DesiredState back = desired_from_json(desired_to_json(s));
+  EXPECT_EQ(back.signed_sha256, s.signed_sha256);
+  EXPECT_EQ(back.artifact.url, s.artifact.url);
+}
+
+TEST(Desired, RefusesUnknownKeysAndBadSignatures) {
+  Key key;
+  Key other;
+  const std::string text = state_doc().dump();
+  EXPECT_NE(refusal(envelope(other, text), {key.pk}).find("not among this device's deploy keys"), std::string::npos);
+  EXPECT_NE(refusal(envelope(key, text), {}).find("not among"), std::string::npos);
+  // Signed without the domain prefix (as a manifest would be): not valid.
+  EXPECT_NE(refusal(envelope(key, text, ""), {key.pk}).find("signature"), std::string::npos);
+  // The signed text changed after signing.
+  nlohmann::json outer = nlohmann::json::parse(envelope(key, text));
+  outer["signed"] = state_doc().dump(1);
+  EXPECT_NE(refusal(outer.dump(), {key.pk}).find("not valid"), std::string::npos);
+  // A signature by another key under this key's id.
+  outer = nlohmann::json::parse(envelope(key, text));
+  outer["signature"] = other.sign(DESIRED_DOMAIN + text);
+  EXPECT_NE(refusal(outer.dump(), {key.pk}).find("not valid"), std::string::npos);
+  outer["signature"] = "zz";
+  EXPECT_NE(refusal(outer.dump(), {key.pk}).find("128"), std::string::npos);
+  outer = nlohmann::json::parse(envelope(key, text));
+  outer["key_id"] = "ABC";
+  EXPECT_NE(refusal(outer.dump(), {key.pk}).find("key_id"), std::string::npos);
+}
+
+TEST(Desired, RefusesMalformedEnvelopesAndStates) {
+  Key key;
+  EXPECT_NE(refusal("{not json", {key.pk}).find("not a JSON object"), std::string::npos);
+  EXPECT_NE(refusal("[1]", {key.pk}).find("not a JSON object"), std::string::npos);
+  nlohmann::json outer = nlohmann::json::parse(envelope(key, state_doc().dump()));
+  outer.erase("signature");
+  EXPECT_NE(refusal(outer.dump(), {key.pk}).find("'signature'"), std::string::npos);
+  outer = nlohmann::json::parse(envelope(key, state_doc().dump()));
+  outer["v"] = 2;
+  EXPECT_NE(refusal(outer.dump(), {key.pk}).find("version 1"), std::string::npos);
+  outer["v"] = 1;
+  outer["signed"] = 5;
+  EXPECT_NE(refusal(outer.dump(), {key.pk}).find("'signed'"), std::string::npos);
+
+  const auto with = [&](const std::function<void(nlohmann::json&)>& edit) {
+    nlohmann::json doc = state_doc();
+    edit(doc);
+    return refusal(envelope(key, doc.dump()), {key.pk});
+  };
+  EXPECT_NE(with([](nlohmann::json& d) { d.erase("version"); }).find("'version'"), std::string::npos);
+  EXPECT_NE(with([](nlohmann::json& d) { d["version"] = 0; }).find("at least 1"), std::string::npos);
+  EXPECT_NE(with([](nlohmann::json& d) { d["version"] = -3; }).find("non-negative"), std::string::npos);
+  EXPECT_NE(with([](nlohmann::json& d) { d["version"] = "7"; }).find("non-negative"), std::string::npos);
+  EXPECT_NE(with([](nlohmann::json& d) { d["action"] = "wipe"; }).find("neither deploy nor rollback"), std::string::npos);
+  EXPECT_NE(with([](nlohmann::json& d) { d["artifact"].erase("manifest_sha256"); }).find("manifest_sha256"),
+            std::string::npos);
+  EXPECT_NE(with([](nlohmann::json& d) { d["artifact"]["sha256"] = "abc"; }).find("64 lower-case hex"), std::string::npos);
+  EXPECT_NE(with([](nlohmann::json& d) { d["artifact"]["url"] = "https://x/a.tar"; }).find("http://"), std::string::npos);
+  EXPECT_NE(with([](nlohmann::json& d) { d["artifact"] = "x"; }).find("'artifact'"), std::string::npos);
+  EXPECT_NE(with([](nlohmann::json& d) { d["fleet"] = ""; }).find("'fleet'"), std::string::npos);
+  EXPECT_NE(with([](nlohmann::json& d) { d["v"] = 3; }).find("version 1"), std::string::npos);
+  EXPECT_EQ(desired_unverified_id(envelope(key, state_doc().dump())), "dep-1");
+  EXPECT_EQ(desired_unverified_id("nonsense"), "");
+}
+
+TEST(Desired, ReadsTrustDirectories) {
+  TempDir dir;
+  EXPECT_TRUE(trust_keys_read((dir.path() / "missing").string()).empty());
+  Key k1;
+  Key k2;
+  std::ofstream((dir.path() / "b.pub").string()) << hex(k2.pk.data(), k2.pk.size()) << "\n";
+  std::ofstream((dir.path() / "a.pub").string()) << hex(k1.pk.data(), k1.pk.size()) << "\n";
+  std::ofstream((dir.path() / "notes.txt").string()) << "ignored\n";
+  const auto keys = trust_keys_read(dir.path().string());
+  ASSERT_EQ(keys.size(), 2u);
+  EXPECT_EQ(keys[0], k1.pk);
+  EXPECT_EQ(keys[1], k2.pk);
+  std::ofstream((dir.path() / "c.pub").string()) << "not hex\n";
+  EXPECT_THROW(trust_keys_read(dir.path().string()), Error);
+}
+
+// --- archives ---------------------------------------------------------------------------------------
+
+namespace {
+
+class Tar {
+ public:
+  Tar& member(const std::string& name, const std::string& data, char type = '0', const std::string& link = "",
+              bool ustar = true) {
+    char h[512];
+    std::memset(h, 0, sizeof(h));
+    std::string n = name;
+    std::string prefix;
+    if (n.size() > 100) {
+      const size_t split = n.rfind('/', 155);
+      prefix = n.substr(0, split);
+      n = n.substr(split + 1);
+    }
+    std::memcpy(h, n.data(), std::min<size_t>(n.size(), 100));
+    std::snprintf(h + 100, 8, "%07o", type == '5' ? 0755 : 0644);
+    std::snprintf(h + 108, 8, "%07o", 0);
+    std::snprintf(h + 116, 8, "%07o", 0);
+    std::snprintf(h + 124, 12, "%011llo", static_cast<unsigned long long>(type == '0' ? data.size() : 0));
+    std::snprintf(h + 136, 12, "%011o", 0);
+    h[156] = type;
+    std::memcpy(h + 157, link.data(), std::min<size_t>(link.size(), 100));
+    if (ustar) {
+      std::memcpy(h + 257, "ustar\0", 6);
+      std::memcpy(h + 263, "00", 2);
+    } else {
+      std::memcpy(h + 257, "ustar  \0", 8);
+    }
+    std::memcpy(h + 345, prefix.data(), std::min<size_t>(prefix.size(), 155));
+    std::memset(h + 148, ' ', 8);
+    unsigned sum = 0;
+    for (const char c : h) sum += static_cast<uint8_t>(c);
+    std::snprintf(h + 148, 8, "%06o", sum);
+    bytes_.append(h, 512);
+    if (type == '0') {
+      bytes_ += data;
+      bytes_.append((512 - data.size() % 512) % 512, '\0');
+    }
+    return *this;
+  }
+  std::string done() const { return bytes_ + std::string(1024, '\0'); }
+  std::string raw() const { return bytes_; }
+
+ private:
+  std::string bytes_;
+};
+
+void write_file(const fs::path& path, const std::string& data) {
+  std::ofstream out(path, std::ios::binary);
+  out << data;
+}
+
+std::string extract_error(const std::string& tar, uint64_t max_bytes = 1 << 20) {
+  TempDir dir;
+  write_file(dir.path() / "a.tar", tar);
+  try {
+    archive_extract((dir.path() / "a.tar").string(), (dir.path() / "out").string(), max_bytes);
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ERROR_CODE_INTEGRITY) << e.what();
+    return e.what();
+  }
+  return "";
+}
+
+}  // namespace
+
+TEST(Archive, ExtractsRegularFilesAndDirectories) {
+  TempDir dir;
+  const std::string big(70000, 'x');
+  write_file(dir.path() / "a.tar", Tar()
+                                       .member("manifest.json", "{}")
+                                       .member("golden/", "", '5')
+                                       .member("golden/sample_0/input_0.npy", big)
+                                       .member("deep/" + std::string(120, 'd') + "/f.bin", "long name")
+                                       .done());
+  const fs::path out = dir.path() / "out";
+  archive_extract((dir.path() / "a.tar").string(), out.string(), 1 << 20);
+  std::ifstream in(out / "golden" / "sample_0" / "input_0.npy", std::ios::binary);
+  const std::string got((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_EQ(got, big);
+  EXPECT_TRUE(fs::is_regular_file(out / "manifest.json"));
+  EXPECT_TRUE(fs::is_regular_file(out / "deep" / std::string(120, 'd') / "f.bin"));
+  struct stat st {};
+  ASSERT_EQ(::stat(out.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0700u);
+}
+
+TEST(Archive, RefusesLinksAndSpecialFiles) {
+  EXPECT_NE(extract_error(Tar().member("m", "x").member("link", "", '2', "/etc/passwd").done()).find("is a link"),
+            std::string::npos);
+  EXPECT_NE(extract_error(Tar().member("m", "x").member("hard", "", '1', "m").done()).find("is a link"),
+            std::string::npos);
+  EXPECT_NE(extract_error(Tar().member("fifo", "", '6').done()).find("type '6'"), std::string::npos);
+  EXPECT_NE(extract_error(Tar().member("dev", "", '3').done()).find("type '3'"), std::string::npos);
+  EXPECT_NE(extract_error(Tar().member("pax", "", 'x').done()).find("type 'x'"), std::string::npos);
+}
+
+TEST(Archive, RefusesEscapingAndDuplicateNames) {
+  EXPECT_NE(extract_error(Tar().member("../escape", "x").done()).find("'..'"), std::string::npos);
+  EXPECT_NE(extract_error(Tar().member("golden/../../escape", "x").done()).find("'..'"), std::string::npos);
+  EXPECT_NE(extract_error(Tar().member("/etc/escape", "x").done()).find("absolute"), std::string::npos);
+  EXPECT_NE(extract_error(Tar().member("./manifest.json", "x").done()).find("'.'"), std::string::npos);
+  EXPECT_NE(extract_error(Tar().member("a//b", "x").done()).find("empty"), std::string::npos);
+  EXPECT_NE(extract_error(Tar().member("m", "x").member("m", "y").done()).find("appears twice"), std::string::npos);
+  EXPECT_NE(extract_error(Tar().member("d/", "", '5').member("d", "x").done()).find("appears twice"), std::string::npos);
+  EXPECT_NE(extract_error(Tar().member("f", "x").member("f/g", "y").done()).find("not a directory"), std::string::npos);
+  EXPECT_THROW(archive_member_name_check(std::string(256, 'a')), Error);
+  EXPECT_NO_THROW(archive_member_name_check(std::string(255, 'a')));
+  EXPECT_NO_THROW(archive_member_name_check("golden/sample_0/"));
+}
+
+TEST(Archive, RefusesOversizeTruncatedAndForeignArchives) {
+  EXPECT_NE(extract_error(Tar().member("a", std::string(2000, 'x')).done(), 1500).find("deploy_max_bytes"),
+            std::string::npos);
+  EXPECT_NE(extract_error(Tar().member("a", std::string(1000, 'x')).member("b", std::string(1000, 'x')).done(), 1500)
+                .find("deploy_max_bytes"),
+            std::string::npos);
+  const std::string whole = Tar().member("a", std::string(3000, 'x')).done();
+  EXPECT_NE(extract_error(whole.substr(0, 1500)).find("ends in the middle"), std::string::npos);
+  EXPECT_NE(extract_error(Tar().member("a", "x").raw()).find("end-of-archive"), std::string::npos);
+  EXPECT_NE(extract_error(Tar().member("a", "x", '0', "", false).done()).find("ustar"), std::string::npos);
+  std::string bad = Tar().member("a", "x").done();
+  bad[0] = 'b';  // the checksum no longer matches
+  EXPECT_NE(extract_error(bad).find("checksum"), std::string::npos);
+  EXPECT_NE(extract_error(std::string(1024, '\0')).find("no member"), std::string::npos);
+}
+
+TEST(Archive, NeverWritesThroughAnExistingDestination) {
+  TempDir dir;
+  write_file(dir.path() / "a.tar", Tar().member("m", "x").done());
+  fs::create_directories(dir.path() / "out");
+  EXPECT_THROW(archive_extract((dir.path() / "a.tar").string(), (dir.path() / "out").string(), 1 << 20), Error);
+  fs::create_directory_symlink(dir.path() / "elsewhere", dir.path() / "link");
+  EXPECT_THROW(archive_extract((dir.path() / "a.tar").string(), (dir.path() / "link").string(), 1 << 20), Error);
+}
+
+// --- state.json and the boot choice ----------------------------------------------------------------
+
+TEST(DeployState, RoundTripsAtomically) {
+  TempDir dir;
+  const std::string path = (dir.path() / "state.json").string();
+  const DeployState fresh = deploy_state_read(path);
+  EXPECT_EQ(fresh.highest_version, 0u);
+  EXPECT_EQ(fresh.slots.at("a").status, "empty");
+  EXPECT_FALSE(fresh.deployment.has_value());
+
+  DeployState state;
+  state.highest_version = 9;
+  state.slots["b"] = SlotRecord{"good", std::string(64, 'c'), "digits", std::string(64, 'd'), 9};
+  DeploymentRecord record;
+  record.deployment_id = "dep-9";
+  record.version = 9;
+  record.action = "deploy";
+  record.result = "in-progress";
+  record.phase = "download";
+  record.desired = {{"x", 1}};
+  state.deployment = record;
+  deploy_state_write(path, state);
+  EXPECT_FALSE(fs::exists(path + ".tmp"));
+  const DeployState back = deploy_state_read(path);
+  EXPECT_EQ(back.highest_version, 9u);
+  EXPECT_EQ(back.slots.at("b").status, "good");
+  EXPECT_EQ(back.slots.at("b").manifest_sha256, std::string(64, 'c'));
+  EXPECT_EQ(back.slots.at("b").desired_version, 9u);
+  ASSERT_TRUE(back.deployment.has_value());
+  EXPECT_EQ(back.deployment->phase, "download");
+  EXPECT_EQ(back.deployment->desired, nlohmann::json({{"x", 1}}));
+
+  write_file(path, "{\"highest_version\": 1}");
+  EXPECT_THROW(deploy_state_read(path), Error);
+  write_file(path, "not json");
+  EXPECT_THROW(deploy_state_read(path), Error);
+}
+
+TEST(DeployState, BootChoicePrefersAGoodVerifiedCurrentSlot) {
+  DeployState state;
+  std::vector<std::string> asked;
+  const auto all = [&](const std::string& slot) {
+    asked.push_back(slot);
+    return true;
+  };
+  EXPECT_EQ(boot_choice(state, "", all), "");  // nothing good: the factory artifact
+  EXPECT_TRUE(asked.empty());                  // empty slots are never opened
+  state.slots["a"].status = "good";
+  state.slots["b"].status = "good";
+  EXPECT_EQ(boot_choice(state, "b", all), "b");
+  EXPECT_EQ(boot_choice(state, "a", all), "a");
+  EXPECT_EQ(boot_choice(state, "", all), "a");
+  // current fails verification: the other good slot.
+  EXPECT_EQ(boot_choice(state, "b", [](const std::string& slot) { return slot == "a"; }), "a");
+  // current is bad (its self-test failed): never opened.
+  state.slots["b"].status = "bad";
+  asked.clear();
+  EXPECT_EQ(boot_choice(state, "b", all), "a");
+  EXPECT_EQ(asked, std::vector<std::string>{"a"});
+  // Nothing verifies: the factory artifact.
+  EXPECT_EQ(boot_choice(state, "a", [](const std::string&) { return false; }), "");
+}
+
+TEST(DeployState, CurrentLinkFlipsAtomically) {
+  TempDir dir;
+  SlotLayout layout(dir.path().string());
+  layout.layout_ensure();
+  EXPECT_EQ(layout.current_slot(), "");
+  layout.current_flip("a");
+  EXPECT_EQ(layout.current_slot(), "a");
+  EXPECT_EQ(fs::read_symlink(layout.current_path()).string(), "slots/a");
+  layout.current_flip("b");
+  EXPECT_EQ(layout.current_slot(), "b");
+  EXPECT_FALSE(fs::exists(layout.root() + "/current.tmp"));
+  EXPECT_EQ(slot_other("a"), "b");
+  EXPECT_EQ(slot_other("b"), "a");
+  EXPECT_EQ(slot_other(""), "a");
+  struct stat st {};
+  ASSERT_EQ(::stat(layout.slot_dir("a").c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0700u);
+}
