@@ -18,7 +18,7 @@ from edgesmith.toolchain.deploy import desired
 from edgesmith.toolchain.deploy.server import ArtifactServer
 from edgesmith.toolchain.errors import UserError
 from edgesmith.toolchain.signing import (deploy_keys_dir, ephemeral_key, generate_deploy_key, generate_key,
-                                         load_deploy_key, sign_manifest)
+                                         load_deploy_key, load_signing_key, sign_manifest)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -231,6 +231,7 @@ def test_ingest_records_deploy_reports(tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # ~20 s, nearly all of it MLflow creating its SQLite schema
 @pytest.mark.timeout(120)
 def test_lineage_logged_to_mlflow(tmp_path, monkeypatch, build_key):
     """A deployment of an artifact built from models:/tiny/1: a run in the training run's experiment,
@@ -261,3 +262,27 @@ def test_lineage_logged_to_mlflow(tmp_path, monkeypatch, build_key):
     devices = json.loads((Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="deployment/devices.json",
                                                                    dst_path=str(tmp_path / "dl")))).read_text())
     assert set(devices) == {"cam-01", "cam-02"}
+
+
+@pytest.mark.integration
+def test_deploy_bad_input_is_one_sentence(tmp_path, artifact, _isolated_home):
+    """User mistakes before anything is published: one `error:` sentence, exit status 1."""
+    from conftest import run_cli
+
+    (tmp_path / "broker").mkdir()
+    common = ["--fleet", "plant-a", "--broker", str(tmp_path / "broker"), "--db", f"sqlite:///{tmp_path / 'm.db'}",
+              "--store", str(tmp_path / "store"), "--serve", "127.0.0.1:0"]
+    # The home trusts the artifact's build key from here on: the next mistakes are past verification.
+    generate_key("default")
+
+    def error(*args: str) -> str:
+        result = run_cli("deploy", *args, *common, check=False)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        return " ".join(result.stderr.split())
+
+    assert "is not an artifact directory" in error(str(tmp_path / "nope"))
+    assert "trusted" in error(str(artifact))  # signed by a key the home does not trust
+    trusted = make_artifact(tmp_path / "trusted", load_signing_key(_isolated_home / "keys" / "default.key"))
+    assert "no deploy key" in error(str(trusted))
+    generate_deploy_key()
+    assert "not an edgesmith broker directory" in error(str(trusted))

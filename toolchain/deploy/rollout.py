@@ -68,6 +68,7 @@ def plan_waves(devices: list[str], shares: list[float]) -> list[tuple[float, lis
 
 def fleet_devices(broker: Broker, fleet: str, only: list[str] | None) -> list[str]:
     """The fleet's provisioned devices (the broker's logins), or the named subset of them."""
+    broker.settings()  # a directory that is no broker's: one sentence saying so
     provisioned = sorted(json.loads(p.read_text())["device"] for p in (broker.dir / "devices").glob("*.json")
                          if json.loads(p.read_text()).get("fleet") == fleet)
     if only:
@@ -289,32 +290,13 @@ def deploy(archive: ArchiveInfo, config: RolloutConfig, store: Store, say: Say) 
             f"deploy key {config.key.key_id}")
         outcome: dict[str, Report] = {}
         targeted: list[str] = []
-        for number, (share, wave_devices) in enumerate(waves, 1):
-            history.update_wave(store, deployment_id, number, status="running", started_ms=_ms())
-            say(f"wave {number}/{len(waves)} ({share:.0%}): {', '.join(wave_devices)}")
-            for device in wave_devices:
-                version = history.reserve_version(store, config.fleet, device, watch.version_floor(device))
-                state = desired.desired_state(config.fleet, device, version, deployment_id, "deploy", archive,
-                                              config.base_url)
-                history.add_target(store, deployment_id, config.fleet, device, number, version, previous[device])
-                watch.publish_desired(config.fleet, device, desired.sign(state, config.key))
-            targeted += wave_devices
-            final = _wait_and_record(watch, store, deployment_id, wave_devices, config.wave_timeout_s, say)
-            outcome.update(final)
-            applied = sum(1 for d in wave_devices if final[d].result == "applied")
-            history.update_wave(store, deployment_id, number, status="done", finished_ms=_ms(), applied=applied,
-                                failed=len(wave_devices) - applied)
-            failed_so_far = sum(1 for d in targeted if outcome[d].result != "applied")
-            share_failed = failed_so_far / len(targeted)
-            say(f"wave {number}: {applied} applied, {len(wave_devices) - applied} failed; "
-                f"{failed_so_far} of {len(targeted)} targeted failed ({share_failed:.0%})")
-            if share_failed > config.abort_on_failure:
-                history.update_wave(store, deployment_id, number, status="aborted")
-                for later in range(number + 1, len(waves) + 1):
-                    history.update_wave(store, deployment_id, later, status="skipped")
-                say(f"ABORT: {share_failed:.0%} failed > {config.abort_on_failure:.0%}; rolling back")
-                result.status = "aborted"
-                break
+        try:
+            _run_waves(watch, store, config, archive, deployment_id, waves, previous, outcome, targeted, result, say)
+        except KeyboardInterrupt:
+            history.finish(store, deployment_id, "interrupted", f"stopped by the user after {len(targeted)} of "
+                           f"{len(targets)} devices were sent it; their desired states stay published "
+                           f"(`edgesmith rollback --fleet {config.fleet}` undoes them)")
+            raise
         result.targeted = len(targeted)
         result.applied = sum(1 for d in targeted if outcome[d].result == "applied")
         result.failed = len(targeted) - result.applied
@@ -335,6 +317,37 @@ def deploy(archive: ArchiveInfo, config: RolloutConfig, store: Store, say: Say) 
         return result
     finally:
         watch.stop()
+
+
+def _run_waves(watch: FleetWatch, store: Store, config: RolloutConfig, archive: ArchiveInfo, deployment_id: str,
+               waves: list[tuple[float, list[str]]], previous: dict[str, tuple[str | None, str | None]],
+               outcome: dict[str, Report], targeted: list[str], result: RolloutResult, say: Say) -> None:
+    for number, (share, wave_devices) in enumerate(waves, 1):
+        history.update_wave(store, deployment_id, number, status="running", started_ms=_ms())
+        say(f"wave {number}/{len(waves)} ({share:.0%}): {', '.join(wave_devices)}")
+        for device in wave_devices:
+            version = history.reserve_version(store, config.fleet, device, watch.version_floor(device))
+            state = desired.desired_state(config.fleet, device, version, deployment_id, "deploy", archive,
+                                          config.base_url)
+            history.add_target(store, deployment_id, config.fleet, device, number, version, previous[device])
+            watch.publish_desired(config.fleet, device, desired.sign(state, config.key))
+        targeted += wave_devices
+        final = _wait_and_record(watch, store, deployment_id, wave_devices, config.wave_timeout_s, say)
+        outcome.update(final)
+        applied = sum(1 for d in wave_devices if final[d].result == "applied")
+        history.update_wave(store, deployment_id, number, status="done", finished_ms=_ms(), applied=applied,
+                            failed=len(wave_devices) - applied)
+        failed_so_far = sum(1 for d in targeted if outcome[d].result != "applied")
+        share_failed = failed_so_far / len(targeted)
+        say(f"wave {number}: {applied} applied, {len(wave_devices) - applied} failed; "
+            f"{failed_so_far} of {len(targeted)} targeted failed ({share_failed:.0%})")
+        if share_failed > config.abort_on_failure:
+            history.update_wave(store, deployment_id, number, status="aborted")
+            for later in range(number + 1, len(waves) + 1):
+                history.update_wave(store, deployment_id, later, status="skipped")
+            say(f"ABORT: {share_failed:.0%} failed > {config.abort_on_failure:.0%}; rolling back")
+            result.status = "aborted"
+            return
 
 
 def _ms() -> int:

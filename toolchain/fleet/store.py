@@ -161,7 +161,7 @@ deployments = Table(
     Column("model_uri", Text), Column("url", Text, nullable=False), Column("key_id", String(16), nullable=False),
     Column("waves", Text, nullable=False),  # the plan: cumulative shares, JSON
     Column("abort_on_failure", Float),
-    Column("status", String(16), nullable=False),  # running | completed | aborted | rolled-back | failed
+    Column("status", String(16), nullable=False),  # running | completed | aborted | rolled-back | failed | interrupted
     Column("message", Text),
     Column("mlflow_run_id", String(64)),
     Column("started_ms", BigInteger, nullable=False), Column("finished_ms", BigInteger),
