@@ -117,7 +117,7 @@ def build(
                     if c.error:
                         notes.append({"target": t.name, "backend": c.backend, "status": c.status, "error": c.error})
                         err.print(f"note: {t.name}/{c.backend} {c.status}, another backend was chosen: {c.error}",
-                                  markup=False, highlight=False)
+                                  markup=False, highlight=False, soft_wrap=True)
     results = [a for b in builds for a in b.artifacts]
     if as_json:
         print(json.dumps({"artifacts": [
@@ -163,7 +163,7 @@ def _print_selection(builds: list[TargetBuild]) -> None:
     console.print(table)
     for b in builds:
         if b.chosen:
-            console.print(f"{b.target}: {b.chosen}: {b.reason}", markup=False, highlight=False)
+            console.print(f"{b.target}: {b.chosen}: {b.reason}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _print_table(results, key_id: str) -> None:
