@@ -476,6 +476,25 @@ def check_operators(source, target) -> None:
                         f"is nothing to tune; build it with another backend ({others})")
 
 
+def preflight(target, trials: int, rpc_tracker: str | None, rpc_key: str | None,
+              rpc_timeout_sec: float = 30.0) -> tuple[str, int, str] | None:
+    """The checks that need no model: options, the target, and the RPC tracker (host, port, key)."""
+    from edgesmith.toolchain.backends import tvm as tvm_backend
+
+    if trials < 1:
+        raise UserError(f"--trials {trials} must be at least 1")
+    if (rpc_tracker is None) != (rpc_key is None):
+        raise UserError("--rpc-tracker and --rpc-key go together: give both (HOST:PORT and the device key) or neither")
+    if tvm_backend.NAME not in target.backends:
+        raise UserError(f"target {target.name} does not list the tvm backend, so no build would use the tuning; "
+                        "pick a target that lists tvm (see `edgesmith targets`)")
+    if rpc_tracker is None:
+        return None
+    host, port = parse_tracker(rpc_tracker)
+    check_tracker(host, port, rpc_key, rpc_timeout_sec)
+    return host, port, rpc_key
+
+
 def run_tune(request: TuneRequest, on_update: Callable[[Progress], None] = lambda p: None,
              on_status: Callable[[str], None] = lambda s: None) -> TuneResult:
     """Tune a model for a target into the cache; Ctrl-C (or --max-minutes) stops after the batch
@@ -485,22 +504,12 @@ def run_tune(request: TuneRequest, on_update: Callable[[Progress], None] = lambd
     from edgesmith.toolchain.backends import tvm as tvm_backend
 
     tvm_backend.version()
-    if request.trials < 1:
-        raise UserError(f"--trials {request.trials} must be at least 1")
-    if (request.rpc_tracker is None) != (request.rpc_key is None):
-        raise UserError("--rpc-tracker and --rpc-key go together: give both (HOST:PORT and the device key) or neither")
     target = request.target
-    if tvm_backend.NAME not in target.backends and getattr(target, "tvm", None) is None:
-        raise UserError(f"target {target.name} does not list the tvm backend, so nothing would use the tuning")
+    rpc = preflight(target, request.trials, request.rpc_tracker, request.rpc_key, request.rpc_timeout_sec)
     check_operators(request.source, target)
     tvm_target = tvm_backend._tvm_target(target)
-    rpc = None
-    if request.rpc_tracker:
-        host, port = parse_tracker(request.rpc_tracker)
-        on_status(f"asking the RPC tracker {host}:{port} for a device with key {request.rpc_key}")
-        check_tracker(host, port, request.rpc_key, request.rpc_timeout_sec)
-        rpc = (host, port, request.rpc_key)
-        measured_on = f"rpc:{request.rpc_key}"
+    if rpc is not None:
+        measured_on = f"rpc:{rpc[2]}"
     else:
         execution = tvm_backend.executes_here(target)
         if not execution.ok:

@@ -2,12 +2,15 @@
 
 Cross-ISA targets are linked with the target file's ``tvm.cross_compiler``. A MetaSchedule
 tuning database (a work directory with ``database_workload.json`` and
-``database_tuning_record.json``) is applied when one is given.
+``database_tuning_record.json``) is applied when one is given, else the one ``edgesmith tune``
+cached for this workload, target and TVM version (toolchain/tune.py); the manifest's
+``backend.options.tuning`` records which, its hash and how many workloads it matched.
 """
 
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +89,24 @@ def _check_tuning_db(path: Path) -> None:
         raise UserError(f"tuning database {path} lacks {', '.join(missing)}; pass the work directory of a MetaSchedule tuning run")
 
 
+def _apply_tuning(mod, tvm_target, tuning_db: Path | None):
+    """The module to compile and the manifest's ``tuning`` record: the given database, else the one
+    `edgesmith tune` cached for this workload, target and TVM version (toolchain/tune.py). A database
+    that matches nothing, is corrupt or does not apply is ignored with a warning on stderr."""
+    from edgesmith.toolchain import tune
+
+    prepared = tune.prepare(mod, tvm_target)
+    db = tuning_db if tuning_db is not None else tune.lookup(prepared, tvm_target)
+    if db is None:
+        return mod, None
+    applied = tune.apply_database(prepared, tvm_target, db)
+    if applied.warning:
+        print(f"warning: {applied.warning}", file=sys.stderr, flush=True)
+    if applied.info is None or applied.info["workloads_matched"] == 0:
+        return mod, applied.info
+    return applied.mod, applied.info
+
+
 def compile(request: CompileRequest) -> CompileResult:
     import tvm
     from tvm import relax
@@ -104,13 +125,12 @@ def compile(request: CompileRequest) -> CompileResult:
         raise UserError("the tvm backend builds fp32 only; drop --precision fp16 or use --backend openvino")
 
     tvm_target = _tvm_target(target)
+    if request.tuning_db is not None:
+        _check_tuning_db(request.tuning_db)
     try:
         shapes = {s.name: s.shape for s in request.source.inputs}
         mod = from_onnx(request.source.onnx_model, shape_dict=shapes, keep_params_in_input=False)
-        if request.tuning_db is not None:
-            _check_tuning_db(request.tuning_db)
-            mod = relax.pipeline.static_shape_tuning_pipeline(total_trials=0, target=tvm_target,
-                                                               work_dir=str(request.tuning_db))(mod)
+        mod, tuning = _apply_tuning(mod, tvm_target, request.tuning_db)
         executable = tvm.compile(mod, target=tvm_target)
         fcompile = tvm.support.cc.cross_compiler(cross) if cross else None
         executable.export_library(str(request.out_dir / ENTRY), fcompile=fcompile)
@@ -119,7 +139,7 @@ def compile(request: CompileRequest) -> CompileResult:
     except Exception as e:
         raise CompileError(f"TVM failed to compile the model for {target.name}: {first_line(e)}; try another backend of the target") from None
     options = {"target": _plain(tvm_target.export()), "tuning_db": str(request.tuning_db) if request.tuning_db else None,
-               "cross_compiler": cross}
+               "cross_compiler": cross, "tuning": tuning}
     return CompileResult(format=FORMAT, entry=ENTRY, options=options)
 
 

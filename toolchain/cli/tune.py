@@ -33,12 +33,15 @@ def tune(
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
 ) -> None:
     """Tune the model's TVM kernels with MetaSchedule; the database is cached per workload, target and TVM version."""
-    from edgesmith.toolchain.tune import TuneRequest, run_tune
+    from edgesmith.toolchain.tune import TuneRequest, preflight, run_tune
 
     err = Console(stderr=True)
+    tune_target = get_target(target)
+    with err.status("checking the options" + (f" and the RPC tracker {rpc_tracker}" if rpc_tracker else "")):
+        preflight(tune_target, trials, rpc_tracker, rpc_key, rpc_timeout)  # before the model: mistakes fail fast
     with err.status("loading the model"):
         source = load_source(model, parse_input_shapes(input_shape or []))
-    request = TuneRequest(source=source, target=get_target(target), trials=trials, rpc_tracker=rpc_tracker, rpc_key=rpc_key,
+    request = TuneRequest(source=source, target=tune_target, trials=trials, rpc_tracker=rpc_tracker, rpc_key=rpc_key,
                           max_minutes=max_minutes, prepack=prepack, rpc_timeout_sec=rpc_timeout)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("best {task.fields[best]}"),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn()]
