@@ -249,6 +249,36 @@ def test_unknown_keys_schema_forbids_cpp_ignores(tmp_path: Path, where: tuple[An
     assert _cpp_error(manifest, tmp_path) is None
 
 
+@pytest.mark.parametrize("latency", [None, 123.4])
+def test_selection_and_build_latency_are_read_by_all_three(tmp_path: Path, latency: float | None) -> None:
+    """docs/selection.md: what `--backend auto` adds; absent (older artifacts) stays absent, null stays null."""
+    manifest = copy.deepcopy(VALID)
+    manifest["build"]["latency_us"] = latency
+    manifest["selection"] = {
+        "mode": "auto", "rule": "the fastest that passed", "chosen": "openvino", "reason": "fastest p50 here",
+        "candidates": [
+            {"backend": "openvino", "status": "passed", "latency_us_p50": 44.6, "latency_us_p95": 75.6,
+             "timed_how": "native Session, 2 threads, best of 5 blocks of 200 runs", "error": None},
+            {"backend": "tvm", "status": "failed", "latency_us_p50": None, "latency_us_p95": None, "timed_how": None,
+             "error": "the tvm backend cannot compile operator(s) Celu"}]}
+    VALIDATOR.validate(manifest)
+    text = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+    assert Manifest.from_bytes(text).to_bytes() == text
+    assert _cpp_error(manifest, tmp_path) is None
+    assert "latency_us" not in VALID["build"] and "selection" not in VALID
+    assert Manifest.from_bytes(json.dumps(VALID).encode()).model_dump(mode="json") == VALID
+    for path, value in ((("selection", "candidates", 0, "status"), "maybe"), (("selection", "candidates"), []),
+                        (("selection", "mode"), "forced"), (("build", "latency_us"), -1.0), (("selection", "chosen"), "")):
+        bad = copy.deepcopy(manifest)
+        parent = bad
+        for part in path[:-1]:
+            parent = parent[part]
+        parent[path[-1]] = value
+        assert not VALIDATOR.is_valid(bad), path
+        with pytest.raises(ValueError):
+            Manifest.from_bytes(json.dumps(bad).encode())
+
+
 @pytest.mark.integration
 def test_a_built_manifest_follows_the_schema(tmp_path: Path) -> None:
     result = build_json(DIGITS, "--input-shape", "1,1,8,8", "-t", "x86_64-avx2", "--backend", "openvino",

@@ -153,3 +153,11 @@ def test_forced_backend_measures_latency_without_a_selection(digits_host_openvin
     assert '"selection"' not in text
     m = _manifest(digits_host_openvino["path"])
     assert m.backend.name == "openvino" and m.build.latency_us is not None and m.build.latency_us > 0
+
+
+def test_tracking_uri_names_the_store_models_are_read_from(tmp_path):
+    store = f"sqlite:///{tmp_path / 'empty.db'}"
+    result = run_cli("build", "models:/digits@champion", "--tracking-uri", store, "-o", str(tmp_path / "dist"),
+                     env={"EDGESMITH_HOME": str(tmp_path / "home")}, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"no registered model 'digits' in {store}" in " ".join(result.stderr.split())
