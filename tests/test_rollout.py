@@ -34,8 +34,10 @@ def fleet(tmp_path, broker_dir, _isolated_home):  # noqa: F811
     credentials = fleet_broker.add_devices(broker_dir, names, FLEET)
     made: list[DeployingDevice] = []
 
-    def start(failing: tuple[str, ...] = ()) -> dict[str, DeployingDevice]:
+    def start(failing: tuple[str, ...] = (), offline: tuple[str, ...] = ()) -> dict[str, DeployingDevice]:
         for c in credentials:
+            if c["device"] in offline:
+                continue
             made.append(DeployingDevice(c, tmp_path / "devices" / c["device"], v1, [deploy_pub], [build.public_key],
                                         fail_self_test=c["device"] in failing, interval_s=1.0).start())
         return {d.device: d for d in made}
@@ -145,6 +147,25 @@ def test_failing_device_aborts_and_rolls_back(fleet, store_url, start_monitor): 
     page = wait_until(dashboard, 30, "the dashboard to show the rollback")
     assert "<h2>Version mix</h2>" in page and "1: 5" in page and "rolled-back" in page
     assert monitor.api()["version_mix"] == {FLEET: {"tiny × x86_64-avx2": {"1": 5}}}
+
+
+def test_silent_device_times_out_and_counts_as_failed(fleet, store_url):
+    """cam-02 is provisioned but never connects: after --wave-timeout it counts as failed, the rollout
+    aborts, and it gets a rollback too (it may still apply the deployment late) — which it cannot
+    confirm, nor can the store say what it served before, so the deployment stays aborted."""
+    devices = fleet["start"](offline=("cam-02",))
+    result = _deploy(fleet, store_url, fleet["v2"], "--waves", "20%,60%,100%", "--abort-on-failure", "20%",
+                     "--wave-timeout", "3", check=False)
+    out = result.stdout
+    assert result.returncode == 1, out + result.stderr
+    assert "cam-02: timeout (no result reported within 3 s)" in out, out
+    assert "cam-02: cannot be rolled back: what it served before is unknown" in out, out
+    assert "2 of 2 device(s) back; 1 could not be rolled back" in out, out
+    assert "aborted" in out.splitlines()[-1] and "(1 not back)" in out.splitlines()[-1], out
+    assert devices["cam-01"].artifact.name == devices["cam-03"].artifact.name == "tiny-v1-x86_64-avx2-openvino"
+    (rollback, deployment) = json.loads(run_cli("fleet", "deployments", "--db", store_url, "--json").stdout)
+    assert {t["device"]: t["result"] for t in deployment["targets"]}["cam-02"] == "timeout"
+    assert rollback["status"] == "completed" and sorted(t["device"] for t in rollback["targets"]) == ["cam-01", "cam-03"]
 
 
 # ---- real agents (edgesmith-agent, C++) -------------------------------------------------------------------

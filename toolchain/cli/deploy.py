@@ -104,7 +104,7 @@ def deploy(
              f"{info.name}" + (f", {result.failed} failed" if result.failed else ""))
         return
     _say(f"deployment {result.deployment_id} {result.status}: {result.failed} of {result.targeted} device(s) failed"
-         + (f"; rollback {result.rollback_id}" + (f" ({result.rollback_failed} failed)" if result.rollback_failed else "")
+         + (f"; rollback {result.rollback_id}" + (f" ({result.rollback_failed} not back)" if result.rollback_failed else "")
             if result.rollback_id else ""))
     raise typer.Exit(1)
 

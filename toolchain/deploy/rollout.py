@@ -375,7 +375,8 @@ def _wait_and_record(watch: FleetWatch, store: Store, deployment_id: str, device
 def _roll_back(watch: FleetWatch, store: Store, config: RolloutConfig, of: str,
                previous: dict[str, tuple[str | None, str | None]], say: Say) -> tuple[str, int] | None:
     """Signed ``rollback`` desired states putting each device back on its previous artifact;
-    returns the rollback's deployment id and how many devices did not confirm it."""
+    returns the rollback's deployment id and how many devices are not confirmed back (failed,
+    silent, or with no known previous artifact); None when no device can be rolled back."""
     plan: dict[str, ArchiveInfo] = {}
     for device, (sha, name) in previous.items():
         info = lookup(sha, config.store_dir) if sha else None
@@ -408,10 +409,11 @@ def _roll_back(watch: FleetWatch, store: Store, config: RolloutConfig, of: str,
     history.update_wave(store, rollback_id, 1, status="done", finished_ms=_ms(), applied=applied, failed=failed)
     history.finish(store, rollback_id, "completed" if failed == 0 else "failed",
                    f"{applied} of {len(plan)} devices rolled back")
-    if of:
-        history.set_status(store, of, "rolled-back" if failed == 0 else "aborted")
-    say(f"rollback {rollback_id}: {applied} of {len(plan)} device(s) back" + (f", {failed} failed" if failed else ""))
-    return rollback_id, failed
+    unplanned = len(previous) - len(plan)
+    history.set_status(store, of, "rolled-back" if failed + unplanned == 0 else "aborted")
+    say(f"rollback {rollback_id}: {applied} of {len(plan)} device(s) back" + (f", {failed} failed" if failed else "")
+        + (f"; {unplanned} could not be rolled back" if unplanned else ""))
+    return rollback_id, failed + unplanned
 
 
 def rollback(config: RolloutConfig, store: Store, say: Say, deployment_id: str | None = None) -> tuple[str, int]:
