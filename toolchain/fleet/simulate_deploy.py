@@ -127,6 +127,9 @@ class DeployingDevice(SimulatedDevice):
             self._report(dep, "refused", error="that is the previous slot's artifact; going back needs a rollback")
             return
         self.highest_version = state["version"]
+        if art["manifest_sha256"] == self.artifact.sha256:  # already serving it: nothing to do (as the C++ agent)
+            self._report(dep, "applied")
+            return
         self._report(dep, "in-progress", phase="download")
         try:
             if state["action"] == "rollback" and inactive and inactive["status"] == "good" \
