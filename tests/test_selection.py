@@ -85,14 +85,14 @@ def test_backend_all_times_every_native_candidate(digits_artifacts):
     assert sels[0].chosen == min(sels[0].candidates, key=lambda c: c.latency_us_p50).backend
 
 
-def test_a_tuned_tvm_wins_off_host_only_by_recorded_latency(digits_artifacts):
+def test_a_tuned_tvm_wins_off_host_only_by_recorded_latency(auto_build):
     """The ranking rule on real staged manifests, with a TVM tuning record as the tuning work writes it."""
     from edgesmith.toolchain.build import Candidate, StagedArtifact, select
     from edgesmith.toolchain.signing import ephemeral_key
     from edgesmith.toolchain.targets import get_target
 
     target = get_target("rpi4-aarch64")
-    base = _manifest(digits_artifacts["artifacts"][("rpi4-aarch64", "tvm")]["path"])
+    base = _manifest(auto_build["artifacts"][0]["path"])  # any real manifest: the rule reads backend.options only
 
     def candidate(backend: str, tuning: dict | None = None) -> Candidate:
         m = base.model_copy(deep=True)
@@ -107,8 +107,13 @@ def test_a_tuned_tvm_wins_off_host_only_by_recorded_latency(digits_artifacts):
     # the others record no latency on the device: a tuned TVM cannot show it beats them, so it ranks after them
     chosen, reason = select(target, [candidate("tvm", tuned), candidate("openvino"), candidate("ort")])
     assert chosen == "openvino" and "does not beat" in reason
-    # measured on another device class, or nothing matched: untuned
-    for other in ({**tuned, "measured_on": "rpi5-aarch64"}, {**tuned, "workloads_matched": 0}):
+    # on a device through RPC counts as this target's device class too
+    from edgesmith.toolchain.build import recorded_latency_us
+
+    assert recorded_latency_us(candidate("tvm", {**tuned, "measured_on": "rpc:rpi4"}).staged) == 900.0
+    # measured on another device class, nothing matched, or no latency: untuned
+    for other in ({**tuned, "measured_on": "rpi5-aarch64"}, {**tuned, "workloads_matched": 0},
+                  {**tuned, "latency_us": None}):
         chosen, reason = select(target, [candidate("tvm", other), candidate("ort")])
         assert chosen == "ort" and "untuned" in reason
     # a failed candidate never wins; a lone TVM build that passed does

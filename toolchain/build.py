@@ -469,13 +469,16 @@ class Candidate:
 
 def recorded_latency_us(staged: StagedArtifact) -> float | None:
     """A latency measured on the target's own device class and recorded in the payload's options:
-    today a TVM tuning database's (``options.tuning``: ``latency_us``, ``measured_on`` = target name)."""
+    today a TVM tuning database's (``options.tuning``, written by toolchain/tune.py). ``measured_on``
+    is the target's name when it was measured natively, ``rpc:<key>`` when measured on a device
+    through an RPC tracker; the tuning cache is keyed by target, so either is this target's device."""
     tuning = staged.manifest.backend.options.get("tuning")
-    if not isinstance(tuning, dict) or not tuning.get("workloads_matched"):
+    if not isinstance(tuning, dict) or not isinstance(tuning.get("workloads_matched"), int) \
+            or tuning["workloads_matched"] <= 0:
         return None
     latency, measured_on = tuning.get("latency_us"), tuning.get("measured_on")
-    if isinstance(latency, (int, float)) and not isinstance(latency, bool) and latency > 0 \
-            and measured_on == staged.target.name:
+    on_this_target = measured_on == staged.target.name or (isinstance(measured_on, str) and measured_on.startswith("rpc:"))
+    if isinstance(latency, (int, float)) and not isinstance(latency, bool) and latency > 0 and on_this_target:
         return float(latency)
     return None
 
