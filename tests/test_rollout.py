@@ -186,8 +186,8 @@ def _agent_deploys() -> bool:
 @pytest.mark.skipif(not _agent_deploys(), reason="this edgesmith-agent has no deployment support (--trust-dir) yet")
 def test_real_agents_abort_and_roll_back(tmp_path, broker_dir, store_url, start_monitor,  # noqa: F811
                                          digits_host_openvino, digits_artifacts, _isolated_home):
-    """Three C++ agents on the factory artifact (OpenVINO); the rollout of the TVM build reaches cam-01
-    and cam-02 in wave 1; cam-02 was provisioned without the deploy key, refuses, and the rollout
+    """Three C++ agents on the factory artifact (the digits CNN, OpenVINO); the rollout of another build
+    of it (the shared digits build's OpenVINO artifact: another manifest) reaches cam-01 and cam-02 in wave 1; cam-02 was provisioned without the deploy key, refuses, and the rollout
     aborts: cam-01 is rolled back to the factory artifact, cam-03 is never touched."""
     import shutil
 
@@ -198,7 +198,7 @@ def test_real_agents_abort_and_roll_back(tmp_path, broker_dir, store_url, start_
     shutil.copy(digits_host_openvino["pub"], _isolated_home / "keys" / "build.pub")
     deploy_pub = generate_deploy_key().with_suffix(".pub")
     factory = digits_host_openvino["path"]
-    new = Path(digits_artifacts["artifacts"][("x86_64-avx2", "tvm")]["path"])
+    new = Path(digits_artifacts["artifacts"][("x86_64-avx2", "openvino")]["path"])
     monitor = start_monitor()
     agents = []
     try:
