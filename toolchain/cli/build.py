@@ -112,9 +112,9 @@ def build(
             for b, message in built.errors:
                 failures.append({"target": t.name, "backend": b, "error": message})
                 print_error(f"{t.name}/{b}: {message}")
-            if built.mode == "auto" and not built.errors:
+            if built.mode == "auto":  # a candidate that lost is a note; a build failure is listed above
                 for c in built.candidates:
-                    if c.error:
+                    if c.error and (c.backend, c.error) not in built.errors:
                         notes.append({"target": t.name, "backend": c.backend, "status": c.status, "error": c.error})
                         err.print(f"note: {t.name}/{c.backend} {c.status}, another backend was chosen: {c.error}",
                                   markup=False, highlight=False, soft_wrap=True)
