@@ -13,6 +13,7 @@ inputs: good for latency, meaningless for accuracy, so the accuracy gate is open
     .venv/bin/python bench/benchmarks.py                  # everything (~20-30 min on 2 cores)
     .venv/bin/python bench/benchmarks.py --models digits_cnn --rounds 2
     .venv/bin/python bench/benchmarks.py --render         # BENCHMARKS.md again from bench/report/benchmarks.json
+    .venv/bin/python bench/benchmarks.py --update --models resnet18 --no-int8 --rounds 5   # re-run one part
 
 Writes bench/report/benchmarks.json (every figure), docs/img/bench/*.png and BENCHMARKS.md.
 """
@@ -76,6 +77,19 @@ def synthetic_int8_data(source, work: Path, count: int = 32) -> tuple[Path, Path
     return work / "calib.npz", work / "eval.npz"
 
 
+def synthetic_samples(source, work: Path, count: int = 4) -> Path | None:
+    """Inputs for timing and the error column: synthetic images for image models (what their
+    BatchNorm statistics and the INT8 calibration saw); None (seeded N(0,1)) for the rest."""
+    spec = source.inputs[0]
+    if not (len(spec.shape) == 4 and spec.shape[1] == 3 and spec.shape[2] >= 32):
+        return None
+    from edgesmith.toolchain.models.edgenet import synthetic_images
+
+    images = synthetic_images(count, seed=13, size=spec.shape[2]).numpy().astype(np.float32)
+    np.savez(work / "samples.npz", **{spec.name: images[:, None]})
+    return work / "samples.npz"
+
+
 def bench_model(name: str, rounds: int, against: str, with_int8: bool) -> list[dict]:
     from edgesmith.toolchain.sources import load_source
 
@@ -84,17 +98,19 @@ def bench_model(name: str, rounds: int, against: str, with_int8: bool) -> list[d
     source = load_source(ref, shape)
     progress = Progress(status=lambda text: log(f"{name}: {text}"))
     results = []
-    common = dict(model=ref, input_shapes=shape, rounds=rounds, iterations=iterations, warmup=warmup)
+    scratch = tempfile.TemporaryDirectory()
+    samples = synthetic_samples(source, Path(scratch.name))
+    common = dict(model=ref, input_shapes=shape, rounds=rounds, iterations=iterations, warmup=warmup, samples_path=samples)
     command = f"edgesmith bench {ref} --input-shape {','.join(map(str, shape))} -t host --rounds {rounds} --iterations {iterations} --warmup {warmup}"
     try:
-        results.append(run_bench(BenchConfig(against=against, command=f"{command} --against {against}", **common),
+        results.append(timed(run_bench, BenchConfig(against=against, command=f"{command} --against {against}", **common),
                                  progress=progress, source=source))
     except UserError as e:
         if "litert" not in against.split(","):
             raise
         log(f"{name}: {e}; again without litert")
         peers = ",".join(p for p in against.split(",") if p != "litert")
-        results.append(run_bench(BenchConfig(against=peers, command=f"{command} --against {peers}", **common),
+        results.append(timed(run_bench, BenchConfig(against=peers, command=f"{command} --against {peers}", **common),
                                  progress=progress, source=source))
         results[-1]["note"] = f"LiteRT left out: {e}"
     if with_int8:
@@ -105,13 +121,30 @@ def bench_model(name: str, rounds: int, against: str, with_int8: bool) -> list[d
                                  command=f"{command} --against {peers} --quantize int8 --calib calib.npz --eval eval.npz "
                                          "--max-accuracy-drop 100", **common)
             try:
-                results.append(run_bench(config, progress=progress, source=source))
+                results.append(timed(run_bench, config, progress=progress, source=source))
             except UserError as e:
                 log(f"{name}: INT8 failed: {e}")
                 results.append({"model": {"name": source.name}, "quantize": "int8", "error": str(e)})
+    scratch.cleanup()
     for result in results:
         result["key"] = name
     return results
+
+
+def timed(run, *args, **kwargs) -> dict:
+    """``run(...)``'s report with the machine's 1-minute load average before and after it."""
+    before = os.getloadavg()[0]
+    result = run(*args, **kwargs)
+    result["load_avg"] = [before, os.getloadavg()[0]]
+    return result
+
+
+def inputs_text(result: dict) -> str:
+    origin = result.get("samples_origin", "seeded N(0,1)")
+    if origin.startswith("file:"):
+        return "synthetic images (toolchain/models/edgenet.py), like those BatchNorm statistics and INT8 calibration saw"
+    return "seeded N(0,1) noise" + (", outside what the INT8 calibration saw" if result.get("quantize") and
+                                    result["model"]["inputs"][0]["shape"][1] == 3 else "")
 
 
 def render(data: dict) -> str:
@@ -127,8 +160,9 @@ def render(data: dict) -> str:
              "2-3× between runs; ratios measured in the same rounds are steadier, and only the best round counts.",
              f"- Command: `{data['command']}`",
              "- Method: batch 1, the host target's 2 threads for every engine, FP32 unless marked. Every engine runs "
-             f"in its own process (engines' thread pools spin after a call); {data['rounds']} rounds, each running every "
-             "engine once in rotated order; per engine the round with the lowest median is reported. Peers: ONNX Runtime "
+             "in its own process (engines' thread pools spin after a call); several rounds (each section says how many), each "
+             "running every engine once in rotated order; per engine the round with the lowest median is reported, and "
+             "the summary also gives the ratio of the medians over all rounds as a check on luck. Peers: ONNX Runtime "
              "`InferenceSession` (all graph optimizations) and OpenVINO `Core.compile_model` (LATENCY hint, f32) on the "
              "ONNX graph edgesmith exported; LiteRT `Interpreter` (XNNPACK) on the `.tflite` litert-torch converted "
              "from the same PyTorch module. Models: plain-PyTorch, seeded weights with BatchNorm statistics from "
@@ -145,20 +179,21 @@ def render(data: dict) -> str:
         title = TITLES.get(result["key"], result["key"])
         precision = (result.get("quantize") or "fp32").upper()
         if "error" in result:
-            summary_rows.append([title, precision, f"failed: {result['error']}", "", "", "", "", ""])
+            summary_rows.append([title, precision, f"failed: {result['error']}", "", "", "", "", "", ""])
             continue
         goals, by = result["goals"], {e["name"]: e for e in result["engines"]}
         sel = goals.get("selected_vs_fastest")
         ov, ort_ = goals.get("session_overhead_openvino"), goals.get("session_overhead_ort")
         litert = by.get("litert")
+        typical = (float(np.median(by[sel["engine"]]["rounds_p50_ms"])) / float(np.median(by[sel["fastest"]]["rounds_p50_ms"])))
         summary_rows.append([title, precision, f"{sel['engine']} {ms(by[sel['engine']]['p50_ms'])}",
-                             f"{sel['fastest']} {ms(by[sel['fastest']]['p50_ms'])}", f"**{sel['ratio']:.2f}×**",
+                             f"{sel['fastest']} {ms(by[sel['fastest']]['p50_ms'])}", f"**{sel['ratio']:.2f}×**", f"{typical:.2f}×",
                              f"{ov['overhead_pct']:+.1f}%" if ov else "–", f"{ort_['overhead_pct']:+.1f}%" if ort_ else "–",
                              f"{ms(litert['p50_ms'])}" if litert else "–"])
         if sel["ratio"] > 1.0:
             behind.append(f"{title} {precision}: {sel['engine']} is {100 * (sel['ratio'] - 1):.1f}% behind {sel['fastest']}")
     lines += [markdown_table(["model", "precision", "best edgesmith artifact, p50 ms", "fastest of ORT/OpenVINO, p50 ms",
-                              "ratio (goal ≤ 1.00×)", "Session overhead openvino (goal ≤ 3%)", "Session overhead ort (goal ≤ 3%)",
+                              "ratio (goal ≤ 1.00×)", "ratio of round medians", "Session overhead openvino (goal ≤ 3%)", "Session overhead ort (goal ≤ 3%)",
                               "LiteRT p50 ms"], summary_rows), ""]
     lines += ["Where edgesmith's best artifact is behind the fastest peer: " +
               ("; ".join(behind) + "." if behind else "nowhere in this run."), ""]
@@ -171,7 +206,11 @@ def render(data: dict) -> str:
         latency, ratio = plot(result, IMAGES, prefix=stem)
         shape = "×".join(map(str, result["model"]["inputs"][0]["shape"]))
         lines += [f"## {title}, {precision.upper()} ({shape})", "",
-                  f"{result['rounds']} rounds × {result['iterations']} timed runs after {result['warmup']} warm-up runs. "
+                  f"{result['rounds']} rounds × {result['iterations']} timed runs after {result['warmup']} warm-up runs, "
+                  f"cycling over {result['samples']} inputs: {inputs_text(result)}. Run at {result['date']}"
+                  + (f", load average {result['load_avg'][0]:.1f} → {result['load_avg'][1]:.1f} on {machine['cores']} cores. "
+                     if "load_avg" in result else ". ")
+                  +
                   f"`{result['command']}`" + (f" ({result['note']})" if result.get("note") else ""), "",
                   markdown_table(HEADER, table_rows(result)), "",
                   f"Medians of every round, ms: " + "; ".join(
@@ -181,7 +220,7 @@ def render(data: dict) -> str:
               "cold start = process start → first result (interpreter start, imports, model load or compile, first run); "
               "peak RSS = the engine process's high-water mark; size = what the engine loads (edgesmith: the artifact "
               "payload, golden samples excluded; peers: the .onnx or .tflite file); error = max abs difference from "
-              "ONNX Runtime's outputs on the same 4 inputs (INT8: the quantization's own difference).", ""]
+              "ONNX Runtime's outputs on the section's inputs (INT8: the quantization's own difference).", ""]
     return "\n".join(lines)
 
 
@@ -192,17 +231,27 @@ def main() -> None:
     parser.add_argument("--against", default="ort,openvino,litert")
     parser.add_argument("--no-int8", action="store_true")
     parser.add_argument("--render", action="store_true", help="only write BENCHMARKS.md from the saved results")
+    parser.add_argument("--update", action="store_true",
+                        help="re-run only --models and replace their results in the saved ones (the others are kept)")
     args = parser.parse_args()
     if args.render:
         data = json.loads(RESULTS.read_text())
     else:
         from edgesmith.toolchain.bench import _machine
 
-        data = {"started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "load_start": os.getloadavg()[0],
-                "command": " ".join([".venv/bin/python", "bench/benchmarks.py", *map(shlex.quote, sys.argv[1:])]),
-                "rounds": args.rounds, "machine": _machine(), "results": []}
-        for name in args.models.split(","):
+        command = " ".join([".venv/bin/python", "bench/benchmarks.py", *map(shlex.quote, sys.argv[1:])])
+        fresh = {"started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "load_start": os.getloadavg()[0],
+                 "command": command, "rounds": args.rounds, "machine": _machine(), "results": []}
+        data = json.loads(RESULTS.read_text()) if args.update and RESULTS.is_file() else fresh
+        if args.update:
+            data["command"] = f"{data['command']}; then {command}"
+        models = args.models.split(",")
+        precisions = {None} if args.no_int8 else {None, "int8"}
+        data["results"] = [r for r in data["results"] if not (r["key"] in models and r.get("quantize") in precisions)]
+        for name in models:
             data["results"] += bench_model(name, args.rounds, args.against, not args.no_int8)
+            order = list(MODELS)
+            data["results"].sort(key=lambda r: (order.index(r["key"]), r.get("quantize") or ""))
             data["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
             data["load_end"] = os.getloadavg()[0]
             RESULTS.parent.mkdir(parents=True, exist_ok=True)

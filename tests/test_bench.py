@@ -28,9 +28,14 @@ def digits():
 
 
 def test_report_files_figures_and_ratios(digits, tmp_path):
+    import numpy as np
+
+    inputs = tmp_path / "inputs.npz"  # --samples: three inputs, of which --num-samples 2 are used
+    np.savez(inputs, input=np.random.default_rng(5).standard_normal((3, 1, 1, 8, 8)).astype(np.float32))
     config = BenchConfig(model=DIGITS, against="ort,openvino", rounds=2, iterations=8, warmup=1, samples=2,
-                         command="edgesmith bench (test)")
+                         samples_path=inputs, command="edgesmith bench (test)")
     report = run_bench(config, tmp_path / "report", source=digits)
+    assert report["samples"] == 2 and report["samples_origin"] == f"file:{inputs}"
 
     files = {p.name for p in (tmp_path / "report").iterdir()}
     assert files == {"report.json", "report.md", "latency.png", "ratio.png"}

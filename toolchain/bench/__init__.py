@@ -43,7 +43,8 @@ class BenchConfig:
     rounds: int = 3
     iterations: int = 50
     warmup: int = 10
-    samples: int = 4
+    samples: int = 4  # inputs timed (cycled) and compared with ONNX Runtime
+    samples_path: Path | None = None  # .npz of inputs as `edgesmith build --samples` takes; default: seeded N(0,1)
     quantize: str | None = None
     calib: Path | None = None
     eval_data: Path | None = None
@@ -62,7 +63,7 @@ class Progress:
 
 def _check(config: BenchConfig) -> None:
     for flag, value, least in (("--rounds", config.rounds, 1), ("--iterations", config.iterations, 5),
-                               ("--warmup", config.warmup, 0), ("--samples", config.samples, 1)):
+                               ("--warmup", config.warmup, 0), ("--num-samples", config.samples, 1)):
         if value < least:
             raise UserError(f"{flag} {value} is too small; give at least {least}")
     if config.threads is not None and config.threads < 1:
@@ -75,8 +76,8 @@ def _build(source, target, backends: list[str], config: BenchConfig, out: Path, 
     from edgesmith.toolchain.build import BuildOptions, build_one, run_reference
     from edgesmith.toolchain.signing import ephemeral_key
 
-    options = BuildOptions(out_dir=out, num_samples=8, quantize=config.quantize, calib_path=config.calib,
-                           eval_path=config.eval_data, max_accuracy_drop=config.max_accuracy_drop)
+    options = BuildOptions(out_dir=out, num_samples=8, samples_path=config.samples_path, quantize=config.quantize,
+                           calib_path=config.calib, eval_path=config.eval_data, max_accuracy_drop=config.max_accuracy_drop)
     progress.status("running ONNX Runtime on the build's sample inputs")
     ref = run_reference(source, options)
     key = ephemeral_key()  # the artifacts live only as long as this benchmark
@@ -155,7 +156,7 @@ def run_bench(config: BenchConfig, report_dir: Path | None = None, progress: Pro
               source=None) -> dict:
     """Benchmark; returns the report dict (and writes it with plots when ``report_dir`` is given).
     ``source``: the ``ModelSource`` of ``config.model`` when the caller has loaded it already."""
-    from edgesmith.toolchain.reference import ReferenceModel, make_samples
+    from edgesmith.toolchain.reference import ReferenceModel, load_samples, make_samples
     from edgesmith.toolchain.sources import load_source
     from edgesmith.toolchain.targets import get_target, host_isa, runs_natively
 
@@ -181,7 +182,10 @@ def run_bench(config: BenchConfig, report_dir: Path | None = None, progress: Pro
         engines += peer_engines(source, against, work, progress.status)
         if not engines:
             raise UserError("nothing to benchmark; name peers with --against or backends with --backends")
-        samples = make_samples(source.inputs, config.samples, seed=1)
+        if config.samples_path is not None:
+            samples = load_samples(config.samples_path, source.inputs)[:config.samples]
+        else:
+            samples = make_samples(source.inputs, config.samples, seed=1)
         reference = [ReferenceModel(source.onnx_model).run(s) for s in samples]
         samples_path = work / "samples.npz"
         save_samples(samples, samples_path)
@@ -202,7 +206,8 @@ def run_bench(config: BenchConfig, report_dir: Path | None = None, progress: Pro
     report = {"model": {"ref": source.ref, "name": source.name, "kind": source.kind,
                         "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in source.inputs]},
               "target": target.name, "threads": threads, "quantize": config.quantize,
-              "rounds": config.rounds, "iterations": config.iterations, "warmup": config.warmup, "samples": config.samples,
+              "rounds": config.rounds, "iterations": config.iterations, "warmup": config.warmup, "samples": len(samples),
+              "samples_origin": f"file:{config.samples_path}" if config.samples_path else "seeded N(0,1)",
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": _machine(),
               "command": config.command, "fastest_peer": fastest["name"] if fastest else None,
               "engines": rows, "goals": _goals(rows)}

@@ -64,7 +64,8 @@ def markdown(report: dict) -> str:
              f"Command: `{report['command']}`", "", markdown_table(HEADER, table_rows(report)), "",
              "Cold start: process start → first result (interpreter, imports, model load, first run). Peak RSS: the "
              "engine's process. Size: what the engine loads (edgesmith: the artifact's payload; peers: the .onnx or "
-             ".tflite file). Error: max abs difference from ONNX Runtime's outputs on the same inputs.", ""]
+             f".tflite file). Error: max abs difference from ONNX Runtime's outputs on the same {report['samples']} inputs "
+             f"({report.get('samples_origin', 'seeded N(0,1)')}).", ""]
     goals = goal_lines(report)
     if goals:
         parts += ["Goals (measured, not asserted):", "", *goals, ""]

@@ -33,6 +33,8 @@ def bench(
     rounds: int = typer.Option(3, "--rounds", help="Rounds: each runs every engine once, in its own process; the best round counts."),
     iterations: int = typer.Option(50, "--iterations", help="Timed runs per engine per round."),
     warmup: int = typer.Option(10, "--warmup", help="Untimed runs before timing, per engine per round."),
+    samples: Path = typer.Option(None, "--samples", help=".npz of inputs named like the model inputs, samples on axis 0 (default: seeded N(0,1))."),
+    num_samples: int = typer.Option(4, "--num-samples", help="How many inputs to cycle through and compare with ONNX Runtime."),
     quantize: str = typer.Option(None, "--quantize", help="int8: build edgesmith's artifacts INT8 (peers stay FP32); needs --calib and --eval."),
     calib: Path = typer.Option(None, "--calib", help="Calibration inputs for --quantize (.npz with x)."),
     eval_data: Path = typer.Option(None, "--eval", help="Labelled held-out data for --quantize's accuracy gate (.npz with x and y)."),
@@ -44,7 +46,7 @@ def bench(
         raise UserError(f"--max-accuracy-drop {max_accuracy_drop} is not a number of points; give e.g. 1.0")
     config = bench_api.BenchConfig(model=model, target=target, against=against, backends=backends, artifacts=list(artifacts or []),
                                    input_shapes=parse_input_shapes(input_shape or []), threads=threads, rounds=rounds,
-                                   iterations=iterations, warmup=warmup, quantize=quantize, calib=calib, eval_data=eval_data,
+                                   iterations=iterations, warmup=warmup, samples=num_samples, samples_path=samples, quantize=quantize, calib=calib, eval_data=eval_data,
                                    max_accuracy_drop=max_accuracy_drop,
                                    command=" ".join(["edgesmith", "bench", *map(shlex.quote, sys.argv[2:])]))
     err = Console(stderr=True)
