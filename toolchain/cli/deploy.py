@@ -12,10 +12,10 @@ import typer
 BROKER_HELP = "The broker's directory (`edgesmith broker up --dir`); desired states are published with its monitor login."
 DB_HELP = "Database URL of the monitor's store, where deployments are recorded (default: the monitor's default)."
 STORE_HELP = "Artifact store directory: archives served to devices (default $EDGESMITH_HOME/deploy/artifacts)."
-SERVE_HELP = ("Serve the artifact store over HTTP from this command, on HOST:PORT, while it runs "
-              "(ignored with --base-url).")
-BASE_URL_HELP = ("The URL devices download archives from (<URL>/artifacts/<sha256>.tar). Given: an already running "
-                 "server (`edgesmith fleet serve-artifacts` on the same --store) is used. Default: http://<--serve>.")
+SERVE_HELP = "Serve the artifact store over HTTP from this command, on HOST:PORT, while it runs."
+BASE_URL_HELP = ("The URL devices download archives from (<URL>/artifacts/<sha256>.tar); default http://<--serve>. "
+                 "Needed when --serve listens on 0.0.0.0 or with --no-serve.")
+NO_SERVE_HELP = "Serve nothing here: devices download from --base-url (`edgesmith fleet serve-artifacts` on the same --store)."
 KEY_HELP = "Deploy key (.key) signing the desired states (default $EDGESMITH_HOME/keys/deploy/default.key)."
 TIMEOUT_HELP = "Seconds a wave waits for its devices' results; a device silent that long counts as failed."
 
@@ -31,16 +31,25 @@ def _say(line: str) -> None:
 
 
 @contextlib.contextmanager
-def _serving(store_dir: Path, serve: str, base_url: str | None) -> Iterator[str]:
-    if base_url:
+def _serving(store_dir: Path, serve: str, base_url: str | None, no_serve: bool) -> Iterator[str]:
+    """The base URL devices download from; the store served from this process unless --no-serve."""
+    from edgesmith.toolchain.errors import UserError
+
+    if no_serve:
+        if not base_url:
+            raise UserError("--no-serve needs --base-url: the URL of the server devices download the archives from "
+                            "(`edgesmith fleet serve-artifacts` on the same --store)")
         yield base_url.rstrip("/")
         return
     from edgesmith.toolchain.deploy.server import ArtifactServer
     from edgesmith.toolchain.fleet.monitor import parse_http
 
     host, port = parse_http(serve)
+    if host in ("0.0.0.0", "::") and not base_url:
+        raise UserError(f"--serve {serve} listens on every address, so it names none devices can download from; "
+                        f"also pass --base-url http://<an address devices reach>:{port or '<port>'}")
     with ArtifactServer(store_dir, host, port) as server:
-        yield server.url
+        yield (base_url or server.url).rstrip("/")
 
 
 def _config(fleet: str, broker: Path, waves: str, abort_on_failure: str, wave_timeout: float, key: Path | None,
@@ -76,6 +85,7 @@ def deploy(
     store: Path = typer.Option(None, "--store", envvar="EDGESMITH_ARTIFACT_STORE", help=STORE_HELP),
     serve: str = typer.Option("127.0.0.1:8470", "--serve", envvar="EDGESMITH_ARTIFACT_HTTP", help=SERVE_HELP),
     base_url: str = typer.Option(None, "--base-url", envvar="EDGESMITH_ARTIFACT_URL", help=BASE_URL_HELP),
+    no_serve: bool = typer.Option(False, "--no-serve", help=NO_SERVE_HELP),
 ) -> None:
     """Roll an artifact out in waves: signed desired states, each wave waits for its devices' reports;
     past --abort-on-failure the rollout aborts and rolls back (exit status 1)."""
@@ -94,7 +104,7 @@ def deploy(
     for directory in previous or []:
         archive_mod.archive(directory, store_dir)
     fleet_store = Store.open(db or default_url())
-    with _serving(store_dir, serve, base_url) as url:
+    with _serving(store_dir, serve, base_url, no_serve) as url:
         config.base_url = url
         result = run_deploy(info, config, fleet_store, _say)
     if info.model_uri and result.targeted:
@@ -134,6 +144,7 @@ def rollback(
     store: Path = typer.Option(None, "--store", envvar="EDGESMITH_ARTIFACT_STORE", help=STORE_HELP),
     serve: str = typer.Option("127.0.0.1:8470", "--serve", envvar="EDGESMITH_ARTIFACT_HTTP", help=SERVE_HELP),
     base_url: str = typer.Option(None, "--base-url", envvar="EDGESMITH_ARTIFACT_URL", help=BASE_URL_HELP),
+    no_serve: bool = typer.Option(False, "--no-serve", help=NO_SERVE_HELP),
 ) -> None:
     """Put a deployment's devices back on the artifact each served before it: a signed `rollback`
     desired state per device (exit status 1 if any device does not confirm it)."""
@@ -144,7 +155,7 @@ def rollback(
     store_dir = store or archive_mod.default_store_dir()
     config = _config(fleet, broker, "100%", "0%", timeout, key, store_dir, "", devices)
     fleet_store = Store.open(db or default_url(), create=False)
-    with _serving(store_dir, serve, base_url) as url:
+    with _serving(store_dir, serve, base_url, no_serve) as url:
         config.base_url = url
         rollback_id, failed = run_rollback(config, fleet_store, _say, deployment)
     if failed:
