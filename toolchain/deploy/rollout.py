@@ -292,28 +292,12 @@ def deploy(archive: ArchiveInfo, config: RolloutConfig, store: Store, say: Say) 
         targeted: list[str] = []
         try:
             _run_waves(watch, store, config, archive, deployment_id, waves, previous, outcome, targeted, result, say)
+            _conclude(watch, store, config, deployment_id, previous, outcome, targeted, result, say)
         except KeyboardInterrupt:
             history.finish(store, deployment_id, "interrupted", f"stopped by the user after {len(targeted)} of "
                            f"{len(targets)} devices were sent it; their desired states stay published "
                            f"(`edgesmith rollback --fleet {config.fleet}` undoes them)")
             raise
-        result.targeted = len(targeted)
-        result.applied = sum(1 for d in targeted if outcome[d].result == "applied")
-        result.failed = len(targeted) - result.applied
-        if result.status == "aborted":
-            # Devices that applied it go back; so do silent ones, which may still apply it late
-            # (a newer desired state supersedes the deployment's).
-            back = [d for d in targeted if outcome[d].result in ("applied", "timeout")]
-            rollback = _roll_back(watch, store, config, deployment_id, {d: previous[d] for d in back}, say)
-            if rollback is not None:
-                result.rollback_id, result.rollback_failed = rollback
-            result.status = "rolled-back" if rollback is not None and rollback[1] == 0 else "aborted"
-            history.finish(store, deployment_id, result.status,
-                           f"{result.failed} of {result.targeted} targeted devices failed; rolled back "
-                           f"by {result.rollback_id or 'nothing'}")
-        else:
-            history.finish(store, deployment_id, "completed",
-                           f"{result.applied} of {result.targeted} devices applied it")
         return result
     finally:
         watch.stop()
@@ -348,6 +332,27 @@ def _run_waves(watch: FleetWatch, store: Store, config: RolloutConfig, archive: 
             say(f"ABORT: {share_failed:.0%} failed > {config.abort_on_failure:.0%}; rolling back")
             result.status = "aborted"
             return
+
+
+def _conclude(watch: FleetWatch, store: Store, config: RolloutConfig, deployment_id: str,
+              previous: dict[str, tuple[str | None, str | None]], outcome: dict[str, Report], targeted: list[str],
+              result: RolloutResult, say: Say) -> None:
+    """Count the results; after an abort, roll back. Records the deployment's final status."""
+    result.targeted = len(targeted)
+    result.applied = sum(1 for d in targeted if outcome[d].result == "applied")
+    result.failed = len(targeted) - result.applied
+    if result.status != "aborted":
+        history.finish(store, deployment_id, "completed", f"{result.applied} of {result.targeted} devices applied it")
+        return
+    # Devices that applied it go back; so do silent ones, which may still apply it late (a newer
+    # desired state supersedes the deployment's).
+    back = [d for d in targeted if outcome[d].result in ("applied", "timeout")]
+    rollback = _roll_back(watch, store, config, deployment_id, {d: previous[d] for d in back}, say)
+    if rollback is not None:
+        result.rollback_id, result.rollback_failed = rollback
+    result.status = "rolled-back" if rollback is not None and rollback[1] == 0 else "aborted"
+    history.finish(store, deployment_id, result.status, f"{result.failed} of {result.targeted} targeted devices "
+                   f"failed; rolled back by {result.rollback_id or 'nothing'}")
 
 
 def _ms() -> int:
