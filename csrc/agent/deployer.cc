@@ -331,7 +331,11 @@ void Deployer::apply(const DesiredState& desired, bool resumed) {
       }
       phase_set("self-test");
       const SelfTestResult test = session->session_self_test();
-      if (!test.passed) throw Error(ERROR_CODE_INTEGRITY, "slot " + target + "'s artifact failed its golden self-test");
+      if (!test.passed) {
+        slot.status = "bad";  // never picked at boot again
+        state_save();
+        throw Error(ERROR_CODE_INTEGRITY, "slot " + target + "'s artifact failed its golden self-test");
+      }
       check_cancelled();
       phase_set("switch");
       switch_to(target, desired, std::move(session));

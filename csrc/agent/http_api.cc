@@ -50,9 +50,9 @@ nlohmann::json stats_json(const StatsSnapshot& s) {
           {"outputs", outputs}};
 }
 
-HttpApi::HttpApi(std::function<std::shared_ptr<Session>()> session_getter, std::string device, std::function<void(const std::string&)> on_run_error,
-                 std::function<nlohmann::json()> status)
-    : session_(session),
+HttpApi::HttpApi(std::function<std::shared_ptr<Session>()> session_getter, std::string device,
+                 std::function<void(const std::string&)> on_run_error, std::function<nlohmann::json()> status)
+    : session_(std::move(session_getter)),
       device_(std::move(device)),
       on_run_error_(std::move(on_run_error)),
       status_(std::move(status)),
