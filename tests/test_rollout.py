@@ -185,9 +185,9 @@ def _agent_deploys() -> bool:
 @pytest.mark.timeout(300)
 @pytest.mark.skipif(not _agent_deploys(), reason="this edgesmith-agent has no deployment support (--trust-dir) yet")
 def test_real_agents_abort_and_roll_back(tmp_path, broker_dir, store_url, start_monitor,  # noqa: F811
-                                         digits_host_openvino, digits_artifacts, _isolated_home):
-    """Three C++ agents on the factory artifact (the digits CNN, OpenVINO); the rollout of another build
-    of it (the shared digits build's OpenVINO artifact: another manifest) reaches cam-01 and cam-02 in wave 1; cam-02 was provisioned without the deploy key, refuses, and the rollout
+                                         digits_host_openvino, session_home, _isolated_home):
+    """Three C++ agents on the factory artifact (the digits CNN, OpenVINO); the rollout of a new build
+    of it (another manifest, same key) reaches cam-01 and cam-02 in wave 1; cam-02 was provisioned without the deploy key, refuses, and the rollout
     aborts: cam-01 is rolled back to the factory artifact, cam-03 is never touched."""
     import shutil
 
@@ -198,7 +198,11 @@ def test_real_agents_abort_and_roll_back(tmp_path, broker_dir, store_url, start_
     shutil.copy(digits_host_openvino["pub"], _isolated_home / "keys" / "build.pub")
     deploy_pub = generate_deploy_key().with_suffix(".pub")
     factory = digits_host_openvino["path"]
-    new = Path(digits_artifacts["artifacts"][("x86_64-avx2", "openvino")]["path"])
+    from conftest import DIGITS, build_json
+
+    (built,) = build_json(DIGITS, "--input-shape", "1,1,8,8", "-t", "x86_64-avx2", "--backend", "openvino", "-o",
+                          str(tmp_path / "dist"), env={"EDGESMITH_HOME": str(session_home)})["artifacts"]
+    new = Path(built["path"])
     monitor = start_monitor()
     agents = []
     try:
@@ -210,8 +214,9 @@ def test_real_agents_abort_and_roll_back(tmp_path, broker_dir, store_url, start_
             shutil.copy(digits_host_openvino["pub"], trust / "build" / "build.pub")
             if device != "cam-02":  # cam-02 trusts no deploy key: it must refuse every desired state
                 shutil.copy(deploy_pub, trust / "deploy" / "deploy.pub")
+            (tmp_path / "agents").mkdir(exist_ok=True)
             agent = Agent(digits_host_openvino, credentials, tmp_path / "agents" / device, "--trust-dir", str(trust),
-                          "--interval-s", "1")
+                          "--interval", "1")
             agents.append(agent)
             agent.ready()
         wait_until(lambda: len(monitor.api()["devices"]) == 3, 60, "the monitor to learn the three agents")
