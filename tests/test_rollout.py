@@ -6,7 +6,9 @@ reports) — until the C++ agent's deployment support is wired into these tests.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -81,7 +83,7 @@ def test_staged_rollout_then_explicit_rollback(fleet, store_url, start_monitor):
     versions = {d: r["deploy"]["desired_version"] for d, r in status.items()}
     # Waves: 1 device (20%), then 2 (60%), then 2 (100%).
     table = run_cli("fleet", "status", "--db", store_url).stdout
-    assert "artifacts served: tiny-v2-x86_64-avx2-openvino: 5" in table, table
+    assert re.search(r"artifacts served: tiny-v2-x86_64-avx2-openvino \([0-9a-f]{8}\): 5\n", table), table
     assert "wave 1 20%: 1/1 applied; wave 2 60%: 2/2 applied; wave 3 100%: 2/2 applied" in table, table
 
     # Explicit rollback: signed, to the artifact each device served before (downloaded: v1 was the factory's).
@@ -131,7 +133,7 @@ def test_failing_device_aborts_and_rolls_back(fleet, store_url, start_monitor): 
     for untouched in ("cam-04", "cam-05"):  # their state (sent on connect) names no deployment
         assert status[untouched]["deploy"]["deployment_id"] is None and status[untouched]["deploy"]["slot"] is None
     table = run_cli("fleet", "status", "--db", store_url).stdout
-    assert "artifacts served: tiny-v1-x86_64-avx2-openvino: 5" in table, table
+    assert re.search(r"artifacts served: tiny-v1-x86_64-avx2-openvino \([0-9a-f]{8}\): 5\n", table), table
     assert "rolled-back" in table and "rollback of dep-" in table, table
     history = json.loads(run_cli("fleet", "deployments", "--db", store_url, "--json").stdout)
     rollback, deployment = history
@@ -226,12 +228,14 @@ def test_real_agents_abort_and_roll_back(tmp_path, broker_dir, store_url, start_
         out = result.stdout
         assert result.returncode == 1, out + result.stderr
         assert "cam-02: refused" in out and "ABORT" in out and "cam-03" not in out, out
+        factory_sha = hashlib.sha256((factory / "manifest.json").read_bytes()).hexdigest()
         factory_name = json.loads((factory / "manifest.json").read_text())["name"]
-        status = _status_when(store_url, lambda s: s["cam-01"]["artifact"] == factory_name
+        status = _status_when(store_url, lambda s: s["cam-01"]["manifest_sha256"] == factory_sha
                               and s["cam-01"]["deploy"].get("action") == "rollback"
                               and s["cam-01"]["deploy"].get("result") == "applied", "cam-01 back on the factory artifact")
         assert status["cam-02"]["deploy"]["result"] == "refused"
-        assert status["cam-03"]["deploy"].get("deployment_id") is None and status["cam-03"]["artifact"] == factory_name
+        assert status["cam-03"]["deploy"].get("deployment_id") is None and status["cam-03"]["manifest_sha256"] == factory_sha
+        assert status["cam-01"]["artifact"] == factory_name
         table = run_cli("fleet", "status", "--db", store_url).stdout
         assert "rolled-back" in table, table
     finally:

@@ -40,10 +40,12 @@ def fleet_overview(store: Store, fleet: str | None, default_interval_s: float,
         r["deploy"] = deploy_info(deploy.pop((r["fleet"], r["device"]), None))
     for (fleet_name, device), entry in sorted(deploy.items()):  # targeted, but the monitor never heard from it
         rows.append({"device": device, "fleet": fleet_name, "online": False, "silent": True, "session_open": False,
-                     "artifact": None, "model": None, "version": None, "target": None, "backend": None, "bd_seq": None,
+                     "artifact": None, "manifest_sha256": None, "model": None, "version": None, "target": None, "backend": None, "bd_seq": None,
                      "latency": {"p50_us": None, "p95_us": None, "p99_us": None, "window_end_ms": None},
                      "runs": 0, "errors": 0, "messages": 0, "duplicates": 0, "gaps": 0, "last_seen_ms": None,
                      "deploy": deploy_info(entry)})
-    versions = Counter(r["artifact"] or "unknown" for r in rows)
+    # Builds of one model for one target share a name: the manifest digest tells them apart.
+    versions = Counter(f"{r['artifact']} ({r['manifest_sha256'][:8]})" if r["artifact"] and r["manifest_sha256"]
+                       else r["artifact"] or "unknown" for r in rows)
     listed = history.deployments_list(store, fleet, deployments) if deployments and history.has_tables(store) else []
     return {"devices": rows, "versions": dict(versions.most_common()), "deployments": listed}

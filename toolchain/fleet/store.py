@@ -793,7 +793,7 @@ def fleet_status(store: Store, default_interval_s: float, at_ms: int | None = No
         silent = is_silent(d["last_seen_ms"], d["interval_s"], at_ms, default_interval_s)
         rows.append({
             "device": d["device"], "fleet": d["fleet"], "online": bool(d["session_open"]) and not silent,
-            "silent": silent, "session_open": bool(d["session_open"]), "artifact": d["artifact"], "model": d["model"], "version": d["model_version"],
+            "silent": silent, "session_open": bool(d["session_open"]), "artifact": d["artifact"], "manifest_sha256": d["manifest_sha256"], "model": d["model"], "version": d["model_version"],
             "target": d["target"], "backend": d["backend"], "bd_seq": d["bd_seq"],
             "latency": {"p50_us": d["p50_us"], "p95_us": d["p95_us"], "p99_us": d["p99_us"],
                         "window_end_ms": d["last_window_end_ms"]},
