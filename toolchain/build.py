@@ -350,7 +350,7 @@ def finish(source: ModelSource, staged: StagedArtifact, key: SigningKey, latency
     built = BuiltArtifact(target=staged.target.name, backend=staged.backend, path=staged.final, manifest=manifest,
                           size_bytes=size, duration_s=staged.duration_s, stages=staged.stages)
     if source.registry is not None:
-        _log_build(source, built, key, staged.device_runtime, status)
+        _log_build(source, built, status)
     return built
 
 
@@ -616,14 +616,14 @@ def _lineage(source: ModelSource) -> dict:
     return {"model_uri": version.uri, "run_id": version.run_id, "dataset_digest": version.dataset_digest}
 
 
-def _log_build(source: ModelSource, built: BuiltArtifact, key: SigningKey, device_runtime: bool, status) -> None:
+def _log_build(source: ModelSource, built: BuiltArtifact, status) -> None:
     """Record the published artifact in MLflow, linked to its model version. The artifact is already
     complete and signed, so a tracking failure is reported, not turned into a build failure."""
     from edgesmith.toolchain.registry import log_build
 
     status(f"{built.manifest.name}: logging the build to MLflow")
     try:
-        run_id = log_build(source.registry, built, key.public_key, device_runtime)
+        run_id = log_build(source.registry, built)
         if built.manifest.quantization is not None:
             _log_quantization(source.registry.tracking_uri, run_id, built.manifest.quantization)
     except Exception as e:

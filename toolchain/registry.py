@@ -151,19 +151,7 @@ def samples_origin(version: RegistryVersion) -> str:
     return f"registry:{version.run_id}/{tracking.TEST_SPLIT}"
 
 
-def _latency_p50_us(artifact: Path, public_key: bytes, threads: int | None, runs: int = 50) -> float | None:
-    """p50 of the device runtime's own latency histogram over the golden inputs."""
-    from edgesmith.runtime import Session
-
-    manifest = json.loads((artifact / "manifest.json").read_text())
-    inputs = [[np.load(artifact / p) for p in sample["inputs"]] for sample in manifest["golden"]["samples"]]
-    session = Session(artifact, threads=threads, trusted_keys=[public_key])
-    for k in range(runs):
-        session.run(inputs[k % len(inputs)])
-    return float(session.stats()["latency"]["p50_us"])
-
-
-def log_build(version: RegistryVersion, built, public_key: bytes, device_runtime: bool) -> str:
+def log_build(version: RegistryVersion, built) -> str:
     """One MLflow run per artifact, in the training run's experiment, tagged with the model version."""
     import mlflow
 
@@ -171,9 +159,7 @@ def log_build(version: RegistryVersion, built, public_key: bytes, device_runtime
     experiment = client.get_run(version.run_id).info.experiment_id if version.run_id else \
         tracking.experiment_id(client, "edgesmith", version.tracking_uri)
     m = built.manifest
-    latency = None
-    if device_runtime and m.validation.executed is not None and m.validation.executed.how == "native":
-        latency = _latency_p50_us(built.path, public_key, m.target.threads)
+    latency = m.build.latency_us  # measured by the build through the device runtime, where it runs here
     # a tracking server's client prints the run's URL on stdout, which `build --json` keeps for JSON
     with contextlib.redirect_stdout(sys.stderr), \
             mlflow.start_run(experiment_id=experiment, run_name=f"build-{m.name}") as run, tracking.ending_status():
@@ -190,6 +176,11 @@ def log_build(version: RegistryVersion, built, public_key: bytes, device_runtime
                 metrics[f"validation_{key}"] = getattr(m.validation, key)
         if latency is not None:
             metrics["latency_p50_us"] = latency
+        if m.selection is not None:  # auto / all: every candidate's figure, and why this one
+            for candidate in m.selection.candidates:
+                if candidate.latency_us_p50 is not None:
+                    metrics[f"candidate_{candidate.backend}_latency_p50_us"] = candidate.latency_us_p50
+            mlflow.set_tag("edgesmith.selection", m.selection.reason)
         mlflow.log_metrics(metrics)
         mlflow.log_dict({f.path: f.sha256 for f in m.files}, "artifact/files_sha256.json")
         mlflow.log_artifact(str(built.path / "manifest.json"), artifact_path="artifact")
