@@ -62,9 +62,9 @@ def extract_tasks(prepared, tvm_target):
 
 
 def task_hashes(tasks) -> list[str]:
-    import tvm
+    import tvm_ffi
 
-    return sorted(f"{tvm.ir.structural_hash(t.dispatched[0]) & (2**64 - 1):016x}" for t in tasks)
+    return sorted(f"{tvm_ffi.structural_hash(t.dispatched[0]) & (2**64 - 1):016x}" for t in tasks)
 
 
 def workload_key(tasks) -> str:
@@ -150,6 +150,7 @@ def apply_database(prepared, tvm_target, db_path: Path, prepack: bool = False) -
     if matched == 0:
         return Applied(prepared, info, f"tuning database {db_path} matched none of the model's {len(tasks)} workloads; "
                                        "building untuned (run `edgesmith tune` for this model and target)")
+    import_cpu_tensor_intrinsics()  # replaying a tensorize step looks its intrinsic up
     passes = [transform.MetaScheduleApplyDatabase(str(db_path))]
     if prepack:
         passes += [transform.SplitLayoutRewritePreproc(), transform.LiftTransformParams(), transform.FoldConstant()]
@@ -180,31 +181,54 @@ def _quiet_tvm_logs():
 
 
 def _build_and_export(mod, target, params) -> str:
-    """Runs in a builder worker: MetaSchedule's default build, linked into a .so right there."""
-    from tvm.s_tir.meta_schedule.builder.local_builder import default_build
+    """Runs in a builder worker: MetaSchedule's default build, without importing
+    ``tvm.s_tir.tensor_intrin`` (the candidate is scheduled already: tensorized blocks carry their
+    implementation, so the intrinsics registry is not consulted), linked into a .so right there."""
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
-    rt_mod = default_build(mod, target, params)
+    rt_mod = tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
     path = os.path.join(tempfile.mkdtemp(prefix="edgesmith-ms-"), "candidate.so")
     rt_mod.export_library(path)
     return path
 
 
 def _worker_build(mod, target, params):
-    from tvm.s_tir.meta_schedule.builder.local_builder import _deserialize_params
-
-    return _build_and_export(mod, target, _deserialize_params(params))
+    return _build_and_export(mod, target, None)
 
 
 def _warm_worker() -> None:
-    import tvm.s_tir.tensor_intrin  # noqa: F401  (the first build's import, paid once per worker)
-    from tvm.s_tir.meta_schedule.builder import local_builder  # noqa: F401
+    from tvm.driver import build  # noqa: F401
+    from tvm.s_tir import transform  # noqa: F401
+
+
+def import_cpu_tensor_intrinsics() -> None:
+    """Register the CPU tensor intrinsics (x86, Arm) MetaSchedule's schedule rules look up, without
+    the GPU ones. ``import tvm.s_tir.tensor_intrin`` (done by every ``TuneContext`` and by the stock
+    builder in each new worker) builds the CUDA/ROCm/Hexagon intrinsics first: 320 s of the 323 s it
+    took here on a loaded 2-core machine (``python -X importtime``), never used for an llvm target."""
+    import importlib
+    import importlib.util
+    import sys
+
+    name = "tvm.s_tir.tensor_intrin"
+    if name in sys.modules:
+        return
+    spec = importlib.util.find_spec(name)
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[name] = package  # the package without its __init__ (which imports .cuda first)
+    try:
+        for sub in ("x86", "arm_cpu"):
+            setattr(package, sub, importlib.import_module(f"{name}.{sub}"))
+    except Exception:
+        del sys.modules[name]
+        raise
 
 
 def persistent_builder(workers: int, timeout_sec: float = 600.0):
     """A MetaSchedule builder whose worker processes live for the whole tuning run."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
-    from tvm.s_tir.meta_schedule.builder.local_builder import _serialize_params
     from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
 
     @derived_object
@@ -217,7 +241,7 @@ def persistent_builder(workers: int, timeout_sec: float = 600.0):
 
         def build(self, build_inputs):
             results = []
-            jobs = [(b.mod, b.target, _serialize_params(b.params)) for b in build_inputs]
+            jobs = [(b.mod, b.target, None) for b in build_inputs]  # tuning builds take no params
             for r in self.pool.map_with_error_catching(lambda job: _worker_build(*job), jobs):
                 if r.status == StatusKind.COMPLETE:
                     results.append(BuilderResult(r.value, None))
@@ -301,9 +325,9 @@ def _with_timeout(fn: Callable, timeout_sec: float):
 def rpc_runner(host: str, port: int, key: str, timeout_sec: float = 60.0):
     from tvm.s_tir import meta_schedule as ms
 
-    config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key, session_timeout_sec=timeout_sec)
+    config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key, session_timeout_sec=int(timeout_sec))
     return ms.runner.RPCRunner(rpc_config=config, evaluator_config=ms.runner.EvaluatorConfig(
-        number=3, repeat=1, min_repeat_ms=20, enable_cpu_cache_flush=False), max_workers=1, timeout_sec=timeout_sec)
+        number=3, repeat=1, min_repeat_ms=20, enable_cpu_cache_flush=False), max_workers=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,6 +402,7 @@ def tune_module(mod, tvm_target, db_dir: Path, trials: int, *, builder=None, run
     measured record is committed to the JSON database as its batch finishes."""
     from tvm.s_tir import meta_schedule as ms
 
+    import_cpu_tensor_intrinsics()
     prepared = prepare(mod, tvm_target, prepack)
     tasks = extract_tasks(prepared, tvm_target)
     if not tasks:
@@ -520,7 +545,7 @@ def run_tune(request: TuneRequest, on_update: Callable[[Progress], None] = lambd
         measured_on = f"rpc:{rpc[2]}"
     else:
         execution = tvm_backend.executes_here(target)
-        if not execution.ok:
+        if not execution.possible:
             raise UserError(f"cannot measure {target.name} kernels on this machine ({execution.reason}); tune on the device "
                             "through an RPC tracker: --rpc-tracker HOST:PORT --rpc-key KEY")
         measured_on = target.name
