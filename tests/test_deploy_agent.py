@@ -157,7 +157,8 @@ class Central:
 
 
 def _health(info: dict) -> dict:
-    with urllib.request.urlopen(f"{info['url']}/v1/health", timeout=10) as response:
+    """What the agent serves right now (GET /v1/model)."""
+    with urllib.request.urlopen(f"{info['url']}/v1/model", timeout=10) as response:
         return json.loads(response.read())
 
 
@@ -452,14 +453,17 @@ class SlowServer:
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 sent = 0
-                for i in range(0, len(body), outer.chunk):
-                    if outer.cut_after is not None and start + sent >= outer.cut_after:
-                        self.close_connection = True
-                        self.connection.shutdown(2)
-                        return
-                    self.wfile.write(body[i:i + outer.chunk])
-                    sent += len(body[i:i + outer.chunk])
-                    time.sleep(outer.delay_s)
+                try:
+                    for i in range(0, len(body), outer.chunk):
+                        if outer.cut_after is not None and start + sent >= outer.cut_after:
+                            self.close_connection = True
+                            self.connection.shutdown(2)
+                            return
+                        self.wfile.write(body[i:i + outer.chunk])
+                        sent += len(body[i:i + outer.chunk])
+                        time.sleep(outer.delay_s)
+                except OSError:  # the agent went away (SIGKILL) or the test cut the transfer
+                    self.close_connection = True
 
         self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
@@ -513,12 +517,13 @@ def test_sigkill_at_20_random_points_of_deployments(world, tmp_path):
     servers = {}
     for artifact in cycle:
         data = _tar_files(_files(artifact))
-        servers[_manifest_sha(artifact)] = (SlowServer(data, chunk=8192, delay_s=0.01),
+        servers[_manifest_sha(artifact)] = (SlowServer(data, chunk=4096, delay_s=0.02),
                                             hashlib.sha256(data).hexdigest(), len(data))
     known = {_manifest_sha(x): x for x in cycle}
     rng = random.Random(20261129)
     data_dir = tmp_path / "data"
     outcomes: list[str] = []
+    killed_at: list[str] = []
     agent, info = _start(world, "dep-kill", data_dir)
     try:
         for i in range(20):
@@ -533,24 +538,49 @@ def test_sigkill_at_20_random_points_of_deployments(world, tmp_path):
             url = f"http://127.0.0.1:{server.port}/artifacts/{sha}.tar"
             envelope, dep = central.envelope("dep-kill", i + 1, url, sha, size, _manifest_sha(target))
             central.publish("dep-kill", envelope)
-            time.sleep(rng.uniform(0.0, 1.5))
+            part = data_dir / "deploy" / "staging" / f"{sha}.tar.part"
+            if i % 2 == 0:  # mid-download: after a random share of the archive
+                share = rng.uniform(0.05, 0.95)
+                wait_for(lambda: part.is_file() and part.stat().st_size >= share * size, 30, "part of the download")
+            else:  # after the download: verification, self-test, switch or just after
+                wait_for(lambda: _deployment(data_dir, dep).get("phase") not in (None, "download")
+                         or _deployment(data_dir, dep).get("result") not in (None, "in-progress"), 30,
+                         "the end of the download", interval=0.002)
+                time.sleep(rng.uniform(0.0, 0.5))
             agent.kill()
-            agent, info = _start(world, "dep-kill", data_dir)
-            health = _health(info)
-            assert health["manifest_sha256"] in known, health
-            result = central.result("dep-kill", dep, timeout=60)
-            assert result["event"] in ("deploy.applied", "deploy.failed"), result
-            health = _health(info)
-            if result["event"] == "deploy.applied":
-                assert health["manifest_sha256"] == _manifest_sha(target), (result, health)
-            _infer_golden(info, known[health["manifest_sha256"]])
+            at_kill = _deployment(data_dir, dep)
+            killed_at.append(f"{at_kill.get('result')}/{at_kill.get('phase') or '-'}")
+            try:
+                agent, info = _start(world, "dep-kill", data_dir)
+                health = _health(info)
+                assert health["manifest_sha256"] in known, health
+                result = central.result("dep-kill", dep, timeout=60)
+                assert result["event"] in ("deploy.applied", "deploy.failed"), result
+                health = _health(info)
+                if result["event"] == "deploy.applied":
+                    assert health["manifest_sha256"] == _manifest_sha(target), (result, health)
+                _infer_golden(info, known[health["manifest_sha256"]])
+            except AssertionError as e:
+                raise AssertionError(f"kill {i + 1} (state.json then: {killed_at[-1]}): {e}\n"
+                                     f"agent log:\n{agent.log()[-3000:]}") from None
             outcomes.append(result["event"] + ("" if result["event"] == "deploy.applied" else f" ({result['message']})"))
     finally:
         agent.stop()
         for server, _, _ in servers.values():
             server.stop()
     assert len(outcomes) == 20
-    print(f"\nkills survived: {len(outcomes)}; outcomes: {outcomes}")
+    assert sum(k == "in-progress/download" for k in killed_at) >= 10, killed_at  # every even kill is mid-download
+    print(f"\nkills survived: {len(outcomes)}; state.json at the kills: {killed_at}; outcomes: {outcomes}")
+
+
+def _deployment(data_dir: Path, deployment_id: str) -> dict:
+    """state.json's record of this deployment ({} before it is recorded)."""
+    try:
+        state = json.loads((data_dir / "deploy" / "state.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    record = state.get("deployment") or {}
+    return record if record.get("deployment_id") == deployment_id else {}
 
 
 _CREDENTIALS: dict[str, Path] = {}

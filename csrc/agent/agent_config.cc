@@ -49,7 +49,7 @@ const char* const AGENT_USAGE =
     "  --deploy-timeout SECONDS  give up a deployment's download after this long (default 600)\n"
     "\n"
     "HTTP: POST /v1/infer (the inputs as concatenated .npy -> the outputs as concatenated .npy),\n"
-    "GET /v1/health, GET /v1/stats. SIGTERM or SIGINT: last window, flush, death, disconnect.\n";
+    "GET /v1/health, GET /v1/model, GET /v1/stats. SIGTERM or SIGINT: last window, flush, death, disconnect.\n";
 
 namespace {
 

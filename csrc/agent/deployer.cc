@@ -102,9 +102,6 @@ std::shared_ptr<Session> Deployer::deployer_boot() {
 void Deployer::deployer_start(SessionReporter* reporter, std::function<void(std::shared_ptr<Session>)> swap) {
   reporter_ = reporter;
   swap_ = std::move(swap);
-  // What the device runs, as it starts.
-  reporter_->reporter_state({{"artifact_sha256", serving_sha256_},
-                             {"details", details(state_.deployment ? &*state_.deployment : nullptr)}});
   thread_ = std::thread([this] { loop(); });
 }
 
@@ -120,6 +117,7 @@ void Deployer::deployer_subscribed() {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (!subscribed_at_) subscribed_at_ = std::chrono::steady_clock::now();
+    state_due_ = true;
   }
   cv_.notify_all();
 }
@@ -142,13 +140,17 @@ void Deployer::loop() {
   while (true) {
     std::string payload;
     bool resume_expired = false;
+    bool state_due = false;
     {
       std::unique_lock<std::mutex> lock(mutex_);
       const auto grace = std::chrono::duration_cast<std::chrono::steady_clock::duration>(
           std::chrono::duration<double>(options_.resume_grace_s));
-      cv_.wait_for(lock, std::chrono::milliseconds(200), [&] { return stopping_ || !queue_.empty(); });
+      cv_.wait_for(lock, std::chrono::milliseconds(200), [&] { return stopping_ || state_due_ || !queue_.empty(); });
       if (stopping_) return;
-      if (!queue_.empty()) {
+      if (state_due_) {
+        state_due = true;
+        state_due_ = false;
+      } else if (!queue_.empty()) {
         payload = std::move(queue_.front());
         queue_.pop_front();
       } else if (resume_pending_ && subscribed_at_ && std::chrono::steady_clock::now() > *subscribed_at_ + grace) {
@@ -158,7 +160,10 @@ void Deployer::loop() {
       }
     }
     try {
-      if (resume_expired) {
+      if (state_due) {  // on connect: what the device runs
+        reporter_->reporter_state({{"artifact_sha256", serving_sha256_},
+                                   {"details", details(state_.deployment ? &*state_.deployment : nullptr)}});
+      } else if (resume_expired) {
         resume_pending_ = false;
         if (state_.deployment && state_.deployment->result == "in-progress") {
           staging_clean("");

@@ -59,7 +59,7 @@ class Deployer {
   /// A message on the desired topic (Paho's thread: only queued).
   void deployer_desired(const std::string& payload);
 
-  /// The desired topic's SUBACK (Paho's thread).
+  /// The desired topic's SUBACK after each connect (Paho's thread): the state is reported again.
   void deployer_subscribed();
 
   /// Stop the worker; a deployment in progress stays in-progress in state.json (resumed at boot).
@@ -94,6 +94,7 @@ class Deployer {
   std::deque<std::string> queue_;
   bool stopping_ = false;
   bool resume_pending_ = false;
+  bool state_due_ = false;  // a SUBACK (a new connection): report the state
   std::optional<std::chrono::steady_clock::time_point> subscribed_at_;
   std::thread thread_;
 };

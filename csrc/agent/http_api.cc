@@ -98,8 +98,14 @@ HttpApi::HttpApi(std::function<std::shared_ptr<Session>()> session_getter, std::
     const std::shared_ptr<Session> session = session_();
     const StatsSnapshot stats = session->session_stats();
     json_reply(response, 200, {{"device", device_}, {"artifact", session->session_manifest().name},
-                               {"manifest_sha256", sha256_string(session->session_manifest_json())},
                                {"runs", stats.runs}, {"errors", stats.errors}});
+  });
+  server_->Get("/v1/model", [this](const httplib::Request&, httplib::Response& response) {
+    const std::shared_ptr<Session> session = session_();
+    json_reply(response, 200, {{"artifact", session->session_manifest().name},
+                               {"manifest_sha256", sha256_string(session->session_manifest_json())},
+                               {"target", session->session_manifest().target_name},
+                               {"backend", session->session_manifest().backend_name}});
   });
   server_->Get("/v1/stats", [this](const httplib::Request&, httplib::Response& response) {
     nlohmann::json body = stats_json(session_()->session_stats());

@@ -1,7 +1,8 @@
 // The agent's local inference API on loopback HTTP (docs/telemetry.md, "The agent"):
 //   POST /v1/infer   the inputs as .npy files concatenated in input order -> the outputs likewise;
 //                    400 {"error"} for inputs that do not match the model
-//   GET  /v1/health  {"device", "artifact", "manifest_sha256", "runs", "errors"}
+//   GET  /v1/health  {"device", "artifact", "runs", "errors"}
+//   GET  /v1/model   {"artifact", "manifest_sha256", "target", "backend"} of the serving model
 //   GET  /v1/stats   the Session's statistics since start, plus the telemetry connection state
 #pragma once
 
