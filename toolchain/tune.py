@@ -151,11 +151,11 @@ def apply_database(prepared, tvm_target, db_path: Path, prepack: bool = False) -
         return Applied(prepared, info, f"tuning database {db_path} matched none of the model's {len(tasks)} workloads; "
                                        "building untuned (run `edgesmith tune` for this model and target)")
     import_cpu_tensor_intrinsics()  # replaying a tensorize step looks its intrinsic up
-    passes = [transform.MetaScheduleApplyDatabase(str(db_path))]
-    if prepack:
-        passes += [transform.SplitLayoutRewritePreproc(), transform.LiftTransformParams(), transform.FoldConstant()]
     try:
         with tvm.target.Target(tvm_target), _quiet_tvm_logs():
+            passes = [transform.MetaScheduleApplyDatabase(str(db_path), enable_warning=False)]  # needs the target context
+            if prepack:
+                passes += [transform.SplitLayoutRewritePreproc(), transform.LiftTransformParams(), transform.FoldConstant()]
             mod = tvm.transform.Sequential(passes)(prepared)
     except Exception as e:
         return Applied(prepared, None, f"tuning database {db_path} does not apply to this model ({first_line(e)}); building untuned")
