@@ -163,6 +163,11 @@ void Deployer::loop() {
       if (state_due) {  // on connect: what the device runs
         reporter_->reporter_state({{"artifact_sha256", serving_sha256_},
                                    {"details", details(state_.deployment ? &*state_.deployment : nullptr)}});
+        if (state_.deployment && !state_.deployment->reported && state_.deployment->result != "in-progress") {
+          report_final();  // finished just before the last stop, never reported
+          state_.deployment->reported = true;
+          state_save();
+        }
       } else if (resume_expired) {
         resume_pending_ = false;
         if (state_.deployment && state_.deployment->result == "in-progress") {
@@ -212,17 +217,26 @@ void Deployer::phase_set(const std::string& phase) {
 
 void Deployer::finish(const std::string& result, const std::string& error) {
   DeploymentRecord& record = *state_.deployment;
-  const std::string phase = record.phase;
   record.result = result;
   record.error = error;
   if (result == "applied") record.phase.clear();
+  // Recorded first, reported second, then marked reported: a crash in between is reported at the
+  // next start (the final event is never lost; at worst it is sent twice).
+  record.reported = false;
   state_save();
-  if (result == "applied") {
+  report_final();
+  record.reported = true;
+  state_save();
+}
+
+void Deployer::report_final() {
+  const DeploymentRecord& record = *state_.deployment;
+  if (record.result == "applied") {
     const bool back = record.action == "rollback";
     report(back ? "deploy.rolled-back" : "deploy.applied",
            (back ? "rolled back to " : "now serving ") + serving_name_ + " from slot " + serving_slot_, record);
   } else {
-    report("deploy.failed", error, record);
+    report("deploy.failed", record.error, record);
   }
 }
 

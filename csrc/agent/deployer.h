@@ -73,6 +73,7 @@ class Deployer {
   void switch_to(const std::string& slot, const DesiredState& desired, std::shared_ptr<Session> session);
   void phase_set(const std::string& phase);
   void finish(const std::string& result, const std::string& error);
+  void report_final();
   void report(const std::string& event, const std::string& message, const DeploymentRecord& record);
   nlohmann::json details(const DeploymentRecord* record) const;
   void state_save();

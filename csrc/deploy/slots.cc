@@ -44,7 +44,8 @@ nlohmann::json deploy_state_to_json(const DeployState& state) {
     doc["deployment"] = {{"deployment_id", d.deployment_id}, {"version", d.version}, {"action", d.action},
                          {"signed_sha256", d.signed_sha256}, {"result", d.result}, {"phase", d.phase},
                          {"error", d.error}, {"slot", d.slot}, {"previous_slot", d.previous_slot},
-                         {"previous_sha256", d.previous_sha256}, {"desired", d.desired}};
+                         {"previous_sha256", d.previous_sha256}, {"desired", d.desired},
+                         {"reported", d.reported}};
   }
   return doc;
 }
@@ -70,6 +71,7 @@ DeployState deploy_state_from_json(const nlohmann::json& doc) {
       r.previous_slot = d.at("previous_slot");
       r.previous_sha256 = d.at("previous_sha256");
       r.desired = d.at("desired");
+      r.reported = d.value("reported", true);
       state.deployment = r;
     }
     return state;

@@ -38,6 +38,7 @@ struct DeploymentRecord {
   std::string previous_slot;         ///< what served before ("" for the factory artifact)
   std::string previous_sha256;       ///< its manifest SHA-256
   nlohmann::json desired = nullptr;  ///< desired_to_json() of the state, to resume it
+  bool reported = true;              ///< its final event is in the telemetry spool (false: report it at boot)
 };
 
 /// The contents of state.json.

@@ -344,6 +344,7 @@ TEST(DeployState, RoundTripsAtomically) {
   record.result = "in-progress";
   record.phase = "download";
   record.desired = {{"x", 1}};
+  record.reported = false;
   state.deployment = record;
   deploy_state_write(path, state);
   EXPECT_FALSE(fs::exists(path + ".tmp"));
@@ -355,6 +356,7 @@ TEST(DeployState, RoundTripsAtomically) {
   ASSERT_TRUE(back.deployment.has_value());
   EXPECT_EQ(back.deployment->phase, "download");
   EXPECT_EQ(back.deployment->desired, nlohmann::json({{"x", 1}}));
+  EXPECT_FALSE(back.deployment->reported);
 
   write_file(path, "{\"highest_version\": 1}");
   EXPECT_THROW(deploy_state_read(path), Error);
