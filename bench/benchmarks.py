@@ -195,7 +195,7 @@ def render(data: dict) -> str:
                           + (" (the round medians put it ahead: not conclusive)" if typical <= 1.0 else
                              f" ({100 * (typical - 1):.0f}% by round medians)"))
         elif typical > 1.0:
-            behind.append(f"{title} {precision}: ahead in the best rounds but {100 * (typical - 1):.0f}% behind "
+            behind.append(f"{title} {precision}: ahead in the best rounds but {100 * (typical - 1):.1f}% behind "
                           f"{sel['fastest']} by round medians (not conclusive)")
         peers = [e for e in result["engines"] if e["role"] == "peer"]
         fastest_all = min(peers, key=lambda e: e["p50_ms"])
