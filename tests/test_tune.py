@@ -21,13 +21,19 @@ from conftest import DIGITS, run_cli
 TRIALS = "12"
 
 
+def _host() -> str:
+    from edgesmith.toolchain.targets import host_target
+
+    return host_target().name
+
+
 def _manifest(build: dict) -> dict:
     (artifact,) = build["artifacts"]
     return json.loads((Path(artifact["path"]) / "manifest.json").read_text())
 
 
-def _build(home: Path, out: Path, *extra: str) -> tuple[dict, str]:
-    result = run_cli("build", DIGITS, "--input-shape", "1,1,8,8", "-t", "host", "-b", "tvm", "-o", str(out), "--json", *extra,
+def _build(home: Path, out: Path, *extra: str, shape: str = "1,1,8,8") -> tuple[dict, str]:
+    result = run_cli("build", DIGITS, "--input-shape", shape, "-t", "host", "-b", "tvm", "-o", str(out), "--json", *extra,
                      env={"EDGESMITH_HOME": str(home)})
     return json.loads(result.stdout), result.stderr
 
@@ -48,35 +54,25 @@ def test_tune_writes_a_database_under_the_home(tuned):
     records = (db / "database_tuning_record.json").read_text().splitlines()
     assert len(records) >= 1 and summary["trials"] >= 1 and summary["tasks"] >= 3
     meta = json.loads((db / "tuning.json").read_text())
-    assert meta["measured_on"] == "host" and meta["trials"] == summary["trials"]
+    assert meta["measured_on"] == _host() and meta["trials"] == summary["trials"]
     assert summary["latency_us"] is None or summary["latency_us"] > 0
 
 
 @pytest.mark.slow
-def test_build_applies_the_cached_database_and_validates(tuned, tmp_path):
+def test_build_applies_the_cached_database_without_tuning_and_validates(tuned, tmp_path):
+    db = Path(tuned["summary"]["database"])
+    before = {f.name: f.stat().st_mtime_ns for f in db.iterdir() if f.is_file()}
     build, stderr = _build(tuned["home"], tmp_path / "dist")
     manifest = _manifest(build)
     tuning = manifest["backend"]["options"]["tuning"]
-    db = Path(tuned["summary"]["database"])
     assert tuning["database"] == str(db)
     assert 0 < tuning["workloads_matched"] <= tuning["workloads_total"]
-    assert tuning["measured_on"] == "host"
+    assert tuning["measured_on"] == _host()
     assert len(tuning["sha256"]) == 64
     assert manifest["validation"]["status"] == "passed", manifest["validation"]
     assert "matched none" not in stderr
-
-
-@pytest.mark.slow
-def test_warm_rebuild_does_no_tuning(tuned, tmp_path):
-    db = Path(tuned["summary"]["database"])
-    before = {f.name: f.stat().st_mtime_ns for f in db.iterdir() if f.is_file()}
-    started = time.monotonic()
-    build, _ = _build(tuned["home"], tmp_path / "dist")
-    assert _manifest(build)["backend"]["options"]["tuning"]["workloads_matched"] > 0
-    after = {f.name: f.stat().st_mtime_ns for f in db.iterdir() if f.is_file()}
-    assert before == after  # nothing measured, nothing appended
-    assert not (tuned["home"] / "tuning" / "logs").exists()
-    assert time.monotonic() - started < 600  # a build, not a tuning run (no exact timing asserted)
+    # a warm cache: the build measured nothing and appended nothing to the database
+    assert {f.name: f.stat().st_mtime_ns for f in db.iterdir() if f.is_file()} == before
 
 
 @pytest.mark.slow
@@ -95,7 +91,7 @@ def test_corrupt_database_warns_and_builds_untuned(tuned, tmp_path):
 @pytest.mark.slow
 def test_database_of_another_model_warns_matched_none(tuned, tmp_path):
     other = tmp_path / "other-home"
-    build, stderr = _build(other, tmp_path / "dist", "--tuning-db", tuned["summary"]["database"], "--input-shape", "1,1,16,16")
+    build, stderr = _build(other, tmp_path / "dist", "--tuning-db", tuned["summary"]["database"], shape="1,1,16,16")
     assert "matched none" in stderr
     tuning = _manifest(build)["backend"]["options"]["tuning"]
     assert tuning["workloads_matched"] == 0 and tuning["workloads_total"] > 0

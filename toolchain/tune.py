@@ -414,9 +414,9 @@ def tune_module(mod, tvm_target, db_dir: Path, trials: int, *, builder=None, run
     if stop is not None:
         callbacks.append(_stop_callback(stop))
     per_iter = max(4, min(64, trials // len(tasks)))
-    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        tasks, work_dir=str(db_dir), num_threads=os.cpu_count(), seed=seed, strategy=search_strategy(fast_search))
     with _quiet_tvm_logs():
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            tasks, work_dir=str(db_dir), num_threads=os.cpu_count(), seed=seed, strategy=search_strategy(fast_search))
         ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(db_dir), max_trials_global=trials,
                            max_trials_per_task=max(per_iter, -(-trials // len(tasks))), num_trials_per_iter=per_iter,
                            builder=builder or persistent_builder(os.cpu_count() or 1), runner=runner or local_runner(),

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 
 import typer
 from rich.console import Console
@@ -58,7 +60,9 @@ def tune(
             if not as_json:
                 err.print(text, highlight=False)
 
-        result = run_tune(request, on_update=on_update, on_status=on_status)
+        # TVM prints to stdout here and there: keep stdout for the JSON with --json
+        with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+            result = run_tune(request, on_update=on_update, on_status=on_status)
     summary = {"database": str(result.database), "trials": result.trials, "failed_trials": result.failed, "tasks": result.tasks,
                "minutes": round(result.minutes, 2), "trials_per_min": round(result.trials_per_min, 1),
                "latency_us": None if result.latency_us is None else round(result.latency_us, 1),
