@@ -234,7 +234,9 @@ void Deployer::report_final() {
   if (record.result == "applied") {
     const bool back = record.action == "rollback";
     report(back ? "deploy.rolled-back" : "deploy.applied",
-           (back ? "rolled back to " : "now serving ") + serving_name_ + " from slot " + serving_slot_, record);
+           (back ? "rolled back to " : "now serving ") + serving_name_ +
+               (serving_slot_.empty() ? std::string(" (the factory artifact)") : " from slot " + serving_slot_),
+           record);
   } else {
     report("deploy.failed", record.error, record);
   }
