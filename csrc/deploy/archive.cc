@@ -189,7 +189,8 @@ void archive_extract(const std::string& tar_path, const std::string& dest_dir, u
     uint64_t left = size;
     while (left > 0) {
       const size_t n = static_cast<size_t>(std::min<uint64_t>(left, buffer.size()));
-      read_exact(in.get(), buffer.data(), n, ("member " + key).c_str()) || (refuse("it ends in the middle of member " + key), false);
+      const std::string what = "member " + key;
+      if (!read_exact(in.get(), buffer.data(), n, what.c_str())) refuse("it ends in the middle of " + what);
       write_all(out.get(), buffer.data(), n, key);
       left -= n;
     }
@@ -199,6 +200,11 @@ void archive_extract(const std::string& tar_path, const std::string& dest_dir, u
     if (::fsync(out.get()) != 0) throw Error(ERROR_CODE_IO, "cannot sync " + key + " (" + std::strerror(errno) + ")");
   }
   if (seen.empty()) refuse("it holds no member");
+  // Durable before the slot is switched to: every created directory's entries, then the root's.
+  for (const std::string& dir : directories) {
+    Fd fd(::openat(root.get(), dir.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+    if (fd.get() >= 0) ::fsync(fd.get());
+  }
   ::fsync(root.get());
 }
 
