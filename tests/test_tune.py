@@ -89,12 +89,18 @@ def test_corrupt_database_warns_and_builds_untuned(tuned, tmp_path):
 
 
 @pytest.mark.slow
-def test_database_of_another_model_warns_matched_none(tuned, tmp_path):
-    other = tmp_path / "other-home"
-    build, stderr = _build(other, tmp_path / "dist", "--tuning-db", tuned["summary"]["database"], shape="1,1,16,16")
+def test_database_without_matching_records_warns_matched_none(tuned, tmp_path):
+    empty = tmp_path / "no-records"
+    empty.mkdir()
+    db = Path(tuned["summary"]["database"])
+    (empty / "database_workload.json").write_bytes((db / "database_workload.json").read_bytes())
+    (empty / "database_tuning_record.json").write_text("")
+    build, stderr = _build(tuned["home"], tmp_path / "dist", "--tuning-db", str(empty))
     assert "matched none" in stderr
-    tuning = _manifest(build)["backend"]["options"]["tuning"]
+    manifest = _manifest(build)
+    tuning = manifest["backend"]["options"]["tuning"]
     assert tuning["workloads_matched"] == 0 and tuning["workloads_total"] > 0
+    assert manifest["validation"]["status"] == "passed"
 
 
 def _free_port() -> int:

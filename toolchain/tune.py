@@ -468,8 +468,9 @@ def _stop_callback(stop: _Stop):
     class StopCallback(PyMeasureCallback):
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
             if stop.due():
-                for i in range(len(task_scheduler.tasks_)):
-                    task_scheduler.terminate_task(i)
+                for i, task in enumerate(task_scheduler.tasks_):
+                    if not task.is_terminated:
+                        task_scheduler.terminate_task(i)
 
     return StopCallback()
 
