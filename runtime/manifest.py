@@ -239,11 +239,17 @@ class BuildInfo(_Model):
         default=None, description="p50 latency of this artifact measured at build time through the edgesmith runtime "
         "(Session, the target's threads); null when the build host cannot run it (docs/selection.md)")
 
+    serving_latency_us: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = Field(
+        default=None, description="p50 latency of single requests arriving 25 ms apart, the engine idle in between, "
+        "measured at build time like latency_us: what an agent serving sporadic requests measures, and so the "
+        "baseline of the fleet monitor's latency alert; null when the build host cannot run it")
+
     @model_serializer(mode="wrap")
     def _keep_absent_latency_absent(self, handler):
         data = handler(self)
-        if "latency_us" not in self.model_fields_set:
-            data.pop("latency_us", None)
+        for name in ("latency_us", "serving_latency_us"):
+            if name not in self.model_fields_set:
+                data.pop(name, None)
         return data
 
 

@@ -59,10 +59,17 @@ nlohmann::json birth_body(const Session& session, double interval_s) {
   std::string model = json_string(doc, "model", "name");
   std::string model_version = json_string(doc, "model", "version");
   const ManifestLatencyBuckets& latency = manifest.monitoring.latency;
+  // The latency alert's baseline: the build's p50 for sporadic requests (what this agent measures
+  // when it serves), else its back-to-back p50 (manifests before serving_latency_us).
   nlohmann::json build_latency = nullptr;
-  if (doc.contains("build") && doc["build"].is_object() && doc["build"].contains("latency_us")) {
-    const nlohmann::json& value = doc["build"]["latency_us"];
-    if (value.is_number() && value.get<double>() >= 0.0) build_latency = value;
+  if (doc.contains("build") && doc["build"].is_object()) {
+    for (const char* key : {"serving_latency_us", "latency_us"}) {
+      const nlohmann::json& build = doc["build"];
+      if (build.contains(key) && build[key].is_number() && build[key].get<double>() > 0.0) {
+        build_latency = build[key];
+        break;
+      }
+    }
   }
   return {
       {"target", manifest.target_name},
@@ -79,7 +86,7 @@ nlohmann::json birth_body(const Session& session, double interval_s) {
        {{"interval_s", interval_s},
         {"latency", {{"start_us", latency.start_us}, {"factor", latency.factor}, {"count", latency.count}}},
         {"outputs", outputs},
-        // What the build measured (manifest build.latency_us), when the manifest records it.
+        // What the build measured (manifest build.serving_latency_us or latency_us), when recorded.
         {"build_latency_us", build_latency}}},
   };
 }
