@@ -40,6 +40,13 @@ free_port() { "$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(
 port=9110
 "$VENV/bin/python" -c 'import socket, sys; socket.create_server(("127.0.0.1", 9110)).close()' 2>/dev/null || port=$(free_port)
 
+# Each device trusts what was provisioned into its trust directory, nothing else: the project's
+# build key (artifact signatures) and a deploy key (desired states), made once under the home.
+[[ -f "$EDGESMITH_HOME/keys/deploy/default.key" ]] || "${edgesmith[@]}" keys generate --deploy
+mkdir -p "$fleet/trust/build" "$fleet/trust/deploy"
+cp "$EDGESMITH_HOME/keys/default.pub" "$fleet/trust/build/"
+cp "$EDGESMITH_HOME/keys/deploy/default.pub" "$fleet/trust/deploy/"
+
 echo
 echo "fleet: broker, monitor and three agents (cam-03 is fed shifted inputs)"
 "${edgesmith[@]}" broker up --dir "$fleet/broker"
@@ -55,7 +62,7 @@ for device in cam-01 cam-02 cam-03; do
   [[ "$device" == cam-03 ]] && shift_args=(--synthetic-shift 4)
   "$VENV/bin/edgesmith-agent" --device "$device" --fleet plant-a --artifact "$artifact" \
     --credentials "$fleet/broker/devices/$device.json" --data-dir "$fleet/$device" --interval 2 \
-    --synthetic-load 40 "${shift_args[@]}" >"$fleet/$device.log" 2>&1 &
+    --trust-dir "$fleet/trust" --synthetic-load 40 "${shift_args[@]}" >"$fleet/$device.log" 2>&1 &
   pids+=($!)
 done
 
@@ -80,6 +87,16 @@ if [[ -z "$fired" ]]; then
 fi
 echo "alerts firing:"
 echo "$fired"
+
+# --- a canary rollout: the INT8 build replaces the FP32 one, cam-01 first -------------------------
+# Signed desired states over MQTT; each agent downloads the archive into its inactive slot,
+# verifies it, self-tests it on its golden samples and switches; a failed canary would abort the
+# rollout and roll it back (docs/deployment.md).
+echo
+echo "canary rollout of the INT8 artifact: wave 1 is cam-01, wave 2 the rest; abort above 34% failed"
+"${edgesmith[@]}" deploy dist/demo/digits-cnn-int8-x86_64-avx2-openvino --fleet plant-a --broker "$fleet/broker" \
+  --db "$db" --waves 33%,100% --abort-on-failure 34% --wave-timeout 120 --previous "$artifact"
+"${edgesmith[@]}" fleet status --db "$db"
 echo "dashboard: http://127.0.0.1:$port/ (also /metrics and /api/fleet); the demo stops its fleet now,"
 echo "           the commands above (scripts/demo.sh) start one that stays up"
 echo
