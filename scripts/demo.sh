@@ -95,7 +95,7 @@ echo "$fired"
 echo
 echo "canary rollout of the INT8 artifact: wave 1 is cam-01, wave 2 the rest; abort above 34% failed"
 "${edgesmith[@]}" deploy dist/demo/digits-cnn-int8-x86_64-avx2-openvino --fleet plant-a --broker "$fleet/broker" \
-  --db "$db" --waves 33%,100% --abort-on-failure 34% --wave-timeout 120 --previous "$artifact"
+  --db "$db" --waves 33%,100% --abort-on-failure 34% --wave-timeout 120 --previous "$artifact" --serve 127.0.0.1:0
 "${edgesmith[@]}" fleet status --db "$db"
 echo "dashboard: http://127.0.0.1:$port/ (also /metrics and /api/fleet); the demo stops its fleet now,"
 echo "           the commands above (scripts/demo.sh) start one that stays up"
