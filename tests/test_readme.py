@@ -92,7 +92,8 @@ def test_every_python_block_in_the_readme_runs(project):
 def test_verify_and_session_never_create_keys(project, tmp_path):
     root, env = project
     keys = sorted(p.name for p in (root / ".edgesmith" / "keys").iterdir())
-    assert keys == ["default.key", "default.pub"]  # made by the demo's build, nothing else
+    assert keys == ["default.key", "default.pub", "deploy"]  # made by the demo's build and its deploy step, nothing else
+    assert sorted(p.name for p in (root / ".edgesmith" / "keys" / "deploy").iterdir()) == ["default.key", "default.pub"]
     # Elsewhere, with an empty home, verify and Session refuse (no trusted key) and create nothing.
     elsewhere = {**env, "EDGESMITH_HOME": str(tmp_path / "empty-home")}
     artifact = str(root / "dist" / "demo" / "digits-cnn-x86_64-avx2-openvino")

@@ -102,14 +102,23 @@ def synthetic_images(count: int, seed: int = 0, size: int = IMAGE_SIZE) -> torch
 @torch.no_grad()
 def calibrate_batchnorm(model: nn.Module, batches: int = 2, batch_size: int = 32, seed: int = 1,
                         size: int = IMAGE_SIZE) -> nn.Module:
-    """Set every BatchNorm's running statistics to their average over seeded synthetic images (size×size)."""
+    """Set every BatchNorm's running statistics to their average over seeded synthetic images (size×size).
+
+    Computed on one thread: with more, PyTorch splits the reductions differently, the statistics
+    differ in their last bits, and the same ``seed`` would give another model (another ONNX hash)
+    in a process that runs with another thread count."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None  # a cumulative average over all batches, not an exponential one
     model.train()
-    for b in range(batches):
-        model(synthetic_images(batch_size, seed=seed * 1000 + b, size=size))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for b in range(batches):
+            model(synthetic_images(batch_size, seed=seed * 1000 + b, size=size))
+    finally:
+        torch.set_num_threads(threads)
     for norm in norms:
         norm.momentum = 0.1
     return model.eval()
