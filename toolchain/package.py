@@ -19,6 +19,7 @@ from typing import Iterator
 
 from edgesmith.runtime import artifact as runtime_artifact
 from edgesmith.runtime.manifest import MANIFEST_FILE, SIGNATURE_FILE, FileEntry, Manifest
+from edgesmith.toolchain.files import fsync
 from edgesmith.toolchain.signing import SigningKey, sign_manifest
 
 
@@ -73,17 +74,9 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(directory: Path) -> None:
     for path in [*directory.rglob("*"), directory]:
-        _fsync(path)
+        fsync(path)
 
 
 def publish(staging: Path, final: Path) -> None:
@@ -110,4 +103,4 @@ def publish(staging: Path, final: Path) -> None:
             raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    _fsync(final.parent)
+    fsync(final.parent)

@@ -20,6 +20,7 @@ import nacl.signing
 
 from edgesmith.runtime.keys import edgesmith_home, read_hex_key
 from edgesmith.toolchain.errors import UserError
+from edgesmith.toolchain.files import fsync
 
 SIG_FILE = "manifest.sig"
 MANIFEST_FILE = "manifest.json"
@@ -61,12 +62,6 @@ def _write_new(path: Path, text: str, mode: int) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def generate_key(name: str = "default", directory: Path | None = None, overwrite: bool = False) -> Path:
@@ -98,7 +93,7 @@ def generate_key(name: str = "default", directory: Path | None = None, overwrite
             except FileExistsError:
                 raise UserError(f"{key_path} already exists; pass --force to replace it") from None
             os.replace(tmp_pub, pub_path)
-        _fsync_dir(directory)
+        fsync(directory)
     finally:
         for tmp in (tmp_key, tmp_pub):
             tmp.unlink(missing_ok=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 from edgesmith.runtime.keys import edgesmith_home
 from edgesmith.runtime.manifest import Manifest
 from edgesmith.toolchain.errors import UserError
+from edgesmith.toolchain.files import fsync
 
 MAX_NAME_BYTES = 255
 CHUNK = 1 << 20
@@ -137,7 +138,7 @@ def archive(artifact_dir: Path, store_dir: Path | None = None) -> ArchiveInfo:
                        model_version=manifest.model.version, target=manifest.target.name,
                        backend=manifest.backend.name, model_uri=source.model_uri)
     _write_atomic(store / "index" / f"{manifest_sha256}.json", info.to_json())
-    _fsync_dir(store)
+    fsync(store)
     return info
 
 
@@ -160,9 +161,3 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
