@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -287,6 +288,11 @@ def check_tracker(host: str, port: int, key: str, timeout_sec: float) -> None:
     from tvm import rpc
 
     deadline = time.monotonic() + timeout_sec
+    try:  # nothing listening: say so at once (TVM's client would retry for a minute, logging each try)
+        socket.create_connection((host, port), timeout=min(timeout_sec, 10.0)).close()
+    except OSError as e:
+        raise UserError(f"the RPC tracker at {host}:{port} cannot be reached ({e.strerror or e}); start it with "
+                        "`python -m tvm.exec.rpc_tracker --host 0.0.0.0 --port 9190` or fix --rpc-tracker") from None
     try:
         tracker = _with_timeout(lambda: rpc.connect_tracker(host, port), timeout_sec)
     except Exception as e:
@@ -311,15 +317,26 @@ def check_tracker(host: str, port: int, key: str, timeout_sec: float) -> None:
 
 
 def _with_timeout(fn: Callable, timeout_sec: float):
-    import concurrent.futures
+    """``fn()`` in a daemon thread, given up after ``timeout_sec`` (TVM's tracker client retries for
+    a minute on its own; a daemon thread, unlike an executor's, does not hold the process at exit)."""
+    import threading
 
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    try:
-        return pool.submit(fn).result(timeout=timeout_sec)
-    except concurrent.futures.TimeoutError:
-        raise TimeoutError(f"no answer within {timeout_sec:.0f} s") from None
-    finally:
-        pool.shutdown(wait=False)
+    outcome: dict = {}
+
+    def call() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as e:  # handed to the caller
+            outcome["error"] = e
+
+    thread = threading.Thread(target=call, daemon=True, name="edgesmith-rpc")
+    thread.start()
+    thread.join(timeout_sec)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer within {timeout_sec:.0f} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def rpc_runner(host: str, port: int, key: str, timeout_sec: float = 60.0):
