@@ -135,6 +135,10 @@ void download_file(const DownloadOptions& o) {
           },
           [&](const char* data, size_t length) {
             if (cancelled()) return false;
+            if (Clock::now() >= deadline) {  // a trickling server: bytes in time for the read time-out, never done
+              attempt.error = "the transfer was still running at deploy_timeout_s";
+              return false;
+            }
             if (offset + length > o.max_bytes || offset + length > o.expected_size) {
               attempt.permanent = true;
               attempt.error = "the server sent more than the " + std::to_string(std::min(o.expected_size, o.max_bytes)) +
