@@ -241,3 +241,31 @@ def test_real_agents_abort_and_roll_back(tmp_path, broker_dir, store_url, start_
     finally:
         for agent in agents:
             agent.stop()
+
+
+def test_broker_lost_mid_rollout_marks_the_deployment_failed(fleet, store_url):
+    """The broker goes away during wave 1 (nobody answers): wave 2's publish fails, and the deployment
+    is recorded `failed` with that sentence instead of staying `running` forever."""
+    import threading
+
+    from edgesmith.toolchain.deploy import archive as archive_mod
+    from edgesmith.toolchain.deploy import history, rollout
+    from edgesmith.toolchain.errors import UserError
+    from edgesmith.toolchain.fleet.store import Store
+
+    info = archive_mod.archive(fleet["v2"], fleet["store"])
+    config = rollout.RolloutConfig(FLEET, fleet["broker"], [0.5, 1.0], 1.0, 3.0, load_deploy_key(None),
+                                   "http://127.0.0.1:9/", fleet["store"], devices=["cam-01", "cam-02"])
+    store = Store.open(store_url)
+    said: list[str] = []
+
+    def say(line: str) -> None:
+        said.append(line)
+        if line.startswith("wave 1/"):  # wave 1 is published; take the broker away while it waits
+            threading.Thread(target=fleet_broker.down, args=(fleet["broker"],), daemon=True).start()
+
+    with pytest.raises(UserError) as raised:
+        rollout.deploy(info, config, store, say)
+    assert "cam-02" in str(raised.value), (str(raised.value), said)
+    dep = history.latest_deployment(store, FLEET)
+    assert dep["status"] == "failed" and "cam-02" in dep["message"], dep

@@ -298,6 +298,11 @@ def deploy(archive: ArchiveInfo, config: RolloutConfig, store: Store, say: Say) 
                            f"{len(targets)} devices were sent it; their desired states stay published "
                            f"(`edgesmith rollback --fleet {config.fleet}` undoes them)")
             raise
+        except Exception as e:  # a lost broker, a store error, …: the deployment must not stay `running`
+            error = str(e) if isinstance(e, UserError) else f"deployment {deployment_id} stopped: {e}"
+            history.finish(store, deployment_id, "failed", f"{error} (after {len(targeted)} of {len(targets)} devices "
+                           f"were sent it; `edgesmith rollback --fleet {config.fleet}` undoes them)")
+            raise UserError(error) from None
         return result
     finally:
         watch.stop()
@@ -403,12 +408,20 @@ def _roll_back(watch: FleetWatch, store: Store, config: RolloutConfig, of: str,
         "waves": json.dumps([1.0]), "abort_on_failure": None}, [(1.0, sorted(plan))])
     say(f"rollback {rollback_id} of {of}: {len(plan)} device(s) back to {', '.join(names)}")
     history.update_wave(store, rollback_id, 1, status="running", started_ms=_ms())
-    for device, info in sorted(plan.items()):
-        version = history.reserve_version(store, config.fleet, device, watch.version_floor(device))
-        state = desired.desired_state(config.fleet, device, version, rollback_id, "rollback", info, config.base_url)
-        history.add_target(store, rollback_id, config.fleet, device, 1, version, (None, None))
-        watch.publish_desired(config.fleet, device, desired.sign(state, config.key))
-    final = _wait_and_record(watch, store, rollback_id, sorted(plan), config.wave_timeout_s, say)
+    try:
+        for device, info in sorted(plan.items()):
+            version = history.reserve_version(store, config.fleet, device, watch.version_floor(device))
+            state = desired.desired_state(config.fleet, device, version, rollback_id, "rollback", info,
+                                          config.base_url)
+            history.add_target(store, rollback_id, config.fleet, device, 1, version, (None, None))
+            watch.publish_desired(config.fleet, device, desired.sign(state, config.key))
+        final = _wait_and_record(watch, store, rollback_id, sorted(plan), config.wave_timeout_s, say)
+    except BaseException as e:  # the rollback must not stay `running` either
+        history.finish(store, rollback_id, "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+                       str(e) if isinstance(e, UserError) else f"rollback {rollback_id} stopped: {e!r}")
+        if isinstance(e, Exception) and not isinstance(e, UserError):
+            raise UserError(f"rollback {rollback_id} stopped: {e}") from None
+        raise
     applied = sum(1 for r in final.values() if r.result == "applied")
     failed = len(plan) - applied
     history.update_wave(store, rollback_id, 1, status="done", finished_ms=_ms(), applied=applied, failed=failed)
