@@ -166,3 +166,33 @@ def test_tracking_uri_names_the_store_models_are_read_from(tmp_path):
                      env={"EDGESMITH_HOME": str(tmp_path / "home")}, check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"no registered model 'digits' in {store}" in " ".join(result.stderr.split())
+
+
+def test_auto_publishes_the_next_best_when_the_chosen_fails_late(tmp_path, monkeypatch):
+    """A failure after the choice (signing, publishing, the serving-latency run) costs the build its
+    best candidate, not the build: the rule's next pick is published, the failure is a note."""
+    from typer.testing import CliRunner
+
+    from edgesmith.toolchain import build as build_mod
+    from edgesmith.toolchain.cli import app
+
+    real, failed = build_mod.finish, []
+
+    def finish_fails_first(source, staged, *args, **kwargs):
+        if not failed:
+            failed.append(staged.backend)
+            raise OSError(28, "No space left on device")
+        return real(source, staged, *args, **kwargs)
+
+    monkeypatch.setattr(build_mod, "finish", finish_fails_first)
+    result = CliRunner().invoke(app, ["build", DIGITS, "--input-shape", "1,1,8,8", "-t", "x86_64-avx2",
+                                      "-o", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    (artifact,) = report["artifacts"]
+    assert artifact["backend"] != failed[0] and report["failures"] == []
+    manifest = _manifest(artifact["path"])
+    first = next(c for c in manifest.selection.candidates if c.backend == failed[0])
+    assert first.status == "failed" and "No space left on device" in first.error
+    assert manifest.selection.chosen == artifact["backend"]
+    assert [p.name for p in tmp_path.iterdir()] == [f"digits-cnn-x86_64-avx2-{artifact['backend']}"]

@@ -608,24 +608,18 @@ def build_target(source: ModelSource, ref: ReferenceRun, target: Target, plan: B
                 result.candidates.append(Candidate(backend, "skipped", error=error_message(e)))
             except Exception as e:  # one failing candidate must not stop the others
                 result.candidates.append(Candidate(backend, "failed", error=error_message(e)))
+        _time(result.candidates, status)
         passed = [c for c in result.candidates if c.status == "passed"]
-        try:
-            timings = time_candidates([c.staged for c in passed], status)
-        except Exception as e:  # the candidates passed in Session already; say so rather than lose them all
-            raise UserError(f"{target.name}: timing the candidates through the device runtime failed: {error_message(e)}") from e
-        for c in passed:
-            c.timing = timings.get(c.backend)
-            if c.timing is not None:
-                c.staged.duration_s += c.timing.seconds
         choice = select(target, result.candidates)
         if choice is not None:
             result.chosen, result.reason = choice
-        failed = [c for c in result.candidates if c.status != "passed"]
         if plan.mode != "auto" or not passed:
-            result.errors = [(c.backend, c.error or "") for c in failed]
-        publish_now = [c for c in passed if plan.mode != "auto" or c.backend == result.chosen]
+            result.errors = [(c.backend, c.error or "") for c in result.candidates if c.status != "passed"]
+        if plan.mode == "auto":
+            _publish_best(source, target, result, key, status)
+            return result
         selection = result.selection()
-        for c in publish_now:
+        for c in passed:
             try:
                 result.artifacts.append(finish(source, c.staged, key, c.timing.p50_us if c.timing else None,
                                                selection, status))
@@ -634,6 +628,48 @@ def build_target(source: ModelSource, ref: ReferenceRun, target: Target, plan: B
             except Exception as e:
                 result.errors.append((c.backend, error_message(e)))
     return result
+
+
+def _time(candidates: list[Candidate], status: Callable[[str], None]) -> None:
+    """Time the passing candidates together (blocks rotating among them); if that fails, each on its
+    own, so one candidate whose timing fails is marked failed instead of losing all of them."""
+    passed = [c for c in candidates if c.status == "passed"]
+    try:
+        timings = time_candidates([c.staged for c in passed], status)
+    except KeyboardInterrupt:
+        raise
+    except Exception:
+        timings = {}
+        for c in passed:
+            try:
+                timings.update(time_candidates([c.staged], status))
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:
+                c.status, c.error = "failed", f"timing it through the device runtime failed: {error_message(e)}"
+    for c in passed:
+        c.timing = timings.get(c.backend)
+        if c.timing is not None:
+            c.staged.duration_s += c.timing.seconds
+
+
+def _publish_best(source: ModelSource, target: Target, result: TargetBuild, key: SigningKey,
+                  status: Callable[[str], None]) -> None:
+    """``auto``: publish the chosen candidate; if finishing it fails, mark it failed and publish the
+    next one the rule picks, so a late failure of the best never costs a build that had another."""
+    while result.chosen is not None:
+        chosen = next(c for c in result.candidates if c.backend == result.chosen)
+        try:
+            result.artifacts.append(finish(source, chosen.staged, key, chosen.timing.p50_us if chosen.timing else None,
+                                           result.selection(), status))
+            return
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:
+            chosen.status, chosen.error, chosen.timing = "failed", error_message(e), None
+            choice = select(target, result.candidates)
+            result.chosen, result.reason = choice if choice is not None else (None, None)
+    result.errors = [(c.backend, c.error or "") for c in result.candidates if c.status != "passed"]
 
 
 def _lineage(source: ModelSource) -> dict:

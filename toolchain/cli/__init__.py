@@ -6,6 +6,7 @@ exit with status 1; a traceback means a bug in edgesmith.
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import typer
@@ -53,9 +54,16 @@ def _register() -> None:
 _register()
 
 
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def run(command: typer.Typer, interrupted: str = "interrupted; nothing half-written was left behind") -> None:
     """Run a Typer app as a console script: a user mistake is one ``error:`` sentence and status 1,
-    Ctrl-C prints ``interrupted`` and exits 130."""
+    Ctrl-C prints ``interrupted`` and exits 130. SIGTERM (a CI time-out, `kill`) is handled like
+    Ctrl-C, so staging directories and the like are cleaned up on the way out; commands that serve
+    (the monitor, the artifact server) install their own handlers."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         command()
     except (UserError, RuntimeErrorBase) as e:
