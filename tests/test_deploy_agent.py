@@ -274,19 +274,35 @@ def test_good_deploy_switches_and_reports_applied_then_rollback(world, tmp_path)
         result = central.result("dep-good", dep)
         assert result["event"] == "deploy.rolled-back", result
         assert _health(info)["manifest_sha256"] == _manifest_sha(a)
-        # Now B sits in the inactive slot: deploying it again must be an explicit rollback.
-        url, sha, size = _archive(world, b)
-        envelope, dep = central.envelope("dep-good", 3, url, sha, size, _manifest_sha(b))
+        # The rollback left slot a retired: B may be deployed again (downloaded afresh into it).
+        state = json.loads((tmp_path / "data" / "deploy" / "state.json").read_text())
+        assert state["slots"]["a"]["status"] == "retired" and state["slots"]["b"]["status"] == "good", state
+        url_b, sha_b, size_b = _archive(world, b)
+        envelope, dep = central.envelope("dep-good", 3, url_b, sha_b, size_b, _manifest_sha(b))
+        central.publish("dep-good", envelope)
+        result = central.result("dep-good", dep)
+        assert result["event"] == "deploy.applied" and result["details"]["slot"] == "a", result
+        assert _health(info)["manifest_sha256"] == _manifest_sha(b)
+        # Now A sits in the good inactive slot b: deploying it again must be an explicit rollback.
+        envelope, dep = central.envelope("dep-good", 4, url, sha, size, _manifest_sha(a))
         central.publish("dep-good", envelope)
         result = central.result("dep-good", dep)
         assert result["event"] == "deploy.refused" and "rollback" in result["message"], result
-        envelope, dep = central.envelope("dep-good", 4, url, sha, size, _manifest_sha(b), action="rollback")
+        envelope, dep = central.envelope("dep-good", 5, url, sha, size, _manifest_sha(a), action="rollback")
         central.publish("dep-good", envelope)
-        assert central.result("dep-good", dep)["event"] == "deploy.rolled-back"
+        result = central.result("dep-good", dep)
+        assert result["event"] == "deploy.rolled-back" and result["details"]["slot"] == "b", result
+        assert _health(info)["manifest_sha256"] == _manifest_sha(a)
+        # v2 deployed, rolled back in place, deployed again: applied.
+        envelope, dep = central.envelope("dep-good", 6, url_b, sha_b, size_b, _manifest_sha(b))
+        central.publish("dep-good", envelope)
+        result = central.result("dep-good", dep)
+        assert result["event"] == "deploy.applied" and result["details"]["slot"] == "a", result
         assert _health(info)["manifest_sha256"] == _manifest_sha(b)
         _infer_golden(info, b)
+        url, sha, size = url_b, sha_b, size_b
         # Replayed and older desired states are refused; the model keeps serving.
-        for version in (4, 3, 1):
+        for version in (6, 5, 1):
             envelope, dep = central.envelope("dep-good", version, url, sha, size, _manifest_sha(a))
             central.publish("dep-good", envelope)
             result = central.result("dep-good", dep)

@@ -48,11 +48,16 @@ std::shared_ptr<Session> Deployer::deployer_boot() {
   try {
     state_ = deploy_state_read(layout_.state_path());
   } catch (const Error& e) {
-    // Written atomically, so only outside hands break it: keep it aside and start afresh.
-    log(std::string(e.what()) + "; it is kept as state.json.bad and the slots are not used");
+    // Written atomically, so only outside hands break it: keep it aside and start afresh, but
+    // above every version it still shows (replayed desired states stay refused).
+    const uint64_t floor = deploy_state_version_floor(layout_.state_path());
+    log(std::string(e.what()) + "; it is kept as state.json.bad and the slots are not used (versions up to " +
+        std::to_string(floor) + " stay refused)");
     std::error_code ec;
     fs::rename(layout_.state_path(), layout_.state_path() + ".bad", ec);
     state_ = DeployState{};
+    state_.highest_version = floor;
+    state_save();
   }
   const std::string current = layout_.current_slot();
   std::shared_ptr<Session> chosen;
@@ -108,6 +113,7 @@ void Deployer::deployer_start(SessionReporter* reporter, std::function<void(std:
 void Deployer::deployer_desired(const std::string& payload) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
+    queue_.clear();  // only the newest desired state counts: it replaces one still waiting
     queue_.push_back(payload);
   }
   cv_.notify_all();
@@ -283,6 +289,7 @@ void Deployer::handle(const std::string& payload) {
   }
   const std::string previous = serving_slot_.empty() ? "" : slot_other(serving_slot_);
   if (desired.action == "deploy" && !previous.empty() && state_.slots[previous].status != "empty" &&
+      state_.slots[previous].status != "retired" &&
       state_.slots[previous].manifest_sha256 == desired.artifact.manifest_sha256 &&
       desired.artifact.manifest_sha256 != serving_sha256_) {
     refuse("the desired state is refused: its artifact is the one in the previous slot " + previous +
@@ -315,7 +322,11 @@ void Deployer::handle(const std::string& payload) {
 }
 
 void Deployer::switch_to(const std::string& slot, const DesiredState& desired, std::shared_ptr<Session> session) {
-  (void)desired;
+  if (desired.action == "rollback" && !serving_slot_.empty() && serving_slot_ != slot) {
+    // The slot a rollback leaves is never booted again; its artifact may be deployed afresh.
+    state_.slots[serving_slot_].status = "retired";
+    state_save();
+  }
   layout_.current_flip(slot);
   DeploymentRecord& record = *state_.deployment;
   if (serving_slot_ != slot) {

@@ -4,11 +4,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <climits>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <regex>
 #include <sstream>
 
 #include "common/error.h"
@@ -25,7 +27,7 @@ nlohmann::json slot_to_json(const SlotRecord& s) {
 SlotRecord slot_from_json(const nlohmann::json& d) {
   SlotRecord s;
   s.status = d.at("status");
-  if (s.status != "empty" && s.status != "good" && s.status != "bad") s.status = "bad";
+  if (s.status != "empty" && s.status != "good" && s.status != "bad" && s.status != "retired") s.status = "bad";
   s.manifest_sha256 = d.value("manifest_sha256", "");
   s.artifact = d.value("artifact", "");
   s.archive_sha256 = d.value("archive_sha256", "");
@@ -95,6 +97,19 @@ DeployState deploy_state_read(const std::string& path) {
   } catch (const Error& e) {
     throw Error(ERROR_CODE_IO, path + ": " + e.what());
   }
+}
+
+uint64_t deploy_state_version_floor(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream text;
+  text << in.rdbuf();
+  const std::string s = text.str();
+  static const std::regex number("\"(highest_version|desired_version)\"\\s*:\\s*([0-9]{1,19})");
+  uint64_t floor = 0;
+  for (auto it = std::sregex_iterator(s.begin(), s.end(), number); it != std::sregex_iterator(); ++it) {
+    floor = std::max<uint64_t>(floor, std::strtoull((*it)[2].str().c_str(), nullptr, 10));
+  }
+  return floor;
 }
 
 void directory_sync(const std::string& dir) {

@@ -18,7 +18,7 @@ namespace edgesmith {
 
 /// What a slot holds.
 struct SlotRecord {
-  std::string status = "empty";  ///< "empty", "good" (verified, self-tested) or "bad" (never booted)
+  std::string status = "empty";  ///< "empty", "good" (verified, self-tested), "bad" or "retired" (left by a rollback); only good boots
   std::string manifest_sha256;
   std::string artifact;          ///< the artifact's name
   std::string archive_sha256;
@@ -54,6 +54,11 @@ DeployState deploy_state_from_json(const nlohmann::json& doc);
 
 /// Read state.json; a missing file is a fresh state. Throws Error(ERROR_CODE_IO) when unreadable.
 DeployState deploy_state_read(const std::string& path);
+
+/// The highest desired-state version a broken state.json still shows (its "highest_version" and the
+/// slots' "desired_version" numbers, read as text); 0 when none can be read. Keeps the replay
+/// protection when the state is started afresh.
+uint64_t deploy_state_version_floor(const std::string& path);
 /// Write state.json atomically and durably (temp file, fsync, rename, fsync of the directory).
 void deploy_state_write(const std::string& path, const DeployState& state);
 

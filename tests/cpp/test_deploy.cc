@@ -1,7 +1,10 @@
 // edgesmith_deploy: desired-state envelopes, strict ustar extraction, state.json and the boot
 // choice (docs/deployment.md).
+#include <arpa/inet.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
 #include <sodium.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -9,8 +12,11 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <atomic>
+#include <chrono>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -20,6 +26,7 @@
 #include "common/error.h"
 #include "deploy/archive.h"
 #include "deploy/desired.h"
+#include "deploy/download.h"
 #include "deploy/slots.h"
 
 namespace fs = std::filesystem;
@@ -389,6 +396,50 @@ TEST(DeployState, BootChoicePrefersAGoodVerifiedCurrentSlot) {
   EXPECT_EQ(boot_choice(state, "a", [](const std::string&) { return false; }), "");
 }
 
+TEST(DeployState, ABrokenStateStillShowsItsHighestVersion) {
+  TempDir dir;
+  const std::string path = (dir.path() / "state.json.bad").string();
+  EXPECT_EQ(deploy_state_version_floor(path), 0u);  // missing
+  DeployState state;
+  state.highest_version = 7;
+  state.slots["b"] = SlotRecord{"good", std::string(64, 'c'), "digits", std::string(64, 'd'), 12};
+  const std::string text = deploy_state_to_json(state).dump(2);
+  write_file(path, text.substr(0, text.size() - 5));  // cut short: not JSON any more
+  EXPECT_THROW(deploy_state_read(path), Error);
+  EXPECT_EQ(deploy_state_version_floor(path), 12u);  // a slot's desired_version above highest_version
+  write_file(path, "{\"v\": 1, \"highest_version\": 41, \"slots\": [garbage");
+  EXPECT_EQ(deploy_state_version_floor(path), 41u);
+  write_file(path, "\x01\x02 not a state at all");
+  EXPECT_EQ(deploy_state_version_floor(path), 0u);
+}
+
+TEST(DeployState, ARetiredSlotIsKeptButNeverBooted) {
+  TempDir dir;
+  const std::string path = (dir.path() / "state.json").string();
+  DeployState state;
+  state.slots["a"] = SlotRecord{"retired", std::string(64, 'c'), "v2", std::string(64, 'd'), 2};
+  state.slots["b"] = SlotRecord{"good", std::string(64, 'e'), "v1", std::string(64, 'f'), 3};
+  deploy_state_write(path, state);
+  const DeployState back = deploy_state_read(path);
+  EXPECT_EQ(back.slots.at("a").status, "retired");  // not read back as bad
+  std::vector<std::string> asked;
+  const auto all = [&](const std::string& slot) {
+    asked.push_back(slot);
+    return true;
+  };
+  // current still names the retired slot (a crash before the flip): the good one is served.
+  EXPECT_EQ(boot_choice(back, "a", all), "b");
+  EXPECT_EQ(asked, std::vector<std::string>{"b"});
+  // The good slot fails verification: the factory artifact, never the retired slot.
+  asked.clear();
+  EXPECT_EQ(boot_choice(back, "b", [&](const std::string& slot) {
+              asked.push_back(slot);
+              return false;
+            }),
+            "");
+  EXPECT_EQ(asked, std::vector<std::string>{"b"});
+}
+
 TEST(DeployState, CurrentLinkFlipsAtomically) {
   TempDir dir;
   SlotLayout layout(dir.path().string());
@@ -406,4 +457,72 @@ TEST(DeployState, CurrentLinkFlipsAtomically) {
   struct stat st {};
   ASSERT_EQ(::stat(layout.slot_dir("a").c_str(), &st), 0);
   EXPECT_EQ(st.st_mode & 0777, 0700u);
+}
+
+// --- the download -----------------------------------------------------------------------------------
+
+// A server that answers 200 with a large Content-Length and then sends one byte every 20 ms, in
+// time for every read time-out but never done.
+class TricklingServer {
+ public:
+  TricklingServer() {
+    fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (::bind(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 || ::listen(fd_, 4) != 0) {
+      throw std::runtime_error("cannot listen");
+    }
+    socklen_t len = sizeof(addr);
+    ::getsockname(fd_, reinterpret_cast<sockaddr*>(&addr), &len);
+    port_ = ntohs(addr.sin_port);
+    thread_ = std::thread([this] {
+      while (!stop_) {
+        const int c = ::accept(fd_, nullptr, nullptr);
+        if (c < 0) return;
+        char buffer[4096];
+        (void)::recv(c, buffer, sizeof(buffer), 0);
+        const std::string head = "HTTP/1.1 200 OK\r\nContent-Length: " + std::to_string(kSize) + "\r\n\r\n";
+        bool ok = ::send(c, head.data(), head.size(), MSG_NOSIGNAL) > 0;
+        while (ok && !stop_) {
+          ok = ::send(c, "x", 1, MSG_NOSIGNAL) == 1;
+          std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        }
+        ::close(c);
+      }
+    });
+  }
+  ~TricklingServer() {
+    stop_ = true;
+    ::shutdown(fd_, SHUT_RDWR);
+    ::close(fd_);
+    thread_.join();
+  }
+  static constexpr uint64_t kSize = 1 << 20;
+  int port() const { return port_; }
+
+ private:
+  int fd_ = -1;
+  int port_ = 0;
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
+};
+
+TEST(Download, ATricklingServerStillMeetsTheDeadline) {
+  TempDir dir;
+  TricklingServer server;
+  DownloadOptions o;
+  o.url = "http://127.0.0.1:" + std::to_string(server.port()) + "/a.tar";
+  o.part_path = (dir.path() / "a.tar.part").string();
+  o.expected_size = TricklingServer::kSize;
+  o.timeout_s = 0.5;
+  o.io_timeout_s = 5.0;  // every byte comes in time: only deploy_timeout_s can stop it
+  try {
+    download_file(o);
+    FAIL() << "the download finished";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("deploy_timeout_s"), std::string::npos) << e.what();
+  }
+  EXPECT_GT(fs::file_size(o.part_path), 0u);  // kept for a resume
+  EXPECT_LT(fs::file_size(o.part_path), TricklingServer::kSize);
 }
