@@ -286,3 +286,21 @@ def test_deploy_bad_input_is_one_sentence(tmp_path, artifact, _isolated_home):
     assert "no deploy key" in error(str(trusted))
     generate_deploy_key()
     assert "not an edgesmith broker directory" in error(str(trusted))
+
+
+def test_reserved_versions_are_unique_under_concurrency(tmp_path):
+    """A deploy and a rollback reserving versions at once never get the same one; the floor (what the
+    broker or the device knows) is respected."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from edgesmith.toolchain.deploy import history
+    from edgesmith.toolchain.fleet.store import Store
+
+    store = Store.open(f"sqlite:///{tmp_path / 'monitor.db'}")
+    history.ensure_tables(store)
+    assert history.reserve_version(store, "f", "cam-01", at_least=41) == 42
+    assert history.reserve_version(store, "f", "cam-01") == 43
+    assert history.reserve_version(store, "f", "cam-01", at_least=50) == 51
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda _: history.reserve_version(store, "f", "cam-02"), range(40)))
+    assert sorted(got) == list(range(1, 41))

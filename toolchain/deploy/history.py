@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import BigInteger, case, func, literal, select, update
 
+from edgesmith.toolchain.errors import UserError
 from edgesmith.toolchain.fleet.store import (DEPLOY_TABLES, FINAL_RESULTS, Store, deploy_targets, deploy_waves,
                                              deployments, desired_versions, device_deploy, devices, metadata, now_ms)
 
@@ -26,14 +27,22 @@ def reserve_version(store: Store, fleet: str, device: str, at_least: int = 0) ->
     """The next desired-state version of a device, above every one published (stored before use,
     so a crash after publishing never reuses it) and above ``at_least`` (what the broker or the
     device knows, in case the store is newer than the fleet)."""
+    dialect = store.engine.dialect.name
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    elif dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        raise UserError(f"the monitor's store supports SQLite and PostgreSQL, not {dialect}")
+    # One statement (an upsert), so two commands at once (a deploy and a rollback) never get the same version.
+    current = desired_versions.c.version
+    statement = insert(desired_versions).values(fleet=fleet, device=device, version=at_least + 1)
+    statement = statement.on_conflict_do_update(
+        index_elements=[desired_versions.c.fleet, desired_versions.c.device],
+        set_={"version": case((current > at_least, current), else_=literal(at_least, BigInteger)) + 1},
+    ).returning(current)
     with store.engine.begin() as conn:
-        where = (desired_versions.c.fleet == fleet, desired_versions.c.device == device)
-        current = conn.scalar(select(desired_versions.c.version).where(*where))
-        version = max(current or 0, at_least) + 1
-        if current is None:
-            conn.execute(desired_versions.insert().values(fleet=fleet, device=device, version=version))
-        else:
-            conn.execute(update(desired_versions).where(*where).values(version=version))
+        version = conn.execute(statement).scalar_one()
     return version
 
 
