@@ -1,12 +1,12 @@
 """Staged rollout and rollback over the fleet's broker (docs/deployment.md §6).
 
 The rollout learns what devices report by subscribing to the fleet's topics itself (paho, the
-monitor's login, a clean session of its own): retained births say what each device serves before
-the deployment (a rollback's target), retained desired states say the last version published,
-and ``state``/``event`` messages carrying the deployment id say how it went. It does not need a
-monitor running; it records everything in the monitor's store, which a running monitor also
-updates from the same messages. It never assumes a desired state took effect: a device that does
-not report within the wave's time-out counts as failed.
+monitor's login, a session of its own that the broker keeps across reconnects): retained births
+say what each device serves before the deployment (a rollback's target), retained desired states
+say the last version published, and ``state``/``event`` messages carrying the deployment id say
+how it went. It does not need a monitor running; it records everything in the monitor's store,
+which a running monitor also updates from the same messages. It never assumes a desired state took
+effect: a device that does not report within the wave's time-out counts as failed.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from pydantic import ValidationError
 
 from edgesmith.toolchain.deploy import desired, history
@@ -37,6 +39,7 @@ from edgesmith.toolchain.signing import SigningKey
 CONNECT_TIMEOUT_S = 15.0
 RETAINED_SETTLE_S = 1.0  # after SUBACK, for the broker's retained births and desired states to arrive
 PUBLISH_TIMEOUT_S = 15.0
+SESSION_EXPIRY_S = 3600  # how long the broker keeps a disconnected rollout's session (and queues reports for it)
 
 
 def parse_share(text: str, what: str) -> float:
@@ -124,7 +127,12 @@ class FleetWatch:
 
     def start(self) -> FleetWatch:
         try:
-            self.client.connect(self.settings.host, self.settings.port, keepalive=30, clean_start=True)
+            # A session the broker keeps while this client is away (reconnects after a network drop or a broker
+            # restart; the broker persists it), so device reports sent in the gap are delivered, not lost.
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = SESSION_EXPIRY_S
+            self.client.connect(self.settings.host, self.settings.port, keepalive=30, clean_start=False,
+                                properties=props)
         except OSError as e:
             raise UserError(f"cannot reach the broker at {self.settings.host}:{self.settings.port} ({e.strerror or e}); "
                             f"start it with `edgesmith broker up --dir {self.broker.dir}`") from None
@@ -137,7 +145,9 @@ class FleetWatch:
         return self
 
     def stop(self) -> None:
-        self.client.disconnect()
+        props = Properties(PacketTypes.DISCONNECT)
+        props.SessionExpiryInterval = 0  # nobody resumes this client's session: the broker may drop it now
+        self.client.disconnect(properties=props)
         self.client.loop_stop()
 
     def _on_connect(self, client: mqtt.Client, _userdata: Any, _flags: Any, reason_code: Any, _props: Any) -> None:
