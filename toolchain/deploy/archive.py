@@ -159,5 +159,6 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync(path.parent)  # the rename is durable once the index directory is
 
 
