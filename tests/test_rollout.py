@@ -269,3 +269,39 @@ def test_broker_lost_mid_rollout_marks_the_deployment_failed(fleet, store_url):
     assert "cam-02" in str(raised.value), (str(raised.value), said)
     dep = history.latest_deployment(store, FLEET)
     assert dep["status"] == "failed" and "cam-02" in dep["message"], dep
+
+
+def test_reports_sent_while_the_rollout_reconnects_are_not_lost(broker_dir):  # noqa: F811
+    """The rollout's client keeps its broker session: a device report published while it is away
+    (a network drop, a broker restart) is delivered when it reconnects, not counted as a time-out."""
+    import time
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from edgesmith.toolchain.deploy.rollout import FleetWatch
+    from edgesmith.toolchain.fleet import protocol
+
+    (cred,) = fleet_broker.add_devices(broker_dir, ["cam-01"], FLEET)
+    watch = FleetWatch(fleet_broker.Broker(broker_dir), FLEET).start()
+    got: list[bytes] = []
+    watch.client.on_message = lambda _c, _u, msg: got.append(msg.payload)
+    device = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cred.get("client_id", "cam-01"), protocol=mqtt.MQTTv5)
+    device.username_pw_set(cred["username"], cred["password"])
+    device.connect(cred["host"], cred["port"])
+    device.loop_start()
+    try:
+        topic = f"{protocol.TOPIC_ROOT}/{FLEET}/cam-01/state"
+        watch.client.disconnect()
+        watch.client.loop_stop()
+        sent = device.publish(topic, b"sent in the gap", qos=1)
+        sent.wait_for_publish(10)
+        assert sent.is_published()
+        watch.client.reconnect()
+        watch.client.loop_start()
+        wait_until(lambda: got or None, 15, "the report sent in the gap")
+        assert got == [b"sent in the gap"]
+    finally:
+        watch.stop()
+        device.disconnect()
+        device.loop_stop()
