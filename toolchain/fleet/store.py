@@ -15,6 +15,7 @@ readers can follow new rows by batch number without missing any.
 from __future__ import annotations
 
 import json
+import random
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -379,14 +380,16 @@ class Store:
 
     def init_schema(self) -> None:
         # Monitors started together on a new store race between create_all's existence check and
-        # its CREATE TABLE; the loser's next pass finds the tables there.
-        for attempt in range(3):
+        # its CREATE TABLE, table by table; the loser's next pass finds more of them there. With
+        # ~20 tables a loser can lose again on a later one, so it retries, briefly and jittered.
+        for attempt in range(20):
             try:
                 metadata.create_all(self.engine)
                 break
             except DBAPIError:
-                if attempt == 2:
+                if attempt == 19:
                     raise
+                time.sleep(random.uniform(0.02, 0.1))
         with self.engine.begin() as conn:
             for name in _COUNTER_NAMES:  # another monitor may be creating them at the same time
                 conn.execute(self._insert_ignore(counters).values(
