@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import signal
 import subprocess
 import sys
 import time
@@ -127,12 +128,13 @@ def _wait_for_key(port: int, key: str, timeout: float = 120.0) -> None:
 def test_tune_through_an_rpc_tracker_and_server(tmp_path):
     port = _free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port),
-                               "--port-end", str(port + 1)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+                               "--port-end", str(port + 1)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)]
     try:
         time.sleep(2)
         procs.append(subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}",
                                        "--key", "loopback", "--host", "127.0.0.1"],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
         _wait_for_key(port, "loopback")
         result = run_cli("tune", DIGITS, "--input-shape", "1,1,8,8", "-t", "host", "--trials", "8", "--json",
                          "--rpc-tracker", f"127.0.0.1:{port}", "--rpc-key", "loopback",
@@ -142,8 +144,10 @@ def test_tune_through_an_rpc_tracker_and_server(tmp_path):
         assert summary["trials"] >= 1 and summary["failed_trials"] < summary["trials"]
         assert (Path(summary["database"]) / "database_tuning_record.json").read_text().strip()
     finally:
+        # Each in its own process group, killed whole: the server's session workers
+        # (tvm.exec.popen_worker) would otherwise outlive it, orphaned.
         for p in reversed(procs):
-            p.terminate()
+            os.killpg(p.pid, signal.SIGKILL)
             p.wait(timeout=30)
 
 
