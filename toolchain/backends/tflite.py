@@ -26,6 +26,7 @@ NAME = "tflite"
 FORMAT = "tflite"
 PACKAGE = "ai-edge-litert"
 DEVICE_RUNTIME = False  # validated with the LiteRT Python interpreter only
+PRECISIONS = ("fp32", "int8")  # int8: PT2E post-training quantization in the converter environment
 ENTRY = "model.tflite"
 
 
@@ -59,8 +60,8 @@ def compile(request: CompileRequest, calibration=None) -> CompileResult:
     if source.module is None:
         raise UserError(f"the tflite backend converts PyTorch models only, and {source.ref} is an ONNX file; "
                         "pass a PyTorch `module:callable` with --input-shape, or pick a target with another backend")
-    if request.precision != "fp32":
-        raise UserError("the tflite backend builds fp32 only for now; drop --precision fp16")
+    if request.precision not in PRECISIONS:
+        raise UserError(f"the tflite backend builds {', '.join(PRECISIONS)}, not {request.precision}; use another backend")
     program_path = request.work_dir / "model.pt2"
     try:
         torch.export.save(torch.export.export(source.module, source.example_inputs), str(program_path))
