@@ -108,7 +108,7 @@ def test_a_tuned_tvm_wins_off_host_only_by_recorded_latency(auto_build):
     chosen = select(target, [candidate("tvm", tuned), candidate("openvino"), candidate("ort")])
     assert chosen.backend == "openvino" and "does not beat" in chosen.reason
     # on a device through RPC counts as this target's device class too
-    from edgesmith.toolchain.build import recorded_latency_us
+    from edgesmith.toolchain.selection import recorded_latency_us
 
     assert recorded_latency_us(candidate("tvm", {**tuned, "measured_on": "rpc:rpi4"}).staged) == 900.0
     # measured on another device class, nothing matched, or no latency: untuned

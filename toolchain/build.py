@@ -28,10 +28,10 @@ from edgesmith.runtime.manifest import (AccuracyGate, BackendInfo, BuildInfo, Ex
                                         Validation)
 from edgesmith.toolchain import accuracy, reference
 from edgesmith.toolchain.backends import get_backend
-from edgesmith.toolchain.backends.base import CompileRequest
+from edgesmith.toolchain.backends.base import CompileRequest, Execution
 from edgesmith.toolchain.errors import BackendUnavailable, UserError, ValidationError, first_line
 from edgesmith.toolchain.monitoring import monitoring_spec
-from edgesmith.toolchain.prove import prove
+from edgesmith.toolchain.prove import prove, run_batch, runner_for
 from edgesmith.toolchain.package import file_entries, publish, sign_and_check, staging_dir
 from edgesmith.toolchain.signing import SigningKey, ephemeral_key
 from edgesmith.toolchain.sources import ModelSource
@@ -224,13 +224,38 @@ def _save_golden(staging: Path, ref: ReferenceRun, count: int) -> list[GoldenSam
 
 
 def _runner(staging: Path, result, backend, target: Target, how: str, public_key: bytes):
-    """The device's own Session for payloads the C++ runtime runs natively here; otherwise the
+    """The device's own Session for payloads the C++ runtime runs natively here; the device runtime
+    under qemu for a reduced-precision gate of another ISA (:func:`_emulated`); otherwise the
     engine's Python API (an ISA-independent payload checked by this host's build of the engine)."""
+    if how == "qemu-aarch64":
+        return _emulated(staging, target, public_key)
     if how == "native" and getattr(backend, "DEVICE_RUNTIME", False):
         from edgesmith.runtime import Session
 
         return Session(staging, threads=target.threads, trusted_keys=[public_key]).run
     return backend.load(staging, result, target)
+
+
+class _emulated:
+    """Runs samples through ``edgesmith-run --batch`` under qemu, in one process per batch: called
+    one sample at a time it would load the engine under emulation once per sample. ``batch`` is
+    what the gate calls; calling it with one sample works too."""
+
+    def __init__(self, staging: Path, target: Target, public_key: bytes):
+        self.staging, self.target, self.keys = staging, target, [public_key]
+
+    def batch(self, samples: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
+        runner, why = runner_for(self.target)
+        if runner is None:
+            raise UserError(f"{self.staging.name}: cannot run {self.target.isa} code here ({why})")
+        return run_batch(self.staging, runner, self.keys, samples)
+
+    def __call__(self, sample: list[np.ndarray]) -> list[np.ndarray]:
+        return self.batch([sample])[0]
+
+
+def _run_all(run, samples: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
+    return run.batch(samples) if hasattr(run, "batch") else [run(sample) for sample in samples]
 
 
 def _validate(staging: Path, result, backend, target: Target, ref: ReferenceRun, tolerance, name: str,
@@ -257,15 +282,21 @@ def _gate_execution(backend, target: Target, precision: str):
     (the candidate is skipped) when nothing here runs its arithmetic: a bf16/fp16 payload in an
     engine on a CPU without that arithmetic silently computes in f32, so its gate would prove nothing."""
     execution = backend.executes_here(target)
-    if not execution.possible:
-        raise BackendUnavailable(f"a {precision} artifact must pass the accuracy budget, which runs it, and this machine "
-                                 f"cannot ({execution.reason}); build it on a machine that runs {target.isa} payloads")
     if precision in FLOAT_REDUCED and execution.how != "native":
+        # The device runtime under qemu, emulating a core that has the arithmetic, is the only honest
+        # place left: it runs the payload's own kernels.
+        if getattr(backend, "DEVICE_RUNTIME", False) and target.proof == "qemu-aarch64":
+            runner, why = runner_for(target)
+            if runner is not None and runner.how == "qemu-aarch64":
+                return Execution(True, "qemu-aarch64")
         why = (f"this machine lacks {', '.join(missing_cpu_features(target))}" if target.isa == host_isa()
-               else f"this machine runs {host_isa()}, not {target.isa}")
+               else f"this machine runs {host_isa()}, not {target.isa}, and cannot emulate it")
         raise BackendUnavailable(f"the {precision} candidate's accuracy cannot be measured here ({why}, and an engine "
                                  f"without {precision} arithmetic computes in f32); build on a machine with "
                                  f"{', '.join(target.precision_features.get(precision, []))}")
+    if not execution.possible:
+        raise BackendUnavailable(f"a {precision} artifact must pass the accuracy budget, which runs it, and this machine "
+                                 f"cannot ({execution.reason}); build it on a machine that runs {target.isa} payloads")
     return execution
 
 
@@ -279,10 +310,12 @@ def _validate_reduced(staging: Path, result, backend, target: Target, precision:
     gate_set = data.gate_for(precision)
     run = _runner(staging, result, backend, target, execution.how, public_key)
     names = [s.name for s in ref.output_specs]
-    gate_outputs = [run(sample) for sample in gate_set.samples]
+    same = gate_set.samples is ref.samples
+    gate_outputs = _run_all(run, gate_set.samples if same else [*gate_set.samples, *ref.samples])
+    gate_outputs, golden = (gate_outputs, gate_outputs) if same else (gate_outputs[:len(gate_set.samples)],
+                                                                      gate_outputs[len(gate_set.samples):])
     gate = gate_set.judge(name, precision, gate_outputs, data.budget, target.tolerance_for(precision).rtol, names,
                           execution.how)
-    golden = gate_outputs if gate_set.samples is ref.samples else [run(sample) for sample in ref.samples]
     cmp = compare(golden, ref.outputs, names, tolerance.atol, tolerance.rtol)
     validation = Validation(status="passed", executed=Executed(isa=host_isa(), how=execution.how),
                             reference=f"onnxruntime {ref.version} (FP32 model); passed the {precision} accuracy budget",
