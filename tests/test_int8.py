@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -287,7 +288,7 @@ def test_bf16_without_data_is_gated_on_the_builds_own_samples_or_skipped_by_name
     (artifact,) = forced["artifacts"]
     manifest = Manifest.from_bytes((Path(artifact["path"]) / "manifest.json").read_bytes())
     assert manifest.backend.precision == "bf16" and manifest.backend.options["config"]["INFERENCE_PRECISION_HINT"] == "bf16"
-    assert "avx512_bf16" in manifest.target["cpu_features"]
+    assert "avx512_bf16" in manifest.target.cpu_features
     gate = manifest.accuracy
     assert gate.proof == "synthetic" and gate.data.origin == "golden" and gate.data.samples == 8 and not gate.data.labelled
     assert gate.top1_agreement >= 0.99 and gate.max_rel_err <= gate.rel_err_bound == 5e-2
