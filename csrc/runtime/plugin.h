@@ -71,6 +71,7 @@ class PluginBackend {
   /// Use plugin_backend_open().
   PluginBackend(const EdgesmithPluginApi* api, EdgesmithBackend* handle,
                 std::vector<ManifestTensor> outputs, std::vector<DType> output_dtypes);
+  /// Close the backend with the plugin's backend_close.
   ~PluginBackend();
   PluginBackend(const PluginBackend&) = delete;
   PluginBackend& operator=(const PluginBackend&) = delete;

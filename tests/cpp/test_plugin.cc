@@ -67,6 +67,14 @@ TEST(Plugin, LegacyEntryPointIsRefusedAsAbi1) {
   EXPECT_EQ(load_error("testlegacy"), abi_refusal("testlegacy", "plugin ABI 1"));
 }
 
+TEST(Plugin, HollowTableIsRefused) {
+  setenv(BACKEND_PATH_ENV, test::test_backend_dir().c_str(), 1);
+  EXPECT_EQ(load_error("testhollow"),
+            "backend 'testhollow' plugin " + test::test_backend_dir() +
+                "/libedgesmith_backend_testhollow.so has an incomplete plugin ABI 2 table; rebuild the "
+                "plugin against edgesmith's plugin_api.h");
+}
+
 TEST(Plugin, RefusalIsNotCached) {
   setenv(BACKEND_PATH_ENV, test::test_backend_dir().c_str(), 1);
   EXPECT_EQ(load_error("testabi1"), load_error("testabi1"));
