@@ -28,6 +28,9 @@ transposed at the boundary, not counted as a failure.
     # 3. the table:
     .venv/bin/python bench/onnx_to_tflite_coverage.py report --cases /tmp/cov/cases
 
+Results and the choice they informed: docs/tflite.md; the summaries of the last full run are in
+bench/report/onnx_to_tflite_coverage.json.
+
 The worker half of this file (``worker``) runs inside the route's environment and imports nothing
 from edgesmith.
 """
@@ -151,7 +154,8 @@ def run(cases_dir: Path, route: str, python: str, timeout: float) -> None:
         stuck = next((n for n in todo if n not in done), None)
         if stuck is not None:  # the worker died or hung on this case
             with results.open("a") as f:
-                f.write(json.dumps({"case": stuck, "stage": "convert", "passed": False,
+                ops = json.loads((cases_dir / stuck / "case.json").read_text())["ops"]
+                f.write(json.dumps({"case": stuck, "ops": ops, "stage": "convert", "passed": False,
                                     "error": f"worker crashed or exceeded {timeout:.0f} s (exit {proc.returncode})"}) + "\n")
             done.add(stuck)
         print(f"{route}: {len(done)}/{len(names)} cases, {time.monotonic() - started:.0f} s", file=sys.stderr)
@@ -348,7 +352,7 @@ def report(cases_dir: Path) -> dict:
                                                            for r in records.values())
         ops_all = collections.defaultdict(list)
         for r in records.values():
-            for op in r["ops"]:
+            for op in r.get("ops", []):
                 ops_all[op].append(r["passed"])
         entry["operators"] = len(ops_all)
         entry["operators_with_a_passing_case"] = sum(any(v) for v in ops_all.values())
