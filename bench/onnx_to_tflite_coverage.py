@@ -23,6 +23,8 @@ transposed at the boundary, not counted as a failure.
     #    per case; a crash or a case silent for --timeout seconds is recorded and the rest resumed):
     .venv/bin/python bench/onnx_to_tflite_coverage.py run --cases /tmp/cov/cases --route onnx2torch \
         --python $EDGESMITH_HOME/tools/litert/bin/python
+    #    onnx2tf 2.x needs Python >= 3.12 and pins its own onnx/onnxruntime/ai-edge-litert: a scratch venv,
+    #    e.g. python3.12 -m venv /tmp/venv-onnx2tf && /tmp/venv-onnx2tf/bin/pip install onnx2tf==2.6.9
     .venv/bin/python bench/onnx_to_tflite_coverage.py run --cases /tmp/cov/cases --route onnx2tf \
         --python /tmp/venv-onnx2tf/bin/python
     # 3. the table:

@@ -103,3 +103,20 @@ def test_operator_onnx2torch_lacks_is_a_note_and_other_candidates_build(tmp_path
     assert "\n" not in note["error"] and "Traceback" not in result.stderr
     assert "note: x86_64-litert/tflite failed" in " ".join(result.stderr.split())
     assert sorted(p.name for p in out.iterdir()) == ["convshrink-x86_64-litert-ort"]
+
+
+def test_onnx_digits_int8_through_pt2e(tmp_path):
+    """--quantize int8 takes the same converter path for an ONNX source (litert-torch's PT2E)."""
+    import onnxruntime as ort
+
+    model = _digits_onnx(tmp_path)
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((64, 1, 8, 8)).astype(np.float32)
+    y = np.array([session.run(None, {"image": sample[None]})[0].argmax() for sample in x])
+    np.savez(tmp_path / "calib.npz", x=x[:32])
+    np.savez(tmp_path / "eval.npz", x=x[32:], y=y[32:])
+    result = build_json(str(model), "-t", "android-arm64-tflite", "--quantize", "int8", "--calib", str(tmp_path / "calib.npz"),
+                        "--eval", str(tmp_path / "eval.npz"), "-o", str(tmp_path / "dist"))
+    (art,) = result["artifacts"]
+    assert art["validation"]["status"] == "passed"
+    assert "PT2E" in art["quantization"]["method"] and art["quantization"]["int8_accuracy"] >= 0.9
