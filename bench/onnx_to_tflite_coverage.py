@@ -18,7 +18,8 @@ channels-last: an input or output whose shape is the channels-last permutation o
 transposed at the boundary, not counted as a failure.
 
     # 1. cases from the project's onnx (any environment with onnx):
-    .venv/bin/python bench/onnx_to_tflite_coverage.py prepare --out /tmp/cov/cases [--sample N]
+    #    (--constants: every input but the first becomes an initializer, as weights are in a deployed model)
+    .venv/bin/python bench/onnx_to_tflite_coverage.py prepare --out /tmp/cov/cases [--constants] [--sample N]
     # 2. one route per environment (each process converts cases one by one and records a JSON line
     #    per case; a crash or a case silent for --timeout seconds is recorded and the rest resumed):
     .venv/bin/python bench/onnx_to_tflite_coverage.py run --cases /tmp/cov/cases --route onnx2torch \
@@ -34,7 +35,8 @@ Results and the choice they informed: docs/tflite.md; the summaries of the last 
 bench/report/onnx_to_tflite_coverage.json.
 
 The worker half of this file (``worker``) runs inside the route's environment and imports nothing
-from edgesmith.
+from edgesmith; the onnx2torch route loads toolchain/backends/_litert_convert.py by path, so what
+is measured is the conversion edgesmith runs.
 """
 
 from __future__ import annotations
