@@ -55,7 +55,7 @@ def log(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
-def synthetic_int8_data(source, work: Path, count: int = 32) -> tuple[Path, Path]:
+def synthetic_int8_data(source, work: Path, count: int = 64) -> tuple[Path, Path]:  # the gate takes >= 64
     """Calibration and 'evaluation' inputs for --quantize int8 without a dataset: synthetic images
     (toolchain/models/edgenet.py) for image models, N(0,1) otherwise; the evaluation labels are the
     FP32 model's own top-1, so the gate's figures are INT8/FP32 agreement, not accuracy."""

@@ -129,7 +129,7 @@ def outside(tmp_path_factory, toolchain_venv) -> dict:
     work = tmp_path_factory.mktemp("outside")
     home = work / "home"
     env = _clean_env(toolchain_venv, home)
-    result = _run(["edgesmith", "build", DIGITS, "--input-shape", "1,1,8,8", "-t", "host", "--backend", "all",
+    result = _run(["edgesmith", "build", DIGITS, "--input-shape", "1,1,8,8", "-t", "host", "--backend", "all", "--precision", "fp32",
                    "-o", "dist", "--json"], cwd=work, env=env)
     built = json.loads(result.stdout)
     assert built["failures"] == []
