@@ -53,6 +53,8 @@ namespace {
 constexpr size_t kHostAlignment = LITERT_HOST_MEMORY_BUFFER_ALIGNMENT;
 /// Identifier of the CPU accelerator's options (LrtGetCpuOptionsIdentifier() upstream).
 constexpr const char* kCpuOptionsIdentifier = "xnnpack";
+/// LiteRtLogSeverity's error level (litert/c/internal/litert_logging.h, not vendored).
+constexpr int64_t kLiteRtLogSeverityError = 3;
 
 /// The enumerator name of a LiteRtStatus (libLiteRt.so does not export LiteRtGetStatusString).
 std::string status_name(LiteRtStatus status) {
@@ -549,7 +551,17 @@ Backend* litert_backend_open(const BackendOpenArgs& args, BackendStatus* status)
   try {
     const BackendSettings settings = backend_settings_resolve(args);
     LiteRtEnvironment env = nullptr;
-    status_check(LiteRtCreateEnvironment(0, nullptr, &env), "LiteRT could not create its environment");
+    // The CPU accelerator only (no attempt to load the GPU one), and LiteRT's log (stderr) at
+    // errors only: the level is process-wide in LiteRT, and errors (e.g. an op without a kernel)
+    // still show.
+    LiteRtEnvOption env_options[2] = {};
+    env_options[0].tag = kLiteRtEnvOptionTagAutoRegisterAccelerators;
+    env_options[0].value.type = kLiteRtAnyTypeInt;
+    env_options[0].value.int_value = kLiteRtHwAcceleratorCpu;
+    env_options[1].tag = kLiteRtEnvOptionTagMinLoggerSeverity;
+    env_options[1].value.type = kLiteRtAnyTypeInt;
+    env_options[1].value.int_value = kLiteRtLogSeverityError;
+    status_check(LiteRtCreateEnvironment(2, env_options, &env), "LiteRT could not create its environment");
     EnvironmentPtr env_owned(env);
     const std::string path = args.artifact_dir + "/" + entry;
     LiteRtModel model = nullptr;
