@@ -5,7 +5,8 @@
 #
 # How third_party/litert/include was made (README.md there): the plugin's includes and, transitively,
 # every litert/ header they include, at COMMIT; build_config.h is upstream's Bazel default
-# (config/build_config_gpu_npu.h). Builds do not run it.
+# (config/build_config_gpu_npu.h); plus TFLite's generated flatbuffer schema (the plugin verifies
+# model.tflite with it; its FlatBuffers headers are third_party/flatbuffers). Builds do not run it.
 set -euo pipefail
 git_dir="${1:?usage: vendor_headers.sh LITERT_GIT_DIR COMMIT DEST}"
 commit="${2:?usage: vendor_headers.sh LITERT_GIT_DIR COMMIT DEST}"
@@ -26,5 +27,7 @@ while [[ ${#queue[@]} -gt 0 ]]; do
 done
 mkdir -p "$dest/include/litert/build_common"
 show litert/build_common/config/build_config_gpu_npu.h >"$dest/include/litert/build_common/build_config.h"
+mkdir -p "$dest/include/tflite/converter/schema"
+show tflite/converter/schema/schema_generated.h >"$dest/include/tflite/converter/schema/schema_generated.h"
 show LICENSE >"$dest/LICENSE"
 printf '%s\n' "$dest/include"

@@ -29,7 +29,11 @@ if(_edgesmith_litert_root AND EXISTS "${_edgesmith_litert_root}/ai_edge_litert/l
     set(EDGESMITH_LITERT_FOUND ON)
     set(EDGESMITH_LITERT_LIBRARY "${_edgesmith_litert_root}/ai_edge_litert/libLiteRt.so")
     set(EDGESMITH_LITERT_LIBRARY_DIRS "${_edgesmith_litert_root}/ai_edge_litert")
-    set(EDGESMITH_LITERT_INCLUDE_DIRS "${_edgesmith_litert_include}")
+    # TFLite's flatbuffer schema (the plugin verifies model.tflite before LiteRT parses it) and the
+    # flatbuffers headers it needs are vendored beside the C API headers.
+    set(EDGESMITH_LITERT_INCLUDE_DIRS "${_edgesmith_litert_include}" "${PROJECT_SOURCE_DIR}/third_party/litert/include"
+        "${PROJECT_SOURCE_DIR}/third_party/flatbuffers/include")
+    list(REMOVE_DUPLICATES EDGESMITH_LITERT_INCLUDE_DIRS)
     # The C API exports no version function: the wheel's dist-info names it.
     file(GLOB _edgesmith_litert_dist "${_edgesmith_litert_root}/ai_edge_litert-*.dist-info")
     set(EDGESMITH_LITERT_VERSION "unknown")

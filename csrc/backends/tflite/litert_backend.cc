@@ -13,6 +13,12 @@
 // session). Making one mutates the shared model and options (LiteRT patches magic numbers and
 // appends then pops accelerator options), so compiled models are made one at a time.
 //
+// Load: libLiteRt.so parses the flatbuffer without verifying it (a truncated model.tflite crashes
+// LiteRtCreateModelFromFile), so the plugin first runs flatbuffers' verifier with TFLite's schema
+// over the file. LiteRT allocates a compiled model's tensors at its first run, so an op without a
+// kernel shows only then: the plugin runs the first compiled model once on zeros at load, and a
+// failure there is a load failure naming the model's custom ops, if any.
+//
 // Zero copy: inputs and outputs are host-memory tensor buffers wrapping the caller's input memory
 // and the output tensors the runtime returns; LiteRT binds them to the interpreter as custom
 // allocations, so XNNPACK reads and writes them in place. Two cases go through a per-instance
@@ -20,7 +26,13 @@
 // requires LITERT_HOST_MEMORY_BUFFER_ALIGNMENT), and the float edge of an INT8 flatbuffer that
 // takes or returns quantized tensors (quantized / dequantized with the tensor's scale and zero
 // point, as the toolchain's Python runner does).
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -39,6 +51,7 @@
 #include "litert/c/litert_opaque_options.h"
 #include "litert/c/litert_options.h"
 #include "litert/c/litert_tensor_buffer.h"
+#include "tflite/converter/schema/schema_generated.h"
 
 #include "common/backend_support.h"
 
@@ -193,6 +206,33 @@ OptionsPtr options_make(const BackendSettings& settings) {
   return options;
 }
 
+/// Check that `path` is a whole TFLite flatbuffer; throws a one-sentence std::runtime_error if not.
+void flatbuffer_verify(const std::string& path, const std::string& entry) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw std::runtime_error("LiteRT could not read " + entry + ": " + std::strerror(errno));
+  struct stat info {};
+  if (::fstat(fd, &info) != 0 || info.st_size < 8) {
+    ::close(fd);
+    throw std::runtime_error("LiteRT could not read " + entry + ": it is too short to be a TFLite flatbuffer");
+  }
+  const size_t size = static_cast<size_t>(info.st_size);
+  void* data = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+  ::close(fd);
+  if (data == MAP_FAILED) throw std::runtime_error("LiteRT could not map " + entry + ": " + std::strerror(errno));
+  const auto* bytes = static_cast<const uint8_t*>(data);
+  const bool identified = tflite::ModelBufferHasIdentifier(bytes);
+  flatbuffers::Verifier verifier(bytes, size);
+  const bool valid = identified && tflite::VerifyModelBuffer(verifier);
+  ::munmap(data, size);
+  if (!identified) {
+    throw std::runtime_error("LiteRT could not read " + entry + ": it is not a TFLite flatbuffer (no TFL3 identifier)");
+  }
+  if (!valid) {
+    throw std::runtime_error("LiteRT could not read " + entry +
+                             ": the flatbuffer is truncated or corrupt (it fails TFLite's schema verifier)");
+  }
+}
+
 /// Why a compiled model could not be made: the custom ops the model uses, if any (LiteRT has
 /// kernels for builtin ops only), else the status.
 std::string compile_failure(LiteRtModel model, LiteRtStatus status, const std::string& entry) {
@@ -223,7 +263,7 @@ std::string compile_failure(LiteRtModel model, LiteRtStatus status, const std::s
     std::string names;
     for (const std::string& name : custom) names += (names.empty() ? "" : ", ") + name;
     return "LiteRT cannot run " + entry + ": it uses the custom op" + (custom.size() > 1 ? "s " : " ") +
-           names + ", which LiteRT has no kernel for; rebuild the artifact from a model without them";
+           names + ", which LiteRT has no kernel for; rebuild the artifact from a model without custom ops";
   }
   return "LiteRT could not prepare " + entry + " for the CPU (" + status_name(status) +
          "): an operator has no CPU kernel or the flatbuffer is malformed (LiteRT's log on stderr names it)";
@@ -374,8 +414,9 @@ class LiteRtBackend final : public Backend {
                  "LiteRT could not read the signature of " + entry);
     ports_make(signature, settings.options, /*inputs=*/true, &inputs_);
     ports_make(signature, settings.options, /*inputs=*/false, &outputs_);
-    // One compiled model now: ops LiteRT cannot run are a load failure, not a run failure.
+    // One compiled model now, run once: ops LiteRT cannot run are a load failure, not a run failure.
     instances_.pool_reserve(1);
+    warm_up();
   }
 
   ~LiteRtBackend() override = default;
@@ -452,6 +493,27 @@ class LiteRtBackend final : public Backend {
       Port port = port_make(manifest[i], names[i], tensor, inputs ? "input" : "output", entry);
       ports->push_back(std::move(port));
       (inputs ? input_positions_ : output_positions_).push_back(position);
+    }
+  }
+
+  /// Run the first compiled model on zeros; throws a one-sentence error naming the model's custom
+  /// ops (if any) when LiteRT cannot run it.
+  void warm_up() {
+    std::vector<std::unique_ptr<AlignedBuffer>> zeros;
+    std::vector<TensorView> views;
+    for (const Port& port : inputs_) {
+      const size_t bytes = static_cast<size_t>(shape_numel(port.shape)) * dtype_size(port.dtype);
+      zeros.push_back(std::make_unique<AlignedBuffer>(bytes));
+      std::memset(zeros.back()->data.get(), 0, bytes);
+      views.push_back(TensorView{zeros.back()->data.get(), port.dtype, port.shape});
+    }
+    InstanceLease<Instance> instance(instances_);
+    std::vector<Tensor> outputs;
+    try {
+      instance_run(*instance, views, &outputs);
+    } catch (const std::exception&) {
+      instance.lease_discard();
+      throw std::runtime_error(compile_failure(model_.get(), kLiteRtStatusErrorRuntimeFailure, manifest_.payload.entry));
     }
   }
 
@@ -550,6 +612,8 @@ Backend* litert_backend_open(const BackendOpenArgs& args, BackendStatus* status)
   const std::string& entry = args.manifest.payload.entry;
   try {
     const BackendSettings settings = backend_settings_resolve(args);
+    const std::string path = args.artifact_dir + "/" + entry;
+    flatbuffer_verify(path, entry);
     LiteRtEnvironment env = nullptr;
     // The CPU accelerator only (no attempt to load the GPU one), and LiteRT's log (stderr) at
     // errors only: the level is process-wide in LiteRT, and errors (e.g. an op without a kernel)
@@ -563,7 +627,6 @@ Backend* litert_backend_open(const BackendOpenArgs& args, BackendStatus* status)
     env_options[1].value.int_value = kLiteRtLogSeverityError;
     status_check(LiteRtCreateEnvironment(2, env_options, &env), "LiteRT could not create its environment");
     EnvironmentPtr env_owned(env);
-    const std::string path = args.artifact_dir + "/" + entry;
     LiteRtModel model = nullptr;
     const LiteRtStatus loaded = LiteRtCreateModelFromFile(env, path.c_str(), &model);
     if (loaded != kLiteRtStatusOk) {
