@@ -35,7 +35,11 @@ if(_edgesmith_litert_root AND EXISTS "${_edgesmith_litert_root}/ai_edge_litert/l
         "${PROJECT_SOURCE_DIR}/third_party/flatbuffers/include")
     list(REMOVE_DUPLICATES EDGESMITH_LITERT_INCLUDE_DIRS)
     # The C API exports no version function: the wheel's dist-info names it.
-    file(GLOB _edgesmith_litert_dist "${_edgesmith_litert_root}/ai_edge_litert-*.dist-info")
+    # (next to the package as installed: a site-packages may link the package from another one)
+    get_filename_component(_edgesmith_litert_real "${_edgesmith_litert_root}/ai_edge_litert" REALPATH)
+    get_filename_component(_edgesmith_litert_real "${_edgesmith_litert_real}" DIRECTORY)
+    file(GLOB _edgesmith_litert_dist "${_edgesmith_litert_root}/ai_edge_litert-*.dist-info"
+                                     "${_edgesmith_litert_real}/ai_edge_litert-*.dist-info")
     set(EDGESMITH_LITERT_VERSION "unknown")
     if(_edgesmith_litert_dist)
       list(GET _edgesmith_litert_dist 0 _edgesmith_litert_dist)
