@@ -183,6 +183,35 @@ def test_session_refuses_a_corrupt_flatbuffer_by_name(built, tmp_path):
         Session(broken, trusted_keys=[bytes.fromhex(built["pub"].read_text().strip())])
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_int8_flatbuffer_quantizes_at_the_edge(tmp_path_factory, targets_dir, tmp_path):
+    """litert-torch's INT8 flatbuffer takes and returns int8 tensors: the plugin quantizes the float
+    inputs and dequantizes the outputs with their scale and zero point, as the toolchain's Python
+    runner does, so both give the same floats (gate and proof run through the plugin)."""
+    from edgesmith.runtime import Session
+    from edgesmith.toolchain.backends import tflite
+    from edgesmith.toolchain.backends.base import CompileResult
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((32, 1, 8, 8)).astype(np.float32))
+    np.savez(tmp_path / "eval.npz", x=rng.standard_normal((64, 1, 8, 8)).astype(np.float32), y=rng.integers(0, 10, 64))
+    home = tmp_path_factory.mktemp("tflite-int8-home")
+    result = build_json(DIGITS, "--input-shape", "1,1,8,8", "-t", HOST, "--backend", "tflite", "--quantize", "int8",
+                        "--calib", str(tmp_path / "calib.npz"), "--eval", str(tmp_path / "eval.npz"),
+                        "--max-accuracy-drop", "1.0", "-o", str(tmp_path / "dist"),
+                        env={"EDGESMITH_HOME": str(home), "EDGESMITH_TARGETS_PATH": str(targets_dir)})
+    art = result["artifacts"][0]
+    assert art["validation"]["executed"]["how"] == "native" and art["proof"]["status"] == "proven"
+    path = Path(art["path"])
+    options = json.loads((path / "manifest.json").read_text())["backend"]["options"]
+    python_runner = tflite.load(path, CompileResult(format="tflite", entry="model.tflite", options=options), None)
+    session = Session(path, trusted_keys=[bytes.fromhex((home / "keys" / "default.pub").read_text().strip())])
+    for k in range(4):
+        x = (rng.standard_normal((1, 1, 8, 8)) * 2).astype(np.float32)
+        np.testing.assert_allclose(session.run([x])[0], python_runner([x])[0], atol=1e-6, rtol=0)
+
+
 # --- the plugin alone, through the C++ test driver -------------------------------------------
 
 @pytest.fixture(scope="module")
