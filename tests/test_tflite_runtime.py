@@ -251,6 +251,24 @@ def test_plugin_threads_follow_the_setting(backend_check, built):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
+def test_plugin_delegate_setting(backend_check, built, tmp_path):
+    """[tflite] delegate = "none": LiteRT's builtin kernels instead of XNNPACK; an unknown one is refused."""
+    other = tmp_path / "builtin-kernels"
+    shutil.copytree(_path(built, HOST), other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["backend"]["options"]["delegate"] = "none"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    code, report = _check(backend_check, other)
+    assert code == 0 and report["max_abs_err"] <= 1e-4, report
+    assert report["describe"].endswith("(CPU, builtin kernels)")
+    manifest["backend"]["options"]["delegate"] = "gpu"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    code, report = _check(backend_check, other)
+    assert code == 2 and report["status"] == 1 and "delegate is 'gpu', not xnnpack or none" in report["message"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_plugin_refuses_corrupt_and_unsupported_flatbuffers(backend_check, built, tmp_path):
     """A LOAD_FAILED (1) with one sentence naming the problem, never a crash."""
     truncated = tmp_path / "truncated"

@@ -406,6 +406,7 @@ class LiteRtBackend final : public Backend {
   LiteRtBackend(const BackendOpenArgs& args, const BackendSettings& settings, EnvironmentPtr env, ModelPtr model)
       : manifest_(args.manifest), env_(std::move(env)), model_(std::move(model)),
         options_(options_make(settings)),
+        xnnpack_(option_string(settings.options, "delegate", "xnnpack") == "xnnpack"),
         instances_([this] { return instance_make(); }, instance_limit(args)) {
     const std::string& entry = manifest_.payload.entry;
     signature_index_ = signature_find(option_string(settings.options, "signature", ""));
@@ -446,7 +447,9 @@ class LiteRtBackend final : public Backend {
     }
   }
 
-  std::string backend_describe() const override { return "litert " EDGESMITH_LITERT_VERSION " (CPU, XNNPACK)"; }
+  std::string backend_describe() const override {
+    return std::string("litert " EDGESMITH_LITERT_VERSION " (CPU, ") + (xnnpack_ ? "XNNPACK)" : "builtin kernels)");
+  }
 
  private:
   /// Index of the signature named `key`, else of the only one.
@@ -593,6 +596,7 @@ class LiteRtBackend final : public Backend {
   EnvironmentPtr env_;
   ModelPtr model_;
   OptionsPtr options_;
+  bool xnnpack_;  // XNNPACK (backend.options.delegate "xnnpack") or LiteRT's builtin kernels ("none")
   std::mutex compile_mutex_;
   LiteRtParamIndex signature_index_ = 0;
   std::vector<Port> inputs_;
