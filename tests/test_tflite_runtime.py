@@ -75,10 +75,10 @@ def _golden(path: Path) -> list[tuple[list[np.ndarray], list[np.ndarray]]]:
             for s in manifest["golden"]["samples"]]
 
 
-def _session(built: dict, target: str = HOST):
+def _session(built: dict, target: str = HOST, **kwargs):
     from edgesmith.runtime import Session
 
-    return Session(_path(built, target), trusted_keys=[bytes.fromhex(built["pub"].read_text().strip())])
+    return Session(_path(built, target), trusted_keys=[bytes.fromhex(built["pub"].read_text().strip())], **kwargs)
 
 
 @pytest.mark.timeout(900)
@@ -112,9 +112,11 @@ def test_session_matches_litert_interpreter(built):
 
 
 @pytest.mark.timeout(600)
-def test_session_concurrent_callers(built):
-    """run() from 6 threads at once: every result is its own sample's, none mixed up."""
-    session = _session(built)
+@pytest.mark.parametrize("max_concurrency", [0, 4])
+def test_session_concurrent_callers(built, max_concurrency):
+    """run() from 6 threads at once, sharing one compiled model (the default) or up to 4 running
+    at once: every result is its own sample's, none mixed up."""
+    session = _session(built, max_concurrency=max_concurrency)
     samples = _golden(_path(built, HOST))
 
     def call(k: int) -> bool:
