@@ -4,7 +4,9 @@
 // declare more, e.g. LiteRtGetStatusString and the client-side CPU-option builders, which are not).
 //
 // Threads: the CPU accelerator's options carry `num_threads` (BackendOpenArgs::threads, else the
-// manifest target's): each compiled model owns one XNNPACK thread pool of that size.
+// manifest target's): each compiled model owns one XNNPACK thread pool that runs a call on the
+// caller's thread plus num_threads - 1 workers (checked: --threads N gives N threads in
+// edgesmith_backend_check's process).
 //
 // Concurrency: a compiled model wraps one TFLite interpreter, which serves one caller at a time, so
 // the plugin keeps a pool of compiled models over the one loaded model (its flatbuffer, mmapped
