@@ -203,12 +203,13 @@ def peers(artifact: Path, work: Path) -> dict[str, Path]:
     import onnx
     import openvino as ov
 
-    from edgesmith.toolchain.quantize import prepare, qdq_onnx
+    from edgesmith.toolchain.accuracy import Budget, prepare
+    from edgesmith.toolchain.quantize import qdq_onnx
     from edgesmith.toolchain.sources import load_source
 
     manifest = json.loads((artifact / "manifest.json").read_text())
     source = load_source(manifest["model"]["source"]["ref"])
-    plan = prepare(source, "int8", None, None, 1.0)
+    plan = prepare(source, [], [], "", None, None, Budget(), need_int8=True)
     fp32 = work / "fp32.onnx"
     onnx.save(source.onnx_model, str(fp32))
     name = source.inputs[0].name

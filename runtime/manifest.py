@@ -98,7 +98,9 @@ class TargetInfo(BaseModel):
 class BackendInfo(_Model):
     name: NonEmptyStr
     version: str
-    precision: Literal["fp32", "fp16", "int8"]
+    precision: Literal["fp32", "bf16", "fp16", "int8"] = Field(
+        description="the arithmetic the payload runs in; bf16/fp16/int8 artifacts carry the accuracy gate they passed "
+                    "(`accuracy`)")
     options: dict[str, Any] = {}
 
 
@@ -222,6 +224,40 @@ class Quantization(_Model):
     top1_agreement: float = Field(ge=0, le=1, description="share of evaluation inputs where INT8 and FP32 predict the same class")
 
 
+class GateData(_Model):
+    """The inputs an accuracy gate ran on."""
+
+    origin: str = Field(description="file:<path>, registry:<run id>/data/test.npz[a:b], or golden (the build's own "
+                        "validation samples)")
+    samples: int = Field(ge=1)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the inputs' bytes (C order, as stored)")
+    labelled: bool
+
+
+class AccuracyGate(_Model):
+    """The accuracy budget a reduced-precision payload passed against the FP32 model (ONNX Runtime):
+    ``edgesmith build --precision auto|bf16|fp16|int8`` (docs/selection.md)."""
+
+    precision: Literal["bf16", "fp16", "int8"]
+    proof: Literal["labelled", "unlabelled", "synthetic"] = Field(
+        description="labelled: top-1 accuracy drop on labelled held-out data; unlabelled: top-1 agreement with FP32 "
+                    "on >= 64 real inputs; synthetic: agreement on the build's own validation samples only (no "
+                    "real data was given), a weaker proof")
+    data: GateData
+    executed: Literal["native", "host-engine", "qemu-aarch64"] = Field(description="where the payload ran for the gate")
+    reference_accuracy: float | None = Field(default=None, ge=0, le=1, description="FP32 top-1 accuracy (labelled only)")
+    accuracy: float | None = Field(default=None, ge=0, le=1, description="this payload's top-1 accuracy (labelled only)")
+    accuracy_drop: FiniteFloat | None = Field(default=None, description="reference_accuracy - accuracy, in points")
+    max_accuracy_drop: FiniteFloat | None = Field(default=None, description="the bound (--max-accuracy-drop)")
+    top1_agreement: float | None = Field(default=None, ge=0, le=1, description="share of inputs where this payload and "
+                                         "FP32 predict the same class; null when the model is not a classifier")
+    min_agreement: float | None = Field(default=None, ge=0, le=1, description="the bound (--min-agreement), when it applied")
+    max_rel_err: FiniteFloat | None = Field(default=None, ge=0, description="largest |error| relative to the output's "
+                                            "spread over the gate's inputs, over the outputs that are not class scores "
+                                            "(all outputs when there are no labels)")
+    rel_err_bound: FiniteFloat | None = Field(default=None, ge=0, description="the bound: the target's tolerance.<precision>.rtol")
+
+
 class HostInfo(_Model):
     isa: str
     cpu: str
@@ -257,6 +293,9 @@ class SelectionCandidate(_Model):
     """One backend the build tried for the target, and how it fared (docs/selection.md)."""
 
     backend: NonEmptyStr
+    # absent in artifacts built before precision was part of selection (they were fp32)
+    precision: Literal["fp32", "bf16", "fp16", "int8"] | None = Field(
+        default=None, exclude_if=lambda value: value is None, description="the candidate's precision (absent: fp32)")
     status: Literal["passed", "failed", "skipped"] = Field(
         description="passed: compiled, validated and proven as far as this machine can; failed: one of those steps "
                     "failed (see error); skipped: the backend is not installed here")
@@ -266,6 +305,8 @@ class SelectionCandidate(_Model):
     timed_how: str | None = Field(default=None, description="e.g. 'native Session, 2 threads, best of 5 blocks of 200 runs'; "
                                   "null when not timed here")
     error: str | None = Field(default=None, description="why it failed or was skipped; null when it passed")
+    gate: str | None = Field(default=None, exclude_if=lambda value: value is None,
+                             description="the accuracy gate's figures for a reduced precision, in one line")
 
 
 class Selection(_Model):
@@ -275,6 +316,8 @@ class Selection(_Model):
                                          "passing candidate was, and `chosen` names the one auto would keep")
     rule: NonEmptyStr = Field(description="the ranking rule applied, in one sentence")
     chosen: NonEmptyStr = Field(description="the backend the rule picked")
+    chosen_precision: Literal["fp32", "bf16", "fp16", "int8"] | None = Field(
+        default=None, exclude_if=lambda value: value is None, description="the precision the rule picked (absent: fp32)")
     reason: NonEmptyStr = Field(description="why that backend, with the figures that decided it")
     candidates: list[SelectionCandidate] = Field(min_length=1, description="every candidate, in the target's listed order")
 
@@ -306,6 +349,9 @@ class Manifest(_Model):
     # absent, not null, when not quantized: FP32 manifests keep their exact bytes
     quantization: Quantization | None = Field(default=None, exclude_if=lambda value: value is None,
                                               description="present only in quantized (INT8) artifacts")
+    # absent, not null, in FP32 artifacts
+    accuracy: AccuracyGate | None = Field(default=None, exclude_if=lambda value: value is None,
+                                          description="present in bf16, fp16 and int8 artifacts: the accuracy gate passed")
     # absent, not null, in artifacts of a forced backend (--backend NAME) and in older ones
     selection: Selection | None = Field(default=None, exclude_if=lambda value: value is None,
                                         description="present when the build chose among the target's backends")

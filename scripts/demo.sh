@@ -15,11 +15,11 @@ edgesmith=("$VENV/bin/edgesmith")
 # reference from its held-out test split).
 "${edgesmith[@]}" train "$(dirname "$0")/../examples/digits.toml" --alias champion
 "${edgesmith[@]}" build models:/digits@champion --name digits-cnn \
-  --target all --backend all --output dist/demo
+  --target all --backend all --precision fp32 --output dist/demo
 # INT8 (NNCF post-training quantization) from the same registered version, behind the accuracy
 # gate: calibrated and scored on its held-out split, refused past a 1-point drop.
 "${edgesmith[@]}" build models:/digits@champion --name digits-cnn-int8 \
-  -t x86_64-avx2 -t rpi4-aarch64 --backend openvino --quantize int8 --output dist/demo
+  -t x86_64-avx2 -t rpi4-aarch64 --backend openvino --precision int8 --output dist/demo
 "${edgesmith[@]}" verify dist/demo/digits-cnn-rpi4-aarch64-tvm
 
 # --- the fleet loop: a broker, the monitor, three agents (C++) on the host artifact --------------

@@ -27,6 +27,10 @@ DIGITS = "edgesmith.toolchain.models.digits:digits_cnn"
 _home = os.environ.get("EDGESMITH_HOME") or str(REPO / ".edgesmith")
 os.environ.setdefault("EDGESMITH_TOOLS_DIR", str(Path(_home) / "tools"))
 os.environ.setdefault("EDGESMITH_AARCH64_RUNTIME", str(Path(_home) / "runners" / "aarch64-linux"))
+# Builds in tests are FP32 unless a test asks for another precision: with `--precision auto` (the
+# CLI's default) the artifact a test gets would depend on the CPU (bf16 on AVX512_BF16/AMX hosts), and
+# tests never assume the host's ISA. tests/test_precision.py builds with auto and forced precisions.
+os.environ.setdefault("EDGESMITH_PRECISION", "fp32")
 
 
 @pytest.fixture(autouse=True)

@@ -50,14 +50,6 @@ def test_backend_not_listed_by_target(tmp_path):
     assert "does not list backend 'tflite'" in message and "tvm, openvino" in message
 
 
-def test_onnx_source_for_tflite_target(tmp_path):
-    from test_build import _conv_model
-
-    path = _conv_model(tmp_path, "m", "Relu")
-    message = _fails(tmp_path, str(path), "-t", "android-arm64-tflite")
-    assert "converts PyTorch models only" in message
-
-
 def test_pytorch_source_without_input_shape(tmp_path):
     assert "needs --input-shape" in _fails(tmp_path, DIGITS, "-t", "x86_64-avx2")
 

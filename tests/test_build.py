@@ -172,12 +172,32 @@ def test_onnx_light_squeezenet_needs_allow_constant_output(tmp_path):
     assert ok["artifacts"][0]["validation"]["status"] == "passed"
 
 
-def test_fp16_weights_on_request(tmp_path):
-    result = build_json(DIGITS, "--input-shape", "1,1,8,8", "-t", "x86_64-avx2", "--backend", "openvino",
+@pytest.mark.slow  # two candidates, the fp16 one gated and proven under qemu: ~40 s
+def test_fp16_for_rpi5_is_gated_and_proven_under_qemu_and_refused_on_a_cortex_a72(tmp_path):
+    """rpi5-aarch64 lists fp16 (Cortex-A76, Armv8.2): the fp16 candidate runs its accuracy gate in the
+    device runtime under qemu -cpu cortex-a76 (this x86 host has no fp16 arithmetic), is proven there,
+    pins f16 and needs asimdhp/fphp, so a Cortex-A72 (rpi4) refuses it."""
+    from edgesmith.toolchain.prove import _qemu_runner, run_golden
+
+    result = build_json(DIGITS, "--input-shape", "1,1,8,8", "-t", "rpi5-aarch64", "--backend", "openvino",
                         "--precision", "fp16", "-o", str(tmp_path))
-    art = result["artifacts"][0]
-    assert 'element_type="f16"' in (Path(art["path"]) / "model.xml").read_text()
-    assert art["validation"]["atol"] == 5e-2
+    (art,) = result["artifacts"]
+    m = manifest(art["path"])
+    assert m["backend"]["precision"] == "fp16" and 'element_type="f16"' in (Path(art["path"]) / "model.xml").read_text()
+    assert m["backend"]["options"]["config"]["INFERENCE_PRECISION_HINT"] == "f16"
+    assert {"asimdhp", "fphp"} <= set(m["target"]["cpu_features"])
+    gate = m["accuracy"]
+    assert gate["executed"] == "qemu-aarch64" and gate["proof"] == "synthetic" and gate["top1_agreement"] == 1.0
+    assert 0 < gate["max_rel_err"] <= gate["rel_err_bound"]  # really fp16 arithmetic: not bit-equal to FP32
+    assert m["proof"]["status"] == "proven" and "-cpu cortex-a76" in m["proof"]["runner"]
+    from edgesmith.toolchain.targets import get_target
+
+    runner, _ = _qemu_runner(get_target("rpi4-aarch64"))
+    assert runner.cpu == "cortex-a72"
+    from edgesmith.runtime.keys import trusted_public_keys
+
+    refused = run_golden(Path(art["path"]), runner, trusted_public_keys())
+    assert refused["exit_code"] == 1 and "needs CPU features this CPU lacks" in refused["error"] and "asimdhp" in refused["error"]
 
 
 def test_rebuild_replaces_artifact_atomically(tmp_path):

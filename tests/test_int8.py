@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -166,3 +167,131 @@ def test_litert_int8_from_the_registered_pytorch_model(tracking, tmp_path):
 
     tensors = Interpreter(model_path=str(out / "digits-android-arm64-tflite-tflite" / "model.tflite")).get_tensor_details()
     assert sum(t["dtype"] == np.int8 for t in tensors) >= 8
+
+
+# --- precision as part of selection (--precision auto), on the same trained model -------------------
+
+def _host_has(*features: str) -> bool:
+    from edgesmith.runtime import _core
+
+    return not _core.cpu_features_missing(list(features))
+
+
+@pytest.mark.timeout(600)
+def test_auto_precision_with_the_registered_split_publishes_every_gated_candidate(tracking, tmp_path):
+    """--precision auto --backend all on x86_64-avx2 (fp32, int8): the registered split calibrates and
+    labels the gate; every int8 candidate carries its labelled gate, named with its precision."""
+    out = tmp_path / "dist"
+    result = json.loads(run_cli("build", f"models:/digits/{tracking['summary'].version}", "-t", "x86_64-avx2",
+                                "--backend", "all", "--precision", "auto", "-o", str(out), "--json").stdout)
+    (selection,) = result["selections"]
+    pairs = {(c["backend"], c.get("precision")) for c in selection["candidates"]}
+    assert pairs == {("openvino", "fp32"), ("tvm", "fp32"), ("ort", "fp32"), ("openvino", "int8"), ("ort", "int8")}
+    int8 = [a for a in result["artifacts"] if a["precision"] == "int8"]
+    assert {a["backend"] for a in int8} == {"openvino", "ort"}
+    for a in int8:
+        assert Path(a["path"]).name == f"digits-x86_64-avx2-{a['backend']}-int8"
+        gate = a["accuracy"]
+        assert gate["precision"] == "int8" and gate["proof"] == "labelled" and gate["data"]["labelled"] is True
+        assert gate["accuracy_drop"] <= 1.0 and gate["max_accuracy_drop"] == 1.0 and gate["min_agreement"] is None
+        assert gate["accuracy_drop"] == pytest.approx(100 * (gate["reference_accuracy"] - gate["accuracy"]))
+        assert a["quantization"]["int8_accuracy"] == gate["accuracy"]  # the INT8 record as before
+    fp32 = [a for a in result["artifacts"] if a["precision"] == "fp32"]
+    assert {a["backend"] for a in fp32} == {"openvino", "tvm", "ort"} and all(a["accuracy"] is None for a in fp32)
+    assert selection["chosen_precision"] in ("fp32", "int8")
+    chosen = [c for c in selection["candidates"] if c["backend"] == selection["chosen"]
+              and c.get("precision") == selection["chosen_precision"]]
+    assert len(chosen) == 1 and chosen[0]["latency_us_p50"] == min(
+        c["latency_us_p50"] for c in selection["candidates"] if c["latency_us_p50"])
+
+
+@pytest.mark.timeout(600)
+def test_unlabelled_gate_from_calibration_inputs_and_its_bounds(tracking, tmp_path):
+    """Only --calib: int8 calibrates on its first half and is judged by top-1 agreement on the second;
+    an impossible --min-agreement refuses it with the figures; too few inputs leave int8 out."""
+    from conftest import DIGITS
+
+    x = tracking["x"][:200]
+    np.savez(tmp_path / "calib.npz", x=x)
+    out = tmp_path / "dist"
+    args = ["build", f"models:/digits/{tracking['summary'].version}", "-t", "x86_64-avx2", "--backend", "ort",
+            "--precision", "int8", "--calib", str(tmp_path / "calib.npz")]
+    # a registered model brings labels: use an ONNX file of it instead, which has none
+    import onnx
+
+    from edgesmith.toolchain.sources import load_source
+
+    onnx.save(load_source(args[1]).onnx_model, str(tmp_path / "digits.onnx"))
+    args[1] = str(tmp_path / "digits.onnx")
+    (artifact,) = json.loads(run_cli(*args, "-o", str(out), "--json").stdout)["artifacts"]
+    gate = artifact["accuracy"]
+    assert gate["proof"] == "unlabelled" and gate["data"] == {
+        "origin": f"file:{tmp_path / 'calib.npz'}[100:]", "samples": 100, "labelled": False,
+        "sha256": hashlib.sha256(np.ascontiguousarray(x[100:]).tobytes()).hexdigest()}
+    assert gate["top1_agreement"] >= 0.99 and gate["min_agreement"] == 0.99 and gate["accuracy"] is None
+    assert artifact["quantization"] is None  # no labels, no accuracy figures to record
+    assert Path(artifact["path"]).name == "digits-x86_64-avx2-ort"  # a forced precision keeps the plain name
+
+    # calibrated on zeros (every activation range collapses), judged on real inputs: refused with the figures
+    np.savez(tmp_path / "poor.npz", x=np.concatenate([np.zeros_like(x[:100]), x[100:]]))
+    refused = run_cli(*args[:-1], str(tmp_path / "poor.npz"), "-o", str(tmp_path / "d2"), check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "agrees with FP32 on the top-1 class of" in refused.stderr and "below --min-agreement 0.99" in refused.stderr
+    assert not (tmp_path / "d2").exists() or not any((tmp_path / "d2").iterdir())
+    bad = run_cli(*args, "--min-agreement", "1.5", "-o", str(tmp_path / "d2"), check=False)
+    assert bad.returncode == 1 and "--min-agreement 1.5 is not a share" in bad.stderr
+    np.savez(tmp_path / "few.npz", x=x[:100])
+    few = run_cli(*args[:-1], str(tmp_path / "few.npz"), "-o", str(tmp_path / "d3"), check=False)
+    assert few.returncode == 1 and "int8 needs held-out inputs" in few.stderr and "--calib has 100" in few.stderr
+    assert not (tmp_path / "d3").exists() or not any((tmp_path / "d3").iterdir())
+    small = run_cli("build", DIGITS, "--input-shape", "1,1,8,8", "-t", "x86_64-avx2", "--precision", "auto",
+                    "--eval", str(tmp_path / "calib.npz"), "-o", str(tmp_path / "d4"), check=False)
+    assert small.returncode == 1 and "has no array 'y'" in small.stderr
+
+
+@pytest.mark.timeout(300)
+def test_a_precision_the_target_does_not_list_is_one_sentence(tmp_path):
+    from conftest import DIGITS
+
+    result = run_cli("build", DIGITS, "--input-shape", "1,1,8,8", "-t", "x86_64-avx2", "--precision", "bf16",
+                     "-o", str(tmp_path), check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    (line,) = [l for l in result.stderr.splitlines() if l.strip()]
+    assert "target x86_64-avx2 does not list precision 'bf16'; its precisions are fp32, int8" in line
+    result = run_cli("build", DIGITS, "--input-shape", "1,1,8,8", "--precision", "fp8", "-o", str(tmp_path), check=False)
+    assert result.returncode == 1 and "--precision 'fp8' is not known; use auto, fp32, bf16, fp16, int8" in result.stderr
+
+
+@pytest.mark.timeout(300)
+def test_bf16_without_data_is_gated_on_the_builds_own_samples_or_skipped_by_name(tmp_path):
+    """x86_64-avx512 lists bf16: on a CPU with AVX512_BF16 the candidate is built, gated on the build's
+    own samples (the weaker, synthetic proof) and needs avx512_bf16 on the device; elsewhere it is
+    skipped with the feature named. Never assumes this host's ISA."""
+    from conftest import DIGITS
+
+    from edgesmith.runtime.manifest import Manifest
+
+    out = tmp_path / "dist"
+    result = json.loads(run_cli("build", DIGITS, "--input-shape", "1,1,8,8", "-t", "x86_64-avx512", "--backend", "openvino",
+                                "--precision", "auto", "-o", str(out), "--json").stdout)
+    (selection,) = result["selections"]
+    (bf16,) = [c for c in selection["candidates"] if c.get("precision") == "bf16"]
+    assert any(n["precision"] == "int8" and "--calib" in n["error"] for n in result["notes"])  # int8 left out, by name
+    if not _host_has("avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16"):
+        assert bf16["status"] == "skipped" and "avx512_bf16" in bf16["error"]
+        return
+    assert bf16["status"] in ("passed", "chosen") or selection["chosen_precision"] == "bf16", bf16
+    assert bf16["gate"].startswith("synthetic gate on 8 inputs: top-1 agreement")
+    # --precision bf16 forces it: the manifest pins bf16, records the weaker proof, needs the feature
+    forced = json.loads(run_cli("build", DIGITS, "--input-shape", "1,1,8,8", "-t", "x86_64-avx512", "--backend", "openvino",
+                                "--precision", "bf16", "-o", str(tmp_path / "forced"), "--json").stdout)
+    (artifact,) = forced["artifacts"]
+    manifest = Manifest.from_bytes((Path(artifact["path"]) / "manifest.json").read_bytes())
+    assert manifest.backend.precision == "bf16" and manifest.backend.options["config"]["INFERENCE_PRECISION_HINT"] == "bf16"
+    assert "avx512_bf16" in manifest.target.cpu_features
+    gate = manifest.accuracy
+    assert gate.proof == "synthetic" and gate.data.origin == "golden" and gate.data.samples == 8 and not gate.data.labelled
+    assert gate.top1_agreement >= 0.99 and gate.max_rel_err <= gate.rel_err_bound == 5e-2
+    from edgesmith.runtime import Session
+
+    assert Session(artifact["path"]).self_test()["passed"]

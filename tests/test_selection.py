@@ -105,20 +105,20 @@ def test_a_tuned_tvm_wins_off_host_only_by_recorded_latency(auto_build):
     tuned = {"sha256": "0" * 64, "workloads_matched": 5, "workloads_total": 5, "latency_us": 900.0,
              "measured_on": "rpi4-aarch64"}
     # the others record no latency on the device: a tuned TVM cannot show it beats them, so it ranks after them
-    chosen, reason = select(target, [candidate("tvm", tuned), candidate("openvino"), candidate("ort")])
-    assert chosen == "openvino" and "does not beat" in reason
+    chosen = select(target, [candidate("tvm", tuned), candidate("openvino"), candidate("ort")])
+    assert chosen.backend == "openvino" and "does not beat" in chosen.reason
     # on a device through RPC counts as this target's device class too
-    from edgesmith.toolchain.build import recorded_latency_us
+    from edgesmith.toolchain.selection import recorded_latency_us
 
     assert recorded_latency_us(candidate("tvm", {**tuned, "measured_on": "rpc:rpi4"}).staged) == 900.0
     # measured on another device class, nothing matched, or no latency: untuned
     for other in ({**tuned, "measured_on": "rpi5-aarch64"}, {**tuned, "workloads_matched": 0},
                   {**tuned, "latency_us": None}):
-        chosen, reason = select(target, [candidate("tvm", other), candidate("ort")])
-        assert chosen == "ort" and "untuned" in reason
+        chosen = select(target, [candidate("tvm", other), candidate("ort")])
+        assert chosen.backend == "ort" and "untuned" in chosen.reason
     # a failed candidate never wins; a lone TVM build that passed does
     failed = Candidate("openvino", "failed", error="x")
-    assert select(target, [candidate("tvm"), failed])[0] == "tvm"
+    assert select(target, [candidate("tvm"), failed]).backend == "tvm"
     assert select(target, [failed]) is None
 
 

@@ -8,9 +8,8 @@ Three ways in, as tests/test_backends_native.py does for the other plugins:
 - ``edgesmith_backend_check`` (tests/cpp/backends), which dlopens the plugin alone, hammers it from
   several C++ threads and checks its refusals (a truncated flatbuffer, a custom op without a kernel).
 
-No builtin Linux target lists tflite yet (it converts PyTorch sources only, and those targets also
-get ONNX sources), so the host and Raspberry Pi artifacts are built for two test targets that extend
-the builtin ones (EDGESMITH_TARGETS_PATH).
+No builtin Linux target lists tflite, so the host and Raspberry Pi artifacts are built for two test
+targets that extend the builtin ones (EDGESMITH_TARGETS_PATH).
 """
 
 from __future__ import annotations

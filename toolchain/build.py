@@ -1,15 +1,16 @@
 """``edgesmith build``: model source → (compile → validate → package + sign) per target.
 
-The reference outputs (ONNX Runtime) are computed once per source; every (target, backend) pair
-then compiles into a staging directory, is run on the same samples where this machine can run it,
-and is published only when it is within the target's tolerance.
+The reference outputs (ONNX Runtime) are computed once per source; every candidate of a target (a
+backend x precision pair) then compiles into a staging directory, is run on the same samples where
+this machine can run it, and is published only when it is within the target's tolerance (fp32) or
+the accuracy budget (bf16, fp16, int8; toolchain/accuracy.py). Which candidate is published is
+toolchain/selection.py's rule.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -22,19 +23,21 @@ from typing import Callable, Literal
 
 import numpy as np
 
-from edgesmith.runtime.manifest import (BackendInfo, BuildInfo, Executed, Golden, GoldenSample, HostInfo, Manifest,
-                                        ModelInfo, Payload, Proof, Quantization, Selection, SelectionCandidate, SourceInfo,
-                                        TensorSpec, Validation)
-from edgesmith.toolchain import quantize, reference
+from edgesmith.runtime.manifest import (AccuracyGate, BackendInfo, BuildInfo, Executed, Golden, GoldenSample, HostInfo,
+                                        Manifest, ModelInfo, Payload, Proof, Quantization, Selection, SourceInfo, TensorSpec,
+                                        Validation)
+from edgesmith.toolchain import accuracy, reference
 from edgesmith.toolchain.backends import get_backend
-from edgesmith.toolchain.backends.base import CompileRequest
+from edgesmith.toolchain.backends.base import CompileRequest, Execution
 from edgesmith.toolchain.errors import BackendUnavailable, UserError, ValidationError, first_line
 from edgesmith.toolchain.monitoring import monitoring_spec
-from edgesmith.toolchain.prove import prove
+from edgesmith.toolchain.prove import prove, run_batch, runner_for
 from edgesmith.toolchain.package import file_entries, publish, sign_and_check, staging_dir
 from edgesmith.toolchain.signing import SigningKey, ephemeral_key
 from edgesmith.toolchain.sources import ModelSource
-from edgesmith.toolchain.targets import Precision, Target, host_isa, missing_cpu_features
+from edgesmith.toolchain.selection import (RULE, Candidate, Timing, label, select, serving_latency_us,  # noqa: F401
+                                           time_candidates, timeable)
+from edgesmith.toolchain.targets import FLOAT_REDUCED, PRECISIONS, Target, host_isa, missing_cpu_features
 from edgesmith.toolchain.validate import compare, input_sensitivity, require_input_dependence
 
 GOLDEN_DIR = "golden"
@@ -43,7 +46,9 @@ GOLDEN_DIR = "golden"
 @dataclass
 class BuildOptions:
     out_dir: Path
-    precision: Precision = "fp32"
+    # "auto": every precision the target lists is a candidate behind the accuracy budget (the CLI's
+    # default); one precision forces it (the Python API's default is fp32)
+    precision: str = "fp32"
     tuning_db: Path | None = None
     samples_path: Path | None = None
     num_samples: int = 8
@@ -52,11 +57,29 @@ class BuildOptions:
     # Golden samples kept in the artifact: the self-test's and proof's cases, and the inputs an agent's
     # synthetic load replays, so they are the samples the monitoring reference was measured on.
     golden_samples: int = 8
-    # --quantize int8: calibration/evaluation data and the accuracy gate's bound (toolchain/quantize.py)
+    # --quantize int8 is --precision int8; calibration/evaluation data and the accuracy budget
+    # (toolchain/accuracy.py)
     quantize: str | None = None
     calib_path: Path | None = None
     eval_path: Path | None = None
-    max_accuracy_drop: float = 1.0
+    max_accuracy_drop: float = accuracy.DEFAULT_MAX_DROP
+    min_agreement: float = accuracy.DEFAULT_MIN_AGREEMENT
+
+    def __post_init__(self) -> None:
+        if self.quantize is not None:
+            if self.quantize != "int8":
+                raise UserError(f"--quantize {self.quantize!r} is not known; use int8 (the same as --precision int8)")
+            if self.precision not in ("auto", "fp32", "int8"):
+                raise UserError(f"--quantize int8 is --precision int8; drop --precision {self.precision}")
+            self.precision = "int8"
+        if self.precision != "auto" and self.precision not in PRECISIONS:
+            raise UserError(f"--precision {self.precision!r} is not known; use auto, {', '.join(PRECISIONS)}")
+        if not (0.0 <= self.min_agreement <= 1.0):
+            raise UserError(f"--min-agreement {self.min_agreement} is not a share; give e.g. 0.99")
+
+    @property
+    def budget(self) -> accuracy.Budget:
+        return accuracy.Budget(self.max_accuracy_drop, self.min_agreement)
 
 
 @dataclass
@@ -69,7 +92,7 @@ class ReferenceRun:
     sensitivity: float
     version: str
     origin: str = "synthetic N(0,1)"  # where the sample inputs came from (manifest source.samples)
-    quantization: "quantize.Plan | None" = None  # --quantize: data, FP32 accuracy, the gate's bound
+    data: accuracy.Data | None = None  # reduced precisions: calibration, the gate sets, what is left out
 
 
 @dataclass
@@ -99,10 +122,14 @@ def run_reference(source: ModelSource, options: BuildOptions) -> ReferenceRun:
     sensitivity = input_sensitivity(outputs)
     specs = [TensorSpec(name=name, dtype=arr.dtype.name, shape=list(arr.shape))
              for name, arr in zip(model.output_names, outputs[0])]
-    plan = None
-    if options.quantize:
-        plan = quantize.prepare(source, options.quantize, options.calib_path, options.eval_path, options.max_accuracy_drop)
-    return ReferenceRun(samples, outputs, specs, sensitivity, reference.version(), origin, plan)
+    data = None
+    if options.precision != "fp32":
+        data = accuracy.prepare(source, samples, outputs, origin, options.calib_path, options.eval_path, options.budget,
+                                need_int8=options.precision == "int8")
+    elif options.calib_path or options.eval_path:
+        raise UserError("--calib and --eval are data for the accuracy budget of reduced precisions; drop them, or "
+                        "use --precision auto (or bf16, fp16, int8)")
+    return ReferenceRun(samples, outputs, specs, sensitivity, reference.version(), origin, data)
 
 
 Mode = Literal["auto", "all", "forced"]
@@ -110,23 +137,52 @@ Mode = Literal["auto", "all", "forced"]
 
 @dataclass
 class BackendPlan:
-    """Which of a target's backends a build tries, and what it publishes: ``auto`` the best one
-    (docs/selection.md), ``all`` every one that passes, ``forced`` the one asked for."""
+    """Which candidates (backend x precision) a build tries for a target, and what it publishes:
+    ``auto`` the best one (docs/selection.md), ``all`` every one that passes, ``forced`` the one
+    asked for (one backend at one precision)."""
 
     mode: Mode
     backends: list[str]
+    precisions: list[str] = field(default_factory=lambda: ["fp32"])
+    left_out: dict[str, str] = field(default_factory=dict)  # precisions the target lists but this build cannot try
+
+    def candidates(self) -> list[tuple[str, str]]:
+        """(backend, precision) pairs, precision by precision in the target's order; a backend is a
+        candidate at the precisions it builds (``PRECISIONS``), except a forced pair, which is tried
+        as asked so its backend says why it cannot."""
+        if self.mode == "forced":
+            return [(self.backends[0], self.precisions[0])]
+        return [(b, p) for p in self.precisions for b in self.backends if p in get_backend(b).PRECISIONS]
 
 
-def choose_backends(target: Target, backend: str | None) -> BackendPlan:
-    """``auto`` (the default), ``all``, or one backend the target lists."""
-    if backend is None or backend == "auto":
-        return BackendPlan("auto", list(target.backends))
-    if backend == "all":
-        return BackendPlan("all", list(target.backends))
-    if backend not in target.backends:
+def choose_backends(target: Target, backend: str | None, precision: str = "fp32",
+                    data: accuracy.Data | None = None) -> BackendPlan:
+    """``auto`` (the default), ``all``, or one backend the target lists; at ``precision``, or at
+    every precision the target lists (``auto``) that the build's data allows."""
+    if backend not in (None, "auto", "all") and backend not in target.backends:
         raise UserError(f"target {target.name} does not list backend {backend!r}; its backends are: "
                         f"{', '.join(target.backends)} (or use auto or all)")
-    return BackendPlan("forced", [backend])
+    left_out: dict[str, str] = {}
+    if precision == "auto":
+        precisions = []
+        for p in target.precisions:
+            why = (data.left_out.get(p) if data is not None else None) if p != "fp32" else None
+            if why:
+                left_out[p] = why
+            else:
+                precisions.append(p)
+    else:
+        target.check_precision(precision)
+        precisions = [precision]
+    backends = list(target.backends) if backend in (None, "auto", "all") else [backend]
+    mode: Mode = "all" if backend == "all" else "auto"
+    if backend not in (None, "auto", "all"):
+        supported = [p for p in precisions if p in get_backend(backend).PRECISIONS]
+        if precision != "auto" or len(supported) <= 1:
+            mode, precisions = "forced", (supported or precisions)[:1]
+        else:
+            precisions = supported
+    return BackendPlan(mode, backends, precisions, left_out)
 
 
 def _versions(backend_pkg: str | None) -> dict[str, str]:
@@ -168,13 +224,38 @@ def _save_golden(staging: Path, ref: ReferenceRun, count: int) -> list[GoldenSam
 
 
 def _runner(staging: Path, result, backend, target: Target, how: str, public_key: bytes):
-    """The device's own Session for payloads the C++ runtime runs natively here; otherwise the
+    """The device's own Session for payloads the C++ runtime runs natively here; the device runtime
+    under qemu for a reduced-precision gate of another ISA (:func:`_emulated`); otherwise the
     engine's Python API (an ISA-independent payload checked by this host's build of the engine)."""
+    if how == "qemu-aarch64":
+        return _emulated(staging, target, public_key)
     if how == "native" and getattr(backend, "DEVICE_RUNTIME", False):
         from edgesmith.runtime import Session
 
         return Session(staging, threads=target.threads, trusted_keys=[public_key]).run
     return backend.load(staging, result, target)
+
+
+class _emulated:
+    """Runs samples through ``edgesmith-run --batch`` under qemu, in one process per batch: called
+    one sample at a time it would load the engine under emulation once per sample. ``batch`` is
+    what the gate calls; calling it with one sample works too."""
+
+    def __init__(self, staging: Path, target: Target, public_key: bytes):
+        self.staging, self.target, self.keys = staging, target, [public_key]
+
+    def batch(self, samples: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
+        runner, why = runner_for(self.target)
+        if runner is None:
+            raise UserError(f"{self.staging.name}: cannot run {self.target.isa} code here ({why})")
+        return run_batch(self.staging, runner, self.keys, samples)
+
+    def __call__(self, sample: list[np.ndarray]) -> list[np.ndarray]:
+        return self.batch([sample])[0]
+
+
+def _run_all(run, samples: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
+    return run.batch(samples) if hasattr(run, "batch") else [run(sample) for sample in samples]
 
 
 def _validate(staging: Path, result, backend, target: Target, ref: ReferenceRun, tolerance, name: str,
@@ -196,33 +277,60 @@ def _validate(staging: Path, result, backend, target: Target, ref: ReferenceRun,
                       max_rel_err=cmp.max_rel_err, top1_agreement=cmp.top1_agreement, reason=execution.reason, **common)
 
 
-def _validate_int8(staging: Path, result, backend, target: Target, ref: ReferenceRun, tolerance, name: str,
-                   public_key: bytes) -> tuple[Validation, Quantization, list[list[np.ndarray]]]:
-    """INT8 payloads are judged by the task, not element-wise: the accuracy gate on the labelled
-    held-out inputs (toolchain/quantize.py), then top-1 agreement with FP32. Returns the payload's
-    own outputs for the golden inputs too: they become the golden outputs."""
+def _gate_execution(backend, target: Target, precision: str):
+    """How this machine runs a reduced-precision candidate for its accuracy gate, or BackendUnavailable
+    (the candidate is skipped) when nothing here runs its arithmetic: a bf16/fp16 payload in an
+    engine on a CPU without that arithmetic silently computes in f32, so its gate would prove nothing."""
     execution = backend.executes_here(target)
+    if precision in FLOAT_REDUCED and execution.how != "native":
+        # The device runtime under qemu, emulating a core that has the arithmetic, is the only honest
+        # place left: it runs the payload's own kernels.
+        if getattr(backend, "DEVICE_RUNTIME", False) and target.proof == "qemu-aarch64":
+            runner, why = runner_for(target)
+            if runner is not None and runner.how == "qemu-aarch64":
+                return Execution(True, "qemu-aarch64")
+        why = (f"this machine lacks {', '.join(missing_cpu_features(target))}" if target.isa == host_isa()
+               else f"this machine runs {host_isa()}, not {target.isa}, and cannot emulate it")
+        raise BackendUnavailable(f"the {precision} candidate's accuracy cannot be measured here ({why}, and an engine "
+                                 f"without {precision} arithmetic computes in f32); build on a machine with "
+                                 f"{', '.join(target.precision_features.get(precision, []))}")
     if not execution.possible:
-        raise UserError(f"{name}: an INT8 artifact must pass the accuracy gate, which runs it, and this machine cannot "
-                        f"({execution.reason}); build it on a machine that runs {target.isa} payloads")
-    plan = ref.quantization
+        raise BackendUnavailable(f"a {precision} artifact must pass the accuracy budget, which runs it, and this machine "
+                                 f"cannot ({execution.reason}); build it on a machine that runs {target.isa} payloads")
+    return execution
+
+
+def _validate_reduced(staging: Path, result, backend, target: Target, precision: str, ref: ReferenceRun, tolerance,
+                      name: str, public_key: bytes) -> tuple[Validation, AccuracyGate, list[list[np.ndarray]]]:
+    """A bf16, fp16 or int8 payload is judged by the accuracy budget against the FP32 model
+    (toolchain/accuracy.py), not element-wise. Returns the payload's own outputs for the golden
+    inputs too: they become the golden outputs."""
+    execution = _gate_execution(backend, target, precision)
+    data = ref.data
+    gate_set = data.gate_for(precision)
     run = _runner(staging, result, backend, target, execution.how, public_key)
-    record = plan.gate(name, [run(sample) for sample in plan.evaluation.samples()], result.options.get("quantization", backend.NAME))
-    golden = [run(sample) for sample in ref.samples]
-    cmp = compare(golden, ref.outputs, [s.name for s in ref.output_specs], tolerance.atol, tolerance.rtol)
+    names = [s.name for s in ref.output_specs]
+    same = gate_set.samples is ref.samples
+    gate_outputs = _run_all(run, gate_set.samples if same else [*gate_set.samples, *ref.samples])
+    gate_outputs, golden = (gate_outputs, gate_outputs) if same else (gate_outputs[:len(gate_set.samples)],
+                                                                      gate_outputs[len(gate_set.samples):])
+    gate = gate_set.judge(name, precision, gate_outputs, data.budget, target.tolerance_for(precision).rtol, names,
+                          execution.how)
+    cmp = compare(golden, ref.outputs, names, tolerance.atol, tolerance.rtol)
     validation = Validation(status="passed", executed=Executed(isa=host_isa(), how=execution.how),
-                            reference=f"onnxruntime {ref.version} (FP32 model); passed the INT8 accuracy gate",
-                            samples=len(plan.evaluation.x), max_abs_err=cmp.max_abs_err, max_rel_err=cmp.max_rel_err,
-                            top1_agreement=record.top1_agreement, atol=tolerance.atol, rtol=tolerance.rtol,
+                            reference=f"onnxruntime {ref.version} (FP32 model); passed the {precision} accuracy budget",
+                            samples=len(gate_set.samples), max_abs_err=cmp.max_abs_err, max_rel_err=cmp.max_rel_err,
+                            top1_agreement=gate.top1_agreement, atol=tolerance.atol, rtol=tolerance.rtol,
                             input_sensitivity=ref.sensitivity,
-                            reason="INT8: judged by accuracy and top-1 agreement with FP32 on the evaluation inputs; "
-                                   "max_abs_err/max_rel_err are the golden inputs' INT8-vs-FP32 differences, for information")
-    return validation, record, golden
+                            reason=f"{precision}: judged by the accuracy budget ({accuracy.summary(gate)}); "
+                                   f"max_abs_err/max_rel_err are the golden inputs' {precision}-vs-FP32 differences, "
+                                   "for information")
+    return validation, gate, golden
 
 
-def _int8_golden(staging: Path, manifest: Manifest, outputs: list[list[np.ndarray]], tolerance) -> None:
-    """Golden outputs of an INT8 artifact are its own outputs here; a device's INT8 kernels may
-    round differently, so its self-test allows as much as quantization moved them from FP32."""
+def _own_golden(staging: Path, manifest: Manifest, outputs: list[list[np.ndarray]], tolerance) -> None:
+    """Golden outputs of a reduced-precision artifact are its own outputs here; a device's kernels
+    may round differently, so its self-test allows as much as the precision moved them from FP32."""
     for sample, arrays in zip(manifest.golden.samples, outputs):
         for path, array in zip(sample.outputs, arrays):
             np.save(staging / path, np.ascontiguousarray(array), allow_pickle=False)
@@ -244,23 +352,42 @@ class StagedArtifact:
     device_runtime: bool
     duration_s: float
     stages: dict[str, float]
+    precision: str = "fp32"
+
+    @property
+    def label(self) -> str:
+        return label(self.backend, self.precision)
 
 
 def stage_one(source: ModelSource, ref: ReferenceRun, target: Target, backend_name: str, options: BuildOptions,
-              stack: ExitStack, status: Callable[[str], None] = lambda _: None) -> StagedArtifact:
-    """Compile, validate and prove one candidate in a staging directory that ``stack`` removes when
-    it closes (unless it was published first); if any step fails it is removed at once.
+              stack: ExitStack, status: Callable[[str], None] = lambda _: None,
+              precision: str | None = None) -> StagedArtifact:
+    """Compile, validate and prove one candidate (``backend_name`` at ``precision``, default the
+    options' forced one) in a staging directory that ``stack`` removes when it closes (unless it was
+    published first); if any step fails it is removed at once.
+
+    A reduced-precision candidate's target is ``target.for_precision(precision)``: the manifest then
+    names the CPU features its arithmetic needs, and the device refuses it on a CPU without them.
 
     The device code that validates and proves it (Session, edgesmith-run) refuses unsigned
     artifacts, so the staging directory is signed with a throwaway key that exists only in this
     process; :func:`finish` signs the manifest with the real key after every check passed.
     """
     started = time.perf_counter()
+    precision = precision or (options.precision if options.precision != "auto" else "fp32")
     backend = get_backend(backend_name)
     backend_version = backend.version()
-    tolerance = target.tolerance_for(options.precision)
+    tolerance = target.tolerance_for("fp32")  # element-wise against ONNX Runtime; reduced precisions have the budget
     require_input_dependence(ref.outputs, tolerance.atol, tolerance.rtol, options.allow_constant_output)
-    name = f"{source.name}-{target.name}-{backend_name}"
+    reduced = precision != "fp32"
+    if reduced and ref.data is None:
+        raise UserError(f"a {precision} candidate needs the accuracy budget's data; build with --precision {precision} or auto")
+    target = target.for_precision(precision)
+    if reduced and (precision != "int8" or hasattr(backend, "compile_int8")):
+        _gate_execution(backend, target, precision)  # before compiling: skipped at once when nothing here runs it
+    # A precision the user forced keeps the plain name (e.g. --name digits-int8 --precision int8);
+    # one chosen by --precision auto says so in the name, as several may be published (--backend all).
+    name = f"{source.name}-{target.name}-{backend_name}" + (f"-{precision}" if reduced and options.precision == "auto" else "")
     final = options.out_dir / name
     stages: dict[str, float] = {}
     with ExitStack() as own:
@@ -268,14 +395,14 @@ def stage_one(source: ModelSource, ref: ReferenceRun, target: Target, backend_na
         work = own.enter_context(tempfile.TemporaryDirectory(prefix="edgesmith-"))
         status(f"{name}: compiling with {backend_name} {backend_version}")
         t0 = time.perf_counter()
-        request = CompileRequest(source=source, target=target, precision=options.precision, out_dir=staging,
+        request = CompileRequest(source=source, target=target, precision=precision, out_dir=staging,
                                  work_dir=Path(work), tuning_db=options.tuning_db)
-        if ref.quantization is not None:
+        if precision == "int8":
             compile_int8 = getattr(backend, "compile_int8", None)
             if compile_int8 is None:
-                raise UserError(f"the {backend_name} backend has no INT8 path; use --backend openvino or ort with --quantize int8")
-            status(f"{name}: quantizing to INT8 on {len(ref.quantization.calibration.x)} calibration samples")
-            result = compile_int8(request, ref.quantization.calibration)
+                raise UserError(f"the {backend_name} backend has no INT8 path; use --backend openvino or ort with --precision int8")
+            status(f"{name}: quantizing to INT8 on {len(ref.data.calibration.x)} calibration samples")
+            result = compile_int8(request, ref.data.calibration)
         else:
             result = backend.compile(request)
         stages["compile_s"] = time.perf_counter() - t0
@@ -290,7 +417,7 @@ def stage_one(source: ModelSource, ref: ReferenceRun, target: Target, backend_na
                             onnx_sha256=source.onnx_sha256, opset=source.opset),
             target=target.spec(),
             backend=BackendInfo(name=backend_name, version=backend_version, options=result.options,
-                                precision="int8" if ref.quantization is not None else options.precision),
+                                precision=precision),
             payload=Payload(format=result.format, entry=result.entry),
             files=file_entries(staging),
             inputs=source.inputs,
@@ -309,11 +436,15 @@ def stage_one(source: ModelSource, ref: ReferenceRun, target: Target, backend_na
         sign_and_check(staging, manifest, staging_key)
 
         t0 = time.perf_counter()
-        if ref.quantization is not None:
-            status(f"{name}: INT8 accuracy gate on {len(ref.quantization.evaluation.x)} held-out samples")
-            manifest.validation, manifest.quantization, int8_golden = _validate_int8(
-                staging, result, backend, target, ref, tolerance, name, staging_key.public_key)
-            _int8_golden(staging, manifest, int8_golden, tolerance)
+        if reduced:
+            gate_set = ref.data.gate_for(precision)
+            status(f"{name}: {precision} accuracy budget on {gate_set.describe()}")
+            manifest.validation, manifest.accuracy, own_golden = _validate_reduced(
+                staging, result, backend, target, precision, ref, tolerance, name, staging_key.public_key)
+            if precision == "int8":
+                manifest.quantization = accuracy.quantization_record(
+                    manifest.accuracy, ref.data.calibration, gate_set, result.options.get("quantization", backend.NAME))
+            _own_golden(staging, manifest, own_golden, tolerance)
             sign_and_check(staging, manifest, staging_key)
         else:
             status(f"{name}: validating on {len(ref.samples)} samples against ONNX Runtime")
@@ -332,7 +463,7 @@ def stage_one(source: ModelSource, ref: ReferenceRun, target: Target, backend_na
             manifest.proof = Proof(status="not-run", isa=target.isa, reason=f"the C++ runtime does not run {result.format} payloads")
         staged = StagedArtifact(target=target, backend=backend_name, path=staging, final=final, manifest=manifest,
                                 staging_key=staging_key, device_runtime=device_runtime,
-                                duration_s=time.perf_counter() - started, stages=stages)
+                                duration_s=time.perf_counter() - started, stages=stages, precision=precision)
         stack.enter_context(own.pop_all())  # the work directory goes with the staging one, when the caller is done
     return staged
 
@@ -361,204 +492,8 @@ def build_one(source: ModelSource, ref: ReferenceRun, target: Target, backend_na
     nothing is left on disk if any step fails."""
     with ExitStack() as stack:
         staged = stage_one(source, ref, target, backend_name, options, stack, status)
-        timing = time_candidates([staged], status).get(backend_name)
+        timing = time_candidates([staged], status).get(staged.label)
         return finish(source, staged, key, timing.p50_us if timing else None, None, status)
-
-
-# --- timing and selection (docs/selection.md) --------------------------------------------------------
-
-TIMING_BLOCKS = 5  # blocks per candidate (fewer for slow models, see _block_plan)
-TIMING_BLOCK_S = 0.2  # a block's target length
-TIMING_BUDGET_S = 1.5  # all of one candidate's blocks
-TIMING_MAX_RUNS = 200  # runs per block
-TIMING_MIN_RUNS = 3
-TIMING_WARMUP = 3  # runs before each block, not timed: the engine's threads wake up, caches refill
-TIMING_PAUSE_S = 0.05  # between blocks, so the previous engine's spinning worker threads go idle
-
-
-@dataclass
-class Timing:
-    p50_us: float
-    p95_us: float
-    how: str
-    seconds: float = 0.0  # wall time spent timing this candidate
-
-
-def timeable(staged: StagedArtifact) -> bool:
-    """The payload ran natively here, in the C++ runtime the device uses: its latency here means something."""
-    executed = staged.manifest.validation.executed
-    return staged.device_runtime and executed is not None and executed.how == "native"
-
-
-def _block_plan(seconds_per_run: float) -> tuple[int, int]:
-    runs = max(TIMING_MIN_RUNS, min(TIMING_MAX_RUNS, int(TIMING_BLOCK_S / max(seconds_per_run, 1e-9))))
-    blocks = max(1, min(TIMING_BLOCKS, int(TIMING_BUDGET_S / (runs * seconds_per_run))))
-    return runs, blocks
-
-
-def time_candidates(staged: list[StagedArtifact], status: Callable[[str], None] = lambda _: None) -> dict[str, Timing]:
-    """Median latency of each timeable candidate through the device runtime (Session, the target's
-    threads), in blocks: one candidate's whole block, then the next one's, never interleaved calls,
-    since an engine's worker threads keep spinning for a while after each call and would slow the
-    other engine's. Blocks rotate through the candidates a few times; a candidate's figure is its
-    best block's median (and that block's p95): shared cores only ever add time."""
-    from edgesmith.runtime import Session
-
-    runnable = [s for s in staged if timeable(s)]
-    if not runnable:
-        return {}
-    status(f"{runnable[0].target.name}: timing {', '.join(s.backend for s in runnable)} through the device runtime")
-    inputs = [np.load(runnable[0].path / p) for p in runnable[0].manifest.golden.samples[0].inputs]
-    sessions, plans, best, spent = {}, {}, {}, {}
-    for s in runnable:
-        t0 = time.perf_counter()
-        session = Session(s.path, threads=s.target.threads, trusted_keys=[s.staging_key.public_key])
-        for _ in range(TIMING_WARMUP):
-            t1 = time.perf_counter()
-            session.run(inputs)
-        sessions[s.backend], plans[s.backend] = session, _block_plan(time.perf_counter() - t1)
-        spent[s.backend] = time.perf_counter() - t0
-    rounds = max(blocks for _, blocks in plans.values())
-    for k in range(rounds):
-        for s in runnable[k % len(runnable):] + runnable[:k % len(runnable)]:
-            runs, blocks = plans[s.backend]
-            if k >= blocks:
-                continue
-            run = sessions[s.backend].run
-            t_block = time.perf_counter()
-            for _ in range(TIMING_WARMUP):
-                run(inputs)
-            times = []
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                run(inputs)
-                times.append(time.perf_counter() - t0)
-            spent[s.backend] += time.perf_counter() - t_block
-            median = statistics.median(times)
-            if s.backend not in best or median < best[s.backend][0]:
-                best[s.backend] = (median, float(np.percentile(times, 95)))
-            time.sleep(TIMING_PAUSE_S)
-    sessions.clear()
-    return {s.backend: Timing(p50_us=round(best[s.backend][0] * 1e6, 2), p95_us=round(best[s.backend][1] * 1e6, 2),
-                              how=f"native Session, {s.target.threads} threads, best of {plans[s.backend][1]} blocks "
-                                  f"of {plans[s.backend][0]} runs", seconds=spent[s.backend])
-            for s in runnable}
-
-
-SERVING_GAP_S = 0.025  # between requests: an agent serving ~40 requests/s (its engine's threads fall idle)
-SERVING_RUNS = 24
-
-
-def serving_latency_us(staged: StagedArtifact, status: Callable[[str], None] = lambda _: None) -> float | None:
-    """p50 of single requests ``SERVING_GAP_S`` apart through Session: an engine whose worker threads
-    went idle between requests answers several times slower than in a back-to-back block (the
-    digits CNN here: ~0.3-0.6 ms against ~0.03 ms), and that is what a device's agent measures, so it
-    is the baseline the fleet monitor's latency alert compares a device's latency with."""
-    if not timeable(staged):
-        return None
-    from edgesmith.runtime import Session
-
-    status(f"{staged.manifest.name}: timing sporadic requests through the device runtime")
-    session = Session(staged.path, threads=staged.target.threads, trusted_keys=[staged.staging_key.public_key])
-    inputs = [np.load(staged.path / p) for p in staged.manifest.golden.samples[0].inputs]
-    session.run(inputs)
-    times = []
-    for _ in range(SERVING_RUNS):
-        time.sleep(SERVING_GAP_S)
-        t0 = time.perf_counter()
-        session.run(inputs)
-        times.append(time.perf_counter() - t0)
-    return round(statistics.median(times) * 1e6, 2)
-
-
-RULE = ("Among the candidates that passed, the fastest p50 measured here through the device runtime (Session, the "
-        "target's threads, best of blocks) wins; candidates not timed here follow the target's listed order, except "
-        "that a TVM build ranks after every other backend unless its tuning database records a latency on this "
-        "target that beats every other candidate's recorded latency.")
-
-
-@dataclass
-class Candidate:
-    """One backend tried for a target: its staged artifact when it passed, its error otherwise."""
-
-    backend: str
-    status: Literal["passed", "failed", "skipped"]
-    error: str | None = None
-    staged: StagedArtifact | None = None
-    timing: Timing | None = None
-
-    def record(self) -> SelectionCandidate:
-        t = self.timing
-        return SelectionCandidate(backend=self.backend, status=self.status, error=self.error,
-                                  latency_us_p50=t.p50_us if t else None, latency_us_p95=t.p95_us if t else None,
-                                  timed_how=t.how if t else None)
-
-
-def recorded_latency_us(staged: StagedArtifact) -> float | None:
-    """A latency measured on the target's own device class and recorded in the payload's options:
-    today a TVM tuning database's (``options.tuning``, written by toolchain/tune.py). ``measured_on``
-    is the target's name when it was measured natively, ``rpc:<key>`` when measured on a device
-    through an RPC tracker; the tuning cache is keyed by target, so either is this target's device."""
-    tuning = staged.manifest.backend.options.get("tuning")
-    if not isinstance(tuning, dict) or not isinstance(tuning.get("workloads_matched"), int) \
-            or tuning["workloads_matched"] <= 0:
-        return None
-    latency, measured_on = tuning.get("latency_us"), tuning.get("measured_on")
-    on_this_target = measured_on == staged.target.name or (isinstance(measured_on, str) and measured_on.startswith("rpc:"))
-    if isinstance(latency, (int, float)) and not isinstance(latency, bool) and latency > 0 and on_this_target:
-        return float(latency)
-    return None
-
-
-def _not_timed_why(target: Target, staged: StagedArtifact) -> str:
-    if target.isa != host_isa():
-        return f"{target.name} runs {target.isa} code and this machine is {host_isa()}"
-    missing = missing_cpu_features(target) if target.os == "linux" else []
-    if missing:
-        return f"this machine lacks {', '.join(missing)}"
-    if target.os != "linux":
-        return f"{target.name} runs {target.os}, not this machine's OS"
-    if not staged.device_runtime:
-        return f"the C++ runtime does not run {staged.manifest.payload.format} payloads"
-    return "its payload did not run natively here"
-
-
-def select(target: Target, candidates: list[Candidate]) -> tuple[str, str] | None:
-    """The chosen backend and why, by :data:`RULE`; None when no candidate passed."""
-    passed = [c for c in candidates if c.status == "passed"]
-    if not passed:
-        return None
-    timed = sorted((c for c in passed if c.timing), key=lambda c: c.timing.p50_us)
-    untimed = [c for c in passed if not c.timing]
-    untimed_note = "; not timed here: " + ", ".join(f"{c.backend} ({_not_timed_why(target, c.staged)})" for c in untimed) \
-        if untimed else ""
-    if timed:
-        best = timed[0]
-        others = ", ".join(f"{c.backend} {c.timing.p50_us:.1f} µs" for c in timed[1:])
-        if not others:
-            return best.backend, (f"{best.backend} is the only candidate timed here (p50 {best.timing.p50_us:.1f} µs)"
-                                  f"{untimed_note}")
-        return best.backend, f"fastest p50 here: {best.backend} {best.timing.p50_us:.1f} µs against {others}{untimed_note}"
-    if len(passed) == 1:
-        return passed[0].backend, (f"{passed[0].backend} is the only candidate that passed; not timed here "
-                                   f"({_not_timed_why(target, passed[0].staged)})")
-    recorded = {c.backend: recorded_latency_us(c.staged) for c in passed}
-    for c in passed:
-        others = [v for b, v in recorded.items() if b != c.backend]
-        if c.backend == "tvm" and recorded[c.backend] is not None and all(v is not None for v in others) \
-                and recorded[c.backend] < min(others):
-            return c.backend, (f"not timed here ({_not_timed_why(target, c.staged)}); tvm's tuning database records "
-                               f"{recorded[c.backend]:.1f} µs on {target.name}, below every other candidate's")
-    ranked = [c for c in passed if c.backend != "tvm"] + [c for c in passed if c.backend == "tvm"]
-    best = ranked[0]
-    why = f"not timed here ({_not_timed_why(target, best.staged)}); {best.backend} is the first passing candidate in " \
-          f"the target's order ({', '.join(target.backends)})"
-    tvm = next((c for c in passed if c.backend == "tvm"), None)
-    if tvm is not None and best is not tvm:
-        tuned = recorded[tvm.backend] is not None
-        why += (", and tvm's recorded tuning latency does not beat every other candidate's" if tuned
-                else ", and tvm is untuned here (no tuning database measured on this target), so it ranks last")
-    return best.backend, why
 
 
 def error_message(e: Exception) -> str:
@@ -577,15 +512,27 @@ class TargetBuild:
     mode: Mode
     candidates: list[Candidate]
     artifacts: list[BuiltArtifact] = field(default_factory=list)
-    chosen: str | None = None
-    reason: str | None = None
-    errors: list[tuple[str, str]] = field(default_factory=list)  # (backend, error) that fail the build
+    best: Candidate | None = None  # the rule's pick
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (candidate label, error) that fail the build
+    left_out: dict[str, str] = field(default_factory=dict)  # precisions the target lists that were not tried, and why
+
+    @property
+    def chosen(self) -> str | None:
+        return self.best.backend if self.best else None
+
+    @property
+    def chosen_precision(self) -> str | None:
+        return self.best.precision if self.best else None
+
+    @property
+    def reason(self) -> str | None:
+        return self.best.reason if self.best else None
 
     def selection(self) -> Selection | None:
-        if self.mode == "forced" or self.chosen is None:
+        if self.mode == "forced" or self.best is None:
             return None
-        return Selection(mode=self.mode, rule=RULE, chosen=self.chosen, reason=self.reason,
-                         candidates=[c.record() for c in self.candidates])
+        return Selection(mode=self.mode, rule=RULE, chosen=self.chosen, chosen_precision=self.chosen_precision,
+                         reason=self.reason, candidates=[c.record() for c in self.candidates])
 
 
 def build_target(source: ModelSource, ref: ReferenceRun, target: Target, plan: BackendPlan, options: BuildOptions,
@@ -593,28 +540,26 @@ def build_target(source: ModelSource, ref: ReferenceRun, target: Target, plan: B
     """Stage every candidate of ``plan``, time the ones this machine runs natively, choose, and
     publish: the chosen one (``auto``), every passing one (``all``) or the one asked for (``forced``).
     Candidates not published leave nothing behind: their staging directories go when this returns."""
-    tolerance = target.tolerance_for(options.precision)
+    tolerance = target.tolerance_for("fp32")
     # the model's problem, not a backend's: one error rather than one per candidate
     require_input_dependence(ref.outputs, tolerance.atol, tolerance.rtol, options.allow_constant_output)
-    result = TargetBuild(target=target.name, mode=plan.mode, candidates=[])
+    result = TargetBuild(target=target.name, mode=plan.mode, candidates=[], left_out=dict(plan.left_out))
     with ExitStack() as stack:
-        for backend in plan.backends:
+        for backend, precision in plan.candidates():
             try:
-                staged = stage_one(source, ref, target, backend, options, stack, status)
-                result.candidates.append(Candidate(backend, "passed", staged=staged))
+                staged = stage_one(source, ref, target, backend, options, stack, status, precision=precision)
+                result.candidates.append(Candidate(backend, "passed", staged=staged, precision=precision))
             except KeyboardInterrupt:
                 raise
             except BackendUnavailable as e:
-                result.candidates.append(Candidate(backend, "skipped", error=error_message(e)))
+                result.candidates.append(Candidate(backend, "skipped", error=error_message(e), precision=precision))
             except Exception as e:  # one failing candidate must not stop the others
-                result.candidates.append(Candidate(backend, "failed", error=error_message(e)))
+                result.candidates.append(Candidate(backend, "failed", error=error_message(e), precision=precision))
         _time(result.candidates, status)
         passed = [c for c in result.candidates if c.status == "passed"]
-        choice = select(target, result.candidates)
-        if choice is not None:
-            result.chosen, result.reason = choice
+        result.best = select(target, result.candidates)
         if plan.mode != "auto" or not passed:
-            result.errors = [(c.backend, c.error or "") for c in result.candidates if c.status != "passed"]
+            result.errors = [(c.label, c.error or "") for c in result.candidates if c.status != "passed"]
         if plan.mode == "auto":
             _publish_best(source, target, result, key, status)
             return result
@@ -626,7 +571,7 @@ def build_target(source: ModelSource, ref: ReferenceRun, target: Target, plan: B
             except KeyboardInterrupt:
                 raise
             except Exception as e:
-                result.errors.append((c.backend, error_message(e)))
+                result.errors.append((c.label, error_message(e)))
     return result
 
 
@@ -648,7 +593,7 @@ def _time(candidates: list[Candidate], status: Callable[[str], None]) -> None:
             except Exception as e:
                 c.status, c.error = "failed", f"timing it through the device runtime failed: {error_message(e)}"
     for c in passed:
-        c.timing = timings.get(c.backend)
+        c.timing = timings.get(c.label)
         if c.timing is not None:
             c.staged.duration_s += c.timing.seconds
 
@@ -657,8 +602,8 @@ def _publish_best(source: ModelSource, target: Target, result: TargetBuild, key:
                   status: Callable[[str], None]) -> None:
     """``auto``: publish the chosen candidate; if finishing it fails, mark it failed and publish the
     next one the rule picks, so a late failure of the best never costs a build that had another."""
-    while result.chosen is not None:
-        chosen = next(c for c in result.candidates if c.backend == result.chosen)
+    while result.best is not None:
+        chosen = result.best
         try:
             result.artifacts.append(finish(source, chosen.staged, key, chosen.timing.p50_us if chosen.timing else None,
                                            result.selection(), status))
@@ -666,10 +611,9 @@ def _publish_best(source: ModelSource, target: Target, result: TargetBuild, key:
         except KeyboardInterrupt:
             raise
         except Exception as e:
-            chosen.status, chosen.error, chosen.timing = "failed", error_message(e), None
-            choice = select(target, result.candidates)
-            result.chosen, result.reason = choice if choice is not None else (None, None)
-    result.errors = [(c.backend, c.error or "") for c in result.candidates if c.status != "passed"]
+            chosen.status, chosen.error, chosen.timing, chosen.reason = "failed", error_message(e), None, None
+            result.best = select(target, result.candidates)
+    result.errors = [(c.label, c.error or "") for c in result.candidates if c.status != "passed"]
 
 
 def _lineage(source: ModelSource) -> dict:

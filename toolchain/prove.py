@@ -25,6 +25,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from edgesmith.runtime.keys import edgesmith_home
 from edgesmith.runtime.manifest import Proof
 from edgesmith.toolchain.errors import UserError
@@ -158,8 +160,10 @@ def runner_for(target: Target) -> tuple[Runner | None, str]:
     return _qemu_runner(target)
 
 
-def run_golden(artifact: Path, runner: Runner, public_keys: list[bytes]) -> dict:
-    """Run ``edgesmith-run ARTIFACT --golden --json``; return its JSON report."""
+def _run(artifact: Path, runner: Runner, public_keys: list[bytes], args: list[str], what: str,
+         timeout_s: float = PROOF_TIMEOUT_S) -> dict:
+    """Run ``edgesmith-run ARTIFACT ARGS --json`` with the keys; return its JSON report (or one with
+    ``error`` taken from its stderr)."""
     with tempfile.TemporaryDirectory(prefix="edgesmith-prove-") as keys_dir:
         key_args = []
         for i, key in enumerate(public_keys):
@@ -167,11 +171,11 @@ def run_golden(artifact: Path, runner: Runner, public_keys: list[bytes]) -> dict
             path.write_text(key.hex() + "\n")
             key_args += ["--key", str(path)]
         try:
-            result = subprocess.run([*runner.command(), str(artifact), "--golden", "--json", *key_args],
-                                    capture_output=True, text=True, timeout=PROOF_TIMEOUT_S,
+            result = subprocess.run([*runner.command(), str(artifact), *args, "--json", *key_args],
+                                    capture_output=True, text=True, timeout=timeout_s,
                                     env={**os.environ, **runner.env})
         except subprocess.TimeoutExpired:
-            raise UserError(f"proving {artifact.name} ({runner.how}) took longer than {PROOF_TIMEOUT_S} s; the runtime hung") from None
+            raise UserError(f"{what} {artifact.name} ({runner.how}) took longer than {timeout_s:.0f} s; the runtime hung") from None
     report = None
     for line in reversed(result.stdout.strip().splitlines()):
         try:
@@ -185,6 +189,36 @@ def run_golden(artifact: Path, runner: Runner, public_keys: list[bytes]) -> dict
         report = {"passed": False, "error": detail, "exit_code": result.returncode}
     report.setdefault("exit_code", result.returncode)
     return report
+
+
+def run_golden(artifact: Path, runner: Runner, public_keys: list[bytes]) -> dict:
+    """Run ``edgesmith-run ARTIFACT --golden --json``; return its JSON report."""
+    return _run(artifact, runner, public_keys, ["--golden"], "proving")
+
+
+BATCH_TIMEOUT_S = 1800  # an accuracy gate's inputs under emulation: seconds each for large models
+
+
+def run_batch(artifact: Path, runner: Runner, public_keys: list[bytes],
+              samples: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
+    """The artifact's outputs for ``samples``, computed by ``edgesmith-run --batch`` in one process
+    (natively or under qemu): how a reduced-precision candidate for another ISA is run for its
+    accuracy gate. Raises UserError with the runtime's own sentence when it fails."""
+    with tempfile.TemporaryDirectory(prefix="edgesmith-batch-") as tmp:
+        for k, sample in enumerate(samples):
+            folder = Path(tmp) / f"sample_{k}"
+            folder.mkdir()
+            for i, array in enumerate(sample):
+                np.save(folder / f"input_{i}.npy", np.ascontiguousarray(array), allow_pickle=False)
+        report = _run(artifact, runner, public_keys, ["--batch", tmp], "running the gate inputs of", BATCH_TIMEOUT_S)
+        if report["exit_code"] != 0 or report.get("batch", {}).get("samples") != len(samples):
+            raise UserError(f"{artifact.name} did not run on {runner.how}"
+                            f"{' -cpu ' + runner.cpu if runner.cpu else ''}: {report.get('error') or 'no outputs'}")
+        outputs = []
+        for k in range(len(samples)):
+            folder = Path(tmp) / f"sample_{k}"
+            outputs.append([np.load(p) for p in sorted(folder.glob("output_*.npy"), key=lambda p: int(p.stem.split("_")[1]))])
+        return outputs
 
 
 def prove(artifact: Path, target: Target, backend: str, public_keys: list[bytes]) -> Proof:

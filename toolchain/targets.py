@@ -19,7 +19,11 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from edgesmith.toolchain.errors import UserError
 
-Precision = Literal["fp32", "fp16"]
+Precision = Literal["fp32", "bf16", "fp16", "int8"]
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8")
+# Reduced float precisions run on hardware arithmetic the CPU must have (precision_features); int8
+# runs on every CPU edgesmith targets (faster with VNNI/dot-product instructions, never wrong without).
+FLOAT_REDUCED = ("bf16", "fp16")
 
 
 class _Strict(BaseModel):
@@ -32,8 +36,14 @@ class Tolerance(_Strict):
 
 
 class Tolerances(_Strict):
+    """Per precision: fp32 is the element-wise bound against ONNX Runtime; for a reduced precision
+    (bf16, fp16, int8) ``rtol`` bounds each output's largest error relative to that output's spread
+    over the gate's inputs (docs/selection.md, the accuracy budget)."""
+
     fp32: Tolerance
     fp16: Tolerance
+    bf16: Tolerance | None = None
+    int8: Tolerance | None = None
 
 
 def _registered_backend(name: str) -> str:
@@ -62,6 +72,12 @@ class Target(BaseModel):
     qemu_cpu: str | None = Field(default=None, description="the qemu-aarch64 CPU model (`-cpu`) proofs run on; default: the "
                                  "first model in edgesmith.toolchain.prove.QEMU_CPUS having every cpu_features flag")
     tolerance: Tolerances
+    precisions: list[Precision] = Field(
+        default=["fp32"], description="the precisions this target's hardware runs fast, each a candidate of "
+        "`--precision auto`; fp32 (the reference) always included")
+    precision_features: dict[Precision, list[str]] = Field(
+        default={}, description="CPU features an artifact of that precision needs beyond cpu_features (all of them); "
+        "required for bf16 and fp16")
     source: str = Field(default="", description="the file this target was read from")
 
     @model_validator(mode="after")
@@ -84,7 +100,39 @@ class Target(BaseModel):
                 raise ValueError(f"key '{key}': {err['msg'].removeprefix('Value error, ')}") from None
         if self.proof == "qemu-aarch64" and self.isa != "aarch64":
             raise ValueError("proof = \"qemu-aarch64\" needs isa = \"aarch64\"")
+        self._check_precisions()
         return self
+
+    def _check_precisions(self) -> None:
+        if "fp32" not in self.precisions:
+            raise ValueError(f"key 'precisions' must include fp32, the reference every other precision is gated "
+                             f"against (it lists {', '.join(self.precisions)})")
+        if len(set(self.precisions)) != len(self.precisions):
+            raise ValueError(f"key 'precisions' lists a precision twice ({', '.join(self.precisions)})")
+        for precision in self.precisions:
+            if precision in FLOAT_REDUCED and not self.precision_features.get(precision):
+                example = "avx512_bf16 on x86" if precision == "bf16" else "asimdhp and fphp on Armv8.2+"
+                raise ValueError(f"key 'precisions' lists {precision}, but precision_features.{precision} names no CPU "
+                                 f"features, and {precision} arithmetic needs hardware support (e.g. {example}); "
+                                 f"add them or drop {precision}")
+            if precision != "fp32" and getattr(self.tolerance, precision) is None:
+                raise ValueError(f"key 'precisions' lists {precision}, but there is no tolerance.{precision} table "
+                                 "(its error bound relative to each output's spread)")
+
+    def for_precision(self, precision: Precision) -> Target:
+        """This target as an artifact of ``precision`` needs it: the precision's CPU features added
+        to ``cpu_features`` (so the device refuses the artifact on a CPU without them, and
+        ``runs_natively`` answers for the precision)."""
+        extra = [f for f in self.precision_features.get(precision, []) if f not in self.cpu_features]
+        if not extra:
+            return self
+        return self.model_copy(update={"cpu_features": [*self.cpu_features, *extra]})
+
+    def check_precision(self, precision: str) -> None:
+        """One sentence for a precision this target does not list."""
+        if precision not in self.precisions:
+            raise UserError(f"target {self.name} does not list precision {precision!r}; its precisions are "
+                            f"{', '.join(self.precisions)} (or use --precision auto)")
 
     def __getattr__(self, name: str) -> Any:
         # A registered backend's table that this target neither lists nor inherits reads as None.
@@ -98,7 +146,8 @@ class Target(BaseModel):
             raise
 
     def tolerance_for(self, precision: Precision) -> Tolerance:
-        return getattr(self.tolerance, precision)
+        """The element-wise tolerance of ``precision`` (fp32's for int8 when the file gives none)."""
+        return getattr(self.tolerance, precision) or self.tolerance.fp32
 
     def spec(self) -> dict[str, Any]:
         """The resolved spec as recorded in manifests and shown by ``edgesmith targets --json``."""

@@ -19,7 +19,11 @@ from edgesmith.runtime.keys import edgesmith_home
 
 TOOLS: dict[str, list[str]] = {
     # torch must equal the main environment's: torch.export programs are not portable across versions.
-    "litert": ["torch==2.13.0", "litert-torch==0.10.0", "ai-edge-litert==2.3.0"],
+    # onnx2torch turns ONNX sources into PyTorch for litert-torch (bench/onnx_to_tflite_coverage.py);
+    # onnx as in the main environment, which writes the models it reads. It pulls torchvision, whose
+    # PyPI wheel is a CUDA build whose ops do not load here (_litert_convert.py works around that).
+    "litert": ["torch==2.13.0", "litert-torch==0.10.0", "ai-edge-litert==2.3.0",
+               "onnx2torch==1.5.15", "onnx==1.23.2", "torchvision==0.28.0"],
 }
 
 
@@ -29,10 +33,12 @@ def tool_dir(name: str) -> Path:
 
 
 def tool_python(name: str) -> Path | None:
-    """The tool environment's interpreter, or None when it is not installed."""
+    """The tool environment's interpreter, or None when it is not installed (or was installed with
+    other packages than ``TOOLS`` lists now: ``install`` brings it up to date)."""
     override = os.environ.get(f"EDGESMITH_{name.upper()}_PYTHON")
     python = Path(override) if override else tool_dir(name) / "bin" / "python"
-    ready = override or (tool_dir(name) / ".complete").is_file()
+    marker = tool_dir(name) / ".complete"
+    ready = override or (marker.is_file() and marker.read_text() == "\n".join(TOOLS[name]))
     return python if ready and python.is_file() else None
 
 

@@ -115,13 +115,12 @@ std::string shape_format(const std::vector<int64_t>& shape) {
 }
 
 Session::Session(std::string artifact_dir, std::string key_id, Manifest manifest,
-                 std::string manifest_json, std::unique_ptr<Backend> backend)
+                 std::string manifest_json, std::unique_ptr<PluginBackend> backend)
     : artifact_dir_(std::move(artifact_dir)),
       key_id_(std::move(key_id)),
       manifest_(std::move(manifest)),
       manifest_json_(std::move(manifest_json)),
       input_dtypes_(dtypes_of(manifest_.inputs)),
-      output_dtypes_(dtypes_of(manifest_.outputs)),
       backend_(std::move(backend)),
       stats_(manifest_.monitoring, manifest_.outputs) {}
 
@@ -150,28 +149,16 @@ std::vector<Tensor> Session::run_checked(const std::vector<TensorView>& inputs,
     nans += view_nan_count(view);
   }
 
+  // The plugin writes into outputs allocated with the manifest's dtypes and static shapes, so
+  // what comes back always matches the manifest.
   std::vector<Tensor> outputs;
   outputs.reserve(manifest_.outputs.size());
   const auto start = std::chrono::steady_clock::now();
-  const BackendStatus status = backend_->backend_run(inputs, &outputs);
+  const PluginStatus status = backend_->backend_run(inputs, &outputs);
   const auto stop = std::chrono::steady_clock::now();
   if (!status.ok()) {
     throw Error(ERROR_CODE_BACKEND, "backend '" + manifest_.backend_name + "' failed to run " +
                                         manifest_.name + ": " + status.message);
-  }
-  if (outputs.size() != manifest_.outputs.size()) {
-    throw Error(ERROR_CODE_BACKEND, "backend '" + manifest_.backend_name + "' returned " +
-                                        std::to_string(outputs.size()) + " outputs, the manifest "
-                                        "lists " + std::to_string(manifest_.outputs.size()));
-  }
-  for (size_t o = 0; o < outputs.size(); ++o) {
-    if (outputs[o].dtype() != output_dtypes_[o] || outputs[o].shape() != manifest_.outputs[o].shape) {
-      throw Error(ERROR_CODE_BACKEND,
-                  "backend '" + manifest_.backend_name + "' returned output '" +
-                      manifest_.outputs[o].name + "' as " + dtype_name(outputs[o].dtype()) + " " +
-                      shape_format(outputs[o].shape()) + ", the manifest says " +
-                      manifest_.outputs[o].dtype + " " + shape_format(manifest_.outputs[o].shape));
-    }
   }
   *latency_us = std::chrono::duration<double, std::micro>(stop - start).count();
   *nan_values = nans;
@@ -236,29 +223,21 @@ std::unique_ptr<Session> session_open(const std::string& artifact_dir,
   machine_check(manifest, dir);
   const BackendPlugin& plugin = plugin_load(manifest.backend_name);
   format_check(manifest, plugin);
-  const BackendOpenFn open = plugin.open;
-  BackendOpenArgs args;
+  PluginOpenArgs args;
   args.artifact_dir = dir.string();
   args.manifest = manifest;
+  args.manifest_json = verified.manifest_json;
   args.threads = options.threads > 0 ? options.threads : manifest.target_threads;
   args.max_concurrency = options.max_concurrency;
-  BackendStatus status;
-  Backend* backend = nullptr;
-  try {
-    backend = open(&args, &status);
-  } catch (const std::exception& e) {
-    status = {BACKEND_STATUS_LOAD_FAILED, std::string("the plugin threw: ") + e.what()};
-  }
-  if (backend == nullptr || !status.ok()) {
-    delete backend;
-    const std::string reason = status.message.empty() ? "no reason given" : status.message;
+  std::unique_ptr<PluginBackend> backend;
+  const PluginStatus status = plugin_backend_open(plugin, args, &backend);
+  if (!status.ok()) {
     throw Error(ERROR_CODE_BACKEND, "backend '" + manifest.backend_name + "' could not load " +
                                         manifest.payload.entry + " of " + manifest.name + ": " +
-                                        reason);
+                                        status.message);
   }
   return std::make_unique<Session>(dir.string(), verified.key_id, std::move(manifest),
-                                   std::move(verified.manifest_json),
-                                   std::unique_ptr<Backend>(backend));
+                                   std::move(verified.manifest_json), std::move(backend));
 }
 
 }  // namespace edgesmith

@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "artifact/manifest.h"
-#include "runtime/backend.h"
+#include "runtime/plugin.h"
 #include "runtime/stats.h"
 #include "runtime/tensor.h"
 
@@ -47,7 +47,7 @@ class Session {
  public:
   /// Use session_open().
   Session(std::string artifact_dir, std::string key_id, Manifest manifest,
-          std::string manifest_json, std::unique_ptr<Backend> backend);
+          std::string manifest_json, std::unique_ptr<PluginBackend> backend);
   Session(const Session&) = delete;
   Session& operator=(const Session&) = delete;
 
@@ -88,8 +88,7 @@ class Session {
   Manifest manifest_;
   std::string manifest_json_;
   std::vector<DType> input_dtypes_;
-  std::vector<DType> output_dtypes_;
-  std::unique_ptr<Backend> backend_;
+  std::unique_ptr<PluginBackend> backend_;
   Stats stats_;
 };
 

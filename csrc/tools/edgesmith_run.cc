@@ -1,11 +1,14 @@
 // edgesmith-run: run an artifact with the C++ runtime alone (no Python), on the device or under
 // qemu. `edgesmith prove` calls `edgesmith-run ARTIFACT --golden --json` and reads the report's
 // top-level keys: {artifact, key_id, backend, isa, runner, passed, samples, max_abs_err, atol,
-// rtol, details: [{index, passed, max_abs_err, message}]}; --bench adds `bench`, --input `outputs`.
+// rtol, details: [{index, passed, max_abs_err, message}]}; --bench adds `bench`, --input `outputs`,
+// --batch `batch` ({samples}). `edgesmith build` runs a reduced-precision candidate's accuracy gate
+// under qemu with --batch: one process for every gate input (loading an engine under emulation
+// takes seconds).
 //
 //   edgesmith-run ARTIFACT [--input FILE.npy | --input NAME=FILE.npy ...]
-//                 [--output FILE.npy ... | --output-dir DIR] [--golden] [--bench N] [--warmup N]
-//                 [--threads N] [--key FILE.pub ...] [--json]
+//                 [--output FILE.npy ... | --output-dir DIR] [--batch DIR] [--golden] [--bench N]
+//                 [--warmup N] [--threads N] [--key FILE.pub ...] [--json]
 //
 // Exit status: 0 success, 1 failure (including a golden sample out of tolerance), 2 usage error.
 #include <sys/resource.h>
@@ -42,13 +45,15 @@ namespace {
 
 const char* const USAGE =
     "usage: edgesmith-run ARTIFACT [--input FILE.npy | --input NAME=FILE.npy ...]\n"
-    "                     [--output FILE.npy ... | --output-dir DIR] [--golden] [--bench N]\n"
-    "                     [--warmup N] [--threads N] [--key FILE.pub ...] [--json]\n"
+    "                     [--output FILE.npy ... | --output-dir DIR] [--batch DIR] [--golden]\n"
+    "                     [--bench N] [--warmup N] [--threads N] [--key FILE.pub ...] [--json]\n"
     "\n"
     "Verify ARTIFACT, load it into its backend and run it.\n"
     "  --input       an input .npy, in the model's input order, or NAME=FILE.npy\n"
     "  --output      where to write each output (.npy, in output order)\n"
     "  --output-dir  write every output to DIR/<output name>.npy\n"
+    "  --batch DIR   run every DIR/sample_K/input_I.npy (K = 0, 1, ... while the folder exists; I in\n"
+    "                the model's input order) and write DIR/sample_K/output_J.npy\n"
     "  --golden      run the artifact's golden samples and compare with the expected outputs\n"
     "                (exit 1 unless all pass)\n"
     "  --bench N     time N runs (with --input, or the first golden sample's inputs)\n"
@@ -66,6 +71,7 @@ struct Options {
   std::vector<std::string> inputs;
   std::vector<std::string> outputs;
   std::string output_dir;
+  std::string batch_dir;
   std::vector<std::string> keys;
   bool golden = false;
   int64_t bench = 0;
@@ -99,6 +105,8 @@ Options options_parse(int argc, char** argv) {
       options.outputs.push_back(value());
     } else if (arg == "--output-dir") {
       options.output_dir = value();
+    } else if (arg == "--batch") {
+      options.batch_dir = value();
     } else if (arg == "--key") {
       options.keys.push_back(value());
     } else if (arg == "--golden") {
@@ -123,8 +131,8 @@ Options options_parse(int argc, char** argv) {
   if (!options.outputs.empty() && !options.output_dir.empty()) {
     throw UsageError{"give --output or --output-dir, not both"};
   }
-  if (options.inputs.empty() && !options.golden && options.bench == 0) {
-    throw UsageError{"nothing to do: give --input, --golden or --bench"};
+  if (options.inputs.empty() && !options.golden && options.bench == 0 && options.batch_dir.empty()) {
+    throw UsageError{"nothing to do: give --input, --batch, --golden or --bench"};
   }
   if ((!options.outputs.empty() || !options.output_dir.empty()) && options.inputs.empty()) {
     throw UsageError{"--output and --output-dir need --input"};
@@ -305,6 +313,27 @@ json bench_emit(Session& session, const Options& options, const std::vector<Tens
   return out;
 }
 
+/// Run every DIR/sample_K/input_I.npy and write DIR/sample_K/output_J.npy; returns the count.
+uint32_t batch_run(Session& session, const std::string& dir) {
+  const Manifest& manifest = session.session_manifest();
+  uint32_t count = 0;
+  for (;; ++count) {
+    const fs::path sample = fs::path(dir) / ("sample_" + std::to_string(count));
+    std::error_code ec;
+    if (!fs::is_directory(sample, ec)) break;
+    std::vector<Tensor> inputs;
+    for (size_t i = 0; i < manifest.inputs.size(); ++i) {
+      inputs.push_back(npy_read((sample / ("input_" + std::to_string(i) + ".npy")).string()));
+    }
+    const std::vector<Tensor> outputs = session.session_run(views_of(inputs));
+    for (size_t o = 0; o < outputs.size(); ++o) {
+      npy_write((sample / ("output_" + std::to_string(o) + ".npy")).string(), outputs[o].view());
+    }
+  }
+  if (count == 0) throw UsageError{"--batch " + dir + " holds no sample_0 folder"};
+  return count;
+}
+
 int run_main(const Options& options) {
   std::vector<std::vector<uint8_t>> keys;
   for (const std::string& path : options.keys) keys.push_back(public_key_read(path));
@@ -332,6 +361,11 @@ int run_main(const Options& options) {
   if (!options.inputs.empty()) {
     inputs = inputs_load(manifest, options.inputs);
     report["outputs"] = outputs_emit(*session, options, session->session_run(views_of(inputs)));
+  }
+  if (!options.batch_dir.empty()) {
+    const uint32_t count = batch_run(*session, options.batch_dir);
+    report["batch"] = {{"samples", count}};
+    if (!options.as_json) std::cout << "batch: " << count << " samples -> " << options.batch_dir << "\n";
   }
   if (options.golden) {
     // Top-level keys, as `edgesmith prove` reads them: passed, samples, max_abs_err, ...

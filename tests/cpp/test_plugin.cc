@@ -43,10 +43,63 @@ TEST(Plugin, BadNamesAreRefused) {
   EXPECT_NE(load_error("").find("is not a plugin name"), std::string::npos);
 }
 
+// The one sentence a plugin of another ABI gets.
+std::string abi_refusal(const std::string& name, const std::string& speaks) {
+  return "backend '" + name + "' plugin " + test::test_backend_dir() + "/libedgesmith_backend_" + name +
+         ".so speaks " + speaks + ", this runtime speaks " + std::to_string(EDGESMITH_PLUGIN_API_VERSION) +
+         "; rebuild the plugin against edgesmith's plugin_api.h";
+}
+
+TEST(Plugin, PluginOfAnOlderAbiIsRefusedNamingBothVersions) {
+  setenv(BACKEND_PATH_ENV, test::test_backend_dir().c_str(), 1);
+  ASSERT_EQ(EDGESMITH_PLUGIN_API_VERSION, 2);
+  EXPECT_EQ(load_error("testabi1"), abi_refusal("testabi1", "plugin ABI 1"));
+}
+
+TEST(Plugin, PluginOfANewerAbiIsRefusedNamingBothVersions) {
+  setenv(BACKEND_PATH_ENV, test::test_backend_dir().c_str(), 1);
+  EXPECT_EQ(load_error("testabi3"), abi_refusal("testabi3", "plugin ABI 3 to 4"));
+}
+
+TEST(Plugin, LegacyEntryPointIsRefusedAsAbi1) {
+  // Exports only edgesmith_backend_open_v1 and edgesmith_backend_formats_v1: never called.
+  setenv(BACKEND_PATH_ENV, test::test_backend_dir().c_str(), 1);
+  EXPECT_EQ(load_error("testlegacy"), abi_refusal("testlegacy", "plugin ABI 1"));
+}
+
+TEST(Plugin, HollowTableIsRefused) {
+  setenv(BACKEND_PATH_ENV, test::test_backend_dir().c_str(), 1);
+  EXPECT_EQ(load_error("testhollow"),
+            "backend 'testhollow' plugin " + test::test_backend_dir() +
+                "/libedgesmith_backend_testhollow.so has an incomplete plugin ABI 2 table; rebuild the "
+                "plugin against edgesmith's plugin_api.h");
+}
+
+TEST(Plugin, RefusalIsNotCached) {
+  setenv(BACKEND_PATH_ENV, test::test_backend_dir().c_str(), 1);
+  EXPECT_EQ(load_error("testabi1"), load_error("testabi1"));
+}
+
+TEST(Plugin, LibraryWithoutTheBaseIsNoPlugin) {
+  // Any shared library that exports neither entry point: dlopen finds libstdc++ by its soname.
+  try {
+    plugin_load_file("plain", "libstdc++.so.6");
+    ADD_FAILURE() << "libstdc++ loaded as a plugin";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ERROR_CODE_BACKEND);
+    EXPECT_EQ(std::string(e.what()),
+              "backend 'plain' plugin libstdc++.so.6 does not export edgesmith_plugin_base, so it is "
+              "not an edgesmith backend plugin; rebuild it against edgesmith's plugin_api.h");
+  }
+}
+
 TEST(Plugin, LoadsOnceAndCaches) {
   setenv(BACKEND_PATH_ENV, test::test_backend_dir().c_str(), 1);
   const BackendPlugin& first = plugin_load("testecho");
-  ASSERT_NE(first.open, nullptr);
+  ASSERT_NE(first.api, nullptr);
+  EXPECT_EQ(first.api->api_version, static_cast<uint32_t>(EDGESMITH_PLUGIN_API_VERSION));
+  EXPECT_EQ(first.api->struct_size, sizeof(EdgesmithPluginApi));
+  EXPECT_EQ(first.name, "testecho");
   EXPECT_EQ(first.formats, std::vector<std::string>{"testecho"});  // the plugin's own declaration
   setenv(BACKEND_PATH_ENV, "/nonexistent", 1);
   EXPECT_EQ(&plugin_load("testecho"), &first);  // cached: the path is not searched again

@@ -205,5 +205,26 @@ TEST_F(SessionTest, UnsupportedFormatsAndBackendFailures) {
   EXPECT_EQ(session->session_stats().errors, 1u);
 }
 
+TEST_F(SessionTest, PluginExceptionsStopAtTheCTable) {
+  // testecho's open function throws: the adapter turns it into a LOAD_FAILED status.
+  const Error thrown = open_error(ERROR_CODE_BACKEND, [](json& m) { m["backend"]["options"]["fail"] = "throw"; });
+  EXPECT_NE(std::string(thrown.what()).find("backend 'testecho' could not load"), std::string::npos) << thrown.what();
+  EXPECT_NE(std::string(thrown.what()).find("testecho threw as it was told"), std::string::npos) << thrown.what();
+}
+
+TEST_F(SessionTest, OutputOfAnotherShapeIsABackendError) {
+  // testecho echoes its input (2, 3) while the manifest says (3, 2): the C++ adapter refuses to
+  // copy it into the runtime's (3, 2) buffer.
+  auto session = open([](json& m) { m["outputs"][0]["shape"] = {3, 2}; });
+  try {
+    session->session_run({x_.view(), n_.view()});
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ERROR_CODE_BACKEND);
+    EXPECT_NE(std::string(e.what()).find("output 0 came back as float32 (2, 3), the manifest says float32 (3, 2)"),
+              std::string::npos) << e.what();
+  }
+}
+
 }  // namespace
 }  // namespace edgesmith

@@ -3,16 +3,18 @@
 // Output k is input k (same dtype and shape) — doubled for float inputs when the manifest's
 // backend.options say {"mode": "double"}. It runs the payload format "testecho"; its payload
 // entry must start with the bytes "testecho".
-// backend.options {"fail": "open"} / {"fail": "run"} make it fail, to test error propagation.
+// backend.options {"fail": "open"} / {"fail": "run"} make it fail, {"fail": "throw"} throws from
+// its open function, to test error propagation across the C table.
 #include <atomic>
 #include <cstring>
 #include <fstream>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
-#include "runtime/backend.h"
+#include "common/backend.h"
 
 namespace edgesmith {
 namespace {
@@ -51,15 +53,16 @@ class TestEchoBackend : public Backend {
   bool fail_run_;
 };
 
-Backend* testecho_open(const BackendOpenArgs* args, BackendStatus* status) {
-  const Manifest& manifest = args->manifest;
+Backend* testecho_open(const BackendOpenArgs& args, BackendStatus* status) {
+  const Manifest& manifest = args.manifest;
   const auto options = nlohmann::json::parse(manifest.backend_options_json, nullptr, false);
   const std::string fail = options.is_object() ? options.value("fail", "") : "";
+  if (fail == "throw") throw std::runtime_error("testecho threw as it was told");
   if (fail == "open") {
     *status = {BACKEND_STATUS_LOAD_FAILED, "testecho was told to fail"};
     return nullptr;
   }
-  std::ifstream entry(args->artifact_dir + "/" + manifest.payload.entry, std::ios::binary);
+  std::ifstream entry(args.artifact_dir + "/" + manifest.payload.entry, std::ios::binary);
   char magic[8] = {};
   entry.read(magic, sizeof(magic));
   if (std::string(magic, sizeof(magic)) != "testecho") {
@@ -77,16 +80,4 @@ Backend* testecho_open(const BackendOpenArgs* args, BackendStatus* status) {
 }  // namespace
 }  // namespace edgesmith
 
-extern "C" __attribute__((visibility("default"))) const char* edgesmith_backend_formats_v1() {
-  return "testecho";
-}
-
-extern "C" __attribute__((visibility("default"))) edgesmith::Backend* edgesmith_backend_open_v1(
-    const edgesmith::BackendOpenArgs* args, edgesmith::BackendStatus* status) {
-  try {
-    return edgesmith::testecho_open(args, status);
-  } catch (const std::exception& e) {
-    *status = {edgesmith::BACKEND_STATUS_LOAD_FAILED, e.what()};
-    return nullptr;
-  }
-}
+EDGESMITH_BACKEND_DEFINE(edgesmith::testecho_open, "testecho")

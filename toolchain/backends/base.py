@@ -8,6 +8,9 @@ A backend module defines:
 - ``PACKAGE``: the Python distribution whose version is recorded in the manifest;
 - ``Settings``: a pydantic model of the backend's table in target files (``[NAME]``), reached as
   ``target.<NAME>``; a target listing the backend without the table gets the defaults;
+- ``PRECISIONS``: the precisions it builds (``fp32`` always; ``int8`` through ``compile_int8``;
+  ``bf16``/``fp16`` through ``compile`` with ``request.precision``), each a selection candidate
+  when the target lists it (docs/selection.md);
 - ``DEVICE_RUNTIME``: whether the C++ runtime runs its payload (then builds validate host artifacts
   through ``edgesmith.runtime.Session`` and prove them with ``edgesmith-run``);
 - ``version() -> str``: the compiler's version, raising ``BackendUnavailable`` (with what to

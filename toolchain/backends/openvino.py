@@ -1,8 +1,13 @@
 """OpenVINO backend: ONNX → OpenVINO IR (``model.xml`` + ``model.bin``).
 
-Weights stay FP32 unless ``--precision fp16`` is asked for (``save_model`` would otherwise compress
-them to FP16 silently). The IR is ISA-independent: the device's OpenVINO compiles it for its CPU
-with the target's hints, so here it is checked with the host's CPU plugin using the same hints.
+Precision is explicit, never OpenVINO's own choice: on a CPU with AVX512_BF16 or AMX, OpenVINO's
+CPU plugin runs bf16 unless told otherwise, and on Armv8.2 cores fp16, with no accuracy check. Every
+artifact pins ``INFERENCE_PRECISION_HINT`` in its compile config: ``f32`` for fp32 and int8 (the
+layers NNCF left unquantized stay f32), ``bf16`` for bf16 (FP32 weights in the IR, bf16 compute),
+``f16`` for fp16 (FP16 weights in the IR, fp16 compute). The reduced ones are candidates only behind
+the accuracy budget (docs/selection.md). Weights stay FP32 except for fp16 (``save_model`` would
+otherwise compress them silently). The IR is ISA-independent: the device's OpenVINO compiles it for
+its CPU with the artifact's hints, so here it is checked with the host's CPU plugin using the same hints.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ NAME = "openvino"
 FORMAT = "openvino-ir"
 PACKAGE = "openvino"
 DEVICE_RUNTIME = True  # the C++ runtime (Session, edgesmith-run) runs this payload
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
 ENTRY = "model.xml"
 
 
@@ -39,10 +46,13 @@ def version() -> str:
     return openvino.__version__.split("-")[0]
 
 
-def compile_config(target: Target) -> dict:
-    """Properties for ``Core.compile_model``; the device runtime uses the same ones."""
+def compile_config(target: Target, precision: str = "fp32") -> dict:
+    """Properties for ``Core.compile_model``; the device runtime uses the same ones (recorded in
+    ``backend.options.config``). The precision hint is the artifact's precision's, pinned; the
+    target's ``inference_precision`` applies to fp32 artifacts."""
     settings = target.openvino
-    return {"INFERENCE_PRECISION_HINT": settings.inference_precision, "PERFORMANCE_HINT": settings.performance_hint,
+    hint = settings.inference_precision if precision == "fp32" else _HINTS[precision]
+    return {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": settings.performance_hint,
             "INFERENCE_NUM_THREADS": target.threads}
 
 
@@ -57,8 +67,8 @@ def compile(request: CompileRequest) -> CompileResult:
         others = ", ".join(b for b in request.target.backends if b != NAME) or "none listed"
         raise CompileError(f"the openvino backend cannot convert the model: {first_line(e)}; try another backend of {request.target.name}: {others}") from None
     ov.save_model(model, str(request.out_dir / ENTRY), compress_to_fp16=request.precision == "fp16")
-    options = {"device": request.target.openvino.device, "config": compile_config(request.target),
-               "weights": request.precision}
+    options = {"device": request.target.openvino.device, "config": compile_config(request.target, request.precision),
+               "weights": "fp16" if request.precision == "fp16" else "fp32"}
     return CompileResult(format=FORMAT, entry=ENTRY, options=options)
 
 
@@ -77,7 +87,7 @@ def compile_int8(request: CompileRequest, calibration) -> CompileResult:
     except Exception as e:
         raise CompileError(f"NNCF cannot quantize the model for openvino: {first_line(e)}; build it FP32 or try --backend ort") from None
     ov.save_model(model, str(request.out_dir / ENTRY), compress_to_fp16=False)
-    options = {"device": request.target.openvino.device, "config": compile_config(request.target), "weights": "int8",
+    options = {"device": request.target.openvino.device, "config": compile_config(request.target, "int8"), "weights": "int8",
                "quantization": method}
     return CompileResult(format=FORMAT, entry=ENTRY, options=options)
 
@@ -93,7 +103,7 @@ def load(out_dir: Path, result: CompileResult, target: Target) -> Runner:
     import openvino as ov
 
     core = ov.Core()
-    config = compile_config(target)
+    config = dict(result.options["config"])
     if not runs_natively(target):
         config["INFERENCE_NUM_THREADS"] = 0  # the target's thread count means nothing on this host
     compiled = core.compile_model(core.read_model(str(out_dir / result.entry)), "CPU", config)

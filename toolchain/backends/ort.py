@@ -31,6 +31,7 @@ NAME = "ort"
 FORMAT = "onnx"  # model.onnx; "onnxruntime-ort" (model.ort) when Settings.payload is "ort"
 PACKAGE = "onnxruntime"
 DEVICE_RUNTIME = True  # the C++ runtime (Session, edgesmith-run) runs this payload
+PRECISIONS = ("fp32", "int8")
 ENTRIES = {"ort": ("onnxruntime-ort", "model.ort"), "onnx": ("onnx", "model.onnx")}
 
 
@@ -78,8 +79,8 @@ def compile(request: CompileRequest) -> CompileResult:
     import onnxruntime as ort
 
     settings = request.target.ort
-    if request.precision != "fp32":
-        raise UserError("the ort backend builds fp32 only; drop --precision fp16 or use --backend openvino")
+    if request.precision not in PRECISIONS:
+        raise UserError(f"the ort backend builds {', '.join(PRECISIONS)}, not {request.precision}; use --backend openvino")
     fmt, entry = ENTRIES[settings.payload]
     so = ort.SessionOptions()
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[settings.optimization_level])

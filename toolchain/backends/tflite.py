@@ -1,6 +1,9 @@
-"""LiteRT (TFLite) backend: PyTorch → ``model.tflite`` with litert-torch, run by the C++ runtime.
+"""LiteRT (TFLite) backend: PyTorch or ONNX → ``model.tflite`` with litert-torch, run by the C++ runtime.
 
-Only PyTorch sources: the converter starts from a ``torch.export`` program, not from ONNX. The
+The converter starts from a ``torch.export`` program: a PyTorch source is exported directly, an
+ONNX source is first turned into a PyTorch module by onnx2torch (chosen over onnx2tf by
+bench/onnx_to_tflite_coverage.py; docs/tflite.md), and an operator either converter lacks is a
+``CompileError`` naming it. The
 conversion runs in the isolated converter environment (``edgesmith tools install litert``, see
 ``toolchain/tools.py``). The device runs the flatbuffer with the ``tflite`` plugin
 (csrc/backends/tflite: LiteRT's C API, XNNPACK on the CPU), so a build for this machine validates it
@@ -30,6 +33,7 @@ NAME = "tflite"
 FORMAT = "tflite"
 PACKAGE = "ai-edge-litert"
 DEVICE_RUNTIME = True  # the C++ runtime (Session, edgesmith-run) runs this payload
+PRECISIONS = ("fp32", "int8")  # int8: PT2E post-training quantization in the converter environment
 ENTRY = "model.tflite"
 
 
@@ -49,7 +53,8 @@ def version() -> str:
         raise BackendUnavailable(f"the tflite backend needs ai-edge-litert, which does not import ({first_line(e)}); install ai-edge-litert==2.3.0") from None
     if tools.tool_python("litert") is None:
         raise BackendUnavailable("the tflite backend's converter environment is not installed; run `edgesmith tools install litert`")
-    return f"litert-torch {tools.TOOLS['litert'][1].split('==')[1]}, ai-edge-litert {dist_version('ai-edge-litert')}"
+    pins = dict(pin.split("==") for pin in tools.TOOLS["litert"])
+    return f"litert-torch {pins['litert-torch']}, onnx2torch {pins['onnx2torch']}, ai-edge-litert {dist_version('ai-edge-litert')}"
 
 
 def _natural_key(name: str) -> list:
@@ -60,33 +65,38 @@ def compile(request: CompileRequest, calibration=None) -> CompileResult:
     import torch
 
     source = request.source
-    if source.module is None:
-        # Skipped, not failed: a target listing tflite among others still builds an ONNX model.
-        raise BackendUnavailable(f"the tflite backend converts PyTorch models only, and {source.ref} is an ONNX file; "
-                                 "pass a PyTorch `module:callable` with --input-shape, or pick another backend")
-    if request.precision != "fp32":
-        raise UserError("the tflite backend builds fp32 only for now; drop --precision fp16")
-    program_path = request.work_dir / "model.pt2"
-    try:
-        torch.export.save(torch.export.export(source.module, source.example_inputs), str(program_path))
-    except Exception as e:
-        raise CompileError(f"torch.export failed, so the tflite backend cannot convert the model: {first_line(e)}") from None
+    if request.precision not in PRECISIONS:
+        raise UserError(f"the tflite backend builds {', '.join(PRECISIONS)}, not {request.precision}; use another backend")
+    if source.module is None:  # ONNX: onnx2torch runs in the converter environment
+        model_path = request.work_dir / "model.onnx"
+        model_path.write_bytes(source.onnx_bytes)
+    else:
+        model_path = request.work_dir / "model.pt2"
+        try:
+            torch.export.save(torch.export.export(source.module, source.example_inputs), str(model_path))
+        except Exception as e:
+            raise CompileError(f"torch.export failed, so the tflite backend cannot convert the model: {first_line(e)}") from None
     python = tools.tool_python("litert")
     out_path = request.out_dir / ENTRY
     calib_args = []
     if calibration is not None:  # INT8: PT2E post-training quantization inside the converter environment
         calib_args = [str(request.work_dir / "calib.npy")]
         np.save(calib_args[0], calibration.x[:, None], allow_pickle=False)
-    result = subprocess.run([str(python), str(_CONVERTER), str(program_path), str(out_path), *calib_args],
+    result = subprocess.run([str(python), str(_CONVERTER), str(model_path), str(out_path), *calib_args],
                             capture_output=True, text=True, timeout=1800)
     if result.returncode != 0:
         lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+        said = next((line.removeprefix("edgesmith: ") for line in reversed(lines) if line.startswith("edgesmith: ")), None)
+        if said is not None:  # the converter's own sentence (an operator it lacks)
+            raise CompileError(f"the tflite backend cannot convert {source.ref}: {said}; try another target's backend")
         raise CompileError(f"litert-torch could not convert the model: {lines[-1] if lines else 'no message'}; try another target's backend")
     signature = json.loads(result.stdout.strip().splitlines()[-1])
     options = {"delegate": request.target.tflite.delegate,
                "signature": "serving_default",
                "input_names": sorted(signature["inputs"], key=_natural_key),
                "output_names": sorted(signature["outputs"], key=_natural_key)}
+    if signature.get("older_converters"):
+        options["onnx2torch_older_converters"] = signature["older_converters"]
     return CompileResult(format=FORMAT, entry=ENTRY, options=options)
 
 

@@ -25,6 +25,7 @@ NAME = "tvm"
 FORMAT = "tvm-relax-so"
 PACKAGE = "apache-tvm"
 DEVICE_RUNTIME = True  # the C++ runtime (Session, edgesmith-run) runs this payload
+PRECISIONS = ("fp32",)  # INT8 is refused with its figures (compile_int8); no bf16/fp16 schedules here
 ENTRY = "model.so"
 
 
@@ -122,7 +123,7 @@ def compile(request: CompileRequest) -> CompileResult:
         raise CompileError(f"the tvm backend cannot compile operator(s) {', '.join(unsupported)} (TVM {tvm.__version__} Relax ONNX frontend); "
                            f"try another backend of {target.name}: {', '.join(b for b in target.backends if b != NAME) or 'none listed'}")
     if request.precision != "fp32":
-        raise UserError("the tvm backend builds fp32 only; drop --precision fp16 or use --backend openvino")
+        raise UserError(f"the tvm backend builds fp32 only, not {request.precision}; use --backend openvino")
 
     tvm_target = _tvm_target(target)
     if request.tuning_db is not None:

@@ -1,7 +1,8 @@
 """The ``edgesmith`` command: verb-first, one module per command group, thin bodies.
 
 User mistakes (``UserError`` and the runtime's typed errors) print as one ``error:`` sentence and
-exit with status 1; a traceback means a bug in edgesmith.
+exit with status 1, and so does a package of an extra this install lacks (``toolchain/extras.py``);
+a traceback means a bug in edgesmith.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from rich.console import Console
 
 from edgesmith.runtime.errors import Error as RuntimeErrorBase
 from edgesmith.toolchain.errors import UserError
+from edgesmith.toolchain.extras import missing_package_message
 
 app = typer.Typer(name="edgesmith", help="Compile ML models per hardware target into signed, self-describing artifacts.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -59,15 +61,22 @@ def _terminate(signum, frame) -> None:
 
 
 def run(command: typer.Typer, interrupted: str = "interrupted; nothing half-written was left behind") -> None:
-    """Run a Typer app as a console script: a user mistake is one ``error:`` sentence and status 1,
-    Ctrl-C prints ``interrupted`` and exits 130. SIGTERM (a CI time-out, `kill`) is handled like
-    Ctrl-C, so staging directories and the like are cleaned up on the way out; commands that serve
-    (the monitor, the artifact server) install their own handlers."""
+    """Run a Typer app as a console script: a user mistake, or a package of an extra this install
+    lacks, is one ``error:`` sentence and status 1; Ctrl-C prints ``interrupted`` and exits 130.
+    SIGTERM (a CI time-out, `kill`) is handled like Ctrl-C, so staging directories and the like are
+    cleaned up on the way out; commands that serve (the monitor, the artifact server) install their
+    own handlers."""
     signal.signal(signal.SIGTERM, _terminate)
     try:
         command()
     except (UserError, RuntimeErrorBase) as e:
         print_error(str(e))
+        sys.exit(1)
+    except ModuleNotFoundError as e:
+        message = missing_package_message(e)
+        if message is None:  # not a package of an extra: a bug, show it
+            raise
+        print_error(message)
         sys.exit(1)
     except KeyboardInterrupt:
         err_console.print(interrupted)

@@ -1,5 +1,6 @@
-// What the backend plugins share: settings read from manifest.json, a pool of engine instances
-// for concurrent callers, and the one-sentence form of an engine's exception.
+// What the backend plugins share: the Backend class and EDGESMITH_BACKEND_DEFINE (common/backend.h),
+// settings read from the manifest, a pool of engine instances for concurrent callers, and the
+// one-sentence form of an engine's exception.
 #pragma once
 
 #include <algorithm>
@@ -17,25 +18,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "runtime/backend.h"
-
-/// Defines the two symbols a plugin exports: `edgesmith_backend_open_v1`, forwarding to
-/// `open_fn(const BackendOpenArgs&, BackendStatus*)` so that no exception leaves the plugin, and
-/// `edgesmith_backend_formats_v1`, returning `formats` (the payload formats it runs, comma-separated).
-#define EDGESMITH_BACKEND_DEFINE(open_fn, formats)                                              \
-  extern "C" __attribute__((visibility("default"))) const char* edgesmith_backend_formats_v1() { \
-    return formats;                                                                              \
-  }                                                                                              \
-  extern "C" __attribute__((visibility("default"))) edgesmith::Backend* edgesmith_backend_open_v1( \
-      const edgesmith::BackendOpenArgs* args, edgesmith::BackendStatus* status) {              \
-    if (args == nullptr || status == nullptr) return nullptr;                                   \
-    try {                                                                                       \
-      *status = edgesmith::BackendStatus{};                                                     \
-      return open_fn(*args, status);                                                            \
-    } catch (...) {                                                                             \
-      return nullptr; /* only an allocation failure while filling `status` can get here */     \
-    }                                                                                           \
-  }
+#include "common/backend.h"
 
 namespace edgesmith {
 namespace backends {
@@ -58,6 +41,16 @@ BackendStatus backend_status_make(BackendStatusCode code, std::string message);
 
 /// Check that `inputs` match the manifest's input count; returns an INVALID status otherwise.
 BackendStatus backend_inputs_check(const Manifest& manifest, const std::vector<TensorView>& inputs);
+
+/// Check that `outputs` match the manifest's outputs in count, dtype and shape; returns an INVALID
+/// status naming the first that does not.
+BackendStatus backend_outputs_check(const Manifest& manifest, const std::vector<TensorSpan>& outputs);
+
+/// backend_run() for a backend that implements backend_run_into(): allocates tensors with the
+/// manifest's output dtypes and shapes, runs into them and appends them to `outputs`.
+BackendStatus backend_run_allocated(Backend& backend, const Manifest& manifest,
+                                    const std::vector<TensorView>& inputs,
+                                    std::vector<Tensor>* outputs) noexcept;
 
 /// Engine instances (VMs, infer requests) for concurrent callers, at most `limit` of them: a
 /// caller takes an idle one, makes a new one while fewer than `limit` exist, or waits for one to

@@ -134,8 +134,14 @@ class OpenVinoBackend final : public Backend {
 
   BackendStatus backend_run(const std::vector<TensorView>& inputs,
                             std::vector<Tensor>* outputs) noexcept override {
+    return backend_run_allocated(*this, manifest_, inputs, outputs);
+  }
+
+  BackendStatus backend_run_into(const std::vector<TensorView>& inputs,
+                                 const std::vector<TensorSpan>& outputs) noexcept override {
     try {
       BackendStatus status = backend_inputs_check(manifest_, inputs);
+      if (status.ok()) status = backend_outputs_check(manifest_, outputs);
       if (!status.ok()) return status;
       InstanceLease<ov::InferRequest> request(requests_);
       try {
@@ -160,7 +166,7 @@ class OpenVinoBackend final : public Backend {
 
  private:
   BackendStatus request_run(ov::InferRequest& request, const std::vector<TensorView>& inputs,
-                            std::vector<Tensor>* outputs) const {
+                            const std::vector<TensorSpan>& outputs) const {
     // Inputs are copied into the request's own tensors: the caller's memory is const and must not
     // stay referenced by a pooled request after the call.
     for (size_t i = 0; i < inputs.size(); ++i) {
@@ -175,7 +181,8 @@ class OpenVinoBackend final : public Backend {
       std::memcpy(tensor.data(), inputs[i].data, bytes);
     }
     request.infer();
-    std::vector<Tensor> converted;
+    // Outputs are copied out of the request's tensors into the runtime's buffers: the request is
+    // reused by the next caller.
     for (size_t i = 0; i < output_ports_.size(); ++i) {
       const ov::Tensor result = request.get_output_tensor(output_ports_[i]);
       const ManifestTensor& expected = manifest_.outputs[i];
@@ -183,18 +190,16 @@ class OpenVinoBackend final : public Backend {
       const std::vector<int64_t> shape(dims.begin(), dims.end());
       ov::element::Type want;
       dtype_to_ov(output_dtypes_[i], &want);
-      if (shape != expected.shape || result.get_element_type() != want) {
+      if (shape != expected.shape || result.get_element_type() != want ||
+          result.get_byte_size() != outputs[i].byte_size) {
         return backend_status_make(BACKEND_STATUS_RUN_FAILED,
                                    "output " + expected.name + " came back as " +
                                        result.get_element_type().get_type_name() + " " +
                                        shape_text(shape) + ", the manifest says " + expected.dtype +
                                        " " + shape_text(expected.shape));
       }
-      Tensor tensor(output_dtypes_[i], shape);
-      std::memcpy(tensor.data(), result.data(), tensor.byte_size());
-      converted.push_back(std::move(tensor));
+      std::memcpy(outputs[i].data, result.data(), outputs[i].byte_size);
     }
-    for (Tensor& tensor : converted) outputs->push_back(std::move(tensor));
     return {};
   }
 

@@ -5,7 +5,7 @@
 // One Ort::Session serves every caller: OrtApi::Run is thread-safe, and its intra-op thread pool
 // belongs to the session, so N callers share one pool of `threads` workers. No copies at the
 // boundary: inputs are wrapped in place (ORT never writes to them) and ORT writes outputs straight
-// into the tensors the runtime returns, preallocated with the manifest's static shapes.
+// into the runtime's buffers, preallocated with the manifest's static shapes (backend_run_into).
 //
 // The session options come from backend.options as the toolchain wrote them: the graph
 // optimization level applied at load time (the payload already has the target-independent levels
@@ -128,8 +128,16 @@ class OrtBackend final : public Backend {
 
   BackendStatus backend_run(const std::vector<TensorView>& inputs,
                             std::vector<Tensor>* outputs) noexcept override {
+    return backend_run_allocated(*this, manifest_, inputs, outputs);
+  }
+
+  // ORT writes straight into the runtime's buffers: no copy.
+  BackendStatus backend_run_into(const std::vector<TensorView>& inputs,
+                                 const std::vector<TensorSpan>& outputs) noexcept override {
     try {
       BackendStatus status = backend_inputs_check(manifest_, inputs);
+      if (!status.ok()) return status;
+      status = backend_outputs_check(manifest_, outputs);
       if (!status.ok()) return status;
       std::vector<Ort::Value> input_values;
       input_values.reserve(inputs.size());
@@ -143,19 +151,15 @@ class OrtBackend final : public Backend {
         input_values.push_back(Ort::Value::CreateTensor(memory_, const_cast<void*>(input.data), bytes,
                                                         input.shape.data(), input.shape.size(), type));
       }
-      std::vector<Tensor> results;
       std::vector<Ort::Value> output_values;
-      results.reserve(output_dtypes_.size());
-      output_values.reserve(output_dtypes_.size());
-      for (size_t i = 0; i < output_dtypes_.size(); ++i) {
-        results.emplace_back(output_dtypes_[i], manifest_.outputs[i].shape);
-        Tensor& tensor = results.back();
-        output_values.push_back(Ort::Value::CreateTensor(memory_, tensor.data(), tensor.byte_size(),
-                                                         tensor.shape().data(), tensor.shape().size(), output_types_[i]));
+      output_values.reserve(outputs.size());
+      for (size_t i = 0; i < outputs.size(); ++i) {
+        const TensorSpan& out = outputs[i];
+        output_values.push_back(Ort::Value::CreateTensor(memory_, out.data, out.byte_size, out.shape.data(),
+                                                         out.shape.size(), output_types_[i]));
       }
       session_->Run(Ort::RunOptions{nullptr}, input_cnames_.data(), input_values.data(), input_values.size(),
                     output_cnames_.data(), output_values.data(), output_values.size());
-      for (Tensor& tensor : results) outputs->push_back(std::move(tensor));
       return {};
     } catch (const std::exception& e) {
       return backend_status_make(BACKEND_STATUS_RUN_FAILED,

@@ -225,8 +225,14 @@ class TvmBackend final : public Backend {
 
   BackendStatus backend_run(const std::vector<TensorView>& inputs,
                             std::vector<Tensor>* outputs) noexcept override {
+    return backend_run_allocated(*this, manifest_, inputs, outputs);
+  }
+
+  BackendStatus backend_run_into(const std::vector<TensorView>& inputs,
+                                 const std::vector<TensorSpan>& outputs) noexcept override {
     try {
       BackendStatus status = backend_inputs_check(manifest_, inputs);
+      if (status.ok()) status = backend_outputs_check(manifest_, outputs);
       if (!status.ok()) return status;
       InstanceLease<VmInstance> vm(vms_);
       try {
@@ -296,7 +302,7 @@ class TvmBackend final : public Backend {
   }
 
   BackendStatus vm_run(VmInstance& vm, const std::vector<TensorView>& inputs,
-                       std::vector<Tensor>* outputs) {
+                       const std::vector<TensorSpan>& outputs) {
     std::vector<ffi::AnyView> views;
     for (size_t i = 0; i < inputs.size(); ++i) {
       const ffi::Tensor& tensor = vm.inputs[i];
@@ -319,12 +325,10 @@ class TvmBackend final : public Backend {
                                      " output(s), the manifest lists " +
                                      std::to_string(manifest_.outputs.size()));
     }
-    std::vector<Tensor> converted;
     for (size_t i = 0; i < results.size(); ++i) {
-      BackendStatus status = output_convert(i, results[i], &converted);
+      BackendStatus status = output_copy(i, results[i], outputs[i]);
       if (!status.ok()) return status;
     }
-    for (Tensor& tensor : converted) outputs->push_back(std::move(tensor));
     return {};
   }
 
@@ -342,8 +346,9 @@ class TvmBackend final : public Backend {
     return false;
   }
 
-  BackendStatus output_convert(size_t index, const ffi::Tensor& result,
-                               std::vector<Tensor>* converted) const {
+  /// Copy output `index` out of the VM's tensor (the VM's memory pool reuses it) into the
+  /// runtime's buffer.
+  BackendStatus output_copy(size_t index, const ffi::Tensor& result, const TensorSpan& out) const {
     const ManifestTensor& expected = manifest_.outputs[index];
     const std::vector<int64_t> shape(result.shape().begin(), result.shape().end());
     DLDataType want{};
@@ -359,10 +364,8 @@ class TvmBackend final : public Backend {
       return backend_status_make(BACKEND_STATUS_RUN_FAILED,
                                  "output " + expected.name + " is not a contiguous CPU tensor");
     }
-    Tensor tensor(output_dtypes_[index], shape);
     const auto* source = static_cast<const uint8_t*>(result.data_ptr()) + result.byte_offset();
-    std::memcpy(tensor.data(), source, tensor.byte_size());
-    converted->push_back(std::move(tensor));
+    std::memcpy(out.data, source, out.byte_size);
     return {};
   }
 

@@ -1,5 +1,5 @@
-// edgesmith_backend_check: loads one backend plugin the way the runtime does (dlopen + the
-// factory symbol), runs an artifact's golden samples through it, then hammers it from several
+// edgesmith_backend_check: loads one backend plugin the way the runtime does (dlopen, the plugin
+// ABI check and its C table, through runtime/plugin.h), runs an artifact's golden samples through it, then hammers it from several
 // threads at once, and prints one JSON line with the results. Used by
 // tests/test_backends_native.py; independent of Session so plugin bugs show up on their own.
 //
@@ -7,8 +7,6 @@
 //
 // Exit status: 0 all samples within tolerance, 1 a mismatch or a run failure, 2 a load failure
 // (the JSON line carries the plugin's status code and message).
-#include <dlfcn.h>
-
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -24,15 +22,17 @@
 #include <nlohmann/json.hpp>
 
 #include "artifact/manifest.h"
-#include "runtime/backend.h"
+#include "common/error.h"
+#include "common/file.h"
 #include "runtime/npy.h"
+#include "runtime/plugin.h"
 #include "runtime/tensor.h"
 
 namespace {
 
-using edgesmith::Backend;
-using edgesmith::BackendOpenArgs;
-using edgesmith::BackendStatus;
+using edgesmith::PluginBackend;
+using edgesmith::PluginOpenArgs;
+using edgesmith::PluginStatus;
 using edgesmith::Tensor;
 using edgesmith::TensorView;
 
@@ -69,10 +69,10 @@ std::vector<TensorView> views_of(const std::vector<Tensor>& tensors) {
   return views;
 }
 
-int fail(nlohmann::json report, const std::string& stage, const BackendStatus& status, int code) {
+int fail(nlohmann::json report, const std::string& stage, const PluginStatus& status, int code) {
   report["ok"] = false;
   report["stage"] = stage;
-  report["status"] = static_cast<int>(status.code);
+  report["status"] = status.code;
   report["message"] = status.message;
   std::printf("%s\n", report.dump().c_str());
   return code;
@@ -87,7 +87,7 @@ int main(int argc, char** argv) {
     return 64;
   }
   const std::string plugin_path = argv[1];
-  BackendOpenArgs args;
+  PluginOpenArgs args;
   args.artifact_dir = std::filesystem::absolute(argv[2]).string();
   int concurrency = 4;
   int iterations = 25;
@@ -100,20 +100,24 @@ int main(int argc, char** argv) {
   }
   nlohmann::json report = {{"plugin", plugin_path}, {"artifact", args.artifact_dir}};
 
-  void* handle = dlopen(plugin_path.c_str(), RTLD_NOW | RTLD_LOCAL);
-  if (handle == nullptr) {
-    BackendStatus status{edgesmith::BACKEND_STATUS_LOAD_FAILED, dlerror()};
-    return fail(report, "dlopen", status, 2);
-  }
-  auto open = reinterpret_cast<edgesmith::BackendOpenFn>(dlsym(handle, EDGESMITH_BACKEND_OPEN_SYMBOL));
-  if (open == nullptr) {
-    BackendStatus status{edgesmith::BACKEND_STATUS_LOAD_FAILED, "no " EDGESMITH_BACKEND_OPEN_SYMBOL};
-    return fail(report, "dlsym", status, 2);
+  // The backend's name from the file name, for messages: libedgesmith_backend_<name>.so.
+  std::string name = std::filesystem::path(plugin_path).stem().string();
+  const std::string prefix = "libedgesmith_backend_";
+  if (name.rfind(prefix, 0) == 0) name = name.substr(prefix.size());
+  edgesmith::BackendPlugin plugin;
+  try {
+    plugin = edgesmith::plugin_load_file(name, plugin_path);
+  } catch (const std::exception& e) {
+    return fail(report, "load", PluginStatus{EDGESMITH_STATUS_CODE_LOAD_FAILED, e.what()}, 2);
   }
 
   std::vector<Sample> samples;
   try {
-    args.manifest = edgesmith::manifest_read(args.artifact_dir);
+    args.manifest_json = edgesmith::file_read(args.artifact_dir + "/" + edgesmith::MANIFEST_FILE,
+                                              edgesmith::MANIFEST_MAX_BYTES, edgesmith::ERROR_CODE_IO,
+                                              edgesmith::MANIFEST_FILE);
+    args.manifest = edgesmith::manifest_parse(args.manifest_json);
+    if (args.threads <= 0) args.threads = args.manifest.target_threads;  // as Session does
     for (const auto& entry : args.manifest.golden.samples) {
       Sample sample;
       for (const auto& path : entry.inputs) sample.inputs.push_back(edgesmith::npy_read(args.artifact_dir + "/" + path));
@@ -121,14 +125,14 @@ int main(int argc, char** argv) {
       samples.push_back(std::move(sample));
     }
   } catch (const std::exception& e) {
-    return fail(report, "artifact", BackendStatus{edgesmith::BACKEND_STATUS_INVALID, e.what()}, 2);
+    return fail(report, "artifact", PluginStatus{EDGESMITH_STATUS_CODE_INVALID, e.what()}, 2);
   }
 
-  BackendStatus status;
   const auto t_open = std::chrono::steady_clock::now();
-  std::unique_ptr<Backend> backend(open(&args, &status));
+  std::unique_ptr<PluginBackend> backend;
+  PluginStatus status = edgesmith::plugin_backend_open(plugin, args, &backend);
   report["open_ms"] = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t_open).count();
-  if (!backend) return fail(report, "open", status, 2);
+  if (!status.ok()) return fail(report, "open", status, 2);
   report["describe"] = backend->backend_describe();
 
   // Golden samples, one caller.
@@ -168,7 +172,7 @@ int main(int argc, char** argv) {
       for (int it = 0; it < iterations; ++it) {
         const Sample& sample = samples[static_cast<size_t>(c + it) % samples.size()];
         std::vector<Tensor> outputs;
-        const BackendStatus s = backend->backend_run(views_of(sample.inputs), &outputs);
+        const PluginStatus s = backend->backend_run(views_of(sample.inputs), &outputs);
         if (!s.ok()) {
           if (failures.fetch_add(1) == 0) first_failure = s.message;
           continue;
