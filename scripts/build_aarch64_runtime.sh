@@ -10,6 +10,7 @@
 #     lib/libopenvino.so.*, libopenvino_arm_cpu_plugin.so, libopenvino_ir_frontend.so.*, libtbb*, ...
 #                                             from the aarch64 openvino wheel
 #     lib/libonnxruntime.so.<version>         from the aarch64 onnxruntime wheel
+#     lib/libLiteRt.so                        from the aarch64 ai-edge-litert wheel (LiteRt C API)
 #
 # The bundle needs no LD_LIBRARY_PATH and no libsodium on the device (linked statically); it needs
 # a glibc >= 2.35 device (the openvino wheel's manylinux_2_35 tag) with libstdc++ from GCC >= 12.
@@ -32,6 +33,7 @@ TVM_VERSION="0.27.0.post1"
 TVM_FFI_VERSION="0.1.14.post1"
 OPENVINO_VERSION="2026.4.1"
 ORT_VERSION="1.32.0"
+LITERT_VERSION="2.3.0"
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 home="${EDGESMITH_HOME:-$HOME/.edgesmith}"
@@ -86,6 +88,10 @@ fi
 if ! have_wheel "onnxruntime-${ORT_VERSION}-*aarch64*.whl"; then
   download manylinux_2_28_aarch64 manylinux_2_27_aarch64 manylinux_2_17_aarch64 -- "onnxruntime==${ORT_VERSION}"
 fi
+# ai-edge-litert's aarch64 wheel is tagged manylinux_2_27 only (the 2_28 tag alone finds nothing).
+if ! have_wheel "ai_edge_litert-${LITERT_VERSION}-*aarch64*.whl"; then
+  download manylinux_2_27_aarch64 -- "ai-edge-litert==${LITERT_VERSION}"
+fi
 
 # Unpack only what the runtime needs: TVM/tvm-ffi libraries + tvm-ffi headers; OpenVINO's
 # libs, headers and CMake config (the wheels are zip files; python's zipfile needs no unzip).
@@ -115,6 +121,9 @@ unpack "openvino-${OPENVINO_VERSION}-*aarch64*.whl" "$cache/openvino" openvino/l
 # ONNX Runtime: the C API library only (the ort plugin's headers are kept in
 # third_party/onnxruntime/include).
 unpack "onnxruntime-${ORT_VERSION}-*aarch64*.whl" "$cache/onnxruntime" "onnxruntime/capi/libonnxruntime.so."
+# LiteRT: the C API library and the dist-info that names its version (the tflite plugin's headers
+# are kept in third_party/litert/include).
+unpack "ai_edge_litert-${LITERT_VERSION}-*aarch64*.whl" "$cache/litert" ai_edge_litert/libLiteRt.so ai_edge_litert-
 # EdgesmithTvm.cmake expects one directory holding tvm/ and tvm_ffi/ (like site-packages).
 mkdir -p "$cache/tvm-root"
 ln -sfn "$cache/tvm/tvm" "$cache/tvm-root/tvm"
@@ -127,8 +136,9 @@ done
 build="$cache/build"
 generator=()
 command -v ninja >/dev/null && generator=(-G Ninja)
-# A build tree configured before the ort backend existed is configured again with its engine.
-if [[ ! -f "$build/CMakeCache.txt" ]] || ! grep -qx "EDGESMITH_ORT_ROOT:PATH=$cache/onnxruntime" "$build/CMakeCache.txt"; then
+# A build tree configured before the ort or tflite backend existed is configured again with its engine.
+if [[ ! -f "$build/CMakeCache.txt" ]] || ! grep -qx "EDGESMITH_ORT_ROOT:PATH=$cache/onnxruntime" "$build/CMakeCache.txt" \
+    || ! grep -qx "EDGESMITH_LITERT_ROOT:PATH=$cache/litert" "$build/CMakeCache.txt"; then
   log "configuring $build"
   # CMakeGenericSystem prefers .so; this project include (after project()) makes find_library pick
   # libsodium.a, so the bundle needs no libsodium on the device.
@@ -143,7 +153,8 @@ if [[ ! -f "$build/CMakeCache.txt" ]] || ! grep -qx "EDGESMITH_ORT_ROOT:PATH=$ca
     -DEDGESMITH_BUILD_PYTHON=OFF -DEDGESMITH_BUILD_TESTS=OFF \
     -DEDGESMITH_WITH_TVM=ON -DEDGESMITH_TVM_ROOT="$cache/tvm-root" \
     -DEDGESMITH_WITH_OPENVINO=ON -DEDGESMITH_OPENVINO_ROOT="$cache/openvino" \
-    -DEDGESMITH_WITH_ORT=ON -DEDGESMITH_ORT_ROOT="$cache/onnxruntime" >"$cache/configure.log" \
+    -DEDGESMITH_WITH_ORT=ON -DEDGESMITH_ORT_ROOT="$cache/onnxruntime" \
+    -DEDGESMITH_WITH_TFLITE=ON -DEDGESMITH_LITERT_ROOT="$cache/litert" >"$cache/configure.log" \
     || { cat "$cache/configure.log" >&2; die "CMake configure failed (log above)"; }
 fi
 log "building (targets: every one the tree defines)"
@@ -159,6 +170,7 @@ copy_lib() {  # copy_lib <file>: copy when changed (keeps the bundle's mtimes st
 copy_lib "$cache/tvm/tvm/lib/libtvm_runtime.so"
 copy_lib "$cache/tvm-ffi/tvm_ffi/lib/libtvm_ffi.so"
 copy_lib "$cache/onnxruntime/onnxruntime/capi/libonnxruntime.so.${ORT_VERSION}"
+copy_lib "$cache/litert/ai_edge_litert/libLiteRt.so"
 # OpenVINO: the core, the IR reader, the Arm CPU plugin and its TBB/hwloc deps; not the
 # ONNX/TF/PyTorch/Paddle/JAX/GGUF frontends (artifacts carry IR) nor the C API.
 for lib in "$cache"/openvino/openvino/libs/*.so*; do

@@ -57,6 +57,26 @@ def build_json(*args: str, env: dict | None = None) -> dict:
     return json.loads(run_cli("build", *args, "--json", env=env).stdout)
 
 
+def build_backend_check(build: Path, backends: tuple[str, ...]) -> dict:
+    """Build ``edgesmith_backend_check`` (tests/cpp/backends) and the plugins of ``backends`` from
+    this checkout into ``build`` (no Python module); their paths: ``exe`` and ``plugins[backend]``."""
+    assert shutil.which("cmake"), "cmake is missing; `make bootstrap` installs it"
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    required = [f"-DEDGESMITH_WITH_{b.upper()}=ON" for b in backends]
+    configure = subprocess.run(
+        ["cmake", "-S", str(REPO), "-B", str(build), *generator, "-DCMAKE_BUILD_TYPE=Release",
+         "-DEDGESMITH_BUILD_PYTHON=OFF", "-DEDGESMITH_BUILD_BACKEND_CHECK=ON",
+         f"-DPython_EXECUTABLE={sys.executable}", *required],
+        capture_output=True, text=True, timeout=300)
+    assert configure.returncode == 0, configure.stdout + configure.stderr
+    targets = ["edgesmith_backend_check", *(f"edgesmith_backend_{b}" for b in backends)]
+    built = subprocess.run(["cmake", "--build", str(build), "--parallel", str(os.cpu_count() or 2),
+                            "--target", *targets], capture_output=True, text=True, timeout=900)
+    assert built.returncode == 0, built.stdout[-4000:] + built.stderr[-4000:]
+    return {"exe": build / "bin" / "edgesmith_backend_check",
+            "plugins": {b: build / "backends" / f"libedgesmith_backend_{b}.so" for b in backends}}
+
+
 @pytest.fixture(scope="session")
 def shared_root(tmp_path_factory, worker_id) -> Path:
     """A directory every xdist worker of this run shares (the run's base temp directory)."""

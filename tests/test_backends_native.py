@@ -1,4 +1,5 @@
-"""The TVM and OpenVINO backend plugins (csrc/backends/) on real artifacts of the demo CNN.
+"""The TVM and OpenVINO backend plugins (csrc/backends/) on real artifacts of the demo CNN (the
+tflite plugin's own tests, with the same three ways in, are tests/test_tflite_runtime.py).
 
 Three ways in, from the outside to the inside:
 - ``edgesmith.runtime.Session`` (the plugins installed with the package) against the golden outputs,
@@ -12,7 +13,6 @@ Three ways in, from the outside to the inside:
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import DIGITS, REPO, build_json
+from conftest import DIGITS, build_backend_check, build_json
 
 pytestmark = pytest.mark.integration
 
@@ -107,21 +107,7 @@ def test_edgesmith_run_golden(host_artifacts, backend):
 @pytest.fixture(scope="module")
 def backend_check(tmp_path_factory) -> dict:
     """Build the plugins and edgesmith_backend_check from this checkout (no Python module)."""
-    assert shutil.which("cmake"), "cmake is missing; `make bootstrap` installs it"
-    build = tmp_path_factory.mktemp("backend-check-build")
-    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
-    configure = subprocess.run(
-        ["cmake", "-S", str(REPO), "-B", str(build), *generator, "-DCMAKE_BUILD_TYPE=Release",
-         "-DEDGESMITH_BUILD_PYTHON=OFF", "-DEDGESMITH_BUILD_BACKEND_CHECK=ON",
-         f"-DPython_EXECUTABLE={sys.executable}", "-DEDGESMITH_WITH_TVM=ON", "-DEDGESMITH_WITH_OPENVINO=ON"],
-        capture_output=True, text=True, timeout=300)
-    assert configure.returncode == 0, configure.stdout + configure.stderr
-    targets = ["edgesmith_backend_check", "edgesmith_backend_tvm", "edgesmith_backend_openvino"]
-    built = subprocess.run(["cmake", "--build", str(build), "--parallel", str(os.cpu_count() or 2),
-                            "--target", *targets], capture_output=True, text=True, timeout=900)
-    assert built.returncode == 0, built.stdout[-4000:] + built.stderr[-4000:]
-    return {"exe": build / "bin" / "edgesmith_backend_check",
-            "plugins": {b: build / "backends" / f"libedgesmith_backend_{b}.so" for b in BACKENDS}}
+    return build_backend_check(tmp_path_factory.mktemp("backend-check-build"), BACKENDS)
 
 
 def _check(backend_check, backend: str, artifact: Path, *args: str) -> tuple[int, dict]:

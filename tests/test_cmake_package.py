@@ -29,7 +29,7 @@ def consumer(tmp_path_factory) -> Path:
     # The plugins are not part of the C++ package; skipping them keeps the build short.
     _run("cmake", "-S", str(REPO), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
          "-DEDGESMITH_BUILD_PYTHON=OFF", "-DEDGESMITH_WITH_TVM=OFF", "-DEDGESMITH_WITH_OPENVINO=OFF",
-         "-DEDGESMITH_WITH_ORT=OFF",
+         "-DEDGESMITH_WITH_ORT=OFF", "-DEDGESMITH_WITH_TFLITE=OFF",
          f"-DCMAKE_INSTALL_PREFIX={prefix}")
     _run("cmake", "--build", str(build), "--parallel", "2")
     _run("cmake", "--install", str(build))

@@ -269,7 +269,7 @@ def test_foreign_isa_elf_refused_before_dlopen(tmp_path: Path, key: SigningKey) 
         Session(art, trusted_keys=[key.public_key])
 
 
-def test_other_target_isa_and_tflite_refused(tmp_path: Path, key: SigningKey) -> None:
+def test_other_target_isa_foreign_format_and_missing_backend_refused(tmp_path: Path, key: SigningKey) -> None:
     other = "x86_64" if _core().host_isa() == "aarch64" else "aarch64"
     art = write_echo_artifact(tmp_path / "a", key, lambda m: m["target"].update(isa=other))
     with pytest.raises(errors.UnsupportedArtifactError, match=f"is built for {other}"):
@@ -278,8 +278,8 @@ def test_other_target_isa_and_tflite_refused(tmp_path: Path, key: SigningKey) ->
     with pytest.raises(errors.UnsupportedArtifactError,
                        match="backend 'testecho' of this runtime runs testecho payloads, and echo-host-testecho's payload is tflite"):
         Session(art, trusted_keys=[key.public_key])
-    art = write_echo_artifact(tmp_path / "c", key, lambda m: (m["payload"].update(format="tflite"), m["backend"].update(name="tflite")))
-    with pytest.raises(errors.BackendError, match="backend 'tflite' is not built into this runtime"):
+    art = write_echo_artifact(tmp_path / "c", key, lambda m: (m["payload"].update(format="tensorrt-plan"), m["backend"].update(name="tensorrt")))
+    with pytest.raises(errors.BackendError, match="backend 'tensorrt' is not built into this runtime"):
         Session(art, trusted_keys=[key.public_key])
 
 

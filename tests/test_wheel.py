@@ -26,7 +26,8 @@ import pytest
 
 from conftest import DIGITS, REPO
 
-ENGINE_LIBRARY_DIRS = {"tvm": ["tvm/lib", "tvm_ffi/lib"], "openvino": ["openvino/libs"], "ort": ["onnxruntime/capi"]}
+ENGINE_LIBRARY_DIRS = {"tvm": ["tvm/lib", "tvm_ffi/lib"], "openvino": ["openvino/libs"], "ort": ["onnxruntime/capi"],
+                       "tflite": ["ai_edge_litert"]}
 # What a binary of the wheel may need from the system: glibc and the GCC runtime, nothing else.
 SYSTEM_LIBRARIES = {"libc.so.6", "libm.so.6", "libstdc++.so.6", "libgcc_s.so.1", "libdl.so.2",
                     "libpthread.so.0", "ld-linux-x86-64.so.2"}
@@ -141,11 +142,11 @@ def test_engine_pins_agree():
     """The plugins are compiled against the engines in build-system.requires and load the ones the
     extras install: the versions must be the same, or the plugins' ABI is a guess."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
-    engines = ("apache-tvm==", "apache-tvm-ffi==", "openvino==", "onnxruntime==")
+    engines = ("apache-tvm==", "apache-tvm-ffi==", "openvino==", "onnxruntime==", "ai-edge-litert==")
     def pins(requirements):
         return sorted(r for r in requirements if r.startswith(engines))
     build = pins(project["build-system"]["requires"])
-    assert len(build) == 4, build
+    assert len(build) == 5, build
     extras = project["project"]["optional-dependencies"]
     assert pins(extras["runtime"]) == build
     assert pins(extras["toolchain"]) == build

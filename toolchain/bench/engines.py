@@ -71,7 +71,7 @@ def parse_backends(text: str | None, target: Target) -> list[str]:
             raise UserError(f"target {target.name} does not list backend {name!r}; its backends are: {', '.join(target.backends)}")
     runnable = [n for n in names if getattr(get_backend(n), "DEVICE_RUNTIME", False)]
     if not runnable and names:
-        raise UserError(f"none of {', '.join(names)} runs in edgesmith's device runtime; pick from openvino, ort, tvm")
+        raise UserError(f"none of {', '.join(names)} runs in edgesmith's device runtime; pick from openvino, ort, tflite, tvm")
     return runnable
 
 
