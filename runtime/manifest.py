@@ -245,6 +245,8 @@ class AccuracyGate(_Model):
                     "real data was given), a weaker proof")
     data: GateData
     executed: Literal["native", "host-engine", "qemu-aarch64"] = Field(description="where the payload ran for the gate")
+    calibration: QuantizationData | None = Field(default=None, description="int8: the inputs the quantizer calibrated "
+                                                 "on, never the ones the gate judged")
     reference_accuracy: float | None = Field(default=None, ge=0, le=1, description="FP32 top-1 accuracy (labelled only)")
     accuracy: float | None = Field(default=None, ge=0, le=1, description="this payload's top-1 accuracy (labelled only)")
     accuracy_drop: FiniteFloat | None = Field(default=None, description="reference_accuracy - accuracy, in points")
@@ -298,7 +300,8 @@ class SelectionCandidate(_Model):
         default=None, exclude_if=lambda value: value is None, description="the candidate's precision (absent: fp32)")
     status: Literal["passed", "failed", "skipped"] = Field(
         description="passed: compiled, validated and proven as far as this machine can; failed: one of those steps "
-                    "failed (see error); skipped: the backend is not installed here")
+                    "failed (see error); skipped: the backend is not installed here, or nothing here can run its "
+                    "precision's accuracy gate")
     latency_us_p50: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = Field(
         default=None, description="median latency of the best timing block, in microseconds; null when not timed here")
     latency_us_p95: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None

@@ -18,7 +18,7 @@ edgesmith=("$VENV/bin/edgesmith")
   --target all --backend all --precision fp32 --output dist/demo
 # INT8 (NNCF post-training quantization) from the same registered version, behind the accuracy
 # gate: calibrated and scored on its held-out split, refused past a 1-point drop.
-"${edgesmith[@]}" build models:/digits@champion --name digits-cnn-int8 \
+"${edgesmith[@]}" build models:/digits@champion --name digits-cnn \
   -t x86_64-avx2 -t rpi4-aarch64 --backend openvino --precision int8 --output dist/demo
 "${edgesmith[@]}" verify dist/demo/digits-cnn-rpi4-aarch64-tvm
 
@@ -94,7 +94,7 @@ echo "$fired"
 # rollout and roll it back (docs/deployment.md).
 echo
 echo "canary rollout of the INT8 artifact: wave 1 is cam-01, wave 2 the rest; abort above 34% failed"
-"${edgesmith[@]}" deploy dist/demo/digits-cnn-int8-x86_64-avx2-openvino --fleet plant-a --broker "$fleet/broker" \
+"${edgesmith[@]}" deploy dist/demo/digits-cnn-x86_64-avx2-openvino-int8 --fleet plant-a --broker "$fleet/broker" \
   --db "$db" --waves 33%,100% --abort-on-failure 34% --wave-timeout 120 --previous "$artifact" --serve 127.0.0.1:0
 "${edgesmith[@]}" fleet status --db "$db"
 echo "dashboard: http://127.0.0.1:$port/ (also /metrics and /api/fleet); the demo stops its fleet now,"

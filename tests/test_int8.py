@@ -53,7 +53,8 @@ def test_openvino_int8_passes_the_gate_runs_in_session_and_is_recorded(tracking,
     result = json.loads(run_cli("build", f"models:/digits/{s.version}", "-t", "host", "--backend", "openvino",
                                 "--quantize", "int8", "-o", str(out), "--json").stdout)
     (artifact,) = result["artifacts"]
-    path = out / f"digits-{artifact['target']}-openvino"
+    path = out / f"digits-{artifact['target']}-openvino-int8"  # a reduced precision is named, never the FP32 directory
+    assert artifact["path"] == str(path)
     manifest = json.loads((path / "manifest.json").read_text())
     q = manifest["quantization"]
     assert manifest["backend"]["precision"] == "int8" and q["scheme"] == "int8" and q["method"].startswith("nncf ")
@@ -103,7 +104,7 @@ def test_ort_qdq_int8_from_calib_and_eval_files(tracking, tmp_path):
                                 "sha256": hashlib.sha256(np.ascontiguousarray(x[:100]).tobytes()).hexdigest()}
     assert q["evaluation"]["samples"] == len(y) - 100 and q["accuracy_drop"] <= 1.0
     assert artifact["proof"]["status"] == "proven"
-    manifest = json.loads((out / f"digits-{artifact['target']}-ort" / "manifest.json").read_text())
+    manifest = json.loads((out / f"digits-{artifact['target']}-ort-int8" / "manifest.json").read_text())
     assert manifest["backend"]["options"]["quantization"] == q["method"]
 
 
@@ -165,7 +166,7 @@ def test_litert_int8_from_the_registered_pytorch_model(tracking, tmp_path):
     # the flatbuffer really is integer: weights and activations are INT8 tensors (an FP32 one has none)
     from ai_edge_litert.interpreter import Interpreter
 
-    tensors = Interpreter(model_path=str(out / "digits-android-arm64-tflite-tflite" / "model.tflite")).get_tensor_details()
+    tensors = Interpreter(model_path=str(out / "digits-android-arm64-tflite-tflite-int8" / "model.tflite")).get_tensor_details()
     assert sum(t["dtype"] == np.int8 for t in tensors) >= 8
 
 
@@ -230,7 +231,9 @@ def test_unlabelled_gate_from_calibration_inputs_and_its_bounds(tracking, tmp_pa
         "sha256": hashlib.sha256(np.ascontiguousarray(x[100:]).tobytes()).hexdigest()}
     assert gate["top1_agreement"] >= 0.99 and gate["min_agreement"] == 0.99 and gate["accuracy"] is None
     assert artifact["quantization"] is None  # no labels, no accuracy figures to record
-    assert Path(artifact["path"]).name == "digits-x86_64-avx2-ort"  # a forced precision keeps the plain name
+    assert gate["calibration"] == {"origin": f"file:{tmp_path / 'calib.npz'}[:100]", "samples": 100,
+                                   "sha256": hashlib.sha256(np.ascontiguousarray(x[:100]).tobytes()).hexdigest()}
+    assert Path(artifact["path"]).name == "digits-x86_64-avx2-ort-int8"
 
     # calibrated on zeros (every activation range collapses), judged on real inputs: refused with the figures
     np.savez(tmp_path / "poor.npz", x=np.concatenate([np.zeros_like(x[:100]), x[100:]]))
@@ -280,8 +283,8 @@ def test_bf16_without_data_is_gated_on_the_builds_own_samples_or_skipped_by_name
     if not _host_has("avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16"):
         assert bf16["status"] == "skipped" and "avx512_bf16" in bf16["error"]
         return
-    assert bf16["status"] in ("passed", "chosen") or selection["chosen_precision"] == "bf16", bf16
-    assert bf16["gate"].startswith("synthetic gate on 8 inputs: top-1 agreement")
+    assert bf16["status"] == "passed", bf16
+    assert bf16["gate"].startswith("synthetic gate on 64 inputs: top-1 agreement")
     # --precision bf16 forces it: the manifest pins bf16, records the weaker proof, needs the feature
     forced = json.loads(run_cli("build", DIGITS, "--input-shape", "1,1,8,8", "-t", "x86_64-avx512", "--backend", "openvino",
                                 "--precision", "bf16", "-o", str(tmp_path / "forced"), "--json").stdout)
@@ -290,7 +293,8 @@ def test_bf16_without_data_is_gated_on_the_builds_own_samples_or_skipped_by_name
     assert manifest.backend.precision == "bf16" and manifest.backend.options["config"]["INFERENCE_PRECISION_HINT"] == "bf16"
     assert "avx512_bf16" in manifest.target.cpu_features
     gate = manifest.accuracy
-    assert gate.proof == "synthetic" and gate.data.origin == "golden" and gate.data.samples == 8 and not gate.data.labelled
+    assert gate.proof == "synthetic" and not gate.data.labelled and gate.data.samples == 64
+    assert gate.data.origin == "build samples (synthetic N(0,1)) x8 + synthetic N(0,1) x56"
     assert gate.top1_agreement >= 0.99 and gate.max_rel_err <= gate.rel_err_bound == 5e-2
     from edgesmith.runtime import Session
 

@@ -107,7 +107,7 @@ class GateSet:
         return f"{len(self.samples)} {kind} inputs"
 
     def judge(self, name: str, precision: str, outputs: list[list[np.ndarray]], budget: Budget, rel_bound: float,
-              output_names: list[str], executed: str) -> AccuracyGate:
+              output_names: list[str], executed: str, calibration: Dataset | None = None) -> AccuracyGate:
         """The gate record for ``outputs`` (the candidate's, one list per gate sample); raises
         UserError with both figures when the candidate is outside the budget."""
         accuracy = drop = agreement = None
@@ -131,19 +131,27 @@ class GateSet:
         # by their error relative to their spread.
         checked = range(len(output_names)) if (self.proof == "synthetic" or not self.classifier) else range(1, len(output_names))
         worst, worst_name = None, None
-        for k in checked:
-            ref = np.stack([np.asarray(s[k], np.float64) for s in self.reference])
+        for k in range(len(output_names)):
             got = np.stack([np.asarray(s[k], np.float64) for s in outputs])
-            spread = float(ref.max() - ref.min()) if ref.size else 0.0
-            err = float(np.max(np.abs(got - ref))) if ref.size else 0.0
+            ref = np.stack([np.asarray(s[k], np.float64) for s in self.reference])
+            if not np.array_equal(np.isfinite(got), np.isfinite(ref)):
+                # an overflow (inf, then NaN) where FP32 is finite: never within any budget
+                raise UserError(f"{name}: {precision} output {output_names[k]!r} is not finite where FP32's is (an "
+                                f"overflow of {precision}'s range) on {self.describe()}; nothing was written for it")
+            if k not in checked:
+                continue
+            finite = np.isfinite(ref)
+            spread = float(ref[finite].max() - ref[finite].min()) if finite.any() else 0.0
+            err = float(np.max(np.abs(got[finite] - ref[finite]))) if finite.any() else 0.0
             rel = err / spread if spread > 0 else (0.0 if err == 0 else float("inf"))
             if worst is None or rel > worst:
                 worst, worst_name = rel, output_names[k]
-        if worst is not None and worst > rel_bound:
+        if worst is not None and not worst <= rel_bound:
             raise UserError(f"{name}: {precision} output {worst_name!r} differs from FP32 by {worst:.3g} of its spread on "
                             f"{self.describe()}, beyond the target's tolerance.{precision}.rtol {rel_bound:g}; nothing was "
                             "written for it")
         return AccuracyGate(precision=precision, proof=self.proof, data=self.data(), executed=executed,
+                            calibration=calibration.record() if calibration is not None else None,
                             reference_accuracy=self.reference_accuracy if accuracy is not None else None,
                             accuracy=accuracy, accuracy_drop=drop,
                             max_accuracy_drop=budget.max_accuracy_drop if accuracy is not None else None,
@@ -195,7 +203,9 @@ def _read_npz(path: Path, flag: str, keys: tuple[str, ...]) -> dict[str, np.ndar
 
 def _check_x(x: np.ndarray, spec: TensorSpec, flag: str, path: Path | str) -> np.ndarray:
     want = [spec.shape[1:]] if spec.shape and spec.shape[0] == 1 else []
-    if x.dtype.name != spec.dtype or list(x.shape[1:]) not in want or len(x) < 1:
+    if len(x) < 1:
+        raise UserError(f"{flag} {path}: x holds no samples; save N >= 1 samples of shape {spec.shape[1:]} and dtype {spec.dtype}")
+    if x.dtype.name != spec.dtype or list(x.shape[1:]) not in want:
         raise UserError(f"{flag} {path}: x has shape {list(x.shape)} and dtype {x.dtype.name}, but the model input {spec.name!r} "
                         f"needs N samples of shape {spec.shape[1:]} and dtype {spec.dtype}, i.e. x of shape [N, {', '.join(map(str, spec.shape[1:]))}] "
                         f"{spec.dtype}")
@@ -215,8 +225,8 @@ def load_evaluation(path: Path, spec: TensorSpec, classes: int) -> Dataset:
         raise UserError(f"--eval {path}: y must hold one integer class label in 0..{classes - 1} per sample of x "
                         f"(shape [{len(x)}]), it has shape {list(y.shape)} and dtype {y.dtype.name}")
     if len(x) < MIN_GATE_SAMPLES:
-        raise UserError(f"--eval {path} holds {len(x)} samples; the accuracy gate needs at least {MIN_GATE_SAMPLES} "
-                        "to measure a drop of one point")
+        raise UserError(f"--eval {path} holds {len(x)} samples; the accuracy budget needs at least {MIN_GATE_SAMPLES} "
+                        "labelled ones (more resolve the bound more finely: one sample in 64 is 1.6 points)")
     return Dataset(x=x, y=y.astype(np.int64), origin=f"file:{path}")
 
 
@@ -299,34 +309,75 @@ def prepare(source, ref_samples: list[list[np.ndarray]], ref_outputs: list[list[
                 evaluation = Dataset(x=x[cut:], y=np.asarray(y[cut:], np.int64), origin=f"{origin}[{cut}:]")
 
     real_samples = ref_origin.startswith("file:") and len(ref_samples) >= MIN_GATE_SAMPLES
+    gate_is_calibration = False
     if evaluation is not None:
-        data.gate = _gate(model, evaluation, None, evaluation.origin, "labelled", classifier)
+        data.gate = _gate(model, _capped(evaluation), None, _capped(evaluation).origin, "labelled", classifier)
     elif real_samples:
-        data.gate = _gate(model, None, ref_samples, ref_origin, "unlabelled", classifier, ref_outputs)
+        data.gate = _gate(model, None, ref_samples[:MAX_GATE_SAMPLES], ref_origin, "unlabelled", classifier,
+                          ref_outputs[:MAX_GATE_SAMPLES])
     elif calibration is not None and len(calibration.x) >= MIN_GATE_SAMPLES:
-        data.gate = _gate(model, Dataset(calibration.x, None, calibration.origin), None, calibration.origin, "unlabelled",
-                          classifier)
+        pool = _capped(Dataset(calibration.x, None, calibration.origin))
+        data.gate = _gate(model, pool, None, pool.origin, "unlabelled", classifier)
+        gate_is_calibration = True  # fine for bf16/fp16, which do not calibrate
     else:
-        data.gate = _gate(model, None, ref_samples, "golden", "synthetic", classifier, ref_outputs)
+        # No real data: the build's own samples, topped up with seeded N(0,1) inputs to the minimum,
+        # so agreement is at least measured on MIN_GATE_SAMPLES inputs (still the weaker proof).
+        from edgesmith.toolchain.reference import make_samples
 
-    if calibration is None:
+        extra = make_samples(source.inputs, max(0, MIN_GATE_SAMPLES - len(ref_samples)), seed=SYNTHETIC_SEED) \
+            if len(ref_samples) < MIN_GATE_SAMPLES else []
+        origin = f"build samples ({ref_origin}) x{len(ref_samples)}" + (f" + synthetic N(0,1) x{len(extra)}" if extra else "")
+        data.gate = _gate(model, None, [*ref_samples, *extra], origin, "synthetic", classifier,
+                          [*ref_outputs, *(model.run(s) for s in extra)])
+
+    if not one_input:
+        data.left_out["int8"] = (f"int8 calibrates on one-input models only, and {source.ref} has {len(source.inputs)} "
+                                 "inputs; build it fp32 or bf16/fp16")
+    elif calibration is None:
         data.left_out["int8"] = ("int8 needs calibration inputs: pass --calib FILE.npz (x: N samples shaped like the model "
                                  "input), or build a registered model (models:/NAME/VERSION) whose run stored its test split")
-    elif data.gate.proof in ("labelled",) or (data.gate.proof == "unlabelled" and data.gate.origin != calibration.origin):
+    elif data.gate.proof != "synthetic" and not gate_is_calibration:
         data.calibration, data.int8_gate = calibration, data.gate
-    elif len(calibration.x) >= 2 * MIN_GATE_SAMPLES:
+    elif gate_is_calibration and len(calibration.x) >= 2 * MIN_GATE_SAMPLES:
         # only --calib was given: calibrate on its first half, judge on the second
         half = len(calibration.x) // 2
         data.calibration = Dataset(calibration.x[:half], None, f"{calibration.origin}[:{half}]")
-        data.int8_gate = _gate(model, Dataset(calibration.x[half:], None, f"{calibration.origin}[{half}:]"), None,
-                               f"{calibration.origin}[{half}:]", "unlabelled", classifier)
+        held_out = _capped(Dataset(calibration.x[half:], None, f"{calibration.origin}[{half}:]"))
+        data.int8_gate = _gate(model, held_out, None, held_out.origin, "unlabelled", classifier)
     else:
         data.left_out["int8"] = (f"int8 needs held-out inputs for its accuracy gate: pass --eval FILE.npz (x and integer y, "
                                  f">= {MIN_GATE_SAMPLES} samples) or --samples with >= {MIN_GATE_SAMPLES} inputs, or --calib "
                                  f"with >= {2 * MIN_GATE_SAMPLES} (half calibrates, half is judged); --calib has "
                                  f"{len(calibration.x)}")
     if data.calibration is not None:
-        data.calibration = Dataset(data.calibration.x[:MAX_CALIBRATION], None, data.calibration.origin)
+        if len(data.calibration.x) > MAX_CALIBRATION:
+            data.calibration = Dataset(data.calibration.x[:MAX_CALIBRATION], None,
+                                       f"{data.calibration.origin}[:{MAX_CALIBRATION}]")
+        if calib_path is not None:  # user data: the same file given twice is a mistake to name
+            _refuse_overlap(data.calibration, data.int8_gate)
     if need_int8 and "int8" in data.left_out:
         raise UserError(data.left_out["int8"])
     return data
+
+
+MAX_GATE_SAMPLES = 2000  # enough to resolve 0.1 point; bounded, since emulated gates run every input under qemu
+SYNTHETIC_SEED = 1234
+
+
+def _capped(dataset: Dataset) -> Dataset:
+    if len(dataset.x) <= MAX_GATE_SAMPLES:
+        return dataset
+    y = dataset.y[:MAX_GATE_SAMPLES] if dataset.y is not None else None
+    return Dataset(dataset.x[:MAX_GATE_SAMPLES], y, f"{dataset.origin}[:{MAX_GATE_SAMPLES}]")
+
+
+def _refuse_overlap(calibration: Dataset, gate: GateSet | None) -> None:
+    """The INT8 gate must judge inputs the quantizer never saw: one sentence when they share more than
+    a real data set's few exact duplicates (5% of the gate's inputs): the same data given twice."""
+    if gate is None:
+        return
+    seen = {np.ascontiguousarray(row).tobytes() for row in calibration.x}
+    shared = sum(np.ascontiguousarray(sample[0][0]).tobytes() in seen for sample in gate.samples)
+    if shared * 20 > len(gate.samples):
+        raise UserError(f"{shared} of the {len(gate.samples)} inputs the int8 accuracy gate would judge ({gate.origin}) are "
+                        f"also calibration inputs ({calibration.origin}); give --calib and --eval/--samples disjoint data")

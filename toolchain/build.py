@@ -10,6 +10,7 @@ toolchain/selection.py's rule.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import platform
 import sys
 import tempfile
@@ -74,8 +75,10 @@ class BuildOptions:
             self.precision = "int8"
         if self.precision != "auto" and self.precision not in PRECISIONS:
             raise UserError(f"--precision {self.precision!r} is not known; use auto, {', '.join(PRECISIONS)}")
-        if not (0.0 <= self.min_agreement <= 1.0):
+        if not (0.0 <= self.min_agreement <= 1.0):  # NaN fails too
             raise UserError(f"--min-agreement {self.min_agreement} is not a share; give e.g. 0.99")
+        if not math.isfinite(self.max_accuracy_drop):
+            raise UserError(f"--max-accuracy-drop {self.max_accuracy_drop} is not a number of points; give e.g. 1.0")
 
     @property
     def budget(self) -> accuracy.Budget:
@@ -182,7 +185,11 @@ def choose_backends(target: Target, backend: str | None, precision: str = "fp32"
             mode, precisions = "forced", (supported or precisions)[:1]
         else:
             precisions = supported
-    return BackendPlan(mode, backends, precisions, left_out)
+    plan = BackendPlan(mode, backends, precisions, left_out)
+    if not plan.candidates():
+        raise UserError(f"no backend of target {target.name} ({', '.join(target.backends)}) builds {precision}; pick "
+                        "another --precision, or a target one of whose backends builds it")
+    return plan
 
 
 def _versions(backend_pkg: str | None) -> dict[str, str]:
@@ -315,7 +322,7 @@ def _validate_reduced(staging: Path, result, backend, target: Target, precision:
     gate_outputs, golden = (gate_outputs, gate_outputs) if same else (gate_outputs[:len(gate_set.samples)],
                                                                       gate_outputs[len(gate_set.samples):])
     gate = gate_set.judge(name, precision, gate_outputs, data.budget, target.tolerance_for(precision).rtol, names,
-                          execution.how)
+                          execution.how, data.calibration if precision == "int8" else None)
     cmp = compare(golden, ref.outputs, names, tolerance.atol, tolerance.rtol)
     validation = Validation(status="passed", executed=Executed(isa=host_isa(), how=execution.how),
                             reference=f"onnxruntime {ref.version} (FP32 model); passed the {precision} accuracy budget",
@@ -380,14 +387,15 @@ def stage_one(source: ModelSource, ref: ReferenceRun, target: Target, backend_na
     tolerance = target.tolerance_for("fp32")  # element-wise against ONNX Runtime; reduced precisions have the budget
     require_input_dependence(ref.outputs, tolerance.atol, tolerance.rtol, options.allow_constant_output)
     reduced = precision != "fp32"
+    target.check_precision(precision)
     if reduced and ref.data is None:
         raise UserError(f"a {precision} candidate needs the accuracy budget's data; build with --precision {precision} or auto")
     target = target.for_precision(precision)
     if reduced and (precision != "int8" or hasattr(backend, "compile_int8")):
         _gate_execution(backend, target, precision)  # before compiling: skipped at once when nothing here runs it
-    # A precision the user forced keeps the plain name (e.g. --name digits-int8 --precision int8);
-    # one chosen by --precision auto says so in the name, as several may be published (--backend all).
-    name = f"{source.name}-{target.name}-{backend_name}" + (f"-{precision}" if reduced and options.precision == "auto" else "")
+    # The name says what the artifact is: a reduced precision never takes (and never replaces) the
+    # FP32 artifact's directory.
+    name = f"{source.name}-{target.name}-{backend_name}" + (f"-{precision}" if reduced else "")
     final = options.out_dir / name
     stages: dict[str, float] = {}
     with ExitStack() as own:

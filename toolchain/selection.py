@@ -11,7 +11,6 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Literal
 
 import numpy as np
@@ -193,7 +192,7 @@ def recorded_latency_us(staged: StagedArtifact) -> float | None:
 
 
 def _not_timed_why(target: Target, staged: StagedArtifact) -> str:
-    target = staged.target if staged is not None else target  # the candidate's precision may need more features
+    target = staged.target  # the candidate's, with its precision's CPU features
     if target.isa != host_isa():
         return f"{target.name} runs {target.isa} code and this machine is {host_isa()}"
     missing = missing_cpu_features(target) if target.os == "linux" else []

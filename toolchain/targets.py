@@ -115,6 +115,11 @@ class Target(BaseModel):
                 raise ValueError(f"key 'precisions' lists {precision}, but precision_features.{precision} names no CPU "
                                  f"features, and {precision} arithmetic needs hardware support (e.g. {example}); "
                                  f"add them or drop {precision}")
+            from edgesmith.toolchain import backends
+
+            if not any(precision in backends.get_backend(b).PRECISIONS for b in self.backends):
+                raise ValueError(f"key 'precisions' lists {precision}, but none of the target's backends "
+                                 f"({', '.join(self.backends)}) builds it")
             if precision != "fp32" and getattr(self.tolerance, precision) is None:
                 raise ValueError(f"key 'precisions' lists {precision}, but there is no tolerance.{precision} table "
                                  "(its error bound relative to each output's spread)")

@@ -34,7 +34,6 @@ class Settings(BackendSettings):
     """``[openvino]``: the device and the compile hints used on the device and when validating."""
 
     device: str = "CPU"
-    inference_precision: Literal["f32", "f16", "bf16"] = "f32"
     performance_hint: Literal["LATENCY", "THROUGHPUT"] = "LATENCY"
 
 
@@ -48,11 +47,10 @@ def version() -> str:
 
 def compile_config(target: Target, precision: str = "fp32") -> dict:
     """Properties for ``Core.compile_model``; the device runtime uses the same ones (recorded in
-    ``backend.options.config``). The precision hint is the artifact's precision's, pinned; the
-    target's ``inference_precision`` applies to fp32 artifacts."""
+    ``backend.options.config``). The precision hint is the artifact's precision's, always pinned:
+    a reduced one only ever comes from a candidate that passed the accuracy budget."""
     settings = target.openvino
-    hint = settings.inference_precision if precision == "fp32" else _HINTS[precision]
-    return {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": settings.performance_hint,
+    return {"INFERENCE_PRECISION_HINT": _HINTS[precision], "PERFORMANCE_HINT": settings.performance_hint,
             "INFERENCE_NUM_THREADS": target.threads}
 
 
