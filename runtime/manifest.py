@@ -254,6 +254,8 @@ class AccuracyGate(_Model):
     top1_agreement: float | None = Field(default=None, ge=0, le=1, description="share of inputs where this payload and "
                                          "FP32 predict the same class; null when the model is not a classifier")
     min_agreement: float | None = Field(default=None, ge=0, le=1, description="the bound (--min-agreement), when it applied")
+    ties: int | None = Field(default=None, ge=0, description="synthetic proof: inputs where FP32's own top-2 margin is "
+                             "within twice this payload's error there, left out of top1_agreement")
     max_rel_err: FiniteFloat | None = Field(default=None, ge=0, description="largest |error| relative to the output's "
                                             "spread over the gate's inputs, over the outputs that are not class scores "
                                             "(all outputs when there are no labels)")

@@ -187,7 +187,7 @@ def test_fp16_for_rpi5_is_gated_and_proven_under_qemu_and_refused_on_a_cortex_a7
     assert m["backend"]["options"]["config"]["INFERENCE_PRECISION_HINT"] == "f16"
     assert {"asimdhp", "fphp"} <= set(m["target"]["cpu_features"])
     gate = m["accuracy"]
-    assert gate["executed"] == "qemu-aarch64" and gate["proof"] == "synthetic" and gate["top1_agreement"] == 1.0
+    assert gate["executed"] == "qemu-aarch64" and gate["proof"] == "synthetic" and gate["top1_agreement"] >= 0.99
     assert 0 < gate["max_rel_err"] <= gate["rel_err_bound"]  # really fp16 arithmetic: not bit-equal to FP32
     assert m["proof"]["status"] == "proven" and "-cpu cortex-a76" in m["proof"]["runner"]
     from edgesmith.toolchain.targets import get_target
