@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "report" / "benchmarks.json"
 IMAGES = REPO / "docs" / "img" / "bench"
 OUT = REPO / "BENCHMARKS.md"
+PRECISION_REPORT = REPO / "bench" / "report" / "precision.md"
 
 # name → (module:callable, input shape, timed runs per round, warm-up runs)
 MODELS = {
@@ -238,6 +239,16 @@ def render(data: dict) -> str:
               "peak RSS = the engine process's high-water mark; size = what the engine loads (edgesmith: the artifact "
               "payload, golden samples excluded; peers: the .onnx or .tflite file); error = max abs difference from "
               "ONNX Runtime's outputs on the section's inputs (INT8: the quantization's own difference).", ""]
+    if PRECISION_REPORT.is_file():  # bench/precision.py's tables: backend x precision within the accuracy budget
+        lines += ["## Precision: the fastest artifact within the accuracy budget (`bench/precision.py`)", "",
+                  "`edgesmith build` with its defaults (`--precision auto`: every backend x precision the host target "
+                  "lists, reduced precisions gated against FP32, the fastest kept) against OpenVINO at its own defaults "
+                  "(`core.compile_model(model, \"CPU\")`, which picks bf16 by itself on this CPU, unchecked), OpenVINO "
+                  "pinned to f32 and ONNX Runtime FP32, on the same ONNX graph, each engine in its own process, best of "
+                  "3 processes x 5 blocks, order rotated. The candidate tables are the build's own timing (Session, "
+                  "rotating blocks). Regenerate: `.venv/bin/python bench/precision.py --markdown "
+                  "bench/report/precision.md`, then `bench/benchmarks.py --render`.", "",
+                  PRECISION_REPORT.read_text().strip(), ""]
     return "\n".join(lines)
 
 

@@ -147,7 +147,10 @@ def _measure(kind: str, path: str, threads: int, blocks: int, block: int) -> flo
         import openvino as ov
 
         core = ov.Core()
-        compiled = core.compile_model(core.read_model(path), "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads})
+        # f32 pinned: OpenVINO would pick bf16 by itself on CPUs with AVX512_BF16/AMX, and the FP32 and
+        # INT8 peers must not silently become bf16 ones (INT8 IRs run their unquantized layers in f32)
+        compiled = core.compile_model(core.read_model(path), "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
+                                                                     "INFERENCE_PRECISION_HINT": "f32"})
         request = compiled.create_infer_request()
         x = np.random.default_rng(0).standard_normal(list(compiled.inputs[0].shape)).astype(np.float32)
         return _time(lambda a: request.infer([a]), x, blocks, block)

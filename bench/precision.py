@@ -66,49 +66,21 @@ def _int8_bench():
 
 # --- timing, in child processes ------------------------------------------------------------------
 
-def _time(run, x, blocks: int, block: int) -> float:
-    for _ in range(5):
-        run(x)
-    best = float("inf")
-    for _ in range(blocks):
-        t0 = time.perf_counter()
-        for _ in range(block):
-            run(x)
-        best = min(best, (time.perf_counter() - t0) / block)
-    return best * 1e3
-
-
 def _measure(kind: str, path: str, threads: int, blocks: int, block: int) -> float:
-    """Runs in a child process: ms per inference, best block mean."""
-    if kind == "session":
-        from edgesmith.runtime import Session
+    """Runs in a child process: ms per inference, best block mean. ``openvino-default`` is exactly
+    what OpenVINO's documentation shows; the others are bench/int8.py's (``openvino`` there pins
+    f32, ``session`` is edgesmith's device runtime, ``ort`` ONNX Runtime)."""
+    bench = _int8_bench()
+    if kind != "openvino-default":
+        return bench._measure({"openvino-f32": "openvino"}.get(kind, kind), path, threads, blocks, block)
+    import openvino as ov
 
-        session = Session(path, threads=threads)
-        spec = session.inputs[0]
-        x = np.random.default_rng(0).standard_normal(spec.shape).astype(spec.dtype)
-        return _time(lambda a: session.run([a]), x, blocks, block)
-    if kind.startswith("openvino"):
-        import openvino as ov
-
-        core = ov.Core()
-        # openvino-default: exactly what OpenVINO's documentation shows; openvino-f32: precision pinned
-        config = {} if kind == "openvino-default" else {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
-                                                        "INFERENCE_NUM_THREADS": threads}
-        compiled = core.compile_model(core.read_model(path), "CPU", config)
-        request = compiled.create_infer_request()
-        x = np.random.default_rng(0).standard_normal(list(compiled.inputs[0].shape)).astype(np.float32)
-        print(f"# {kind}: INFERENCE_PRECISION_HINT={compiled.get_property('INFERENCE_PRECISION_HINT')}", file=sys.stderr)
-        return _time(lambda a: request.infer([a]), x, blocks, block)
-    if kind == "ort":
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-        inp = session.get_inputs()[0]
-        x = np.random.default_rng(0).standard_normal(inp.shape).astype(np.float32)
-        return _time(lambda a: session.run(None, {inp.name: a}), x, blocks, block)
-    raise ValueError(kind)
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(path), "CPU")
+    request = compiled.create_infer_request()
+    x = np.random.default_rng(0).standard_normal(list(compiled.inputs[0].shape)).astype(np.float32)
+    print(f"# {kind}: INFERENCE_PRECISION_HINT={compiled.get_property('INFERENCE_PRECISION_HINT')}", file=sys.stderr)
+    return bench._time(lambda a: request.infer([a]), x, blocks, block)
 
 
 def measure_all(engines: dict[str, tuple[str, Path]], threads: int, rounds: int, blocks: int, block: int) -> dict[str, float]:
