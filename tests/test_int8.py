@@ -187,9 +187,10 @@ def test_auto_precision_with_the_registered_split_publishes_every_gated_candidat
                                 "--backend", "all", "--precision", "auto", "-o", str(out), "--json").stdout)
     (selection,) = result["selections"]
     pairs = {(c["backend"], c.get("precision")) for c in selection["candidates"]}
-    assert pairs == {("openvino", "fp32"), ("tvm", "fp32"), ("ort", "fp32"), ("openvino", "int8"), ("ort", "int8")}
+    assert pairs == {("openvino", "fp32"), ("tvm", "fp32"), ("ort", "fp32"), ("tflite", "fp32"),
+                     ("openvino", "int8"), ("ort", "int8"), ("tflite", "int8")}
     int8 = [a for a in result["artifacts"] if a["precision"] == "int8"]
-    assert {a["backend"] for a in int8} == {"openvino", "ort"}
+    assert {a["backend"] for a in int8} == {"openvino", "ort", "tflite"}
     for a in int8:
         assert Path(a["path"]).name == f"digits-x86_64-avx2-{a['backend']}-int8"
         gate = a["accuracy"]
@@ -198,7 +199,7 @@ def test_auto_precision_with_the_registered_split_publishes_every_gated_candidat
         assert gate["accuracy_drop"] == pytest.approx(100 * (gate["reference_accuracy"] - gate["accuracy"]))
         assert a["quantization"]["int8_accuracy"] == gate["accuracy"]  # the INT8 record as before
     fp32 = [a for a in result["artifacts"] if a["precision"] == "fp32"]
-    assert {a["backend"] for a in fp32} == {"openvino", "tvm", "ort"} and all(a["accuracy"] is None for a in fp32)
+    assert {a["backend"] for a in fp32} == {"openvino", "tvm", "ort", "tflite"} and all(a["accuracy"] is None for a in fp32)
     assert selection["chosen_precision"] in ("fp32", "int8")
     chosen = [c for c in selection["candidates"] if c["backend"] == selection["chosen"]
               and c.get("precision") == selection["chosen_precision"]]

@@ -18,13 +18,13 @@ from conftest import DIGITS, build_json
 EDGESMITH_RUN = Path(sys.executable).parent / "edgesmith-run"
 
 
-def test_ort_is_the_last_candidate_of_the_linux_targets():
+def test_ort_and_litert_are_the_last_candidates_of_the_linux_targets():
     from edgesmith.toolchain.targets import get_target
 
     for name, first in (("x86_64-avx2", "openvino"), ("x86_64-avx512", "openvino"), ("rpi4-aarch64", "tvm"),
                         ("rpi5-aarch64", "tvm"), ("jetson-orin-cpu", "tvm")):
         target = get_target(name)
-        assert target.backends[0] == first and target.backends[-1] == "ort", (name, target.backends)
+        assert target.backends[0] == first and target.backends[-2:] == ["ort", "tflite"], (name, target.backends)
         assert target.ort.optimization_level in ("basic", "extended")  # never the ISA-specific layout level
     assert "ort" not in get_target("android-arm64-tflite").backends
 

@@ -62,13 +62,13 @@ def test_non_native_target_is_ranked_by_the_rule(digits_artifacts):
     """rpi4-aarch64 (built with --backend all by the shared fixture: every candidate published, each
     manifest recording the choice auto makes) cannot be timed here: the rule ranks it."""
     arts = {b: a for (t, b), a in digits_artifacts["artifacts"].items() if t == "rpi4-aarch64"}
-    assert sorted(arts) == ["openvino", "ort", "tvm"]
+    assert sorted(arts) == ["openvino", "ort", "tflite", "tvm"]
     for backend, art in arts.items():
         m = _manifest(art["path"])
         sel = m.selection
         assert sel.mode == "all" and m.backend.name == backend
         # rpi4 lists tvm first; untuned TVM is never the default when another candidate passes
-        assert [c.backend for c in sel.candidates] == ["tvm", "openvino", "ort"]
+        assert [c.backend for c in sel.candidates] == ["tvm", "openvino", "ort", "tflite"]
         assert all(c.status == "passed" and c.latency_us_p50 is None and c.timed_how is None for c in sel.candidates)
         assert sel.chosen == "openvino" and "not timed here" in sel.reason and "untuned" in sel.reason
         assert m.build.latency_us is None
@@ -78,7 +78,7 @@ def test_non_native_target_is_ranked_by_the_rule(digits_artifacts):
 def test_backend_all_times_every_native_candidate(digits_artifacts):
     arts = {b: a for (t, b), a in digits_artifacts["artifacts"].items() if t == "x86_64-avx2"}
     sels = [_manifest(a["path"]).selection for a in arts.values()]
-    assert len(arts) == 3 and all(s == sels[0] for s in sels)  # one choice, recorded in every artifact
+    assert len(arts) == 4 and all(s == sels[0] for s in sels)  # one choice, recorded in every artifact
     for backend, art in arts.items():
         (record,) = [c for c in sels[0].candidates if c.backend == backend]
         assert record.latency_us_p50 > 0 and art["latency_us"] == record.latency_us_p50

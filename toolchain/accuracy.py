@@ -113,7 +113,7 @@ class GateSet:
         return GateData(origin=self.origin, samples=len(self.samples), sha256=self.digest, labelled=self.labels is not None)
 
     def describe(self) -> str:
-        kind = {"labelled": "labelled", "unlabelled": "unlabelled", "synthetic": "the build's own (synthetic)"}[self.proof]
+        kind = {"labelled": "labelled", "unlabelled": "unlabelled real", "synthetic": "synthetic (no data given)"}[self.proof]
         return f"{len(self.samples)} {kind} inputs"
 
     def judge(self, name: str, precision: str, outputs: list[list[np.ndarray]], budget: Budget, rel_bound: float,

@@ -566,8 +566,12 @@ def build_target(source: ModelSource, ref: ReferenceRun, target: Target, plan: B
         _time(result.candidates, status)
         passed = [c for c in result.candidates if c.status == "passed"]
         result.best = select(target, result.candidates)
-        if plan.mode != "auto" or not passed:
+        # A failed candidate fails an `all` or forced build; a skipped one (its backend is not installed,
+        # or nothing here can run its precision's gate) is a note unless it was the one asked for.
+        if plan.mode == "forced" or not passed:
             result.errors = [(c.label, c.error or "") for c in result.candidates if c.status != "passed"]
+        elif plan.mode == "all":
+            result.errors = [(c.label, c.error or "") for c in result.candidates if c.status == "failed"]
         if plan.mode == "auto":
             _publish_best(source, target, result, key, status)
             return result

@@ -119,7 +119,7 @@ def build(
             for b, message in built.errors:
                 failures.append({"target": t.name, "backend": b, "error": message})
                 print_error(f"{t.name}/{b}: {message}")
-            if built.mode == "auto":  # a candidate that lost is a note; a build failure is listed above
+            if built.mode != "forced":  # a candidate that lost or was skipped is a note; a build failure is listed above
                 for c in built.candidates:
                     if c.error and (c.label, c.error) not in built.errors:
                         notes.append({"target": t.name, "backend": c.backend, "precision": c.precision,
