@@ -25,8 +25,13 @@ if TYPE_CHECKING:
 # hardware runs it fast, so the most reduced one that passed the accuracy budget comes first.
 PRECISION_SPEED_ORDER = ("int8", "fp16", "bf16", "fp32")
 
+# A reduced precision costs some accuracy, however small: it wins a timed comparison only when it is
+# faster than this margin, beyond the noise of block medians on shared cores (a few percent here).
+REDUCED_MARGIN = 0.05
+
 RULE = ("Among the candidates (backend x precision) that passed validation and the accuracy budget, the fastest p50 "
-        "measured here through the device runtime (Session, the target's threads, best of blocks) wins; candidates not "
+        "measured here through the device runtime (Session, the target's threads, best of blocks) wins, a reduced "
+        "precision only when it is more than 5% faster than every fp32 candidate; candidates not "
         "timed here rank by precision (int8, fp16, bf16, then fp32), then in the target's listed backend order, except "
         "that a TVM build ranks after every other backend unless its tuning database records a latency on this target "
         "that beats every other candidate's recorded latency.")
@@ -205,6 +210,10 @@ def _not_timed_why(target: Target, staged: StagedArtifact) -> str:
     return "its payload did not run natively here"
 
 
+def _effective_p50(c: Candidate) -> float:
+    return c.timing.p50_us * (1 + REDUCED_MARGIN if c.precision != "fp32" else 1)
+
+
 def _rank_backends(target: Target, passed: list[Candidate]) -> tuple[Candidate, str]:
     """The untimed rule among candidates of one precision: the target's order, TVM last unless its
     tuning database's recorded latency beats every other candidate's."""
@@ -233,16 +242,22 @@ def select(target: Target, candidates: list[Candidate]) -> Candidate | None:
     passed = [c for c in candidates if c.status == "passed"]
     if not passed:
         return None
-    timed = sorted((c for c in passed if c.timing), key=lambda c: c.timing.p50_us)
+    timed = sorted((c for c in passed if c.timing), key=_effective_p50)
     untimed = [c for c in passed if not c.timing]
     untimed_note = "; not timed here: " + ", ".join(f"{c.label} ({_not_timed_why(target, c.staged)})" for c in untimed) \
         if untimed else ""
     if timed:
         best = timed[0]
         others = ", ".join(f"{c.label} {c.timing.p50_us:.1f} µs" for c in timed[1:])
-        best.reason = (f"{best.label} is the only candidate timed here (p50 {best.timing.p50_us:.1f} µs){untimed_note}"
-                       if not others else
-                       f"fastest p50 here: {best.label} {best.timing.p50_us:.1f} µs against {others}{untimed_note}")
+        fastest = min(timed, key=lambda c: c.timing.p50_us)
+        if not others:
+            best.reason = f"{best.label} is the only candidate timed here (p50 {best.timing.p50_us:.1f} µs){untimed_note}"
+        elif fastest is not best:
+            best.reason = (f"fastest p50 here within the reduced-precision margin: {best.label} {best.timing.p50_us:.1f} µs "
+                           f"against {others} ({fastest.label} is faster by less than the {100 * REDUCED_MARGIN:.0f}% a "
+                           f"reduced precision must win by){untimed_note}")
+        else:
+            best.reason = f"fastest p50 here: {best.label} {best.timing.p50_us:.1f} µs against {others}{untimed_note}"
         return best
     if len(passed) == 1:
         only = passed[0]
