@@ -142,10 +142,11 @@ def test_one_failing_pair_of_any_kind_does_not_stop_the_others(tmp_path, monkeyp
                                       "--backend", "all", "-o", str(tmp_path), "--json"])
     assert result.exit_code == 1
     report = json.loads(result.stdout[result.stdout.index("{"):])
-    assert [a["backend"] for a in report["artifacts"]] == ["openvino", "ort"]
+    assert [a["backend"] for a in report["artifacts"]] == ["openvino", "ort", "tflite"]
     (failure,) = report["failures"]
     assert failure["backend"] == "tvm" and "internal error" in failure["error"] and "ZeroDivisionError" in failure["error"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits-cnn-x86_64-avx2-openvino", "digits-cnn-x86_64-avx2-ort"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits-cnn-x86_64-avx2-openvino", "digits-cnn-x86_64-avx2-ort",
+                                                          "digits-cnn-x86_64-avx2-tflite"]
 
 
 def test_artifact_is_signed_once_with_the_real_key(tmp_path):

@@ -36,8 +36,7 @@ from edgesmith.toolchain.prove import prove, run_batch, runner_for
 from edgesmith.toolchain.package import file_entries, publish, sign_and_check, staging_dir
 from edgesmith.toolchain.signing import SigningKey, ephemeral_key
 from edgesmith.toolchain.sources import ModelSource
-from edgesmith.toolchain.selection import (RULE, Candidate, Timing, label, select, serving_latency_us,  # noqa: F401
-                                           time_candidates, timeable)
+from edgesmith.toolchain.selection import RULE, Candidate, label, select, serving_latency_us, time_candidates
 from edgesmith.toolchain.targets import FLOAT_REDUCED, PRECISIONS, Target, host_isa, missing_cpu_features
 from edgesmith.toolchain.validate import compare, input_sensitivity, require_input_dependence
 
