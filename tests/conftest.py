@@ -77,6 +77,16 @@ def build_backend_check(build: Path, backends: tuple[str, ...]) -> dict:
             "plugins": {b: build / "backends" / f"libedgesmith_backend_{b}.so" for b in backends}}
 
 
+def run_backend_check(check: dict, backend: str, artifact: Path, *args: str) -> tuple[int, dict]:
+    """Run the driver ``build_backend_check`` built on ``backend``'s plugin and ``artifact``: its exit
+    code and its last JSON report line."""
+    result = subprocess.run([str(check["exe"]), str(check["plugins"][backend]), str(artifact), *args],
+                            capture_output=True, text=True, timeout=600)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    assert lines, result.stdout + result.stderr
+    return result.returncode, json.loads(lines[-1])
+
+
 @pytest.fixture(scope="session")
 def shared_root(tmp_path_factory, worker_id) -> Path:
     """A directory every xdist worker of this run shares (the run's base temp directory)."""

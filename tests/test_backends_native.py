@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import DIGITS, build_backend_check, build_json
+from conftest import DIGITS, build_backend_check, run_backend_check, build_json
 
 pytestmark = pytest.mark.integration
 
@@ -111,11 +111,7 @@ def backend_check(tmp_path_factory) -> dict:
 
 
 def _check(backend_check, backend: str, artifact: Path, *args: str) -> tuple[int, dict]:
-    result = subprocess.run([str(backend_check["exe"]), str(backend_check["plugins"][backend]), str(artifact), *args],
-                            capture_output=True, text=True, timeout=600)
-    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
-    assert lines, result.stdout + result.stderr
-    return result.returncode, json.loads(lines[-1])
+    return run_backend_check(backend_check, backend, artifact, *args)
 
 
 @pytest.mark.slow
