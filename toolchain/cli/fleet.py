@@ -22,6 +22,13 @@ INTERVAL_HELP = ("Telemetry interval (s) assumed for devices whose birth did not
                  "and the step of the dashboard's charts.")
 
 
+def _refused(refused: dict | None) -> str:
+    """Messages of the device the monitor refused, by reason (the device is marked, never the monitor)."""
+    if not refused:
+        return "–"
+    return "[red]" + ", ".join(f"{n} {reason}" for reason, n in sorted(refused["by_reason"].items())) + "[/]"
+
+
 @app.command("monitor")
 def monitor(
     broker: Path = typer.Option(..., "--broker", envvar="EDGESMITH_BROKER_DIR",
@@ -101,7 +108,7 @@ def status(
         return
     console = out_console()
     table = Table("device", "fleet", "online", "artifact", "version", "slot", "deployment", "result", "p50 ms",
-                  "p95 ms", "runs", "errors", "last seen")
+                  "p95 ms", "runs", "errors", "refused", "last seen")
     now = time.time()
     colours = {"applied": "green", "failed": "red", "refused": "red", "timeout": "red", "in-progress": "yellow",
                "published": "yellow"}
@@ -115,8 +122,12 @@ def status(
             shown += " (rollback)"
         table.add_row(r["device"], r["fleet"], online, r["artifact"] or "–", r["version"] or "–", dep.get("slot") or "–",
                       dep.get("deployment_id") or "–", shown, ms(lat["p50_us"]), ms(lat["p95_us"]), str(r["runs"]),
-                      str(r["errors"]), "–" if r["last_seen_ms"] is None else f"{now - r['last_seen_ms'] / 1000:.0f} s ago")
+                      str(r["errors"]), _refused(r.get("refused")), "–" if r["last_seen_ms"] is None else f"{now - r['last_seen_ms'] / 1000:.0f} s ago")
     console.print(table)
+    for r in overview["devices"]:
+        if r.get("refused"):
+            console.print(f"[red]{r['fleet']}/{r['device']}: {r['refused']['total']} message(s) refused[/] "
+                          f"({r['refused']['last_detail'] or 'see the monitor log'})", highlight=False, soft_wrap=True)
     if not overview["devices"]:
         console.print("no devices yet: the monitor has stored nothing from any device")
         return

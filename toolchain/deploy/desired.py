@@ -16,15 +16,17 @@ from typing import Any, Literal
 import nacl.exceptions
 import nacl.signing
 
+from edgesmith.runtime import contract
 from edgesmith.toolchain.deploy.archive import ArchiveInfo
 from edgesmith.toolchain.fleet import protocol
 from edgesmith.toolchain.signing import SigningKey, key_id
 
-DOMAIN = b"edgesmith-desired-v1\n"
-ENVELOPE_FIELDS = ("v", "signed", "key_id", "signature")
-STATE_FIELDS = ("v", "fleet", "device", "version", "deployment_id", "action", "issued_at_ms", "artifact")
-ARTIFACT_FIELDS = ("url", "sha256", "size", "manifest_sha256", "name")
-Action = Literal["deploy", "rollback"]
+DOMAIN = contract.DESIRED_DOMAIN.encode()
+# The fields are the contract's (runtime/contract.py: DesiredEnvelope, DesiredState, DesiredArtifact).
+ENVELOPE_FIELDS = tuple(contract.DesiredEnvelope.model_fields)
+STATE_FIELDS = tuple(n for n, f in contract.DesiredState.model_fields.items() if f.is_required() or n == "v")
+ARTIFACT_FIELDS = tuple(contract.DesiredArtifact.model_fields)
+Action = Literal["deploy", "rollback"]  # contract.DeployAction
 
 
 def desired_topic(fleet: str, device: str) -> str:
@@ -82,14 +84,20 @@ def verify(envelope: bytes, public_keys: list[bytes]) -> dict[str, Any]:
     if not isinstance(state, dict) or any(f not in state for f in STATE_FIELDS) \
             or not isinstance(state["artifact"], dict) or any(f not in state["artifact"] for f in ARTIFACT_FIELDS):
         raise ValueError("the desired state lacks a field")
-    if state["action"] not in ("deploy", "rollback"):
+    if state["action"] not in tuple(contract.DeployAction):
         raise ValueError(f"unknown action {state['action']!r}")
+    try:
+        contract.DesiredState.model_validate_json(outer["signed"])
+    except ValueError as e:
+        raise ValueError(f"the desired state is not in the contract: {str(e).splitlines()[1:3]}") from None
     return state
 
 
 def version_of(envelope: bytes) -> int | None:
     """The version in a (retained) envelope, unverified: only used to keep versions increasing."""
     try:
-        return int(json.loads(json.loads(envelope)["signed"])["version"])
+        version = json.loads(json.loads(envelope)["signed"])["version"]
     except (ValueError, KeyError, TypeError):
         return None
+    ok = isinstance(version, int) and not isinstance(version, bool) and 0 < version <= contract.MAX_SAFE_INT
+    return version if ok else None

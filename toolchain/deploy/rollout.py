@@ -179,8 +179,9 @@ class FleetWatch:
             if kind == "birth":
                 self.births[device] = message.artifact
             else:
-                version = message.details.get("desired_version") if isinstance(message.details, dict) else None
-                if isinstance(version, int) and not isinstance(version, bool):
+                said = message.details if kind == "state" else message.deploy_report()
+                version = said.desired_version if said is not None else None
+                if version is not None:  # a claim: clamped to what the store issued when used (version_floor)
                     self.reported_versions[device] = max(version, self.reported_versions.get(device, 0))
                 report = deploy_report(message)
                 if report is not None:

@@ -17,17 +17,26 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import logging
+import time
+
 import numpy as np
 
+from edgesmith.runtime import contract
 from edgesmith.toolchain.fleet import drift, protocol
 from edgesmith.toolchain.fleet.latency import percentiles_us
 from edgesmith.toolchain.fleet.protocol import LatencyLayout
 from edgesmith.toolchain.fleet.store import BatchResult, Store, is_silent, now_ms
 
-GroupKey = tuple[str, str, str, str]  # fleet, model, version, target
+# A model group is keyed on the manifest digest, never on the names a device claims, so a device
+# can only join the group of the artifact whose digest it reports; its labels (model, version,
+# target) come from what the store knows of that digest (builds and deployments), else they are
+# the claim, shown as unverified.
+GroupKey = tuple[str, str]  # fleet, manifest_sha256
 WINDOW_COLUMNS = ("batch", "fleet", "device", "artifact_sha256", "window_start_ms", "window_end_ms", "runs", "errors", "latency",
                   "latency_layout", "outputs")
 DeviceKey = tuple[str, str]
+log = logging.getLogger("edgesmith.fleet.view")
 
 
 @dataclass(slots=True)
@@ -176,12 +185,55 @@ def _window(row: dict[str, Any], birth: dict[str, Any], layout_json: str, specs:
                   latency=latency, sum_us=sum_us, max_us=max_us, outputs=outputs)
 
 
+def _checked_birth(birth_json: str | None) -> dict[str, Any] | None:
+    """A stored birth, its artifact and metric schema checked against the contract's bounds again
+    (a store written by an older monitor may hold births that the contract now refuses)."""
+    if not birth_json:
+        return None
+    birth = json.loads(birth_json)
+    contract.ArtifactRef.model_validate_json(json.dumps(birth["artifact"]))
+    contract.MetricSchema.model_validate_json(json.dumps(birth["metrics"]))
+    return birth
+
+
+class KnownManifests:
+    """What the store knows about manifest digests: from deployments (their rows name the model and
+    version) and from the artifact store's index (builds packaged for deployment). Cached; an
+    unknown digest is asked about again at most every RECHECK_S."""
+
+    RECHECK_S = 30.0
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._known: dict[str, dict[str, Any] | None] = {}
+        self._asked: dict[str, float] = {}
+
+    def labels(self, sha: str) -> dict[str, Any] | None:
+        at = time.monotonic()
+        if sha in self._known and (self._known[sha] is not None or at - self._asked[sha] < self.RECHECK_S):
+            return self._known[sha]
+        self._asked[sha] = at
+        found = None
+        try:
+            from edgesmith.toolchain.deploy.archive import lookup
+            info = lookup(sha)
+            if info is not None:
+                found = {"model": info.model, "version": info.model_version, "target": info.target,
+                         "artifact": info.name}
+            else:
+                found = self.store.deployed_manifest(sha)
+        except Exception:  # noqa: BLE001 (an unreadable index or store: the digest stays unverified)
+            log.exception("cannot look up manifest %s", sha[:12])
+        self._known[sha] = found
+        return found
+
+
 class DeviceView:
     """One device: its store row, current birth, and the recent windows of its current artifact."""
 
     def __init__(self, row: dict[str, Any]):
         self.row = row
-        self.birth: dict[str, Any] | None = json.loads(row["birth"]) if row["birth"] else None
+        self.birth: dict[str, Any] | None = _checked_birth(row["birth"])
         self.layout = LatencyLayout(**self.birth["metrics"]["latency"]) if self.birth else None
         self.layout_json = _layout_json(self.birth) if self.birth else None
         self.specs = output_specs(self.birth) if self.birth else []
@@ -204,8 +256,7 @@ class DeviceView:
     def group(self) -> GroupKey | None:
         if not self.birth:
             return None
-        a = self.birth["artifact"]
-        return (self.row["fleet"], a["model"], a["model_version"], a["target"])
+        return (self.row["fleet"], self.birth["artifact"]["manifest_sha256"])
 
     def add(self, w: Window, horizon_ms: int) -> tuple[list[Window], bool]:
         """Insert a window; returns the windows that fell out of the horizon and whether it was kept."""
@@ -233,6 +284,7 @@ class GroupView:
     key: GroupKey
     sums: Sums
     specs: list[OutputSpec]
+    labels: dict[str, Any] = field(default_factory=dict)  # model, version, target; verified or claimed
     members: set[DeviceKey] = field(default_factory=set)
     history: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=360))
     summary: dict[str, Any] = field(default_factory=dict)
@@ -262,6 +314,11 @@ class FleetView:
         self.min_drift_samples = min_drift_samples
         self.devices: dict[DeviceKey, DeviceView] = {}
         self.groups: dict[GroupKey, GroupView] = {}
+        self.manifests = KnownManifests(store)
+        # Stored rows the view could not take in (skipped, logged once per device, and counted):
+        # one device's bad data never stops the view or another device's alerts.
+        self.bad_rows = 0
+        self.bad_devices: dict[DeviceKey, str] = {}
         self.cursor = 0
         # Silence is judged only from this time on: the monitor sets it when it starts, while it is
         # disconnected, and while it works through a backlog (a device is not silent just because
@@ -293,11 +350,34 @@ class FleetView:
         """Start from the store: every device, and windows received recently enough to matter."""
         upto = self.store.batch()
         for row in self.store.devices():
-            self._device_row(row)
+            self._take(self._device_row, row)
         since = now_ms() - 2 * self.horizon_ms
         for row in self.store.windows(received_after_ms=since, up_to_batch=upto, columns=WINDOW_COLUMNS):
-            self._window_row(row)
+            self._take(self._window_row, row)
         self.cursor = upto
+        if self.bad_rows:
+            log.warning("skipped %d stored row(s) the view could not use, of %d device(s): %s", self.bad_rows,
+                        len(self.bad_devices), ", ".join(f"{f}/{d}" for f, d in sorted(self.bad_devices)[:10]))
+
+    def _take(self, handler: Any, row: dict[str, Any], msg: protocol.Telemetry | None = None) -> None:
+        """Take one stored row in; a row that fails is skipped and counted against its device."""
+        try:
+            handler(row, msg) if msg is not None else handler(row)
+        except Exception as e:  # noqa: BLE001 (isolated per row: whatever a device stored, the view goes on)
+            self.bad_rows += 1
+            key = (row.get("fleet"), row.get("device"))
+            if key not in self.bad_devices:
+                log.warning("skipping a stored row of %s/%s the view cannot use (%s: %s)", key[0], key[1],
+                            type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+            self.bad_devices[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            if handler == self._device_row and key[0] is not None:  # shown, with no artifact
+                old = self.devices.get(key)
+                if old is not None:
+                    self._leave_group(key, old)
+                try:
+                    self.devices[key] = DeviceView({**row, "birth": None})
+                except Exception:  # noqa: BLE001
+                    self.devices.pop(key, None)
 
     def refresh(self) -> int:
         """Take in what was stored since the last call, in batch order; returns how many windows came."""
@@ -324,9 +404,9 @@ class FleetView:
             windows.extend((batch, row, msg) for row, msg in result.windows)
         windows.sort(key=lambda w: w[0])
         for row in device_rows:
-            self._device_row(row)
+            self._take(self._device_row, row)
         for _, row, msg in windows:
-            self._window_row(row, msg)
+            self._take(self._window_row, row, msg)
         self.cursor = upto
         return len(windows)
 
@@ -353,7 +433,12 @@ class FleetView:
         if group is not None:
             g = self.groups.get(group)
             if g is None:
-                g = self.groups[group] = GroupView(group, Sums(view.layout, view.layout_json), view.specs)
+                known = self.manifests.labels(group[1])
+                a = view.birth["artifact"]  # type: ignore[index]
+                labels = ({**known, "verified": True} if known else
+                          {"model": a["model"], "version": a["model_version"],
+                           "target": a["target"], "artifact": a["name"], "verified": False})
+                g = self.groups[group] = GroupView(group, Sums(view.layout, view.layout_json), view.specs, labels)
             g.members.add(key)
             g.dirty = True
 
@@ -424,8 +509,10 @@ class FleetView:
                 "drift": drifts, "psi": _worst(drifts, "psi"), "js": _worst(drifts, "js"),
             }
             g.dirty = False
-        fleet, model, version, target = g.key
-        return {"fleet": fleet, "model": model, "version": version, "target": target, "devices": len(g.members),
+        fleet, sha = g.key
+        return {"fleet": fleet, "manifest_sha256": sha, "model": g.labels.get("model"),
+                "version": g.labels.get("version"), "target": g.labels.get("target"),
+                "verified": g.labels.get("verified", False), "devices": len(g.members),
                 "online": online, **g.summary, "history": list(g.history)}
 
     def snapshot(self, at_ms: int | None = None) -> dict[str, Any]:
@@ -433,8 +520,8 @@ class FleetView:
         devices = [self.device_summary(self.devices[k], at_ms) for k in sorted(self.devices)]
         online: dict[GroupKey, int] = {}
         for d in devices:
-            if d["online"] and d["model"] is not None:
-                key = (d["fleet"], d["model"], d["version"], d["target"])
+            if d["online"] and d["manifest_sha256"] is not None:
+                key = (d["fleet"], d["manifest_sha256"])
                 online[key] = online.get(key, 0) + 1
         for key in [k for k, g in self.groups.items() if not g.members]:
             del self.groups[key]
@@ -444,7 +531,10 @@ class FleetView:
             if d["model"] is not None:
                 versions = mix.setdefault(d["fleet"], {}).setdefault(f"{d['model']} × {d['target']}", {})
                 versions[d["version"]] = versions.get(d["version"], 0) + 1
-        return {"generated_ms": at_ms, "devices": devices, "groups": groups, "version_mix": mix}
+        for d in devices:
+            d["view_error"] = self.bad_devices.get((d["fleet"], d["device"]))
+        return {"generated_ms": at_ms, "devices": devices, "groups": groups, "version_mix": mix,
+                "bad_rows": self.bad_rows}
 
     def record_history(self, at_ms: int) -> None:
         """One chart point per group."""

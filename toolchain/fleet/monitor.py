@@ -30,6 +30,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from edgesmith.runtime import contract
 from edgesmith.toolchain.errors import UserError
 from edgesmith.toolchain.fleet import protocol
 from edgesmith.toolchain.fleet.aggregate import FleetView
@@ -42,7 +43,10 @@ log = logging.getLogger("edgesmith.fleet.monitor")
 
 SESSION_EXPIRY_S = 7 * 24 * 3600  # as the devices' sessions: a monitor away for a week misses nothing
 KEEPALIVE_S = 30
-INT64_MAX = 2**63 - 1  # the store's integers are signed 64-bit; the protocol allows up to 2**64 - 1
+# The queue between paho's network thread and the ingest: bounded, so a flood (QoS 0 messages are
+# not held back by the broker's in-flight window) costs refusals, not the monitor's memory.
+MAX_QUEUED_MESSAGES = 20_000
+MAX_QUEUED_BYTES = 64 << 20
 RC_SESSION_TAKEN_OVER = 142
 # paho's network thread gives up the GIL on every socket read (several per message) and must win it
 # back from the busy ingest and evaluator threads each time; at Python's default 5 ms switch interval
@@ -99,41 +103,33 @@ _MONITOR_TOPIC = re.compile(rf"^{re.escape(protocol.TOPIC_ROOT)}/[^/]+/_monitor/
 
 
 def classify(topic: str, payload: bytes, received_ms: int, retained: bool = False) -> Incoming | None:
-    """Validate one MQTT message; None for topics that are not device messages (alerts, desired states)."""
+    """Validate one MQTT message; None for topics that are not device messages (alerts, desired states).
+    A refused message names the device its topic names, so the refusal is counted against it."""
     parts = protocol.parse_topic(topic)
     if parts is None:
         return None if _MONITOR_TOPIC.match(topic) else Incoming(received_ms, dropped="unknown_topic")
     fleet, device, kind = parts
-    if kind == "desired":
+    if kind == contract.DESIRED_TOPIC:
         return None
+    topic_said = Incoming(received_ms, fleet=fleet, device=device)
     if kind not in protocol.DEVICE_KINDS:
-        return Incoming(received_ms, dropped="unknown_topic")
-    if len(payload) > protocol.MAX_PAYLOAD_BYTES:
-        return Incoming(received_ms, dropped="oversized")
+        return topic_said.refused("unknown_topic", f"unknown topic {kind[:64]!r}")
     try:
-        message = protocol.parse_message(payload)
+        message = contract.parse_message(payload)
+    except contract.PayloadTooLarge as e:
+        return topic_said.refused("oversized", str(e))
     except ValidationError as e:
-        malformed = any(err["type"] == "json_invalid" for err in e.errors())
-        return Incoming(received_ms, dropped="malformed" if malformed else "invalid")
-    except ValueError:
-        return Incoming(received_ms, dropped="malformed")
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))[:200]
+        return topic_said.refused(contract.refusal_reason(e), f"{kind}: {where}: {first.get('msg', '')[:200]}")
+    except Exception as e:  # noqa: BLE001 (whatever a payload does to a parser, it costs only itself)
+        return topic_said.refused("malformed", f"{kind}: {type(e).__name__}")
     if (message.fleet, message.device, message.kind) != (fleet, device, kind):
-        return Incoming(received_ms, dropped="topic_mismatch")  # a device may only speak for itself
-    if not _storable(message, payload):
-        return Incoming(received_ms, dropped="invalid")
+        return topic_said.refused("topic_mismatch", f"a {message.kind} of {message.fleet}/{message.device} on "
+                                                    f"{kind}")  # a device may only speak for itself
+    if b"\\u0000" in payload:  # valid JSON, but PostgreSQL text cannot hold NUL characters
+        return topic_said.refused("invalid", f"{kind}: a NUL character")
     return Incoming(received_ms, message=message, retained=retained)
-
-
-def _storable(message: Any, payload: bytes) -> bool:
-    """Valid by the protocol but not storable portably: integers past signed 64 bits, or NUL
-    characters (PostgreSQL text cannot hold them)."""
-    if b"\\u0000" in payload:
-        return False
-    numbers = [message.seq, message.bdSeq, message.ts_ms]
-    if message.kind == "telemetry":
-        numbers += [message.window_start_ms, message.window_end_ms, message.runs, message.errors,
-                    message.nan_input_runs, message.process.rss_bytes, message.spool.queued, message.spool.dropped_total]
-    return all(n <= INT64_MAX for n in numbers)
 
 
 @dataclass
@@ -160,6 +156,9 @@ class Monitor:
         self.store = Store.open(config.db_url)
         self.view = FleetView(self.store, recent_s=config.recent_s, default_interval_s=config.interval_s)
         self.received: queue.Queue[_Received] = queue.Queue()
+        self._queue_lock = threading.Lock()
+        self.queued_bytes = 0
+        self.queue_refused: list[Incoming] = []  # refused because the queue was full; counted by the next batch
         self.stop_event = threading.Event()
         self.fatal: str | None = None
         self.generation = 0
@@ -228,6 +227,20 @@ class Monitor:
         log.warning("disconnected from the broker (%s); reconnecting", reason_code)
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        size = len(msg.payload) + len(msg.topic)
+        with self._queue_lock:
+            full = (self.received.qsize() >= MAX_QUEUED_MESSAGES
+                    or self.queued_bytes + size > MAX_QUEUED_BYTES) and not msg.retain
+            if not full:
+                self.queued_bytes += size
+            elif len(self.queue_refused) < MAX_QUEUED_MESSAGES:
+                parts = protocol.parse_topic(msg.topic) or (None, None, None)
+                self.queue_refused.append(Incoming(now_ms(), dropped="queue_full", fleet=parts[0], device=parts[1],
+                                                   detail="the monitor's queue was full"))
+        if full:
+            if msg.qos > 0:
+                self.client.ack(msg.mid, msg.qos)  # refused and counted: the broker must not hold it in flight
+            return
         self.received.put(_Received(self.generation, msg.mid, msg.qos, msg.topic, msg.payload, now_ms(), msg.retain))
 
     def _publish_alert(self, fleet: str, event: dict[str, Any]) -> None:
@@ -248,6 +261,8 @@ class Monitor:
                 batch.append(self.received.get(timeout=remaining) if remaining > 0 else self.received.get_nowait())
             except queue.Empty:
                 break
+        with self._queue_lock:
+            self.queued_bytes -= sum(len(r.payload) + len(r.topic) for r in batch)
         return batch
 
     def _store(self, items: list[Incoming]) -> bool:
@@ -262,11 +277,21 @@ class Monitor:
                 log.error("cannot write to the store (%s); retrying in %.0f s", str(e.orig).strip().splitlines()[0], delay)
             except DBAPIError as e:
                 if len(items) == 1:
+                    why = str(e.orig).strip().splitlines()[0]
                     log.error("a message from %s could not be stored (%s); dropped", items[0].message.device
-                              if items[0].message else "?", str(e.orig).strip().splitlines()[0])
-                    items = [Incoming(items[0].received_ms, dropped="unstorable")]
+                              if items[0].message else "?", why)
+                    items = [items[0].refused("unstorable", why[:200])]
                     continue
                 # One message the database refuses must not hold up the rest: store them one by one.
+                return all(self._store([item]) for item in items)
+            except Exception as e:  # noqa: BLE001 (a message that breaks processing costs only itself)
+                if len(items) == 1:
+                    if items[0].message is None:
+                        raise  # a batch of nothing but refusals: the store itself is broken
+                    log.exception("a %s from %s could not be processed; dropped", items[0].message.kind,
+                                  items[0].message.device)
+                    items = [items[0].refused("unprocessable", f"{type(e).__name__}: {str(e)[:200]}")]
+                    continue
                 return all(self._store([item]) for item in items)
             if self.stop_event.wait(delay):
                 return False
@@ -274,6 +299,9 @@ class Monitor:
 
     def _ingest(self, batch: list[_Received]) -> bool:
         items = [classify(r.topic, r.payload, r.received_ms, r.retained) for r in batch]
+        with self._queue_lock:
+            items += self.queue_refused
+            self.queue_refused = []
         if not self._store([i for i in items if i is not None]):
             return False  # not acknowledged: the broker delivers them again in the next session
         for r in batch:
@@ -309,9 +337,15 @@ class Monitor:
                 snap = self.view.snapshot(at)
                 snap["alerts"] = self.store.alerts()
                 snap["deployments"], snap["deploy_states"] = self._deployments()
+                refusals = self.store.refusals()
+                for d in snap["devices"]:
+                    d["refused"] = refusals.pop((d["fleet"], d["device"]), None)
+                snap["refused_devices"] = [{"fleet": f, "device": dev, "refused": r}
+                                           for (f, dev), r in sorted(refusals.items())]
                 snap["monitor"] = {"counters": self.store.counters(), "connected": self.connected,
                                    "client_id": self.config.mqtt_client_id, "subscription": self.config.subscription,
-                                   "queued": self.received.qsize(), "stored_here": self.stored_here,
+                                   "queued": self.received.qsize(), "queued_bytes": self.queued_bytes,
+                                   "bad_rows": self.view.bad_rows, "stored_here": self.stored_here,
                                    "thresholds": asdict(self.config.thresholds)}
                 self._snapshot = snap
             return self._snapshot
@@ -360,6 +394,8 @@ class Monitor:
                 log.debug("evaluated in %.0f ms", (time.perf_counter() - started) * 1000)
             except OperationalError as e:
                 log.error("cannot read the store (%s); the view is not updated", str(e.orig).strip().splitlines()[0])
+            except Exception:  # noqa: BLE001 (the evaluator must outlive any bug a device's data finds)
+                log.exception("evaluating the fleet failed; trying again next tick")
 
     # ---- lifecycle ---------------------------------------------------------------------------------
 

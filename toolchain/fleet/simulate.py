@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import heapq
 import json
+import secrets
 import select
 import selectors
 import sys
@@ -89,7 +90,7 @@ class SimulatedDevice:
     """One device: builds messages with its own ``bdSeq``/``seq`` counters and publishes them."""
 
     def __init__(self, credentials: dict[str, Any], artifact: SimArtifact | None = None, interval_s: float = 10.0,
-                 bd_seq: int = 1, seq: int = 0, seed: int = 0):
+                 bd_seq: int = 1, seq: int = 0, seed: int = 0, epoch: str | None = None):
         self.credentials = credentials
         self.fleet = credentials["fleet"]
         self.device = credentials["device"]
@@ -99,6 +100,8 @@ class SimulatedDevice:
         self.seq = seq
         self.birth_seq = seq
         self.rng = np.random.default_rng(seed)
+        # The spool's epoch (a device's random id for its spool database): ``reimage`` starts a new one.
+        self.epoch = epoch or hashlib.sha256(f"{self.fleet}/{self.device}/{seed}".encode()).hexdigest()[:16]
         self.window_end_ms = int(time.time() * 1000)
         self.client: mqtt.Client | None = None
         self._acks: dict[int, ReasonCode] = {}
@@ -114,7 +117,7 @@ class SimulatedDevice:
         if seq is None:
             self.seq += 1
             seq = self.seq
-        return {"fleet": self.fleet, "device": self.device, "bdSeq": self.bd_seq, "seq": seq,
+        return {"fleet": self.fleet, "device": self.device, "epoch": self.epoch, "bdSeq": self.bd_seq, "seq": seq,
                 "ts_ms": int(time.time() * 1000), "historical": historical}
 
     def birth(self, historical: bool = False) -> protocol.Birth:
@@ -128,7 +131,7 @@ class SimulatedDevice:
 
     def death(self, reason: str = "shutdown", bd_seq: int | None = None, seq: int | None = None) -> protocol.Death:
         """A death repeats its session's birth seq (and bdSeq)."""
-        return protocol.Death(fleet=self.fleet, device=self.device, bdSeq=self.bd_seq if bd_seq is None else bd_seq,
+        return protocol.Death(fleet=self.fleet, device=self.device, epoch=self.epoch, bdSeq=self.bd_seq if bd_seq is None else bd_seq,
                               seq=self.birth_seq if seq is None else seq, ts_ms=int(time.time() * 1000), reason=reason)
 
     def telemetry(self, runs: int, errors: int = 0, latency_us: Sequence[float] | np.ndarray | None = None,
@@ -162,10 +165,15 @@ class SimulatedDevice:
         self.seq += 1
         start_ms = self.window_end_ms
         self.window_end_ms = start_ms + int(self.interval_s * 1000)
-        return (f'{{"v":1,"fleet":"{self.fleet}","device":"{self.device}","bdSeq":{self.bd_seq},"seq":{self.seq},'
+        return (f'{{"v":1,"fleet":"{self.fleet}","device":"{self.device}","epoch":"{self.epoch}","bdSeq":{self.bd_seq},"seq":{self.seq},'
                 f'"ts_ms":{int(time.time() * 1000)},"historical":false,"kind":"telemetry",'
                 f'"artifact_sha256":"{self.artifact.sha256}","window_start_ms":{start_ms},'
                 f'"window_end_ms":{self.window_end_ms},').encode() + body
+
+    def reimage(self) -> None:
+        """As a re-imaged device (a new spool database): a new epoch, and bdSeq and seq start over."""
+        self.epoch = secrets.token_hex(8)
+        self.bd_seq, self.seq, self.birth_seq = 1, 0, 0
 
     def topic(self, kind: str) -> str:
         return protocol.topic(self.fleet, self.device, kind)

@@ -30,6 +30,7 @@ from sqlalchemy import (BigInteger, Boolean, Column, Float, Index, Integer, Meta
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
+from edgesmith.runtime import contract
 from edgesmith.runtime.keys import edgesmith_home
 from edgesmith.toolchain.errors import UserError
 from edgesmith.toolchain.fleet import protocol
@@ -37,7 +38,13 @@ from edgesmith.toolchain.fleet.sequence import SeqTracker
 
 SCHEMA_VERSION = 1
 SILENT_INTERVALS = 3  # a device is silent (offline) after this many of its intervals without a message
-DROP_REASONS = ("malformed", "oversized", "invalid", "topic_mismatch", "unknown_topic", "unstorable")
+# Why a message was refused (each counted in `counters` as dropped.<reason>, and per device in
+# `device_refusals` when its topic names one): not JSON; over the payload limit; JSON but not in the
+# contract; a device speaking for another; not a device topic; refused by the database; failed in
+# processing (a bug, isolated to its message); the monitor's queue was full; from a spool epoch the
+# device has since replaced.
+DROP_REASONS = ("malformed", "oversized", "invalid", "topic_mismatch", "unknown_topic", "unstorable", "unprocessable",
+                "queue_full", "stale_epoch")
 AlertKey = tuple[str, str, str]  # fleet, alert, subject
 IN_CHUNK = 500  # keys per IN (...) clause, under every driver's parameter limit
 INT64_MAX = 2**63 - 1
@@ -144,6 +151,16 @@ alerts = Table(
     Column("fired", BigInteger, nullable=False),  # how many times it went from clear to firing
 )
 
+device_refusals = Table(  # messages refused per device and reason: the device is marked, never the monitor
+    "device_refusals", metadata,
+    Column("fleet", String(64), primary_key=True),
+    Column("device", String(64), primary_key=True),
+    Column("reason", String(32), primary_key=True),
+    Column("count", BigInteger, nullable=False),
+    Column("last_ms", BigInteger, nullable=False),
+    Column("detail", Text),  # what was wrong with the last one (one line)
+)
+
 counters = Table(
     "counters", metadata,
     Column("name", String(64), primary_key=True),
@@ -211,26 +228,26 @@ device_deploy = Table(  # each device's last reported deployment state (its newe
 )
 
 DEPLOY_TABLES = (deployments, deploy_waves, deploy_targets, desired_versions, device_deploy)
-FINAL_RESULTS = ("applied", "failed", "refused")
-_EVENT_RESULTS = {"deploy.started": "in-progress", "deploy.applied": "applied", "deploy.failed": "failed",
-                  "deploy.refused": "refused", "deploy.rolled-back": "applied"}
+FINAL_RESULTS = tuple(r.value for r in contract.FINAL_RESULTS)
 
 
 def deploy_report(msg: Any) -> dict[str, Any] | None:
     """What a device's ``state``/``event`` message says about a deployment (§5), or None."""
-    details = msg.details if isinstance(getattr(msg, "details", None), dict) else {}
-    deployment_id = details.get("deployment_id")
-    if msg.kind == "event":
-        result = details.get("result") or _EVENT_RESULTS.get(msg.event)
-        if not msg.event.startswith("deploy."):
+    if msg.kind == contract.MessageKind.EVENT:
+        report = msg.deploy_report()
+        if report is None:
             return None
+        result = report.result or contract.EVENT_RESULTS.get(msg.event)
+    elif msg.kind == contract.MessageKind.STATE:
+        report = msg.details
+        result = report.result
     else:
-        result = details.get("result")
-    if not isinstance(deployment_id, str) or result not in (*FINAL_RESULTS, "in-progress"):
         return None
-    text = lambda v, n: v[:n] if isinstance(v, str) else None  # noqa: E731
-    return {"deployment_id": deployment_id[:64], "result": result, "phase": text(details.get("phase"), 16),
-            "error": text(details.get("error"), 2000), "slot": text(details.get("slot"), 8)}
+    if report.deployment_id is None or result is None:
+        return None
+    return {"deployment_id": report.deployment_id, "result": result.value,
+            "phase": report.phase.value if report.phase else None,
+            "error": report.error[:2000] if report.error is not None else None, "slot": report.slot}
 
 
 # What any stored message may change in its device's row; the rest changes with a birth or a death.
@@ -299,6 +316,15 @@ class Incoming:
     message: protocol.Birth | protocol.Death | protocol.Telemetry | protocol.Event | protocol.State | None = None
     dropped: str | None = None
     retained: bool = False  # delivered because it is retained (a birth or death the broker keeps), not as news
+    # A refused message's device, as its topic names it (None when the topic names none), and why.
+    fleet: str | None = None
+    device: str | None = None
+    detail: str | None = None
+
+    def refused(self, reason: str, detail: str | None = None) -> Incoming:
+        """This message, refused: counted under ``reason`` and against its device."""
+        who = (self.message.fleet, self.message.device) if self.message is not None else (self.fleet, self.device)
+        return Incoming(self.received_ms, dropped=reason, fleet=who[0], device=who[1], detail=detail)
 
 
 @dataclass
@@ -307,6 +333,8 @@ class BatchResult:
     stored: int = 0
     duplicates: int = 0
     dropped: Counter[str] = field(default_factory=Counter)
+    refusals: dict[tuple[str, str, str], list[Any]] = field(default_factory=dict)  # (fleet, device, reason): [n, ms, detail]
+    reimaged: list[tuple[str, str]] = field(default_factory=list)
     devices: list[dict[str, Any]] = field(default_factory=list)  # the device rows as committed
     windows: list[tuple[dict[str, Any], protocol.Telemetry]] = field(default_factory=list)  # rows as committed, and their messages
 
@@ -478,6 +506,12 @@ class Store:
             listener.batch_started(batch)
         result = BatchResult(batch=batch)
         result.dropped.update(i.dropped for i in items if i.dropped)
+        for i in items:
+            if i.dropped and i.fleet and i.device:
+                entry = result.refusals.setdefault((i.fleet, i.device, i.dropped), [0, 0, None])
+                entry[0] += 1
+                entry[1] = max(entry[1], i.received_ms)
+                entry[2] = i.detail or entry[2]
         accepted = [i for i in items if i.message is not None]
         state = self._load_devices(conn, {(i.message.fleet, i.message.device) for i in accepted}, batch)
         current = {key: dev.row["bd_seq"] for key, dev in state.items()}
@@ -562,15 +596,13 @@ class Store:
         """A device's report of a deployment: its deploy state (newest state message wins) and the
         result of that deployment's target row, if `edgesmith deploy` made one."""
         report = deploy_report(msg)
-        if msg.kind == "state":
-            d = msg.details
-            text = lambda k, n: d.get(k)[:n] if isinstance(d.get(k), str) else None  # noqa: E731
-            version = d.get("desired_version")
-            values = {"seq": msg.seq, "artifact_sha256": msg.artifact_sha256, "artifact": text("artifact", 200),
-                      "slot": text("slot", 8), "deployment_id": text("deployment_id", 64),
-                      "desired_version": version if isinstance(version, int) and 0 <= version <= INT64_MAX else None,
-                      "result": text("result", 16), "phase": text("phase", 16), "error": text("error", 2000),
-                      "received_ms": item.received_ms}
+        if msg.kind == contract.MessageKind.STATE:
+            d: contract.DeployReport = msg.details  # bounded by the contract
+            values = {"seq": msg.seq, "artifact_sha256": msg.artifact_sha256,
+                      "artifact": d.artifact[:200] if d.artifact is not None else None, "slot": d.slot,
+                      "deployment_id": d.deployment_id, "desired_version": d.desired_version,
+                      "result": d.result.value if d.result else None, "phase": d.phase.value if d.phase else None,
+                      "error": d.error[:2000] if d.error is not None else None, "received_ms": item.received_ms}
             key = (device_deploy.c.fleet == msg.fleet, device_deploy.c.device == msg.device)
             if not conn.execute(update(device_deploy).where(*key, device_deploy.c.seq < msg.seq)
                                 .values(**values)).rowcount:
@@ -700,6 +732,14 @@ class Store:
         if increments:
             conn.execute(update(counters).where(counters.c.name == bindparam("k_name"))
                          .values(value=counters.c.value + bindparam("delta")), increments)
+        for (fleet, device, reason), (n, last_ms, detail) in result.refusals.items():
+            where = (device_refusals.c.fleet == fleet, device_refusals.c.device == device,
+                     device_refusals.c.reason == reason)
+            values = {"last_ms": last_ms, "detail": detail[:500] if detail else None}
+            if not conn.execute(update(device_refusals).where(*where).values(
+                    count=device_refusals.c.count + n, **values)).rowcount:
+                conn.execute(self._insert_ignore(device_refusals).values(fleet=fleet, device=device, reason=reason,
+                                                                         count=n, **values))
 
     # ---- reads -------------------------------------------------------------------------------------
 
@@ -730,6 +770,31 @@ class Store:
             query = query.where(windows.c.received_ms > received_after_ms)
         with self.engine.connect() as conn:
             return [dict(r) for r in conn.execute(query.order_by(windows.c.id)).mappings()]
+
+    def deployed_manifest(self, sha: str) -> dict[str, Any] | None:
+        """Labels of a manifest digest some deployment sent (None when no deployment names it)."""
+        with self.engine.connect() as conn:
+            if not self.engine.dialect.has_table(conn, "deployments"):
+                return None
+            row = conn.execute(select(deployments.c.model, deployments.c.model_version, deployments.c.artifact)
+                               .where(deployments.c.manifest_sha256 == sha).limit(1)).first()
+        if row is None:
+            return None
+        return {"model": row.model, "version": row.model_version, "target": "unknown", "artifact": row.artifact}
+
+    def refusals(self) -> dict[tuple[str, str], dict[str, Any]]:
+        """Per device: refused messages by reason, when the last was, and what was wrong with it."""
+        out: dict[tuple[str, str], dict[str, Any]] = {}
+        with self.engine.connect() as conn:
+            if not self.engine.dialect.has_table(conn, "device_refusals"):
+                return out
+            for r in conn.execute(select(device_refusals).order_by(device_refusals.c.last_ms)).mappings():
+                entry = out.setdefault((r["fleet"], r["device"]), {"total": 0, "by_reason": {}, "last_ms": 0,
+                                                                    "last_detail": None})
+                entry["by_reason"][r["reason"]] = int(r["count"])
+                entry["total"] += int(r["count"])
+                entry["last_ms"], entry["last_detail"] = r["last_ms"], r["detail"]
+        return out
 
     def batch(self) -> int:
         with self.engine.connect() as conn:
@@ -792,6 +857,7 @@ def fleet_status(store: Store, default_interval_s: float, at_ms: int | None = No
     """Every device with its presence, artifact and last window's latency (what `fleet status` prints)."""
     at_ms = at_ms if at_ms is not None else now_ms()
     rows = []
+    refusals = store.refusals()
     for d in store.devices():
         silent = is_silent(d["last_seen_ms"], d["interval_s"], at_ms, default_interval_s)
         rows.append({
@@ -802,6 +868,14 @@ def fleet_status(store: Store, default_interval_s: float, at_ms: int | None = No
                         "window_end_ms": d["last_window_end_ms"]},
             "runs": d["runs"], "errors": d["errors"], "messages": d["messages"], "duplicates": d["duplicates"],
             "gaps": d["gaps"], "last_seen_ms": d["last_seen_ms"],
+            "refused": refusals.pop((d["fleet"], d["device"]), None),
         })
+    for (fleet, device), refused in sorted(refusals.items()):  # heard from, but never in the contract
+        rows.append({"device": device, "fleet": fleet, "online": False, "silent": True, "session_open": False,
+                     "artifact": None, "manifest_sha256": None, "model": None, "version": None, "target": None,
+                     "backend": None, "bd_seq": None,
+                     "latency": {"p50_us": None, "p95_us": None, "p99_us": None, "window_end_ms": None},
+                     "runs": 0, "errors": 0, "messages": 0, "duplicates": 0, "gaps": 0,
+                     "last_seen_ms": refused["last_ms"], "refused": refused})
     return rows
 

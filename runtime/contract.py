@@ -1,0 +1,513 @@
+"""The device contract, version 1: one pydantic model per message that crosses the device boundary.
+
+Device → central (MQTT, ``edgesmith/v1/<fleet>/<device>/<kind>``; docs/telemetry.md): ``birth``,
+``death``, ``telemetry``, ``event`` and ``state`` (whose ``details`` are the deploy report,
+docs/deployment.md §5). Central → device: the signed ``desired`` state (docs/deployment.md §2).
+
+This module is the single source of truth for all of them. Generated from it (each with a
+freshness test):
+
+- ``docs/telemetry.schema.json`` (device messages) and ``docs/desired.schema.json`` (the desired
+  state and its envelope): ``python -m edgesmith.runtime.contract --schema telemetry|desired``;
+- ``csrc/common/contract_words.h``, the field names, vocabularies and limits the C++ reader and
+  writer use: ``python -m edgesmith.runtime.contract --header``.
+
+``tests/data/contract/`` holds valid and invalid example messages that both pytest
+(tests/test_contract.py) and GoogleTest (tests/cpp/test_contract.cc) run.
+
+Every field a device sends is bounded before anything allocates from it: string lengths, integers
+below 2**53 (exact in every JSON reader), at most 4096 classes, 1024 histogram edges and 64
+monitored outputs. Identifier patterns are matched against the whole string (pydantic's regex
+engine anchors ``$`` at the very end: ``"dev\\n"`` is refused). Vocabularies are enums, used by the
+central code instead of bare strings. Like the manifest module, this imports pydantic: the
+toolchain uses it; the device-side modules of ``edgesmith.runtime`` never import it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from enum import StrEnum
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, ValidationError, model_validator
+
+PROTOCOL_VERSION = 1
+DESIRED_VERSION = 1
+TOPIC_ROOT = "edgesmith/v1"
+DESIRED_DOMAIN = "edgesmith-desired-v1\n"  # prefix of what a desired-state signature covers
+
+# ---- limits ------------------------------------------------------------------------------------
+MAX_PAYLOAD_BYTES = 256 * 1024  # the monitor refuses (counts and drops) anything larger
+MAX_SAFE_INT = 2**53 - 1  # every integer: exact in any JSON reader, and in a signed 64-bit column
+MAX_CLASSES = 4096
+MAX_EDGES = 1024
+MAX_OUTPUTS = 64
+MAX_LATENCY_BUCKETS = 4096
+MAX_LABEL = 256  # names, versions, targets
+MAX_MESSAGE = 4096  # an event's message
+MAX_ERROR = 8192  # a deploy report's error text
+MAX_DETAILS = 64  # keys in an event's details
+MAX_URL = 2048
+MAX_SIGNED = 64 * 1024  # the signed text of a desired state
+MAX_MICROS = 1e15  # ~31 years: any latency sum a device can honestly report
+
+ID_REGEX = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"  # fleet, device and deployment ids: no '/', '+', '#'
+EVENT_REGEX = r"[a-z][a-z0-9_.-]{0,63}"
+SHA256_REGEX = r"[0-9a-f]{64}"
+EPOCH_REGEX = r"[0-9a-f]{16}"
+SLOT_REGEX = r"[a-z]{1,8}"
+KEY_ID_REGEX = r"[0-9a-f]{16}"
+SIGNATURE_REGEX = r"[0-9a-f]{128}"
+
+
+def is_id(text: object) -> bool:
+    """A valid fleet or device id (the whole string; a trailing newline is not allowed)."""
+    return isinstance(text, str) and re.fullmatch(ID_REGEX, text) is not None
+
+
+# ---- vocabularies -------------------------------------------------------------------------------
+
+class MessageKind(StrEnum):
+    """What a device publishes; the last topic level."""
+
+    BIRTH = "birth"
+    DEATH = "death"
+    TELEMETRY = "telemetry"
+    EVENT = "event"
+    STATE = "state"
+
+
+DESIRED_TOPIC = "desired"  # the one topic a device subscribes to (central → device)
+
+
+class DeathReason(StrEnum):
+    CONNECTION_LOST = "connection-lost"  # the MQTT will, sent by the broker
+    SHUTDOWN = "shutdown"  # said by the device
+
+
+class OutputKind(StrEnum):
+    CLASSES = "classes"
+    HISTOGRAM = "histogram"
+
+
+class DeployAction(StrEnum):
+    DEPLOY = "deploy"
+    ROLLBACK = "rollback"
+
+
+class DeployResult(StrEnum):
+    """A device's result for a deployment (its deploy report)."""
+
+    IN_PROGRESS = "in-progress"
+    APPLIED = "applied"
+    FAILED = "failed"
+    REFUSED = "refused"
+
+
+FINAL_RESULTS = (DeployResult.APPLIED, DeployResult.FAILED, DeployResult.REFUSED)
+
+
+class DeployPhase(StrEnum):
+    DOWNLOAD = "download"
+    VERIFY = "verify"
+    SELF_TEST = "self-test"
+    SWITCH = "switch"
+
+
+class EventKind(StrEnum):
+    """The events edgesmith itself sends. An event name is open (the runtime's Python API sends any
+    name matching EVENT_REGEX); these are the ones with a meaning to the central side."""
+
+    STARTED = "started"
+    RUN_ERROR = "run_error"
+    SPOOL_DROPPED = "spool_dropped"
+    DEPLOY_STARTED = "deploy.started"
+    DEPLOY_APPLIED = "deploy.applied"
+    DEPLOY_FAILED = "deploy.failed"
+    DEPLOY_REFUSED = "deploy.refused"
+    DEPLOY_ROLLED_BACK = "deploy.rolled-back"
+    REIMAGED = "device.reimaged"  # recorded by the monitor when a device's spool epoch changes
+
+
+# What a deploy event says when its details carry no result.
+EVENT_RESULTS = {EventKind.DEPLOY_STARTED: DeployResult.IN_PROGRESS, EventKind.DEPLOY_APPLIED: DeployResult.APPLIED,
+                 EventKind.DEPLOY_FAILED: DeployResult.FAILED, EventKind.DEPLOY_REFUSED: DeployResult.REFUSED,
+                 EventKind.DEPLOY_ROLLED_BACK: DeployResult.APPLIED}
+
+
+# ---- field types ---------------------------------------------------------------------------------
+
+Id = Annotated[str, Field(pattern=f"^{ID_REGEX}$")]
+Sha256 = Annotated[str, Field(pattern=f"^{SHA256_REGEX}$")]
+Epoch = Annotated[str, Field(pattern=f"^{EPOCH_REGEX}$")]
+Slot = Annotated[str, Field(pattern=f"^{SLOT_REGEX}$")]
+Label = Annotated[str, Field(max_length=MAX_LABEL)]
+Name = Annotated[str, Field(min_length=1, max_length=MAX_LABEL)]
+Count = Annotated[int, Field(strict=True, ge=0, le=MAX_SAFE_INT)]
+Ms = Annotated[int, Field(strict=True, ge=0, le=MAX_SAFE_INT, description="milliseconds since the Unix epoch")]
+Finite = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-MAX_MICROS, le=MAX_MICROS)]
+Micros = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0, le=MAX_MICROS)]
+Share = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0, le=1)]
+DetailKey = Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class _Msg(BaseModel):
+    # Numbers and booleans are strict (no "1" or true for 1, no "1.5" for 1.5; JSON integers still
+    # validate as floats); enum fields take their words.
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---- device → central ------------------------------------------------------------------------------
+
+class Envelope(_Msg):
+    """Fields every device message carries."""
+
+    v: Literal[1] = PROTOCOL_VERSION
+    fleet: Id
+    device: Id
+    epoch: Epoch = Field(description="random id of the device's spool, chosen when the spool database is "
+                                     "created: a new epoch (a re-image, a recreated spool) restarts bdSeq and seq")
+    bdSeq: Count = Field(description="session counter: incremented and stored before each MQTT CONNECT")
+    seq: Count = Field(description="per-device message counter; only grows within an epoch, across sessions and "
+                                   "restarts (a death repeats its session's birth seq)")
+    ts_ms: Ms = Field(description="when the device made the message (ms since the epoch)")
+    historical: Annotated[bool, Field(strict=True)] = Field(default=False, description="published in a later session than the one it was made in")
+
+
+class ArtifactRef(_Msg):
+    """The installed artifact, as its manifest describes it (a claim: the monitor labels groups from
+    what its own store knows about ``manifest_sha256``)."""
+
+    name: Label
+    model: Label
+    model_version: Label
+    target: Label
+    backend: Label
+    backend_version: Label
+    manifest_sha256: Sha256
+
+
+class LatencyLayout(_Msg):
+    start_us: Micros = Field(gt=0)
+    factor: Annotated[float, Field(strict=True, allow_inf_nan=False, gt=1, le=16)]
+    count: Annotated[int, Field(strict=True, ge=1, le=MAX_LATENCY_BUCKETS)]
+
+
+class OutputLayout(_Msg):
+    """How one output is summarised (the manifest's ``monitoring.outputs`` entry)."""
+
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        {"if": {"properties": {"kind": {"const": "classes"}}, "required": ["kind"]},
+         "then": {"required": ["classes"], "properties": {"classes": {"type": "integer"}}}},
+        {"if": {"properties": {"kind": {"const": "histogram"}}, "required": ["kind"]},
+         "then": {"required": ["edges"], "properties": {"edges": {"type": "array"}}}},
+    ]})
+
+    name: Name
+    kind: OutputKind
+    classes: Annotated[int, Field(strict=True, ge=1, le=MAX_CLASSES)] | None = None
+    edges: Annotated[list[Finite], Field(min_length=2, max_length=MAX_EDGES)] | None = None
+    reference: Annotated[list[Share], Field(max_length=MAX_CLASSES + 2)] | None = Field(
+        default=None, description="the build's share per class / bin (drift is measured against it)")
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> OutputLayout:
+        if self.kind == OutputKind.CLASSES and self.classes is None:
+            raise ValueError("a 'classes' output needs 'classes'")
+        if self.kind == OutputKind.HISTOGRAM:
+            if self.edges is None:
+                raise ValueError("a 'histogram' output needs 'edges'")
+            if any(b <= a for a, b in zip(self.edges, self.edges[1:])):
+                raise ValueError("histogram edges must be strictly ascending")
+        if self.reference is not None and len(self.reference) != self.bins:
+            raise ValueError(f"'reference' holds {len(self.reference)} shares, the output has {self.bins} bins")
+        return self
+
+    @property
+    def bins(self) -> int:
+        """Counts per window: one per class, or one per bin plus underflow and overflow."""
+        return self.classes if self.kind == OutputKind.CLASSES else len(self.edges) - 1 + 2  # type: ignore[arg-type,return-value]
+
+
+class MetricSchema(_Msg):
+    interval_s: Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0, le=86400)]
+    latency: LatencyLayout
+    outputs: Annotated[list[OutputLayout], Field(max_length=MAX_OUTPUTS)]
+    build_latency_us: Micros | None = Field(default=None, description="p50 measured at build time, if any")
+
+    @model_validator(mode="after")
+    def _unique_outputs(self) -> MetricSchema:
+        if len({o.name for o in self.outputs}) != len(self.outputs):
+            raise ValueError("output names must be unique")
+        return self
+
+
+class Runtime(_Msg):
+    version: Label
+    isa: Label
+
+
+class Birth(Envelope):
+    kind: Literal[MessageKind.BIRTH] = MessageKind.BIRTH
+    target: Label
+    runtime: Runtime
+    artifact: ArtifactRef
+    metrics: MetricSchema
+
+
+class Death(Envelope):
+    kind: Literal[MessageKind.DEATH] = MessageKind.DEATH
+    reason: DeathReason
+
+
+class LatencyWindow(_Msg):
+    counts: Annotated[list[Count], Field(max_length=MAX_LATENCY_BUCKETS)] = Field(
+        description="runs per latency bucket in this window (the birth's layout)")
+    underflow: Count
+    overflow: Count
+    sum_us: Micros
+    max_us: Micros
+    p50_us: Micros
+    p95_us: Micros
+    p99_us: Micros
+
+
+class OutputWindow(_Msg):
+    counts: Annotated[list[Count], Field(max_length=MAX_CLASSES)] = Field(description="per class / bin, in this window")
+    underflow: Count
+    overflow: Count
+    nan: Count
+    seen: Count = Field(description="values (histogram) or rows (classes) the window's runs produced")
+    binned: Count = Field(description="how many of them were counted (large outputs are sampled)")
+
+
+class ProcessWindow(_Msg):
+    rss_bytes: Count
+    cpu_seconds: Micros = Field(description="CPU time the process used in this window")
+    cpu_percent: Micros
+
+
+class SpoolState(_Msg):
+    queued: Count = Field(description="messages waiting for a PUBACK")
+    dropped_total: Count = Field(description="messages dropped because the spool's disk budget was exhausted")
+
+
+class Telemetry(Envelope):
+    kind: Literal[MessageKind.TELEMETRY] = MessageKind.TELEMETRY
+    artifact_sha256: Sha256
+    window_start_ms: Ms
+    window_end_ms: Ms
+    runs: Count
+    errors: Count
+    nan_input_runs: Count
+    nan_input_values: Count
+    latency: LatencyWindow
+    outputs: Annotated[dict[Name, OutputWindow], Field(max_length=MAX_OUTPUTS)]
+    process: ProcessWindow
+    temperature_c: Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-273.15, le=1000)] | None = None
+    spool: SpoolState
+
+
+class PreviousSlot(_Msg):
+    slot: Slot | None = None
+    artifact_sha256: Sha256
+
+
+class DeployReport(_Msg):
+    """A device's report of its deployment state: a ``state`` message's and a ``deploy.*`` event's
+    ``details`` (docs/deployment.md §5). Unknown fields are ignored (not stored), so a newer agent's
+    additions never cost its report."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    slot: Slot | None = None
+    artifact: Label | None = None
+    desired_version: Count | None = None
+    deployment_id: Id | None = None
+    result: DeployResult | None = None
+    phase: DeployPhase | None = None
+    error: Annotated[str, Field(max_length=MAX_ERROR)] | None = None
+    previous_slot: PreviousSlot | None = None
+
+
+class Event(Envelope):
+    kind: Literal[MessageKind.EVENT] = MessageKind.EVENT
+    event: Annotated[str, Field(pattern=f"^{EVENT_REGEX}$")] = Field(
+        description="the event's name; edgesmith's own are listed in EventKind, an application may send others")
+    message: Annotated[str, Field(max_length=MAX_MESSAGE)]
+    details: Annotated[dict[DetailKey, JsonValue], Field(max_length=MAX_DETAILS)] = {}
+
+    @model_validator(mode="after")
+    def _deploy_details(self) -> Event:
+        self.deploy_report()  # a deploy event's details are a deploy report
+        return self
+
+    def deploy_report(self) -> DeployReport | None:
+        if not self.event.startswith("deploy."):
+            return None
+        return DeployReport.model_validate_json(json.dumps(self.details))
+
+
+class State(Envelope):
+    """What the device reports it is running and its deployment state."""
+
+    kind: Literal[MessageKind.STATE] = MessageKind.STATE
+    artifact_sha256: Sha256 | None
+    details: DeployReport = DeployReport()
+
+
+DeviceMessage = Annotated[Union[Birth, Death, Telemetry, Event, State], Field(discriminator="kind")]
+AnyDeviceMessage = Birth | Death | Telemetry | Event | State
+_DEVICE_ADAPTER: TypeAdapter[Any] = TypeAdapter(DeviceMessage)
+MESSAGE_MODELS: dict[MessageKind, type[Envelope]] = {MessageKind.BIRTH: Birth, MessageKind.DEATH: Death,
+                                                     MessageKind.TELEMETRY: Telemetry, MessageKind.EVENT: Event,
+                                                     MessageKind.STATE: State}
+
+
+class PayloadTooLarge(ValueError):
+    pass
+
+
+def parse_message(payload: bytes) -> AnyDeviceMessage:
+    """Validate one device message; raises PayloadTooLarge, or pydantic.ValidationError when it is not one."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise PayloadTooLarge(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    return _DEVICE_ADAPTER.validate_json(payload)
+
+
+def refusal_reason(error: ValidationError) -> str:
+    """``malformed`` (not JSON) or ``invalid`` (JSON, but not a message of the contract)."""
+    return "malformed" if any(err["type"] == "json_invalid" for err in error.errors()) else "invalid"
+
+
+# ---- central → device: the desired state ---------------------------------------------------------------
+
+class DesiredArtifact(_Msg):
+    url: Annotated[str, Field(min_length=1, max_length=MAX_URL)]
+    sha256: Sha256 = Field(description="of the archive")
+    size: Count = Field(description="of the archive, bytes")
+    manifest_sha256: Sha256
+    name: Name
+
+
+class DesiredState(_Msg):
+    """What one device should run; signed, inside a DesiredEnvelope."""
+
+    v: Literal[1] = DESIRED_VERSION
+    fleet: Id
+    device: Id
+    version: Annotated[int, Field(strict=True, ge=1, le=MAX_SAFE_INT)] = Field(
+        description="strictly increasing per device: a device refuses anything not above what it applied")
+    deployment_id: Id
+    action: DeployAction
+    issued_at_ms: Ms
+    artifact: DesiredArtifact
+    not_after: Annotated[int, Field(strict=True, ge=0, le=MAX_SAFE_INT)] | None = Field(
+        default=None, description="seconds since the epoch after which the device refuses it (absent: no expiry)")
+
+
+class DesiredEnvelope(_Msg):
+    """What is published (retained) on ``edgesmith/v1/<fleet>/<device>/desired``: the desired state's
+    JSON as a string, so what is signed is exactly the bytes the device parses."""
+
+    v: Literal[1] = DESIRED_VERSION
+    signed: Annotated[str, Field(min_length=2, max_length=MAX_SIGNED)]
+    key_id: Annotated[str, Field(pattern=f"^{KEY_ID_REGEX}$")]
+    signature: Annotated[str, Field(pattern=f"^{SIGNATURE_REGEX}$")] = Field(
+        description=f"ed25519 over {DESIRED_DOMAIN!r} + signed, hex")
+
+
+# ---- JSON Schemas, the C++ header --------------------------------------------------------------------
+
+SCHEMAS = {"telemetry": "docs/telemetry.schema.json", "desired": "docs/desired.schema.json"}
+HEADER = "csrc/common/contract_words.h"
+
+
+def json_schema(which: str) -> dict[str, Any]:
+    """The JSON Schema of device messages (``telemetry``) or of the desired state and its envelope (``desired``)."""
+    if which == "telemetry":
+        schema = _DEVICE_ADAPTER.json_schema()
+        schema["title"] = f"edgesmith device message (birth, death, telemetry, event, state), protocol version {PROTOCOL_VERSION}"
+    elif which == "desired":
+        schema = DesiredEnvelope.model_json_schema()
+        schema.setdefault("$defs", {}).update(DesiredState.model_json_schema(ref_template="#/$defs/{model}")
+                                              .pop("$defs", {}))
+        schema["$defs"]["DesiredState"] = {k: v for k, v in DesiredState.model_json_schema(
+            ref_template="#/$defs/{model}").items() if k != "$defs"}
+        schema["title"] = (f"edgesmith signed desired state, version {DESIRED_VERSION}: the envelope; 'signed' holds "
+                           "a DesiredState ($defs) as JSON text")
+    else:
+        raise ValueError(f"no schema {which!r}; choose one of {', '.join(SCHEMAS)}")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema
+
+
+def _fields(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+def _cpp_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]", "_", text).upper()
+
+
+def header() -> str:
+    """``csrc/common/contract_words.h``: what the C++ reader and writer spell."""
+    out = ["// Generated by `python -m edgesmith.runtime.contract --header` from runtime/contract.py; do not edit.",
+           "// The device contract's field names, vocabularies and limits (tests/test_contract.py checks it is fresh).",
+           "#pragma once", "", "#include <cstdint>", "", "namespace edgesmith::contract {", "",
+           f"constexpr int PROTOCOL_VERSION = {PROTOCOL_VERSION};",
+           f"constexpr const char* TOPIC_ROOT = \"{TOPIC_ROOT}\";",
+           f"constexpr uint64_t MAX_PAYLOAD_BYTES = {MAX_PAYLOAD_BYTES};",
+           f"constexpr uint64_t MAX_SAFE_INT = {MAX_SAFE_INT}ull;",
+           f"constexpr uint64_t MAX_CLASSES = {MAX_CLASSES};",
+           f"constexpr uint64_t MAX_EDGES = {MAX_EDGES};",
+           f"constexpr uint64_t MAX_OUTPUTS = {MAX_OUTPUTS};",
+           f"constexpr uint64_t MAX_LABEL = {MAX_LABEL};",
+           f"constexpr uint64_t MAX_MESSAGE = {MAX_MESSAGE};",
+           f"constexpr uint64_t MAX_ERROR = {MAX_ERROR};",
+           f"constexpr uint64_t EPOCH_HEX_DIGITS = 16;",
+           f"constexpr const char* ID_REGEX = \"{ID_REGEX}\";",
+           f"constexpr const char* EVENT_REGEX = \"{EVENT_REGEX}\";", ""]
+    for enum in (MessageKind, DeathReason, OutputKind, DeployAction, DeployResult, DeployPhase, EventKind):
+        prefix = re.sub(r"(?<!^)(?=[A-Z])", "_", enum.__name__).upper()
+        out.append(f"// {enum.__name__}")
+        out += [f"constexpr const char* {prefix}_{m.name} = \"{m.value}\";" for m in enum]
+        out.append("")
+    out.append(f"constexpr const char* DESIRED_TOPIC = \"{DESIRED_TOPIC}\";")
+    out.append("")
+    models: list[tuple[str, type[BaseModel]]] = [
+        ("ENVELOPE", Envelope), ("BIRTH", Birth), ("DEATH", Death), ("TELEMETRY", Telemetry), ("EVENT", Event),
+        ("STATE", State), ("ARTIFACT_REF", ArtifactRef), ("LATENCY_LAYOUT", LatencyLayout),
+        ("OUTPUT_LAYOUT", OutputLayout), ("METRIC_SCHEMA", MetricSchema), ("RUNTIME", Runtime),
+        ("LATENCY_WINDOW", LatencyWindow), ("OUTPUT_WINDOW", OutputWindow), ("PROCESS_WINDOW", ProcessWindow),
+        ("SPOOL_STATE", SpoolState), ("DEPLOY_REPORT", DeployReport), ("PREVIOUS_SLOT", PreviousSlot),
+        ("DESIRED_ENVELOPE", DesiredEnvelope), ("DESIRED_STATE", DesiredState), ("DESIRED_ARTIFACT", DesiredArtifact)]
+    out.append("// Field names, as F_<MODEL>_<FIELD>.")
+    for prefix, model in models:
+        names = _fields(model) if prefix in ("ENVELOPE",) or not issubclass(model, Envelope) else \
+            [n for n in _fields(model) if n not in Envelope.model_fields]
+        out += [f"constexpr const char* F_{prefix}_{_cpp_name(n)} = \"{n}\";" for n in names]
+    out += ["", "}  // namespace edgesmith::contract", ""]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--schema", choices=sorted(SCHEMAS), help="print a JSON Schema")
+    parser.add_argument("--header", action="store_true", help=f"print the C++ header ({HEADER})")
+    args = parser.parse_args(argv)
+    if args.schema:
+        sys.stdout.write(json.dumps(json_schema(args.schema), indent=2, sort_keys=True) + "\n")
+        return 0
+    if args.header:
+        sys.stdout.write(header())
+        return 0
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
