@@ -485,7 +485,8 @@ def header() -> str:
         ("LATENCY_WINDOW", LatencyWindow), ("OUTPUT_WINDOW", OutputWindow), ("PROCESS_WINDOW", ProcessWindow),
         ("SPOOL_STATE", SpoolState), ("DEPLOY_REPORT", DeployReport), ("PREVIOUS_SLOT", PreviousSlot),
         ("DESIRED_ENVELOPE", DesiredEnvelope), ("DESIRED_STATE", DesiredState), ("DESIRED_ARTIFACT", DesiredArtifact)]
-    out.append("// Field names, as F_<MODEL>_<FIELD>.")
+    out.append("// Field names, as F_<MODEL>_<FIELD>; F_KIND is every device message's kind.")
+    out.append('constexpr const char* F_KIND = "kind";')
     for prefix, model in models:
         names = _fields(model) if prefix in ("ENVELOPE",) or not issubclass(model, Envelope) else \
             [n for n in _fields(model) if n not in Envelope.model_fields]

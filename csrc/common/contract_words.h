@@ -64,7 +64,8 @@ constexpr const char* EVENT_KIND_REIMAGED = "device.reimaged";
 
 constexpr const char* DESIRED_TOPIC = "desired";
 
-// Field names, as F_<MODEL>_<FIELD>.
+// Field names, as F_<MODEL>_<FIELD>; F_KIND is every device message's kind.
+constexpr const char* F_KIND = "kind";
 constexpr const char* F_ENVELOPE_V = "v";
 constexpr const char* F_ENVELOPE_FLEET = "fleet";
 constexpr const char* F_ENVELOPE_DEVICE = "device";

@@ -7,6 +7,7 @@
 #include <iostream>
 #include <utility>
 
+#include "common/contract_words.h"
 #include "common/error.h"
 
 namespace edgesmith {
@@ -250,14 +251,15 @@ Publisher::~Publisher() {
 std::string Publisher::envelope(const std::string& kind, uint64_t bd_seq, uint64_t seq,
                                 const nlohmann::json& body) const {
   nlohmann::json message = body.is_object() ? body : nlohmann::json::object();
-  message["v"] = PROTOCOL_VERSION;
-  message["kind"] = kind;
-  message["fleet"] = options_.credentials.fleet;
-  message["device"] = options_.credentials.device;
-  message["bdSeq"] = bd_seq;
-  message["seq"] = seq;
-  message["ts_ms"] = telemetry_now_ms();
-  message["historical"] = false;
+  message[contract::F_ENVELOPE_V] = contract::PROTOCOL_VERSION;
+  message[contract::F_KIND] = kind;
+  message[contract::F_ENVELOPE_FLEET] = options_.credentials.fleet;
+  message[contract::F_ENVELOPE_DEVICE] = options_.credentials.device;
+  message[contract::F_ENVELOPE_EPOCH] = spool_->spool_epoch();
+  message[contract::F_ENVELOPE_BDSEQ] = bd_seq;
+  message[contract::F_ENVELOPE_SEQ] = seq;
+  message[contract::F_ENVELOPE_TS_MS] = telemetry_now_ms();
+  message[contract::F_ENVELOPE_HISTORICAL] = false;
   // Error texts can carry bytes that are not UTF-8 (a file name): replaced, never a throw.
   return message.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
 }
@@ -273,7 +275,9 @@ void Publisher::publisher_start() {
   thread_ = std::thread([this] { pump(); });
 }
 
-SpoolAppendResult Publisher::publisher_rebirth() { return publisher_send("birth", options_.birth_body()); }
+SpoolAppendResult Publisher::publisher_rebirth() {
+  return publisher_send(contract::MESSAGE_KIND_BIRTH, options_.birth_body());
+}
 
 SpoolAppendResult Publisher::publisher_send(const std::string& kind, const nlohmann::json& body) {
   uint64_t bd_seq;
@@ -319,8 +323,8 @@ void Publisher::connect_attempt() {
     birth_seq_ = birth_seq;
     connecting_ = true;
   }
-  nlohmann::json reason = {{"reason", "connection-lost"}};
-  will_payload_ = envelope("death", bd_seq, birth_seq, reason);
+  nlohmann::json reason = {{contract::F_DEATH_REASON, contract::DEATH_REASON_CONNECTION_LOST}};
+  will_payload_ = envelope(contract::MESSAGE_KIND_DEATH, bd_seq, birth_seq, reason);
 
   MQTTAsync_willOptions will = MQTTAsync_willOptions_initializer;
   will.topicName = will_topic_.c_str();
@@ -375,7 +379,7 @@ bool Publisher::publish_one(const SpoolMessage& message, uint64_t session) {
   if (message.bd_seq != session) {
     nlohmann::json parsed = nlohmann::json::parse(payload, nullptr, false);
     if (parsed.is_object()) {
-      parsed["historical"] = true;
+      parsed[contract::F_ENVELOPE_HISTORICAL] = true;
       payload = parsed.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
     }
   }
@@ -573,7 +577,8 @@ void Publisher::publisher_stop(double timeout_s) {
   };
   // The shutdown death repeats the session's birth seq (docs/telemetry.md); it is not spooled: a
   // death from a session that is over means nothing after a restart.
-  const std::string death = envelope("death", bd_seq, birth_seq, {{"reason", "shutdown"}});
+  const std::string death =
+      envelope(contract::MESSAGE_KIND_DEATH, bd_seq, birth_seq, {{contract::F_DEATH_REASON, contract::DEATH_REASON_SHUTDOWN}});
   MQTTAsync_message msg = MQTTAsync_message_initializer;
   msg.payload = const_cast<char*>(death.data());
   msg.payloadlen = static_cast<int>(death.size());

@@ -4,6 +4,7 @@
 #include <system_error>
 #include <utility>
 
+#include "common/contract_words.h"
 #include "common/digest.h"
 #include "common/error.h"
 #include "common/version.h"
@@ -147,7 +148,7 @@ void SessionReporter::reporter_start() {
     window_ = std::make_unique<WindowSummariser>(session_current()->session_stats(), process_sample(), telemetry_now_ms());
   }
   publisher_->publisher_start();
-  reporter_event("started", "telemetry started",
+  reporter_event(contract::EVENT_KIND_STARTED, "telemetry started",
                  {{"artifact", session_current()->session_manifest().name}, {"interval_s", options_.interval_s}});
   thread_ = std::thread([this] { loop(); });
 }
@@ -164,8 +165,9 @@ void SessionReporter::reporter_event(const std::string& name, const std::string&
                                              "letters, digits, '_', '.' or '-', starting with a letter");
   }
   std::lock_guard<std::mutex> lock(mutex_);
-  publisher_->publisher_send("event", {{"event", name}, {"message", message},
-                                       {"details", details.is_object() ? details : nlohmann::json::object()}});
+  publisher_->publisher_send(contract::MESSAGE_KIND_EVENT,
+                             {{contract::F_EVENT_EVENT, name}, {contract::F_EVENT_MESSAGE, message},
+                              {contract::F_EVENT_DETAILS, details.is_object() ? details : nlohmann::json::object()}});
 }
 
 std::shared_ptr<const Session> SessionReporter::session_current() {
@@ -189,7 +191,7 @@ void SessionReporter::reporter_session_switch(std::shared_ptr<const Session> nex
 
 void SessionReporter::reporter_state(const nlohmann::json& body) {
   std::lock_guard<std::mutex> lock(mutex_);
-  publisher_->publisher_send("state", body);
+  publisher_->publisher_send(contract::MESSAGE_KIND_STATE, body);
 }
 
 void SessionReporter::reporter_window() {
@@ -197,22 +199,24 @@ void SessionReporter::reporter_window() {
   if (!window_) return;
   const std::shared_ptr<const Session> session = session_current();
   nlohmann::json body = window_->window_close(session->session_stats(), process_sample(), telemetry_now_ms());
-  body["artifact_sha256"] = artifact_sha256_;
+  body[contract::F_TELEMETRY_ARTIFACT_SHA256] = artifact_sha256_;
   const std::optional<double> temperature = temperature_read(options_.thermal_root);
-  body["temperature_c"] = temperature ? nlohmann::json(*temperature) : nlohmann::json(nullptr);
+  body[contract::F_TELEMETRY_TEMPERATURE_C] = temperature ? nlohmann::json(*temperature) : nlohmann::json(nullptr);
   Spool& spool = publisher_->publisher_spool();
   const SpoolState state = spool.spool_state();
   // queued counts what is waiting before this message; dropped_total includes drops up to now.
-  body["spool"] = {{"queued", state.queued}, {"dropped_total", state.dropped_total}};
-  publisher_->publisher_send("telemetry", body);
+  body[contract::F_TELEMETRY_SPOOL] = {{contract::F_SPOOL_STATE_QUEUED, state.queued},
+                                       {contract::F_SPOOL_STATE_DROPPED_TOTAL, state.dropped_total}};
+  publisher_->publisher_send(contract::MESSAGE_KIND_TELEMETRY, body);
   const uint64_t unreported = spool.spool_dropped_unreported();
   if (unreported > 0) {
     const SpoolState after = spool.spool_state();
     publisher_->publisher_send(
-        "event", {{"event", "spool_dropped"},
-                  {"message", "the spool's disk budget was exhausted: " + std::to_string(unreported) +
+        contract::MESSAGE_KIND_EVENT,
+        {{contract::F_EVENT_EVENT, contract::EVENT_KIND_SPOOL_DROPPED},
+                  {contract::F_EVENT_MESSAGE, "the spool's disk budget was exhausted: " + std::to_string(unreported) +
                                   " oldest messages dropped"},
-                  {"details", {{"dropped", unreported}, {"dropped_total", after.dropped_total},
+                  {contract::F_EVENT_DETAILS, {{"dropped", unreported}, {"dropped_total", after.dropped_total},
                                {"max_bytes", options_.spool_max_bytes}}}});
     spool.spool_dropped_mark_reported(unreported);
   }

@@ -2,6 +2,8 @@
 
 #include <sqlite3.h>
 
+#include <cstdio>
+#include <random>
 #include <utility>
 
 #include "common/error.h"
@@ -15,6 +17,15 @@ const char* const COUNTER_BD_SEQ = "bdSeq";
 const char* const COUNTER_BIRTH_SEQ = "birth_seq";  // reserved for the next birth; 0: none
 const char* const COUNTER_DROPPED = "dropped_total";
 const char* const COUNTER_DROPPED_REPORTED = "dropped_reported";
+const char* const COUNTER_EPOCH = "epoch";  // random, nonzero; chosen once, when the database is created
+
+// 64 random bits from the OS (std::random_device reads the kernel's generator here), never 0.
+uint64_t random_epoch() {
+  std::random_device device;
+  uint64_t value = 0;
+  while (value == 0) value = (static_cast<uint64_t>(device()) << 32) ^ static_cast<uint64_t>(device());
+  return value;
+}
 
 // Resets a prepared statement when it goes out of scope, so it can be reused.
 class StatementUse {
@@ -72,6 +83,14 @@ Spool::Spool(const std::string& path, uint64_t max_bytes) : path_(path), max_byt
       queued_ = from_sql(sqlite3_column_int64(totals, 0));
       queued_bytes_ = from_sql(sqlite3_column_int64(totals, 1));
     }
+    uint64_t epoch = counter_get(COUNTER_EPOCH);
+    if (epoch == 0) {  // a new spool (or one from before epochs): a new epoch, stored before any message
+      epoch = random_epoch();
+      counter_set(COUNTER_EPOCH, epoch);
+    }
+    char hex[17];
+    std::snprintf(hex, sizeof(hex), "%016llx", static_cast<unsigned long long>(epoch));
+    epoch_ = hex;
   } catch (...) {
     for (sqlite3_stmt* statement : statements_) sqlite3_finalize(statement);
     sqlite3_close(db_);

@@ -4,6 +4,9 @@
 //
 // The per-device counters live in the same database and change in the same transactions as the
 // messages: `seq` (grows by one per message, never reused) and `bdSeq` (one per MQTT CONNECT).
+// The spool's *epoch*, a random 64-bit id chosen when the database is created, is sent with every
+// message: a re-imaged device or a recreated spool.db starts seq and bdSeq over under a new epoch,
+// which tells the monitor to start its sequence bookkeeping for the device over too.
 // The spool has a byte budget (topic + payload bytes of the queued messages); a message that
 // would exceed it makes room by dropping the oldest ones, which are counted in `dropped_total`.
 // One process at a time: the database is opened in SQLite's exclusive locking mode.
@@ -80,6 +83,9 @@ class Spool {
   /// Counters and size.
   SpoolState spool_state();
 
+  /// The spool's epoch: 16 lower-case hex digits, chosen at random when the database was created.
+  const std::string& spool_epoch() const noexcept { return epoch_; }
+
   /// Drops not yet reported in a spool_dropped event: dropped_total minus what was marked reported.
   uint64_t spool_dropped_unreported();
 
@@ -98,6 +104,7 @@ class Spool {
   sqlite3* db_ = nullptr;
   uint64_t queued_ = 0;
   uint64_t queued_bytes_ = 0;
+  std::string epoch_;
   std::vector<sqlite3_stmt*> statements_;
   sqlite3_stmt* insert_ = nullptr;
   sqlite3_stmt* select_after_ = nullptr;

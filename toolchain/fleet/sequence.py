@@ -7,6 +7,11 @@ message, the hole shrinks); anything else below the highest is a duplicate. The 
 size of the holes. The state is kept in the store with the device, in the same transaction as the
 messages it admitted, so a restarted monitor drops what it already stored.
 
+A device's seq only grows within its spool's *epoch* (a random id the device chooses when it
+creates its spool database). A new epoch (a re-image, a recreated spool.db) starts seq over: the
+tracker is started over for it, its gap count carried on, and the old epoch is remembered so that
+a late message from it is told apart from the new stream (``retired``).
+
 A device that loses many messages one by one could make the hole list grow without bound; past
 MAX_HOLES the oldest hole is given up: its size stays in the gap count, and a message from it that
 still arrives is taken for a duplicate.
@@ -19,6 +24,7 @@ import json
 from dataclasses import dataclass, field
 
 MAX_HOLES = 1000
+MAX_RETIRED = 8  # epochs remembered per device
 
 
 @dataclass
@@ -27,6 +33,13 @@ class SeqTracker:
     highest: int | None = None
     holes: list[list[int]] = field(default_factory=list)  # sorted, disjoint [start, end) ranges
     forgotten: int = 0  # size of holes given up on (still counted as gaps)
+    epoch: str | None = None  # the device's current spool epoch (None: not known yet)
+    retired: list[str] = field(default_factory=list)  # its earlier epochs, newest last
+
+    def restarted(self, epoch: str) -> SeqTracker:
+        """The tracker of a new epoch: seqs start over, the gaps so far are kept, the old epoch retired."""
+        retired = ([*self.retired, self.epoch] if self.epoch else self.retired)[-MAX_RETIRED:]
+        return SeqTracker(forgotten=self.gaps, epoch=epoch, retired=retired)
 
     @property
     def gaps(self) -> int:
@@ -70,11 +83,13 @@ class SeqTracker:
             self.forgotten += end - start
 
     def copy(self) -> SeqTracker:
-        return SeqTracker(self.lowest, self.highest, [hole[:] for hole in self.holes], self.forgotten)
+        return SeqTracker(self.lowest, self.highest, [hole[:] for hole in self.holes], self.forgotten, self.epoch,
+                          self.retired[:])
 
     def to_json(self) -> str:
         return json.dumps({"lowest": self.lowest, "highest": self.highest, "holes": self.holes,
-                           "forgotten": self.forgotten}, separators=(",", ":"))
+                           "forgotten": self.forgotten, "epoch": self.epoch, "retired": self.retired},
+                          separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str | None) -> SeqTracker:
@@ -82,4 +97,4 @@ class SeqTracker:
             return cls()
         data = json.loads(text)
         return cls(lowest=data["lowest"], highest=data["highest"], holes=[list(h) for h in data["holes"]],
-                   forgotten=data["forgotten"])
+                   forgotten=data["forgotten"], epoch=data.get("epoch"), retired=list(data.get("retired", [])))

@@ -15,6 +15,7 @@ readers can follow new rows by batch number without missing any.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 from collections import Counter
@@ -49,6 +50,7 @@ AlertKey = tuple[str, str, str]  # fleet, alert, subject
 IN_CHUNK = 500  # keys per IN (...) clause, under every driver's parameter limit
 INT64_MAX = 2**63 - 1
 
+log = logging.getLogger("edgesmith.fleet.store")
 metadata = MetaData()
 # SQLite only autoincrements an INTEGER PRIMARY KEY; elsewhere a 64-bit id.
 RowId = BigInteger().with_variant(Integer(), "sqlite")
@@ -255,7 +257,8 @@ _HOT_COLUMNS = ("seq_state", "gaps", "messages", "duplicates", "runs", "errors",
                 "p50_us", "p95_us", "p99_us", "batch")
 _OUTPUTS = TypeAdapter(dict[str, protocol.OutputWindow])
 _DEVICE_COLUMNS = [c.name for c in devices.columns]
-_COUNTER_NAMES = ("schema_version", "batch", "stored", "duplicates", *(f"dropped.{r}" for r in DROP_REASONS))
+_COUNTER_NAMES = ("schema_version", "batch", "stored", "duplicates", "reimaged",
+                  *(f"dropped.{r}" for r in DROP_REASONS))
 
 
 def now_ms() -> int:
@@ -528,6 +531,7 @@ class Store:
         def session(key: tuple[str, str, int]) -> dict[str, Any] | None:
             return new_sessions.get(key) or known_sessions.get(key)
 
+        purged: set[tuple[str, str]] = set()  # devices re-imaged in this batch: their old sessions go
         for item in accepted:
             msg = item.message
             key = (msg.fleet, msg.device)
@@ -537,6 +541,22 @@ class Store:
             row = dev.row
             row["last_seen_ms"] = max(row["last_seen_ms"], item.received_ms)
             skey = (msg.fleet, msg.device, msg.bdSeq)
+            if dev.tracker.epoch is None:
+                dev.tracker.epoch = msg.epoch
+            elif msg.epoch != dev.tracker.epoch:
+                if msg.epoch in dev.tracker.retired:  # late, from before the device's re-image
+                    refused = item.refused("stale_epoch", f"a {msg.kind} of spool epoch {msg.epoch}, since replaced "
+                                                          f"by {dev.tracker.epoch}")
+                    result.dropped["stale_epoch"] += 1
+                    entry = result.refusals.setdefault((msg.fleet, msg.device, "stale_epoch"), [0, 0, None])
+                    entry[0], entry[1], entry[2] = entry[0] + 1, max(entry[1], refused.received_ms), refused.detail
+                    continue
+                message_rows.append(self._reimaged(batch, item, msg, dev))
+                result.reimaged.append(key)
+                purged.add(key)
+                for table in (known_sessions, new_sessions, changed_sessions):
+                    for k in [k for k in table if k[:2] == key]:
+                        del table[k]
 
             if msg.kind == "death":
                 # A death repeats its birth's seq: it is deduplicated by its session, not by seq.
@@ -583,6 +603,9 @@ class Store:
             row["messages"] += 1
             result.stored += 1
 
+        if purged:
+            for fleet, device in purged:
+                conn.execute(sessions.delete().where(sessions.c.fleet == fleet, sessions.c.device == device))
         for dev in state.values():
             dev.row["seq_state"] = dev.tracker.to_json()
             dev.row["gaps"] = dev.tracker.gaps
@@ -615,6 +638,26 @@ class Store:
             where.append(deploy_targets.c.result.not_in(FINAL_RESULTS))
         values = {k: v for k, v in report.items() if k != "deployment_id" and (v is not None or k == "error")}
         conn.execute(update(deploy_targets).where(*where).values(**values, reported_ms=item.received_ms))
+
+    @staticmethod
+    def _reimaged(batch: int, item: Incoming, msg: Any, dev: _Device) -> dict[str, Any]:
+        """A device's spool epoch changed (re-imaged, or its spool.db recreated): its seq and bdSeq
+        start over, so its sequence bookkeeping and sessions do too; recorded as a monitor event."""
+        old = dev.tracker
+        log.warning("device %s/%s started spool epoch %s (was %s, up to seq %s): re-imaged or its spool was "
+                    "recreated; its sequence numbers start over", msg.fleet, msg.device, msg.epoch, old.epoch,
+                    old.highest)
+        event = contract.Event(
+            fleet=msg.fleet, device=msg.device, epoch=msg.epoch, bdSeq=msg.bdSeq, seq=0, ts_ms=item.received_ms,
+            event=contract.EventKind.REIMAGED, message=f"device {msg.device} started a new spool epoch {msg.epoch} "
+            f"(was {old.epoch}): it was re-imaged or its spool was recreated, and its sequence numbers start over",
+            details={"previous_epoch": old.epoch, "previous_highest_seq": old.highest, "recorded_by": "monitor"})
+        dev.tracker = old.restarted(msg.epoch)
+        dev.row.update(bd_seq=None, session_open=False, death_reason=None)
+        dev.presence_changed = True
+        return {"batch": batch, "fleet": msg.fleet, "device": msg.device, "kind": event.kind.value,
+                "bd_seq": msg.bdSeq, "seq": 0, "historical": False, "ts_ms": item.received_ms,
+                "received_ms": item.received_ms, "payload": event.model_dump_json()}
 
     @staticmethod
     def _duplicate(row: dict[str, Any], item: Incoming, result: BatchResult) -> None:
@@ -726,7 +769,7 @@ class Store:
                 self._executemany(conn, f"devices.{'whole' if whole else 'hot'}",
                                   update(devices).where(devices.c.fleet == bindparam("k_fleet"),
                                                         devices.c.device == bindparam("k_device")), updates)
-        increments = {"stored": result.stored, "duplicates": result.duplicates,
+        increments = {"stored": result.stored, "duplicates": result.duplicates, "reimaged": len(result.reimaged),
                       **{f"dropped.{reason}": n for reason, n in result.dropped.items()}}
         increments = [{"k_name": k, "delta": v} for k, v in increments.items() if v]
         if increments:

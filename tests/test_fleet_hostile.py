@@ -1,0 +1,192 @@
+"""A hostile device against the real monitor (issue 16): with one device's own login on a real
+Mosquitto, publish the poison messages of the issue and a few hundred hypothesis-generated births
+and windows; the monitor must count each refusal under its reason and against that device, keep
+running, keep answering /api/fleet, and still fire a healthy device's drift alert, also after a
+restart over a store holding rows it cannot use. Epochs: a re-imaged device's seq starting over is
+not taken for duplicates.
+
+The figures (sent, refused by reason, stored) are printed for the record (`pytest -s`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edgesmith.runtime import contract
+from edgesmith.toolchain.fleet.simulate import SimArtifact, SimulatedDevice, output_window
+from test_fleet_monitor import (broker_dir, classes, connected, devices, query, start_monitor,  # noqa: F401
+                                store_url, wait_until)
+
+pytestmark = pytest.mark.integration
+
+REFERENCE = [0.4, 0.3, 0.2, 0.1]
+ART = SimArtifact(outputs=[classes(REFERENCE)])
+
+
+def _poison(d: SimulatedDevice) -> list[tuple[str, bytes, str]]:
+    """The issue's poison messages, as (kind, payload, the refusal reason they must get)."""
+    birth = json.loads(d.birth().model_dump_json())
+    window = json.loads(d.telemetry(runs=10).model_dump_json())
+    state = {**{k: window[k] for k in ("v", "fleet", "device", "epoch", "bdSeq", "ts_ms")}, "seq": d.seq + 1,
+             "kind": "state", "artifact_sha256": None,
+             "details": {"deployment_id": "dep-1", "result": "applied", "desired_version": 2**63 - 1}}
+    no_edges = copy.deepcopy(birth)
+    no_edges["metrics"]["outputs"] = [{"name": "logits", "kind": "histogram"}]
+    huge = copy.deepcopy(birth)
+    huge["metrics"]["outputs"] = [{"name": "logits", "kind": "classes", "classes": 10**12}]
+    big_count = {**window, "runs": 2**63}
+    big_latency = copy.deepcopy(window)
+    big_latency["latency"]["counts"][0] = 2**64
+    newline_id = {**window, "device": d.device + "\n"}
+    return [("birth", json.dumps(no_edges).encode(), "invalid"), ("telemetry", json.dumps(window).encode(), None),
+            ("birth", json.dumps(huge).encode(), "invalid"), ("telemetry", json.dumps(big_count).encode(), "invalid"),
+            ("telemetry", json.dumps(big_latency).encode(), "invalid"),
+            ("state", json.dumps(state).encode(), "invalid"),
+            ("telemetry", json.dumps(newline_id).encode(), "invalid"),
+            ("telemetry", b'{"v":1,' + b'[' * 100_000, "malformed"),
+            ("telemetry", b"x" * (contract.MAX_PAYLOAD_BYTES + 1), "oversized")]
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False)
+                     | st.text(max_size=20),
+                     lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5),
+                     max_leaves=20)
+_HOSTILE = (st.sampled_from([2**63, 2**64, 2**53, -1, 10**12, 4097, 1025, 0, 1e308, -1e308, "", "x" * 300,
+                             "cam\n", None, [], {}, True])
+            | _JSON)
+
+
+def _paths(doc: Any, prefix: tuple = ()) -> list[tuple]:
+    out = [prefix] if prefix else []
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            out += _paths(v, (*prefix, k))
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc[:3]):
+            out += _paths(v, (*prefix, i))
+    return out
+
+
+def _mutate(doc: dict, path: tuple, value: Any, delete: bool) -> dict:
+    doc = copy.deepcopy(doc)
+    node = doc
+    for p in path[:-1]:
+        node = node[p]
+    if delete and isinstance(node, dict):
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    return doc
+
+
+def _generated(d: SimulatedDevice, n: int) -> list[tuple[str, bytes]]:
+    """``n`` births and windows of the device, each with one field replaced by a hostile value or
+    deleted (hypothesis picks which and what), at seqs the device has not used."""
+    birth = json.loads(d.birth().model_dump_json())
+    window = json.loads(d.telemetry(runs=10).model_dump_json())
+    bases = {"birth": (birth, _paths(birth)), "telemetry": (window, _paths(window))}
+    made: list[tuple[str, bytes]] = []
+
+    @settings(max_examples=n, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(kind=st.sampled_from(sorted(bases)), which=st.integers(0, 10**6), value=_HOSTILE, delete=st.booleans())
+    def make(kind: str, which: int, value: Any, delete: bool) -> None:
+        base, paths = bases[kind]
+        doc = _mutate(base, paths[which % len(paths)], value, delete)
+        if isinstance(doc.get("seq"), int) and doc.get("seq") == base["seq"]:
+            doc["seq"] = 10_000 + len(made)  # not a duplicate of each other: each is judged on its content
+        made.append((kind, json.dumps(doc, allow_nan=True).encode()))
+
+    make()
+    return made
+
+
+@pytest.mark.timeout(300)
+def test_a_hostile_device_cannot_blind_the_monitor(broker_dir, start_monitor, store_url):  # noqa: F811
+    monitor = start_monitor()
+    c_healthy, c_attacker = devices(broker_dir, "healthy", "attacker")
+    healthy = connected(c_healthy, artifact=ART, interval_s=60)
+    attacker = connected(c_attacker, artifact=ART, interval_s=60, seed=7)
+
+    sent: list[tuple[str, bytes, str | None]] = _poison(attacker)
+    sent += [(kind, payload, None) for kind, payload in _generated(attacker, 300)]
+    random.Random(16).shuffle(sent)
+    for kind, payload, _ in sent:
+        assert attacker.send((attacker.topic(kind), payload)).value in (0, 16)  # the broker takes them all
+    wait_until(lambda: monitor.api()["monitor"]["queued"] == 0 and sum(
+        v for k, v in monitor.counters().items() if k.startswith("dropped.") or k in ("stored", "duplicates"))
+        >= len(sent) + 2, 60, "every hostile message judged")
+
+    # The healthy device still drifts, and is still told apart.
+    for _ in range(3):
+        healthy.send(healthy.telemetry(runs=1000, outputs={"logits": output_window([100, 200, 300, 400])}))
+    wait_until(lambda: ("drift", "healthy/logits") in monitor.alerts(), 30, "the healthy device's drift alert")
+    api = monitor.api()
+    assert monitor.proc.poll() is None and api["bad_rows"] == 0
+    marked = next(d for d in api["devices"] if d["device"] == "attacker")
+    assert marked["refused"]["total"] >= sum(1 for _, _, r in sent if r)
+    assert all(d["refused"] is None for d in api["devices"] if d["device"] == "healthy")
+    counters = monitor.counters()
+    refused = {k.removeprefix("dropped."): v for k, v in counters.items() if k.startswith("dropped.") and v}
+    for _, _, reason in sent:
+        if reason:
+            assert refused.get(reason, 0) > 0, (reason, refused)
+    print(f"\nhostile device: {len(sent)} messages sent ({sum(1 for _, _, r in sent if r)} poison from the issue, "
+          f"{len(sent) - len(_poison(attacker))} generated); refused by reason {refused}; stored {counters['stored']} "
+          f"(both devices), duplicates {counters['duplicates']}; monitor alive, /api/fleet answering, drift alert "
+          "for the healthy device fired")
+
+    # A store holding a row the view cannot use (written by an older monitor): skipped and reported.
+    monitor.stop()
+    row = query(store_url, "SELECT birth FROM devices WHERE device = 'healthy'")[0][0]
+    poisoned = json.loads(row)
+    poisoned["metrics"]["outputs"] = [{"name": "logits", "kind": "histogram", "edges": None}]
+    from sqlalchemy import create_engine, text
+    engine = create_engine(store_url)
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO devices SELECT 'plant-a', 'ghost', bd_seq, session_open, death_reason, "
+                          "interval_s, artifact, model, model_version, target, backend, manifest_sha256, "
+                          "build_latency_us, :birth, seq_state, gaps, messages, duplicates, runs, errors, "
+                          "first_seen_ms, last_seen_ms, last_window_end_ms, p50_us, p95_us, p99_us, batch "
+                          "FROM devices WHERE device = 'healthy'"), {"birth": json.dumps(poisoned)})
+    engine.dispose()
+    again = start_monitor(log_name="monitor2.log")
+    api = again.api()
+    assert api["bad_rows"] >= 1 and next(d for d in api["devices"] if d["device"] == "ghost")["view_error"]
+    assert "skipped" in again.log_text()
+    healthy.send(healthy.telemetry(runs=1000, outputs={"logits": output_window([100, 200, 300, 400])}))
+    again.wait_device("healthy", lambda x: x["drift"]["logits"] is not None, "the healthy device's drift after restart")
+
+
+@pytest.mark.timeout(180)
+def test_a_reimaged_device_starts_a_new_epoch(broker_dir, start_monitor, store_url):  # noqa: F811
+    monitor = start_monitor()
+    (creds,) = devices(broker_dir, "cam-01")
+    d = connected(creds, artifact=ART, interval_s=60)
+    for _ in range(5):
+        d.send(d.telemetry(runs=10))
+    monitor.wait_device("cam-01", lambda x: x["messages"] == 6, "the first epoch's birth and 5 windows")
+    old_window = d.telemetry(runs=10)  # made before the re-image, delivered after it
+    d.shutdown()
+    d.reimage()  # a new spool: seq and bdSeq start over at 1
+    d.connect()
+    for _ in range(3):
+        d.send(d.telemetry(runs=10))
+    got = monitor.wait_device("cam-01", lambda x: x["messages"] == 11 and x["online"],
+                              "the new epoch's birth and windows stored, not dropped as duplicates")
+    assert got["duplicates"] == 0 and got["runs_total"] == 80 and got["bd_seq"] == 1
+    d.send(old_window)  # from the retired epoch: refused, not counted as a gap or a duplicate
+    wait_until(lambda: monitor.counters()["dropped.stale_epoch"] == 1, 30, "the late message refused")
+    assert monitor.counters()["reimaged"] == 1
+    events = [json.loads(p) for (p,) in query(store_url, "SELECT payload FROM messages WHERE kind = 'event'")]
+    reimaged = [e for e in events if e["event"] == contract.EventKind.REIMAGED]
+    assert len(reimaged) == 1 and reimaged[0]["epoch"] == d.epoch and reimaged[0]["details"]["previous_highest_seq"] >= 6
+    assert not math.isnan(monitor.device("cam-01")["runs_total"])
