@@ -465,12 +465,18 @@ def header() -> str:
            f"constexpr uint64_t MAX_CLASSES = {MAX_CLASSES};",
            f"constexpr uint64_t MAX_EDGES = {MAX_EDGES};",
            f"constexpr uint64_t MAX_OUTPUTS = {MAX_OUTPUTS};",
+           f"constexpr uint64_t MAX_LATENCY_BUCKETS = {MAX_LATENCY_BUCKETS};",
+           f"constexpr uint64_t MAX_DETAILS = {MAX_DETAILS};",
+           f"constexpr double MAX_MICROS = {MAX_MICROS!r};",
            f"constexpr uint64_t MAX_LABEL = {MAX_LABEL};",
            f"constexpr uint64_t MAX_MESSAGE = {MAX_MESSAGE};",
            f"constexpr uint64_t MAX_ERROR = {MAX_ERROR};",
            f"constexpr uint64_t EPOCH_HEX_DIGITS = 16;",
            f"constexpr const char* ID_REGEX = \"{ID_REGEX}\";",
-           f"constexpr const char* EVENT_REGEX = \"{EVENT_REGEX}\";", ""]
+           f"constexpr const char* EVENT_REGEX = \"{EVENT_REGEX}\";",
+           f"constexpr const char* SHA256_REGEX = \"{SHA256_REGEX}\";",
+           f"constexpr const char* EPOCH_REGEX = \"{EPOCH_REGEX}\";",
+           f"constexpr const char* SLOT_REGEX = \"{SLOT_REGEX}\";", ""]
     for enum in (MessageKind, DeathReason, OutputKind, DeployAction, DeployResult, DeployPhase, EventKind):
         prefix = re.sub(r"(?<!^)(?=[A-Z])", "_", enum.__name__).upper()
         out.append(f"// {enum.__name__}")

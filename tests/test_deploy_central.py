@@ -214,7 +214,7 @@ def test_ingest_records_deploy_reports(tmp_path):
     def msg(kind: str, seq: int, result: str, **extra):
         details = {"slot": "a", "artifact": "a", "desired_version": 5, "deployment_id": "dep-1", "result": result,
                    "phase": None, "error": extra.pop("error", None)}
-        common = {"fleet": "f", "device": "d", "bdSeq": 1, "seq": seq, "ts_ms": 1, "details": details}
+        common = {"fleet": "f", "device": "d", "epoch": "0" * 16, "bdSeq": 1, "seq": seq, "ts_ms": 1, "details": details}
         if kind == "state":
             return Incoming(1000 + seq, protocol.State(**common, artifact_sha256="1" * 64))
         return Incoming(1000 + seq, protocol.Event(**common, event=extra["event"], message="m"))

@@ -190,3 +190,64 @@ def test_a_reimaged_device_starts_a_new_epoch(broker_dir, start_monitor, store_u
     reimaged = [e for e in events if e["event"] == contract.EventKind.REIMAGED]
     assert len(reimaged) == 1 and reimaged[0]["epoch"] == d.epoch and reimaged[0]["details"]["previous_highest_seq"] >= 6
     assert not math.isnan(monitor.device("cam-01")["runs_total"])
+
+
+# ---- central logic distrusts device claims --------------------------------------------------------
+
+@pytest.mark.timeout(120)
+def test_reported_versions_are_clamped_to_what_the_store_issued(broker_dir, store_url):  # noqa: F811
+    from edgesmith.toolchain.deploy import history
+    from edgesmith.toolchain.deploy.rollout import FleetWatch
+    from edgesmith.toolchain.errors import UserError
+    from edgesmith.toolchain.fleet.broker import Broker
+    from edgesmith.toolchain.fleet.store import Store
+
+    store = Store.open(store_url)
+    history.ensure_tables(store)
+    (creds,) = devices(broker_dir, "liar")
+    d = connected(creds)
+    watch = FleetWatch(Broker(broker_dir), "plant-a").start()
+    try:
+        envelope = {"v": 1, "fleet": "plant-a", "device": "liar", "epoch": d.epoch, "bdSeq": 1, "ts_ms": 1,
+                    "kind": "state", "artifact_sha256": None}
+        for seq, claim in ((50, 2**63 - 1), (51, contract.MAX_SAFE_INT)):  # the first is refused by the contract
+            payload = json.dumps({**envelope, "seq": seq, "details": {"desired_version": claim}}).encode()
+            d.send((d.topic("state"), payload))
+        wait_until(lambda: watch.reported_versions.get("liar") == contract.MAX_SAFE_INT, 20, "the claim seen")
+        issued = history.issued_version(store, "plant-a", "liar")
+        assert issued == 0 and watch.version_floor("liar", issued) == 0
+        assert history.reserve_version(store, "plant-a", "liar", watch.version_floor("liar", issued)) == 1
+        issued = history.issued_version(store, "plant-a", "liar")
+        assert history.reserve_version(store, "plant-a", "liar", watch.version_floor("liar", issued)) == 2
+        with pytest.raises(UserError, match="past the contract's limit"):
+            history.reserve_version(store, "plant-a", "liar", 2**63 - 1)
+    finally:
+        watch.stop()
+
+
+@pytest.mark.timeout(120)
+def test_a_birth_naming_an_unknown_artifact_is_skipped_not_blocking(broker_dir, store_url, tmp_path,  # noqa: F811
+                                                                    _isolated_home):
+    from deploy_helpers import make_artifact
+    from edgesmith.toolchain.deploy import archive as archive_mod
+    from edgesmith.toolchain.deploy import history, rollout
+    from edgesmith.toolchain.fleet.store import Store
+    from edgesmith.toolchain.signing import generate_deploy_key, generate_key, load_deploy_key, load_signing_key
+
+    build = load_signing_key(generate_key("default"))
+    key = load_deploy_key(generate_deploy_key())
+    v1 = archive_mod.archive(make_artifact(tmp_path / "v1", build, version="1"), tmp_path / "store")
+    v2 = archive_mod.archive(make_artifact(tmp_path / "v2", build, version="2"), tmp_path / "store")
+    honest_creds, liar_creds = devices(broker_dir, "honest", "liar")
+    honest_art = SimArtifact(outputs=[classes(REFERENCE)], name=v1.name, manifest_sha256=v1.manifest_sha256)
+    connected(honest_creds, artifact=honest_art)
+    connected(liar_creds, artifact=ART)  # its birth names a manifest no build or deployment made
+    store = Store.open(store_url)
+    said: list[str] = []
+    config = rollout.RolloutConfig("plant-a", broker_dir, [1.0], 1.0, 1.0, key, "http://127.0.0.1:9/",
+                                   tmp_path / "store")
+    result = rollout.deploy(v2, config, store, said.append)
+    assert result.skipped == 1 and result.targeted == 1, said
+    assert any(line.startswith("  warning: liar says it serves") for line in said), said
+    (target,) = history.targets(store, result.deployment_id)
+    assert target["device"] == "honest"

@@ -13,12 +13,18 @@ constexpr uint64_t MAX_SAFE_INT = 9007199254740991ull;
 constexpr uint64_t MAX_CLASSES = 4096;
 constexpr uint64_t MAX_EDGES = 1024;
 constexpr uint64_t MAX_OUTPUTS = 64;
+constexpr uint64_t MAX_LATENCY_BUCKETS = 4096;
+constexpr uint64_t MAX_DETAILS = 64;
+constexpr double MAX_MICROS = 1000000000000000.0;
 constexpr uint64_t MAX_LABEL = 256;
 constexpr uint64_t MAX_MESSAGE = 4096;
 constexpr uint64_t MAX_ERROR = 8192;
 constexpr uint64_t EPOCH_HEX_DIGITS = 16;
 constexpr const char* ID_REGEX = "[A-Za-z0-9][A-Za-z0-9_.-]{0,63}";
 constexpr const char* EVENT_REGEX = "[a-z][a-z0-9_.-]{0,63}";
+constexpr const char* SHA256_REGEX = "[0-9a-f]{64}";
+constexpr const char* EPOCH_REGEX = "[0-9a-f]{16}";
+constexpr const char* SLOT_REGEX = "[a-z]{1,8}";
 
 // MessageKind
 constexpr const char* MESSAGE_KIND_BIRTH = "birth";

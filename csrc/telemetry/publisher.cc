@@ -9,6 +9,7 @@
 
 #include "common/contract_words.h"
 #include "common/error.h"
+#include "telemetry/contract_check.h"
 
 namespace edgesmith {
 
@@ -216,7 +217,7 @@ Publisher::Publisher(PublisherOptions options) : options_(std::move(options)) {
   options_.max_in_flight = std::max<uint32_t>(options_.max_in_flight, 1);
   backoff_s_ = options_.reconnect_min_s;
   spool_ = std::make_unique<Spool>(options_.spool_path, options_.spool_max_bytes);
-  will_topic_ = telemetry_topic(c.fleet, c.device, "death");
+  will_topic_ = telemetry_topic(c.fleet, c.device, contract::MESSAGE_KIND_DEATH);
 
   const std::string uri = (c.tls ? "ssl://" : "tcp://") + c.host + ":" + std::to_string(c.port);
   MQTTAsync_createOptions create = MQTTAsync_createOptions_initializer5;
@@ -248,8 +249,8 @@ Publisher::~Publisher() {
   if (client != nullptr) MQTTAsync_destroy(&client);
 }
 
-std::string Publisher::envelope(const std::string& kind, uint64_t bd_seq, uint64_t seq,
-                                const nlohmann::json& body) const {
+nlohmann::json Publisher::envelope_json(const std::string& kind, uint64_t bd_seq, uint64_t seq,
+                                        const nlohmann::json& body) const {
   nlohmann::json message = body.is_object() ? body : nlohmann::json::object();
   message[contract::F_ENVELOPE_V] = contract::PROTOCOL_VERSION;
   message[contract::F_KIND] = kind;
@@ -260,8 +261,24 @@ std::string Publisher::envelope(const std::string& kind, uint64_t bd_seq, uint64
   message[contract::F_ENVELOPE_SEQ] = seq;
   message[contract::F_ENVELOPE_TS_MS] = telemetry_now_ms();
   message[contract::F_ENVELOPE_HISTORICAL] = false;
+  return message;
+}
+
+std::string Publisher::envelope(const std::string& kind, uint64_t bd_seq, uint64_t seq,
+                                const nlohmann::json& body) const {
   // Error texts can carry bytes that are not UTF-8 (a file name): replaced, never a throw.
-  return message.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+  return envelope_json(kind, bd_seq, seq, body).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+}
+
+std::string Publisher::contract_problem(const std::string& kind, uint64_t bd_seq, const nlohmann::json& body) const {
+  // Checked as the UTF-8 that will be sent (invalid bytes replaced), with a seq of the same form.
+  const std::string text = envelope(kind, bd_seq, 1, body);
+  const std::string problem = contract_message_problem(nlohmann::json::parse(text, nullptr, false));
+  if (!problem.empty()) {
+    options_.log("a " + kind + " message breaks the device contract (" + problem +
+                 ") and was not sent: the monitor would refuse it");
+  }
+  return problem;
 }
 
 void Publisher::publisher_start() {
@@ -285,6 +302,7 @@ SpoolAppendResult Publisher::publisher_send(const std::string& kind, const nlohm
     std::lock_guard<std::mutex> lock(mutex_);
     bd_seq = bd_seq_;
   }
+  if (!contract_problem(kind, bd_seq, body).empty()) return SpoolAppendResult{};
   const std::string topic = telemetry_topic(options_.credentials.fleet, options_.credentials.device, kind);
   SpoolAppendResult result =
       spool_->spool_append(topic, bd_seq, [&](uint64_t seq) { return envelope(kind, bd_seq, seq, body); });
@@ -471,10 +489,18 @@ void Publisher::pump() {
           birth_seq = birth_seq_;
         }
         const nlohmann::json body = options_.birth_body();
-        const std::string topic = telemetry_topic(options_.credentials.fleet, options_.credentials.device, "birth");
+        const std::string topic =
+            telemetry_topic(options_.credentials.fleet, options_.credentials.device, contract::MESSAGE_KIND_BIRTH);
         std::string payload;
-        const SpoolAppendResult stored = spool_->spool_append(
-            topic, session, [&](uint64_t seq) { return payload = envelope("birth", session, seq, body); }, birth_seq);
+        const bool keeps_contract = contract_problem(contract::MESSAGE_KIND_BIRTH, session, body).empty();
+        const SpoolAppendResult stored =
+            keeps_contract ? spool_->spool_append(topic, session,
+                                                  [&](uint64_t seq) {
+                                                    return payload =
+                                                               envelope(contract::MESSAGE_KIND_BIRTH, session, seq, body);
+                                                  },
+                                                  birth_seq)
+                           : SpoolAppendResult{};
         if (stored.id != 0) {
           SpoolMessage birth{stored.id, topic, payload, session, stored.seq};
           publish_one(birth, session);

@@ -111,7 +111,11 @@ class Publisher {
   using Clock = std::chrono::steady_clock;
   struct PublishContext;
 
+  nlohmann::json envelope_json(const std::string& kind, uint64_t bd_seq, uint64_t seq,
+                               const nlohmann::json& body) const;
   std::string envelope(const std::string& kind, uint64_t bd_seq, uint64_t seq, const nlohmann::json& body) const;
+  // Why the message would break the device contract (logged), or "" (contract_check.h).
+  std::string contract_problem(const std::string& kind, uint64_t bd_seq, const nlohmann::json& body) const;
   void pump();
   void connect_attempt();
   void connect_schedule_retry(const std::string& why);

@@ -31,6 +31,25 @@ class SpoolTest : public ::testing::Test {
 
 std::string payload_of(uint64_t seq) { return "{\"seq\":" + std::to_string(seq) + "}"; }
 
+TEST_F(SpoolTest, EpochIsRandomKeptAcrossReopenAndNewWithANewDatabase) {
+  std::string first;
+  {
+    Spool spool(path());
+    first = spool.spool_epoch();
+    ASSERT_EQ(first.size(), 16u);
+    EXPECT_EQ(first.find_first_not_of("0123456789abcdef"), std::string::npos);
+  }
+  {
+    Spool spool(path());
+    EXPECT_EQ(spool.spool_epoch(), first);  // reopened: the same spool, the same epoch
+  }
+  std::filesystem::remove_all(dir_);  // a re-image: the spool is created anew
+  std::filesystem::create_directories(dir_);
+  Spool spool(path());
+  EXPECT_NE(spool.spool_epoch(), first);
+  EXPECT_EQ(spool.spool_session_begin(), 1u);  // and bdSeq starts over with it
+}
+
 TEST_F(SpoolTest, AppendsInOrderWithGrowingSeq) {
   Spool spool(path());
   for (int i = 0; i < 5; ++i) {

@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import BigInteger, case, func, literal, select, update
 
+from edgesmith.runtime import contract
 from edgesmith.toolchain.errors import UserError
 from edgesmith.toolchain.fleet.store import (DEPLOY_TABLES, FINAL_RESULTS, Store, deploy_targets, deploy_waves,
                                              deployments, desired_versions, device_deploy, devices, metadata, now_ms)
@@ -23,10 +24,22 @@ def has_tables(store: Store) -> bool:
         return all(store.engine.dialect.has_table(conn, t.name) for t in DEPLOY_TABLES)
 
 
+def issued_version(store: Store, fleet: str, device: str) -> int:
+    """The highest desired-state version the store has issued to a device (0: none)."""
+    with store.engine.connect() as conn:
+        version = conn.scalar(select(desired_versions.c.version).where(desired_versions.c.fleet == fleet,
+                                                                      desired_versions.c.device == device))
+    return int(version or 0)
+
+
 def reserve_version(store: Store, fleet: str, device: str, at_least: int = 0) -> int:
     """The next desired-state version of a device, above every one published (stored before use,
-    so a crash after publishing never reuses it) and above ``at_least`` (what the broker or the
-    device knows, in case the store is newer than the fleet)."""
+    so a crash after publishing never reuses it) and above ``at_least`` (what the broker knows, in
+    case the store is newer than the fleet; a device's own claim is clamped to what was issued
+    before it gets here: FleetWatch.version_floor)."""
+    if not 0 <= at_least < contract.MAX_SAFE_INT:
+        raise UserError(f"device {device}'s desired-state version floor {at_least} is past the contract's limit "
+                        f"{contract.MAX_SAFE_INT}; clear its retained desired state on the broker")
     dialect = store.engine.dialect.name
     if dialect == "sqlite":
         from sqlalchemy.dialects.sqlite import insert

@@ -201,9 +201,12 @@ class FleetWatch:
             raise UserError(f"the broker did not acknowledge the desired state for {device} within "
                             f"{PUBLISH_TIMEOUT_S:g} s")
 
-    def version_floor(self, device: str) -> int:
+    def version_floor(self, device: str, issued: int) -> int:
+        """What the next version must exceed: the retained desired state's (only central logins
+        write it), and the device's reported one clamped to ``issued``, what the store has issued:
+        a device claiming 2**63 cannot push versions past what the store can hold."""
         with self.changed:
-            return max(self.retained_versions.get(device, 0), self.reported_versions.get(device, 0))
+            return max(self.retained_versions.get(device, 0), min(self.reported_versions.get(device, 0), issued))
 
     def wait(self, deployment_id: str, devices: list[str], deadline: float,
              on_report: Callable[[str, Report], None]) -> dict[str, Report]:
@@ -273,19 +276,23 @@ def deploy(archive: ArchiveInfo, config: RolloutConfig, store: Store, say: Say) 
         previous = {d: _previous_of(watch, served, d) for d in names}
         skipped = [d for d in names if previous[d][0] == archive.manifest_sha256]
         targets = [d for d in names if d not in skipped]
-        # An abort must be able to put every device back: their current artifacts must be servable.
-        for device in targets:
-            sha, name = previous[device]
-            if sha is not None and lookup(sha, config.store_dir) is None:
-                raise UserError(f"device {device} serves {name} (manifest {sha[:12]}…), whose archive the artifact "
-                                f"store {config.store_dir} does not hold, so an abort could not roll it back; pass that "
-                                "artifact's directory with --previous DIR")
+        # An abort must be able to put every device back: their current artifacts must be servable. A
+        # device whose birth names an artifact the store does not hold (unknown, or a false claim) is
+        # skipped with a warning; it never blocks the rollout to the others.
+        unknown = [d for d in targets if previous[d][0] is not None and lookup(previous[d][0], config.store_dir) is None]
+        targets = [d for d in targets if d not in unknown]
         deployment_id = desired.new_deployment_id()
-        result = RolloutResult(deployment_id, "completed", skipped=len(skipped))
+        result = RolloutResult(deployment_id, "completed", skipped=len(skipped) + len(unknown))
         for device in skipped:
             say(f"  {device}: already serves {archive.name}; left alone")
+        for device in unknown:
+            sha, name = previous[device]
+            say(f"  warning: {device} says it serves {name} (manifest {sha[:12]}…), whose archive the artifact store "
+                f"{config.store_dir} does not hold, so an abort could not roll it back: skipped; pass that artifact's "
+                "directory with --previous DIR to include it")
         if not targets:
-            say(f"every device already serves {archive.name}; nothing to deploy")
+            say(f"every device already serves {archive.name}; nothing to deploy" if not unknown else
+                f"no device can be deployed to ({len(unknown)} skipped as serving unknown artifacts); nothing to deploy")
             return result
         waves = plan_waves(targets, config.shares)
         history.create_deployment(store, {
@@ -326,7 +333,9 @@ def _run_waves(watch: FleetWatch, store: Store, config: RolloutConfig, archive: 
         history.update_wave(store, deployment_id, number, status="running", started_ms=_ms())
         say(f"wave {number}/{len(waves)} ({share:.0%}): {', '.join(wave_devices)}")
         for device in wave_devices:
-            version = history.reserve_version(store, config.fleet, device, watch.version_floor(device))
+            version = history.reserve_version(
+                store, config.fleet, device,
+                watch.version_floor(device, history.issued_version(store, config.fleet, device)))
             state = desired.desired_state(config.fleet, device, version, deployment_id, "deploy", archive,
                                           config.base_url)
             history.add_target(store, deployment_id, config.fleet, device, number, version, previous[device])
@@ -421,7 +430,9 @@ def _roll_back(watch: FleetWatch, store: Store, config: RolloutConfig, of: str,
     history.update_wave(store, rollback_id, 1, status="running", started_ms=_ms())
     try:
         for device, info in sorted(plan.items()):
-            version = history.reserve_version(store, config.fleet, device, watch.version_floor(device))
+            version = history.reserve_version(
+                store, config.fleet, device,
+                watch.version_floor(device, history.issued_version(store, config.fleet, device)))
             state = desired.desired_state(config.fleet, device, version, rollback_id, "rollback", info,
                                           config.base_url)
             history.add_target(store, rollback_id, config.fleet, device, 1, version, (None, None))
