@@ -251,3 +251,49 @@ def test_a_birth_naming_an_unknown_artifact_is_skipped_not_blocking(broker_dir, 
     assert any(line.startswith("  warning: liar says it serves") for line in said), said
     (target,) = history.targets(store, result.deployment_id)
     assert target["device"] == "honest"
+
+
+@pytest.mark.timeout(120)
+def test_model_groups_are_keyed_on_manifests_not_claims(broker_dir, start_monitor):  # noqa: F811
+    """An impostor announcing the honest devices' model, version and target under another manifest
+    gets a group of its own: its shifted outputs never reach the honest group's drift."""
+    monitor = start_monitor()
+    c1, c2, c3 = devices(broker_dir, "cam-01", "cam-02", "impostor")
+    honest = [connected(c, artifact=ART, interval_s=60, seed=i) for i, c in enumerate((c1, c2))]
+    fake = SimArtifact(outputs=[classes(REFERENCE)], manifest_sha256="e" * 64)  # same labels as ART
+    impostor = connected(c3, artifact=fake, interval_s=60)
+    for d in honest:
+        d.send(d.telemetry(runs=1000, outputs={"logits": output_window([400, 300, 200, 100])}))
+    impostor.send(impostor.telemetry(runs=100_000, outputs={"logits": output_window([0, 0, 0, 100_000])}))
+    wait_until(lambda: len(monitor.api()["groups"]) == 2 and all(g["recent"]["windows"] for g in monitor.api()["groups"]),
+               30, "two groups with their windows")
+    groups = {g["manifest_sha256"]: g for g in monitor.api()["groups"]}
+    mine = groups[ART.sha256]
+    assert (mine["devices"], mine["model"], mine["verified"]) == (2, ART.model, False)
+    assert mine["drift"]["logits"]["samples"] == 2000 and mine["drift"]["logits"]["psi"] == pytest.approx(0, abs=1e-9)
+    assert groups["e" * 64]["devices"] == 1
+
+
+def test_a_full_queue_refuses_and_counts(broker_dir, tmp_path, monkeypatch):  # noqa: F811
+    """The monitor's in-memory queue is bounded: past it a message is acknowledged, refused under
+    queue_full and counted against its device, and the rest of the stream goes on."""
+    from types import SimpleNamespace
+
+    from edgesmith.toolchain.fleet import monitor as monitor_mod
+
+    monkeypatch.setattr(monitor_mod, "MAX_QUEUED_MESSAGES", 3)
+    m = monitor_mod.Monitor(monitor_mod.MonitorConfig(broker_dir, f"sqlite:///{tmp_path / 'm.db'}"))
+    acked: list[int] = []
+    monkeypatch.setattr(m.client, "ack", lambda mid, qos: acked.append(mid))
+    d = SimulatedDevice({"fleet": "plant-a", "device": "flooder"}, artifact=ART)
+    for mid in range(1, 6):
+        payload = d.telemetry(runs=1).model_dump_json().encode()
+        m._on_message(None, None, SimpleNamespace(mid=mid, qos=1, topic=d.topic("telemetry"), payload=payload,
+                                                  retain=False))
+    assert m.received.qsize() == 3 and acked == [4, 5] and m.queued_bytes > 0
+    assert m._ingest(m._next_batch())
+    assert m.queued_bytes == 0
+    counters = m.store.counters()
+    assert counters["dropped.queue_full"] == 2 and counters["stored"] == 3
+    assert m.store.refusals()[("plant-a", "flooder")]["by_reason"] == {"queue_full": 2}
+    m.store.engine.dispose()
