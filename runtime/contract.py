@@ -174,7 +174,8 @@ class Envelope(_Msg):
     seq: Count = Field(description="per-device message counter; only grows within an epoch, across sessions and "
                                    "restarts (a death repeats its session's birth seq)")
     ts_ms: Ms = Field(description="when the device made the message (ms since the epoch)")
-    historical: Annotated[bool, Field(strict=True)] = Field(default=False, description="published in a later session than the one it was made in")
+    historical: Annotated[bool, Field(strict=True)] = Field(
+        default=False, description="published in a later session than the one it was made in")
 
 
 class ArtifactRef(_Msg):
@@ -229,7 +230,9 @@ class OutputLayout(_Msg):
     @property
     def bins(self) -> int:
         """Counts per window: one per class, or one per bin plus underflow and overflow."""
-        return self.classes if self.kind == OutputKind.CLASSES else len(self.edges) - 1 + 2  # type: ignore[arg-type,return-value]
+        if self.kind == OutputKind.CLASSES:
+            return self.classes or 0
+        return len(self.edges or []) - 1 + 2
 
 
 class MetricSchema(_Msg):
@@ -430,7 +433,8 @@ def json_schema(which: str) -> dict[str, Any]:
     """The JSON Schema of device messages (``telemetry``) or of the desired state and its envelope (``desired``)."""
     if which == "telemetry":
         schema = _DEVICE_ADAPTER.json_schema()
-        schema["title"] = f"edgesmith device message (birth, death, telemetry, event, state), protocol version {PROTOCOL_VERSION}"
+        schema["title"] = (f"edgesmith device message (birth, death, telemetry, event, state), "
+                           f"protocol version {PROTOCOL_VERSION}")
     elif which == "desired":
         schema = DesiredEnvelope.model_json_schema()
         schema.setdefault("$defs", {}).update(DesiredState.model_json_schema(ref_template="#/$defs/{model}")

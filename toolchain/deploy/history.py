@@ -4,6 +4,7 @@ their waves and per-device targets, and the highest desired-state version of eac
 from __future__ import annotations
 
 import json
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import BigInteger, case, func, literal, select, update
@@ -12,6 +13,18 @@ from edgesmith.runtime import contract
 from edgesmith.toolchain.errors import UserError
 from edgesmith.toolchain.fleet.store import (DEPLOY_TABLES, FINAL_RESULTS, Store, deploy_targets, deploy_waves,
                                              deployments, desired_versions, device_deploy, devices, metadata, now_ms)
+
+
+class TargetResult(StrEnum):
+    """A deployment target's result in the store: the device's words (contract.DeployResult), and
+    the central side's own: published (sent, nothing heard yet) and timeout (nothing heard in time)."""
+
+    PUBLISHED = "published"
+    IN_PROGRESS = contract.DeployResult.IN_PROGRESS.value
+    APPLIED = contract.DeployResult.APPLIED.value
+    FAILED = contract.DeployResult.FAILED.value
+    REFUSED = contract.DeployResult.REFUSED.value
+    TIMEOUT = "timeout"
 
 
 def ensure_tables(store: Store) -> None:
@@ -72,7 +85,7 @@ def add_target(store: Store, deployment_id: str, fleet: str, device: str, wave: 
     with store.engine.begin() as conn:
         conn.execute(deploy_targets.insert().values(
             deployment_id=deployment_id, device=device, fleet=fleet, wave=wave, version=version,
-            previous_manifest_sha256=previous[0], previous_artifact=previous[1], result="published",
+            previous_manifest_sha256=previous[0], previous_artifact=previous[1], result=TargetResult.PUBLISHED.value,
             published_ms=now_ms()))
 
 
@@ -84,7 +97,7 @@ def set_result(store: Store, deployment_id: str, device: str, result: str, error
     if slot is not None:
         values["slot"] = slot
     where = [deploy_targets.c.deployment_id == deployment_id, deploy_targets.c.device == device]
-    if result in ("in-progress", "timeout"):  # never undoes what the device reported (the monitor may be first)
+    if result in (TargetResult.IN_PROGRESS, TargetResult.TIMEOUT):  # never undoes what the device reported (the monitor may be first)
         where.append(deploy_targets.c.result.not_in(FINAL_RESULTS))
     with store.engine.begin() as conn:
         conn.execute(update(deploy_targets).where(*where).values(**values))

@@ -28,7 +28,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from pydantic import ValidationError
 
+from edgesmith.runtime.contract import DESIRED_TOPIC, DeployResult
+from edgesmith.runtime.contract import MessageKind as K
 from edgesmith.toolchain.deploy import desired, history
+from edgesmith.toolchain.deploy.history import TargetResult
 from edgesmith.toolchain.deploy.archive import ArchiveInfo, lookup
 from edgesmith.toolchain.errors import UserError
 from edgesmith.toolchain.fleet import protocol
@@ -156,14 +159,14 @@ class FleetWatch:
                              f"{self.broker.dir / 'monitor.json'} belongs to this broker")
             return
         root = f"{protocol.TOPIC_ROOT}/{self.fleet}/+"
-        client.subscribe([(f"{root}/{kind}", 1) for kind in ("birth", "state", "event", "desired")])
+        client.subscribe([(f"{root}/{kind}", 1) for kind in (K.BIRTH, K.STATE, K.EVENT, DESIRED_TOPIC)])
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
         parts = protocol.parse_topic(msg.topic)
         if parts is None or not msg.payload:
             return
         _, device, kind = parts
-        if kind == "desired":
+        if kind == DESIRED_TOPIC:
             version = desired.version_of(msg.payload)
             if version is not None:
                 with self.changed:
@@ -176,10 +179,10 @@ class FleetWatch:
         if (message.fleet, message.device, message.kind) != (self.fleet, device, kind):
             return
         with self.changed:
-            if kind == "birth":
+            if kind == K.BIRTH:
                 self.births[device] = message.artifact
             else:
-                said = message.details if kind == "state" else message.deploy_report()
+                said = message.details if kind == K.STATE else message.deploy_report()
                 version = said.desired_version if said is not None else None
                 if version is not None:  # a claim: clamped to what the store issued when used (version_floor)
                     self.reported_versions[device] = max(version, self.reported_versions.get(device, 0))
@@ -255,6 +258,7 @@ class RolloutResult:
 
 
 Say = Callable[[str], None]
+APPLIED = DeployResult.APPLIED
 
 
 def _previous_of(watch: FleetWatch, served: dict[str, dict[str, Any]], device: str) -> tuple[str | None, str | None]:
@@ -343,10 +347,10 @@ def _run_waves(watch: FleetWatch, store: Store, config: RolloutConfig, archive: 
         targeted += wave_devices
         final = _wait_and_record(watch, store, deployment_id, wave_devices, config.wave_timeout_s, say)
         outcome.update(final)
-        applied = sum(1 for d in wave_devices if final[d].result == "applied")
+        applied = sum(1 for d in wave_devices if final[d].result == APPLIED)
         history.update_wave(store, deployment_id, number, status="done", finished_ms=_ms(), applied=applied,
                             failed=len(wave_devices) - applied)
-        failed_so_far = sum(1 for d in targeted if outcome[d].result != "applied")
+        failed_so_far = sum(1 for d in targeted if outcome[d].result != APPLIED)
         share_failed = failed_so_far / len(targeted)
         say(f"wave {number}: {applied} applied, {len(wave_devices) - applied} failed; "
             f"{failed_so_far} of {len(targeted)} targeted failed ({share_failed:.0%})")
@@ -364,14 +368,14 @@ def _conclude(watch: FleetWatch, store: Store, config: RolloutConfig, deployment
               result: RolloutResult, say: Say) -> None:
     """Count the results; after an abort, roll back. Records the deployment's final status."""
     result.targeted = len(targeted)
-    result.applied = sum(1 for d in targeted if outcome[d].result == "applied")
+    result.applied = sum(1 for d in targeted if outcome[d].result == APPLIED)
     result.failed = len(targeted) - result.applied
     if result.status != "aborted":
         history.finish(store, deployment_id, "completed", f"{result.applied} of {result.targeted} devices applied it")
         return
     # Devices that applied it go back; so do silent ones, which may still apply it late (a newer
     # desired state supersedes the deployment's).
-    back = [d for d in targeted if outcome[d].result in ("applied", "timeout")]
+    back = [d for d in targeted if outcome[d].result in (APPLIED, TargetResult.TIMEOUT)]
     rollback = _roll_back(watch, store, config, deployment_id, {d: previous[d] for d in back}, say)
     if rollback is not None:
         result.rollback_id, result.rollback_failed = rollback
@@ -388,7 +392,7 @@ def _wait_and_record(watch: FleetWatch, store: Store, deployment_id: str, device
                      say: Say) -> dict[str, Report]:
     def on_report(device: str, report: Report) -> None:
         history.set_result(store, deployment_id, device, report.result, report.error, report.phase, report.slot)
-        detail = f" (slot {report.slot})" if report.result == "applied" and report.slot else \
+        detail = f" (slot {report.slot})" if report.result == APPLIED and report.slot else \
             f": {report.error}" if report.error else f" ({report.phase})" if report.phase else ""
         say(f"  {device}: {report.result}{detail}")
 
@@ -396,9 +400,9 @@ def _wait_and_record(watch: FleetWatch, store: Store, deployment_id: str, device
     for device in devices:
         if device not in final:
             error = f"no result reported within {timeout_s:g} s"
-            history.set_result(store, deployment_id, device, "timeout", error)
+            history.set_result(store, deployment_id, device, TargetResult.TIMEOUT.value, error)
             say(f"  {device}: timeout ({error})")
-            final[device] = Report("timeout", error=error)
+            final[device] = Report(TargetResult.TIMEOUT.value, error=error)
     return final
 
 
@@ -444,7 +448,7 @@ def _roll_back(watch: FleetWatch, store: Store, config: RolloutConfig, of: str,
         if isinstance(e, Exception) and not isinstance(e, UserError):
             raise UserError(f"rollback {rollback_id} stopped: {e}") from None
         raise
-    applied = sum(1 for r in final.values() if r.result == "applied")
+    applied = sum(1 for r in final.values() if r.result == APPLIED)
     failed = len(plan) - applied
     history.update_wave(store, rollback_id, 1, status="done", finished_ms=_ms(), applied=applied, failed=failed)
     history.finish(store, rollback_id, "completed" if failed == 0 else "failed",
@@ -466,7 +470,7 @@ def rollback(config: RolloutConfig, store: Store, say: Say, deployment_id: str |
         raise UserError(f"no deployment {deployment_id or ''} of fleet {config.fleet} in the store".replace("  ", " ")
                         + "; list them with `edgesmith fleet status`")
     rows = [t for t in history.targets(store, dep["id"])
-            if t["result"] in ("applied", "timeout", "published", "in-progress")
+            if t["result"] in (APPLIED, TargetResult.TIMEOUT, TargetResult.PUBLISHED, TargetResult.IN_PROGRESS)
             and (not config.devices or t["device"] in config.devices)]
     if not rows:
         raise UserError(f"no device of deployment {dep['id']} applied it (or may still); nothing to roll back")

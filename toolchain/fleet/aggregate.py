@@ -517,7 +517,7 @@ class FleetView:
 
     def snapshot(self, at_ms: int | None = None) -> dict[str, Any]:
         at_ms = at_ms if at_ms is not None else now_ms()
-        devices = [self.device_summary(self.devices[k], at_ms) for k in sorted(self.devices)]
+        devices = [d for d in (self._summary(k, at_ms) for k in sorted(self.devices)) if d is not None]
         online: dict[GroupKey, int] = {}
         for d in devices:
             if d["online"] and d["manifest_sha256"] is not None:
@@ -525,7 +525,12 @@ class FleetView:
                 online[key] = online.get(key, 0) + 1
         for key in [k for k, g in self.groups.items() if not g.members]:
             del self.groups[key]
-        groups = [self.group_summary(self.groups[k], online.get(k, 0)) for k in sorted(self.groups)]
+        groups = []
+        for k in sorted(self.groups):
+            try:
+                groups.append(self.group_summary(self.groups[k], online.get(k, 0)))
+            except Exception:  # noqa: BLE001 (one group's data never hides the others)
+                log.exception("cannot summarise the group of manifest %s; left out of the view", k[1][:12])
         mix: dict[str, dict[str, dict[str, int]]] = {}
         for d in devices:
             if d["model"] is not None:
@@ -534,14 +539,18 @@ class FleetView:
         for d in devices:
             d["view_error"] = self.bad_devices.get((d["fleet"], d["device"]))
         return {"generated_ms": at_ms, "devices": devices, "groups": groups, "version_mix": mix,
-                "bad_rows": self.bad_rows}
+                "bad_rows": self.bad_rows,
+                "bad_devices": [{"fleet": f, "device": d, "error": e} for (f, d), e in sorted(self.bad_devices.items(), key=str)]}
 
     def record_history(self, at_ms: int) -> None:
         """One chart point per group."""
         for key in [k for k, g in self.groups.items() if not g.members]:
             del self.groups[key]
         for g in self.groups.values():
-            summary = self.group_summary(g, 0)
+            try:
+                summary = self.group_summary(g, 0)
+            except Exception:  # noqa: BLE001 (logged by snapshot(); the other groups' charts go on)
+                continue
             recent = summary["recent"]
             g.history.append({"t_ms": at_ms, "p50_us": recent["p50_us"], "p95_us": recent["p95_us"],
                               "p99_us": recent["p99_us"], "psi": summary["psi"], "js": summary["js"],
@@ -558,4 +567,14 @@ class FleetView:
             if silent != view.was_silent:
                 view.was_silent = silent
                 keys.add(key)
-        return [self.device_summary(self.devices[k], at_ms) for k in sorted(keys) if k in self.devices]
+        return [d for d in (self._summary(k, at_ms) for k in sorted(keys) if k in self.devices) if d is not None]
+
+    def _summary(self, key: DeviceKey, at_ms: int) -> dict[str, Any] | None:
+        """A device's summary; a device whose data breaks it is left out and marked, never the others."""
+        try:
+            return self.device_summary(self.devices[key], at_ms)
+        except Exception as e:  # noqa: BLE001
+            if key not in self.bad_devices:
+                log.exception("cannot summarise device %s/%s; left out of the view", *key)
+            self.bad_devices[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            return None

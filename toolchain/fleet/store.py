@@ -32,6 +32,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
 from edgesmith.runtime import contract
+from edgesmith.runtime.contract import MessageKind as K
 from edgesmith.runtime.keys import edgesmith_home
 from edgesmith.toolchain.errors import UserError
 from edgesmith.toolchain.fleet import protocol
@@ -520,7 +521,7 @@ class Store:
         current = {key: dev.row["bd_seq"] for key, dev in state.items()}
         # Sessions to look at: births' and deaths' own, and those of windows from an older session.
         wanted = {(m.fleet, m.device, m.bdSeq) for m in (i.message for i in accepted)
-                  if m.kind in ("birth", "death") or (m.kind == "telemetry" and current.get((m.fleet, m.device)) != m.bdSeq)}
+                  if m.kind in (K.BIRTH, K.DEATH) or (m.kind == K.TELEMETRY and current.get((m.fleet, m.device)) != m.bdSeq)}
         known_sessions = self._load_sessions(conn, wanted)
         new_sessions: dict[tuple[str, str, int], dict[str, Any]] = {}
         changed_sessions: dict[tuple[str, str, int], dict[str, Any]] = {}
@@ -558,7 +559,7 @@ class Store:
                     for k in [k for k in table if k[:2] == key]:
                         del table[k]
 
-            if msg.kind == "death":
+            if msg.kind == K.DEATH:
                 # A death repeats its birth's seq: it is deduplicated by its session, not by seq.
                 sess = session(skey)
                 if sess is not None and sess["death_reason"] is not None:
@@ -580,25 +581,25 @@ class Store:
                 stored_birth = session(skey) or {}
                 # This session's birth is stored already; a later one (higher seq) in the same session
                 # is a device announcing a new artifact after a deployment switched it (deployment.md §5).
-                if msg.kind == "birth" and stored_birth.get("birth") is not None \
+                if msg.kind == K.BIRTH and stored_birth.get("birth") is not None \
                         and msg.seq <= (stored_birth.get("birth_seq") or 0):
                     self._duplicate(row, item, result)
                     continue
                 # A retained birth is the broker's memory of the device's state, not part of its
                 # stream (a monitor subscribing late gets it long after): it does not take part in
                 # the sequence bookkeeping, or everything the device sent since would count as gaps.
-                if not (msg.kind == "birth" and item.retained) and not dev.tracker.accept(msg.seq):
+                if not (msg.kind == K.BIRTH and item.retained) and not dev.tracker.accept(msg.seq):
                     self._duplicate(row, item, result)
                     continue
-                if msg.kind == "birth":
+                if msg.kind == K.BIRTH:
                     dev.presence_changed |= self._birth(batch, item, msg, row, skey, session(skey), new_sessions,
                                                         changed_sessions)
-                elif msg.kind == "telemetry":
+                elif msg.kind == K.TELEMETRY:
                     window_rows.append(self._window(batch, item, msg, row, session(skey), stored_ms))
                     result.windows.append((window_rows[-1], msg))
                 else:
                     message_rows.append(self._message_row(batch, item, msg))
-                    if msg.kind in ("state", "event"):
+                    if msg.kind in (K.STATE, K.EVENT):
                         deploy_msgs.append((item, msg))
             row["messages"] += 1
             result.stored += 1
