@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import run_cli
 from edgesmith.runtime import contract
 from edgesmith.toolchain.fleet.simulate import SimArtifact, SimulatedDevice, output_window
 from test_fleet_monitor import (broker_dir, classes, connected, devices, query, start_monitor,  # noqa: F401
@@ -139,10 +140,14 @@ def test_a_hostile_device_cannot_blind_the_monitor(broker_dir, start_monitor, st
     for _, _, reason in sent:
         if reason:
             assert refused.get(reason, 0) > 0, (reason, refused)
-    print(f"\nhostile device: {len(sent)} messages sent ({sum(1 for _, _, r in sent if r)} poison from the issue, "
-          f"{len(sent) - len(_poison(attacker))} generated); refused by reason {refused}; stored {counters['stored']} "
-          f"(both devices), duplicates {counters['duplicates']}; monitor alive, /api/fleet answering, drift alert "
-          "for the healthy device fired")
+    status = {r["device"]: r for r in json.loads(run_cli("fleet", "status", "--db", store_url, "--json").stdout)}
+    assert status["attacker"]["refused"]["total"] == marked["refused"]["total"] and status["healthy"]["refused"] is None
+    assert "Refused messages" in monitor.get("/").decode()
+    crafted = sum(1 for _, _, r in sent if r)
+    print(f"\nhostile device: {len(sent)} messages sent ({crafted} poison messages of the issue, "
+          f"{len(sent) - crafted} generated or valid); refused by reason {refused}; stored {counters['stored']} "
+          f"(both devices), duplicates {counters['duplicates']}; the monitor survived: alive, /api/fleet answering, "
+          "the healthy device's drift alert fired")
 
     # A store holding a row the view cannot use (written by an older monitor): skipped and reported.
     monitor.stop()

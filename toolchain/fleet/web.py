@@ -230,12 +230,23 @@ def render_dashboard(snap: dict[str, Any], thresholds: dict[str, float]) -> str:
                    f"<td class=n>{rate}</td><td class=n>{rps}</td><td class=n>{psi}</td>"
                    f'<td title="{_iso(d["last_seen_ms"])}">{_ago(d["last_seen_ms"], at)}</td></tr>')
     out.append("</tbody></table>")
+    refused = [(d["fleet"], d["device"], d["refused"]) for d in [*devices, *snap.get("refused_devices", [])]
+               if d.get("refused")]
+    if refused:  # the device is marked, never the monitor
+        out.append('<h2>Refused messages</h2><table id=refused><tr><th>device</th><th>fleet</th><th>refused</th>'
+                   '<th>last</th><th>what was wrong</th></tr>')
+        for fleet, device, r in refused:
+            reasons = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in sorted(r["by_reason"].items()))
+            out.append(f"<tr><td>{e(device)}</td><td>{e(fleet)}</td><td>{e(reasons)}</td>"
+                       f"<td>{_ago(r['last_ms'], at)}</td><td>{e(r['last_detail'] or '')}</td></tr>")
+        out.append("</table>")
     out.append("<h2>Models by target</h2>")
     if not snap["groups"]:
         out.append("<p class=muted>no device has announced an artifact yet</p>")
     for g in snap["groups"]:
         r = g["recent"]
-        name = f"{g['model']} {g['version']} × {g['target']}"
+        name = f"{g['model']} {g['version']} × {g['target']}" + ("" if g.get("verified") else
+                                                                 f" (unverified, manifest {g['manifest_sha256'][:8]})")
         rate = "–" if r["error_rate"] is None else f"{r['error_rate']:.2%}"
         out.append(f'<div class=group data-group="{e(name)}"><b>{e(name)}</b> <span class=muted>fleet {e(g["fleet"])} · '
                    f"{g['devices']} devices, {g['online']} online · p50/p95/p99 {_ms(r['p50_us'])}/{_ms(r['p95_us'])}/"
