@@ -36,22 +36,22 @@ nlohmann::json birth_body(const Session& session, double interval_s) {
     raw_monitors = &doc["monitoring"]["outputs"];
   }
   for (const ManifestOutputMonitor& monitor : manifest.monitoring.outputs) {
-    nlohmann::json item = {{"name", monitor.name}};
+    nlohmann::json item = {{contract::F_OUTPUT_LAYOUT_NAME, monitor.name}};
     if (monitor.kind == MONITOR_KIND_CLASSES) {
-      item["kind"] = "classes";
-      item["classes"] = monitor.classes;
-      item["edges"] = nullptr;
+      item[contract::F_OUTPUT_LAYOUT_KIND] = contract::OUTPUT_KIND_CLASSES;
+      item[contract::F_OUTPUT_LAYOUT_CLASSES] = monitor.classes;
+      item[contract::F_OUTPUT_LAYOUT_EDGES] = nullptr;
     } else {
-      item["kind"] = "histogram";
-      item["classes"] = nullptr;
-      item["edges"] = monitor.edges;
+      item[contract::F_OUTPUT_LAYOUT_KIND] = contract::OUTPUT_KIND_HISTOGRAM;
+      item[contract::F_OUTPUT_LAYOUT_CLASSES] = nullptr;
+      item[contract::F_OUTPUT_LAYOUT_EDGES] = monitor.edges;
     }
-    item["reference"] = nullptr;
+    item[contract::F_OUTPUT_LAYOUT_REFERENCE] = nullptr;
     if (raw_monitors != nullptr) {
       for (const nlohmann::json& entry : *raw_monitors) {
         if (entry.is_object() && entry.value("name", "") == monitor.name && entry.contains("reference") &&
             entry["reference"].is_array()) {
-          item["reference"] = entry["reference"];
+          item[contract::F_OUTPUT_LAYOUT_REFERENCE] = entry["reference"];
         }
       }
     }
@@ -72,23 +72,27 @@ nlohmann::json birth_body(const Session& session, double interval_s) {
       }
     }
   }
+  namespace c = contract;
   return {
-      {"target", manifest.target_name},
-      {"runtime", {{"version", version_string()}, {"isa", host_isa()}}},
-      {"artifact",
-       {{"name", manifest.name},
-        {"model", model.empty() ? manifest.name : model},
-        {"model_version", model_version.empty() ? "unknown" : model_version},
-        {"target", manifest.target_name},
-        {"backend", manifest.backend_name},
-        {"backend_version", json_string(doc, "backend", "version")},
-        {"manifest_sha256", sha256_string(session.session_manifest_json())}}},
-      {"metrics",
-       {{"interval_s", interval_s},
-        {"latency", {{"start_us", latency.start_us}, {"factor", latency.factor}, {"count", latency.count}}},
-        {"outputs", outputs},
+      {c::F_BIRTH_TARGET, manifest.target_name},
+      {c::F_BIRTH_RUNTIME, {{c::F_RUNTIME_VERSION, version_string()}, {c::F_RUNTIME_ISA, host_isa()}}},
+      {c::F_BIRTH_ARTIFACT,
+       {{c::F_ARTIFACT_REF_NAME, manifest.name},
+        {c::F_ARTIFACT_REF_MODEL, model.empty() ? manifest.name : model},
+        {c::F_ARTIFACT_REF_MODEL_VERSION, model_version.empty() ? "unknown" : model_version},
+        {c::F_ARTIFACT_REF_TARGET, manifest.target_name},
+        {c::F_ARTIFACT_REF_BACKEND, manifest.backend_name},
+        {c::F_ARTIFACT_REF_BACKEND_VERSION, json_string(doc, "backend", "version")},
+        {c::F_ARTIFACT_REF_MANIFEST_SHA256, sha256_string(session.session_manifest_json())}}},
+      {c::F_BIRTH_METRICS,
+       {{c::F_METRIC_SCHEMA_INTERVAL_S, interval_s},
+        {c::F_METRIC_SCHEMA_LATENCY,
+         {{c::F_LATENCY_LAYOUT_START_US, latency.start_us},
+          {c::F_LATENCY_LAYOUT_FACTOR, latency.factor},
+          {c::F_LATENCY_LAYOUT_COUNT, latency.count}}},
+        {c::F_METRIC_SCHEMA_OUTPUTS, outputs},
         // What the build measured (manifest build.serving_latency_us or latency_us), when recorded.
-        {"build_latency_us", build_latency}}},
+        {c::F_METRIC_SCHEMA_BUILD_LATENCY_US, build_latency}}},
   };
 }
 

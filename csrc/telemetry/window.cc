@@ -9,6 +9,8 @@
 #include <sstream>
 #include <system_error>
 
+#include "common/contract_words.h"
+
 namespace edgesmith {
 
 namespace {
@@ -129,32 +131,34 @@ nlohmann::json WindowSummariser::window_close(const StatsSnapshot& stats, const 
   const StatsSnapshot d = stats_delta(stats_, stats);
   const double cpu_seconds = std::max(0.0, process.cpu_seconds - process_.cpu_seconds);
   const double wall_seconds = static_cast<double>(std::max<int64_t>(end_ms - start_ms_, 0)) / 1000.0;
+  namespace c = contract;
   nlohmann::json outputs = nlohmann::json::object();
   for (const OutputSummary& o : d.outputs) {
-    outputs[o.name] = {{"counts", o.counts}, {"underflow", o.underflow}, {"overflow", o.overflow},
-                       {"nan", o.nan},       {"seen", o.seen},           {"binned", o.binned}};
+    outputs[o.name] = {{c::F_OUTPUT_WINDOW_COUNTS, o.counts}, {c::F_OUTPUT_WINDOW_UNDERFLOW, o.underflow},
+                       {c::F_OUTPUT_WINDOW_OVERFLOW, o.overflow}, {c::F_OUTPUT_WINDOW_NAN, o.nan},
+                       {c::F_OUTPUT_WINDOW_SEEN, o.seen},         {c::F_OUTPUT_WINDOW_BINNED, o.binned}};
   }
   nlohmann::json body = {
-      {"window_start_ms", start_ms_},
-      {"window_end_ms", std::max(end_ms, start_ms_)},
-      {"runs", d.runs},
-      {"errors", d.errors},
-      {"nan_input_runs", d.nan_input_runs},
-      {"nan_input_values", d.nan_input_values},
-      {"latency",
-       {{"counts", d.latency_counts},
-        {"underflow", d.latency_underflow},
-        {"overflow", d.latency_overflow},
-        {"sum_us", finite(d.latency_sum_us)},
-        {"max_us", finite(d.latency_max_us)},
-        {"p50_us", finite(stats_percentile_us(d, 0.50))},
-        {"p95_us", finite(stats_percentile_us(d, 0.95))},
-        {"p99_us", finite(stats_percentile_us(d, 0.99))}}},
-      {"outputs", outputs},
-      {"process",
-       {{"rss_bytes", process.rss_bytes},
-        {"cpu_seconds", finite(cpu_seconds)},
-        {"cpu_percent", wall_seconds > 0.0 ? finite(100.0 * cpu_seconds / wall_seconds) : 0.0}}},
+      {c::F_TELEMETRY_WINDOW_START_MS, start_ms_},
+      {c::F_TELEMETRY_WINDOW_END_MS, std::max(end_ms, start_ms_)},
+      {c::F_TELEMETRY_RUNS, d.runs},
+      {c::F_TELEMETRY_ERRORS, d.errors},
+      {c::F_TELEMETRY_NAN_INPUT_RUNS, d.nan_input_runs},
+      {c::F_TELEMETRY_NAN_INPUT_VALUES, d.nan_input_values},
+      {c::F_TELEMETRY_LATENCY,
+       {{c::F_LATENCY_WINDOW_COUNTS, d.latency_counts},
+        {c::F_LATENCY_WINDOW_UNDERFLOW, d.latency_underflow},
+        {c::F_LATENCY_WINDOW_OVERFLOW, d.latency_overflow},
+        {c::F_LATENCY_WINDOW_SUM_US, finite(d.latency_sum_us)},
+        {c::F_LATENCY_WINDOW_MAX_US, finite(d.latency_max_us)},
+        {c::F_LATENCY_WINDOW_P50_US, finite(stats_percentile_us(d, 0.50))},
+        {c::F_LATENCY_WINDOW_P95_US, finite(stats_percentile_us(d, 0.95))},
+        {c::F_LATENCY_WINDOW_P99_US, finite(stats_percentile_us(d, 0.99))}}},
+      {c::F_TELEMETRY_OUTPUTS, outputs},
+      {c::F_TELEMETRY_PROCESS,
+       {{c::F_PROCESS_WINDOW_RSS_BYTES, process.rss_bytes},
+        {c::F_PROCESS_WINDOW_CPU_SECONDS, finite(cpu_seconds)},
+        {c::F_PROCESS_WINDOW_CPU_PERCENT, wall_seconds > 0.0 ? finite(100.0 * cpu_seconds / wall_seconds) : 0.0}}},
   };
   stats_ = stats;
   process_ = process;
