@@ -229,12 +229,26 @@ def _save_golden(staging: Path, ref: ReferenceRun, count: int) -> list[GoldenSam
     return samples
 
 
+def _gate_target(backend, target: Target) -> Target | None:
+    """The target whose qemu runner executes a bf16/fp16 gate: the target itself when its artifacts
+    are proven under qemu; for an ISA-independent payload the C++ runtime runs (a LiteRT flatbuffer)
+    on an aarch64 target with no userland here (Android), the same target proven by the Linux aarch64
+    runtime, which runs the same plugin and kernels on an emulated core with the arithmetic."""
+    if not getattr(backend, "DEVICE_RUNTIME", False) or target.isa != "aarch64":
+        return None
+    if target.proof == "qemu-aarch64":
+        return target
+    if getattr(backend, "PORTABLE_PAYLOAD", False):
+        return target.model_copy(update={"proof": "qemu-aarch64"})
+    return None
+
+
 def _runner(staging: Path, result, backend, target: Target, how: str, public_key: bytes):
     """The device's own Session for payloads the C++ runtime runs natively here; the device runtime
     under qemu for a reduced-precision gate of another ISA (:func:`_emulated`); otherwise the
     engine's Python API (an ISA-independent payload checked by this host's build of the engine)."""
     if how == "qemu-aarch64":
-        return _emulated(staging, target, public_key)
+        return _emulated(staging, _gate_target(backend, target) or target, public_key)
     if how == "native" and getattr(backend, "DEVICE_RUNTIME", False):
         from edgesmith.runtime import Session
 
@@ -291,8 +305,9 @@ def _gate_execution(backend, target: Target, precision: str):
     if precision in FLOAT_REDUCED and execution.how != "native":
         # The device runtime under qemu, emulating a core that has the arithmetic, is the only honest
         # place left: it runs the payload's own kernels.
-        if getattr(backend, "DEVICE_RUNTIME", False) and target.proof == "qemu-aarch64":
-            runner, why = runner_for(target)
+        emulated = _gate_target(backend, target)
+        if emulated is not None:
+            runner, why = runner_for(emulated)
             if runner is not None and runner.how == "qemu-aarch64":
                 return Execution(True, "qemu-aarch64")
         why = (f"this machine lacks {', '.join(missing_cpu_features(target))}" if target.isa == host_isa()
@@ -323,7 +338,8 @@ def _validate_reduced(staging: Path, result, backend, target: Target, precision:
     gate = gate_set.judge(name, precision, gate_outputs, data.budget, target.tolerance_for(precision).rtol, names,
                           execution.how, data.calibration if precision == "int8" else None)
     cmp = compare(golden, ref.outputs, names, tolerance.atol, tolerance.rtol)
-    validation = Validation(status="passed", executed=Executed(isa=host_isa(), how=execution.how),
+    ran_on = target.isa if execution.how == "qemu-aarch64" else host_isa()  # the emulated ISA under qemu
+    validation = Validation(status="passed", executed=Executed(isa=ran_on, how=execution.how),
                             reference=f"onnxruntime {ref.version} (FP32 model); passed the {precision} accuracy budget",
                             samples=len(gate_set.samples), max_abs_err=cmp.max_abs_err, max_rel_err=cmp.max_rel_err,
                             top1_agreement=gate.top1_agreement, atol=tolerance.atol, rtol=tolerance.rtol,
