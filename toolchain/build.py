@@ -35,7 +35,7 @@ from edgesmith.toolchain.monitoring import monitoring_spec
 from edgesmith.toolchain.prove import prove, run_batch, runner_for
 from edgesmith.toolchain.package import file_entries, publish, sign_and_check, staging_dir
 from edgesmith.toolchain.signing import SigningKey, ephemeral_key
-from edgesmith.toolchain.sources import ModelSource
+from edgesmith.toolchain.sources import ModelSource, tensor_spec
 from edgesmith.toolchain.selection import RULE, Candidate, label, select, serving_latency_us, time_candidates
 from edgesmith.toolchain.targets import FLOAT_REDUCED, PRECISIONS, Target, host_isa, missing_cpu_features
 from edgesmith.toolchain.validate import compare, input_sensitivity, require_input_dependence
@@ -111,7 +111,7 @@ class BuiltArtifact:
 def run_reference(source: ModelSource, options: BuildOptions) -> ReferenceRun:
     origin = "synthetic N(0,1)"
     if options.samples_path is not None:
-        samples = reference.load_samples(options.samples_path, source.inputs)
+        samples = reference.load_samples(options.samples_path, source.inputs, 1 if options.allow_constant_output else 2)
         origin = f"file:{options.samples_path}"
     elif source.samples:  # real held-out inputs that came with the source (a registered test split)
         samples, origin = source.samples, source.samples_origin
@@ -122,7 +122,7 @@ def run_reference(source: ModelSource, options: BuildOptions) -> ReferenceRun:
     model = reference.ReferenceModel(source.onnx_model)
     outputs = [model.run(sample) for sample in samples]
     sensitivity = input_sensitivity(outputs)
-    specs = [TensorSpec(name=name, dtype=arr.dtype.name, shape=list(arr.shape))
+    specs = [tensor_spec(name, arr.dtype.name if arr.dtype.kind != "O" else "string", list(arr.shape), "output", source.ref)
              for name, arr in zip(model.output_names, outputs[0])]
     data = None
     if options.precision != "fp32":
@@ -224,7 +224,7 @@ def _save_golden(staging: Path, ref: ReferenceRun, count: int) -> list[GoldenSam
         for kind, arrays in (("input", ref.samples[k]), ("output", ref.outputs[k])):
             for i, array in enumerate(arrays):
                 paths[f"{kind}s"].append(f"{folder}/{kind}_{i}.npy")
-                np.save(staging / paths[f"{kind}s"][-1], np.ascontiguousarray(array), allow_pickle=False)
+                np.save(staging / paths[f"{kind}s"][-1], np.asarray(array, order="C"), allow_pickle=False)
         samples.append(GoldenSample(**paths))
     return samples
 
@@ -355,7 +355,7 @@ def _own_golden(staging: Path, manifest: Manifest, outputs: list[list[np.ndarray
     may round differently, so its self-test allows as much as the precision moved them from FP32."""
     for sample, arrays in zip(manifest.golden.samples, outputs):
         for path, array in zip(sample.outputs, arrays):
-            np.save(staging / path, np.ascontiguousarray(array), allow_pickle=False)
+            np.save(staging / path, np.asarray(array, order="C"), allow_pickle=False)
     manifest.golden.atol = max(tolerance.atol, float(manifest.validation.max_abs_err or 0.0))
     manifest.files = file_entries(staging)
 

@@ -137,7 +137,7 @@ def load(out_dir: Path, result: CompileResult, target: Target) -> Runner:
 
     def quantize(x: np.ndarray, detail: dict) -> np.ndarray:
         if not np.issubdtype(detail["dtype"], np.integer) or np.issubdtype(x.dtype, np.integer):
-            return np.ascontiguousarray(x)
+            return np.asarray(x, order="C")
         scale, zero = detail["quantization"]
         info = np.iinfo(detail["dtype"])
         return np.clip(np.round(x / scale) + zero, info.min, info.max).astype(detail["dtype"])
