@@ -66,6 +66,13 @@ class Broker:
     def down(self) -> None:
         run_cli("broker", "down", "--dir", str(self.dir))
 
+    def central(self, prefix: str) -> dict:
+        """A central login of its own (the broker makes the login the client id: sharing the
+        monitor's would take over its session)."""
+        from edgesmith.toolchain.fleet import broker as fleet_broker
+
+        return fleet_broker.central_login(self.dir, f"edgesmith-{prefix}-{uuid.uuid4().hex[:8]}")
+
     def add_device(self, device: str, fleet: str = FLEET) -> Path:
         out = json.loads(run_cli("broker", "add-device", device, "--fleet", fleet, "--dir", str(self.dir),
                                  "--json").stdout)
@@ -90,9 +97,8 @@ class Collector:
 
         self.messages: list[tuple[str, dict]] = []
         self._lock = threading.Lock()
-        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"collector-{uuid.uuid4().hex[:8]}",
-                                   protocol=mqtt.MQTTv5)
-        creds = broker.info["monitor"]
+        creds = broker.central("collector")
+        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=creds["username"], protocol=mqtt.MQTTv5)
         self._client.username_pw_set(creds["username"], creds["password"])
         self._client.on_connect = lambda c, u, flags, rc, props: c.subscribe(topic, qos=1)
         self._client.on_message = self._on_message

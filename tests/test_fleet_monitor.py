@@ -196,12 +196,12 @@ def monitor_client(broker_dir: Path, client_id: str) -> tuple[Any, list]:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    creds = fleet_broker.Broker(broker_dir).monitor_credentials()
+    creds = fleet_broker.central_login(broker_dir, f"edgesmith-{client_id}")  # its own: the login is the client id
     settings = fleet_broker.Broker(broker_dir).settings()
     received: list = []
     ready = threading.Event()
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-    client.username_pw_set(creds["username"], creds["password"])
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=creds["username"], protocol=mqtt.MQTTv5)
+    fleet_broker.configure_client(client, settings, creds)
     client.on_connect = lambda *_a: ready.set()
     client.on_message = lambda _c, _u, msg: received.append(msg)
     client.connect(settings.host, settings.port)
@@ -677,8 +677,8 @@ def test_dashboard_in_headless_chromium(broker_dir, start_monitor, tmp_path):
 @pytest.mark.integration
 @pytest.mark.timeout(240)
 def test_two_monitors_share_the_stream_and_the_store(broker_dir, start_monitor, tmp_path):
-    first = start_monitor("--shared", "g", "--client-id", "mon-1", log_name="monitor-1.log")
-    second = start_monitor("--shared", "g", "--client-id", "mon-2", log_name="monitor-2.log")
+    first = start_monitor("--shared", "g", "--client-id", "edgesmith-mon-1", log_name="monitor-1.log")
+    second = start_monitor("--shared", "g", "--client-id", "edgesmith-mon-2", log_name="monitor-2.log")
     sims = [connected(c, interval_s=60, seed=i) for i, c in enumerate(devices(broker_dir, "cam-01", "cam-02"))]
     for _ in range(25):
         for sim in sims:
@@ -696,11 +696,11 @@ def test_two_monitors_share_the_stream_and_the_store(broker_dir, start_monitor, 
 @pytest.mark.integration
 @pytest.mark.timeout(240)
 def test_an_ingest_only_worker_takes_a_share_the_full_monitor_shows(broker_dir, start_monitor, store_url, tmp_path):
-    full = start_monitor("--shared", "g", "--client-id", "mon-full", log_name="monitor-full.log")
+    full = start_monitor("--shared", "g", "--client-id", "edgesmith-mon-full", log_name="monitor-full.log")
     log = tmp_path / "worker.log"
     with open(log, "w") as out:
         worker = subprocess.Popen([EDGESMITH, "fleet", "monitor", "--broker", str(broker_dir), "--db", store_url,
-                                   "--http", "127.0.0.1:1", "--shared", "g", "--client-id", "mon-worker",
+                                   "--http", "127.0.0.1:1", "--shared", "g", "--client-id", "edgesmith-mon-worker",
                                    "--ingest-only"], stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_until(lambda: "subscribed" in log.read_text() or worker.poll() is not None, 60, "the worker to subscribe")
