@@ -31,7 +31,8 @@ def monitor(
                              help="Where to serve the dashboard (/), /metrics and /api/fleet (HOST:PORT; port 0 picks one)."),
     shared: str = typer.Option(None, "--shared", help="Share the stream with other monitors: MQTT v5 shared "
                                "subscription $share/GROUP/edgesmith/v1/# (give each monitor its own --client-id)."),
-    client_id: str = typer.Option(None, "--client-id", help="MQTT client id; the persistent session is kept under it "
+    client_id: str = typer.Option(None, "--client-id", help="MQTT client id and broker login (edgesmith-...; its own "
+                                  "login is created on first use); the persistent session is kept under it "
                                   "(default edgesmith-monitor, or edgesmith-monitor-GROUP with --shared)."),
     ingest_only: bool = typer.Option(False, "--ingest-only", help="Only store what arrives (no dashboard, metrics "
                                      "or alerts): an extra worker on a --shared subscription, beside one full monitor "
