@@ -367,6 +367,36 @@ def test_broker_refuses_foreign_topics(broker_dir, start_monitor):
     central.disconnect()
 
 
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_a_device_taking_the_monitors_client_id_does_not_stop_it(broker_dir, start_monitor):
+    """Before: a device login connecting with client id `edgesmith-monitor` and clean start closed the
+    monitor's connection and discarded its session; the two then knocked each other off for good.
+    Now the broker makes the login the client id: the monitor stays connected and keeps storing."""
+    monitor = start_monitor()
+    ca, cb = devices(broker_dir, "cam-01", "cam-02")
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    healthy = connected(cb, interval_s=60)
+    for _ in range(3):  # cam-01's login, the monitor's client id
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="edgesmith-monitor", protocol=mqtt.MQTTv5)
+        client.username_pw_set(ca["username"], ca["password"])
+        ready = threading.Event()
+        client.on_connect = lambda _c, _u, _f, rc, _p, ready=ready: ready.set()
+        client.connect(ca["host"], ca["port"], clean_start=True)
+        client.loop_start()
+        assert ready.wait(10)
+        client.disconnect()
+        client.loop_stop()
+    healthy.send(healthy.telemetry(runs=9))
+    monitor.wait_device("cam-02", lambda x: x["runs_total"] == 9, "the healthy device's window")
+    api = monitor.api()
+    assert api["monitor"]["connected"], api["monitor"]
+    assert "took over its session" not in monitor.log_text()
+    assert monitor.proc.poll() is None
+
+
 # ---- restarts and presence -------------------------------------------------------------------------
 
 def _window_rows(db: str) -> int:
