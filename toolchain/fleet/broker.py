@@ -447,10 +447,12 @@ def central_login(directory: Path, name: str) -> dict[str, Any]:
     `edgesmith deploy`), created the first time: with `use_username_as_clientid` the login name is
     the client id, so two processes sharing a login would take over each other's session."""
     _check_central_name(name)
-    _, passwd_tool = _require_mosquitto()
     broker = Broker(Path(directory).resolve())
     settings = broker.settings()
     path = broker.login_file(name)
+    if path.is_file():  # the common case needs no Mosquitto tools here
+        return broker.login(name)
+    _, passwd_tool = _require_mosquitto()
     with _locked(broker):
         if path.is_file():
             return broker.login(name)
