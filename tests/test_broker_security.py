@@ -263,6 +263,18 @@ def test_broker_up_off_loopback_needs_tls_or_saying_plaintext(tmp_path):
         assert json.loads(result.stdout)["tls"] is False
     finally:
         run_cli("broker", "down", "--dir", str(directory))
+    # With `broker certs` and --tls it starts; devices are told the public name, which the
+    # certificate holds, and verify it.
+    run_cli("broker", "certs", "--dir", str(directory), "--host", "127.0.0.1")
+    run_cli("broker", "up", "--dir", str(directory), "--host", "0.0.0.0", "--tls", "--public-host", "127.0.0.1")
+    try:
+        (cam,) = fleet_broker.add_devices(directory, ["cam-01"], FLEET)
+        assert (cam["host"], cam["tls"]) == ("127.0.0.1", True)
+        device = Client(_settings(directory).model_copy(update={"host": cam["host"]}), cam, "cam-01")
+        device.wait_connected()
+        device.close()
+    finally:
+        run_cli("broker", "down", "--dir", str(directory))
 
 
 def _never_connects(settings: fleet_broker.BrokerSettings, login: dict[str, Any], tls: dict[str, Any]) -> bool:

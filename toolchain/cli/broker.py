@@ -18,6 +18,8 @@ DIR_OPTION = typer.Option(..., "--dir", envvar="EDGESMITH_BROKER_DIR", help="The
 def up(directory: Path = DIR_OPTION,
        port: int = typer.Option(None, "--port", help="TCP port (default: a free one, then kept)."),
        host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; off loopback TLS is required."),
+       public_host: str = typer.Option(None, "--public-host", help="The name or address devices connect to, written "
+                                       "into their credentials (default: --host); with TLS, one the certificate names."),
        tls: bool = typer.Option(False, "--tls", help="TLS with the directory's certificates (`edgesmith broker certs`)."),
        mutual_tls: bool = typer.Option(False, "--mutual-tls", help="Also require a client certificate: its Common "
                                        "Name is the login (each device and central login is issued one)."),
@@ -29,7 +31,7 @@ def up(directory: Path = DIR_OPTION,
        as_json: bool = typer.Option(False, "--json", help="Print {host, port, dir, monitor: {username, password}}.")) -> None:
     """Create (first time) and start the broker; a running one is left as it is."""
     info = fleet_broker.up(directory, port=port, host=host, cafile=cafile, certfile=certfile, keyfile=keyfile, tls=tls,
-                           mutual_tls=mutual_tls, insecure_plaintext=insecure_plaintext)
+                           mutual_tls=mutual_tls, insecure_plaintext=insecure_plaintext, public_host=public_host)
     if as_json:
         print(json.dumps(info, indent=2))
     else:

@@ -67,10 +67,16 @@ class BrokerSettings(BaseModel):
     certfile: str | None = None
     keyfile: str | None = None
     mutual_tls: bool = False  # clients present a certificate; its Common Name is their username
+    public_host: str | None = None  # what devices connect to, when not `host` (e.g. host 0.0.0.0)
 
     @property
     def tls(self) -> bool:
         return self.certfile is not None
+
+    @property
+    def device_host(self) -> str:
+        """The address written into devices' credentials (and checked against the certificate)."""
+        return self.public_host or self.host
 
 
 @dataclass
@@ -292,7 +298,7 @@ def _client_cert(broker: Broker, settings: BrokerSettings, name: str, out: Path)
 
 def _device_credentials(broker: Broker, settings: BrokerSettings, device: str, fleet: str,
                         password: str) -> dict[str, Any]:
-    credentials = {"device": device, "fleet": fleet, "host": settings.host, "port": settings.port,
+    credentials = {"device": device, "fleet": fleet, "host": settings.device_host, "port": settings.port,
                    "username": device, "password": password, "tls": settings.tls, "cafile": settings.cafile}
     return credentials | _client_cert(broker, settings, device, broker.dir / "devices" / device)
 
@@ -302,7 +308,8 @@ def _refresh_logins(broker: Broker, settings: BrokerSettings) -> None:
     with mutual TLS every login has its certificate."""
     for path in sorted((broker.dir / "devices").glob("*.json")):
         known = json.loads(path.read_text())
-        fresh = known | {"host": settings.host, "port": settings.port, "tls": settings.tls, "cafile": settings.cafile}
+        fresh = known | {"host": settings.device_host, "port": settings.port, "tls": settings.tls,
+                         "cafile": settings.cafile}
         if settings.mutual_tls and not known.get("certfile"):
             fresh |= _client_cert(broker, settings, known["username"], path.with_suffix(""))
         if fresh != known:
@@ -334,7 +341,7 @@ def certs(directory: Path, hosts: list[str]) -> dict[str, Any]:
 
 def up(directory: Path, port: int | None = None, host: str = "127.0.0.1", cafile: str | None = None,
        certfile: str | None = None, keyfile: str | None = None, *, tls: bool = False, mutual_tls: bool = False,
-       insecure_plaintext: bool = False) -> dict[str, Any]:
+       insecure_plaintext: bool = False, public_host: str | None = None) -> dict[str, Any]:
     """Create (first time) and start the broker; idempotent: a running broker is left running.
 
     ``tls`` uses the directory's own certificates (`edgesmith broker certs`); ``certfile``/``keyfile``
@@ -368,9 +375,11 @@ def up(directory: Path, port: int | None = None, host: str = "127.0.0.1", cafile
             if certfile:
                 settings = settings.model_copy(update={"cafile": cafile, "certfile": certfile, "keyfile": keyfile,
                                                        "mutual_tls": mutual_tls})
+            if public_host:
+                settings = settings.model_copy(update={"public_host": public_host})
         else:
             settings = BrokerSettings(host=host, port=port or _free_port(host), cafile=cafile, certfile=certfile,
-                                      keyfile=keyfile, mutual_tls=mutual_tls)
+                                      keyfile=keyfile, mutual_tls=mutual_tls, public_host=public_host)
         if not is_loopback(settings.host) and not settings.tls and not insecure_plaintext:
             raise UserError(f"the broker would listen on {settings.host} in plaintext, so passwords and desired states "
                             f"would cross the network in clear; create certificates with `edgesmith broker certs --dir "
