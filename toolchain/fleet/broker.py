@@ -56,7 +56,7 @@ MAX_QUEUED_BYTES = 1 << 30
 # MAX_PAYLOAD_BYTES so that the monitor still sees, counts and reports slightly oversized messages.
 MAX_PACKET_BYTES = 2 * protocol.MAX_PAYLOAD_BYTES
 MAX_INFLIGHT_MESSAGES = 1000
-MAX_CONNECTIONS = 19_000  # under the process's 20,000 open files (docs/telemetry.md, "Scale")
+MAX_CONNECTIONS = 19_000  # under the 20,000 open files a process may have here (docs/telemetry.md, "Capacity")
 START_TIMEOUT_S = 10.0
 
 
