@@ -391,6 +391,9 @@ void Deployer::apply(const DesiredState& desired, bool resumed) {
         return stopping_;
       };
       download.log = [this](const std::string& line) { log("download: " + line); };
+      download.tls_cafile = options_.tls_cafile;
+      download.tls_certfile = options_.tls_certfile;
+      download.tls_keyfile = options_.tls_keyfile;
       try {
         download_file(download);
       } catch (const Error&) {

@@ -39,6 +39,9 @@ struct DeployerOptions {
   /// again (the retained message) before it is reported failed.
   double resume_grace_s = 5.0;
   std::function<void(const std::string&)> log;
+  std::string tls_cafile;    ///< https downloads: the broker credentials' CA file (empty: the system's CAs)
+  std::string tls_certfile;  ///< and their client certificate and key (mutual TLS; empty: none)
+  std::string tls_keyfile;
 };
 
 /// The deployment worker. deployer_boot() first, then deployer_start().
