@@ -20,6 +20,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
+from edgesmith.runtime.contract import MAX_CLASSES, MAX_EDGES
+
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 SIGNATURE_FILE = "manifest.sig"
@@ -139,9 +141,10 @@ class OutputMonitor(_Model):
     name: NonEmptyStr
     kind: Literal["classes", "histogram"]
     # kind == "classes": arg-max over the last axis, one count per class
-    classes: Annotated[int, Field(ge=1, le=2**24)] | None = None
+    # (at most the telemetry contract's MAX_CLASSES and MAX_EDGES: a device reports these counters)
+    classes: Annotated[int, Field(ge=1, le=MAX_CLASSES)] | None = None
     # kind == "histogram": strictly ascending bin edges (+ under/overflow bins)
-    edges: Annotated[list[FiniteFloat], Field(min_length=2, max_length=4097)] | None = None
+    edges: Annotated[list[FiniteFloat], Field(min_length=2, max_length=MAX_EDGES)] | None = None
     # The build's share of rows per class, or of values per bin then underflow, overflow: what a
     # monitor measures drift against (absent in artifacts built before it was recorded).
     reference: list[Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]] | None = None

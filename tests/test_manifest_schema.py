@@ -95,8 +95,8 @@ FIELD_VALUES: dict[str, list[Any]] = {
     "shape": [[1, 0], [-1], [2**63], [2**63 - 1], [1.5]],
     "atol": [-1e-300, -0.0, 1e308, "0.1"],
     "rtol": [-1e-300, -0.0, 1e308, "0.1"],
-    "classes": [2**24, 2**24 + 1, 1.5],
-    "edges": [[1.0], [1.0, 1.0], [2.0, 1.0], list(range(4097)), list(range(4098)), [0, "1"], [0, None]],
+    "classes": [4096, 4097, 2**24, 1.5],  # the telemetry contract's MAX_CLASSES
+    "edges": [[1.0], [1.0, 1.0], [2.0, 1.0], list(range(1024)), list(range(1025)), [0, "1"], [0, None]],  # MAX_EDGES
     "start_us": [1e-9, 0.0, -1.0],
     "factor": [1.0, 1.0000001, 0.5, 3],
     "count": [4096, 4097, 1.0],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from edgesmith.runtime.contract import MAX_CLASSES
 from edgesmith.runtime.manifest import Monitoring, OutputMonitor, TensorSpec
 
 HISTOGRAM_BINS = 16
@@ -56,7 +57,7 @@ def monitoring_spec(output_specs: list[TensorSpec], reference_outputs: list[list
     monitors = []
     for i, spec in enumerate(output_specs):
         values = np.concatenate([sample[i].reshape(-1, *sample[i].shape[1:]) for sample in reference_outputs])
-        if is_classifier(spec):
+        if is_classifier(spec) and spec.shape[1] <= MAX_CLASSES:  # more classes than a device may report: binned
             monitors.append(OutputMonitor(name=spec.name, kind="classes", classes=spec.shape[1],
                                           reference=class_shares(values, spec.shape[1])))
         else:

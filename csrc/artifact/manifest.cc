@@ -8,6 +8,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/contract_words.h"
 #include "common/error.h"
 #include "common/file.h"
 #include "common/strings.h"
@@ -262,15 +263,15 @@ ManifestOutputMonitor output_monitor_read(const json& item, const std::string& w
     monitor.kind = MONITOR_KIND_CLASSES;
     const json& classes = object_get(item, where, "classes");
     if (!classes.is_number_unsigned() || classes.get<uint64_t>() == 0 ||
-        classes.get<uint64_t>() > (1u << 24)) {
-      manifest_fail(where + ".classes", "must be an integer between 1 and 16777216");
+        classes.get<uint64_t>() > contract::MAX_CLASSES) {
+      manifest_fail(where + ".classes", "must be an integer between 1 and " + std::to_string(contract::MAX_CLASSES));
     }
     monitor.classes = static_cast<int64_t>(classes.get<uint64_t>());
   } else if (kind == "histogram") {
     monitor.kind = MONITOR_KIND_HISTOGRAM;
     const json& edges = array_read(item, where, "edges");
-    if (edges.size() < 2 || edges.size() > 4097) {
-      manifest_fail(where + ".edges", "must hold between 2 and 4097 bin edges");
+    if (edges.size() < 2 || edges.size() > contract::MAX_EDGES) {
+      manifest_fail(where + ".edges", "must hold between 2 and " + std::to_string(contract::MAX_EDGES) + " bin edges");
     }
     for (size_t i = 0; i < edges.size(); ++i) {
       if (!edges[i].is_number() || !std::isfinite(edges[i].get<double>())) {
