@@ -4,8 +4,10 @@
 // backend.options say {"mode": "double"}. It runs the payload format "testecho"; its payload
 // entry must start with the bytes "testecho".
 // backend.options {"fail": "open"} / {"fail": "run"} make it fail, {"fail": "throw"} throws from
-// its open function, to test error propagation across the C table.
+// its open function, to test error propagation across the C table; {"fail": "abort"} aborts the
+// process on its first run (a payload that crashes the agent's self-test).
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <stdexcept>
@@ -21,10 +23,12 @@ namespace {
 
 class TestEchoBackend : public Backend {
  public:
-  TestEchoBackend(bool doubling, bool fail_run) : doubling_(doubling), fail_run_(fail_run) {}
+  TestEchoBackend(bool doubling, bool fail_run, bool abort_run)
+      : doubling_(doubling), fail_run_(fail_run), abort_run_(abort_run) {}
 
   BackendStatus backend_run(const std::vector<TensorView>& inputs,
                             std::vector<Tensor>* outputs) noexcept override {
+    if (abort_run_) std::abort();
     if (fail_run_) return {BACKEND_STATUS_RUN_FAILED, "testecho was told to fail"};
     try {
       for (const TensorView& input : inputs) {
@@ -51,6 +55,7 @@ class TestEchoBackend : public Backend {
  private:
   bool doubling_;
   bool fail_run_;
+  bool abort_run_;
 };
 
 Backend* testecho_open(const BackendOpenArgs& args, BackendStatus* status) {
@@ -74,7 +79,7 @@ Backend* testecho_open(const BackendOpenArgs& args, BackendStatus* status) {
     return nullptr;
   }
   const bool doubling = options.is_object() && options.value("mode", "") == "double";
-  return new TestEchoBackend(doubling, fail == "run");
+  return new TestEchoBackend(doubling, fail == "run", fail == "abort");
 }
 
 }  // namespace

@@ -3,6 +3,10 @@
 The envelope carries the desired-state JSON as a string, so what is signed is exactly the bytes
 the device parses; the signature covers ``"edgesmith-desired-v1\\n" + signed``, a prefix no
 manifest starts with, so a desired-state signature is never a valid manifest signature.
+
+Each desired state carries ``not_after`` (Unix seconds, signed with the rest): a device refuses it
+once its clock is more than DESIRED_CLOCK_SKEW_S past that, so a desired state captured today cannot
+be replayed to a device that was re-imaged (its replay floor lost) months later.
 """
 
 from __future__ import annotations
@@ -24,7 +28,13 @@ DOMAIN = b"edgesmith-desired-v1\n"
 ENVELOPE_FIELDS = ("v", "signed", "key_id", "signature")
 STATE_FIELDS = ("v", "fleet", "device", "version", "deployment_id", "action", "issued_at_ms", "artifact")
 ARTIFACT_FIELDS = ("url", "sha256", "size", "manifest_sha256", "name")
+OPTIONAL_STATE_FIELDS = ("not_after",)
 Action = Literal["deploy", "rollback"]
+# How long a signed desired state stays valid: long enough for a device that is offline over a
+# weekend to still take the retained message, short enough that an old one is not a standing key.
+DESIRED_VALIDITY_S = 7 * 24 * 3600
+# The clock skew a device allows past not_after (csrc/deploy/desired.h DESIRED_CLOCK_SKEW_S).
+DESIRED_CLOCK_SKEW_S = 300
 
 
 def desired_topic(fleet: str, device: str) -> str:
@@ -42,10 +52,12 @@ def artifact_url(base_url: str, sha256: str) -> str:
 
 
 def desired_state(fleet: str, device: str, version: int, deployment_id: str, action: Action, archive: ArchiveInfo,
-                  base_url: str, issued_at_ms: int | None = None) -> dict[str, Any]:
+                  base_url: str, issued_at_ms: int | None = None, valid_for_s: int = DESIRED_VALIDITY_S) -> dict[str, Any]:
+    """The desired state to sign; devices refuse it ``valid_for_s`` after ``issued_at_ms`` (plus skew)."""
+    issued = issued_at_ms if issued_at_ms is not None else int(time.time() * 1000)
     return {
         "v": 1, "fleet": fleet, "device": device, "version": int(version), "deployment_id": deployment_id,
-        "action": action, "issued_at_ms": issued_at_ms if issued_at_ms is not None else int(time.time() * 1000),
+        "action": action, "issued_at_ms": issued, "not_after": issued // 1000 + int(valid_for_s),
         "artifact": {"url": artifact_url(base_url, archive.sha256), "sha256": archive.sha256, "size": archive.size,
                      "manifest_sha256": archive.manifest_sha256, "name": archive.name},
     }
@@ -84,6 +96,10 @@ def verify(envelope: bytes, public_keys: list[bytes]) -> dict[str, Any]:
         raise ValueError("the desired state lacks a field")
     if state["action"] not in ("deploy", "rollback"):
         raise ValueError(f"unknown action {state['action']!r}")
+    not_after = state.get("not_after")
+    if not_after is not None and (isinstance(not_after, bool) or not isinstance(not_after, int)
+                                  or not 0 < not_after < 2**53):
+        raise ValueError("the desired state's not_after is not a positive integer (Unix seconds)")
     return state
 
 
