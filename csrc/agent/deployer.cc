@@ -351,8 +351,19 @@ std::shared_ptr<Session> Deployer::deployer_boot() {
   return chosen.session;
 }
 
+void Deployer::boot_settle() {
+  // The serving slot started, opened and ran (it reached the broker, or ran boot_settle_s): its
+  // boot attempt succeeded.
+  boot_settled_ = true;
+  if (!serving_slot_.empty() && state_.slots[serving_slot_].boot_attempts != 0) {
+    state_.slots[serving_slot_].boot_attempts = 0;
+    state_save();
+  }
+}
+
 void Deployer::deployer_start(DeployReporter* reporter, std::function<void(std::shared_ptr<Session>)> swap) {
   reporter_ = reporter;
+  started_at_ = std::chrono::steady_clock::now();
   swap_ = std::move(swap);
   thread_ = std::thread([this] { loop(); });
 }
@@ -412,20 +423,16 @@ void Deployer::loop() {
         queue_.pop_front();
       } else if (resume_pending_ && subscribed_at_ && std::chrono::steady_clock::now() > *subscribed_at_ + grace) {
         resume_expired = true;
-      } else {
+      } else if (boot_settled_) {
         continue;
       }
     }
     try {
+      if (!boot_settled_ && (state_due || std::chrono::steady_clock::now() - started_at_ >
+                                               std::chrono::duration<double>(options_.boot_settle_s))) {
+        boot_settle();
+      }
       if (state_due) {  // on connect: what the device runs
-        if (!boot_settled_) {
-          // The serving slot started, opened and reached the broker: its boot attempt succeeded.
-          boot_settled_ = true;
-          if (!serving_slot_.empty() && state_.slots[serving_slot_].boot_attempts != 0) {
-            state_.slots[serving_slot_].boot_attempts = 0;
-            state_save();
-          }
-        }
         if (reporter_ != nullptr) {
           try {
             reporter_->deploy_report_state({{"artifact_sha256", serving_sha256_},
@@ -441,6 +448,8 @@ void Deployer::loop() {
             state_save();
           }
         }
+      } else if (payload.empty() && !resume_expired) {
+        // Woken only to check the boot counter.
       } else if (resume_expired) {
         resume_pending_ = false;
         if (state_.deployment && state_.deployment->result == "in-progress") {

@@ -137,6 +137,9 @@ struct DeployerOptions {
   /// Entries of one deployment phase, and starts of one slot, that may end without finishing
   /// (a crash, a kill, a crashed check) before the deployment fails / the slot is marked bad.
   uint32_t max_attempts = 3;
+  /// A start of a slot counts as good (its boot counter is cleared) at its first SUBACK, or after
+  /// it has run this long without reaching the broker (an offline device is not crash-looping).
+  double boot_settle_s = 60.0;
   /// The wall clock in Unix seconds (for not_after); the system clock when unset.
   std::function<int64_t()> clock_s;
   /// The seams; defaults: HTTP download, a child-process verifier of `check_executable`,
@@ -168,7 +171,8 @@ class Deployer {
   void deployer_desired(const std::string& payload);
 
   /// The desired topic's SUBACK after each connect (Paho's thread): the state is reported again,
-  /// and the first one ends the serving slot's boot attempt (it started well).
+  /// and the first one ends the serving slot's boot attempt (it started well; so does running
+  /// boot_settle_s without one).
   void deployer_subscribed();
 
   /// Stop the worker; a deployment in progress stays in-progress in state.json (resumed at boot).
@@ -200,6 +204,8 @@ class Deployer {
   std::string serving_sha256_;  // its manifest
   std::string serving_name_;
   bool boot_settled_ = false;   // the serving slot's boot attempt was cleared
+  std::chrono::steady_clock::time_point started_at_;
+  void boot_settle();
   DeployReporter* reporter_ = nullptr;
   std::function<void(std::shared_ptr<Session>)> swap_;
 

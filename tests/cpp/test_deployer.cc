@@ -261,6 +261,7 @@ class Device {
     options.factory_artifact = factory_dir.string();
     options.deploy_keys = {key.pk};
     options.max_attempts = 3;
+    options.boot_settle_s = boot_settle_s;
     options.clock_s = [this] { return now_s; };
     options.downloader = downloader;
     options.verifier = verifier;
@@ -321,6 +322,7 @@ class Device {
   fs::path factory_dir;
   Key key;
   int64_t now_s = NOW_S;
+  double boot_settle_s = 60.0;
   std::shared_ptr<FakeDownloader> downloader;
   std::shared_ptr<FakeVerifier> verifier;
   FakeReporter reporter;
@@ -516,4 +518,25 @@ TEST(Deployer, ASlotThatNeverStartsWellIsLeftForTheLastGoodOne) {
   const nlohmann::json result = device.reporter.wait_event("dep-v3", {"deploy.failed"});
   EXPECT_NE(result["message"].get<std::string>().find("started 3 times"), std::string::npos) << result.dump();
   EXPECT_EQ(result["details"]["slot"], "a");
+}
+
+TEST(Deployer, AStartThatRunsWithoutABrokerStillClearsTheBootCounter) {
+  Device device;
+  device.start();
+  EXPECT_EQ(device.deploy(FakeArtifact("v2"), 1, "dep-v2")["event"], "deploy.applied");
+  device.stop();
+  // Offline restarts (no SUBACK) must not mark a healthy slot bad: running boot_settle_s counts.
+  device.boot_settle_s = 0.2;
+  for (int i = 0; i < 4; ++i) {
+    device.start(false);
+    EXPECT_EQ(device.state()["slots"]["a"]["boot_attempts"], 1);
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    while (device.state()["slots"]["a"]["boot_attempts"] != 0 && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    EXPECT_EQ(device.state()["slots"]["a"]["boot_attempts"], 0);
+    device.stop();
+  }
+  EXPECT_EQ(device.state()["slots"]["a"]["status"], "good");
+  EXPECT_EQ(device.current(), "slots/a");
 }
