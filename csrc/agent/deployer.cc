@@ -716,8 +716,16 @@ void Deployer::run_phases(const DesiredState& desired, bool resumed) {
     switch_to(target, desired, std::move(opened));
     return;
   }
-  // (2) download, resuming what an earlier attempt left.
-  phase_enter(DEPLOY_PHASE_DOWNLOAD, "");
+  // (2) download, resuming what an earlier attempt left. A resume after a later phase finds the
+  // archive whole: that pass through `download` is not a download attempt.
+  std::error_code size_ec;
+  const bool whole = resumed && fs::file_size(part, size_ec) == desired.artifact.size && !size_ec;
+  if (whole) {
+    state_.deployment->phase = deploy_phase_name(DEPLOY_PHASE_DOWNLOAD);
+    state_save();
+  } else {
+    phase_enter(DEPLOY_PHASE_DOWNLOAD, "");
+  }
   staging_clean(part_name);
   for (int attempt = 0;; ++attempt) {
     const bool had_part = fs::exists(part);

@@ -540,3 +540,32 @@ TEST(Deployer, AStartThatRunsWithoutABrokerStillClearsTheBootCounter) {
   EXPECT_EQ(device.state()["slots"]["a"]["status"], "good");
   EXPECT_EQ(device.current(), "slots/a");
 }
+
+TEST(Deployer, AResumeWithTheArchiveWholeIsNotADownloadAttempt) {
+  Device device;
+  const FakeArtifact v2("v2");
+  const std::string envelope = device.desired(v2, 2, "dep-later");
+  // Killed in self-test three times, each resume passing through `download` with the archive whole.
+  device.boot_only();
+  write_file(device.deploy_dir() / "staging" / (v2.sha256() + ".tar.part"), v2.archive);
+  DeployState state;
+  DeploymentRecord record;
+  record.deployment_id = "dep-later";
+  record.version = 2;
+  record.action = "deploy";
+  record.result = "in-progress";
+  record.phase = "self-test";
+  record.attempts = {{"download", 3}, {"verify", 1}, {"self-test", 1}};
+  const DesiredState parsed = desired_parse(envelope, {device.key.pk});
+  record.signed_sha256 = parsed.signed_sha256;
+  record.desired = desired_to_json(parsed);
+  state.highest_version = 2;
+  state.deployment = record;
+  deploy_state_write((device.deploy_dir() / "state.json").string(), state);
+  device.start();
+  device.deployer->deployer_desired(envelope);
+  const nlohmann::json result = device.reporter.wait_event("dep-later", FINAL);
+  EXPECT_EQ(result["event"], "deploy.applied") << result.dump();
+  device.stop();
+  EXPECT_EQ(device.state()["deployment"]["attempts"]["download"], 3);
+}
