@@ -202,7 +202,7 @@ def _fit_input(x: np.ndarray, shape) -> np.ndarray:
     if x.shape == shape or x.ndim < 3:
         return x
     if shape == (x.shape[0], *x.shape[2:], x.shape[1]):
-        return np.ascontiguousarray(np.moveaxis(x, 1, -1))
+        return np.asarray(np.moveaxis(x, 1, -1), order="C")
     return x
 
 

@@ -18,7 +18,8 @@ order rotated:
 Per model it prints every candidate the build tried (backend x precision, its p50 from the build's
 own timing, its gate figures or error), the chosen one, and the latency ratios of the chosen
 artifact (through ``Session``) against OpenVINO default, OpenVINO pinned to f32, and ONNX Runtime
-FP32, all on the same ONNX graph; ``--markdown FILE`` writes the tables for BENCHMARKS.md.
+FP32, all on the same ONNX graph, and LiteRT's interpreter (XNNPACK, its defaults) on the model's
+FP32 flatbuffer converted by litert-torch; ``--markdown FILE`` writes the tables for BENCHMARKS.md.
 
     .venv/bin/python bench/precision.py                       # all (~15-25 min on 2 cores)
     .venv/bin/python bench/precision.py --models resnet18_digits64 --epochs 3
@@ -50,7 +51,7 @@ NO_DATA = {
     "mobilenet_v2": ("edgesmith.toolchain.models.mobilenet:mobilenet_v2", "1,3,224,224"),
     "vit_small": ("edgesmith.toolchain.models.vit:vit_small", "1,3,224,224"),
 }
-PEERS = ("openvino-default", "openvino-f32", "ort")
+PEERS = ("openvino-default", "openvino-f32", "ort", "litert")
 
 
 def log(text: str) -> None:
@@ -71,6 +72,14 @@ def _measure(kind: str, path: str, threads: int, blocks: int, block: int) -> flo
     what OpenVINO's documentation shows; the others are bench/int8.py's (``openvino`` there pins
     f32, ``session`` is edgesmith's device runtime, ``ort`` ONNX Runtime)."""
     bench = _int8_bench()
+    if kind == "litert":  # the FP32 flatbuffer (litert-torch), LiteRT's interpreter at its defaults: XNNPACK
+        from ai_edge_litert.interpreter import Interpreter
+
+        interpreter = Interpreter(model_path=path, num_threads=threads)
+        runner = interpreter.get_signature_runner()
+        (name, detail), = runner.get_input_details().items()
+        x = np.random.default_rng(0).standard_normal(list(detail["shape"])).astype(np.float32)
+        return bench._time(lambda a: runner(**{name: a}), x, blocks, block)
     if kind != "openvino-default":
         return bench._measure({"openvino-f32": "openvino"}.get(kind, kind), path, threads, blocks, block)
     import openvino as ov
@@ -127,6 +136,23 @@ def onnx_of(model: str, shape: str | None, work: Path) -> Path:
     return path
 
 
+def tflite_of(model: str, shape: str | None, work: Path) -> Path | None:
+    """The model as an FP32 flatbuffer through litert-torch (the tflite backend's converter), or None
+    when the converter environment is not installed."""
+    from edgesmith.toolchain.bench.engines import _litert
+    from edgesmith.toolchain.errors import UserError
+    from edgesmith.toolchain.sources import load_source, parse_input_shapes
+
+    source = load_source(model, parse_input_shapes([shape]) if shape else [], None)
+    folder = work / f"litert-{source.name}"
+    folder.mkdir(exist_ok=True)
+    try:
+        return _litert(source, folder).path
+    except UserError as e:
+        log(f"litert peer left out: {e}")
+        return None
+
+
 def run_model(name: str, model: str, shape: str | None, extra: list[str], work: Path, args) -> dict:
     log(f"{name}: edgesmith build (precision auto){' ' + ' '.join(extra) if extra else ''}")
     out = work / f"dist-{name}"
@@ -137,7 +163,10 @@ def run_model(name: str, model: str, shape: str | None, extra: list[str], work: 
     onnx_path = onnx_of(model, shape, work)
     log(f"{name}: chose {selection['chosen']} {selection['chosen_precision']}; timing it against the peers "
         f"({args.rounds} rounds, each engine in its own process)")
-    engines = {"edgesmith": ("session", Path(artifact["path"])), **{p: (p, onnx_path) for p in PEERS}}
+    engines = {"edgesmith": ("session", Path(artifact["path"])), **{p: (p, onnx_path) for p in PEERS if p != "litert"}}
+    tflite_path = tflite_of(model, shape, work)
+    if tflite_path is not None:
+        engines["litert"] = ("litert", tflite_path)
     times = measure_all(engines, threads, args.rounds, args.blocks, args.block)
     return {"model": name, "artifact": artifact, "selection": selection, "times_ms": times, "build_s": report["build_s"],
             "notes": report["notes"]}

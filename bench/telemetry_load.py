@@ -65,7 +65,7 @@ def start_monitors(broker: Path, db: Path, count: int, workdir: Path, workers: s
     for k in range(count):
         log = open(workdir / f"monitor-{k}.log", "w")
         cmd = [str(VENV_BIN / "edgesmith"), "fleet", "monitor", "--broker", str(broker), "--db", f"sqlite:///{db}",
-               "--http", f"127.0.0.1:{free_port()}", "--interval-s", "10", "--client-id", f"bench-monitor-{k}"]
+               "--http", f"127.0.0.1:{free_port()}", "--interval-s", "10", "--client-id", f"edgesmith-bench-monitor-{k}"]
         if count > 1:
             cmd += ["--shared", "bench"]
         if k > 0 and workers == "ingest":

@@ -35,7 +35,9 @@ DType = Literal["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "u
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # JSON has no NaN or infinity, so neither does a manifest: every number in it is finite (the C++
+    # reader refuses the bare NaN/Infinity Python's json would otherwise write).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class FileEntry(_Model):
@@ -85,7 +87,7 @@ class TargetInfo(BaseModel):
     """The resolved target spec (``edgesmith targets --json``). The keys the device reads are
     typed; the rest of the spec (description, tolerance, backend tables, ...) is kept as is."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     name: NonEmptyStr
     isa: NonEmptyStr
@@ -363,7 +365,7 @@ class Manifest(_Model):
 
     def to_bytes(self) -> bytes:
         """The canonical bytes written to manifest.json (and signed)."""
-        return (json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n").encode()
+        return (json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Manifest:

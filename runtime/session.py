@@ -12,7 +12,7 @@ never loaded), then refuses one built for another ISA *before* loading anything 
 loads the backend plugin named by the manifest (``libedgesmith_backend_<name>.so``).
 
 Inputs must have exactly the model's dtype and shape: nothing is cast. A non-contiguous array is
-copied to C order (that costs one copy; pass ``np.ascontiguousarray(x)`` to avoid it). ``run`` is
+copied to C order (that costs one copy; pass ``np.asarray(x, order="C")`` to avoid it). ``run`` is
 safe to call from many threads; the GIL is released during inference.
 
 Errors are :mod:`edgesmith.runtime.errors` classes: ``IntegrityError``/``ManifestError`` (the

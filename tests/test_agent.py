@@ -52,9 +52,9 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
 class Broker:
     """A Mosquitto broker in a temporary directory, through the `edgesmith broker` commands."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, *flags: str):
         self.dir = directory
-        self.info = json.loads(run_cli("broker", "up", "--dir", str(directory), "--json").stdout)
+        self.info = json.loads(run_cli("broker", "up", "--dir", str(directory), *flags, "--json").stdout)
 
     @property
     def port(self) -> int:
@@ -65,6 +65,13 @@ class Broker:
 
     def down(self) -> None:
         run_cli("broker", "down", "--dir", str(self.dir))
+
+    def central(self, prefix: str) -> dict:
+        """A central login of its own (the broker makes the login the client id: sharing the
+        monitor's would take over its session)."""
+        from edgesmith.toolchain.fleet import broker as fleet_broker
+
+        return fleet_broker.central_login(self.dir, f"edgesmith-{prefix}-{uuid.uuid4().hex[:8]}")
 
     def add_device(self, device: str, fleet: str = FLEET) -> Path:
         out = json.loads(run_cli("broker", "add-device", device, "--fleet", fleet, "--dir", str(self.dir),
@@ -90,10 +97,11 @@ class Collector:
 
         self.messages: list[tuple[str, dict]] = []
         self._lock = threading.Lock()
-        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"collector-{uuid.uuid4().hex[:8]}",
-                                   protocol=mqtt.MQTTv5)
-        creds = broker.info["monitor"]
-        self._client.username_pw_set(creds["username"], creds["password"])
+        from edgesmith.toolchain.fleet import broker as fleet_broker
+
+        creds = broker.central("collector")
+        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=creds["username"], protocol=mqtt.MQTTv5)
+        fleet_broker.configure_client(self._client, fleet_broker.Broker(broker.dir.resolve()).settings(), creds)
         self._client.on_connect = lambda c, u, flags, rc, props: c.subscribe(topic, qos=1)
         self._client.on_message = self._on_message
         self._client.reconnect_delay_set(0.2, 2)
@@ -472,6 +480,67 @@ def test_config_errors_are_one_line(broker, digits_host_openvino, tmp_path):
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "telemetry every 0.5 s" in err
+
+
+def test_agent_refuses_plaintext_to_a_broker_off_this_machine(broker, digits_host_openvino, tmp_path):
+    """Before: `tcp://` to any address, so the password and signed desired states crossed the
+    network in clear. The check comes before the artifact is loaded."""
+    credentials = json.loads(broker.add_device("cam-07").read_text())
+    for host in ("192.0.2.10", "broker.example", "::ffff:10.0.0.1"):
+        remote = tmp_path / f"remote-{host}.json"
+        remote.write_text(json.dumps(credentials | {"host": host}))
+        result = _agent_error("--artifact", str(tmp_path / "not-loaded"), "--credentials", str(remote),
+                              "--data-dir", str(tmp_path / "d"))
+        assert result.returncode == 1, result.stderr
+        line = result.stderr.splitlines()[0]
+        assert f"refusing plaintext MQTT to {host}" in line and "edgesmith broker up --tls" in line, line
+    # Loopback stays plaintext-friendly (only the missing artifact stops this one).
+    for host in ("localhost", "127.0.0.2", "::1"):
+        local = tmp_path / f"local-{host}.json"
+        local.write_text(json.dumps(credentials | {"host": host}))
+        result = _agent_error("--artifact", str(tmp_path / "not-loaded"), "--credentials", str(local),
+                              "--data-dir", str(tmp_path / "d"))
+        assert "refusing plaintext" not in result.stderr, result.stderr
+
+
+def test_agent_over_mutual_tls_with_broker_certs(digits_host_openvino, tmp_path):
+    """`broker certs`, `broker up --tls --mutual-tls`: the agent connects with its own certificate
+    (its Common Name is its login); the same agent with another device's certificate is that other
+    device to the broker, so the ACL refuses its own topics and nothing of it arrives."""
+    directory = tmp_path / "tls-broker"
+    run_cli("broker", "certs", "--dir", str(directory), "--host", "127.0.0.1")
+    b = Broker(directory, "--tls", "--mutual-tls")
+    try:
+        good = json.loads(run_cli("broker", "add-device", "mtls-01", "--fleet", FLEET, "--dir", str(directory),
+                                  "--json").stdout)
+        other = json.loads(run_cli("broker", "add-device", "mtls-02", "--fleet", FLEET, "--dir", str(directory),
+                                   "--json").stdout)
+        assert good["tls"] and Path(good["certfile"]).is_file() and Path(good["keyfile"]).is_file()
+        collector = Collector(b)
+        agent = Agent(digits_host_openvino, Path(good["credentials"]), tmp_path / "data", "--interval", "0.5")
+        try:
+            agent.ready()
+            wait_for(lambda: collector.of_kind("telemetry"), 60, "telemetry over mutual TLS")
+        finally:
+            assert agent.stop() == 0, agent.log()
+        assert {m["device"] for m in collector.of_kind("telemetry")} == {"mtls-01"}
+        # mtls-01's credentials with mtls-02's certificate: the broker sees mtls-02 and refuses
+        # every mtls-01 topic, so no birth of this session ever arrives.
+        stolen = tmp_path / "stolen.json"
+        stolen.write_text(json.dumps(good | {"certfile": other["certfile"], "keyfile": other["keyfile"]}))
+        births = len(collector.of_kind("birth"))
+        agent = Agent(digits_host_openvino, stolen, tmp_path / "data-stolen", "--interval", "0.5")
+        try:
+            agent.ready()
+            # The broker answers each of its messages (birth first, then windows) "not authorised".
+            wait_for(lambda: agent.log().count("Not authorized") >= 3, 60, "three refused messages")
+        finally:
+            agent.stop()
+        assert len(collector.of_kind("birth")) == births
+        assert not [m for m in collector.snapshot() if "mtls-02" in m[0]]
+        collector.close()
+    finally:
+        run_cli("broker", "down", "--dir", str(directory), check=False)
 
 
 @pytest.mark.slow

@@ -111,9 +111,8 @@ class Central:
         self.key = deploy_key
         self.messages: list[tuple[str, dict]] = []
         self._lock = threading.Lock()
-        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"central-{uuid.uuid4().hex[:8]}",
-                                   protocol=mqtt.MQTTv5)
-        creds = broker.info["monitor"]
+        creds = broker.central("central")
+        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=creds["username"], protocol=mqtt.MQTTv5)
         self._client.username_pw_set(creds["username"], creds["password"])
         topics = [(f"edgesmith/v1/{FLEET}/+/{kind}", 1) for kind in ("birth", "event", "state")]
         subscribed = threading.Event()
@@ -400,7 +399,7 @@ def _mutations(world) -> list[tuple[str, dict]]:
     out.append(("an envelope that is not JSON", {**good, "raw": b"{not json"}))
     out.append(("an envelope without a signature", {**good, "tamper": "drop-signature"}))
     out.append(("an unknown action", {**good, "action": "wipe"}))
-    out.append(("an https URL", {**good, "url": url.replace("http://", "https://")}))
+    out.append(("an ftp URL", {**good, "url": url.replace("http://", "ftp://")}))
     out.append(("an expired desired state (not_after an hour ago)", {**good, "not_after": int(time.time()) - 3600}))
     return out
 
@@ -758,3 +757,42 @@ def _credentials(world, device: str) -> Path:
     if device not in _CREDENTIALS:
         _CREDENTIALS[device] = world["broker"].add_device(device)
     return _CREDENTIALS[device]
+
+
+def test_archives_download_over_https_verified_with_the_credentials_ca(world, tmp_path):
+    """Before: devices refused https:// archive URLs (artifacts could not come from a CDN or an
+    object store). Now the server is verified with the CA of the device's credentials: a server
+    whose certificate another CA issued gets no download, the fleet CA's does."""
+    from edgesmith.toolchain.fleet import broker as fleet_broker
+
+    central, b = world["central"], world["b"]
+    fleet_ca = fleet_broker.certs(tmp_path / "fleet-pki", [])  # a server certificate for 127.0.0.1 too
+    stranger = fleet_broker.certs(tmp_path / "other-pki", [])
+    credentials = json.loads(_credentials(world, "dep-https").read_text()) | {"cafile": fleet_ca["cafile"]}
+    cred_file = tmp_path / "dep-https.json"
+    cred_file.write_text(json.dumps(credentials))
+    info = deploy_archive.archive(b, world["store"].dir)
+    trusted = ArtifactServer(world["store"].dir, certfile=fleet_ca["certfile"], keyfile=fleet_ca["keyfile"]).start()
+    untrusted = ArtifactServer(world["store"].dir, certfile=stranger["certfile"], keyfile=stranger["keyfile"]).start()
+    agent = Agent({"path": world["a"], "pub": world["pub"]}, cred_file, tmp_path / "data", "--trust-dir",
+                  str(world["trust"]), "--interval", "1", "--deploy-timeout", "3")
+    try:
+        served = agent.ready()
+        assert trusted.url.startswith("https://") and untrusted.url.startswith("https://")
+        envelope, dep = central.envelope("dep-https", 1, f"{untrusted.url}/artifacts/{info.sha256}.tar", info.sha256,
+                                         info.size, _manifest_sha(b), name=b.name)
+        central.publish("dep-https", envelope)
+        result = central.result("dep-https", dep)
+        assert result["event"] == "deploy.failed" and "could not be downloaded" in result["message"], result
+        assert _health(served)["manifest_sha256"] == _manifest_sha(world["a"])
+        envelope, dep = central.envelope("dep-https", 2, f"{trusted.url}/artifacts/{info.sha256}.tar", info.sha256,
+                                         info.size, _manifest_sha(b), name=b.name)
+        central.publish("dep-https", envelope)
+        result = central.result("dep-https", dep)
+        assert result["event"] == "deploy.applied", result
+        assert _health(served)["manifest_sha256"] == _manifest_sha(b)
+    finally:
+        trusted.stop()
+        untrusted.stop()
+        assert agent.stop() == 0, agent.log()
+    assert "certificate" in agent.log() or "SSL" in agent.log(), agent.log()

@@ -290,7 +290,7 @@ def test_deploy_bad_input_is_one_sentence(tmp_path, artifact, _isolated_home):
     trusted = make_artifact(tmp_path / "trusted", load_signing_key(_isolated_home / "keys" / "default.key"))
     assert "no deploy key" in error(str(trusted))
     generate_deploy_key()
-    assert "is not an http:// URL" in error(str(trusted), "--base-url", "https://artifacts.example:8470")
+    assert "is not an http:// or https:// URL" in error(str(trusted), "--base-url", "ftp://artifacts.example:8470")
     assert "not an edgesmith broker directory" in error(str(trusted))
 
 

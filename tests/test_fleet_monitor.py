@@ -196,12 +196,12 @@ def monitor_client(broker_dir: Path, client_id: str) -> tuple[Any, list]:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    creds = fleet_broker.Broker(broker_dir).monitor_credentials()
+    creds = fleet_broker.central_login(broker_dir, f"edgesmith-{client_id}")  # its own: the login is the client id
     settings = fleet_broker.Broker(broker_dir).settings()
     received: list = []
     ready = threading.Event()
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-    client.username_pw_set(creds["username"], creds["password"])
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=creds["username"], protocol=mqtt.MQTTv5)
+    fleet_broker.configure_client(client, settings, creds)
     client.on_connect = lambda *_a: ready.set()
     client.on_message = lambda _c, _u, msg: received.append(msg)
     client.connect(settings.host, settings.port)
@@ -365,6 +365,36 @@ def test_broker_refuses_foreign_topics(broker_dir, start_monitor):
     assert a.received() == []  # neither cam-02's desired state nor its telemetry
     central.loop_stop()
     central.disconnect()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_a_device_taking_the_monitors_client_id_does_not_stop_it(broker_dir, start_monitor):
+    """Before: a device login connecting with client id `edgesmith-monitor` and clean start closed the
+    monitor's connection and discarded its session; the two then knocked each other off for good.
+    Now the broker makes the login the client id: the monitor stays connected and keeps storing."""
+    monitor = start_monitor()
+    ca, cb = devices(broker_dir, "cam-01", "cam-02")
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    healthy = connected(cb, interval_s=60)
+    for _ in range(3):  # cam-01's login, the monitor's client id
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="edgesmith-monitor", protocol=mqtt.MQTTv5)
+        client.username_pw_set(ca["username"], ca["password"])
+        ready = threading.Event()
+        client.on_connect = lambda _c, _u, _f, rc, _p, ready=ready: ready.set()
+        client.connect(ca["host"], ca["port"], clean_start=True)
+        client.loop_start()
+        assert ready.wait(10)
+        client.disconnect()
+        client.loop_stop()
+    healthy.send(healthy.telemetry(runs=9))
+    monitor.wait_device("cam-02", lambda x: x["runs_total"] == 9, "the healthy device's window")
+    api = monitor.api()
+    assert api["monitor"]["connected"], api["monitor"]
+    assert "took over its session" not in monitor.log_text()
+    assert monitor.proc.poll() is None
 
 
 # ---- restarts and presence -------------------------------------------------------------------------
@@ -677,8 +707,8 @@ def test_dashboard_in_headless_chromium(broker_dir, start_monitor, tmp_path):
 @pytest.mark.integration
 @pytest.mark.timeout(240)
 def test_two_monitors_share_the_stream_and_the_store(broker_dir, start_monitor, tmp_path):
-    first = start_monitor("--shared", "g", "--client-id", "mon-1", log_name="monitor-1.log")
-    second = start_monitor("--shared", "g", "--client-id", "mon-2", log_name="monitor-2.log")
+    first = start_monitor("--shared", "g", "--client-id", "edgesmith-mon-1", log_name="monitor-1.log")
+    second = start_monitor("--shared", "g", "--client-id", "edgesmith-mon-2", log_name="monitor-2.log")
     sims = [connected(c, interval_s=60, seed=i) for i, c in enumerate(devices(broker_dir, "cam-01", "cam-02"))]
     for _ in range(25):
         for sim in sims:
@@ -696,11 +726,11 @@ def test_two_monitors_share_the_stream_and_the_store(broker_dir, start_monitor, 
 @pytest.mark.integration
 @pytest.mark.timeout(240)
 def test_an_ingest_only_worker_takes_a_share_the_full_monitor_shows(broker_dir, start_monitor, store_url, tmp_path):
-    full = start_monitor("--shared", "g", "--client-id", "mon-full", log_name="monitor-full.log")
+    full = start_monitor("--shared", "g", "--client-id", "edgesmith-mon-full", log_name="monitor-full.log")
     log = tmp_path / "worker.log"
     with open(log, "w") as out:
         worker = subprocess.Popen([EDGESMITH, "fleet", "monitor", "--broker", str(broker_dir), "--db", store_url,
-                                   "--http", "127.0.0.1:1", "--shared", "g", "--client-id", "mon-worker",
+                                   "--http", "127.0.0.1:1", "--shared", "g", "--client-id", "edgesmith-mon-worker",
                                    "--ingest-only"], stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_until(lambda: "subscribed" in log.read_text() or worker.poll() is not None, 60, "the worker to subscribe")

@@ -344,3 +344,40 @@ def test_android_artifact_runs_under_qemu(built):
     report = run_golden(_path(built, ANDROID), runner, [bytes.fromhex(built["pub"].read_text().strip())])
     assert report["passed"] is True and report["exit_code"] == 0, report
     assert report["backend"].startswith("litert 2.3.0")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_fp16_artifacts_gated_under_qemu_and_refused_without_fp16(tmp_path_factory):
+    """`--precision fp16` for rpi5 (proven under qemu -cpu cortex-a76) and Android (its gate run by
+    the Linux aarch64 runtime under qemu: the flatbuffer carries no machine code): XNNPACK computes
+    in fp16 (its outputs move from FP32 by more than FP32 rounding), and a Cortex-A72, which lacks
+    fp16 arithmetic, refuses both by CPU feature."""
+    from edgesmith.toolchain.prove import Runner, run_golden
+
+    exe = _aarch64_bundle_run()
+    home = tmp_path_factory.mktemp("fp16-home")
+    out = tmp_path_factory.mktemp("fp16-dist")
+    result = build_json(DIGITS, "--input-shape", "1,1,8,8", "-t", "rpi5-aarch64", "-t", ANDROID, "--backend", "tflite",
+                        "--precision", "fp16", "-o", str(out), env={"EDGESMITH_HOME": str(home)})
+    assert not result["failures"], result["failures"]
+    key = bytes.fromhex((home / "keys" / "default.pub").read_text().strip())
+    by_target = {a["target"]: a for a in result["artifacts"]}
+    assert set(by_target) == {"rpi5-aarch64", ANDROID}
+    for target, artifact in by_target.items():
+        path = Path(artifact["path"])
+        assert path.name.endswith("-tflite-fp16")
+        manifest = json.loads((path / "manifest.json").read_text())
+        assert manifest["backend"]["precision"] == "fp16"
+        assert manifest["backend"]["options"]["inference_precision"] == "fp16"
+        assert {"asimdhp", "fphp"} <= set(manifest["target"]["cpu_features"])
+        gate = manifest["accuracy"]
+        assert gate["precision"] == "fp16" and gate["executed"] == "qemu-aarch64" and gate["proof"] == "synthetic"
+        assert manifest["validation"]["executed"] == {"isa": "aarch64", "how": "qemu-aarch64"}
+        # FP32 kernels would match ONNX Runtime to ~1e-6; fp16 arithmetic moves the scores far more.
+        assert manifest["validation"]["max_abs_err"] > 1e-3, manifest["validation"]
+        ran = run_golden(path, Runner(exe, {}, "qemu-aarch64", "cortex-a76"), [key])
+        assert ran["passed"] is True and ran["backend"].endswith("(CPU, XNNPACK fp16)"), ran
+        refused = run_golden(path, Runner(exe, {}, "qemu-aarch64", "cortex-a72"), [key])
+        assert refused["passed"] is False and "asimdhp" in refused["error"] and "fphp" in refused["error"], refused
+    assert by_target["rpi5-aarch64"]["proof"]["status"] == "proven"

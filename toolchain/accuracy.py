@@ -60,11 +60,11 @@ class Dataset:
 
     @property
     def digest(self) -> str:
-        return hashlib.sha256(np.ascontiguousarray(self.x).tobytes()).hexdigest()
+        return hashlib.sha256(np.asarray(self.x, order="C").tobytes()).hexdigest()
 
     def samples(self) -> list[list[np.ndarray]]:
         """One single-input sample per row, with the model's batch axis of 1."""
-        return [[np.ascontiguousarray(self.x[k:k + 1])] for k in range(len(self.x))]
+        return [[np.asarray(self.x[k:k + 1], order="C")] for k in range(len(self.x))]
 
     def record(self) -> QuantizationData:
         return QuantizationData(origin=self.origin, samples=len(self.x), sha256=self.digest)
@@ -78,7 +78,7 @@ def _digest(samples: list[list[np.ndarray]]) -> str:
     h = hashlib.sha256()
     for sample in samples:
         for array in sample:
-            h.update(np.ascontiguousarray(array).tobytes())
+            h.update(np.asarray(array, order="C").tobytes())
     return h.hexdigest()
 
 
@@ -229,7 +229,7 @@ def _check_x(x: np.ndarray, spec: TensorSpec, flag: str, path: Path | str) -> np
         raise UserError(f"{flag} {path}: x has shape {list(x.shape)} and dtype {x.dtype.name}, but the model input {spec.name!r} "
                         f"needs N samples of shape {spec.shape[1:]} and dtype {spec.dtype}, i.e. x of shape [N, {', '.join(map(str, spec.shape[1:]))}] "
                         f"{spec.dtype}")
-    return np.ascontiguousarray(x)
+    return np.asarray(x, order="C")
 
 
 def load_calibration(path: Path, spec: TensorSpec) -> Dataset:
@@ -396,8 +396,8 @@ def _refuse_overlap(calibration: Dataset, gate: GateSet | None) -> None:
     a real data set's few exact duplicates (5% of the gate's inputs): the same data given twice."""
     if gate is None:
         return
-    seen = {np.ascontiguousarray(row).tobytes() for row in calibration.x}
-    shared = sum(np.ascontiguousarray(sample[0][0]).tobytes() in seen for sample in gate.samples)
+    seen = {np.asarray(row, order="C").tobytes() for row in calibration.x}
+    shared = sum(np.asarray(sample[0][0], order="C").tobytes() in seen for sample in gate.samples)
     if shared * 20 > len(gate.samples):
         raise UserError(f"{shared} of the {len(gate.samples)} inputs the int8 accuracy gate would judge ({gate.origin}) are "
                         f"also calibration inputs ({calibration.origin}); give --calib and --eval/--samples disjoint data")

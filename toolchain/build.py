@@ -35,7 +35,7 @@ from edgesmith.toolchain.monitoring import monitoring_spec
 from edgesmith.toolchain.prove import prove, run_batch, runner_for
 from edgesmith.toolchain.package import file_entries, publish, sign_and_check, staging_dir
 from edgesmith.toolchain.signing import SigningKey, ephemeral_key
-from edgesmith.toolchain.sources import ModelSource
+from edgesmith.toolchain.sources import ModelSource, tensor_spec
 from edgesmith.toolchain.selection import RULE, Candidate, label, select, serving_latency_us, time_candidates
 from edgesmith.toolchain.targets import FLOAT_REDUCED, PRECISIONS, Target, host_isa, missing_cpu_features
 from edgesmith.toolchain.validate import compare, input_sensitivity, require_input_dependence
@@ -111,7 +111,7 @@ class BuiltArtifact:
 def run_reference(source: ModelSource, options: BuildOptions) -> ReferenceRun:
     origin = "synthetic N(0,1)"
     if options.samples_path is not None:
-        samples = reference.load_samples(options.samples_path, source.inputs)
+        samples = reference.load_samples(options.samples_path, source.inputs, 1 if options.allow_constant_output else 2)
         origin = f"file:{options.samples_path}"
     elif source.samples:  # real held-out inputs that came with the source (a registered test split)
         samples, origin = source.samples, source.samples_origin
@@ -122,7 +122,7 @@ def run_reference(source: ModelSource, options: BuildOptions) -> ReferenceRun:
     model = reference.ReferenceModel(source.onnx_model)
     outputs = [model.run(sample) for sample in samples]
     sensitivity = input_sensitivity(outputs)
-    specs = [TensorSpec(name=name, dtype=arr.dtype.name, shape=list(arr.shape))
+    specs = [tensor_spec(name, arr.dtype.name if arr.dtype.kind != "O" else "string", list(arr.shape), "output", source.ref)
              for name, arr in zip(model.output_names, outputs[0])]
     data = None
     if options.precision != "fp32":
@@ -224,9 +224,23 @@ def _save_golden(staging: Path, ref: ReferenceRun, count: int) -> list[GoldenSam
         for kind, arrays in (("input", ref.samples[k]), ("output", ref.outputs[k])):
             for i, array in enumerate(arrays):
                 paths[f"{kind}s"].append(f"{folder}/{kind}_{i}.npy")
-                np.save(staging / paths[f"{kind}s"][-1], np.ascontiguousarray(array), allow_pickle=False)
+                np.save(staging / paths[f"{kind}s"][-1], np.asarray(array, order="C"), allow_pickle=False)
         samples.append(GoldenSample(**paths))
     return samples
+
+
+def _gate_target(backend, target: Target) -> Target | None:
+    """The target whose qemu runner executes a bf16/fp16 gate: the target itself when its artifacts
+    are proven under qemu; for an ISA-independent payload the C++ runtime runs (a LiteRT flatbuffer)
+    on an aarch64 target with no userland here (Android), the same target proven by the Linux aarch64
+    runtime, which runs the same plugin and kernels on an emulated core with the arithmetic."""
+    if not getattr(backend, "DEVICE_RUNTIME", False) or target.isa != "aarch64":
+        return None
+    if target.proof == "qemu-aarch64":
+        return target
+    if getattr(backend, "PORTABLE_PAYLOAD", False):
+        return target.model_copy(update={"proof": "qemu-aarch64"})
+    return None
 
 
 def _runner(staging: Path, result, backend, target: Target, how: str, public_key: bytes):
@@ -234,7 +248,7 @@ def _runner(staging: Path, result, backend, target: Target, how: str, public_key
     under qemu for a reduced-precision gate of another ISA (:func:`_emulated`); otherwise the
     engine's Python API (an ISA-independent payload checked by this host's build of the engine)."""
     if how == "qemu-aarch64":
-        return _emulated(staging, target, public_key)
+        return _emulated(staging, _gate_target(backend, target) or target, public_key)
     if how == "native" and getattr(backend, "DEVICE_RUNTIME", False):
         from edgesmith.runtime import Session
 
@@ -291,8 +305,9 @@ def _gate_execution(backend, target: Target, precision: str):
     if precision in FLOAT_REDUCED and execution.how != "native":
         # The device runtime under qemu, emulating a core that has the arithmetic, is the only honest
         # place left: it runs the payload's own kernels.
-        if getattr(backend, "DEVICE_RUNTIME", False) and target.proof == "qemu-aarch64":
-            runner, why = runner_for(target)
+        emulated = _gate_target(backend, target)
+        if emulated is not None:
+            runner, why = runner_for(emulated)
             if runner is not None and runner.how == "qemu-aarch64":
                 return Execution(True, "qemu-aarch64")
         why = (f"this machine lacks {', '.join(missing_cpu_features(target))}" if target.isa == host_isa()
@@ -323,7 +338,8 @@ def _validate_reduced(staging: Path, result, backend, target: Target, precision:
     gate = gate_set.judge(name, precision, gate_outputs, data.budget, target.tolerance_for(precision).rtol, names,
                           execution.how, data.calibration if precision == "int8" else None)
     cmp = compare(golden, ref.outputs, names, tolerance.atol, tolerance.rtol)
-    validation = Validation(status="passed", executed=Executed(isa=host_isa(), how=execution.how),
+    ran_on = target.isa if execution.how == "qemu-aarch64" else host_isa()  # the emulated ISA under qemu
+    validation = Validation(status="passed", executed=Executed(isa=ran_on, how=execution.how),
                             reference=f"onnxruntime {ref.version} (FP32 model); passed the {precision} accuracy budget",
                             samples=len(gate_set.samples), max_abs_err=cmp.max_abs_err, max_rel_err=cmp.max_rel_err,
                             top1_agreement=gate.top1_agreement, atol=tolerance.atol, rtol=tolerance.rtol,
@@ -339,7 +355,7 @@ def _own_golden(staging: Path, manifest: Manifest, outputs: list[list[np.ndarray
     may round differently, so its self-test allows as much as the precision moved them from FP32."""
     for sample, arrays in zip(manifest.golden.samples, outputs):
         for path, array in zip(sample.outputs, arrays):
-            np.save(staging / path, np.ascontiguousarray(array), allow_pickle=False)
+            np.save(staging / path, np.asarray(array, order="C"), allow_pickle=False)
     manifest.golden.atol = max(tolerance.atol, float(manifest.validation.max_abs_err or 0.0))
     manifest.files = file_entries(staging)
 

@@ -209,7 +209,7 @@ def run_batch(artifact: Path, runner: Runner, public_keys: list[bytes],
             folder = Path(tmp) / f"sample_{k}"
             folder.mkdir()
             for i, array in enumerate(sample):
-                np.save(folder / f"input_{i}.npy", np.ascontiguousarray(array), allow_pickle=False)
+                np.save(folder / f"input_{i}.npy", np.asarray(array, order="C"), allow_pickle=False)
         report = _run(artifact, runner, public_keys, ["--batch", tmp], "running the gate inputs of", BATCH_TIMEOUT_S)
         if report["exit_code"] != 0 or report.get("batch", {}).get("samples") != len(samples):
             raise UserError(f"{artifact.name} did not run on {runner.how}"

@@ -54,8 +54,9 @@ def make_samples(specs: list[TensorSpec], count: int, seed: int = 0) -> list[lis
     return samples
 
 
-def load_samples(path, specs: list[TensorSpec]) -> list[list[np.ndarray]]:
-    """Samples from an .npz whose arrays are named like the inputs and stack samples on axis 0."""
+def load_samples(path, specs: list[TensorSpec], minimum: int = 2) -> list[list[np.ndarray]]:
+    """Samples from an .npz whose arrays are named like the inputs and stack samples on axis 0
+    (a 0-d input's array has shape ``(N,)``). ``minimum`` is 2 unless the outputs may be constant."""
     try:
         data = np.load(path)
     except Exception as e:
@@ -63,6 +64,10 @@ def load_samples(path, specs: list[TensorSpec]) -> list[list[np.ndarray]]:
     missing = [s.name for s in specs if s.name not in data.files]
     if missing:
         raise UserError(f"--samples {path} lacks arrays for inputs {', '.join(missing)}; it has {', '.join(data.files)}")
+    flat = [s.name for s in specs if data[s.name].ndim == 0]
+    if flat:
+        raise UserError(f"--samples {path}: array {flat[0]!r} has no sample axis; stack the samples on axis 0 "
+                        f"(shape (N, *input shape), so (N,) for a 0-d input)")
     counts = {len(data[s.name]) for s in specs}
     if len(counts) != 1:
         raise UserError(f"--samples {path}: every input array needs the same number of samples on axis 0")
@@ -73,8 +78,9 @@ def load_samples(path, specs: list[TensorSpec]) -> list[list[np.ndarray]]:
             arr = np.asarray(data[spec.name][k], dtype=spec.dtype)
             if list(arr.shape) != spec.shape:
                 raise UserError(f"--samples {path}: sample {k} of {spec.name!r} has shape {list(arr.shape)}, the model takes {spec.shape}")
-            sample.append(np.ascontiguousarray(arr))
+            sample.append(np.asarray(arr, order="C"))
         samples.append(sample)
-    if len(samples) < 2:
-        raise UserError(f"--samples {path} holds {len(samples)} sample(s); give at least 2 so validation can tell the outputs depend on the input")
+    if len(samples) < minimum:
+        raise UserError(f"--samples {path} holds {len(samples)} sample(s); give at least {minimum} so validation can tell "
+                        "the outputs depend on the input (or pass --allow-constant-output)")
     return samples

@@ -128,7 +128,7 @@ def test_samples(version: RegistryVersion, inputs: list[TensorSpec], into: Path)
     spec = inputs[0]
     if spec.shape[0] != 1 or list(x.shape[1:]) != spec.shape[1:]:
         raise UserError(f"the test split of {version.uri} holds inputs of shape {list(x.shape[1:])}, the model takes {spec.shape[1:]}")
-    return [[np.ascontiguousarray(x[k:k + 1], dtype=spec.dtype)] for k in range(min(REAL_SAMPLES, len(x)))]
+    return [[np.asarray(x[k:k + 1], dtype=spec.dtype, order="C")] for k in range(min(REAL_SAMPLES, len(x)))]
 
 
 def pytorch_module(version: RegistryVersion, into: Path):

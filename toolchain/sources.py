@@ -19,12 +19,12 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 
 from edgesmith.runtime.artifact import sha256_file
-from edgesmith.runtime.manifest import TensorSpec
+from edgesmith.runtime.manifest import DType, TensorSpec
 from edgesmith.toolchain.errors import UserError, first_line
 
 InputShapes = dict[str, list[int]]
@@ -85,10 +85,30 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "-", text).strip("-.").lower() or "model"
 
 
-def _np_dtype(elem_type: int) -> str:
+SUPPORTED_DTYPES = get_args(DType)  # what a manifest, the C++ runtime and every plugin take
+
+
+def tensor_spec(name: str, dtype: str, shape: list[int], what: str, ref: str) -> TensorSpec:
+    """A TensorSpec, or one sentence naming a dtype edgesmith does not take (float8, int4, string...)."""
+    if dtype not in SUPPORTED_DTYPES:
+        raise UserError(f"{what} {name!r} of {ref} has dtype {dtype}, which edgesmith does not take; "
+                        f"it takes {', '.join(SUPPORTED_DTYPES)}: cast it in the model (or export it with one of those)")
+    return TensorSpec(name=name, dtype=dtype, shape=shape)
+
+
+def _onnx_dtype(elem_type: int) -> str:
     import onnx
 
-    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).name
+    try:
+        name = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).name
+        if name != "object":  # strings
+            return name
+    except Exception:  # a type NumPy has no dtype for
+        pass
+    try:
+        return onnx.TensorProto.DataType.Name(elem_type).lower()
+    except ValueError:
+        return f"ONNX element type {elem_type}"
 
 
 def _graph_inputs(model) -> list:
@@ -125,7 +145,7 @@ def _fix_input_shapes(model, shapes: InputShapes | list[int] | None, ref: str) -
         elif any(not d.HasField("dim_value") or d.dim_value <= 0 for d in dims):
             pretty = ",".join(str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in dims)
             raise UserError(f"input {inp.name!r} of {ref} has dynamic shape [{pretty}]; give a static one with --input-shape {inp.name}=1,...")
-        specs.append(TensorSpec(name=inp.name, dtype=_np_dtype(tensor_type.elem_type), shape=[d.dim_value for d in dims]))
+        specs.append(tensor_spec(inp.name, _onnx_dtype(tensor_type.elem_type), [d.dim_value for d in dims], "input", ref))
     return specs
 
 
@@ -140,6 +160,9 @@ def _load_onnx(path: Path, shapes) -> ModelSource:
     if not model.graph.node:
         raise UserError(f"{path} is an ONNX file with an empty graph; export the model again")
     specs = _fix_input_shapes(model, shapes, str(path))
+    for out in model.graph.output:  # before ONNX Runtime runs it: a float8/int4/string output has no NumPy dtype
+        if out.type.HasField("tensor_type"):
+            tensor_spec(out.name, _onnx_dtype(out.type.tensor_type.elem_type), [], "output", str(path))
     return ModelSource(name=_safe_name(path.stem), kind="onnx", ref=str(path),
                        sha256=sha256_file(path), onnx_model=model, inputs=specs)
 

@@ -737,6 +737,9 @@ void Deployer::run_phases(const DesiredState& desired, bool resumed) {
     download.timeout_s = options_.timeout_s;
     download.cancelled = [this] { return cancelled(); };
     download.log = [this](const std::string& line) { log("download: " + line); };
+    download.tls_cafile = options_.tls_cafile;
+    download.tls_certfile = options_.tls_certfile;
+    download.tls_keyfile = options_.tls_keyfile;
     try {
       options_.downloader->downloader_fetch(download);
     } catch (const Error&) {

@@ -149,6 +149,9 @@ struct DeployerOptions {
   std::shared_ptr<DeploySessionOpener> opener;
   std::string check_executable = "/proc/self/exe";
   std::function<void(const std::string&)> log;
+  std::string tls_cafile;    ///< https downloads: the broker credentials' CA file (empty: the system's CAs)
+  std::string tls_certfile;  ///< and their client certificate and key (mutual TLS; empty: none)
+  std::string tls_keyfile;
 };
 
 /// The deployment worker. deployer_boot() first, then deployer_start().

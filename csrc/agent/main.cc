@@ -82,6 +82,7 @@ uint32_t seed_of(const std::string& device) {
 int agent_main(const AgentConfig& config, const sigset_t& signals) {
   // Cheap checks first: a wrong credentials file should not wait for the engine to load.
   const MqttCredentials credentials = credentials_read(config.credentials);
+  credentials_check_transport(credentials);
   if (!config.device.empty() && config.device != credentials.device) {
     throw Error(ERROR_CODE_INVALID_ARGUMENT, "--device is " + config.device + " but " + config.credentials +
                                                  " holds device " + credentials.device + "'s credentials");
@@ -130,6 +131,9 @@ int agent_main(const AgentConfig& config, const sigset_t& signals) {
     deploy.max_bytes = config.deploy_max_bytes;
     deploy.timeout_s = config.deploy_timeout_s;
     deploy.log = [](const std::string& line) { log_line(line); };
+    deploy.tls_cafile = credentials.cafile;  // https:// archives: the same CA options as the broker
+    deploy.tls_certfile = credentials.certfile;
+    deploy.tls_keyfile = credentials.keyfile;
     std::error_code ec;
     fs::create_directories(config.data_dir, ec);
     deployer = std::make_unique<Deployer>(deploy);

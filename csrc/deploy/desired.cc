@@ -117,8 +117,8 @@ DesiredState desired_parse(const std::string& envelope, const std::vector<std::v
   const nlohmann::json& artifact = field(doc, "artifact", "the desired state");
   if (!artifact.is_object()) refuse("the desired state is refused: 'artifact' must be an object");
   state.artifact.url = string_field(artifact, "url", "the artifact");
-  if (state.artifact.url.rfind("http://", 0) != 0) {
-    refuse("the desired state is refused: the artifact url '" + state.artifact.url + "' is not an http:// URL");
+  if (state.artifact.url.rfind("http://", 0) != 0 && state.artifact.url.rfind("https://", 0) != 0) {
+    refuse("the desired state is refused: the artifact url '" + state.artifact.url + "' is not an http:// or https:// URL");
   }
   state.artifact.sha256 = string_field(artifact, "sha256", "the artifact");
   state.artifact.manifest_sha256 = string_field(artifact, "manifest_sha256", "the artifact");

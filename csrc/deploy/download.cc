@@ -34,9 +34,12 @@ struct Attempt {
 }  // namespace
 
 void download_url_split(const std::string& url, std::string* origin, std::string* path) {
-  static const std::string scheme = "http://";
-  if (url.rfind(scheme, 0) != 0) {
-    throw Error(ERROR_CODE_INVALID_ARGUMENT, "the artifact url " + url + " is not an http:// URL");
+  std::string scheme;
+  for (const char* candidate : {"https://", "http://"}) {
+    if (url.rfind(candidate, 0) == 0) scheme = candidate;
+  }
+  if (scheme.empty()) {
+    throw Error(ERROR_CODE_INVALID_ARGUMENT, "the artifact url " + url + " is not an http:// or https:// URL");
   }
   const size_t slash = url.find('/', scheme.size());
   const std::string authority = url.substr(scheme.size(), slash == std::string::npos ? std::string::npos : slash - scheme.size());
@@ -79,7 +82,13 @@ void download_file(const DownloadOptions& o) {
         ::close(fd);
         throw Error(ERROR_CODE_IO, "cannot write " + o.part_path + " (" + std::strerror(errno) + ")");
       }
-      httplib::Client client(origin);
+      // https://: the server's certificate is verified (chain and host name) against the CA file
+      // of the broker credentials when they name one, else the system's CAs; with mutual TLS the
+      // device's own certificate is offered too.
+      httplib::Client client = o.tls_certfile.empty() ? httplib::Client(origin)
+                                                      : httplib::Client(origin, o.tls_certfile, o.tls_keyfile);
+      if (!o.tls_cafile.empty()) client.set_ca_cert_path(o.tls_cafile);
+      client.enable_server_certificate_verification(true);
       const auto io = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::duration<double>(o.io_timeout_s));
       client.set_connection_timeout(std::chrono::duration_cast<std::chrono::seconds>(io).count(), io.count() % 1000000);
       client.set_read_timeout(std::chrono::duration_cast<std::chrono::seconds>(io).count(), io.count() % 1000000);

@@ -1,5 +1,7 @@
 #include "telemetry/credentials.h"
 
+#include <arpa/inet.h>
+
 #include <filesystem>
 #include <system_error>
 
@@ -60,6 +62,9 @@ MqttCredentials credentials_read(const std::string& path) {
   c.username = string_field(doc, path, "username", true);
   c.password = string_field(doc, path, "password", true);
   c.cafile = string_field(doc, path, "cafile", false);
+  c.certfile = string_field(doc, path, "certfile", false);
+  c.keyfile = string_field(doc, path, "keyfile", false);
+  if (c.certfile.empty() != c.keyfile.empty()) credentials_fail(path, "has only one of 'certfile' and 'keyfile'");
   const auto port = doc.find("port");
   if (port == doc.end() || !port->is_number_integer() || port->get<int64_t>() < 1 ||
       port->get<int64_t>() > 65535) {
@@ -73,7 +78,27 @@ MqttCredentials credentials_read(const std::string& path) {
   }
   if (!telemetry_id_valid(c.device)) credentials_fail(path, "has an invalid 'device' id");
   if (!telemetry_id_valid(c.fleet)) credentials_fail(path, "has an invalid 'fleet' id");
+  if (!c.certfile.empty() && !c.tls) credentials_fail(path, "names a 'certfile' but has 'tls' false");
   return c;
+}
+
+bool host_is_loopback(const std::string& host) {
+  if (host == "localhost") return true;
+  in_addr v4{};
+  if (::inet_pton(AF_INET, host.c_str(), &v4) == 1) return (ntohl(v4.s_addr) >> 24) == 127;
+  std::string bare = host;
+  if (bare.size() > 2 && bare.front() == '[' && bare.back() == ']') bare = bare.substr(1, bare.size() - 2);
+  in6_addr v6{};
+  return ::inet_pton(AF_INET6, bare.c_str(), &v6) == 1 && IN6_IS_ADDR_LOOPBACK(&v6);
+}
+
+void credentials_check_transport(const MqttCredentials& c) {
+  if (c.tls || host_is_loopback(c.host)) return;
+  throw Error(ERROR_CODE_INVALID_ARGUMENT,
+              "refusing plaintext MQTT to " + c.host + ":" + std::to_string(c.port) +
+                  " (not this machine): the password and desired states would cross the network in clear; "
+                  "run the broker with TLS (`edgesmith broker certs`, then `edgesmith broker up --tls`) and "
+                  "write this device's credentials again with `edgesmith broker add-device`");
 }
 
 }  // namespace edgesmith

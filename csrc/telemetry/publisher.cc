@@ -206,6 +206,7 @@ Publisher::Publisher(PublisherOptions options) : options_(std::move(options)) {
     throw Error(ERROR_CODE_INVALID_ARGUMENT, "device and fleet ids must match ^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$, got '" +
                                                  c.device + "' and '" + c.fleet + "'");
   }
+  credentials_check_transport(c);
   if (!options_.log) {
     options_.log = [](const std::string& line) { std::cerr << "edgesmith telemetry: " << line << std::endl; };
   }
@@ -341,6 +342,8 @@ void Publisher::connect_attempt() {
   ssl.enableServerCertAuth = 1;
   ssl.verify = 1;
   ssl.trustStore = c.cafile.empty() ? nullptr : c.cafile.c_str();
+  ssl.keyStore = c.certfile.empty() ? nullptr : c.certfile.c_str();  // mutual TLS: the CN is our login
+  ssl.privateKey = c.keyfile.empty() ? nullptr : c.keyfile.c_str();
 
   MQTTAsync_connectOptions connect = MQTTAsync_connectOptions_initializer5;
   connect.keepAliveInterval = options_.keepalive_s;

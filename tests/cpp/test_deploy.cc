@@ -189,7 +189,7 @@ TEST(Desired, RefusesMalformedEnvelopesAndStates) {
   EXPECT_NE(with([](nlohmann::json& d) { d["artifact"].erase("manifest_sha256"); }).find("manifest_sha256"),
             std::string::npos);
   EXPECT_NE(with([](nlohmann::json& d) { d["artifact"]["sha256"] = "abc"; }).find("64 lower-case hex"), std::string::npos);
-  EXPECT_NE(with([](nlohmann::json& d) { d["artifact"]["url"] = "https://x/a.tar"; }).find("http://"), std::string::npos);
+  EXPECT_NE(with([](nlohmann::json& d) { d["artifact"]["url"] = "ftp://x/a.tar"; }).find("https://"), std::string::npos);
   EXPECT_NE(with([](nlohmann::json& d) { d["artifact"] = "x"; }).find("'artifact'"), std::string::npos);
   EXPECT_NE(with([](nlohmann::json& d) { d["fleet"] = ""; }).find("'fleet'"), std::string::npos);
   EXPECT_NE(with([](nlohmann::json& d) { d["v"] = 3; }).find("version 1"), std::string::npos);
@@ -598,6 +598,19 @@ class TricklingServer {
   std::atomic<bool> stop_{false};
   std::thread thread_;
 };
+
+TEST(Download, UrlsAreHttpOrHttps) {
+  std::string origin;
+  std::string path;
+  download_url_split("https://cdn.example:8443/artifacts/a.tar", &origin, &path);
+  EXPECT_EQ(origin, "https://cdn.example:8443");
+  EXPECT_EQ(path, "/artifacts/a.tar");
+  download_url_split("http://10.0.0.5/a.tar", &origin, &path);
+  EXPECT_EQ(origin, "http://10.0.0.5");
+  for (const char* bad : {"ftp://x/a.tar", "https://", "https://user@x/a.tar", "file:///a.tar", "HTTPS://x/a"}) {
+    EXPECT_THROW(download_url_split(bad, &origin, &path), Error) << bad;
+  }
+}
 
 TEST(Download, ATricklingServerStillMeetsTheDeadline) {
   TempDir dir;

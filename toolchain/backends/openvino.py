@@ -108,7 +108,7 @@ def load(out_dir: Path, result: CompileResult, target: Target) -> Runner:
     request = compiled.create_infer_request()
 
     def run(inputs: list[np.ndarray]) -> list[np.ndarray]:
-        results = request.infer([np.ascontiguousarray(x) for x in inputs])
+        results = request.infer([np.asarray(x, order="C") for x in inputs])
         return [np.array(results[output]) for output in compiled.outputs]
 
     return run

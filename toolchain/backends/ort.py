@@ -132,6 +132,6 @@ def load(out_dir: Path, result: CompileResult, target: Target) -> Runner:
     outputs = [o.name for o in session.get_outputs()]
 
     def run(inputs: list[np.ndarray]) -> list[np.ndarray]:
-        return session.run(outputs, {n: np.ascontiguousarray(x) for n, x in zip(names, inputs)})
+        return session.run(outputs, {n: np.asarray(x, order="C") for n, x in zip(names, inputs)})
 
     return run

@@ -33,7 +33,12 @@ NAME = "tflite"
 FORMAT = "tflite"
 PACKAGE = "ai-edge-litert"
 DEVICE_RUNTIME = True  # the C++ runtime (Session, edgesmith-run) runs this payload
-PRECISIONS = ("fp32", "int8")  # int8: PT2E post-training quantization in the converter environment
+# fp16: the FP32 flatbuffer, run by XNNPACK in fp16 (the plugin's FORCE_FP16 flag) on Armv8.2 cores.
+# int8: PT2E post-training quantization in the converter environment.
+PRECISIONS = ("fp32", "fp16", "int8")
+# The flatbuffer carries no machine code: an aarch64 target without a userland here (Android) has its
+# fp16 gate run by the Linux aarch64 runtime under qemu, the same plugin and XNNPACK kernels.
+PORTABLE_PAYLOAD = True
 ENTRY = "model.tflite"
 
 
@@ -97,6 +102,11 @@ def compile(request: CompileRequest, calibration=None) -> CompileResult:
                "output_names": sorted(signature["outputs"], key=_natural_key)}
     if signature.get("older_converters"):
         options["onnx2torch_older_converters"] = signature["older_converters"]
+    if request.precision == "fp16":
+        if request.target.tflite.delegate != "xnnpack":
+            raise UserError(f"an fp16 LiteRT artifact needs the xnnpack delegate (LiteRT's builtin kernels compute in f32); "
+                            f"set [tflite] delegate = \"xnnpack\" in {request.target.source or request.target.name}")
+        options["inference_precision"] = "fp16"
     return CompileResult(format=FORMAT, entry=ENTRY, options=options)
 
 
@@ -127,7 +137,7 @@ def load(out_dir: Path, result: CompileResult, target: Target) -> Runner:
 
     def quantize(x: np.ndarray, detail: dict) -> np.ndarray:
         if not np.issubdtype(detail["dtype"], np.integer) or np.issubdtype(x.dtype, np.integer):
-            return np.ascontiguousarray(x)
+            return np.asarray(x, order="C")
         scale, zero = detail["quantization"]
         info = np.iinfo(detail["dtype"])
         return np.clip(np.round(x / scale) + zero, info.min, info.max).astype(detail["dtype"])

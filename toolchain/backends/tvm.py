@@ -171,7 +171,7 @@ def load(out_dir: Path, result: CompileResult, target: Target) -> Runner:
     main = vm["main"]
 
     def run(inputs: list[np.ndarray]) -> list[np.ndarray]:
-        out = main(*[tvm.runtime.tensor(np.ascontiguousarray(x)) for x in inputs])
+        out = main(*[tvm.runtime.tensor(np.asarray(x, order="C")) for x in inputs])
         outputs = out if isinstance(out, (list, tuple)) or type(out).__name__ == "Array" else [out]
         return [o.numpy() for o in outputs]
 

@@ -34,7 +34,7 @@ def _ort(spec: dict):
     names = [i.name for i in session.get_inputs()]
 
     def run(inputs):
-        return session.run(None, {n: np.ascontiguousarray(x) for n, x in zip(names, inputs)})
+        return session.run(None, {n: np.asarray(x, order="C") for n, x in zip(names, inputs)})
 
     return run, f"onnxruntime {ort.__version__}"
 
@@ -49,7 +49,7 @@ def _openvino(spec: dict):
     request = compiled.create_infer_request()
 
     def run(inputs):
-        results = request.infer([np.ascontiguousarray(x) for x in inputs])
+        results = request.infer([np.asarray(x, order="C") for x in inputs])
         return [np.array(results[output]) for output in compiled.outputs]
 
     return run, f"openvino {ov.__version__.split('-')[0]}"
@@ -66,7 +66,7 @@ def _litert(spec: dict):
     input_names, output_names = spec["input_names"], spec["output_names"]
 
     def run(inputs):
-        outputs = runner(**{n: np.ascontiguousarray(x) for n, x in zip(input_names, inputs)})
+        outputs = runner(**{n: np.asarray(x, order="C") for n, x in zip(input_names, inputs)})
         return [outputs[n] for n in output_names]
 
     return run, f"ai-edge-litert {version('ai-edge-litert')} (XNNPACK)"

@@ -7,8 +7,11 @@ a traceback means a bug in edgesmith.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
+from contextlib import contextmanager
+from typing import Iterator
 
 import typer
 from rich.markup import escape
@@ -31,6 +34,25 @@ def out_console() -> Console:
 
 def print_error(message: str) -> None:
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+@contextmanager
+def stdout_reserved(reserve: bool) -> Iterator[None]:
+    """With ``--json`` stdout carries the JSON and nothing else: while the command works, whatever an
+    engine prints there (TVM's ONNX frontend prints its conversion errors on stdout, and C++ code
+    and child processes write to descriptor 1 directly) goes to stderr, at the file-descriptor level."""
+    if not reserve:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _register() -> None:

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from edgesmith.toolchain import bench as bench_api
 from edgesmith.toolchain.bench.report import HEADER, goal_lines, table_rows
-from edgesmith.toolchain.cli import out_console
+from edgesmith.toolchain.cli import out_console, stdout_reserved
 from edgesmith.toolchain.errors import UserError
 from edgesmith.toolchain.sources import parse_input_shapes
 
@@ -50,8 +50,8 @@ def bench(
                                    max_accuracy_drop=max_accuracy_drop,
                                    command=" ".join(["edgesmith", "bench", *map(shlex.quote, sys.argv[2:])]))
     err = Console(stderr=True)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True) as bar:
+    with stdout_reserved(as_json), Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                            TimeElapsedColumn(), console=err, transient=True) as bar:
         task = bar.add_task("preparing", total=None)
         hooks = bench_api.Progress(status=lambda text: bar.update(task, description=text),
                                    start=lambda total: bar.update(task, total=total, completed=0),

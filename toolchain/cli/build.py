@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from edgesmith.toolchain.cli import out_console, print_error
+from edgesmith.toolchain.cli import out_console, print_error, stdout_reserved
 from rich.table import Table
 
 from edgesmith.toolchain.build import BuildOptions, TargetBuild, build_target, choose_backends, error_message, run_reference
@@ -98,7 +98,7 @@ def build(
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     signing_key = load_signing_key(key) if key else default_signing_key()
     err = Console(stderr=True)
-    with err.status("loading the model") as status:
+    with stdout_reserved(as_json), err.status("loading the model") as status:
         source = load_source(model, parse_input_shapes(input_shape or []), name)
         status.update("running ONNX Runtime on the sample inputs")
         ref = run_reference(source, options)

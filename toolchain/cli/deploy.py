@@ -35,9 +35,9 @@ def _serving(store_dir: Path, serve: str, base_url: str | None, no_serve: bool) 
     """The base URL devices download from; the store served from this process unless --no-serve."""
     from edgesmith.toolchain.errors import UserError
 
-    if base_url and not base_url.startswith("http://"):  # devices download over plain http:// only (desired.cc)
-        raise UserError(f"--base-url {base_url} is not an http:// URL, and devices download archives only over "
-                        "http:// (the archives are signed); pass e.g. --base-url http://<server>:8470")
+    if base_url and not base_url.startswith(("http://", "https://")):  # what devices download from (desired.cc)
+        raise UserError(f"--base-url {base_url} is not an http:// or https:// URL, and devices download archives "
+                        "only over those; pass e.g. --base-url https://<server>:8470")
     if no_serve:
         if not base_url:
             raise UserError("--no-serve needs --base-url: the URL of the server devices download the archives from "

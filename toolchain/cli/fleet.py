@@ -31,7 +31,8 @@ def monitor(
                              help="Where to serve the dashboard (/), /metrics and /api/fleet (HOST:PORT; port 0 picks one)."),
     shared: str = typer.Option(None, "--shared", help="Share the stream with other monitors: MQTT v5 shared "
                                "subscription $share/GROUP/edgesmith/v1/# (give each monitor its own --client-id)."),
-    client_id: str = typer.Option(None, "--client-id", help="MQTT client id; the persistent session is kept under it "
+    client_id: str = typer.Option(None, "--client-id", help="MQTT client id and broker login (edgesmith-...; its own "
+                                  "login is created on first use); the persistent session is kept under it "
                                   "(default edgesmith-monitor, or edgesmith-monitor-GROUP with --shared)."),
     ingest_only: bool = typer.Option(False, "--ingest-only", help="Only store what arrives (no dashboard, metrics "
                                      "or alerts): an extra worker on a --shared subscription, beside one full monitor "
@@ -170,6 +171,9 @@ def serve_artifacts(
     store: Path = typer.Option(None, "--store", envvar="EDGESMITH_ARTIFACT_STORE",
                                help="Artifact store directory (default $EDGESMITH_HOME/deploy/artifacts)."),
     http: str = typer.Option("0.0.0.0:8470", "--http", envvar="EDGESMITH_ARTIFACT_HTTP", help="HOST:PORT to listen on."),
+    certfile: str = typer.Option(None, "--certfile", help="Serve https:// with this certificate (PEM; e.g. one the "
+                                 "fleet CA issued, which devices already trust); with --keyfile."),
+    keyfile: str = typer.Option(None, "--keyfile", help="The certificate's private key (PEM)."),
 ) -> None:
     """Serve the artifact store to devices (GET/HEAD /artifacts/<sha256>.tar, Range resumes) until interrupted;
     point `edgesmith deploy --base-url` at it."""
@@ -180,4 +184,8 @@ def serve_artifacts(
     host, port = parse_http(http)
     directory = store or default_store_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    serve_forever(directory, host, port)
+    if (certfile is None) != (keyfile is None):
+        from edgesmith.toolchain.errors import UserError
+
+        raise UserError("https needs both --certfile and --keyfile")
+    serve_forever(directory, host, port, certfile=certfile, keyfile=keyfile)

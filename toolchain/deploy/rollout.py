@@ -31,6 +31,7 @@ from pydantic import ValidationError
 from edgesmith.toolchain.deploy import desired, history
 from edgesmith.toolchain.deploy.archive import ArchiveInfo, lookup
 from edgesmith.toolchain.errors import UserError
+from edgesmith.toolchain.fleet import broker as fleet_broker
 from edgesmith.toolchain.fleet import protocol
 from edgesmith.toolchain.fleet.broker import Broker
 from edgesmith.toolchain.fleet.store import FINAL_RESULTS, Store, deploy_report
@@ -107,19 +108,18 @@ class FleetWatch:
 
     def __post_init__(self) -> None:
         settings = self.broker.settings()
-        try:
-            credentials = self.broker.monitor_credentials()
-        except (OSError, ValueError):
+        if not (self.broker.dir / "monitor.json").is_file():
             raise UserError(f"no monitor login in {self.broker.dir / 'monitor.json'}; run `edgesmith broker up --dir "
-                            f"{self.broker.dir}` first") from None
+                            f"{self.broker.dir}` first")
+        # Its own login (= its client id at the broker), removed again by stop(): concurrent
+        # deployments and the monitor never take over each other's session.
+        self.login_name = f"{fleet_broker.CENTRAL_PREFIX}deploy-{secrets.token_hex(4)}"
+        credentials = fleet_broker.central_login(self.broker.dir, self.login_name)
         self.changed = threading.Condition()
         self._subscribed = threading.Event()
         self._refused: str | None = None
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"edgesmith-deploy-{secrets.token_hex(4)}",
-                                  protocol=mqtt.MQTTv5)
-        self.client.username_pw_set(credentials["username"], credentials["password"])
-        if settings.tls:
-            self.client.tls_set(ca_certs=settings.cafile)
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.login_name, protocol=mqtt.MQTTv5)
+        fleet_broker.configure_client(self.client, settings, credentials)
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = lambda *_: self._subscribed.set()
         self.client.on_message = self._on_message
@@ -134,6 +134,7 @@ class FleetWatch:
             self.client.connect(self.settings.host, self.settings.port, keepalive=30, clean_start=False,
                                 properties=props)
         except OSError as e:
+            fleet_broker.remove_central_login(self.broker.dir, self.login_name)
             raise UserError(f"cannot reach the broker at {self.settings.host}:{self.settings.port} ({e.strerror or e}); "
                             f"start it with `edgesmith broker up --dir {self.broker.dir}`") from None
         self.client.loop_start()
@@ -149,6 +150,7 @@ class FleetWatch:
         props.SessionExpiryInterval = 0  # nobody resumes this client's session: the broker may drop it now
         self.client.disconnect(properties=props)
         self.client.loop_stop()
+        fleet_broker.remove_central_login(self.broker.dir, self.login_name)
 
     def _on_connect(self, client: mqtt.Client, _userdata: Any, _flags: Any, reason_code: Any, _props: Any) -> None:
         if reason_code.is_failure:

@@ -46,9 +46,13 @@ def make_app(store_dir: Path) -> Starlette:
 class ArtifactServer:
     """The server in a background thread (for `edgesmith deploy` and tests); ``url`` once started."""
 
-    def __init__(self, store_dir: Path, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+    def __init__(self, store_dir: Path, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+                 certfile: str | None = None, keyfile: str | None = None):
+        """With ``certfile`` and ``keyfile`` it serves https:// (e.g. a certificate from the fleet CA,
+        `edgesmith broker certs`, which devices already trust)."""
         self.store_dir = Path(store_dir)
         self.host = host
+        self.scheme = "https" if certfile else "http"
         self._sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -59,7 +63,7 @@ class ArtifactServer:
                             "address or port") from None
         self.port = self._sock.getsockname()[1]
         config = uvicorn.Config(make_app(self.store_dir), log_level=log_level, access_log=log_level == "info",
-                                lifespan="off")
+                                lifespan="off", ssl_certfile=certfile, ssl_keyfile=keyfile)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]},
                                        name="artifact-server", daemon=True)
@@ -67,7 +71,7 @@ class ArtifactServer:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
 
     def start(self) -> ArtifactServer:
         self.thread.start()
@@ -90,9 +94,10 @@ class ArtifactServer:
         self.stop()
 
 
-def serve_forever(store_dir: Path, host: str, port: int) -> None:
-    """`edgesmith deploy serve`: run in the foreground until interrupted."""
+def serve_forever(store_dir: Path, host: str, port: int, certfile: str | None = None,
+                  keyfile: str | None = None) -> None:
+    """`edgesmith fleet serve-artifacts`: run in the foreground until interrupted."""
     logging.basicConfig(level=logging.INFO)
-    server = ArtifactServer(store_dir, host, port, log_level="info")
+    server = ArtifactServer(store_dir, host, port, log_level="info", certfile=certfile, keyfile=keyfile)
     print(f"serving {Path(store_dir).resolve()} at {server.url}/artifacts/<sha256>.tar", flush=True)
     server.server.run(sockets=[server._sock])  # the main thread: uvicorn stops on SIGINT/SIGTERM

@@ -34,7 +34,7 @@ from edgesmith.toolchain.errors import UserError
 from edgesmith.toolchain.fleet import protocol
 from edgesmith.toolchain.fleet.aggregate import FleetView
 from edgesmith.toolchain.fleet.alerts import AlertManager, Notifier, Thresholds
-from edgesmith.toolchain.fleet.broker import Broker
+from edgesmith.toolchain.fleet.broker import Broker, central_login, configure_client
 from edgesmith.toolchain.fleet.store import Incoming, Store, now_ms
 from edgesmith.toolchain.fleet.web import HttpServer
 
@@ -152,11 +152,11 @@ class Monitor:
         self.config = config
         broker = Broker(Path(config.broker_dir).resolve())
         self.broker_settings = broker.settings()
-        try:
-            self.credentials = broker.monitor_credentials()
-        except (OSError, ValueError):
+        if not (broker.dir / "monitor.json").is_file():
             raise UserError(f"no monitor login in {broker.dir / 'monitor.json'}; run `edgesmith broker up --dir "
-                            f"{broker.dir}` first") from None
+                            f"{broker.dir}` first")
+        # The broker uses the login as the client id: each monitor (or ingest worker) has its own.
+        self.credentials = central_login(broker.dir, config.mqtt_client_id)
         self.store = Store.open(config.db_url)
         self.view = FleetView(self.store, recent_s=config.recent_s, default_interval_s=config.interval_s)
         self.received: queue.Queue[_Received] = queue.Queue()
@@ -180,9 +180,7 @@ class Monitor:
     def _client(self) -> mqtt.Client:
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.config.mqtt_client_id, protocol=mqtt.MQTTv5,
                              manual_ack=True)
-        client.username_pw_set(self.credentials["username"], self.credentials["password"])
-        if self.broker_settings.tls:
-            client.tls_set(ca_certs=self.broker_settings.cafile)
+        configure_client(client, self.broker_settings, self.credentials)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail

@@ -178,7 +178,7 @@ class SimulatedDevice:
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{self.fleet}.{self.device}", protocol=mqtt.MQTTv5)
         client.username_pw_set(c["username"], c["password"])
         if c.get("tls"):
-            client.tls_set(ca_certs=c.get("cafile"))
+            client.tls_set(ca_certs=c.get("cafile"), certfile=c.get("certfile"), keyfile=c.get("keyfile"))
         # The will is this session's death: it repeats the seq the birth about to be sent will carry.
         will = self.death("connection-lost").model_copy(update={"seq": self.seq + 1})
         client.will_set(self.topic("death"), will.model_dump_json(), qos=1, retain=True)

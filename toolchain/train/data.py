@@ -34,7 +34,7 @@ class Dataset:
         h = hashlib.sha256()
         for array in (self.x, self.y):
             h.update(f"{array.dtype}{array.shape}".encode())
-            h.update(np.ascontiguousarray(array).tobytes())
+            h.update(np.asarray(array, order="C").tobytes())
         return h.hexdigest()[:16]
 
 
@@ -127,7 +127,7 @@ def load_dataset(config: TrainConfig) -> Dataset:
         if int(np.prod(x.shape[1:])) != int(np.prod(sample_shape)):
             raise UserError(f"dataset {source}: one input has shape {list(x.shape[1:])}, the config's input_shape takes {sample_shape}")
         x = x.reshape(len(x), *sample_shape)
-    return Dataset(x=np.ascontiguousarray(x, np.float32), y=y, source=source, classes=classes)
+    return Dataset(x=np.asarray(x, np.float32, order="C"), y=y, source=source, classes=classes)
 
 
 def split(dataset: Dataset, config: TrainConfig) -> Splits:

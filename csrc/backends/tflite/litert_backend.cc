@@ -68,6 +68,11 @@ namespace {
 constexpr size_t kHostAlignment = LITERT_HOST_MEMORY_BUFFER_ALIGNMENT;
 /// Identifier of the CPU accelerator's options (LrtGetCpuOptionsIdentifier() upstream).
 constexpr const char* kCpuOptionsIdentifier = "xnnpack";
+/// TFLITE_XNNPACK_DELEGATE_FLAG_QS8 | _QU8 | _DYNAMIC_FULLY_CONNECTED: the bits
+/// TfLiteXNNPackDelegateOptionsDefault() sets in LiteRT's builds.
+constexpr uint32_t kXnnpackDefaultFlags = 0x1 | 0x2 | 0x8;
+/// TFLITE_XNNPACK_DELEGATE_FLAG_FORCE_FP16: FP32 operators run in fp16 (Armv8.2 FEAT_FP16 cores).
+constexpr uint32_t kXnnpackForceFp16 = 0x4;
 /// LiteRtLogSeverity's error level (litert/c/internal/litert_logging.h, not vendored).
 constexpr int64_t kLiteRtLogSeverityError = 3;
 
@@ -190,6 +195,20 @@ OptionsPtr options_make(const BackendSettings& settings) {
   } else if (delegate != "xnnpack") {
     throw std::runtime_error("manifest.json: backend.options.delegate is '" + delegate +
                              "', not xnnpack or none; rebuild the artifact");
+  }
+  const std::string precision = option_string(settings.options, "inference_precision", "fp32");
+  if (precision == "fp16") {
+    if (delegate != "xnnpack") {
+      throw std::runtime_error("manifest.json: an fp16 LiteRT artifact needs backend.options.delegate xnnpack "
+                               "(LiteRT's builtin kernels compute in f32); rebuild the artifact");
+    }
+    // XNNPACK computes the FP32 operators in fp16 (TFLITE_XNNPACK_DELEGATE_FLAG_FORCE_FP16). A
+    // `flags` entry replaces XNNPACK's default bits, so those are kept: QS8, QU8 and dynamic
+    // fully-connected (tflite/delegates/xnnpack/xnnpack_delegate.h).
+    toml += "flags = " + std::to_string(kXnnpackDefaultFlags | kXnnpackForceFp16) + "\n";
+  } else if (precision != "fp32") {
+    throw std::runtime_error("manifest.json: backend.options.inference_precision is '" + precision +
+                             "', not fp32 or fp16; rebuild the artifact");
   }
   char* payload = new char[toml.size() + 1];
   std::memcpy(payload, toml.c_str(), toml.size() + 1);
@@ -409,6 +428,7 @@ class LiteRtBackend final : public Backend {
       : manifest_(args.manifest), env_(std::move(env)), model_(std::move(model)),
         options_(options_make(settings)),
         xnnpack_(option_string(settings.options, "delegate", "xnnpack") == "xnnpack"),
+        fp16_(option_string(settings.options, "inference_precision", "fp32") == "fp16"),
         instances_([this] { return instance_make(); }, instance_limit(args)) {
     const std::string& entry = manifest_.payload.entry;
     signature_index_ = signature_find(option_string(settings.options, "signature", ""));
@@ -450,7 +470,7 @@ class LiteRtBackend final : public Backend {
   }
 
   std::string backend_describe() const override {
-    return std::string("litert " EDGESMITH_LITERT_VERSION " (CPU, ") + (xnnpack_ ? "XNNPACK)" : "builtin kernels)");
+    return std::string("litert " EDGESMITH_LITERT_VERSION " (CPU, ") + (xnnpack_ ? (fp16_ ? "XNNPACK fp16)" : "XNNPACK)") : "builtin kernels)");
   }
 
  private:
@@ -599,6 +619,7 @@ class LiteRtBackend final : public Backend {
   ModelPtr model_;
   OptionsPtr options_;
   bool xnnpack_;  // XNNPACK (backend.options.delegate "xnnpack") or LiteRT's builtin kernels ("none")
+  bool fp16_;     // XNNPACK computes in fp16 (backend.options.inference_precision "fp16")
   std::mutex compile_mutex_;
   LiteRtParamIndex signature_index_ = 0;
   std::vector<Port> inputs_;
