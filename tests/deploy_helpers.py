@@ -48,3 +48,60 @@ def make_artifact(directory: Path, key: SigningKey, version: str = "1", model_ur
     (directory / "manifest.json").write_bytes(data)
     (directory / "manifest.sig").write_bytes(sign_manifest(data, key))
     return directory
+
+
+def make_echo_artifact(directory: Path, key: SigningKey, version: str = "1", fail: str | None = None,
+                       wrong_golden: bool = False) -> Path:
+    """An artifact of model ``tiny`` version ``version`` that real agents load and self-test without
+    an engine: the test-only ``testecho`` backend (tests/cpp/testecho_backend.cc, y = 2x), found
+    through EDGESMITH_BACKEND_PATH (the ``backend_dir`` fixture of test_session_core). ``fail`` goes
+    to the backend's options ("abort": the self-test crashes the process); ``wrong_golden`` stores
+    golden outputs the backend does not produce (the self-test fails)."""
+    import io
+
+    import numpy as np
+
+    directory.mkdir(parents=True)
+    x = (np.arange(4, dtype=np.float32) + float(version)).reshape(1, 4)
+    expected = 2 * x + (1.0 if wrong_golden else 0.0)
+
+    def npy(array) -> bytes:
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        return buffer.getvalue()
+
+    contents = {"model.bin": b"testecho payload v" + version.encode(),
+                "golden/sample_0/input_0.npy": npy(x), "golden/sample_0/output_0.npy": npy(expected)}
+    for path, data in contents.items():
+        (directory / path).parent.mkdir(parents=True, exist_ok=True)
+        (directory / path).write_bytes(data)
+    files = [FileEntry(path=p, size=len(d), sha256=hashlib.sha256(d).hexdigest()) for p, d in sorted(contents.items())]
+    from edgesmith.runtime.artifact import _core
+
+    isa = _core().host_isa()
+    options = {"mode": "double", **({"fail": fail} if fail else {})}
+    manifest = Manifest(
+        name=f"tiny-v{version}-host-testecho",
+        model=ModelInfo(name="tiny", version=version, source=SourceInfo(kind="onnx", ref="tiny.onnx", sha256="0" * 64),
+                        onnx_sha256="1" * 64, opset=17),
+        target={"name": "host", "isa": isa, "threads": 1, "cpu_features": [], "description": "test",
+                "tolerance": {"fp32": {"atol": 1e-4, "rtol": 1e-3}}},
+        backend=BackendInfo(name="testecho", version="1.0", precision="fp32", options=options),
+        payload=Payload(format="testecho", entry="model.bin"),
+        files=files,
+        inputs=[TensorSpec(name="x", dtype="float32", shape=[1, 4])],
+        outputs=[TensorSpec(name="y", dtype="float32", shape=[1, 4])],
+        golden=Golden(samples=[GoldenSample(inputs=["golden/sample_0/input_0.npy"],
+                                            outputs=["golden/sample_0/output_0.npy"])], atol=1e-5, rtol=1e-4),
+        monitoring=Monitoring(outputs=[OutputMonitor(name="y", kind="classes", classes=4)],
+                              latency=LatencyBuckets(start_us=1.0, factor=2.0, count=40)),
+        validation=Validation(status="passed", reference="onnxruntime", executed=None, samples=1, max_abs_err=0.0,
+                              max_rel_err=0.0, top1_agreement=1.0, atol=1e-5, rtol=1e-4, input_sensitivity=0.5),
+        proof=Proof(status="not-run", isa=isa, reason="test"),
+        build=BuildInfo(created_at="2026-01-01T00:00:00+00:00", duration_s=1.0,
+                        host=HostInfo(isa=isa, cpu="test", os="linux"), toolchain={}),
+    )
+    data = manifest.to_bytes()
+    (directory / "manifest.json").write_bytes(data)
+    (directory / "manifest.sig").write_bytes(sign_manifest(data, key))
+    return directory

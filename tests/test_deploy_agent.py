@@ -2,8 +2,10 @@
 and real agents: a good deploy switches the serving model and reports `applied`; 50+ bad desired
 states and archives are all refused or fail while the old model keeps serving (checked through the
 agent's HTTP API); replayed and older desired states are refused; a download whose server goes away
-is retried with back-off and resumed with Range; SIGKILL at random points of deployments always
-leaves a verified model serving and the deployment finished or reported.
+is retried with back-off and resumed with Range; SIGKILL in each phase of deployments always
+leaves a verified model serving and the deployment applied; a self-test that crashes the process
+fails its deployment after three attempts while the agent keeps serving; deleting state.json keeps
+older desired states out; a corrupt spool is set aside.
 
 The central pieces are the real ones (toolchain/deploy: archive, desired.sign, server); only the
 misbehaving archives and the slow / dying HTTP server are made here.
@@ -34,7 +36,9 @@ from edgesmith.toolchain.deploy import desired as deploy_desired
 from edgesmith.toolchain.deploy.server import ArtifactServer
 from edgesmith.toolchain.signing import SigningKey, load_signing_key, sign_manifest
 from conftest import DIGITS, _once, build_json
+from deploy_helpers import make_echo_artifact
 from test_agent import FLEET, VALIDATOR, Agent, Broker, wait_for
+from test_session_core import backend_dir  # noqa: F401  (fixture: the testecho plugin)
 
 pytestmark = pytest.mark.integration
 
@@ -111,12 +115,13 @@ class Central:
         self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=creds["username"], protocol=mqtt.MQTTv5)
         self._client.username_pw_set(creds["username"], creds["password"])
         topics = [(f"edgesmith/v1/{FLEET}/+/{kind}", 1) for kind in ("birth", "event", "state")]
+        subscribed = threading.Event()
         self._client.on_connect = lambda c, u, flags, rc, props: c.subscribe(topics)
+        self._client.on_subscribe = lambda *_: subscribed.set()  # the SUBACK: from now on nothing is missed
         self._client.on_message = self._on_message
         self._client.connect("127.0.0.1", broker.port, keepalive=10)
         self._client.loop_start()
-        wait_for(self._client.is_connected, 10, "the central client to connect")
-        time.sleep(0.3)
+        assert subscribed.wait(10), "the central client's subscription was not acknowledged"
 
     def _on_message(self, client, userdata, msg) -> None:
         with self._lock:
@@ -132,10 +137,11 @@ class Central:
 
     def envelope(self, device: str, version: int, url: str, sha: str, size: int, manifest_sha: str,
                  action: str = "deploy", name: str = "artifact", fleet: str = FLEET, key: SigningKey | None = None,
-                 deployment_id: str | None = None) -> tuple[bytes, str]:
+                 deployment_id: str | None = None, not_after: int | None = None) -> tuple[bytes, str]:
         dep = deployment_id or f"dep-test-{uuid.uuid4().hex[:10]}"
         state = {"v": 1, "fleet": fleet, "device": device, "version": version, "deployment_id": dep,
                  "action": action, "issued_at_ms": int(time.time() * 1000),
+                 "not_after": not_after if not_after is not None else int(time.time()) + 3600,
                  "artifact": {"url": url, "sha256": sha, "size": size, "manifest_sha256": manifest_sha, "name": name}}
         return deploy_desired.sign(state, key or self.key), dep
 
@@ -394,7 +400,12 @@ def _mutations(world) -> list[tuple[str, dict]]:
     out.append(("an envelope without a signature", {**good, "tamper": "drop-signature"}))
     out.append(("an unknown action", {**good, "action": "wipe"}))
     out.append(("an ftp URL", {**good, "url": url.replace("http://", "ftp://")}))
+    out.append(("an expired desired state (not_after an hour ago)", {**good, "not_after": int(time.time()) - 3600}))
     return out
+
+
+# _mutations() makes three per file of B (a flipped byte, a truncation, a deletion) and these many more.
+FIXED_MUTATIONS = 35
 
 
 def test_fifty_mutations_are_refused_while_the_old_model_serves(world, tmp_path):
@@ -404,7 +415,7 @@ def test_fifty_mutations_are_refused_while_the_old_model_serves(world, tmp_path)
     agent, info = _start(world, "dep-mut", tmp_path / "data", "--deploy-max-bytes", str(world["limit"]),
                          "--deploy-timeout", "20")
     mutations = _mutations(world)
-    assert len(mutations) >= 50, len(mutations)
+    assert len(mutations) == 3 * len(_files(world["b"])) + FIXED_MUTATIONS >= 50, len(mutations)
     refused: list[str] = []
     try:
         version = 0
@@ -413,7 +424,8 @@ def test_fifty_mutations_are_refused_while_the_old_model_serves(world, tmp_path)
             device = args.get("for_device", "dep-mut")
             envelope, dep = central.envelope(device, version, args["url"], args["sha"], args["size"],
                                              args["manifest_sha"], action=args.get("action", "deploy"),
-                                             fleet=args.get("fleet", FLEET), key=args.get("key"))
+                                             fleet=args.get("fleet", FLEET), key=args.get("key"),
+                                             not_after=args.get("not_after"))
             tamper = args.get("tamper")
             if tamper or "raw" in args or "action" in args:
                 outer = json.loads(envelope)
@@ -444,6 +456,7 @@ def test_fifty_mutations_are_refused_while_the_old_model_serves(world, tmp_path)
         assert not (tmp_path / "data" / "deploy" / "current").exists()
     finally:
         assert agent.stop() == 0, agent.log()
+    assert len(refused) == len(mutations), (len(refused), len(mutations))  # every one refused, none skipped
     print(f"\n{len(refused)} mutations refused:\n  " + "\n  ".join(refused))
 
 
@@ -527,10 +540,34 @@ def test_server_gone_mid_download_is_retried_with_backoff_and_resumed(world, tmp
         assert agent.stop() == 0, agent.log()
 
 
+# Where the SIGKILL test kills: each phase of state.json's deployment record, and just after it.
+KILL_PHASES = ("download", "verify", "self-test", "switch", "after")
+
+
+def _kill_point(data_dir: Path, dep: str, phase: str, part: Path, size: int, share: float) -> bool:
+    """Wait until deployment `dep` is in `phase` (True), or until it went past it (False)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        record = _deployment(data_dir, dep)
+        if phase == "after":
+            if record.get("result") == "applied":
+                return True
+        elif record.get("result") not in (None, "in-progress"):
+            return False  # finished before the phase was seen: too short to catch this time
+        elif record.get("phase") == phase:
+            if phase != "download":
+                return True
+            if part.is_file() and part.stat().st_size >= share * size:
+                return True
+        time.sleep(0.001)
+    raise AssertionError(f"deployment {dep} never reached {phase}: {_deployment(data_dir, dep)}")
+
+
 @pytest.mark.slow
-def test_sigkill_at_20_random_points_of_deployments(world, tmp_path):
-    """Deployments cycle through three artifacts; each is SIGKILLed at a random moment, and the
-    restarted agent must serve a verified artifact and finish or report that deployment."""
+def test_sigkill_at_each_phase_of_deployments(world, tmp_path):
+    """Deployments cycle through three artifacts; each is SIGKILLed in a fixed phase (download,
+    verify, self-test, switch, just after), twice per phase. The restarted agent must serve a
+    verified artifact and finish the deployment: applied, whatever the phase it was killed in."""
     central, a, b = world["central"], world["a"], world["b"]
     c = _resign(b, world["root"] / f"c-{uuid.uuid4().hex[:6]}", world["build_key"],
                 lambda doc: doc.update(name=doc["name"] + "-c"))
@@ -543,55 +580,164 @@ def test_sigkill_at_20_random_points_of_deployments(world, tmp_path):
     known = {_manifest_sha(x): x for x in cycle}
     rng = random.Random(20261129)
     data_dir = tmp_path / "data"
-    outcomes: list[str] = []
-    killed_at: list[str] = []
+    killed_in: list[str] = []
+    misses: list[str] = []
+    version = 0
     agent, info = _start(world, "dep-kill", data_dir)
     try:
-        for i in range(20):
-            # The next artifact: neither the serving one nor the inactive slot's (that takes a rollback).
-            serving = _health(info)["manifest_sha256"]
-            state_path = data_dir / "deploy" / "state.json"
-            slots = json.loads(state_path.read_text())["slots"] if state_path.is_file() else {}
-            current = os.readlink(data_dir / "deploy" / "current")[-1] if (data_dir / "deploy" / "current").is_symlink() else ""
-            inactive = slots.get("b" if current == "a" else "a", {}).get("manifest_sha256") if current else None
-            target = next(x for x in cycle if _manifest_sha(x) not in (serving, inactive))
-            server, sha, size = servers[_manifest_sha(target)]
-            url = f"http://127.0.0.1:{server.port}/artifacts/{sha}.tar"
-            envelope, dep = central.envelope("dep-kill", i + 1, url, sha, size, _manifest_sha(target))
-            central.publish("dep-kill", envelope)
-            part = data_dir / "deploy" / "staging" / f"{sha}.tar.part"
-            if i % 2 == 0:  # mid-download: after a random share of the archive
-                share = rng.uniform(0.05, 0.95)
-                wait_for(lambda: part.is_file() and part.stat().st_size >= share * size, 30, "part of the download")
-            else:  # after the download: verification, self-test, switch or just after
-                wait_for(lambda: _deployment(data_dir, dep).get("phase") not in (None, "download")
-                         or _deployment(data_dir, dep).get("result") not in (None, "in-progress"), 30,
-                         "the end of the download", interval=0.002)
-                time.sleep(rng.uniform(0.0, 0.5))
-            agent.kill()
-            at_kill = _deployment(data_dir, dep)
-            killed_at.append(f"{at_kill.get('result')}/{at_kill.get('phase') or '-'}")
-            try:
-                agent, info = _start(world, "dep-kill", data_dir)
-                health = _health(info)
-                assert health["manifest_sha256"] in known, health
-                result = central.result("dep-kill", dep, timeout=60)
-                assert result["event"] in ("deploy.applied", "deploy.failed"), result
-                health = _health(info)
-                if result["event"] == "deploy.applied":
+        for phase in KILL_PHASES * 2:
+            for _ in range(4):  # a short phase can be missed; the next deployment tries again
+                # The next artifact: neither the serving one nor the inactive slot's (that takes a rollback).
+                serving = _health(info)["manifest_sha256"]
+                state_path = data_dir / "deploy" / "state.json"
+                slots = json.loads(state_path.read_text())["slots"] if state_path.is_file() else {}
+                link = data_dir / "deploy" / "current"
+                current = os.readlink(link)[-1] if link.is_symlink() else ""
+                inactive = slots.get("b" if current == "a" else "a", {}).get("manifest_sha256") if current else None
+                target = next(x for x in cycle if _manifest_sha(x) not in (serving, inactive))
+                server, sha, size = servers[_manifest_sha(target)]
+                version += 1
+                url = f"http://127.0.0.1:{server.port}/artifacts/{sha}.tar"
+                envelope, dep = central.envelope("dep-kill", version, url, sha, size, _manifest_sha(target))
+                central.publish("dep-kill", envelope)
+                part = data_dir / "deploy" / "staging" / f"{sha}.tar.part"
+                hit = _kill_point(data_dir, dep, phase, part, size, rng.uniform(0.05, 0.95))
+                if hit:
+                    agent.kill()
+                    killed_in.append(phase)
+                    agent, info = _start(world, "dep-kill", data_dir)
+                try:
+                    health = _health(info)
+                    assert health["manifest_sha256"] in known, health
+                    result = central.result("dep-kill", dep, timeout=60)
+                    assert result["event"] == "deploy.applied", result
+                    health = _health(info)
                     assert health["manifest_sha256"] == _manifest_sha(target), (result, health)
-                _infer_golden(info, known[health["manifest_sha256"]])
-            except AssertionError as e:
-                raise AssertionError(f"kill {i + 1} (state.json then: {killed_at[-1]}): {e}\n"
-                                     f"agent log:\n{agent.log()[-3000:]}") from None
-            outcomes.append(result["event"] + ("" if result["event"] == "deploy.applied" else f" ({result['message']})"))
+                    _infer_golden(info, known[health["manifest_sha256"]])
+                except AssertionError as e:
+                    raise AssertionError(f"killed in {phase} ({dep}): {e}\nagent log:\n{agent.log()[-3000:]}") from None
+                if hit:
+                    break
+                misses.append(phase)
+            else:
+                raise AssertionError(f"the {phase} phase was never caught in 4 deployments")
     finally:
         agent.stop()
         for server, _, _ in servers.values():
             server.stop()
-    assert len(outcomes) == 20
-    assert sum(k == "in-progress/download" for k in killed_at) >= 10, killed_at  # every even kill is mid-download
-    print(f"\nkills survived: {len(outcomes)}; state.json at the kills: {killed_at}; outcomes: {outcomes}")
+    assert killed_in == list(KILL_PHASES * 2), killed_in  # every phase was hit, twice
+    print(f"\nkills: {killed_in}; phases missed and tried again: {misses}")
+
+
+def test_deleting_state_json_does_not_let_an_older_desired_state_through(world, tmp_path):
+    """The replay floor lives in state.json and in deploy/floor: with state.json gone, a replayed or
+    older signed desired state is still refused, and so is an expired one."""
+    central, a, b = world["central"], world["a"], world["b"]
+    data_dir = tmp_path / "data"
+    agent, info = _start(world, "dep-floor", data_dir)
+    try:
+        url, sha, size = _archive(world, b)
+        envelope, dep = central.envelope("dep-floor", 3, url, sha, size, _manifest_sha(b), name=b.name)
+        central.publish("dep-floor", envelope)
+        assert central.result("dep-floor", dep)["event"] == "deploy.applied"
+    finally:
+        assert agent.stop() == 0, agent.log()
+    (data_dir / "deploy" / "state.json").unlink()
+    agent, info = _start(world, "dep-floor", data_dir)
+    try:
+        for version in (2, 3):
+            envelope, dep = central.envelope("dep-floor", version, url, sha, size, _manifest_sha(b), name=b.name)
+            central.publish("dep-floor", envelope)
+            result = central.result("dep-floor", dep)
+            assert result["event"] == "deploy.refused" and "not above 3" in result["message"], result
+        envelope, dep = central.envelope("dep-floor", 4, url, sha, size, _manifest_sha(b), name=b.name,
+                                         not_after=int(time.time()) - 600)
+        central.publish("dep-floor", envelope)
+        result = central.result("dep-floor", dep)
+        assert result["event"] == "deploy.refused" and "expired" in result["message"], result
+        # Without state.json the slots' records are gone too: the factory artifact serves.
+        assert _health(info)["manifest_sha256"] == _manifest_sha(a)
+        assert json.loads((data_dir / "deploy" / "state.json").read_text())["highest_version"] == 3
+    finally:
+        assert agent.stop() == 0, agent.log()
+
+
+def test_a_self_test_that_crashes_fails_the_deployment_after_three_attempts(world, tmp_path, backend_dir):
+    """A payload that aborts the process in its golden self-test (testecho {"fail": "abort"}): the
+    self-test runs in a child process, so the agent survives, tries three times, reports
+    deploy.failed with the reason, and keeps serving the slot it had."""
+    central = world["central"]
+    root = world["root"] / f"echo-{uuid.uuid4().hex[:6]}"
+    factory = make_echo_artifact(root / "v1", world["build_key"], version="1")
+    good = make_echo_artifact(root / "v2", world["build_key"], version="2")
+    crashing = make_echo_artifact(root / "v3", world["build_key"], version="3", fail="abort")
+    data_dir = tmp_path / "data"
+    agent = Agent({"path": factory, "pub": world["pub"]}, _credentials(world, "dep-crash"), data_dir, "--trust-dir",
+                  str(world["trust"]), "--interval", "1", env={"EDGESMITH_BACKEND_PATH": str(backend_dir)})
+    info = agent.ready()
+    try:
+        url, sha, size = _archive(world, good)
+        envelope, dep = central.envelope("dep-crash", 1, url, sha, size, _manifest_sha(good), name=good.name)
+        central.publish("dep-crash", envelope)
+        assert central.result("dep-crash", dep)["event"] == "deploy.applied"
+        url, sha, size = _archive(world, crashing)
+        envelope, dep = central.envelope("dep-crash", 2, url, sha, size, _manifest_sha(crashing), name=crashing.name)
+        central.publish("dep-crash", envelope)
+        result = central.result("dep-crash", dep)
+        assert result["event"] == "deploy.failed", result
+        assert "self-test phase was tried 3 times" in result["message"] and "SIGABRT" in result["message"], result
+        assert result["details"]["phase"] == "self-test", result
+        assert agent.proc.poll() is None, agent.log()  # the agent itself never crashed
+        assert re.findall(r"crashed the checking process \(signal 6 SIGABRT\) \(attempt (\d) of 3\)",
+                          agent.log()) == ["1", "2", "3"], agent.log()
+        assert _health(info)["manifest_sha256"] == _manifest_sha(good)  # the old slot serves
+        state = json.loads((data_dir / "deploy" / "state.json").read_text())
+        assert state["slots"]["a"]["status"] == "good" and state["slots"]["b"]["status"] == "empty", state
+        assert os.readlink(data_dir / "deploy" / "current") == "slots/a"
+    finally:
+        assert agent.stop() == 0, agent.log()
+
+
+def test_archive_member_limit_and_directories_listed_after_their_files(world, tmp_path):
+    """An archive of more than 4096 members fails before anything is written; an archive that lists
+    `golden/` after `golden/...` files (as `tar` of a file list writes it) is applied."""
+    central, b = world["central"], world["b"]
+    agent, info = _start(world, "dep-tar", tmp_path / "data", "--deploy-max-bytes", str(16 << 20))
+    try:
+        files = _files(b)
+        many = _tar([(name, data, tarfile.REGTYPE) for name, data in sorted(files.items())]
+                    + [(f"pad/{i}", b"", tarfile.REGTYPE) for i in range(4100)])
+        url, sha, size = world["store"].put(many)
+        envelope, dep = central.envelope("dep-tar", 1, url, sha, size, _manifest_sha(b))
+        central.publish("dep-tar", envelope)
+        result = central.result("dep-tar", dep)
+        assert result["event"] == "deploy.failed" and "more than 4096 members" in result["message"], result
+        dirs = sorted({str(Path(name).parent) for name in files if "/" in name})
+        ordered = _tar([(name, data, tarfile.REGTYPE) for name, data in sorted(files.items())]
+                       + [(d + "/", None, tarfile.DIRTYPE) for d in sorted(dirs, reverse=True)])
+        url, sha, size = world["store"].put(ordered)
+        envelope, dep = central.envelope("dep-tar", 2, url, sha, size, _manifest_sha(b))
+        central.publish("dep-tar", envelope)
+        result = central.result("dep-tar", dep)
+        assert result["event"] == "deploy.applied", result
+        assert _health(info)["manifest_sha256"] == _manifest_sha(b)
+    finally:
+        assert agent.stop() == 0, agent.log()
+
+
+def test_a_corrupt_spool_is_set_aside_and_the_agent_starts(world, tmp_path):
+    central = world["central"]
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "spool.db").write_bytes(b"this is not an SQLite database\n" * 200)
+    agent, info = _start(world, "dep-spool", data_dir)
+    try:
+        wait_for(lambda: central.of("dep-spool", "birth"), 30, "a birth from the new spool")
+        (aside,) = data_dir.glob("spool.db.corrupt-*")
+        assert aside.read_bytes().startswith(b"this is not an SQLite database")
+        assert "is corrupt" in agent.log() and "a new spool is created" in agent.log(), agent.log()
+    finally:
+        assert agent.stop() == 0, agent.log()
 
 
 def _deployment(data_dir: Path, deployment_id: str) -> dict:

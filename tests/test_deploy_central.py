@@ -88,6 +88,8 @@ def test_desired_state_fields_and_signature(tmp_path, artifact):
     info, state = _state(tmp_path, artifact)
     assert state["artifact"] == {"url": f"http://10.0.0.5:8470/artifacts/{info.sha256}.tar", "sha256": info.sha256,
                                  "size": info.size, "manifest_sha256": info.manifest_sha256, "name": info.name}
+    # Signed with the rest: devices refuse it a week (plus clock skew) after it was issued.
+    assert state["not_after"] == state["issued_at_ms"] // 1000 + desired.DESIRED_VALIDITY_S
     key = ephemeral_key()
     envelope = desired.sign(state, key)
     outer = json.loads(envelope)
@@ -111,6 +113,9 @@ def test_desired_state_refusals(tmp_path, artifact):
     as_manifest = json.loads(sign_manifest(outer["signed"].encode(), key))
     with pytest.raises(ValueError, match="signature is not valid"):
         desired.verify(json.dumps(dict(outer, signature=as_manifest["signature"])).encode(), [key.public_key])
+    for not_after in (0, -1, "soon", 2**53, True):
+        with pytest.raises(ValueError, match="not_after"):
+            desired.verify(desired.sign({**state, "not_after": not_after}, key), [key.public_key])
     for broken in (b"not json", b"{}", json.dumps(dict(outer, v=2)).encode()):
         with pytest.raises(ValueError):
             desired.verify(broken, [key.public_key])

@@ -1,58 +1,106 @@
 """Staged rollouts against a real Mosquitto: `edgesmith deploy` / `rollback` / `fleet status` run
 as a user runs them (subprocesses), a real monitor stores what devices report, and the devices are
-Python devices that follow docs/deployment.md (toolchain/fleet/simulate_deploy.py: signature and
-replay checks, Range download, archive and artifact verification, slot switch, state/event/birth
-reports) — until the C++ agent's deployment support is wired into these tests."""
+real C++ agents (edgesmith-agent with --trust-dir): signature and replay checks, download, archive
+and artifact verification, golden self-test in a child process, slot switch, state/event/birth
+reports. Most serve the test-only `testecho` backend (no engine, quick to load); one test serves
+the digits CNN on OpenVINO."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import shutil
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from conftest import run_cli
-from deploy_helpers import make_artifact
+from deploy_helpers import make_echo_artifact
 from edgesmith.toolchain.deploy import desired
 from edgesmith.toolchain.fleet import broker as fleet_broker
-from edgesmith.toolchain.fleet.simulate_deploy import DeployingDevice
 from edgesmith.toolchain.signing import generate_deploy_key, generate_key, load_deploy_key, load_signing_key
+from test_agent import Agent
 from test_fleet_monitor import broker_dir, start_monitor, store_url, wait_until  # noqa: F401  (fixtures)
+from test_session_core import backend_dir  # noqa: F401  (fixture: the testecho plugin)
 
 FLEET = "plant-a"
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+
+class Device:
+    """One running agent, read the way an operator on the device would: its HTTP API and its
+    deploy/ directory."""
+
+    def __init__(self, agent: Agent, data_dir: Path):
+        self.agent, self.data_dir = agent, data_dir
+        self.info: dict = {}
+
+    @property
+    def artifact(self) -> str:
+        with urllib.request.urlopen(f"{self.info['url']}/v1/model", timeout=10) as response:
+            return json.loads(response.read())["artifact"]
+
+    @property
+    def current(self) -> str:
+        link = self.data_dir / "deploy" / "current"
+        return os.readlink(link)[-1] if link.is_symlink() else ""
+
+    @property
+    def highest_version(self) -> int:
+        path = self.data_dir / "deploy" / "state.json"
+        return json.loads(path.read_text())["highest_version"] if path.is_file() else 0
 
 
 @pytest.fixture
-def fleet(tmp_path, broker_dir, _isolated_home):  # noqa: F811
-    """Keys (a build key the home trusts, a deploy key), artifacts v1 (factory) and v2, five devices on v1."""
+def fleet(tmp_path, broker_dir, _isolated_home, backend_dir):  # noqa: F811
+    """Keys (a build key the home trusts, a deploy key), testecho artifacts v1 (factory) and v2, and
+    five agents on v1; `failing` agents compute outputs off by one (their golden self-tests fail)."""
     build = load_signing_key(generate_key("default"))
-    deploy_pub = load_deploy_key(generate_deploy_key()).public_key
-    v1 = make_artifact(tmp_path / "dist" / "v1", build, version="1")
-    v2 = make_artifact(tmp_path / "dist" / "v2", build, version="2")
+    build_pub = tmp_path / "build.pub"
+    build_pub.write_text(build.public_key.hex() + "\n")
+    deploy_pub = tmp_path / "deploy.pub"
+    deploy_pub.write_text(load_deploy_key(generate_deploy_key()).public_key.hex() + "\n")
+    v1 = make_echo_artifact(tmp_path / "dist" / "v1", build, version="1")
+    v2 = make_echo_artifact(tmp_path / "dist" / "v2", build, version="2")
     names = [f"cam-0{i}" for i in range(1, 6)]
     credentials = fleet_broker.add_devices(broker_dir, names, FLEET)
-    made: list[DeployingDevice] = []
+    made: list[Agent] = []
 
-    def start(failing: tuple[str, ...] = (), offline: tuple[str, ...] = ()) -> dict[str, DeployingDevice]:
+    def start(failing: tuple[str, ...] = (), offline: tuple[str, ...] = ()) -> dict[str, Device]:
+        devices = {}
         for c in credentials:
             if c["device"] in offline:
                 continue
-            made.append(DeployingDevice(c, tmp_path / "devices" / c["device"], v1, [deploy_pub], [build.public_key],
-                                        fail_self_test=c["device"] in failing, interval_s=1.0).start())
-        return {d.device: d for d in made}
+            trust = tmp_path / "trust" / c["device"]
+            (trust / "build").mkdir(parents=True)
+            (trust / "deploy").mkdir()
+            shutil.copy(build_pub, trust / "build" / "build.pub")
+            shutil.copy(deploy_pub, trust / "deploy" / "deploy.pub")
+            env = {"EDGESMITH_BACKEND_PATH": str(backend_dir)}
+            if c["device"] in failing:
+                env["EDGESMITH_TESTECHO_OFFSET"] = "1"
+            data_dir = tmp_path / "devices" / c["device"]
+            data_dir.parent.mkdir(exist_ok=True)
+            agent = Agent({"path": v1, "pub": build_pub}, Path(c["credentials"]), data_dir, "--trust-dir", str(trust),
+                          "--interval", "1", env=env)
+            made.append(agent)
+            devices[c["device"]] = Device(agent, data_dir)
+        for device in devices.values():
+            device.info = device.agent.ready()
+        return devices
 
-    yield {"v1": v1, "v2": v2, "start": start, "store": tmp_path / "store", "broker": broker_dir}
-    for device in made:
-        device.stop()
+    yield {"v1": v1, "v2": v2, "start": start, "store": tmp_path / "store", "broker": broker_dir, "build": build}
+    for agent in made:
+        assert agent.stop() == 0, agent.log()
 
 
 def _deploy(fleet: dict, db: str, artifact: Path, *extra: str, check: bool = True):
     return run_cli("deploy", str(artifact), "--fleet", FLEET, "--broker", str(fleet["broker"]), "--db", db,
                    "--store", str(fleet["store"]), "--serve", "127.0.0.1:0", "--previous", str(fleet["v1"]),
-                   "--wave-timeout", "20", *extra, check=check)
+                   "--wave-timeout", "30", *extra, check=check)
 
 
 def _status(db: str) -> dict[str, dict]:
@@ -68,6 +116,10 @@ def _status_when(db: str, predicate, what: str) -> dict[str, dict]:
     return wait_until(check, 30, what)
 
 
+V1 = "tiny-v1-host-testecho"
+V2 = "tiny-v2-host-testecho"
+
+
 def test_staged_rollout_then_explicit_rollback(fleet, store_url, start_monitor):  # noqa: F811
     monitor = start_monitor()
     devices = fleet["start"]()
@@ -75,40 +127,40 @@ def test_staged_rollout_then_explicit_rollback(fleet, store_url, start_monitor):
     result = _deploy(fleet, store_url, fleet["v2"], "--waves", "20%,60%,100%", "--abort-on-failure", "20%")
     out = result.stdout
     assert "in 3 wave(s)" in out and "wave 3/3" in out and "completed: 5 of 5 device(s) applied" in out, out
-    assert all(d.artifact.name == "tiny-v2-x86_64-avx2-openvino" and d.current == "a" for d in devices.values())
-    status = _status_when(store_url, lambda s: all(r["artifact"] == "tiny-v2-x86_64-avx2-openvino" for r in s.values()),
-                          "births of v2 stored")
+    assert all(d.artifact == V2 and d.current == "a" for d in devices.values())
+    status = _status_when(store_url, lambda s: all(r["artifact"] == V2 for r in s.values()), "births of v2 stored")
     assert {r["deploy"]["result"] for r in status.values()} == {"applied"}
     assert {r["deploy"]["slot"] for r in status.values()} == {"a"}
     versions = {d: r["deploy"]["desired_version"] for d, r in status.items()}
     # Waves: 1 device (20%), then 2 (60%), then 2 (100%).
     table = run_cli("fleet", "status", "--db", store_url).stdout
-    assert re.search(r"artifacts served: tiny-v2-x86_64-avx2-openvino \([0-9a-f]{8}\): 5\n", table), table
+    assert re.search(rf"artifacts served: {V2} \([0-9a-f]{{8}}\): 5\n", table), table
     assert "wave 1 20%: 1/1 applied; wave 2 60%: 2/2 applied; wave 3 100%: 2/2 applied" in table, table
 
     # Explicit rollback: signed, to the artifact each device served before (downloaded: v1 was the factory's).
     back = run_cli("rollback", "--fleet", FLEET, "--broker", str(fleet["broker"]), "--db", store_url,
-                   "--store", str(fleet["store"]), "--serve", "127.0.0.1:0", "--timeout", "20").stdout
+                   "--store", str(fleet["store"]), "--serve", "127.0.0.1:0", "--timeout", "30").stdout
     assert "5 of 5 device(s) back" in back, back
-    assert all(d.artifact.name == "tiny-v1-x86_64-avx2-openvino" and d.current == "b" for d in devices.values())
+    assert all(d.artifact == V1 and d.current == "b" for d in devices.values())
     status = _status_when(store_url, lambda s: all(r["deploy"].get("action") == "rollback" and r["deploy"]["result"]
                                                    == "applied" for r in s.values()), "the rollback's results")
     assert all(r["deploy"]["desired_version"] > versions[d] for d, r in status.items())  # versions only grow
 
     # A replayed (older) desired state is refused by the device; the rollout's versions outrun it.
+    from edgesmith.toolchain.deploy.archive import archive
+    from edgesmith.toolchain.deploy.rollout import FleetWatch
+
     cam = devices["cam-01"]
     old = desired.sign(desired.desired_state(FLEET, "cam-01", versions["cam-01"], "dep-replay", "deploy",
-                                             _archive_of(fleet), "http://127.0.0.1:1"),
+                                             archive(fleet["v2"], fleet["store"]), "http://127.0.0.1:1"),
                        load_deploy_key())
-    cam.apply(old)
-    assert cam.last["result"] == "refused" and "not above" in cam.last["error"]
-    assert cam.artifact.name == "tiny-v1-x86_64-avx2-openvino"
-
-
-def _archive_of(fleet: dict):
-    from edgesmith.toolchain.deploy.archive import archive
-
-    return archive(fleet["v2"], fleet["store"])
+    watch = FleetWatch(fleet_broker.Broker(fleet["broker"]), FLEET).start()
+    try:
+        watch.publish_desired(FLEET, "cam-01", old)
+    finally:
+        watch.stop()
+    wait_until(lambda: re.search(r"deploy.refused: .*not above", cam.agent.log()), 30, "cam-01 to refuse the replay")
+    assert cam.artifact == V1
 
 
 def test_failing_device_aborts_and_rolls_back(fleet, store_url, start_monitor):  # noqa: F811
@@ -119,21 +171,21 @@ def test_failing_device_aborts_and_rolls_back(fleet, store_url, start_monitor): 
                      check=False)
     out = result.stdout
     assert result.returncode == 1, out + result.stderr
-    assert "cam-02: failed: golden self-test failed" in out and "ABORT: 33% failed > 20%" in out, out
+    assert "cam-02: failed: the artifact failed its golden self-test" in out and "ABORT: 33% failed > 20%" in out, out
     assert "wave 3/3" not in out and "rolled-back" in out, out
     # cam-01 (wave 1) and cam-03 (wave 2) applied it and were rolled back; cam-02 kept v1; wave 3 never started.
-    assert {n: d.artifact.name.split("-")[1] for n, d in devices.items()} == {n: "v1" for n in devices}
+    assert {n: d.artifact for n, d in devices.items()} == {n: V1 for n in devices}
     assert devices["cam-01"].highest_version == devices["cam-03"].highest_version == 2
     assert devices["cam-04"].highest_version == 0 and devices["cam-05"].highest_version == 0
 
     status = _status_when(store_url, lambda s: s["cam-03"]["deploy"].get("action") == "rollback"
-                          and s["cam-01"]["artifact"] == "tiny-v1-x86_64-avx2-openvino", "the rollback in the store")
+                          and s["cam-01"]["artifact"] == V1, "the rollback in the store")
     assert status["cam-01"]["deploy"]["result"] == status["cam-03"]["deploy"]["result"] == "applied"
     assert status["cam-02"]["deploy"]["result"] == "failed" and "self-test" in status["cam-02"]["deploy"]["error"]
     for untouched in ("cam-04", "cam-05"):  # their state (sent on connect) names no deployment
         assert status[untouched]["deploy"]["deployment_id"] is None and status[untouched]["deploy"]["slot"] is None
     table = run_cli("fleet", "status", "--db", store_url).stdout
-    assert re.search(r"artifacts served: tiny-v1-x86_64-avx2-openvino \([0-9a-f]{8}\): 5\n", table), table
+    assert re.search(rf"artifacts served: {V1} \([0-9a-f]{{8}}\): 5\n", table), table
     assert "rolled-back" in table and "rollback of dep-" in table, table
     history = json.loads(run_cli("fleet", "deployments", "--db", store_url, "--json").stdout)
     rollback, deployment = history
@@ -148,7 +200,23 @@ def test_failing_device_aborts_and_rolls_back(fleet, store_url, start_monitor): 
 
     page = wait_until(dashboard, 30, "the dashboard to show the rollback")
     assert "<h2>Version mix</h2>" in page and "1: 5" in page and "rolled-back" in page
-    assert monitor.api()["version_mix"] == {FLEET: {"tiny × x86_64-avx2": {"1": 5}}}
+    assert monitor.api()["version_mix"] == {FLEET: {"tiny × host": {"1": 5}}}
+
+
+def test_an_artifact_whose_golden_self_test_fails_never_serves(fleet, store_url, tmp_path):
+    """An artifact signed by the trusted build key whose golden outputs are wrong: wave 1's agent
+    runs its self-test, fails it, reports deploy.failed, and the rollout aborts before wave 2."""
+    devices = fleet["start"]()
+    bad = make_echo_artifact(tmp_path / "dist" / "v2-bad", fleet["build"], version="2", wrong_golden=True)
+    result = _deploy(fleet, store_url, bad, "--waves", "20%,100%", "--abort-on-failure", "0%", check=False)
+    out = result.stdout
+    assert result.returncode == 1, out + result.stderr
+    assert "cam-01: failed: the artifact failed its golden self-test (sample 0" in out and "ABORT" in out, out
+    assert "wave 2/2" not in out, out
+    assert {n: d.artifact for n, d in devices.items()} == {n: V1 for n in devices}
+    state = json.loads((devices["cam-01"].data_dir / "deploy" / "state.json").read_text())
+    assert state["deployment"]["result"] == "failed" and state["deployment"]["phase"] == "self-test", state
+    assert state["slots"]["a"]["status"] == "empty" and not (devices["cam-01"].data_dir / "deploy" / "current").exists()
 
 
 def test_silent_device_times_out_and_counts_as_failed(fleet, store_url):
@@ -164,37 +232,21 @@ def test_silent_device_times_out_and_counts_as_failed(fleet, store_url):
     assert "cam-02: cannot be rolled back: what it served before is unknown" in out, out
     assert "2 of 2 device(s) back; 1 could not be rolled back" in out, out
     assert "aborted" in out.splitlines()[-1] and "(1 not back)" in out.splitlines()[-1], out
-    assert devices["cam-01"].artifact.name == devices["cam-03"].artifact.name == "tiny-v1-x86_64-avx2-openvino"
+    assert devices["cam-01"].artifact == devices["cam-03"].artifact == V1
     (rollback, deployment) = json.loads(run_cli("fleet", "deployments", "--db", store_url, "--json").stdout)
     assert {t["device"]: t["result"] for t in deployment["targets"]}["cam-02"] == "timeout"
     assert rollback["status"] == "completed" and sorted(t["device"] for t in rollback["targets"]) == ["cam-01", "cam-03"]
 
 
-# ---- real agents (edgesmith-agent, C++) -------------------------------------------------------------------
-
-def _agent_deploys() -> bool:
-    from test_agent import AGENT
-
-    if not AGENT.exists():
-        return False
-    import subprocess
-
-    help_text = subprocess.run([str(AGENT), "--help"], capture_output=True, text=True).stdout
-    return "--trust-dir" in help_text
-
+# ---- the digits CNN on OpenVINO ----------------------------------------------------------------------------
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.skipif(not _agent_deploys(), reason="this edgesmith-agent has no deployment support (--trust-dir) yet")
 def test_real_agents_abort_and_roll_back(tmp_path, broker_dir, store_url, start_monitor,  # noqa: F811
                                          digits_host_openvino, session_home, _isolated_home):
     """Three C++ agents on the factory artifact (the digits CNN, OpenVINO); the rollout of a new build
     of it (another manifest, same key) reaches cam-01 and cam-02 in wave 1; cam-02 was provisioned without the deploy key, refuses, and the rollout
     aborts: cam-01 is rolled back to the factory artifact, cam-03 is never touched."""
-    import shutil
-
-    from test_agent import Agent
-
     # The home trusts the build key the artifacts were signed with (the deploy command verifies them).
     (_isolated_home / "keys").mkdir(parents=True, exist_ok=True)
     shutil.copy(digits_host_openvino["pub"], _isolated_home / "keys" / "build.pub")

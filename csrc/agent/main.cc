@@ -59,6 +59,20 @@ void agent_file_write(const std::string& path, const nlohmann::json& doc) {
   if (ec) throw Error(ERROR_CODE_IO, "cannot write " + path + " (" + ec.message() + ")");
 }
 
+// The deployer's reports go into the telemetry spool.
+class SpoolDeployReporter : public DeployReporter {
+ public:
+  explicit SpoolDeployReporter(SessionReporter* reporter) : reporter_(reporter) {}
+  void deploy_report_state(const nlohmann::json& body) override { reporter_->reporter_state(body); }
+  void deploy_report_event(const std::string& event, const std::string& message,
+                           const nlohmann::json& details) override {
+    reporter_->reporter_event(event, message, details);
+  }
+
+ private:
+  SessionReporter* reporter_;
+};
+
 uint32_t seed_of(const std::string& device) {
   uint32_t hash = 2166136261u;  // FNV-1a: each device its own, reproducible noise
   for (const char c : device) hash = (hash ^ static_cast<uint8_t>(c)) * 16777619u;
@@ -188,8 +202,9 @@ int agent_main(const AgentConfig& config, const sigset_t& signals) {
                                            seed_of(device), on_run_error);
   }
   reporter.reporter_start();
+  SpoolDeployReporter deploy_reporter(&reporter);
   if (deployer) {
-    deployer->deployer_start(&reporter, [&](std::shared_ptr<Session> next) {
+    deployer->deployer_start(&deploy_reporter, [&](std::shared_ptr<Session> next) {
       {
         std::lock_guard<std::mutex> lock(serving_mutex);
         serving = next;
@@ -222,6 +237,9 @@ int agent_main(const AgentConfig& config, const sigset_t& signals) {
 
 int main(int argc, char** argv) {
   using namespace edgesmith;
+  // Hidden: the deployer runs a candidate artifact's load and self-test in a child process of this
+  // same binary (ChildProcessVerifier), so a payload that crashes kills only the child.
+  if (argc >= 2 && std::string(argv[1]) == "--deploy-check") return deploy_check_main(argc - 2, argv + 2);
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "-h" || arg == "--help") {

@@ -107,6 +107,13 @@ DesiredState desired_parse(const std::string& envelope, const std::vector<std::v
   const nlohmann::json& issued = field(doc, "issued_at_ms", "the desired state");
   if (!issued.is_number_integer()) refuse("the desired state is refused: 'issued_at_ms' must be an integer");
   state.issued_at_ms = issued.get<int64_t>();
+  if (doc.contains("not_after") && !doc["not_after"].is_null()) {
+    const nlohmann::json& not_after = doc["not_after"];
+    if (!not_after.is_number_unsigned() || not_after.get<uint64_t>() == 0 || not_after.get<uint64_t>() >= (1ull << 53)) {
+      refuse("the desired state is refused: 'not_after' must be a positive integer (seconds since the Unix epoch)");
+    }
+    state.not_after = static_cast<int64_t>(not_after.get<uint64_t>());
+  }
   const nlohmann::json& artifact = field(doc, "artifact", "the desired state");
   if (!artifact.is_object()) refuse("the desired state is refused: 'artifact' must be an object");
   state.artifact.url = string_field(artifact, "url", "the artifact");
@@ -124,6 +131,10 @@ DesiredState desired_parse(const std::string& envelope, const std::vector<std::v
   return state;
 }
 
+bool desired_expired(const DesiredState& state, int64_t now_s) {
+  return state.not_after > 0 && now_s > state.not_after + DESIRED_CLOCK_SKEW_S;
+}
+
 std::string desired_unverified_id(const std::string& envelope) {
   const nlohmann::json outer = nlohmann::json::parse(envelope, nullptr, false);
   if (!outer.is_object() || !outer.contains("signed") || !outer["signed"].is_string()) return "";
@@ -135,7 +146,7 @@ std::string desired_unverified_id(const std::string& envelope) {
 
 nlohmann::json desired_to_json(const DesiredState& s) {
   return {{"fleet", s.fleet}, {"device", s.device}, {"version", s.version}, {"deployment_id", s.deployment_id},
-          {"action", s.action}, {"issued_at_ms", s.issued_at_ms}, {"signed_sha256", s.signed_sha256},
+          {"action", s.action}, {"issued_at_ms", s.issued_at_ms}, {"not_after", s.not_after}, {"signed_sha256", s.signed_sha256},
           {"artifact", {{"url", s.artifact.url}, {"sha256", s.artifact.sha256}, {"size", s.artifact.size},
                         {"manifest_sha256", s.artifact.manifest_sha256}, {"name", s.artifact.name}}}};
 }
@@ -148,6 +159,7 @@ DesiredState desired_from_json(const nlohmann::json& d) {
   s.deployment_id = d.at("deployment_id");
   s.action = d.at("action");
   s.issued_at_ms = d.at("issued_at_ms");
+  s.not_after = d.value("not_after", int64_t{0});
   s.signed_sha256 = d.at("signed_sha256");
   const nlohmann::json& a = d.at("artifact");
   s.artifact.url = a.at("url");

@@ -12,6 +12,10 @@ namespace edgesmith {
 /// The prefix signed before the desired-state text (never valid as a manifest signature).
 extern const char* const DESIRED_DOMAIN;
 
+/// How far the device's clock may be behind the signer's: a desired state is refused once the
+/// device's clock is past its not_after by more than this (docs/deployment.md §3).
+constexpr int64_t DESIRED_CLOCK_SKEW_S = 300;
+
 /// What to download.
 struct DesiredArtifact {
   std::string url;              ///< http://HOST:PORT/artifacts/<sha256>.tar
@@ -29,6 +33,7 @@ struct DesiredState {
   std::string deployment_id;
   std::string action;  ///< "deploy" or "rollback"
   int64_t issued_at_ms = 0;
+  int64_t not_after = 0;  ///< seconds since the Unix epoch after which it is refused; 0: none given
   DesiredArtifact artifact;
   std::string signed_sha256;  ///< SHA-256 of the signed text: identifies this exact desired state
 };
@@ -40,6 +45,10 @@ std::vector<std::vector<uint8_t>> trust_keys_read(const std::string& dir);
 /// Parse an envelope and check its fields, key id and signature against `deploy_keys`.
 /// Throws Error(ERROR_CODE_INTEGRITY) with one sentence saying why it is refused.
 DesiredState desired_parse(const std::string& envelope, const std::vector<std::vector<uint8_t>>& deploy_keys);
+
+/// Whether a desired state has expired at `now_s` (Unix seconds): past not_after by more than
+/// DESIRED_CLOCK_SKEW_S. A desired state without not_after never expires.
+bool desired_expired(const DesiredState& state, int64_t now_s);
 
 /// The deployment id of an envelope read without any check ("" when there is none): only to
 /// name a refused desired state in a report.

@@ -21,7 +21,8 @@ namespace {
 
 nlohmann::json slot_to_json(const SlotRecord& s) {
   return {{"status", s.status}, {"manifest_sha256", s.manifest_sha256}, {"artifact", s.artifact},
-          {"archive_sha256", s.archive_sha256}, {"desired_version", s.desired_version}};
+          {"archive_sha256", s.archive_sha256}, {"desired_version", s.desired_version},
+          {"boot_attempts", s.boot_attempts}};
 }
 
 SlotRecord slot_from_json(const nlohmann::json& d) {
@@ -32,6 +33,7 @@ SlotRecord slot_from_json(const nlohmann::json& d) {
   s.artifact = d.value("artifact", "");
   s.archive_sha256 = d.value("archive_sha256", "");
   s.desired_version = d.value("desired_version", uint64_t{0});
+  s.boot_attempts = d.value("boot_attempts", uint32_t{0});
   return s;
 }
 
@@ -47,7 +49,7 @@ nlohmann::json deploy_state_to_json(const DeployState& state) {
                          {"signed_sha256", d.signed_sha256}, {"result", d.result}, {"phase", d.phase},
                          {"error", d.error}, {"slot", d.slot}, {"previous_slot", d.previous_slot},
                          {"previous_sha256", d.previous_sha256}, {"desired", d.desired},
-                         {"reported", d.reported}};
+                         {"reported", d.reported}, {"attempts", d.attempts}};
   }
   return doc;
 }
@@ -74,6 +76,9 @@ DeployState deploy_state_from_json(const nlohmann::json& doc) {
       r.previous_sha256 = d.at("previous_sha256");
       r.desired = d.at("desired");
       r.reported = d.value("reported", true);
+      if (d.contains("attempts") && d["attempts"].is_object()) {
+        for (const auto& [phase, count] : d["attempts"].items()) r.attempts[phase] = count.get<uint32_t>();
+      }
       state.deployment = r;
     }
     return state;
@@ -121,9 +126,11 @@ void directory_sync(const std::string& dir) {
   if (rc != 0) throw Error(ERROR_CODE_IO, "cannot sync " + dir + " (" + std::strerror(err) + ")");
 }
 
-void deploy_state_write(const std::string& path, const DeployState& state) {
+namespace {
+
+// Replace `path` by `text` atomically and durably (temp file, fsync, rename, fsync of the directory).
+void file_replace(const std::string& path, const std::string& text) {
   const std::string tmp = path + ".tmp";
-  const std::string text = deploy_state_to_json(state).dump(2) + "\n";
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
   if (fd < 0) throw Error(ERROR_CODE_IO, "cannot write " + tmp + " (" + std::strerror(errno) + ")");
   size_t done = 0;
@@ -147,6 +154,28 @@ void deploy_state_write(const std::string& path, const DeployState& state) {
     throw Error(ERROR_CODE_IO, "cannot replace " + path + " (" + std::strerror(errno) + ")");
   }
   directory_sync(std::filesystem::path(path).parent_path().string());
+}
+
+}  // namespace
+
+void deploy_state_write(const std::string& path, const DeployState& state) {
+  file_replace(path, deploy_state_to_json(state).dump(2) + "\n");
+}
+
+uint64_t deploy_floor_read(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return 0;
+  std::stringstream text;
+  text << in.rdbuf();
+  const nlohmann::json doc = nlohmann::json::parse(text.str(), nullptr, false);
+  if (doc.is_object() && doc.contains("highest_version") && doc["highest_version"].is_number_unsigned()) {
+    return doc["highest_version"].get<uint64_t>();
+  }
+  return deploy_state_version_floor(path);
+}
+
+void deploy_floor_write(const std::string& path, uint64_t highest_version) {
+  file_replace(path, nlohmann::json{{"v", 1}, {"highest_version", highest_version}}.dump() + "\n");
 }
 
 std::string slot_other(const std::string& slot) { return slot == "a" ? "b" : "a"; }

@@ -23,6 +23,7 @@ struct SlotRecord {
   std::string artifact;          ///< the artifact's name
   std::string archive_sha256;
   uint64_t desired_version = 0;
+  uint32_t boot_attempts = 0;    ///< starts that opened this slot and did not get as far as reporting (boot counter)
 };
 
 /// The deployment being applied or last finished.
@@ -39,6 +40,7 @@ struct DeploymentRecord {
   std::string previous_sha256;       ///< its manifest SHA-256
   nlohmann::json desired = nullptr;  ///< desired_to_json() of the state, to resume it
   bool reported = true;              ///< its final event is in the telemetry spool (false: report it at boot)
+  std::map<std::string, uint32_t> attempts;  ///< phase -> times it was entered (crash-loop counter)
 };
 
 /// The contents of state.json.
@@ -59,6 +61,13 @@ DeployState deploy_state_read(const std::string& path);
 /// slots' "desired_version" numbers, read as text); 0 when none can be read. Keeps the replay
 /// protection when the state is started afresh.
 uint64_t deploy_state_version_floor(const std::string& path);
+/// The replay floor kept beside state.json in its own file (deploy/floor), written before state.json
+/// each time a higher version is accepted: losing either file keeps the other's floor. A missing
+/// file reads 0; a damaged one reads what deploy_state_version_floor() finds in it.
+uint64_t deploy_floor_read(const std::string& path);
+/// Write the floor file atomically and durably. Throws Error(ERROR_CODE_IO).
+void deploy_floor_write(const std::string& path, uint64_t highest_version);
+
 /// Write state.json atomically and durably (temp file, fsync, rename, fsync of the directory).
 void deploy_state_write(const std::string& path, const DeployState& state);
 
@@ -81,6 +90,7 @@ class SlotLayout {
   std::string slots_dir() const { return root_ + "/slots"; }
   std::string staging_dir() const { return root_ + "/staging"; }
   std::string state_path() const { return root_ + "/state.json"; }
+  std::string floor_path() const { return root_ + "/floor"; }
   std::string current_path() const { return root_ + "/current"; }
   /// The slot `current` points at ("a" / "b"), or "" when there is no such link.
   std::string current_slot() const;

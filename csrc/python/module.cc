@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -17,6 +18,7 @@
 #include "runtime/compare.h"
 #include "runtime/cpu_features.h"
 #include "runtime/isa.h"
+#include "runtime/stats.h"
 #include "session.h"
 #ifdef EDGESMITH_WITH_TELEMETRY
 #include "telemetry.h"
@@ -148,6 +150,30 @@ py::dict compare_arrays(const py::handle& got, const py::handle& expected, doubl
                   py::arg("max_rel_err") = result.max_rel_err);
 }
 
+// stats.h's latency rules for the monitor's merged windows: one bucket per run, and the quantiles
+// of a histogram given as [counts..., underflow, overflow] (None for an empty one).
+int64_t latency_bucket(double latency_us, double start_us, double factor, int64_t count) {
+  return stats_latency_bucket(latency_us, start_us, std::log(factor), count);
+}
+
+py::list latency_percentiles(const std::vector<uint64_t>& slots, double start_us, double factor, int64_t count,
+                             double max_us, const std::vector<double>& qs) {
+  if (slots.size() < 2) throw py::value_error("latency_percentiles takes [counts..., underflow, overflow]");
+  const std::vector<uint64_t> counts(slots.begin(), slots.end() - 2);
+  ManifestLatencyBuckets buckets;
+  buckets.start_us = start_us;
+  buckets.factor = factor;
+  buckets.count = count;
+  std::vector<double> values;
+  {
+    py::gil_scoped_release release;
+    values = stats_percentiles_us(counts, slots[slots.size() - 2], slots.back(), buckets, max_us, qs);
+  }
+  py::list out;
+  for (const double v : values) out.append(std::isnan(v) ? py::object(py::none()) : py::object(py::float_(v)));
+  return out;
+}
+
 }  // namespace
 
 }  // namespace edgesmith::python
@@ -172,6 +198,13 @@ PYBIND11_MODULE(_core, m) {
         "infinity only the same infinity, else |y - e| <= atol + rtol * |e|); return "
         "{shapes_match, passed, elements, bad_elements, max_abs_err, max_rel_err}, errors over "
         "finite pairs.");
+  m.def("latency_bucket", &latency_bucket, py::arg("latency_us"), py::arg("start_us"), py::arg("factor"),
+        py::arg("count"),
+        "The device runtime's latency bucket of one run: -1 underflow, count overflow, else k.");
+  m.def("latency_percentiles", &latency_percentiles, py::arg("slots"), py::arg("start_us"), py::arg("factor"),
+        py::arg("count"), py::arg("max_us"), py::arg("qs"),
+        "The device runtime's quantile estimate (stats_percentiles_us) of [counts..., underflow, "
+        "overflow]; None for each q of an empty histogram.");
   m.def("host_isa", &edgesmith::host_isa,
         "This machine's ISA as edgesmith targets name it (x86_64, aarch64, ...).");
   m.def("cpu_features_host", &edgesmith::cpu_features_host,

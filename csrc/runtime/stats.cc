@@ -75,11 +75,11 @@ void Stats::stats_record(double latency_us, uint64_t nan_input_values,
   }
 
   const auto count = static_cast<size_t>(latency_.count);
-  if (!(latency_us >= latency_.start_us)) {
+  const int64_t bucket = stats_latency_bucket(latency_us, latency_.start_us, log_factor_, latency_.count);
+  if (bucket < 0) {
     latency_counts_.add(count);  // underflow (and NaN, which cannot happen with steady_clock)
   } else {
-    const double k = std::floor(std::log(latency_us / latency_.start_us) / log_factor_);
-    latency_counts_.add(k >= static_cast<double>(count) ? count + 1 : static_cast<size_t>(k));
+    latency_counts_.add(bucket >= latency_.count ? count + 1 : static_cast<size_t>(bucket));
   }
 
   for (const auto& state : monitors_) {
@@ -189,25 +189,52 @@ StatsSnapshot Stats::stats_snapshot() const {
   return out;
 }
 
-double stats_percentile_us(const StatsSnapshot& snapshot, double q) {
-  uint64_t total = snapshot.latency_underflow + snapshot.latency_overflow;
-  for (const uint64_t c : snapshot.latency_counts) total += c;
-  if (total == 0) return 0.0;
-  const double rank = std::clamp(q, 0.0, 1.0) * static_cast<double>(total);
-  const ManifestLatencyBuckets& b = snapshot.latency_buckets;
-  double seen = static_cast<double>(snapshot.latency_underflow);
-  if (rank <= seen && snapshot.latency_underflow > 0) return b.start_us;
-  for (size_t k = 0; k < snapshot.latency_counts.size(); ++k) {
-    const auto count = static_cast<double>(snapshot.latency_counts[k]);
-    if (count > 0 && rank <= seen + count) {
-      const double fraction = (rank - seen) / count;
-      const double low = b.start_us * std::pow(b.factor, static_cast<double>(k));
-      const double estimate = low * std::pow(b.factor, fraction);
-      return snapshot.latency_max_us > 0.0 ? std::min(estimate, snapshot.latency_max_us) : estimate;
+int64_t stats_latency_bucket(double latency_us, double start_us, double log_factor, int64_t count) {
+  if (!(latency_us >= start_us)) return -1;
+  const double k = std::floor(std::log(latency_us / start_us) / log_factor);
+  return k >= static_cast<double>(count) ? count : static_cast<int64_t>(k);
+}
+
+std::vector<double> stats_percentiles_us(const std::vector<uint64_t>& counts, uint64_t underflow, uint64_t overflow,
+                                         const ManifestLatencyBuckets& b, double max_us,
+                                         const std::vector<double>& qs) {
+  uint64_t total = underflow + overflow;
+  for (const uint64_t c : counts) total += c;
+  std::vector<double> out;
+  out.reserve(qs.size());
+  for (const double q : qs) {
+    if (total == 0) {
+      out.push_back(std::nan(""));
+      continue;
     }
-    seen += count;
+    const double rank = std::clamp(q, 0.0, 1.0) * static_cast<double>(total);
+    double seen = static_cast<double>(underflow);
+    if (rank <= seen && underflow > 0) {
+      out.push_back(b.start_us);
+      continue;
+    }
+    double value = max_us;
+    for (size_t k = 0; k < counts.size(); ++k) {
+      const auto count = static_cast<double>(counts[k]);
+      if (count > 0 && rank <= seen + count) {
+        const double fraction = (rank - seen) / count;
+        const double low = b.start_us * std::pow(b.factor, static_cast<double>(k));
+        const double estimate = low * std::pow(b.factor, fraction);
+        value = max_us > 0.0 ? std::min(estimate, max_us) : estimate;
+        break;
+      }
+      seen += count;
+    }
+    out.push_back(value);
   }
-  return snapshot.latency_max_us;
+  return out;
+}
+
+double stats_percentile_us(const StatsSnapshot& snapshot, double q) {
+  const double value = stats_percentiles_us(snapshot.latency_counts, snapshot.latency_underflow,
+                                            snapshot.latency_overflow, snapshot.latency_buckets,
+                                            snapshot.latency_max_us, {q})[0];
+  return std::isnan(value) ? 0.0 : value;
 }
 
 }  // namespace edgesmith

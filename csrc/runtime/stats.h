@@ -55,6 +55,20 @@ struct StatsSnapshot {
 /// (log-linear interpolation inside a bucket); 0 when nothing was recorded.
 double stats_percentile_us(const StatsSnapshot& snapshot, double q);
 
+/// The latency bucket of one run: -1 below `start_us` (or NaN), `count` at or past the last
+/// bucket's upper edge, else k with start_us * factor^k <= latency_us < start_us * factor^(k+1).
+/// `log_factor` is std::log(factor). What Stats records; the monitor bins with it too.
+int64_t stats_latency_bucket(double latency_us, double start_us, double log_factor, int64_t count);
+
+/// The q-quantiles of a latency histogram (one count per bucket, plus underflow and overflow):
+/// the rank q * n falls in the first non-empty bucket whose running total reaches it and is
+/// interpolated log-linearly inside it, capped at `max_us` when it is > 0; a rank inside the
+/// underflow gives start_us, one past the buckets `max_us`. NaN for each q of an empty histogram.
+/// stats_percentile_us applies it; the monitor (merged windows) applies it through the binding.
+std::vector<double> stats_percentiles_us(const std::vector<uint64_t>& counts, uint64_t underflow, uint64_t overflow,
+                                         const ManifestLatencyBuckets& buckets, double max_us,
+                                         const std::vector<double>& qs);
+
 /// Summarises a session's traffic.
 class Stats {
  public:

@@ -3,7 +3,11 @@
 #include <sqlite3.h>
 
 #include <cstdio>
+#include <ctime>
+#include <filesystem>
+#include <iostream>
 #include <random>
+#include <system_error>
 #include <utility>
 
 #include "common/error.h"
@@ -48,12 +52,59 @@ uint64_t from_sql(int64_t value) { return static_cast<uint64_t>(value); }
 
 }  // namespace
 
+namespace {
+
+// Thrown by db_open() when SQLite says the file is not a database or is damaged.
+struct SpoolCorrupt {
+  std::string why;
+};
+
+}  // namespace
+
+std::string spool_set_aside(const std::string& path) {
+  const std::string aside = path + ".corrupt-" + std::to_string(static_cast<long long>(std::time(nullptr)));
+  std::error_code ec;
+  std::filesystem::rename(path, aside, ec);
+  if (ec) throw Error(ERROR_CODE_IO, "cannot move the corrupt spool " + path + " aside (" + ec.message() + ")");
+  for (const char* suffix : {"-wal", "-shm"}) {
+    std::filesystem::rename(path + suffix, aside + suffix, ec);  // absent is fine
+  }
+  return aside;
+}
+
 Spool::Spool(const std::string& path, uint64_t max_bytes) : path_(path), max_bytes_(max_bytes) {
+  try {
+    db_open();
+  } catch (const SpoolCorrupt& corrupt) {
+    // A spool that cannot be read must not stop the device for good: keep it for inspection and
+    // start a new one (its seq restarts; the monitor sees a new spool, not duplicates).
+    const std::string aside = spool_set_aside(path_);
+    std::cerr << "edgesmith: the spool " << path_ << " is corrupt (" << corrupt.why << "); it is kept as " << aside
+              << " and a new spool is created" << std::endl;
+    try {
+      db_open();
+    } catch (const SpoolCorrupt& again) {
+      throw Error(ERROR_CODE_IO, "the spool " + path_ + " cannot be created (" + again.why + ")");
+    }
+  }
+}
+
+void Spool::db_close() {
+  for (sqlite3_stmt* statement : statements_) sqlite3_finalize(statement);
+  statements_.clear();
+  sqlite3_close(db_);
+  db_ = nullptr;
+}
+
+void Spool::db_open() {
+  const std::string& path = path_;
   const int flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX;
   if (sqlite3_open_v2(path.c_str(), &db_, flags, nullptr) != SQLITE_OK) {
     const std::string why = db_ != nullptr ? sqlite3_errmsg(db_) : "out of memory";
+    const int code = db_ != nullptr ? sqlite3_errcode(db_) : SQLITE_NOMEM;
     sqlite3_close(db_);
     db_ = nullptr;
+    if (code == SQLITE_CORRUPT || code == SQLITE_NOTADB) throw SpoolCorrupt{why};
     throw Error(ERROR_CODE_IO, "cannot open the spool " + path + " (" + why + "); check the data directory");
   }
   try {
@@ -91,17 +142,18 @@ Spool::Spool(const std::string& path, uint64_t max_bytes) : path_(path), max_byt
     char hex[17];
     std::snprintf(hex, sizeof(hex), "%016llx", static_cast<unsigned long long>(epoch));
     epoch_ = hex;
+  } catch (const Error& e) {
+    const int code = sqlite3_errcode(db_);
+    db_close();
+    if (code == SQLITE_CORRUPT || code == SQLITE_NOTADB) throw SpoolCorrupt{e.what()};
+    throw;
   } catch (...) {
-    for (sqlite3_stmt* statement : statements_) sqlite3_finalize(statement);
-    sqlite3_close(db_);
+    db_close();
     throw;
   }
 }
 
-Spool::~Spool() {
-  for (sqlite3_stmt* statement : statements_) sqlite3_finalize(statement);
-  sqlite3_close(db_);
-}
+Spool::~Spool() { db_close(); }
 
 void Spool::exec(const char* sql) {
   char* message = nullptr;

@@ -52,10 +52,16 @@ struct SpoolState {
 };
 
 /// An SQLite spool. All methods are safe to call from many threads.
+/// Move a corrupt spool database (and its -wal / -shm files) aside to `<path>.corrupt-<unix time>`
+/// so a new one can be created; returns the new name. Throws Error(ERROR_CODE_IO) when it cannot.
+std::string spool_set_aside(const std::string& path);
+
 class Spool {
  public:
-  /// Open (or create) the spool database at `path` with a budget of `max_bytes`. Throws
-  /// Error(ERROR_CODE_IO) when the file cannot be opened or another process holds it.
+  /// Open (or create) the spool database at `path` with a budget of `max_bytes`. A file that is
+  /// not an SQLite database or is corrupt is moved aside (spool_set_aside) and a new spool is
+  /// created: its counters start afresh. Throws Error(ERROR_CODE_IO) when the file cannot be
+  /// opened or another process holds it.
   Spool(const std::string& path, uint64_t max_bytes = SPOOL_DEFAULT_MAX_BYTES);
   ~Spool();
   Spool(const Spool&) = delete;
@@ -93,6 +99,8 @@ class Spool {
   void spool_dropped_mark_reported(uint64_t count);
 
  private:
+  void db_open();
+  void db_close();
   uint64_t counter_get(const char* name);
   void counter_set(const char* name, uint64_t value);
   void exec(const char* sql);

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <atomic>
 #include <chrono>
 #include <random>
@@ -116,6 +117,26 @@ TEST(Desired, AcceptsAValidEnvelope) {
   const DesiredState back = desired_from_json(desired_to_json(s));
   EXPECT_EQ(back.signed_sha256, s.signed_sha256);
   EXPECT_EQ(back.artifact.url, s.artifact.url);
+}
+
+TEST(Desired, NotAfterAllowsForClockSkew) {
+  Key key;
+  nlohmann::json doc = state_doc();
+  const DesiredState none = desired_parse(envelope(key, doc.dump()), {key.pk});
+  EXPECT_EQ(none.not_after, 0);
+  EXPECT_FALSE(desired_expired(none, INT64_MAX / 2));  // without not_after it never expires
+  doc["not_after"] = 1790000000;
+  const DesiredState s = desired_parse(envelope(key, doc.dump()), {key.pk});
+  EXPECT_EQ(s.not_after, 1790000000);
+  EXPECT_EQ(desired_from_json(desired_to_json(s)).not_after, 1790000000);
+  EXPECT_FALSE(desired_expired(s, 1790000000));
+  EXPECT_FALSE(desired_expired(s, 1790000000 + DESIRED_CLOCK_SKEW_S));  // a device clock that runs ahead
+  EXPECT_TRUE(desired_expired(s, 1790000000 + DESIRED_CLOCK_SKEW_S + 1));
+  for (const nlohmann::json& bad : {nlohmann::json(-5), nlohmann::json(0), nlohmann::json("1790000000"),
+                                    nlohmann::json(1.5), nlohmann::json(1ull << 53)}) {
+    doc["not_after"] = bad;
+    EXPECT_NE(refusal(envelope(key, doc.dump()), {key.pk}).find("not_after"), std::string::npos) << bad.dump();
+  }
 }
 
 TEST(Desired, RefusesUnknownKeysAndBadSignatures) {
@@ -322,6 +343,61 @@ TEST(Archive, RefusesOversizeTruncatedAndForeignArchives) {
   EXPECT_NE(extract_error(std::string(1024, '\0')).find("no member"), std::string::npos);
 }
 
+TEST(Archive, ADirectoryEntryAfterItsFilesIsNotADuplicate) {
+  TempDir dir;
+  // What `tar -c` of a directory listed file by file, then the directory itself, writes.
+  write_file(dir.path() / "a.tar", Tar()
+                                       .member("golden/sample_0/x.npy", "x")
+                                       .member("golden/sample_0/", "", '5')
+                                       .member("golden/", "", '5')
+                                       .member("manifest.json", "{}")
+                                       .done());
+  const fs::path out = dir.path() / "out";
+  archive_extract((dir.path() / "a.tar").string(), out.string(), 1 << 20);
+  EXPECT_TRUE(fs::is_regular_file(out / "golden" / "sample_0" / "x.npy"));
+  // A directory listed twice still is a duplicate, and so is a directory entry over a file.
+  EXPECT_NE(extract_error(Tar().member("d/f", "x").member("d/", "", '5').member("d/", "", '5').done()).find("appears twice"),
+            std::string::npos);
+  EXPECT_NE(extract_error(Tar().member("d", "x").member("d/", "", '5').done()).find("appears twice"), std::string::npos);
+}
+
+TEST(Archive, RefusesTooManyMembersBeforeWritingAny) {
+  Tar many;
+  for (uint64_t i = 0; i <= ARCHIVE_MAX_MEMBERS; ++i) many.member("f" + std::to_string(i), "");
+  TempDir dir;
+  write_file(dir.path() / "a.tar", many.done());
+  try {
+    archive_extract((dir.path() / "a.tar").string(), (dir.path() / "out").string(), 1 << 20);
+    FAIL() << "an archive of " << ARCHIVE_MAX_MEMBERS + 1 << " members was extracted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("more than " + std::to_string(ARCHIVE_MAX_MEMBERS) + " members"),
+              std::string::npos)
+        << e.what();
+  }
+  EXPECT_FALSE(fs::exists(dir.path() / "out"));  // refused from the headers, before anything was created
+  Tar enough;
+  for (uint64_t i = 0; i < ARCHIVE_MAX_MEMBERS; ++i) enough.member("f" + std::to_string(i), "");
+  write_file(dir.path() / "b.tar", enough.done());
+  const ArchiveSummary summary = archive_summarize((dir.path() / "b.tar").string(), 1 << 20);
+  EXPECT_EQ(summary.members, ARCHIVE_MAX_MEMBERS);
+}
+
+TEST(Archive, ChecksFreeSpaceBeforeExtracting) {
+  TempDir dir;
+  write_file(dir.path() / "a.tar", Tar().member("a", std::string(3000, 'x')).member("b", "yy").done());
+  const ArchiveSummary summary = archive_summarize((dir.path() / "a.tar").string(), 1 << 20);
+  EXPECT_EQ(summary.members, 2u);
+  EXPECT_EQ(summary.content_bytes, 3002u);
+  EXPECT_NO_THROW(archive_space_check(dir.path().string(), 1 << 20));
+  try {
+    archive_space_check(dir.path().string(), UINT64_MAX / 2);
+    FAIL() << "no file system has 8 EiB free";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ERROR_CODE_IO);
+    EXPECT_NE(std::string(e.what()).find("not enough free space"), std::string::npos) << e.what();
+  }
+}
+
 TEST(Archive, NeverWritesThroughAnExistingDestination) {
   TempDir dir;
   write_file(dir.path() / "a.tar", Tar().member("m", "x").done());
@@ -332,6 +408,17 @@ TEST(Archive, NeverWritesThroughAnExistingDestination) {
 }
 
 // --- state.json and the boot choice ----------------------------------------------------------------
+
+TEST(DeployState, TheFloorFileKeepsTheHighestVersion) {
+  TempDir dir;
+  const std::string path = (dir.path() / "floor").string();
+  EXPECT_EQ(deploy_floor_read(path), 0u);  // missing
+  deploy_floor_write(path, 17);
+  EXPECT_EQ(deploy_floor_read(path), 17u);
+  EXPECT_FALSE(fs::exists(path + ".tmp"));
+  write_file(path, "{\"highest_version\": 23, garbage");  // damaged: what can still be read
+  EXPECT_EQ(deploy_floor_read(path), 23u);
+}
 
 TEST(DeployState, RoundTripsAtomically) {
   TempDir dir;
@@ -344,6 +431,7 @@ TEST(DeployState, RoundTripsAtomically) {
   DeployState state;
   state.highest_version = 9;
   state.slots["b"] = SlotRecord{"good", std::string(64, 'c'), "digits", std::string(64, 'd'), 9};
+  state.slots["b"].boot_attempts = 2;
   DeploymentRecord record;
   record.deployment_id = "dep-9";
   record.version = 9;
@@ -352,6 +440,7 @@ TEST(DeployState, RoundTripsAtomically) {
   record.phase = "download";
   record.desired = {{"x", 1}};
   record.reported = false;
+  record.attempts = {{"download", 2}, {"verify", 1}};
   state.deployment = record;
   deploy_state_write(path, state);
   EXPECT_FALSE(fs::exists(path + ".tmp"));
@@ -360,10 +449,12 @@ TEST(DeployState, RoundTripsAtomically) {
   EXPECT_EQ(back.slots.at("b").status, "good");
   EXPECT_EQ(back.slots.at("b").manifest_sha256, std::string(64, 'c'));
   EXPECT_EQ(back.slots.at("b").desired_version, 9u);
+  EXPECT_EQ(back.slots.at("b").boot_attempts, 2u);
   ASSERT_TRUE(back.deployment.has_value());
   EXPECT_EQ(back.deployment->phase, "download");
   EXPECT_EQ(back.deployment->desired, nlohmann::json({{"x", 1}}));
   EXPECT_FALSE(back.deployment->reported);
+  EXPECT_EQ(back.deployment->attempts, (std::map<std::string, uint32_t>{{"download", 2}, {"verify", 1}}));
 
   write_file(path, "{\"highest_version\": 1}");
   EXPECT_THROW(deploy_state_read(path), Error);

@@ -5,6 +5,8 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -178,6 +180,27 @@ TEST_F(SpoolTest, SecondOpenOfTheSameDatabaseFails) {
     EXPECT_EQ(e.code(), ERROR_CODE_IO);
     EXPECT_NE(std::string(e.what()).find("spool"), std::string::npos) << e.what();
   }
+  // Held by another process is not corrupt: nothing is moved aside.
+  for (const auto& entry : std::filesystem::directory_iterator(dir_)) {
+    EXPECT_EQ(entry.path().filename().string().find(".corrupt-"), std::string::npos) << entry.path();
+  }
+}
+
+TEST_F(SpoolTest, ACorruptDatabaseIsSetAsideAndANewOneCreated) {
+  const std::string garbage(8192, 'x');
+  {
+    std::ofstream out(path(), std::ios::binary);
+    out << garbage;
+  }
+  Spool spool(path());  // must not throw: a damaged spool must not keep the agent from starting
+  EXPECT_EQ(spool.spool_append("t", 1, payload_of).seq, 1u);
+  std::vector<std::filesystem::path> aside;
+  for (const auto& entry : std::filesystem::directory_iterator(dir_)) {
+    if (entry.path().filename().string().rfind("spool.db.corrupt-", 0) == 0) aside.push_back(entry.path());
+  }
+  ASSERT_EQ(aside.size(), 1u);
+  std::ifstream in(aside[0], std::ios::binary);
+  EXPECT_EQ(std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>()), garbage);
 }
 
 TEST_F(SpoolTest, UnwritableLocationIsAnIoError) {

@@ -70,6 +70,25 @@ TEST(Stats, PercentilesFromTheHistogram) {
   EXPECT_LE(p95, p99);
 }
 
+TEST(Stats, TheBucketAndPercentileRulesAreTheOnesTheMonitorIsBoundTo) {
+  const double log2 = std::log(2.0);
+  EXPECT_EQ(stats_latency_bucket(9.99, 10.0, log2, 4), -1);
+  EXPECT_EQ(stats_latency_bucket(std::nan(""), 10.0, log2, 4), -1);
+  EXPECT_EQ(stats_latency_bucket(10.0, 10.0, log2, 4), 0);
+  EXPECT_EQ(stats_latency_bucket(39.9, 10.0, log2, 4), 1);
+  EXPECT_EQ(stats_latency_bucket(159.0, 10.0, log2, 4), 3);
+  EXPECT_EQ(stats_latency_bucket(160.0, 10.0, log2, 4), 4);  // overflow
+  const ManifestLatencyBuckets b{10.0, 2.0, 4};
+  // Empty: NaN (the binding's None; stats_percentile_us's 0).
+  EXPECT_TRUE(std::isnan(stats_percentiles_us({0, 0, 0, 0}, 0, 0, b, 0.0, {0.5})[0]));
+  // q = 0 with an empty first bucket: the first non-empty bucket's lower edge, never a division by 0.
+  EXPECT_DOUBLE_EQ(stats_percentiles_us({0, 4, 0, 0}, 0, 0, b, 0.0, {0.0})[0], 20.0);
+  const std::vector<double> q = stats_percentiles_us({2, 0, 0, 0}, 2, 1, b, 500.0, {0.1, 0.5, 1.0});
+  EXPECT_DOUBLE_EQ(q[0], 10.0);                          // inside the underflow: start_us
+  EXPECT_DOUBLE_EQ(q[1], 10.0 * std::pow(2.0, 0.25));   // rank 2.5: a quarter into bucket 0
+  EXPECT_DOUBLE_EQ(q[2], 500.0);                         // past the buckets: the maximum seen
+}
+
 TEST(Stats, ClassCountsAndHistogram) {
   Stats stats(monitoring_make(), OUTPUTS);
   // Run 1: rows -> class 2, class 1 (NaN skipped). Run 2: an all-NaN row, class 1.

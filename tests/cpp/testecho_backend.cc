@@ -4,8 +4,12 @@
 // backend.options say {"mode": "double"}. It runs the payload format "testecho"; its payload
 // entry must start with the bytes "testecho".
 // backend.options {"fail": "open"} / {"fail": "run"} make it fail, {"fail": "throw"} throws from
-// its open function, to test error propagation across the C table.
+// its open function, to test error propagation across the C table; {"fail": "abort"} aborts the
+// process on its first run (a payload that crashes the agent's self-test). The environment variable
+// EDGESMITH_TESTECHO_OFFSET (a number) is added to float outputs: one device whose engine computes
+// wrongly, so its golden self-test fails while other devices pass the same artifact.
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <stdexcept>
@@ -21,10 +25,12 @@ namespace {
 
 class TestEchoBackend : public Backend {
  public:
-  TestEchoBackend(bool doubling, bool fail_run) : doubling_(doubling), fail_run_(fail_run) {}
+  TestEchoBackend(bool doubling, bool fail_run, bool abort_run, float offset)
+      : doubling_(doubling), fail_run_(fail_run), abort_run_(abort_run), offset_(offset) {}
 
   BackendStatus backend_run(const std::vector<TensorView>& inputs,
                             std::vector<Tensor>* outputs) noexcept override {
+    if (abort_run_) std::abort();
     if (fail_run_) return {BACKEND_STATUS_RUN_FAILED, "testecho was told to fail"};
     try {
       for (const TensorView& input : inputs) {
@@ -34,6 +40,10 @@ class TestEchoBackend : public Backend {
         if (doubling_ && input.dtype == DTYPE_FLOAT32) {
           auto* values = static_cast<float*>(out.data());
           for (size_t i = 0; i < numel; ++i) values[i] *= 2.0f;
+        }
+        if (offset_ != 0.0f && input.dtype == DTYPE_FLOAT32) {
+          auto* values = static_cast<float*>(out.data());
+          for (size_t i = 0; i < numel; ++i) values[i] += offset_;
         } else if (doubling_ && input.dtype == DTYPE_FLOAT64) {
           auto* values = static_cast<double*>(out.data());
           for (size_t i = 0; i < numel; ++i) values[i] *= 2.0;
@@ -51,6 +61,8 @@ class TestEchoBackend : public Backend {
  private:
   bool doubling_;
   bool fail_run_;
+  bool abort_run_;
+  float offset_;
 };
 
 Backend* testecho_open(const BackendOpenArgs& args, BackendStatus* status) {
@@ -74,7 +86,8 @@ Backend* testecho_open(const BackendOpenArgs& args, BackendStatus* status) {
     return nullptr;
   }
   const bool doubling = options.is_object() && options.value("mode", "") == "double";
-  return new TestEchoBackend(doubling, fail == "run");
+  const char* offset = std::getenv("EDGESMITH_TESTECHO_OFFSET");
+  return new TestEchoBackend(doubling, fail == "run", fail == "abort", offset != nullptr ? std::strtof(offset, nullptr) : 0.0f);
 }
 
 }  // namespace

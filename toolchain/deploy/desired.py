@@ -3,6 +3,10 @@
 The envelope carries the desired-state JSON as a string, so what is signed is exactly the bytes
 the device parses; the signature covers ``"edgesmith-desired-v1\\n" + signed``, a prefix no
 manifest starts with, so a desired-state signature is never a valid manifest signature.
+
+Each desired state carries ``not_after`` (Unix seconds, signed with the rest): a device refuses it
+once its clock is more than DESIRED_CLOCK_SKEW_S past that, so a desired state captured today cannot
+be replayed to a device that was re-imaged (its replay floor lost) months later.
 """
 
 from __future__ import annotations
@@ -26,7 +30,13 @@ DOMAIN = contract.DESIRED_DOMAIN.encode()
 ENVELOPE_FIELDS = tuple(contract.DesiredEnvelope.model_fields)
 STATE_FIELDS = tuple(n for n, f in contract.DesiredState.model_fields.items() if f.is_required() or n == "v")
 ARTIFACT_FIELDS = tuple(contract.DesiredArtifact.model_fields)
+OPTIONAL_STATE_FIELDS = ("not_after",)
 Action = Literal["deploy", "rollback"]  # contract.DeployAction
+# How long a signed desired state stays valid: long enough for a device that is offline over a
+# weekend to still take the retained message, short enough that an old one is not a standing key.
+DESIRED_VALIDITY_S = 7 * 24 * 3600
+# The clock skew a device allows past not_after (csrc/deploy/desired.h DESIRED_CLOCK_SKEW_S).
+DESIRED_CLOCK_SKEW_S = 300
 
 
 def desired_topic(fleet: str, device: str) -> str:
@@ -44,10 +54,12 @@ def artifact_url(base_url: str, sha256: str) -> str:
 
 
 def desired_state(fleet: str, device: str, version: int, deployment_id: str, action: Action, archive: ArchiveInfo,
-                  base_url: str, issued_at_ms: int | None = None) -> dict[str, Any]:
+                  base_url: str, issued_at_ms: int | None = None, valid_for_s: int = DESIRED_VALIDITY_S) -> dict[str, Any]:
+    """The desired state to sign; devices refuse it ``valid_for_s`` after ``issued_at_ms`` (plus skew)."""
+    issued = issued_at_ms if issued_at_ms is not None else int(time.time() * 1000)
     return {
         "v": 1, "fleet": fleet, "device": device, "version": int(version), "deployment_id": deployment_id,
-        "action": action, "issued_at_ms": issued_at_ms if issued_at_ms is not None else int(time.time() * 1000),
+        "action": action, "issued_at_ms": issued, "not_after": issued // 1000 + int(valid_for_s),
         "artifact": {"url": artifact_url(base_url, archive.sha256), "sha256": archive.sha256, "size": archive.size,
                      "manifest_sha256": archive.manifest_sha256, "name": archive.name},
     }
@@ -86,6 +98,10 @@ def verify(envelope: bytes, public_keys: list[bytes]) -> dict[str, Any]:
         raise ValueError("the desired state lacks a field")
     if state["action"] not in tuple(contract.DeployAction):
         raise ValueError(f"unknown action {state['action']!r}")
+    not_after = state.get("not_after")
+    if not_after is not None and (isinstance(not_after, bool) or not isinstance(not_after, int)
+                                  or not 0 < not_after < 2**53):
+        raise ValueError("the desired state's not_after is not a positive integer (Unix seconds)")
     try:
         contract.DesiredState.model_validate_json(outer["signed"])
     except ValueError as e:

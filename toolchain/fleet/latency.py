@@ -1,19 +1,20 @@
 """Latency histograms as the device runtime keeps them: log-spaced buckets from the birth's layout.
 
 Bucket k holds runs in ``[start_us * factor**k, start_us * factor**(k+1))``, with an underflow and
-an overflow count. Windows merge by adding counts; percentiles are estimated exactly as the C++
-core does (``stats_percentile_us`` in ``csrc/runtime/stats.cc``), so a merged window of one device
-gives the same p50 the device reported.
+an overflow count. Windows merge by adding counts; the bucket and percentile rules are the C++
+core's own (``stats_latency_bucket`` / ``stats_percentiles_us`` in ``csrc/runtime/stats.cc``,
+bound in ``edgesmith.runtime._core``), so a merged window of one device gives the same p50 the
+device reported.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgesmith.runtime.artifact import _core
 from edgesmith.toolchain.fleet.protocol import LatencyLayout
 
 
@@ -22,38 +23,19 @@ def layout_key(layout: LatencyLayout) -> tuple[float, float, int]:
 
 
 def bucket_index(latency_us: float, layout: LatencyLayout) -> int:
-    """-1 for underflow, ``layout.count`` for overflow, else the bucket."""
-    if not latency_us >= layout.start_us:
-        return -1
-    k = math.floor(math.log(latency_us / layout.start_us) / math.log(layout.factor))
-    return min(k, layout.count)
+    """-1 for underflow, ``layout.count`` for overflow, else the bucket (the C++ rule)."""
+    return _core().latency_bucket(float(latency_us), layout.start_us, layout.factor, layout.count)
 
 
 def percentiles_us(slots: np.ndarray, layout: LatencyLayout, max_us: float, qs: Sequence[float]) -> list[float | None]:
-    """Quantiles of ``[bucket counts..., underflow, overflow]``: the rank ``q * n`` falls in the
-    first bucket whose running total reaches it; the estimate is ``start_us * factor**(k + f)``
-    with ``f`` the rank's fraction of that bucket, capped at the maximum seen; a rank inside the
-    underflow gives ``start_us``, one past the buckets the maximum. None for an empty histogram."""
-    total = int(slots.sum())
-    if total == 0:
-        return [None] * len(qs)
-    underflow = int(slots[-2])
-    buckets = slots[:-2]
-    running = np.cumsum(buckets) + underflow
-    out: list[float | None] = []
-    for q in qs:
-        rank = min(max(q, 0.0), 1.0) * total
-        if underflow > 0 and rank <= underflow:
-            out.append(layout.start_us)
-            continue
-        k = int(np.searchsorted(running, rank, side="left"))
-        if k >= len(buckets):
-            out.append(max_us)
-            continue
-        seen = int(running[k]) - int(buckets[k])
-        estimate = layout.start_us * layout.factor ** (k + (rank - seen) / int(buckets[k]))
-        out.append(min(estimate, max_us) if max_us > 0 else estimate)
-    return out
+    """Quantiles of ``[bucket counts..., underflow, overflow]`` by the device runtime's rule
+    (``stats_percentiles_us`` in csrc/runtime/stats.cc, through the binding): the rank ``q * n``
+    falls in the first non-empty bucket whose running total reaches it; the estimate is
+    ``start_us * factor**(k + f)`` with ``f`` the rank's fraction of that bucket, capped at the
+    maximum seen; a rank inside the underflow gives ``start_us``, one past the buckets the maximum.
+    None for an empty histogram."""
+    return _core().latency_percentiles([int(c) for c in np.asarray(slots).tolist()], layout.start_us, layout.factor,
+                                       layout.count, float(max_us), [float(q) for q in qs])
 
 
 @dataclass
