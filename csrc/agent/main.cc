@@ -92,9 +92,8 @@ int agent_main(const AgentConfig& config, const sigset_t& signals) {
       throw Error(ERROR_CODE_INVALID_ARGUMENT, "the trust directory " + config.trust_dir +
                                                    " does not exist; provision it with build/*.pub and deploy/*.pub");
     }
-    for (const char* sub : {"", "build", "deploy"}) {
-      trust_dir_check((fs::path(config.trust_dir) / sub).string(), "the trust directory");
-    }
+    const fs::path trust(config.trust_dir);
+    for (const fs::path& dir : {trust, trust / "build", trust / "deploy"}) trust_dir_check(dir.string(), "the trust directory");
     for (auto& key : trust_keys_read((fs::path(config.trust_dir) / "build").string())) keys.push_back(std::move(key));
     deploy_keys = trust_keys_read((fs::path(config.trust_dir) / "deploy").string());
     if (keys.empty()) {
