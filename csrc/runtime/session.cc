@@ -1,5 +1,9 @@
 #include "runtime/session.h"
 
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <chrono>
 #include <cerrno>
 #include <cmath>
@@ -80,11 +84,34 @@ void format_check(const Manifest& manifest, const BackendPlugin& plugin) {
 
 // A fresh directory only this user can enter (mkdtemp: mode 0700, a new name), removed on scope exit
 // unless its path is cleared.
+constexpr const char* LOAD_DIR_PREFIX = "edgesmith-load-";
+
+// Copies left by a process that died before removing them (a crash during load or self-test):
+// named edgesmith-load-<pid>-XXXXXX, owned by this user, and <pid> no longer runs.
+void stale_copies_remove(const std::string& base) {
+  std::error_code ec;
+  for (fs::directory_iterator it(base, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    if (name.rfind(LOAD_DIR_PREFIX, 0) != 0) continue;
+    const std::string rest = name.substr(std::strlen(LOAD_DIR_PREFIX));
+    const size_t dash = rest.find('-');
+    if (dash == std::string::npos || dash == 0 || rest.find_first_not_of("0123456789") != dash) continue;
+    const long pid = std::strtol(rest.substr(0, dash).c_str(), nullptr, 10);
+    struct stat st {};
+    if (::lstat(it->path().c_str(), &st) != 0 || !S_ISDIR(st.st_mode) || st.st_uid != ::geteuid()) continue;
+    if (pid <= 0 || ::kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH) continue;
+    private_dir_remove(it->path().string());
+  }
+}
+
+// A fresh directory only this user can enter (mkdtemp: mode 0700, a new name), removed on scope exit
+// unless its path is cleared.
 struct PrivateDir {
   PrivateDir() {
     const char* tmp = std::getenv("TMPDIR");
     const std::string base = tmp != nullptr && tmp[0] == '/' ? tmp : "/tmp";
-    std::string templ = base + "/edgesmith-load-XXXXXX";
+    stale_copies_remove(base);
+    std::string templ = base + "/" + LOAD_DIR_PREFIX + std::to_string(::getpid()) + "-XXXXXX";
     if (::mkdtemp(templ.data()) == nullptr) {
       throw Error(ERROR_CODE_IO, "cannot make a private directory under " + base + " to load the artifact from (" +
                                      std::strerror(errno) + "); set TMPDIR to a writable directory");

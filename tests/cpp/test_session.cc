@@ -1,4 +1,6 @@
 #include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstdlib>
@@ -188,6 +190,29 @@ TEST_F(SessionTest, FilesSwappedAfterVerificationAreNotLoaded) {
     session.reset();
     EXPECT_FALSE(fs::exists(load_dir)) << "the private copy outlived its session";
   }
+}
+
+TEST_F(SessionTest, CopiesOfDeadProcessesAreRemoved) {
+  // A process that crashed while loading left its private copy behind; the next load removes it,
+  // and leaves a live process's copy (this one's) and foreign names alone.
+  test::TempDir tmp;
+  const pid_t child = fork();
+  if (child == 0) _exit(0);
+  ASSERT_GT(child, 0);
+  ASSERT_EQ(waitpid(child, nullptr, 0), child);
+  const fs::path dead = tmp.path() / ("edgesmith-load-" + std::to_string(child) + "-abcdef");
+  const fs::path alive = tmp.path() / ("edgesmith-load-" + std::to_string(getpid()) + "-abcdef");
+  const fs::path other = tmp.path() / "edgesmith-load-notapid";
+  for (const fs::path& dir : {dead, alive, other}) test::file_write(dir / "model.bin", "x");
+  const char* saved = std::getenv("TMPDIR");
+  const std::string saved_value = saved != nullptr ? saved : "";
+  setenv("TMPDIR", tmp.path().c_str(), 1);
+  auto session = open();
+  EXPECT_EQ(fs::path(session->session_load_dir()).parent_path(), tmp.path());
+  if (saved != nullptr) setenv("TMPDIR", saved_value.c_str(), 1); else unsetenv("TMPDIR");
+  EXPECT_FALSE(fs::exists(dead));
+  EXPECT_TRUE(fs::exists(alive));
+  EXPECT_TRUE(fs::exists(other));
 }
 
 TEST_F(SessionTest, ForeignIsaIsRefusedBeforeDlopen) {
