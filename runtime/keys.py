@@ -6,31 +6,28 @@ Public keys are files holding one line, the 32-byte Ed25519 public key in hex (d
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
+from edgesmith.runtime.artifact import _core
 from edgesmith.runtime.errors import ValueError as EdgesmithValueError
 
 
 HOME_DIR_NAME = ".edgesmith"
+_warned: set[str] = set()
 
 
 def edgesmith_home() -> Path:
-    """Where keys, tool environments and runtimes live, the same rule as the C++ core's
-    ``keys_home()``: ``$EDGESMITH_HOME``; else the nearest ``.edgesmith`` directory in the working
-    directory or one of its parents (a project's home, like ``.git``: `make demo` creates one in the
-    checkout); else ``~/.edgesmith``."""
-    env = os.environ.get("EDGESMITH_HOME")
-    if env:
-        return Path(env)
-    try:
-        here = Path.cwd()
-    except OSError:  # the working directory was removed
-        here = None
-    if here is not None:
-        for directory in (here, *here.parents):
-            if (directory / HOME_DIR_NAME).is_dir():
-                return directory / HOME_DIR_NAME
-    return Path.home() / HOME_DIR_NAME
+    """Where keys, tool environments and runtimes live, the C++ core's ``home_resolve()`` rule:
+    ``$EDGESMITH_HOME``; else the nearest ``.edgesmith`` directory in the working directory or one of
+    its parents (a project's home, like ``.git``: `make demo` creates one in the checkout) if the
+    user owns it and nobody else can write it; else ``~/.edgesmith``. A project home passed over is
+    reported once as a warning."""
+    home, skipped = _core().home_resolve()
+    if skipped and skipped not in _warned:
+        _warned.add(skipped)
+        warnings.warn(skipped, stacklevel=2)
+    return Path(home)
 
 
 def read_hex_key(path: str | os.PathLike, what: str = "public key", hint: str = "") -> bytes:
@@ -54,7 +51,7 @@ def load_public_key(path: str | os.PathLike) -> bytes:
 
 
 def trusted_public_keys() -> list[bytes]:
-    """Keys trusted without being named: $EDGESMITH_HOME/{keys,trusted}/*.pub."""
-    home = edgesmith_home()
-    paths = sorted((home / "keys").glob("*.pub")) + sorted((home / "trusted").glob("*.pub"))
-    return [load_public_key(p) for p in paths]
+    """Keys trusted without being named: <home>/{keys,trusted}/*.pub, read by the C++ core, which
+    refuses (ValueError) a home or key directory another user owns or others can write."""
+    edgesmith_home()  # the warning about a passed-over project home, if any
+    return list(_core().trusted_keys_default())

@@ -388,11 +388,13 @@ def test_http_inference_matches_session(broker, digits_host_openvino, tmp_path):
 
         with urllib.request.urlopen(f"{url}/v1/health", timeout=10) as response:
             health = json.load(response)
-        assert health == {"device": "cam-05", "artifact": digits_host_openvino["path"].name, "runs": 1, "errors": 1}
+        # The two bad requests were refused before reaching the model: counted by the API, not as runs.
+        assert health == {"device": "cam-05", "artifact": digits_host_openvino["path"].name, "runs": 1, "errors": 0}
         with urllib.request.urlopen(f"{url}/v1/stats", timeout=10) as response:
             stats = json.load(response)
         assert stats["runs"] == 1 and stats["outputs"]["linear"]["kind"] == "classes"
         assert stats["telemetry"]["device"] == "cam-05"
+        assert stats["http"]["refused"] == {"input_mismatch": 1, "malformed": 1}
     finally:
         assert agent.stop() == 0, agent.log()
     assert not (tmp_path / "data" / "agent.json").exists()

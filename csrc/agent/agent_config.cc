@@ -12,6 +12,7 @@
 #include <optional>
 #include <sstream>
 
+#include "agent/http_api.h"
 #include "telemetry/spool.h"
 
 namespace fs = std::filesystem;
@@ -23,11 +24,13 @@ const char* const AGENT_USAGE =
     "       edgesmith-agent --device ID --fleet F --artifact DIR --credentials FILE --data-dir DIR\n"
     "                       [--interval SECONDS] [--synthetic-load RPS] [--http HOST:PORT] [--key FILE.pub ...]\n"
     "                       [--trust-dir DIR [--deploy-max-bytes N] [--deploy-timeout SECONDS]]\n"
+    "                       [--http-token-file FILE] [--http-max-requests N] [--backend-path DIR ...]\n"
     "\n"
     "Serve an artifact on loopback HTTP and report telemetry over MQTT (docs/telemetry.md).\n"
     "  --config FILE         TOML with the keys below (device, fleet, artifact, credentials, data_dir,\n"
     "                        interval_s, synthetic_load_rps, http, trusted_keys, spool_max_bytes,\n"
-    "                        trust_dir, deploy_max_bytes, deploy_timeout_s);\n"
+    "                        trust_dir, deploy_max_bytes, deploy_timeout_s, http_token_file,\n"
+    "                        http_max_requests, backend_path);\n"
     "                        flags override it, relative paths are taken from its directory\n"
     "  --device ID           this device (default: the credentials' device; must match them)\n"
     "  --fleet F             its fleet (default: the credentials' fleet; must match them)\n"
@@ -38,7 +41,13 @@ const char* const AGENT_USAGE =
     "  --synthetic-load RPS  run the model itself RPS times a second on its golden inputs plus\n"
     "                        small seeded noise (demos and tests; default 0: off)\n"
     "  --synthetic-shift X   add X to every synthetic input value (to show drift)\n"
-    "  --http HOST:PORT      local inference API (default 127.0.0.1:0: any free port)\n"
+    "  --http HOST:PORT      local inference API (default 127.0.0.1:0: any free port); an address\n"
+    "                        beyond loopback needs --http-token-file\n"
+    "  --http-token-file FILE  clients must send 'Authorization: Bearer <the file's secret>'\n"
+    "                        (at least 16 characters, the file chmod 600)\n"
+    "  --http-max-requests N inference requests served at once (default 4); more get 503\n"
+    "  --backend-path DIR    an absolute directory of backend plugins, searched first (repeatable;\n"
+    "                        the agent ignores EDGESMITH_BACKEND_PATH)\n"
     "  --key FILE.pub        trusted signing key (default: $EDGESMITH_HOME/{keys,trusted}/*.pub)\n"
     "  --spool-max-bytes N   the spool's disk budget (default 33554432); the oldest messages are\n"
     "                        dropped, counted and reported when it is exhausted\n"
@@ -93,7 +102,8 @@ void toml_apply(const std::string& file, AgentConfig* config) {
   const fs::path base = fs::absolute(fs::path(file)).parent_path();
   static const char* const KNOWN =
       "device, fleet, artifact, credentials, data_dir, interval_s, synthetic_load_rps, synthetic_shift, http, "
-      "trusted_keys, spool_max_bytes, trust_dir, deploy_max_bytes, deploy_timeout_s";
+      "trusted_keys, spool_max_bytes, trust_dir, deploy_max_bytes, deploy_timeout_s, http_token_file, "
+      "http_max_requests, backend_path";
   for (const auto& [key, node] : table) {
     const std::string name(key.str());
     const auto text = [&]() -> std::string {
@@ -139,6 +149,21 @@ void toml_apply(const std::string& file, AgentConfig* config) {
     } else if (name == "deploy_timeout_s") {
       config->deploy_timeout_s = number();
       if (!(config->deploy_timeout_s > 0.0)) throw AgentConfigError{file + ": 'deploy_timeout_s' must be positive"};
+    } else if (name == "http_token_file") {
+      config->http_token_file = path_from(base, text());
+    } else if (name == "http_max_requests") {
+      if (!node.is_integer() || *node.value<int64_t>() < 1 || *node.value<int64_t>() > 1024) {
+        throw AgentConfigError{file + ": 'http_max_requests' must be an integer from 1 to 1024"};
+      }
+      config->http_max_requests = static_cast<uint32_t>(*node.value<int64_t>());
+    } else if (name == "backend_path") {
+      const toml::array* dirs = node.as_array();
+      if (dirs == nullptr) throw AgentConfigError{file + ": 'backend_path' must be a list of directories"};
+      config->backend_path.clear();
+      for (const toml::node& entry : *dirs) {
+        if (!entry.is_string()) throw AgentConfigError{file + ": 'backend_path' must be a list of directories"};
+        config->backend_path.push_back(path_from(base, *entry.value<std::string>()));
+      }
     } else if (name == "trusted_keys") {
       const toml::array* keys = node.as_array();
       if (keys == nullptr) throw AgentConfigError{file + ": 'trusted_keys' must be a list of .pub file paths"};
@@ -182,6 +207,7 @@ AgentConfig agent_config_parse(int argc, char** argv) {
   AgentConfig config;
   if (!config_file.empty()) toml_apply(config_file, &config);
   std::vector<std::string> keys;
+  std::vector<std::string> backend_path;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     const auto value = [&]() -> std::string {
@@ -221,6 +247,22 @@ AgentConfig agent_config_parse(int argc, char** argv) {
       config.deploy_max_bytes = bytes_parse(arg, value());
     } else if (arg == "--deploy-timeout") {
       config.deploy_timeout_s = seconds_parse(arg, value(), false);
+    } else if (arg == "--http-token-file") {
+      config.http_token_file = value();
+    } else if (arg == "--http-max-requests") {
+      const std::string text = value();
+      char* end = nullptr;
+      const long n = std::strtol(text.c_str(), &end, 10);
+      if (text.empty() || *end != '\0' || n < 1 || n > 1024) {
+        throw AgentConfigError{"--http-max-requests takes a number from 1 to 1024, got '" + text + "'"};
+      }
+      config.http_max_requests = static_cast<uint32_t>(n);
+    } else if (arg == "--backend-path") {
+      const std::string dir = value();
+      if (!fs::path(dir).is_absolute()) {
+        throw AgentConfigError{"--backend-path takes an absolute directory, got '" + dir + "'"};
+      }
+      backend_path.push_back(dir);
     } else if (arg == "--spool-max-bytes") {
       config.spool_max_bytes = bytes_parse(arg, value());
     } else {
@@ -228,6 +270,7 @@ AgentConfig agent_config_parse(int argc, char** argv) {
     }
   }
   if (!keys.empty()) config.trusted_keys = keys;
+  if (!backend_path.empty()) config.backend_path = backend_path;
   const char* where = config_file.empty() ? "" : " (or in the config file)";
   if (config.artifact.empty()) throw AgentConfigError{std::string("--artifact DIR is missing") + where};
   if (config.credentials.empty()) throw AgentConfigError{std::string("--credentials FILE is missing") + where};
@@ -235,6 +278,10 @@ AgentConfig agent_config_parse(int argc, char** argv) {
   std::string host;
   int port = 0;
   agent_http_address(config.http, &host, &port);
+  if (!http_host_is_loopback(host) && config.http_token_file.empty()) {
+    throw AgentConfigError{"--http " + config.http + " serves beyond this machine, so it needs --http-token-file FILE " +
+                           "(a secret clients send as 'Authorization: Bearer ...'); or listen on 127.0.0.1"};
+  }
   return config;
 }
 

@@ -29,6 +29,9 @@ struct AgentConfig {
   std::string trust_dir;                  ///< build/*.pub and deploy/*.pub; empty: deployment disabled
   uint64_t deploy_max_bytes = 512ull << 20;  ///< largest artifact archive accepted
   double deploy_timeout_s = 600.0;        ///< how long one deployment's download may take
+  std::string http_token_file;            ///< the Bearer token of the HTTP API; required off loopback
+  uint32_t http_max_requests = 4;         ///< concurrent /v1/infer requests; more get 503
+  std::vector<std::string> backend_path;  ///< plugin directories (absolute); $EDGESMITH_BACKEND_PATH is ignored
 };
 
 /// The usage text (--help).

@@ -1,12 +1,21 @@
-// The agent's local inference API on loopback HTTP (docs/telemetry.md, "The agent"):
+// The agent's local inference API on HTTP (docs/telemetry.md, "The agent"):
 //   POST /v1/infer   the inputs as .npy files concatenated in input order -> the outputs likewise;
-//                    400 {"error"} for inputs that do not match the model
+//                    400 {"error"} for inputs that do not match the model (each header is checked
+//                    against the manifest before its data is read), 413 for a body larger than the
+//                    model's inputs plus their headers, 503 + Retry-After beyond the concurrency limit
 //   GET  /v1/health  {"device", "artifact", "runs", "errors"}
 //   GET  /v1/model   {"artifact", "manifest_sha256", "target", "backend"} of the serving model
-//   GET  /v1/stats   the Session's statistics since start, plus the telemetry connection state
+//   GET  /v1/stats   the Session's statistics since start, plus the telemetry connection state and
+//                    the HTTP refusals by reason
+// With a token, every request needs `Authorization: Bearer <token>` (401 otherwise); an address
+// beyond loopback is only served with a token (the agent's --http-token-file).
 #pragma once
 
+#include <atomic>
+#include <cstdint>
 #include <functional>
+#include <map>
+#include <mutex>
 #include <memory>
 #include <string>
 #include <thread>
@@ -24,6 +33,20 @@ namespace edgesmith {
 /// The Session's statistics as JSON (counters, latency with percentiles, output summaries).
 nlohmann::json stats_json(const StatsSnapshot& stats);
 
+/// How the API is served.
+struct HttpOptions {
+  std::string token;           ///< required as `Authorization: Bearer <token>`; empty: none (loopback only)
+  uint32_t max_requests = 4;   ///< concurrent /v1/infer requests served; more get 503 + Retry-After
+};
+
+/// True when `host` (an --http host) only accepts connections from this machine: "localhost",
+/// 127.0.0.0/8 or ::1.
+bool http_host_is_loopback(const std::string& host);
+
+/// The token in `path` (surrounding blanks stripped). Throws Error(ERROR_CODE_INVALID_ARGUMENT) with
+/// the fix when the file is missing, shorter than 16 characters, or readable by group or others.
+std::string http_token_read(const std::string& path);
+
 /// The HTTP API of the serving Session (asked for each request: a deployment swaps it, and a
 /// request in progress keeps the Session it started with).
 class HttpApi {
@@ -31,7 +54,7 @@ class HttpApi {
   /// `on_run_error` is told about every failed inference (the agent reports them as events);
   /// `status` adds the telemetry state to /v1/stats.
   HttpApi(std::function<std::shared_ptr<Session>()> session, std::string device, std::function<void(const std::string&)> on_run_error,
-          std::function<nlohmann::json()> status);
+          std::function<nlohmann::json()> status, HttpOptions options = {});
   ~HttpApi();
   HttpApi(const HttpApi&) = delete;
   HttpApi& operator=(const HttpApi&) = delete;
@@ -43,11 +66,21 @@ class HttpApi {
   /// Stop serving (waits for the server thread).
   void http_stop();
 
+  /// Requests refused so far, by reason: unauthorized, too_large, busy, malformed, input_mismatch.
+  std::map<std::string, uint64_t> http_refusals() const;
+
  private:
+  void refusal_count(const std::string& reason);
+  bool authorized(const std::string& header) const;
+
   std::function<std::shared_ptr<Session>()> session_;
   std::string device_;
   std::function<void(const std::string&)> on_run_error_;
   std::function<nlohmann::json()> status_;
+  HttpOptions options_;
+  std::atomic<uint32_t> in_flight_{0};
+  mutable std::mutex refusals_mutex_;
+  std::map<std::string, uint64_t> refusals_;
   std::unique_ptr<httplib::Server> server_;
   std::thread thread_;
 };

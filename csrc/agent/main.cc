@@ -91,6 +91,11 @@ int agent_main(const AgentConfig& config, const sigset_t& signals) {
     throw Error(ERROR_CODE_INVALID_ARGUMENT, "--fleet is " + config.fleet + " but " + config.credentials +
                                                  " is for fleet " + credentials.fleet);
   }
+  // Plugins come from the built-in directories and --backend-path only, never from the environment.
+  plugin_search_configure(PluginSearchPolicy{false, config.backend_path});
+  HttpOptions http_options;
+  http_options.max_requests = config.http_max_requests;
+  if (!config.http_token_file.empty()) http_options.token = http_token_read(config.http_token_file);
   std::vector<std::vector<uint8_t>> keys;
   for (const std::string& path : config.trusted_keys) keys.push_back(public_key_read(path));
   std::vector<std::vector<uint8_t>> deploy_keys;
@@ -102,6 +107,8 @@ int agent_main(const AgentConfig& config, const sigset_t& signals) {
       throw Error(ERROR_CODE_INVALID_ARGUMENT, "the trust directory " + config.trust_dir +
                                                    " does not exist; provision it with build/*.pub and deploy/*.pub");
     }
+    const fs::path trust(config.trust_dir);
+    for (const fs::path& dir : {trust, trust / "build", trust / "deploy"}) trust_dir_check(dir.string(), "the trust directory");
     for (auto& key : trust_keys_read((fs::path(config.trust_dir) / "build").string())) keys.push_back(std::move(key));
     deploy_keys = trust_keys_read((fs::path(config.trust_dir) / "deploy").string());
     if (keys.empty()) {
@@ -181,7 +188,7 @@ int agent_main(const AgentConfig& config, const sigset_t& signals) {
     }
   };
 
-  HttpApi http(serving_get, device, on_run_error, [&reporter] { return reporter.reporter_status(); });
+  HttpApi http(serving_get, device, on_run_error, [&reporter] { return reporter.reporter_status(); }, http_options);
   std::string host;
   int port = 0;
   agent_http_address(config.http, &host, &port);

@@ -21,7 +21,7 @@ std::vector<std::vector<Tensor>> SyntheticLoad::samples_load(const Session& sess
   for (const ManifestGoldenSample& sample : manifest.golden.samples) {
     std::vector<Tensor> inputs;
     for (const std::string& path : sample.inputs) {
-      inputs.push_back(npy_read((std::filesystem::path(session.session_artifact_dir()) / path).string()));
+      inputs.push_back(npy_read((std::filesystem::path(session.session_load_dir()) / path).string()));
     }
     samples.push_back(std::move(inputs));
   }

@@ -18,19 +18,42 @@ namespace {
 const char* const HOME_DIR_NAME = ".edgesmith";
 }  // namespace
 
-std::string keys_home() {
+HomeResolution home_resolve() {
+  HomeResolution found;
   const char* home = std::getenv("EDGESMITH_HOME");
-  if (home != nullptr && home[0] != '\0') return home;
+  if (home != nullptr && home[0] != '\0') {
+    found.path = home;
+    return found;
+  }
   std::error_code ec;
   const fs::path cwd = fs::current_path(ec);
   if (!ec) {
     for (fs::path dir = cwd;; dir = dir.parent_path()) {
-      if (fs::is_directory(dir / HOME_DIR_NAME, ec)) return (dir / HOME_DIR_NAME).string();
+      const fs::path candidate = dir / HOME_DIR_NAME;
+      if (fs::is_directory(candidate, ec)) {
+        // Anyone can create a directory above someone else's working directory (/tmp/.edgesmith):
+        // it counts only when it is the user's own and nobody else can write it.
+        const std::string problem = path_trust_problem(candidate.string(), "the project home", PATH_OWNER_SELF);
+        if (problem.empty()) {
+          found.path = candidate.string();
+          return found;
+        }
+        found.skipped = problem + " (it is ignored; set EDGESMITH_HOME to choose a home explicitly)";
+        break;
+      }
       if (dir == dir.parent_path()) break;
     }
   }
   const char* user = std::getenv("HOME");
-  return (fs::path(user != nullptr ? user : "/") / HOME_DIR_NAME).string();
+  found.path = (fs::path(user != nullptr ? user : "/") / HOME_DIR_NAME).string();
+  return found;
+}
+
+std::string keys_home() { return home_resolve().path; }
+
+void trust_dir_check(const std::string& dir, const std::string& what) {
+  const std::string problem = path_trust_problem(dir, what, PATH_OWNER_SELF_OR_ROOT);
+  if (!problem.empty()) throw Error(ERROR_CODE_INVALID_ARGUMENT, problem);
 }
 
 std::vector<uint8_t> public_key_read(const std::string& path) {
@@ -53,8 +76,11 @@ std::vector<uint8_t> public_key_read(const std::string& path) {
 
 std::vector<std::vector<uint8_t>> trusted_keys_default() {
   std::vector<std::vector<uint8_t>> keys;
+  const std::string home = keys_home();
+  trust_dir_check(home, "the edgesmith home");  // whoever can write it can swap keys/ and trusted/
   for (const char* sub : {"keys", "trusted"}) {
-    const fs::path dir = fs::path(keys_home()) / sub;
+    const fs::path dir = fs::path(home) / sub;
+    trust_dir_check(dir.string(), std::string("the key directory"));
     std::error_code ec;
     std::vector<std::string> files;
     for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {

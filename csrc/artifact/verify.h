@@ -22,10 +22,15 @@ struct VerifyResult {
 void artifact_path_check(const std::string& path);
 
 /// Verify the artifact directory `dir` against `trusted_public_keys` (32-byte Ed25519 keys),
-/// applying rules 1-8 in order. Throws Error(ERROR_CODE_INTEGRITY) naming the offending file,
+/// applying rules 1-8 in order. The directory is resolved once and every file is opened below it
+/// without following symlinks (openat with O_NOFOLLOW; a symlink is refused) and hashed from that
+/// descriptor. With `copy_to` (an existing private directory), every verified file is also written
+/// there from the very bytes that were hashed: what a loader opens from `copy_to` is what was
+/// verified, whatever happens to `dir` afterwards. Throws Error(ERROR_CODE_INTEGRITY) naming the offending file,
 /// Error(ERROR_CODE_MANIFEST) for a signed but malformed manifest, ERROR_CODE_IO when the
 /// directory cannot be read and ERROR_CODE_INVALID_ARGUMENT for a malformed trusted key.
 VerifyResult artifact_verify(const std::string& dir,
-                             const std::vector<std::vector<uint8_t>>& trusted_public_keys);
+                             const std::vector<std::vector<uint8_t>>& trusted_public_keys,
+                             const std::string& copy_to = "");
 
 }  // namespace edgesmith

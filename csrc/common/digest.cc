@@ -1,6 +1,7 @@
 #include "common/digest.h"
 
 #include <sodium.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cstdio>
@@ -71,6 +72,47 @@ std::string sha256_file(const std::string& path, uint64_t* size_out) {
   crypto_hash_sha256_final(&state, digest);
   if (size_out != nullptr) *size_out = total;
   return hex_encode(digest, sizeof digest);
+}
+
+std::string sha256_fd(int fd, uint64_t* size_out, int copy_fd, const std::string& name) {
+  sodium_ensure_init();
+  crypto_hash_sha256_state state;
+  crypto_hash_sha256_init(&state);
+  std::vector<uint8_t> chunk(HASH_CHUNK_BYTES);
+  uint64_t total = 0;
+  for (;;) {
+    const ssize_t n = ::read(fd, chunk.data(), chunk.size());
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      throw Error(ERROR_CODE_IO, "reading " + name + " failed part-way (" + std::strerror(errno) +
+                                     "); check the storage it lives on");
+    }
+    if (n == 0) break;
+    crypto_hash_sha256_update(&state, chunk.data(), static_cast<size_t>(n));
+    total += static_cast<uint64_t>(n);
+    for (ssize_t written = 0; copy_fd >= 0 && written < n;) {
+      const ssize_t w = ::write(copy_fd, chunk.data() + written, static_cast<size_t>(n - written));
+      if (w < 0 && errno == EINTR) continue;
+      if (w < 0) {
+        throw Error(ERROR_CODE_IO, "copying " + name + " for loading failed (" + std::strerror(errno) +
+                                       "); check the free space of $TMPDIR (or /tmp)");
+      }
+      written += w;
+    }
+  }
+  uint8_t digest[SHA256_BYTES];
+  crypto_hash_sha256_final(&state, digest);
+  if (size_out != nullptr) *size_out = total;
+  return hex_encode(digest, sizeof digest);
+}
+
+bool secret_equal(const std::string& a, const std::string& b) {
+  sodium_ensure_init();
+  unsigned char da[crypto_hash_sha256_BYTES];
+  unsigned char db[crypto_hash_sha256_BYTES];
+  crypto_hash_sha256(da, reinterpret_cast<const unsigned char*>(a.data()), a.size());
+  crypto_hash_sha256(db, reinterpret_cast<const unsigned char*>(b.data()), b.size());
+  return sodium_memcmp(da, db, sizeof da) == 0;
 }
 
 bool ed25519_verify(const std::string& message, const uint8_t* signature,

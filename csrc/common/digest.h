@@ -25,6 +25,15 @@ std::string sha256_string(const std::string& bytes);
 /// `size_out`, when not null, receives the number of bytes hashed. Throws Error(ERROR_CODE_IO).
 std::string sha256_file(const std::string& path, uint64_t* size_out = nullptr);
 
+/// Lower-case hex SHA-256 of what remains to be read from the open file `fd` (read to its end).
+/// When `copy_fd` >= 0, every byte hashed is also written to it, so the copy holds exactly the
+/// bytes the digest covers. `name` is used in messages. Throws Error(ERROR_CODE_IO).
+std::string sha256_fd(int fd, uint64_t* size_out, int copy_fd, const std::string& name);
+
+/// True when the secrets `a` and `b` are equal, in time that depends on neither's content nor on
+/// where they differ (both are hashed, and the digests compared with sodium_memcmp).
+bool secret_equal(const std::string& a, const std::string& b);
+
 /// True when `signature` (64 bytes) is a valid Ed25519 signature of `message` by `public_key`
 /// (32 bytes).
 bool ed25519_verify(const std::string& message, const uint8_t* signature,

@@ -1,5 +1,8 @@
 #include "common/file.h"
 
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -47,6 +50,26 @@ std::string file_read(const std::string& path, uint64_t max_bytes, ErrorCode cod
                 blame);
   }
   return text;
+}
+
+std::string path_trust_problem(const std::string& path, const std::string& what, PathOwner owner) {
+  struct stat st {};
+  if (stat(path.c_str(), &st) != 0) return "";
+  const uid_t me = geteuid();
+  const bool owner_ok = st.st_uid == me || (owner == PATH_OWNER_SELF_OR_ROOT && st.st_uid == 0);
+  const std::string quoted = string_quote(path, 300);
+  if (!owner_ok) {
+    const std::string allowed = owner == PATH_OWNER_SELF_OR_ROOT && me != 0 ? "you (uid " + std::to_string(me) + ") or root"
+                                                                            : "you (uid " + std::to_string(me) + ")";
+    return what + " " + quoted + " is owned by uid " + std::to_string(st.st_uid) + ", not " + allowed +
+           ", so another user could change what is loaded from it; run `chown " + std::to_string(me) + " " + path +
+           "` or use a directory of your own";
+  }
+  if ((st.st_mode & (S_IWGRP | S_IWOTH)) != 0) {
+    return what + " " + quoted + " can be written by " + ((st.st_mode & S_IWOTH) != 0 ? "every user" : "its group") +
+           ", so another user could change what is loaded from it; run `chmod go-w " + path + "`";
+  }
+  return "";
 }
 
 }  // namespace edgesmith

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "artifact/manifest.h"
+#include "artifact/keys.h"
 #include "artifact/verify.h"
 #include "common/digest.h"
 #include "common/version.h"
@@ -119,6 +120,19 @@ py::dict read_manifest(const std::string& path) {
   return manifest_to_python(manifest);
 }
 
+py::tuple home_resolve_python() {
+  const HomeResolution home = home_resolve();
+  return py::make_tuple(home.path, home.skipped);
+}
+
+std::vector<py::bytes> trusted_keys_default_python() {
+  std::vector<py::bytes> out;
+  for (const std::vector<uint8_t>& key : trusted_keys_default()) {
+    out.emplace_back(reinterpret_cast<const char*>(key.data()), key.size());
+  }
+  return out;
+}
+
 std::string sha256_file_hex(const std::string& path) {
   py::gil_scoped_release release;
   return sha256_file(path);
@@ -190,6 +204,13 @@ PYBIND11_MODULE(_core, m) {
   m.def("read_manifest", &read_manifest, py::arg("path"),
         "Parse an artifact directory's (or a file's) manifest.json with the C++ reader, without "
         "checking the signature; return its fields as plain dicts and lists.");
+  m.def("home_resolve", &home_resolve_python,
+        "(home, skipped): $EDGESMITH_HOME, else the nearest .edgesmith above the working directory "
+        "that the user owns and nobody else can write, else ~/.edgesmith; `skipped` is a sentence "
+        "when a .edgesmith was passed over for its ownership or permissions (else '').");
+  m.def("trusted_keys_default", &trusted_keys_default_python,
+        "The raw 32-byte keys of <home>/keys/*.pub then <home>/trusted/*.pub; raises ValueError "
+        "when the home or a key directory is owned by another user or writable by others.");
   m.def("sha256_file", &sha256_file_hex, py::arg("path"),
         "Lower-case hex SHA-256 of a file, streamed in chunks.");
   m.def("compare_arrays", &compare_arrays, py::arg("got"), py::arg("expected"), py::arg("atol"),

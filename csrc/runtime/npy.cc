@@ -183,22 +183,19 @@ class HeaderParser {
   size_t pos_ = 0;
 };
 
-uint32_t le_read(const std::string& bytes, size_t offset, size_t width) {
+uint32_t le_read(const char* bytes, size_t width) {
   uint32_t value = 0;
   for (size_t i = 0; i < width; ++i) {
-    value |= static_cast<uint32_t>(static_cast<uint8_t>(bytes[offset + i])) << (8 * i);
+    value |= static_cast<uint32_t>(static_cast<uint8_t>(bytes[i])) << (8 * i);
   }
   return value;
 }
 
 }  // namespace
 
-namespace {
-
-// One .npy file at the start of `bytes`; `consumed` null: nothing may follow it.
-Tensor npy_parse_one(const std::string& bytes, const std::string& name, size_t* consumed) {
-  if (bytes.size() < NPY_MAGIC_BYTES + 2 ||
-      std::memcmp(bytes.data(), NPY_MAGIC, NPY_MAGIC_BYTES) != 0) {
+NpyHeader npy_header_parse(const char* bytes, size_t size, const std::string& name,
+                           uint32_t max_header_bytes) {
+  if (size < NPY_MAGIC_BYTES + 2 || std::memcmp(bytes, NPY_MAGIC, NPY_MAGIC_BYTES) != 0) {
     npy_fail(name, "it does not start with the .npy magic \\x93NUMPY");
   }
   const auto major = static_cast<uint8_t>(bytes[6]);
@@ -207,20 +204,20 @@ Tensor npy_parse_one(const std::string& bytes, const std::string& name, size_t* 
   }
   const size_t length_bytes = major == 1 ? 2 : 4;
   const size_t prelude = NPY_MAGIC_BYTES + 2 + length_bytes;
-  if (bytes.size() < prelude) npy_fail(name, "the file ends inside its header");
-  const uint32_t header_len = le_read(bytes, NPY_MAGIC_BYTES + 2, length_bytes);
-  if (header_len > NPY_MAX_HEADER_BYTES) {
+  if (size < prelude) npy_fail(name, "the file ends inside its header");
+  const uint32_t header_len = le_read(bytes + NPY_MAGIC_BYTES + 2, length_bytes);
+  if (header_len > max_header_bytes) {
     npy_fail(name, "its header claims " + std::to_string(header_len) + " bytes, more than the " +
-                       std::to_string(NPY_MAX_HEADER_BYTES) + " accepted");
+                       std::to_string(max_header_bytes) + " accepted");
   }
-  if (bytes.size() - prelude < header_len) npy_fail(name, "the file ends inside its header");
-  const std::string header = bytes.substr(prelude, header_len);
+  if (size - prelude < header_len) npy_fail(name, "the file ends inside its header");
+  const std::string header(bytes + prelude, header_len);  // bounded by max_header_bytes
   if (header.find('\0') != std::string::npos) npy_fail(name, "the header holds a NUL byte");
 
   std::string descr;
   bool fortran_order = false;
-  std::vector<int64_t> shape;
-  HeaderParser(header, name).parse(&descr, &fortran_order, &shape);
+  NpyHeader out;
+  HeaderParser(header, name).parse(&descr, &fortran_order, &out.shape);
 
   const DescrEntry* found = nullptr;
   for (const DescrEntry& entry : DESCRS) {
@@ -237,7 +234,7 @@ Tensor npy_parse_one(const std::string& bytes, const std::string& name, size_t* 
   // The product of the non-zero dimensions must fit too: NumPy refuses a (0, 2**40, 2**40) array.
   uint64_t numel = 1;
   uint64_t nonzero = 1;
-  for (const int64_t dim : shape) {
+  for (const int64_t dim : out.shape) {
     const auto d = static_cast<uint64_t>(dim);
     if (d == 0) {
       numel = 0;
@@ -249,31 +246,43 @@ Tensor npy_parse_one(const std::string& bytes, const std::string& name, size_t* 
   }
   const size_t item = dtype_size(found->dtype);
   if (nonzero > (uint64_t{1} << 62) / item) npy_fail(name, "its shape overflows");
-  const uint64_t data_bytes = numel * item;
-  const uint64_t available = bytes.size() - prelude - header_len;
-  if (available < data_bytes) {
+  out.dtype = found->dtype;
+  out.data_offset = prelude + header_len;
+  out.data_bytes = numel * item;
+  return out;
+}
+
+namespace {
+
+// One .npy file at `bytes[offset..size)`; `consumed` null: nothing may follow it. Reads in place:
+// only the header and the tensor's own data are copied, never the rest of the buffer.
+Tensor npy_parse_at(const char* bytes, size_t size, const std::string& name, size_t* consumed) {
+  const NpyHeader header = npy_header_parse(bytes, size, name);
+  const uint64_t available = size - header.data_offset;
+  if (available < header.data_bytes) {
     npy_fail(name, "the data is truncated (" + std::to_string(available) + " bytes, the header " +
-                       "promises " + std::to_string(data_bytes) + ")");
+                       "promises " + std::to_string(header.data_bytes) + ")");
   }
-  if (available > data_bytes && consumed == nullptr) {
-    npy_fail(name, "it has " + std::to_string(available - data_bytes) +
+  if (available > header.data_bytes && consumed == nullptr) {
+    npy_fail(name, "it has " + std::to_string(available - header.data_bytes) +
                        " bytes after the data");
   }
-  if (consumed != nullptr) *consumed = prelude + header_len + static_cast<size_t>(data_bytes);
-  Tensor tensor(found->dtype, std::move(shape));
-  if (data_bytes > 0) std::memcpy(tensor.data(), bytes.data() + prelude + header_len, data_bytes);
+  if (consumed != nullptr) *consumed = header.data_offset + static_cast<size_t>(header.data_bytes);
+  Tensor tensor(header.dtype, header.shape);
+  if (header.data_bytes > 0) std::memcpy(tensor.data(), bytes + header.data_offset, header.data_bytes);
   return tensor;
 }
 
 }  // namespace
 
 Tensor npy_parse(const std::string& bytes, const std::string& name) {
-  return npy_parse_one(bytes, name, nullptr);
+  return npy_parse_at(bytes.data(), bytes.size(), name, nullptr);
 }
 
 Tensor npy_parse_next(const std::string& bytes, size_t* offset, const std::string& name) {
+  if (*offset > bytes.size()) npy_fail(name, "the offset is past the end of the data");
   size_t consumed = 0;
-  Tensor tensor = npy_parse_one(bytes.substr(*offset), name, &consumed);
+  Tensor tensor = npy_parse_at(bytes.data() + *offset, bytes.size() - *offset, name, &consumed);
   *offset += consumed;
   return tensor;
 }

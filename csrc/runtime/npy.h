@@ -5,8 +5,10 @@
 // payload is an Error(ERROR_CODE_INVALID_ARGUMENT) naming the file, never a crash.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "runtime/tensor.h"
 
@@ -17,6 +19,20 @@ constexpr uint32_t NPY_MAX_HEADER_BYTES = 65536;
 
 /// Largest .npy file npy_read() loads (golden samples are small).
 constexpr uint64_t NPY_MAX_FILE_BYTES = uint64_t{1} << 32;
+
+/// What a .npy header says: the tensor's dtype and shape, and where its data lies.
+struct NpyHeader {
+  DType dtype = DTYPE_FLOAT32;
+  std::vector<int64_t> shape;
+  size_t data_offset = 0;   ///< bytes from the file's start to its data (magic + header)
+  uint64_t data_bytes = 0;  ///< element count times the dtype's size (checked not to overflow)
+};
+
+/// Parse only the header of the .npy file at `bytes` (`size` bytes available; the data may be
+/// missing or followed by more). Reads at most the prelude and `max_header_bytes` of header text.
+/// Throws Error(ERROR_CODE_INVALID_ARGUMENT) naming `name` on a malformed or unsupported header.
+NpyHeader npy_header_parse(const char* bytes, size_t size, const std::string& name,
+                           uint32_t max_header_bytes = NPY_MAX_HEADER_BYTES);
 
 /// Parse the bytes of a .npy file; `name` is used in error messages (e.g. the file's path).
 /// Throws Error(ERROR_CODE_INVALID_ARGUMENT) on any malformed or unsupported content.

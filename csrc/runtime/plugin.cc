@@ -14,6 +14,7 @@
 #include <utility>
 
 #include "common/error.h"
+#include "common/file.h"
 #include "common/strings.h"
 #include "runtime/plugin_api.h"
 
@@ -50,6 +51,25 @@ std::string loader_dir() {
   std::error_code ec;
   const fs::path path = fs::canonical(info.dli_fname, ec);
   return ec ? executable_dir() : path.parent_path().string();
+}
+
+std::mutex& policy_mutex() {
+  static std::mutex mutex;
+  return mutex;
+}
+
+PluginSearchPolicy& policy() {
+  static PluginSearchPolicy configured;
+  return configured;
+}
+
+// A plugin runs as this process: its directory and file must be as trustworthy as the process.
+void plugin_check_trusted(const std::string& name, const fs::path& file) {
+  for (const auto& [path, what] : {std::pair<std::string, std::string>{file.parent_path().string(), "plugin directory"},
+                                   std::pair<std::string, std::string>{file.string(), "plugin"}}) {
+    const std::string problem = path_trust_problem(path, "backend '" + name + "': the " + what, PATH_OWNER_SELF_OR_ROOT);
+    if (!problem.empty()) throw Error(ERROR_CODE_BACKEND, problem);
+  }
 }
 
 std::mutex& cache_mutex() {
@@ -130,10 +150,16 @@ BackendPlugin plugin_open(const std::string& name) {
   }
   std::string searched;
   for (const std::string& dir : dirs) searched += (searched.empty() ? "" : ", ") + dir;
+  bool use_env = true;
+  {
+    const std::lock_guard<std::mutex> lock(policy_mutex());
+    use_env = policy().use_env;
+  }
   throw Error(ERROR_CODE_BACKEND,
               "backend '" + name + "' is not built into this runtime (searched: " + searched +
-                  "); build edgesmith with that backend or set " + BACKEND_PATH_ENV +
-                  " to the directory holding " + file);
+                  "); build edgesmith with that backend or " +
+                  (use_env ? "set " + std::string(BACKEND_PATH_ENV) + " to" : std::string("pass --backend-path")) +
+                  " the directory holding " + file);
 }
 
 // The code and message of `status`, which is freed; a non-null status with an ok code is still
@@ -169,14 +195,37 @@ std::string plugin_file_name(const std::string& name) {
   return "libedgesmith_backend_" + name + ".so";
 }
 
+void plugin_search_configure(const PluginSearchPolicy& next) {
+  for (const std::string& dir : next.dirs) {
+    if (!fs::path(dir).is_absolute()) {
+      throw Error(ERROR_CODE_INVALID_ARGUMENT, "the plugin directory " + string_quote(dir) +
+                                                   " is relative; give an absolute directory");
+    }
+  }
+  const std::lock_guard<std::mutex> lock(policy_mutex());
+  policy() = next;
+}
+
 std::vector<std::string> plugin_search_dirs() {
-  std::vector<std::string> dirs;
-  if (const char* env = std::getenv(BACKEND_PATH_ENV)) {
+  PluginSearchPolicy current;
+  {
+    const std::lock_guard<std::mutex> lock(policy_mutex());
+    current = policy();
+  }
+  std::vector<std::string> dirs = current.dirs;
+  const char* env = current.use_env ? std::getenv(BACKEND_PATH_ENV) : nullptr;
+  if (env != nullptr) {
     std::string list = env;
     size_t start = 0;
     while (start <= list.size()) {
       const size_t end = std::min(list.find(':', start), list.size());
-      if (end > start) dirs.push_back(list.substr(start, end - start));
+      const std::string entry = list.substr(start, end - start);
+      // A relative entry would load whatever the working directory holds.
+      if (!entry.empty() && !fs::path(entry).is_absolute()) {
+        throw Error(ERROR_CODE_BACKEND, std::string(BACKEND_PATH_ENV) + " holds the relative directory " +
+                                            string_quote(entry) + "; give absolute directories only");
+      }
+      if (!entry.empty()) dirs.push_back(entry);
       start = end + 1;
     }
   }
@@ -195,6 +244,7 @@ std::vector<std::string> plugin_search_dirs() {
 }
 
 BackendPlugin plugin_load_file(const std::string& name, const std::string& path) {
+  plugin_check_trusted(name, fs::absolute(path));
   dlerror();
   void* handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
   if (handle == nullptr) {

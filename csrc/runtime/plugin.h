@@ -1,9 +1,12 @@
 // Finding and loading backend plugins (libedgesmith_backend_<name>.so) with dlopen, and the C++
 // face of their C table (runtime/plugin_api.h) that Session uses.
 //
-// Search order: each directory of $EDGESMITH_BACKEND_PATH (colon-separated), then `backends/`
-// next to the binary or module that contains this loader (found with dladdr: the edgesmith-run
-// executable, or the Python extension), then `<executable dir>/../lib/edgesmith/backends`.
+// Search order: the configured directories (plugin_search_configure: the agent's --backend-path),
+// then each directory of $EDGESMITH_BACKEND_PATH (colon-separated, absolute; unless configured
+// off, as the agent does), then `backends/` next to the binary or module that contains this loader
+// (found with dladdr: the edgesmith-run executable, or the Python extension), then
+// `<executable dir>/../lib/edgesmith/backends`. A plugin is only loaded from a directory that is
+// owned by the user or root and that neither group nor others can write (nor the file itself).
 // A plugin is loaded once per process and never unloaded (a backend may outlive any session),
 // and the cache is safe to use from many threads. A plugin built for another plugin ABI version
 // than EDGESMITH_PLUGIN_API_VERSION is refused with one sentence naming both versions.
@@ -26,7 +29,18 @@ extern const char* const BACKEND_PATH_ENV;
 /// File name of backend `name`'s plugin: "libedgesmith_backend_<name>.so".
 std::string plugin_file_name(const std::string& name);
 
-/// The directories searched for plugins, in order (existing or not).
+/// Where plugin_load() looks besides the built-in directories.
+struct PluginSearchPolicy {
+  bool use_env = true;            ///< honour $EDGESMITH_BACKEND_PATH (the agent: only when asked)
+  std::vector<std::string> dirs;  ///< absolute directories searched first
+};
+
+/// Replace the process's search policy (call before the first plugin_load()). Throws
+/// Error(ERROR_CODE_INVALID_ARGUMENT) for a relative directory.
+void plugin_search_configure(const PluginSearchPolicy& policy);
+
+/// The directories searched for plugins, in order (existing or not). Throws
+/// Error(ERROR_CODE_BACKEND) for a relative $EDGESMITH_BACKEND_PATH entry.
 std::vector<std::string> plugin_search_dirs();
 
 /// A loaded backend plugin.
@@ -38,8 +52,9 @@ struct BackendPlugin {
 };
 
 /// Backend `name`'s plugin, dlopen()ed on first use (the reference stays valid for the process's
-/// life). Throws Error(ERROR_CODE_BACKEND) naming the backend: not built ("searched: ..."), not
-/// loadable (with dlerror(), e.g. a missing engine library), or speaking another plugin ABI.
+/// life). Throws Error(ERROR_CODE_BACKEND) naming the backend: not built ("searched: ..."), in a
+/// directory others can write (path_trust_problem), not loadable (with dlerror(), e.g. a missing
+/// engine library), or speaking another plugin ABI.
 const BackendPlugin& plugin_load(const std::string& name);
 
 /// The plugin file `path` as backend `name`, dlopen()ed now and never unloaded (not cached: for

@@ -1,7 +1,14 @@
 #include "runtime/session.h"
 
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <chrono>
+#include <cerrno>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <utility>
 
@@ -20,6 +27,12 @@ namespace edgesmith {
 namespace fs = std::filesystem;
 
 namespace {
+
+void private_dir_remove(const std::string& path) {
+  if (path.empty()) return;
+  std::error_code ec;
+  fs::remove_all(path, ec);  // best effort: a leftover copy is private to this user
+}
 
 // Refuse an artifact whose code this machine cannot execute, before anything of it is loaded:
 // another ISA (the target's, and the ELF header of a shared-library payload), or CPU features the
@@ -69,6 +82,48 @@ void format_check(const Manifest& manifest, const BackendPlugin& plugin) {
                   "; rebuild the artifact with `edgesmith build` or update the runtime");
 }
 
+// A fresh directory only this user can enter (mkdtemp: mode 0700, a new name), removed on scope exit
+// unless its path is cleared.
+constexpr const char* LOAD_DIR_PREFIX = "edgesmith-load-";
+
+// Copies left by a process that died before removing them (a crash during load or self-test):
+// named edgesmith-load-<pid>-XXXXXX, owned by this user, and <pid> no longer runs.
+void stale_copies_remove(const std::string& base) {
+  std::error_code ec;
+  for (fs::directory_iterator it(base, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    if (name.rfind(LOAD_DIR_PREFIX, 0) != 0) continue;
+    const std::string rest = name.substr(std::strlen(LOAD_DIR_PREFIX));
+    const size_t dash = rest.find('-');
+    if (dash == std::string::npos || dash == 0 || rest.find_first_not_of("0123456789") != dash) continue;
+    const long pid = std::strtol(rest.substr(0, dash).c_str(), nullptr, 10);
+    struct stat st {};
+    if (::lstat(it->path().c_str(), &st) != 0 || !S_ISDIR(st.st_mode) || st.st_uid != ::geteuid()) continue;
+    if (pid <= 0 || ::kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH) continue;
+    private_dir_remove(it->path().string());
+  }
+}
+
+// A fresh directory only this user can enter (mkdtemp: mode 0700, a new name), removed on scope exit
+// unless its path is cleared.
+struct PrivateDir {
+  PrivateDir() {
+    const char* tmp = std::getenv("TMPDIR");
+    const std::string base = tmp != nullptr && tmp[0] == '/' ? tmp : "/tmp";
+    stale_copies_remove(base);
+    std::string templ = base + "/" + LOAD_DIR_PREFIX + std::to_string(::getpid()) + "-XXXXXX";
+    if (::mkdtemp(templ.data()) == nullptr) {
+      throw Error(ERROR_CODE_IO, "cannot make a private directory under " + base + " to load the artifact from (" +
+                                     std::strerror(errno) + "); set TMPDIR to a writable directory");
+    }
+    path = templ;
+  }
+  ~PrivateDir() { private_dir_remove(path); }
+  PrivateDir(const PrivateDir&) = delete;
+  PrivateDir& operator=(const PrivateDir&) = delete;
+  std::string path;
+};
+
 std::vector<DType> dtypes_of(const std::vector<ManifestTensor>& tensors) {
   std::vector<DType> out;
   for (const ManifestTensor& t : tensors) out.push_back(dtype_from_name(t.dtype));
@@ -115,14 +170,20 @@ std::string shape_format(const std::vector<int64_t>& shape) {
 }
 
 Session::Session(std::string artifact_dir, std::string key_id, Manifest manifest,
-                 std::string manifest_json, std::unique_ptr<PluginBackend> backend)
+                 std::string manifest_json, std::unique_ptr<PluginBackend> backend, std::string load_dir)
     : artifact_dir_(std::move(artifact_dir)),
+      load_dir_(load_dir.empty() ? artifact_dir_ : std::move(load_dir)),
       key_id_(std::move(key_id)),
       manifest_(std::move(manifest)),
       manifest_json_(std::move(manifest_json)),
       input_dtypes_(dtypes_of(manifest_.inputs)),
       backend_(std::move(backend)),
       stats_(manifest_.monitoring, manifest_.outputs) {}
+
+Session::~Session() {
+  backend_.reset();
+  if (load_dir_ != artifact_dir_) private_dir_remove(load_dir_);
+}
 
 std::string Session::session_describe() const { return backend_->backend_describe(); }
 
@@ -184,7 +245,7 @@ SelfTestResult Session::session_self_test() {
   result.atol = manifest_.golden.atol;
   result.rtol = manifest_.golden.rtol;
   result.passed = true;
-  const fs::path dir(artifact_dir_);
+  const fs::path dir(load_dir_);
   for (size_t s = 0; s < manifest_.golden.samples.size(); ++s) {
     const ManifestGoldenSample& sample = manifest_.golden.samples[s];
     std::vector<Tensor> inputs, expected;
@@ -212,7 +273,9 @@ SelfTestResult Session::session_self_test() {
 std::unique_ptr<Session> session_open(const std::string& artifact_dir,
                                       const std::vector<std::vector<uint8_t>>& trusted_public_keys,
                                       const SessionOptions& options) {
-  VerifyResult verified = artifact_verify(artifact_dir, trusted_public_keys);
+  PrivateDir copy;
+  VerifyResult verified = artifact_verify(artifact_dir, trusted_public_keys, copy.path);
+  if (options.on_verified) options.on_verified();
   Manifest& manifest = verified.manifest;
   std::error_code ec;
   const fs::path dir = fs::canonical(artifact_dir, ec);
@@ -220,11 +283,12 @@ std::unique_ptr<Session> session_open(const std::string& artifact_dir,
     throw Error(ERROR_CODE_IO, "artifact directory " + string_quote(artifact_dir) +
                                    " cannot be opened (" + ec.message() + ")");
   }
-  machine_check(manifest, dir);
+  // From here on only the verified copy is read.
+  machine_check(manifest, copy.path);
   const BackendPlugin& plugin = plugin_load(manifest.backend_name);
   format_check(manifest, plugin);
   PluginOpenArgs args;
-  args.artifact_dir = dir.string();
+  args.artifact_dir = copy.path;
   args.manifest = manifest;
   args.manifest_json = verified.manifest_json;
   args.threads = options.threads > 0 ? options.threads : manifest.target_threads;
@@ -236,8 +300,10 @@ std::unique_ptr<Session> session_open(const std::string& artifact_dir,
                                         manifest.payload.entry + " of " + manifest.name + ": " +
                                         status.message);
   }
-  return std::make_unique<Session>(dir.string(), verified.key_id, std::move(manifest),
-                                   std::move(verified.manifest_json), std::move(backend));
+  auto session = std::make_unique<Session>(dir.string(), verified.key_id, std::move(manifest),
+                                           std::move(verified.manifest_json), std::move(backend), copy.path);
+  copy.path.clear();  // the Session removes it now
+  return session;
 }
 
 }  // namespace edgesmith

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -22,6 +23,8 @@ namespace edgesmith {
 struct SessionOptions {
   int32_t threads = 0;          ///< engine worker threads; 0 = the manifest target's `threads`
   int32_t max_concurrency = 0;  ///< concurrent session_run() callers to prepare for; 0 = as needed
+  /// Test seam: called after verification, before anything is loaded (to change the artifact there).
+  std::function<void()> on_verified;
 };
 
 /// The outcome of one golden sample in session_self_test().
@@ -47,7 +50,9 @@ class Session {
  public:
   /// Use session_open().
   Session(std::string artifact_dir, std::string key_id, Manifest manifest,
-          std::string manifest_json, std::unique_ptr<PluginBackend> backend);
+          std::string manifest_json, std::unique_ptr<PluginBackend> backend, std::string load_dir = "");
+  /// Close the backend, then remove the private copy it was loaded from.
+  ~Session();
   Session(const Session&) = delete;
   Session& operator=(const Session&) = delete;
 
@@ -59,6 +64,10 @@ class Session {
 
   /// Absolute path of the artifact directory.
   const std::string& session_artifact_dir() const noexcept { return artifact_dir_; }
+
+  /// The private directory holding the verified copy the backend loaded; read the artifact's files
+  /// (golden samples) from here, never from session_artifact_dir().
+  const std::string& session_load_dir() const noexcept { return load_dir_; }
 
   /// Id of the trusted key that signed the artifact.
   const std::string& session_key_id() const noexcept { return key_id_; }
@@ -84,6 +93,7 @@ class Session {
                                   uint64_t* nan_values);
 
   std::string artifact_dir_;
+  std::string load_dir_;  // removed in ~Session, after backend_ is closed
   std::string key_id_;
   Manifest manifest_;
   std::string manifest_json_;

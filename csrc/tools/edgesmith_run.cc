@@ -180,7 +180,7 @@ std::vector<Tensor> inputs_load(const Manifest& manifest, const std::vector<std:
 std::vector<Tensor> golden_inputs(const Session& session) {
   std::vector<Tensor> tensors;
   for (const std::string& path : session.session_manifest().golden.samples.at(0).inputs) {
-    tensors.push_back(npy_read((fs::path(session.session_artifact_dir()) / path).string()));
+    tensors.push_back(npy_read((fs::path(session.session_load_dir()) / path).string()));
   }
   return tensors;
 }

@@ -1,6 +1,9 @@
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
 #include <cstdlib>
+#include <filesystem>
 #include <string>
 
 #include "common/error.h"
@@ -9,6 +12,8 @@
 
 namespace edgesmith {
 namespace {
+
+namespace fs = std::filesystem;
 
 std::string load_error(const std::string& name) {
   try {
@@ -112,6 +117,59 @@ TEST(Plugin, SearchDirsEndWithTheBuiltInOnes) {
   EXPECT_EQ(dirs[0], "/x");
   EXPECT_EQ(dirs[1], "/y");
   EXPECT_NE(dirs[2].find("backends"), std::string::npos);
+  unsetenv(BACKEND_PATH_ENV);
+}
+
+TEST(Plugin, RelativeBackendPathEntriesAreRefused) {
+  setenv(BACKEND_PATH_ENV, "/x:relative/dir", 1);
+  try {
+    plugin_search_dirs();
+    ADD_FAILURE() << "a relative entry was searched";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("relative directory 'relative/dir'"), std::string::npos) << e.what();
+  }
+  unsetenv(BACKEND_PATH_ENV);
+  EXPECT_THROW(plugin_search_configure(PluginSearchPolicy{false, {"backends"}}), Error);
+}
+
+TEST(Plugin, PolicyCanIgnoreTheEnvironment) {
+  setenv(BACKEND_PATH_ENV, "/from/env", 1);
+  plugin_search_configure(PluginSearchPolicy{false, {"/from/flag"}});
+  const auto dirs = plugin_search_dirs();
+  EXPECT_EQ(dirs[0], "/from/flag");
+  for (const std::string& dir : dirs) EXPECT_NE(dir, "/from/env");
+  const std::string message = load_error("nosuchbackend2");
+  EXPECT_NE(message.find("pass --backend-path"), std::string::npos) << message;
+  plugin_search_configure(PluginSearchPolicy{});
+  EXPECT_EQ(plugin_search_dirs()[0], "/from/env");
+  unsetenv(BACKEND_PATH_ENV);
+}
+
+TEST(Plugin, DirectoriesOthersCanWriteAreRefused) {
+  test::TempDir dir;
+  const fs::path plugin = dir.path() / "libedgesmith_backend_testecho2.so";
+  fs::copy_file(fs::path(test::test_backend_dir()) / "libedgesmith_backend_testecho.so", plugin);
+  fs::permissions(dir.path(), fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec |
+                                  fs::perms::others_read | fs::perms::others_exec);
+  setenv(BACKEND_PATH_ENV, dir.path().c_str(), 1);
+  fs::permissions(dir.path(), fs::perms::others_write, fs::perm_options::add);
+  std::string message = load_error("testecho2");
+  EXPECT_NE(message.find("the plugin directory"), std::string::npos) << message;
+  EXPECT_NE(message.find("can be written by every user"), std::string::npos) << message;
+  EXPECT_NE(message.find("chmod go-w " + dir.path().string()), std::string::npos) << message;
+  fs::permissions(dir.path(), fs::perms::others_write, fs::perm_options::remove);
+  fs::permissions(plugin, fs::perms::group_write, fs::perm_options::add);
+  message = load_error("testecho2");
+  EXPECT_NE(message.find("the plugin '"), std::string::npos) << message;
+  EXPECT_NE(message.find("its group"), std::string::npos) << message;
+  fs::permissions(plugin, fs::perms::group_write, fs::perm_options::remove);
+  if (geteuid() == 0) {  // only root can give a file away
+    ASSERT_EQ(chown(dir.path().c_str(), 4242, 4242), 0);
+    message = load_error("testecho2");
+    EXPECT_NE(message.find("is owned by uid 4242"), std::string::npos) << message;
+    ASSERT_EQ(chown(dir.path().c_str(), 0, 0), 0);
+  }
+  EXPECT_EQ(plugin_load("testecho2").name, "testecho2");  // the same directory, made private
   unsetenv(BACKEND_PATH_ENV);
 }
 

@@ -1,8 +1,11 @@
 #include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <string>
 #include <thread>
@@ -10,6 +13,7 @@
 
 #include "common/error.h"
 #include "runtime/isa.h"
+#include "runtime/npy.h"
 #include "runtime/session.h"
 #include "test_support.h"
 
@@ -17,6 +21,7 @@ namespace edgesmith {
 namespace {
 
 using json = nlohmann::json;
+namespace fs = std::filesystem;
 
 class SessionTest : public ::testing::Test {
  protected:
@@ -156,6 +161,58 @@ TEST_F(SessionTest, TamperedArtifactIsRefusedBeforeLoad) {
     EXPECT_EQ(e.code(), ERROR_CODE_INTEGRITY);
     EXPECT_EQ(e.path(), "model.bin");
   }
+}
+
+TEST_F(SessionTest, FilesSwappedAfterVerificationAreNotLoaded) {
+  // Between verification and load, the payload is replaced (by a rename, by a symlink) and a golden
+  // output rewritten: the backend still opens the verified payload and the self-test reads the
+  // verified goldens. Reopening files by path, the load saw the swapped ones.
+  for (const bool symlink : {false, true}) {
+    const auto dir = dir_.path() / ("swap" + std::to_string(symlink));
+    test::echo_artifact_write(dir, key_);
+    SessionOptions options;
+    options.on_verified = [&] {
+      test::file_write(dir / "elsewhere.bin", "not a payload");
+      fs::remove(dir / "model.bin");
+      if (symlink) {
+        fs::create_symlink(dir / "elsewhere.bin", dir / "model.bin");
+      } else {
+        fs::rename(dir / "elsewhere.bin", dir / "model.bin");
+      }
+      test::file_write(dir / "golden" / "sample_0" / "output_0.npy", npy_serialize(Tensor(DTYPE_FLOAT32, {2, 3}).view()));
+    };
+    std::unique_ptr<Session> session = session_open(dir.string(), {test::key_bytes(key_)}, options);
+    EXPECT_EQ(session->session_describe(), "testecho 1.0");
+    EXPECT_TRUE(session->session_self_test().passed);
+    EXPECT_NE(session->session_load_dir(), session->session_artifact_dir());
+    const fs::path load_dir = session->session_load_dir();
+    EXPECT_EQ(fs::status(load_dir).permissions() & (fs::perms::group_all | fs::perms::others_all), fs::perms::none);
+    session.reset();
+    EXPECT_FALSE(fs::exists(load_dir)) << "the private copy outlived its session";
+  }
+}
+
+TEST_F(SessionTest, CopiesOfDeadProcessesAreRemoved) {
+  // A process that crashed while loading left its private copy behind; the next load removes it,
+  // and leaves a live process's copy (this one's) and foreign names alone.
+  test::TempDir tmp;
+  const pid_t child = fork();
+  if (child == 0) _exit(0);
+  ASSERT_GT(child, 0);
+  ASSERT_EQ(waitpid(child, nullptr, 0), child);
+  const fs::path dead = tmp.path() / ("edgesmith-load-" + std::to_string(child) + "-abcdef");
+  const fs::path alive = tmp.path() / ("edgesmith-load-" + std::to_string(getpid()) + "-abcdef");
+  const fs::path other = tmp.path() / "edgesmith-load-notapid";
+  for (const fs::path& dir : {dead, alive, other}) test::file_write(dir / "model.bin", "x");
+  const char* saved = std::getenv("TMPDIR");
+  const std::string saved_value = saved != nullptr ? saved : "";
+  setenv("TMPDIR", tmp.path().c_str(), 1);
+  auto session = open();
+  EXPECT_EQ(fs::path(session->session_load_dir()).parent_path(), tmp.path());
+  if (saved != nullptr) setenv("TMPDIR", saved_value.c_str(), 1); else unsetenv("TMPDIR");
+  EXPECT_FALSE(fs::exists(dead));
+  EXPECT_TRUE(fs::exists(alive));
+  EXPECT_TRUE(fs::exists(other));
 }
 
 TEST_F(SessionTest, ForeignIsaIsRefusedBeforeDlopen) {

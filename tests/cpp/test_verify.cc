@@ -2,6 +2,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -123,6 +124,42 @@ TEST_F(Verify, SymlinkLeavingTheArtifact) {
   fs::create_symlink(outside.path() / "model.bin", dir_.path() / "model.bin");
   const Error e = verify_error(ERROR_CODE_INTEGRITY, "model.bin");
   EXPECT_NE(std::string(e.what()).find("outside the artifact"), std::string::npos);
+}
+
+TEST_F(Verify, SymlinksAreRefusedEvenInsideTheArtifact) {
+  // A symlink is refused wherever it points: it could be swapped after verification.
+  fs::rename(dir_.path() / "model.bin", dir_.path() / "golden" / "model.real");
+  fs::create_symlink("golden/model.real", dir_.path() / "model.bin");
+  const Error e = verify_error(ERROR_CODE_INTEGRITY, "model.bin");
+  EXPECT_NE(std::string(e.what()).find("symlink"), std::string::npos) << e.what();
+  fs::remove(dir_.path() / "model.bin");
+  fs::rename(dir_.path() / "golden" / "model.real", dir_.path() / "model.bin");
+  // A symlinked folder on the way to a file too.
+  fs::rename(dir_.path() / "golden", dir_.path() / "golden.real");
+  fs::create_directory_symlink("golden.real", dir_.path() / "golden");
+  try {
+    artifact_verify(dir_.path().string(), {test::key_bytes(key_)});
+    ADD_FAILURE() << "a symlinked folder verified";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ERROR_CODE_INTEGRITY) << e.what();
+    EXPECT_EQ(e.path().rfind("golden/", 0), 0u) << e.what();
+    EXPECT_NE(std::string(e.what()).find("symlink"), std::string::npos) << e.what();
+  }
+}
+
+TEST_F(Verify, CopyHoldsTheHashedBytes) {
+  test::TempDir copy;
+  const VerifyResult result = artifact_verify(dir_.path().string(), {test::key_bytes(key_)}, copy.path().string());
+  for (const ManifestFile& file : result.manifest.files) {
+    std::ifstream a(dir_.path() / file.path, std::ios::binary), b(copy.path() / file.path, std::ios::binary);
+    const std::string original((std::istreambuf_iterator<char>(a)), std::istreambuf_iterator<char>());
+    const std::string copied((std::istreambuf_iterator<char>(b)), std::istreambuf_iterator<char>());
+    EXPECT_EQ(copied, original) << file.path;
+  }
+  EXPECT_TRUE(fs::exists(copy.path() / "manifest.json"));
+  EXPECT_TRUE(fs::exists(copy.path() / "manifest.sig"));
+  // The copy is itself a valid artifact.
+  EXPECT_NO_THROW(artifact_verify(copy.path().string(), {test::key_bytes(key_)}));
 }
 
 TEST_F(Verify, MissingOrGarbageSignature) {

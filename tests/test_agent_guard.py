@@ -1,0 +1,232 @@
+"""What the agent trusts and serves (issue 16, items 9 and 10), against real edgesmith-agent
+processes: the HTTP API checks a request against the manifest before reading its data, caps the
+body, limits concurrent requests and needs a token off loopback; plugins come from built-in
+directories and --backend-path only, never from EDGESMITH_BACKEND_PATH or a directory others can
+write; trust directories and a project's .edgesmith must be the user's own."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import subprocess
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_agent import AGENT, Agent, Broker, _npy_concat, _npy_split
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def broker(tmp_path):
+    from conftest import run_cli
+
+    b = Broker(tmp_path / "broker")
+    yield b
+    run_cli("broker", "down", "--dir", str(b.dir), check=False)
+
+
+def _request(port: int, method: str, path: str, body: bytes = b"", headers: dict | None = None,
+             send_body: bool = True) -> tuple[int, dict, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.putrequest(method, path)
+        for name, value in {"Content-Length": str(len(body)), **(headers or {})}.items():
+            conn.putheader(name, value)
+        conn.endheaders()
+        if send_body and body:
+            conn.send(body)
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+def _stats(port: int, headers: dict | None = None) -> dict:
+    status, _, body = _request(port, "GET", "/v1/stats", headers=headers)
+    assert status == 200, body
+    return json.loads(body)
+
+
+def test_infer_checks_the_manifest_before_the_data_and_caps_the_body(broker, digits_host_openvino, tmp_path):
+    agent = Agent(digits_host_openvino, broker.add_device("guard-01"), tmp_path / "data")
+    x = np.random.default_rng(3).normal(size=(1, 1, 8, 8)).astype(np.float32)
+    try:
+        port = agent.ready()["port"]
+        status, _, body = _request(port, "POST", "/v1/infer", _npy_concat([x]))
+        assert status == 200 and _npy_split(body)[0].shape == (1, 10)
+
+        # A declared length beyond the model's one input plus its header: refused before any byte
+        # of the body is sent (the old API accepted up to 256 MiB and waited for it).
+        status, _, body = _request(port, "POST", "/v1/infer", b"", {"Content-Length": str(200 << 20)}, send_body=False)
+        assert status == 413, body
+        assert "at most" in json.loads(body)["error"]
+
+        # Two inputs for a one-input model: refused at the second header, never parsed further.
+        status, _, body = _request(port, "POST", "/v1/infer", _npy_concat([x, x]))
+        assert status == 400 and "holds more" in json.loads(body)["error"]
+
+        # A header of the wrong shape, no data: the shape is named (the old parser said "truncated").
+        header_only = _npy_concat([np.zeros((1, 1, 4, 4), np.float32)])[:128]
+        status, _, body = _request(port, "POST", "/v1/infer", header_only)
+        assert status == 400
+        assert "input 'input' has shape (1, 1, 4, 4), the model takes (1, 1, 8, 8)" in json.loads(body)["error"]
+
+        status, _, body = _request(port, "POST", "/v1/infer", b"not npy")
+        assert status == 400
+        stats = _stats(port)
+        assert stats["http"]["refused"] == {"too_large": 1, "input_mismatch": 2, "malformed": 1}
+        assert stats["runs"] == 1 and stats["errors"] == 0  # nothing refused reached the model
+    finally:
+        assert agent.stop() == 0, agent.log()
+
+
+def test_concurrent_requests_beyond_the_limit_get_503(broker, digits_host_openvino, tmp_path):
+    agent = Agent(digits_host_openvino, broker.add_device("guard-02"), tmp_path / "data", "--http-max-requests", "1")
+    body = _npy_concat([np.zeros((1, 1, 8, 8), np.float32)])
+    try:
+        port = agent.ready()["port"]
+        # The first request holds the only slot while its body is still arriving.
+        slow = socket.create_connection(("127.0.0.1", port), timeout=30)
+        slow.sendall(f"POST /v1/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:100])
+        for _ in range(3):
+            status, headers, reply = _request(port, "POST", "/v1/infer", body)
+            if status == 503:
+                break
+        assert status == 503, reply
+        assert headers["Retry-After"] == "1" and "retry after" in json.loads(reply)["error"]
+        slow.sendall(body[100:])
+        first = slow.makefile("rb").readline()
+        slow.close()
+        assert first.startswith(b"HTTP/1.1 200"), first
+        status, _, _ = _request(port, "POST", "/v1/infer", body)  # the slot is free again
+        assert status == 200
+        assert _stats(port)["http"]["refused"]["busy"] >= 1
+    finally:
+        assert agent.stop() == 0, agent.log()
+
+
+def _agent_fails(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(AGENT), *args], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, **(env or {})})
+    assert result.returncode != 0, result.stderr
+    assert "Traceback" not in result.stderr
+    return result
+
+
+def test_beyond_loopback_the_api_needs_a_bearer_token(broker, digits_host_openvino, tmp_path):
+    credentials = broker.add_device("guard-03")
+    base = ["--artifact", str(digits_host_openvino["path"]), "--credentials", str(credentials),
+            "--data-dir", str(tmp_path / "d"), "--key", str(digits_host_openvino["pub"])]
+    result = _agent_fails(*base, "--http", "0.0.0.0:0")
+    assert result.returncode == 2
+    assert "needs --http-token-file" in result.stderr.splitlines()[0]
+
+    token = tmp_path / "token"
+    token.write_text("s3cret-token-for-the-agent\n")
+    token.chmod(0o644)
+    result = _agent_fails(*base, "--http", "0.0.0.0:0", "--http-token-file", str(token))
+    assert f"chmod 600 {token}" in result.stderr.splitlines()[0]
+    token.chmod(0o600)
+
+    agent = Agent(digits_host_openvino, credentials, tmp_path / "data", "--http", "0.0.0.0:0",
+                  "--http-token-file", str(token))
+    body = _npy_concat([np.zeros((1, 1, 8, 8), np.float32)])
+    try:
+        port = agent.ready()["port"]
+        for headers in ({}, {"Authorization": "Bearer wrong-token-of-same-size"}, {"Authorization": "s3cret-token-for-the-agent"}):
+            status, reply_headers, reply = _request(port, "POST", "/v1/infer", body, headers)
+            assert status == 401, reply
+            assert reply_headers["WWW-Authenticate"] == "Bearer"
+        good = {"Authorization": "Bearer s3cret-token-for-the-agent"}
+        status, _, reply = _request(port, "POST", "/v1/infer", body, good)
+        assert status == 200, reply
+        assert _request(port, "GET", "/v1/health")[0] == 401
+        assert _stats(port, good)["http"]["refused"]["unauthorized"] == 4
+    finally:
+        assert agent.stop() == 0, agent.log()
+
+
+def test_plugins_come_from_built_in_or_flagged_directories_only(broker, digits_host_openvino, tmp_path):
+    credentials = broker.add_device("guard-04")
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    # A plugin of the same name that would run as the agent if it were loaded.
+    (planted / "libedgesmith_backend_openvino.so").write_bytes(b"\x7fELF not really a plugin")
+
+    agent = Agent(digits_host_openvino, credentials, tmp_path / "data", env={"EDGESMITH_BACKEND_PATH": str(planted)})
+    try:
+        agent.ready()  # the environment is ignored: the built-in plugin serves
+    finally:
+        assert agent.stop() == 0, agent.log()
+
+    base = ["--artifact", str(digits_host_openvino["path"]), "--credentials", str(credentials),
+            "--data-dir", str(tmp_path / "d2"), "--key", str(digits_host_openvino["pub"])]
+    result = _agent_fails(*base, "--backend-path", str(planted))
+    assert "backend 'openvino' is not available" in result.stderr  # the flag is honoured
+    planted.chmod(0o777)
+    result = _agent_fails(*base, "--backend-path", str(planted))
+    assert f"the plugin directory '{planted}' can be written by every user" in result.stderr
+    assert f"chmod go-w {planted}" in result.stderr
+    result = _agent_fails(*base, "--backend-path", "relative/dir")
+    assert result.returncode == 2 and "absolute directory" in result.stderr
+
+
+def test_trust_directories_others_can_write_are_refused(broker, digits_host_openvino, tmp_path):
+    credentials = broker.add_device("guard-05")
+    trust = tmp_path / "trust"
+    (trust / "build").mkdir(parents=True)
+    (trust / "deploy").mkdir()
+    (trust / "build" / "build.pub").write_text(digits_host_openvino["pub"].read_text())
+    (trust / "deploy").chmod(0o775)
+    result = _agent_fails("--artifact", str(digits_host_openvino["path"]), "--credentials", str(credentials),
+                          "--data-dir", str(tmp_path / "d"), "--trust-dir", str(trust))
+    line = result.stderr.splitlines()[0]
+    assert f"the trust directory '{trust / 'deploy'}' can be written by its group" in line
+    assert f"chmod go-w {trust / 'deploy'}" in line
+
+
+def test_a_project_home_above_the_working_directory_must_be_the_users_own(tmp_path, monkeypatch):
+    from edgesmith.runtime import keys
+
+    project = tmp_path / "project"
+    home = project / ".edgesmith"
+    (home / "trusted").mkdir(parents=True)
+    key = os.urandom(32)
+    (home / "trusted" / "signer.pub").write_text(key.hex())
+    work = project / "src" / "deep"
+    work.mkdir(parents=True)
+    monkeypatch.delenv("EDGESMITH_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    monkeypatch.chdir(work)
+    assert keys.edgesmith_home() == home
+    assert keys.trusted_public_keys() == [key]
+
+    for hostile in ("world-writable", "another user's"):
+        if hostile == "world-writable":
+            home.chmod(0o777)
+        else:
+            if os.geteuid() != 0:
+                continue  # only root can give a directory away
+            home.chmod(0o755)
+            os.chown(home, 4242, 4242)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert keys.edgesmith_home() == tmp_path / "user" / ".edgesmith"
+        assert any(str(home) in str(w.message) and "is ignored" in str(w.message) for w in caught)
+        assert keys.trusted_public_keys() == []  # the planted key is not trusted
+    os.chown(home, os.geteuid(), os.getegid())
+
+    # Named explicitly, a home others can write still does not supply keys.
+    home.chmod(0o755)
+    (home / "trusted").chmod(0o777)
+    monkeypatch.setenv("EDGESMITH_HOME", str(home))
+    from edgesmith.runtime.errors import ValueError as EdgesmithValueError
+
+    with pytest.raises(EdgesmithValueError, match="chmod go-w"):
+        keys.trusted_public_keys()
