@@ -54,7 +54,7 @@ def make_echo_artifact(directory: Path, key: SigningKey, version: str = "1", fai
                        wrong_golden: bool = False) -> Path:
     """An artifact of model ``tiny`` version ``version`` that real agents load and self-test without
     an engine: the test-only ``testecho`` backend (tests/cpp/testecho_backend.cc, y = 2x), found
-    through EDGESMITH_BACKEND_PATH (the ``backend_dir`` fixture of test_session_core). ``fail`` goes
+    through the agent's --backend-path (the ``backend_dir`` fixture of test_session_core). ``fail`` goes
     to the backend's options ("abort": the self-test crashes the process); ``wrong_golden`` stores
     golden outputs the backend does not produce (the self-test fails)."""
     import io

@@ -673,7 +673,7 @@ def test_a_self_test_that_crashes_fails_the_deployment_after_three_attempts(worl
     crashing = make_echo_artifact(root / "v3", world["build_key"], version="3", fail="abort")
     data_dir = tmp_path / "data"
     agent = Agent({"path": factory, "pub": world["pub"]}, _credentials(world, "dep-crash"), data_dir, "--trust-dir",
-                  str(world["trust"]), "--interval", "1", env={"EDGESMITH_BACKEND_PATH": str(backend_dir)})
+                  str(world["trust"]), "--interval", "1", "--backend-path", str(backend_dir))
     info = agent.ready()
     try:
         url, sha, size = _archive(world, good)

@@ -79,13 +79,13 @@ def fleet(tmp_path, broker_dir, _isolated_home, backend_dir):  # noqa: F811
             (trust / "deploy").mkdir()
             shutil.copy(build_pub, trust / "build" / "build.pub")
             shutil.copy(deploy_pub, trust / "deploy" / "deploy.pub")
-            env = {"EDGESMITH_BACKEND_PATH": str(backend_dir)}
+            env = {}
             if c["device"] in failing:
                 env["EDGESMITH_TESTECHO_OFFSET"] = "1"
             data_dir = tmp_path / "devices" / c["device"]
             data_dir.parent.mkdir(exist_ok=True)
             agent = Agent({"path": v1, "pub": build_pub}, Path(c["credentials"]), data_dir, "--trust-dir", str(trust),
-                          "--interval", "1", env=env)
+                          "--interval", "1", "--backend-path", str(backend_dir), env=env)
             made.append(agent)
             devices[c["device"]] = Device(agent, data_dir)
         for device in devices.values():

@@ -21,6 +21,7 @@
 #include "common/digest.h"
 #include "common/error.h"
 #include "deploy/archive.h"
+#include "runtime/plugin.h"
 
 extern char** environ;
 
@@ -104,15 +105,20 @@ const char* deploy_phase_name(DeployPhase phase) {
 // --- the check in a child process -----------------------------------------------------------------
 
 ChildProcessVerifier::ChildProcessVerifier(std::string executable, std::vector<std::vector<uint8_t>> build_keys,
-                                           double timeout_s, std::function<bool()> cancelled)
+                                           double timeout_s, std::function<bool()> cancelled,
+                                           std::vector<std::string> backend_path)
     : executable_(std::move(executable)), build_keys_(std::move(build_keys)), timeout_s_(timeout_s),
-      cancelled_(std::move(cancelled)) {}
+      cancelled_(std::move(cancelled)), backend_path_(std::move(backend_path)) {}
 
 ArtifactCheck ChildProcessVerifier::verifier_check(DeployCheck check, const std::string& artifact_dir) {
   std::vector<std::string> args = {executable_, "--deploy-check", check_name(check), artifact_dir};
   for (const std::vector<uint8_t>& key : build_keys_) {
     args.push_back("--key-hex");
     args.push_back(hex_encode(key));
+  }
+  for (const std::string& dir : backend_path_) {
+    args.push_back("--backend-path");
+    args.push_back(dir);
   }
   std::vector<char*> argv;
   for (std::string& a : args) argv.push_back(a.data());
@@ -199,9 +205,9 @@ ArtifactCheck ChildProcessVerifier::verifier_check(DeployCheck check, const std:
 }
 
 int deploy_check_main(int argc, char** argv) {
-  // argv: verify|self-test DIR [--key-hex HEX]...
+  // argv: verify|self-test DIR [--key-hex HEX]... [--backend-path DIR]...
   if (argc < 2) {
-    std::cerr << "usage: edgesmith-agent --deploy-check verify|self-test DIR --key-hex HEX...\n";
+    std::cerr << "usage: edgesmith-agent --deploy-check verify|self-test DIR --key-hex HEX... [--backend-path DIR]...\n";
     return 2;
   }
   ::prctl(PR_SET_PDEATHSIG, SIGKILL);  // a SIGKILLed agent takes its check with it
@@ -210,10 +216,19 @@ int deploy_check_main(int argc, char** argv) {
   std::vector<std::vector<uint8_t>> keys;
   nlohmann::json answer = {{"passed", false}, {"manifest_sha256", ""}, {"message", ""}};
   try {
+    std::vector<std::string> backend_path;
     for (int i = 2; i + 1 < argc; i += 2) {
-      if (std::string(argv[i]) != "--key-hex") throw Error(ERROR_CODE_INVALID_ARGUMENT, "unknown argument " + std::string(argv[i]));
-      keys.push_back(hex_decode(argv[i + 1]));
+      const std::string flag = argv[i];
+      if (flag == "--key-hex") {
+        keys.push_back(hex_decode(argv[i + 1]));
+      } else if (flag == "--backend-path") {
+        backend_path.push_back(argv[i + 1]);
+      } else {
+        throw Error(ERROR_CODE_INVALID_ARGUMENT, "unknown argument " + flag);
+      }
     }
+    // The agent's own plugin search: built-in directories and --backend-path, never the environment.
+    plugin_search_configure(PluginSearchPolicy{false, backend_path});
     if (mode != "verify" && mode != "self-test") throw Error(ERROR_CODE_INVALID_ARGUMENT, "unknown check " + mode);
     std::shared_ptr<Session> session = session_open(dir, keys);
     answer["manifest_sha256"] = sha256_string(session->session_manifest_json());
@@ -240,7 +255,8 @@ Deployer::Deployer(DeployerOptions options) : options_(std::move(options)), layo
   if (!options_.opener) options_.opener = std::make_shared<BuildKeyOpener>(options_.build_keys);
   if (!options_.verifier) {
     options_.verifier = std::make_shared<ChildProcessVerifier>(options_.check_executable, options_.build_keys,
-                                                               options_.timeout_s, [this] { return cancelled(); });
+                                                               options_.timeout_s, [this] { return cancelled(); },
+                                                               options_.backend_path);
   }
   if (!options_.clock_s) options_.clock_s = [] { return static_cast<int64_t>(std::time(nullptr)); };
   if (options_.max_attempts == 0) options_.max_attempts = 1;

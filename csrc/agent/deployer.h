@@ -106,8 +106,10 @@ class DeployReporter {
 /// child process, killed after `timeout_s` or when `cancelled` says so.
 class ChildProcessVerifier : public DeployVerifier {
  public:
+  /// `backend_path`: the agent's --backend-path directories, handed to the child (which, like the
+  /// agent, ignores $EDGESMITH_BACKEND_PATH).
   ChildProcessVerifier(std::string executable, std::vector<std::vector<uint8_t>> build_keys, double timeout_s,
-                       std::function<bool()> cancelled);
+                       std::function<bool()> cancelled, std::vector<std::string> backend_path = {});
   ArtifactCheck verifier_check(DeployCheck check, const std::string& artifact_dir) override;
 
  private:
@@ -115,6 +117,7 @@ class ChildProcessVerifier : public DeployVerifier {
   std::vector<std::vector<uint8_t>> build_keys_;
   double timeout_s_;
   std::function<bool()> cancelled_;
+  std::vector<std::string> backend_path_;
 };
 
 /// The child side of ChildProcessVerifier: argv after `--deploy-check`. Prints one JSON line
@@ -148,6 +151,7 @@ struct DeployerOptions {
   std::shared_ptr<DeployVerifier> verifier;
   std::shared_ptr<DeploySessionOpener> opener;
   std::string check_executable = "/proc/self/exe";
+  std::vector<std::string> backend_path;  ///< the agent's --backend-path directories (for the check child)
   std::function<void(const std::string&)> log;
   std::string tls_cafile;    ///< https downloads: the broker credentials' CA file (empty: the system's CAs)
   std::string tls_certfile;  ///< and their client certificate and key (mutual TLS; empty: none)

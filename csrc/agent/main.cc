@@ -141,6 +141,7 @@ int agent_main(const AgentConfig& config, const sigset_t& signals) {
     deploy.tls_cafile = credentials.cafile;  // https:// archives: the same CA options as the broker
     deploy.tls_certfile = credentials.certfile;
     deploy.tls_keyfile = credentials.keyfile;
+    deploy.backend_path = config.backend_path;  // the check child searches the agent's plugin directories
     std::error_code ec;
     fs::create_directories(config.data_dir, ec);
     deployer = std::make_unique<Deployer>(deploy);
