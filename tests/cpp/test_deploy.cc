@@ -23,6 +23,7 @@
 #include <nlohmann/json.hpp>
 
 #include "artifact/signature.h"
+#include "common/strings.h"
 #include "common/digest.h"
 #include "common/error.h"
 #include "deploy/archive.h"
@@ -31,6 +32,8 @@
 #include "deploy/slots.h"
 
 namespace fs = std::filesystem;
+#include "test_support.h"
+
 using namespace edgesmith;
 
 namespace {
@@ -52,30 +55,7 @@ class TempDir {
   fs::path path_;
 };
 
-std::string hex(const uint8_t* data, size_t n) {
-  static const char* digits = "0123456789abcdef";
-  std::string out;
-  for (size_t i = 0; i < n; ++i) {
-    out += digits[data[i] >> 4];
-    out += digits[data[i] & 15];
-  }
-  return out;
-}
-
-struct Key {
-  std::vector<uint8_t> pk = std::vector<uint8_t>(crypto_sign_PUBLICKEYBYTES);
-  std::vector<uint8_t> sk = std::vector<uint8_t>(crypto_sign_SECRETKEYBYTES);
-  Key() {
-    sodium_ensure_init();
-    crypto_sign_keypair(pk.data(), sk.data());
-  }
-  std::string id() const { return key_id_compute(pk.data()); }
-  std::string sign(const std::string& message) const {
-    uint8_t sig[crypto_sign_BYTES];
-    crypto_sign_detached(sig, nullptr, reinterpret_cast<const uint8_t*>(message.data()), message.size(), sk.data());
-    return hex(sig, sizeof(sig));
-  }
-};
+using Key = test::DeployKey;
 
 nlohmann::json state_doc() {
   return {{"v", 1}, {"fleet", "plant-a"}, {"device", "cam-01"}, {"version", 7}, {"deployment_id", "dep-1"},
@@ -202,8 +182,8 @@ TEST(Desired, ReadsTrustDirectories) {
   EXPECT_TRUE(trust_keys_read((dir.path() / "missing").string()).empty());
   Key k1;
   Key k2;
-  std::ofstream((dir.path() / "b.pub").string()) << hex(k2.pk.data(), k2.pk.size()) << "\n";
-  std::ofstream((dir.path() / "a.pub").string()) << hex(k1.pk.data(), k1.pk.size()) << "\n";
+  std::ofstream((dir.path() / "b.pub").string()) << hex_encode(k2.pk.data(), k2.pk.size()) << "\n";
+  std::ofstream((dir.path() / "a.pub").string()) << hex_encode(k1.pk.data(), k1.pk.size()) << "\n";
   std::ofstream((dir.path() / "notes.txt").string()) << "ignored\n";
   const auto keys = trust_keys_read(dir.path().string());
   ASSERT_EQ(keys.size(), 2u);

@@ -25,12 +25,15 @@
 
 #include "agent/deployer.h"
 #include "artifact/signature.h"
+#include "common/strings.h"
 #include "common/digest.h"
 #include "common/error.h"
 #include "deploy/desired.h"
 #include "deploy/slots.h"
 
 namespace fs = std::filesystem;
+#include "test_support.h"
+
 using namespace edgesmith;
 
 namespace {
@@ -64,31 +67,11 @@ void write_file(const fs::path& path, const std::string& data) {
   std::ofstream(path, std::ios::binary) << data;
 }
 
-std::string hex(const uint8_t* data, size_t n) {
-  static const char* digits = "0123456789abcdef";
-  std::string out;
-  for (size_t i = 0; i < n; ++i) {
-    out += digits[data[i] >> 4];
-    out += digits[data[i] & 15];
-  }
-  return out;
-}
-
-struct Key {
-  std::vector<uint8_t> pk = std::vector<uint8_t>(crypto_sign_PUBLICKEYBYTES);
-  std::vector<uint8_t> sk = std::vector<uint8_t>(crypto_sign_SECRETKEYBYTES);
-  Key() {
-    sodium_ensure_init();
-    crypto_sign_keypair(pk.data(), sk.data());
-  }
+struct Key : test::DeployKey {
+  /// `state` signed as a desired state.
   std::string envelope(const nlohmann::json& state) const {
     const std::string text = state.dump();
-    const std::string message = DESIRED_DOMAIN + text;
-    uint8_t sig[crypto_sign_BYTES];
-    crypto_sign_detached(sig, nullptr, reinterpret_cast<const uint8_t*>(message.data()), message.size(), sk.data());
-    return nlohmann::json{{"v", 1}, {"signed", text}, {"key_id", key_id_compute(pk.data())},
-                          {"signature", hex(sig, sizeof(sig))}}
-        .dump();
+    return nlohmann::json{{"v", 1}, {"signed", text}, {"key_id", id()}, {"signature", sign(DESIRED_DOMAIN + text)}}.dump();
   }
 };
 

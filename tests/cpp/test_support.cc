@@ -6,6 +6,7 @@
 #include <fstream>
 #include <random>
 
+#include "artifact/signature.h"
 #include "common/digest.h"
 #include "common/strings.h"
 #include "runtime/isa.h"
@@ -146,6 +147,19 @@ std::string test_backend_dir() { return EDGESMITH_TEST_BACKEND_DIR; }
 
 std::vector<uint8_t> key_bytes(const TestKey& key) {
   return {key.public_key.begin(), key.public_key.end()};
+}
+
+DeployKey::DeployKey() : pk(crypto_sign_PUBLICKEYBYTES), sk(crypto_sign_SECRETKEYBYTES) {
+  sodium_ensure_init();
+  crypto_sign_keypair(pk.data(), sk.data());
+}
+
+std::string DeployKey::id() const { return key_id_compute(pk.data()); }
+
+std::string DeployKey::sign(const std::string& message) const {
+  uint8_t sig[crypto_sign_BYTES];
+  crypto_sign_detached(sig, nullptr, reinterpret_cast<const uint8_t*>(message.data()), message.size(), sk.data());
+  return hex_encode(sig, sizeof(sig));
 }
 
 }  // namespace edgesmith::test

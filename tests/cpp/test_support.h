@@ -64,4 +64,16 @@ std::string test_backend_dir();
 /// `key` as the byte vector artifact_verify takes.
 std::vector<uint8_t> key_bytes(const TestKey& key);
 
+/// A random Ed25519 deploy key, signing desired states as `edgesmith deploy` does.
+struct DeployKey {
+  std::vector<uint8_t> pk;  ///< public key (32 bytes)
+  std::vector<uint8_t> sk;  ///< secret key (64 bytes)
+  /// Make a fresh keypair.
+  DeployKey();
+  /// The key id (key_id_compute of the public key).
+  std::string id() const;
+  /// The detached signature of `message`, hex.
+  std::string sign(const std::string& message) const;
+};
+
 }  // namespace edgesmith::test
