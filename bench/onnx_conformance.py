@@ -64,12 +64,14 @@ def all_cases() -> list:
 
 def _why_not_run(case) -> str | None:
     """Why a case is not run (None: it is run)."""
+    from onnx import TensorProto
+
     if "_expanded" in case.name:
         return "expanded: the operator as its ONNX function body (the operator's own case runs)"
     if not case.data_sets:
         return "no data set: the case has a model but no inputs or expected outputs"
     inputs, outputs = case.data_sets[0]
-    if not all(isinstance(a, (np.ndarray, np.generic)) for a in [*inputs, *outputs]):
+    if not all(isinstance(a, (np.ndarray, np.generic, TensorProto)) for a in [*inputs, *outputs]):
         return "sequence or optional inputs/outputs: edgesmith artifacts take and return tensors"
     initializers = {i.name for i in case.model.graph.initializer}
     for value in case.model.graph.input:
@@ -143,6 +145,13 @@ def captured(into: list[str]):
             into.append(log.read().decode(errors="replace"))
 
 
+def _array(value) -> np.ndarray:
+    """A data set's tensor as NumPy (cases of dtypes NumPy lacks, int4 and float8, hold TensorProtos)."""
+    from onnx import TensorProto, numpy_helper
+
+    return numpy_helper.to_array(value) if isinstance(value, TensorProto) else np.asarray(value)
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:400]
@@ -206,7 +215,7 @@ def run_case(case, backends: tuple[str, ...], work: Path) -> dict:
 
     started = time.monotonic()
     inputs, expected = case.data_sets[0]
-    inputs, expected = [np.asarray(a) for a in inputs], [np.asarray(a) for a in expected]
+    inputs, expected = [_array(a) for a in inputs], [_array(a) for a in expected]
     target = get_target("host")
     tol = target.tolerance_for("fp32")
     record = {"case": case.name, "ops": sorted({n.op_type for n in case.model.graph.node}),
@@ -219,16 +228,14 @@ def run_case(case, backends: tuple[str, ...], work: Path) -> dict:
     try:
         model_path, samples = directory / f"{case.name}.onnx", directory / "samples.npz"
         onnx.save(case.model, str(model_path))
-        initializers = {i.name for i in case.model.graph.initializer}
-        names = [i.name for i in case.model.graph.input if i.name not in initializers]
-        np.savez(samples, **{n: np.stack([a]) for n, a in zip(names, inputs)})
         options = BuildOptions(out_dir=directory / "dist", precision="fp32", samples_path=samples,
                                allow_constant_output=True)
         key = ephemeral_key()
         logs: list[str] = []
         try:  # what every candidate shares: the source, ONNX Runtime's reference, the plan
             with captured(logs):
-                source = load_source(str(model_path))
+                source = load_source(str(model_path))  # refuses a dtype edgesmith does not take, before the samples
+                np.savez(samples, **{spec.name: np.stack([a]) for spec, a in zip(source.inputs, inputs)})
                 ref = run_reference(source, options)
                 plan = choose_backends(target, "all", "fp32", ref.data)
         except UserError as e:

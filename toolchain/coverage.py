@@ -423,7 +423,7 @@ def _learnt_gaps(backend: str, graph_nodes: list[Node]) -> list[tuple[Node, str]
         for condition in learnt_conditions(backend, n.op, n.domain):
             if all(k in have for k in condition["when"]):
                 cases = condition["cases"]
-                named = ", ".join(cases[:3]) + (f" and {len(cases) - 3} more" if len(cases) > 3 else "")
+                named = ", ".join(cases[:2]) + (f" and {len(cases) - 2} more" if len(cases) > 2 else "")
                 verb = "refused" if condition["outcome"] == "refused" else "built wrong"
                 if condition["when"]:
                     when = " and ".join(condition["when"].values())
@@ -431,8 +431,8 @@ def _learnt_gaps(backend: str, graph_nodes: list[Node]) -> list[tuple[Node, str]
                     why = f"when {when}: {verb} in {scope} ({named})"
                 else:
                     why = f"{verb} in every conformance case of it ({named})"
-                if condition["reason"]:
-                    why += f": {condition['reason']}"
+                if condition["reason"]:  # the compiler's own words, without edgesmith's framing
+                    why += f": {condition['reason'].split('; ')[0].rsplit(': ', 1)[-1]}"
                 gaps.append((n, why))
                 break
     return gaps
