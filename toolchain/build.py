@@ -24,6 +24,7 @@ from typing import Callable, Literal
 
 import numpy as np
 
+from edgesmith.runtime.errors import Error as RuntimeErrorBase
 from edgesmith.runtime.manifest import (AccuracyGate, BackendInfo, BuildInfo, Executed, Golden, GoldenSample, HostInfo,
                                         Manifest, ModelInfo, Payload, Proof, Quantization, Selection, SourceInfo, TensorSpec,
                                         Validation)
@@ -287,8 +288,12 @@ def _validate(staging: Path, result, backend, target: Target, ref: ReferenceRun,
     if not execution.possible:
         return Validation(status="pending-proof", executed=None, max_abs_err=None, max_rel_err=None,
                           top1_agreement=None, reason=execution.reason, **common)
-    run = _runner(staging, result, backend, target, execution.how, public_key)
-    outputs = [run(sample) for sample in ref.samples]
+    try:
+        run = _runner(staging, result, backend, target, execution.how, public_key)
+        outputs = [run(sample) for sample in ref.samples]
+    except RuntimeErrorBase as e:  # the device runtime's own sentence (e.g. a converter changed an output's dtype)
+        raise ValidationError(f"{name}: the device runtime cannot run what the {backend.NAME} backend produced ({first_line(e)}); "
+                              "try another backend") from None
     cmp = compare(outputs, ref.outputs, [s.name for s in ref.output_specs], tolerance.atol, tolerance.rtol)
     if not cmp.passed:
         raise ValidationError(f"{name}: output {cmp.worst_output!r} differs from ONNX Runtime: {cmp.summary(tolerance.atol, tolerance.rtol)}; "

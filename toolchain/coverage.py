@@ -222,13 +222,15 @@ def _type_bindings(node: Node) -> dict[str, str]:
         for i, t in enumerate(types):
             if t and params:
                 p = params[min(i, len(params) - 1)]
-                bound.setdefault(p.type_str, f"tensor({'float' if t == 'float' else t})")
+                bound.setdefault(p.type_str, f"tensor({t})")
     return bound
 
 
 def _ort_gap(node: Node) -> str | None:
     import onnxruntime
 
+    if node.op == "Constant" and node.domain == "":
+        return None  # folded into an initializer when the session is created
     kernels = _ort_kernels().get((node.domain, node.op), [])
     fitting = [(r, c) for r, c in kernels if r[0] <= node.since <= r[1]]
     if not fitting:
@@ -238,8 +240,13 @@ def _ort_gap(node: Node) -> str | None:
         return (f"ONNX Runtime {onnxruntime.__version__} has no CPU kernel for it"
                 + (f" at operator version {node.since} (kernels for versions {', '.join(have)})" if have else ""))
     bound = _type_bindings(node)
+    def accepts(name: str, allowed: list[str]) -> bool:
+        # a float16/bfloat16 tensor reaches a float kernel through the casts ONNX Runtime inserts
+        have = bound.get(name)
+        return have is None or have in allowed or (have in ("tensor(float16)", "tensor(bfloat16)") and "tensor(float)" in allowed)
+
     for _, constraints in fitting:
-        if all(name not in bound or bound[name] in allowed for name, allowed in constraints.items()):
+        if all(accepts(name, allowed) for name, allowed in constraints.items()):
             return None
     wanted = ", ".join(f"{k}={v}" for k, v in bound.items() if any(k in c for _, c in fitting))
     return f"ONNX Runtime {onnxruntime.__version__} has no CPU kernel for {wanted}"
