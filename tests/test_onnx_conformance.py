@@ -45,6 +45,11 @@ def runner():
     return module
 
 
+@pytest.fixture(scope="module")
+def cases(runner):
+    return runner.all_cases()
+
+
 def _check_records(runner, records: list[dict], names: list[str], backends: tuple[str, ...]) -> dict:
     assert [r["case"] for r in records] == names  # every case accounted for
     summary = runner.summarize(records, {}, backends)
@@ -61,8 +66,8 @@ def _check_records(runner, records: list[dict], names: list[str], backends: tupl
     return summary
 
 
-def test_sample_through_build_and_session(runner):
-    names, not_run = runner.select(runner.all_cases(), ",".join(SAMPLE))
+def test_sample_through_build_and_session(runner, cases):
+    names, not_run = runner.select(cases, ",".join(SAMPLE))
     assert names == sorted(SAMPLE) and not_run == {}
     records = runner.run_cases(names, ("ort", "openvino"), jobs=1, timeout=300)
     summary = _check_records(runner, records, names, ("ort", "openvino"))
@@ -83,13 +88,13 @@ def test_tvm_refuses_top_k_with_a_sentence(runner):
     assert record["single_op"]["features"]["nonconst:1"] == "input 1 'K' is not a constant"
 
 
-def test_not_run_is_named(runner):
+def test_not_run_is_named(runner, cases):
     """Nothing is left out silently: every collected case is run or named under a reason."""
-    cases = runner.all_cases()
     names, not_run = runner.select(cases)
     listed = set(names) | {n for group in not_run.values() for n in group if not n.startswith("light/")}
     assert listed == {c.name for c in cases}
     assert any(why.startswith("expanded") for why in not_run)
+    assert any(why.startswith("data/light") and len(group) == 9 for why, group in not_run.items())
 
 
 def _top_k_model(path: Path, constant_k: bool) -> Path:
