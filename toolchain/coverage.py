@@ -391,19 +391,23 @@ TABLES = {"ort": _ort, "openvino": _openvino, "tvm": _tvm, "tflite": _tflite}
 # ------------------------------------------------------------------ learnt conditions
 
 @functools.lru_cache(maxsize=1)
-def _learnt() -> dict:
+def _learnt() -> dict[tuple[str, str], list[dict]]:
+    """The conditions file's cases by (operator, domain)."""
     try:
-        return json.loads(CONDITIONS.read_text())
-    except (OSError, ValueError):
-        return {"cases": []}
+        cases = json.loads(CONDITIONS.read_text())["cases"]
+    except (OSError, ValueError, KeyError):
+        cases = []
+    by_op: dict[tuple[str, str], list[dict]] = {}
+    for c in cases:
+        by_op.setdefault((c["op"], c.get("domain", "")), []).append(c)
+    return by_op
 
 
 def learnt_conditions(backend: str, op: str, domain: str) -> list[dict]:
     """What the conformance runner learnt about ``op`` on ``backend``: a list of conditions, each
     ``{"when": {feature key: text}, "cases": [...], "reason": ...}`` (``when`` empty: refused in
     every conformance case of the operator)."""
-    records = [c for c in _learnt().get("cases", []) if c["op"] == op and c.get("domain", "") == domain
-               and backend in c["results"]]
+    records = [c for c in _learnt().get((op, domain), []) if backend in c["results"]]
     passed = [c for c in records if c["results"][backend]["outcome"] == "correct"]
     failed = [c for c in records if c["results"][backend]["outcome"] in ("refused", "wrong")]
     seen_in_passing = set().union(*(c["features"] for c in passed)) if passed else set()

@@ -89,6 +89,9 @@ def compile(request: CompileRequest, calibration=None) -> CompileResult:
         np.save(calib_args[0], calibration.x[:, None], allow_pickle=False)
     result = subprocess.run([str(python), str(_CONVERTER), str(model_path), str(out_path), *calib_args],
                             capture_output=True, text=True, timeout=1800)
+    if result.returncode < 0:  # killed by a signal: LiteRT aborted running the flatbuffer once (_litert_convert.py)
+        raise CompileError(f"LiteRT crashed (signal {-result.returncode}) running the flatbuffer litert-torch converted "
+                           f"from {source.ref}, so the tflite backend cannot build it; try another backend")
     if result.returncode != 0:
         lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
         said = next((line.removeprefix("edgesmith: ") for line in reversed(lines) if line.startswith("edgesmith: ")), None)
