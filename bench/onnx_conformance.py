@@ -551,8 +551,9 @@ def learn(records: list[dict], path: Path | None = None) -> int:
         results = {b: {"outcome": res["outcome"], **({"reason": res["reason"]} if res.get("reason") else {})}
                    for b, res in r["backends"].items() if res["outcome"] in ("correct", "refused", "wrong")}
         existing[r["case"]] = {"case": r["case"], **single, "results": results}
-    path.write_text(json.dumps({"about": "written by bench/onnx_conformance.py --learn; read by toolchain/coverage.py",
-                                "cases": [existing[k] for k in sorted(existing)]}, indent=0, sort_keys=True) + "\n")
+    about = json.dumps("written by bench/onnx_conformance.py --learn; read by toolchain/coverage.py")
+    cases = ",\n".join(json.dumps(existing[k], sort_keys=True) for k in sorted(existing))  # a case a line: readable diffs
+    path.write_text(f'{{"about": {about},\n"cases": [\n{cases}\n]}}\n')
     return len(existing)
 
 

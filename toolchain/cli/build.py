@@ -104,6 +104,8 @@ def build(
         try:
             ref = run_reference(source, options)
         except UserError as e:  # ONNX Runtime cannot run it: an operator no backend has is one sentence naming it
+            if not str(e).startswith("ONNX Runtime cannot load the model"):
+                raise
             raise _no_backend_has(source, targets) or e from None
         plans = [(t, choose_backends(t, backend, options.precision, ref.data)) for t in targets]
         builds: list[TargetBuild] = []
