@@ -74,6 +74,9 @@ def _why_not_run(case) -> str | None:
     if not all(isinstance(a, (np.ndarray, np.generic, TensorProto)) for a in [*inputs, *outputs]):
         return "sequence or optional inputs/outputs: edgesmith artifacts take and return tensors"
     initializers = {i.name for i in case.model.graph.initializer}
+    graph_inputs = [v for v in case.model.graph.input if v.name not in initializers]
+    if len(inputs) != len(graph_inputs):
+        return "an omitted optional input: the data set gives fewer inputs than the graph declares"
     for value in case.model.graph.input:
         if value.name in initializers:
             continue
@@ -407,6 +410,11 @@ def _record_stuck(slot: dict, todo: list[str], backends, why: str) -> None:
 
 # ---------------------------------------------------------------- the report
 
+def tidy(text: str | None) -> str | None:
+    """A reason without the run's temporary directories: the case's file name stays."""
+    return re.sub(r"/\S*/([^/\s]+\.(onnx|npz))", r"\1", text) if text else text
+
+
 def reason_key(text: str) -> str:
     """A refusal's reason with what differs between cases (paths, names, numbers) blanked, so
     refusals group by the sentence edgesmith says."""
@@ -445,10 +453,10 @@ def summarize(records: list[dict], not_run: dict[str, list[str]], backends: tupl
         for r in records:
             result = r["backends"].get(b, {})
             if result.get("outcome") in ("refused", "skipped"):
-                groups[reason_key(result.get("reason", ""))].append((r["case"], result.get("reason", "")))
+                groups[reason_key(result.get("reason", ""))].append((r["case"], tidy(result.get("reason", ""))))
         refusals[b] = sorted(({"reason": items[0][1], "pattern": key, "count": len(items), "cases": [c for c, _ in items]}
                               for key, items in groups.items()), key=lambda g: -g["count"])
-    problems = {kind: [{"case": r["case"], "backend": b, "reason": res.get("reason")}
+    problems = {kind: [{"case": r["case"], "backend": b, "reason": tidy(res.get("reason"))}
                        for r in records for b, res in r["backends"].items() if res["outcome"] == kind]
                 for kind in ("internal", "wrong")}
     missed = [r["case"] for r in records if r["ort_direct"]["passed"] and overall(r) != "correct"]
