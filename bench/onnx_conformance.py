@@ -222,8 +222,8 @@ def run_case(case, backends: tuple[str, ...], work: Path) -> dict:
     """One case through ONNX Runtime directly, then edgesmith's build and Session, per backend."""
     import onnx
 
-    from edgesmith.toolchain.build import BuildOptions, choose_backends, error_message, finish, run_reference, stage_one
-    from edgesmith.toolchain.errors import BackendUnavailable, UserError
+    from edgesmith.toolchain.build import BuildOptions, choose_backends, error_message, run_reference
+    from edgesmith.toolchain.errors import UserError
     from edgesmith.toolchain.signing import ephemeral_key
     from edgesmith.toolchain.sources import load_source
     from edgesmith.toolchain.targets import get_target

@@ -157,3 +157,20 @@ def test_an_operator_no_backend_has_is_one_sentence(tmp_path):
     check = run_cli("check", str(model), "-t", "host", check=False)
     assert check.returncode == 1 and "Traceback" not in check.stderr
     assert "FooBar" in check.stdout and "supported by none of the backends" in check.stderr
+
+
+def test_build_names_the_operator_when_it_drops_a_candidate(tmp_path, cases):
+    """A candidate dropped for an operator carries the check's line for its backend."""
+    import numpy as np
+    import onnx
+
+    case = next(c for c in cases if c.name == "test_top_k")
+    model, samples = tmp_path / "top_k.onnx", tmp_path / "top_k.npz"
+    onnx.save(case.model, str(model))
+    np.savez(samples, **{v.name: np.stack([a]) for v, a in zip(case.model.graph.input, case.data_sets[0][0])})
+    result = run_cli("build", str(model), "-t", "host", "-b", "tvm", "--samples", str(samples), "--allow-constant-output",
+                     "--json", "-o", str(tmp_path / "dist"), check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    (failure,) = json.loads(result.stdout)["failures"]
+    assert "TopK k must be a constant" in failure["error"]
+    assert "(edgesmith check: tvm cannot compile TopK (opset 24): when input 1 'K' is not a constant" in failure["error"]
