@@ -20,6 +20,9 @@ class ReferenceModel:
             self._session = ort.InferenceSession(onnx_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         except Exception as e:
             first = str(e).strip().splitlines()[0]
+            if "NOT_IMPLEMENTED" in first or "is not a registered function/op" in first:
+                raise UserError(f"ONNX Runtime cannot load the model ({first}); every artifact is validated against ONNX "
+                                "Runtime, so edgesmith cannot build a model with an operator it lacks") from None
             raise UserError(f"ONNX Runtime cannot load the model ({first}); the ONNX graph is invalid") from None
         self.input_names = [i.name for i in self._session.get_inputs()]
         self.output_names = [o.name for o in self._session.get_outputs()]
