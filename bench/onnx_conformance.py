@@ -505,7 +505,7 @@ def markdown(summary: dict, meta: dict) -> str:
              "toolchain/onnx_conditions.json).", "",
              f"Run: {meta['date']}, onnx {meta['onnx']}, onnxruntime {meta['onnxruntime']}, host target {meta['target']}; "
              f"{meta['run']} cases run{', selection ' + repr(meta['selection']) if meta['selection'] else ''}; "
-             f"{meta['seconds']:.0f} s with {meta['jobs']} job(s).", "",
+             f"{meta['seconds']:.0f} s of case time with {meta['jobs']} job(s).", "",
              "## Summary", "",
              "| backend | cases | " + " | ".join(t for _, t in COLUMNS) + " |",
              "|---" * (len(COLUMNS) + 2) + "|"]
@@ -622,7 +622,8 @@ def main() -> None:
             "target": get_target("host").name, "run": len(records), "collected": len(cases),
             "selection": ", ".join(x for x in (args.cases and f"--cases {args.cases}", args.limit and f"--limit {args.limit}",
                                                 args.sample and f"--sample {args.sample}") if x),
-            "seconds": time.monotonic() - started, "jobs": args.jobs, "backends": list(backends)}
+            "seconds": sum(r.get("seconds", 0) for r in records) if args.report_only else time.monotonic() - started,
+            "jobs": args.jobs, "backends": list(backends)}
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "summary": summary, "records": records}, indent=1))
     if args.markdown:
