@@ -24,13 +24,14 @@ from typing import Callable, Literal
 
 import numpy as np
 
+from edgesmith.runtime.errors import Error as RuntimeErrorBase
 from edgesmith.runtime.manifest import (AccuracyGate, BackendInfo, BuildInfo, Executed, Golden, GoldenSample, HostInfo,
                                         Manifest, ModelInfo, Payload, Proof, Quantization, Selection, SourceInfo, TensorSpec,
                                         Validation)
 from edgesmith.toolchain import accuracy, reference
 from edgesmith.toolchain.backends import get_backend
 from edgesmith.toolchain.backends.base import CompileRequest, Execution
-from edgesmith.toolchain.errors import BackendUnavailable, UserError, ValidationError, first_line
+from edgesmith.toolchain.errors import BackendUnavailable, CompileError, UserError, ValidationError, first_line
 from edgesmith.toolchain.monitoring import monitoring_spec
 from edgesmith.toolchain.prove import prove, run_batch, runner_for
 from edgesmith.toolchain.package import file_entries, publish, sign_and_check, staging_dir
@@ -287,8 +288,12 @@ def _validate(staging: Path, result, backend, target: Target, ref: ReferenceRun,
     if not execution.possible:
         return Validation(status="pending-proof", executed=None, max_abs_err=None, max_rel_err=None,
                           top1_agreement=None, reason=execution.reason, **common)
-    run = _runner(staging, result, backend, target, execution.how, public_key)
-    outputs = [run(sample) for sample in ref.samples]
+    try:
+        run = _runner(staging, result, backend, target, execution.how, public_key)
+        outputs = [run(sample) for sample in ref.samples]
+    except RuntimeErrorBase as e:  # the device runtime's own sentence (e.g. a converter changed an output's dtype)
+        raise ValidationError(f"{name}: the device runtime cannot run what the {backend.NAME} backend produced ({first_line(e)}); "
+                              "try another backend") from None
     cmp = compare(outputs, ref.outputs, [s.name for s in ref.output_specs], tolerance.atol, tolerance.rtol)
     if not cmp.passed:
         raise ValidationError(f"{name}: output {cmp.worst_output!r} differs from ONNX Runtime: {cmp.summary(tolerance.atol, tolerance.rtol)}; "
@@ -577,7 +582,8 @@ def build_target(source: ModelSource, ref: ReferenceRun, target: Target, plan: B
             except BackendUnavailable as e:
                 result.candidates.append(Candidate(backend, "skipped", error=error_message(e), precision=precision))
             except Exception as e:  # one failing candidate must not stop the others
-                result.candidates.append(Candidate(backend, "failed", error=error_message(e), precision=precision))
+                result.candidates.append(Candidate(backend, "failed", error=error_message(e) + _coverage_note(source, backend, e),
+                                                   precision=precision))
         _time(result.candidates, status)
         passed = [c for c in result.candidates if c.status == "passed"]
         result.best = select(target, result.candidates)
@@ -600,6 +606,20 @@ def build_target(source: ModelSource, ref: ReferenceRun, target: Target, plan: B
             except Exception as e:
                 result.errors.append((c.label, error_message(e)))
     return result
+
+
+def _coverage_note(source: ModelSource, backend: str, error: Exception) -> str:
+    """A candidate dropped because it cannot compile the model: the pre-flight check's line for its
+    backend (what `edgesmith check` says), so the build names the operators and their conditions."""
+    if not isinstance(error, CompileError):
+        return ""
+    from edgesmith.toolchain import coverage
+
+    try:
+        report = coverage.check_backend(source.onnx_model, backend)
+    except Exception:  # the check is advice; the candidate's own error stands
+        return ""
+    return f" (edgesmith check: {report.summary()})" if report.gaps else ""
 
 
 def _time(candidates: list[Candidate], status: Callable[[str], None]) -> None:

@@ -20,12 +20,22 @@ class ReferenceModel:
             self._session = ort.InferenceSession(onnx_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         except Exception as e:
             first = str(e).strip().splitlines()[0]
+            if "NOT_IMPLEMENTED" in first or "is not a registered function/op" in first:
+                raise UserError(f"ONNX Runtime cannot load the model ({first}); every artifact is validated against ONNX "
+                                "Runtime, so edgesmith cannot build a model with an operator it lacks") from None
             raise UserError(f"ONNX Runtime cannot load the model ({first}); the ONNX graph is invalid") from None
         self.input_names = [i.name for i in self._session.get_inputs()]
         self.output_names = [o.name for o in self._session.get_outputs()]
 
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        return [np.asarray(o) for o in self._session.run(None, dict(zip(self.input_names, inputs)))]
+        try:
+            outputs = self._session.run(None, dict(zip(self.input_names, inputs)))
+        except Exception as e:  # the model fails on these inputs (inconsistent shapes, a kernel's own check)
+            text = str(e).strip()
+            first = text.splitlines()[0] if text else type(e).__name__
+            raise UserError(f"ONNX Runtime fails running the model on the sample inputs ({first[:400]}); check that the "
+                            "samples fit the model (shapes, values), or the model itself") from None
+        return [np.asarray(o) for o in outputs]
 
 
 def version() -> str:

@@ -144,6 +144,10 @@ def _fix_input_shapes(model, shapes: InputShapes | list[int] | None, ref: str) -
                 dim.dim_value = value
         elif any(not d.HasField("dim_value") or d.dim_value <= 0 for d in dims):
             pretty = ",".join(str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in dims)
+            if all(d.HasField("dim_value") for d in dims):  # a 0: an empty tensor, or an old exporter's "unknown"
+                raise UserError(f"input {inp.name!r} of {ref} has shape [{pretty}] with a dimension of size 0; edgesmith "
+                                f"artifacts take non-empty tensors of static shape: if the 0 means unknown, give the shape "
+                                f"with --input-shape {inp.name}=1,...")
             raise UserError(f"input {inp.name!r} of {ref} has dynamic shape [{pretty}]; give a static one with --input-shape {inp.name}=1,...")
         specs.append(tensor_spec(inp.name, _onnx_dtype(tensor_type.elem_type), [d.dim_value for d in dims], "input", ref))
     return specs

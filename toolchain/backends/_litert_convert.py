@@ -153,9 +153,19 @@ def main() -> None:
     else:
         litert_torch.convert(program.module(), args).export(out_path)
 
+    import numpy as np
     from ai_edge_litert.interpreter import Interpreter
 
-    signature = Interpreter(model_path=out_path).get_signature_list()["serving_default"]
+    interpreter = Interpreter(model_path=out_path)
+    signature = interpreter.get_signature_list()["serving_default"]
+    # Run it once here, in this throwaway process: LiteRT aborts the whole process on some kernels
+    # litert-torch emits (Equal on uint8), and the build validates in-process with the device runtime.
+    runner = interpreter.get_signature_runner("serving_default")
+    try:
+        runner(**{name: np.zeros(d["shape"], d["dtype"]) for name, d in runner.get_input_details().items()})
+    except Exception as e:
+        text = str(e).strip()
+        raise ConversionRefused(f"LiteRT cannot run the converted flatbuffer: {text.splitlines()[0] if text else type(e).__name__}") from None
     print(json.dumps({"inputs": signature["inputs"], "outputs": signature["outputs"], "older_converters": substituted}))
 
 

@@ -89,12 +89,18 @@ def compile(request: CompileRequest, calibration=None) -> CompileResult:
         np.save(calib_args[0], calibration.x[:, None], allow_pickle=False)
     result = subprocess.run([str(python), str(_CONVERTER), str(model_path), str(out_path), *calib_args],
                             capture_output=True, text=True, timeout=1800)
+    if result.returncode < 0:  # killed by a signal: LiteRT aborted running the flatbuffer once (_litert_convert.py)
+        raise CompileError(f"LiteRT crashed (signal {-result.returncode}) running the flatbuffer litert-torch converted "
+                           f"from {source.ref}, so the tflite backend cannot build it; try another backend")
     if result.returncode != 0:
         lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
         said = next((line.removeprefix("edgesmith: ") for line in reversed(lines) if line.startswith("edgesmith: ")), None)
         if said is not None:  # the converter's own sentence (an operator it lacks)
             raise CompileError(f"the tflite backend cannot convert {source.ref}: {said}; try another target's backend")
-        raise CompileError(f"litert-torch could not convert the model: {lines[-1] if lines else 'no message'}; try another target's backend")
+        # the exception's own line, not the notes printed after it (JAX's "removed its internal frames")
+        errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception): ", line)]
+        said = (errors or lines or ["no message"])[-1]
+        raise CompileError(f"litert-torch could not convert the model: {said}; try another target's backend")
     signature = json.loads(result.stdout.strip().splitlines()[-1])
     options = {"delegate": request.target.tflite.delegate,
                "signature": "serving_default",

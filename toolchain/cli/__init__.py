@@ -57,10 +57,11 @@ def stdout_reserved(reserve: bool) -> Iterator[None]:
 
 def _register() -> None:
     from edgesmith.toolchain.cli import artifacts, bench, broker, build, deploy, fleet, keys, prove, targets, tools, train
-    from edgesmith.toolchain.cli import tune
+    from edgesmith.toolchain.cli import check, tune
 
     app.command("targets")(targets.targets)
     app.command("build")(build.build)
+    app.command("check")(check.check)
     app.command("tune")(tune.tune)
     app.command("train")(train.train)
     app.command("verify")(artifacts.verify)

@@ -101,7 +101,12 @@ def build(
     with stdout_reserved(as_json), err.status("loading the model") as status:
         source = load_source(model, parse_input_shapes(input_shape or []), name)
         status.update("running ONNX Runtime on the sample inputs")
-        ref = run_reference(source, options)
+        try:
+            ref = run_reference(source, options)
+        except UserError as e:  # ONNX Runtime cannot run it: an operator no backend has is one sentence naming it
+            if not str(e).startswith("ONNX Runtime cannot load the model"):
+                raise
+            raise _no_backend_has(source, targets) or e from None
         plans = [(t, choose_backends(t, backend, options.precision, ref.data)) for t in targets]
         builds: list[TargetBuild] = []
         failures, notes = [], []
@@ -148,6 +153,16 @@ def build(
         _print_selection([b for b in builds if b.mode != "forced"])
     if failures:
         raise typer.Exit(1)
+
+
+def _no_backend_has(source, targets: list) -> UserError | None:
+    from edgesmith.toolchain.coverage import nobody_supports
+
+    for t in targets:
+        sentence = nobody_supports(source.onnx_model, t.name, list(t.backends))
+        if sentence:
+            return UserError(sentence)
+    return None
 
 
 def _selection_json(b: TargetBuild) -> dict:
