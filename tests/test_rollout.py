@@ -92,7 +92,8 @@ def fleet(tmp_path, broker_dir, _isolated_home, backend_dir):  # noqa: F811
             device.info = device.agent.ready()
         return devices
 
-    yield {"v1": v1, "v2": v2, "start": start, "store": tmp_path / "store", "broker": broker_dir, "build": build}
+    yield {"v1": v1, "v2": v2, "start": start, "store": tmp_path / "store", "broker": broker_dir, "build": build,
+           "credentials": credentials}
     for agent in made:
         assert agent.stop() == 0, agent.log()
 
@@ -357,3 +358,43 @@ def test_reports_sent_while_the_rollout_reconnects_are_not_lost(broker_dir):  # 
         watch.stop()
         device.disconnect()
         device.loop_stop()
+
+
+def test_a_hostile_device_cannot_stop_a_rollout(fleet, store_url, start_monitor):  # noqa: F811
+    """Issue 16, done means: with one device's own login (cam-05's), take over its session, send the
+    issue's poison messages (a histogram without edges, 10^12 classes, counts >= 2^63, a state
+    claiming desired_version 2^63-1, a device id with a newline, a birth naming an artifact nobody
+    built) and over-size packets. The monitor stays up and answering, and a rollout to the other
+    four devices completes."""
+    from test_broker_security import _raw_publish_is_cut_off, _settings
+    from test_fleet_hostile import ART, _poison
+    from test_fleet_monitor import connected
+
+    monitor = start_monitor()
+    devices = fleet["start"]()
+    wait_until(lambda: len(monitor.api()["devices"]) == 5, 30, "the monitor to learn the five devices")
+    stolen = next(c for c in fleet["credentials"] if c["device"] == "cam-05")
+    attacker = connected(stolen, artifact=ART, interval_s=60, seed=7)  # its login: cam-05's session, no other
+    sent = _poison(attacker)
+    for kind, payload, _ in sent:
+        attacker.send((attacker.topic(kind), payload))
+    # Over-size packets straight at the broker: each cut off (max_packet_size) before it is buffered.
+    topic = attacker.topic("telemetry")
+    for _ in range(3):
+        assert _raw_publish_is_cut_off(_settings(fleet["broker"]), stolen, topic, fleet_broker.MAX_PACKET_BYTES + 1)
+    poison = sum(1 for _, _, reason in sent if reason)
+
+    def judged():
+        refused = next(d for d in monitor.api()["devices"] if d["device"] == "cam-05")["refused"]
+        return refused if refused and refused["total"] >= poison else None
+
+    wait_until(judged, 30, "the monitor to refuse every poison message")
+    assert monitor.proc.poll() is None
+    attacker.drop()
+
+    result = _deploy(fleet, store_url, fleet["v2"], "--waves", "50%,100%", check=False)
+    others = [n for n in devices if n != "cam-05"]
+    assert all(devices[n].artifact == V2 for n in others), result.stdout + result.stderr
+    status = _status_when(store_url, lambda s: all(s[n]["artifact"] == V2 for n in others), "the four devices on v2")
+    assert {status[n]["deploy"]["result"] for n in others} == {"applied"}
+    assert all(r["refused"] is None for d, r in status.items() if d != "cam-05")
