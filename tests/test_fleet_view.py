@@ -121,3 +121,13 @@ def test_many_distinct_big_births_are_not_kept_by_the_ingest(tmp_path):
     grown = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(before, "filename"))
     tracemalloc.stop()
     assert grown < births * 100_000 // 4, f"the ingest kept {grown} bytes after {births} births"
+
+
+def test_the_manifest_answers_kept_are_bounded(tmp_path, monkeypatch):
+    # Each birth may claim a new digest; what the view remembers of digests must not grow with them.
+    monkeypatch.setattr(aggregate.KnownManifests, "MAX_KNOWN", 100, raising=False)
+    monkeypatch.setenv("EDGESMITH_HOME", str(tmp_path / "home"))
+    view = FleetView(Store.open(f"sqlite:///{tmp_path / 'monitor.db'}"))
+    for i in range(1000):
+        assert view.manifests.labels(f"{i:064x}") is None
+    assert len(view.manifests._known) <= 100 and len(view.manifests._asked) <= 100

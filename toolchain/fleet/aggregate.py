@@ -225,6 +225,9 @@ class KnownManifests:
     unknown digest is asked about again at most every RECHECK_S."""
 
     RECHECK_S = 30.0
+    # A device names whatever digest it likes in each birth: the answers kept are bounded (the
+    # oldest asked is forgotten first, and asked again if it comes back).
+    MAX_KNOWN = 10_000
 
     def __init__(self, store: Store):
         self.store = store
@@ -247,7 +250,12 @@ class KnownManifests:
                 found = self.store.deployed_manifest(sha)
         except Exception:  # noqa: BLE001 (an unreadable index or store: the digest stays unverified)
             log.exception("cannot look up manifest %s", sha[:12])
+        self._known.pop(sha, None)  # re-inserted: the newest asked
         self._known[sha] = found
+        while len(self._known) > self.MAX_KNOWN:
+            oldest = next(iter(self._known))
+            del self._known[oldest]
+            self._asked.pop(oldest, None)
         return found
 
 
