@@ -198,9 +198,9 @@ def _window(row: dict[str, Any], birth: dict[str, Any], layout_json: str, specs:
                 counts = got.counts if spec.kind == "classes" else [*got.counts, got.underflow, got.overflow]
                 if len(counts) == spec.stop - spec.start:  # else not in the reference's layout: left out
                     dense = np.asarray(counts, dtype=np.int64)
-                    used = np.flatnonzero(dense)
-                    indices.append(used + spec.start)
-                    values.append(dense[used])
+                    nonzero = np.flatnonzero(dense)
+                    indices.append(nonzero + spec.start)
+                    values.append(dense[nonzero])
         outputs = np.concatenate([*indices, *values]) if indices else np.zeros(0, dtype=np.int64)
     return Window(end_ms=row["window_end_ms"], duration_ms=max(0, row["window_end_ms"] - row["window_start_ms"]),
                   runs=row["runs"], errors=row["errors"], layout=layout_json if latency is not None else None,
