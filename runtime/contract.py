@@ -408,7 +408,7 @@ class DesiredState(_Msg):
     action: DeployAction
     issued_at_ms: Ms
     artifact: DesiredArtifact
-    not_after: Annotated[int, Field(strict=True, ge=0, le=MAX_SAFE_INT)] | None = Field(
+    not_after: Annotated[int, Field(strict=True, ge=1, le=MAX_SAFE_INT)] | None = Field(
         default=None, description="seconds since the epoch after which the device refuses it (absent: no expiry)")
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from test_agent import AGENT, Agent, Broker, _npy_concat, _npy_split
+from test_session_core import backend_dir  # noqa: F401  (fixture: the testecho plugin)
 
 pytestmark = pytest.mark.integration
 
@@ -230,3 +231,32 @@ def test_a_project_home_above_the_working_directory_must_be_the_users_own(tmp_pa
 
     with pytest.raises(EdgesmithValueError, match="chmod go-w"):
         keys.trusted_public_keys()
+
+
+def test_only_infer_takes_a_body(broker, tmp_path, backend_dir):  # noqa: F811
+    """A POST (or PUT, DELETE) with a body to any other path was read whole, up to 256 MiB, before
+    its 404: a handful at once held gigabytes of an edge device's memory. Now refused at the headers."""
+    from deploy_helpers import make_echo_artifact
+    from edgesmith.toolchain.signing import generate_key, load_signing_key
+
+    key_path = generate_key("guard", tmp_path / "keys")
+    artifact = make_echo_artifact(tmp_path / "echo", load_signing_key(key_path))
+    agent = Agent({"path": artifact, "pub": key_path.with_suffix(".pub")}, broker.add_device("guard-05"),
+                  tmp_path / "data", "--backend-path", str(backend_dir))
+    try:
+        port = agent.ready()["port"]
+        for method, path in (("POST", "/v1/other"), ("PUT", "/v1/infer"), ("DELETE", "/v1/health")):
+            # Declared and never sent: the agent must answer from the headers alone.
+            status, _, body = _request(port, method, path, b"", {"Content-Length": str(200 << 20)}, send_body=False)
+            assert status == 413, (method, path, body)
+            assert "only POST /v1/infer takes a request body" in json.loads(body)["error"]
+        status, _, body = _request(port, "POST", "/v1/other", b"", {"Transfer-Encoding": "chunked"}, send_body=False)
+        assert status == 413, body
+        status, _, body = _request(port, "GET", "/v1/health")
+        assert status == 200, body
+        x = np.arange(4, dtype=np.float32).reshape(1, 4)
+        status, _, body = _request(port, "POST", "/v1/infer", _npy_concat([x]))
+        assert status == 200 and np.array_equal(_npy_split(body)[0], 2 * x), body
+        assert _stats(port)["http"]["refused"] == {"unexpected_body": 4}
+    finally:
+        assert agent.stop() == 0, agent.log()

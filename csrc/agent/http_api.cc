@@ -129,7 +129,18 @@ HttpApi::HttpApi(std::function<std::shared_ptr<Session>()> session_getter, std::
                                            "--http-token-file)"}});
       return httplib::Server::HandlerResponse::Handled;
     }
-    if (request.method == "POST" && request.path == INFER_PATH && request.has_header("Content-Length")) {
+    // Only POST /v1/infer takes a body: anything else that announces one (a POST, PUT, PATCH or
+    // DELETE to another path) would be read whole, up to MAX_REQUEST_BYTES, before its 404.
+    const bool infer = request.method == "POST" && request.path == INFER_PATH;
+    if (!infer && ((request.has_header("Content-Length") && request.get_header_value<uint64_t>("Content-Length") > 0) ||
+                   request.has_header("Transfer-Encoding"))) {
+      refusal_count("unexpected_body");
+      response.set_header("Connection", "close");
+      json_reply(response, 413, {{"error", "only POST " + std::string(INFER_PATH) + " takes a request body; " +
+                                               request.method + " " + request.path.substr(0, 200) + " does not"}});
+      return httplib::Server::HandlerResponse::Handled;
+    }
+    if (infer && request.has_header("Content-Length")) {
       const uint64_t cap = inputs_max_request_bytes(session_()->session_manifest().inputs);
       const uint64_t declared = request.get_header_value<uint64_t>("Content-Length");
       if (declared > cap) {

@@ -37,6 +37,13 @@ WINDOW_COLUMNS = ("batch", "fleet", "device", "artifact_sha256", "window_start_m
                   "latency_layout", "outputs")
 DeviceKey = tuple[str, str]
 log = logging.getLogger("edgesmith.fleet.view")
+# What the view keeps of one device, whatever it sends: a device picks its own window times and
+# interval, so the horizon alone does not bound how many windows it keeps (many windows with one
+# end time all lie within it). Past either budget its oldest windows leave the view (still stored).
+# A window's counts are kept sparse (only non-zero slots), so what it costs here follows what the
+# device sent, never its birth's layout (64 outputs x 4096 classes would be 2 MiB a window).
+MAX_VIEW_WINDOWS = 2048
+MAX_VIEW_SLOTS = 1 << 21  # non-zero latency and output slots over a device's kept windows (~32 MiB)
 
 
 @dataclass(slots=True)
@@ -52,7 +59,13 @@ class Window:
     latency: np.ndarray | None  # the non-empty slots of [buckets..., underflow, overflow]: indices, then counts
     sum_us: float
     max_us: float
-    outputs: np.ndarray | None  # every monitored output's counts, in the birth's order (OutputSpec slices)
+    outputs: np.ndarray | None  # the non-zero slots of every monitored output's counts (birth's order): indices, then counts
+    outputs_size: int = 0  # slots of all monitored outputs (OutputSpec slices) the indices point into
+
+    @property
+    def slots(self) -> int:
+        return (len(self.latency) if self.latency is not None else 0) + (
+            len(self.outputs) if self.outputs is not None else 0)
 
 
 @dataclass(frozen=True)
@@ -110,7 +123,12 @@ class Sums:
             k = len(w.latency) // 2
             self.latency[w.latency[:k]] += sign * w.latency[k:]
             self.sum_us += sign * w.sum_us
-        self._add_outputs(w.outputs, sign)
+        if w.outputs is not None:
+            if self.outputs is None:
+                self.outputs = np.zeros(w.outputs_size, dtype=np.int64)
+            if len(self.outputs) == w.outputs_size:
+                k = len(w.outputs) // 2
+                self.outputs[w.outputs[:k]] += sign * w.outputs[k:]
 
     def merge(self, other: Sums, sign: int = 1) -> None:
         self.runs += sign * other.runs
@@ -173,16 +191,21 @@ def _window(row: dict[str, Any], birth: dict[str, Any], layout_json: str, specs:
         latency = np.array(used + [slots[i] for i in used], dtype=np.int64)
     outputs = None
     if specs:
-        outputs = np.zeros(specs[-1].stop, dtype=np.int64)
+        indices, values = [], []
         for spec in specs:
             got = window_outputs.get(spec.name)
             if got is not None:
-                values = got.counts if spec.kind == "classes" else [*got.counts, got.underflow, got.overflow]
-                if len(values) == spec.stop - spec.start:  # else not in the reference's layout: left out
-                    outputs[spec.start:spec.stop] = values
+                counts = got.counts if spec.kind == "classes" else [*got.counts, got.underflow, got.overflow]
+                if len(counts) == spec.stop - spec.start:  # else not in the reference's layout: left out
+                    dense = np.asarray(counts, dtype=np.int64)
+                    nonzero = np.flatnonzero(dense)
+                    indices.append(nonzero + spec.start)
+                    values.append(dense[nonzero])
+        outputs = np.concatenate([*indices, *values]) if indices else np.zeros(0, dtype=np.int64)
     return Window(end_ms=row["window_end_ms"], duration_ms=max(0, row["window_end_ms"] - row["window_start_ms"]),
                   runs=row["runs"], errors=row["errors"], layout=layout_json if latency is not None else None,
-                  latency=latency, sum_us=sum_us, max_us=max_us, outputs=outputs)
+                  latency=latency, sum_us=sum_us, max_us=max_us, outputs=outputs,
+                  outputs_size=specs[-1].stop if specs else 0)
 
 
 def _checked_birth(birth_json: str | None) -> dict[str, Any] | None:
@@ -202,6 +225,9 @@ class KnownManifests:
     unknown digest is asked about again at most every RECHECK_S."""
 
     RECHECK_S = 30.0
+    # A device names whatever digest it likes in each birth: the answers kept are bounded (the
+    # oldest asked is forgotten first, and asked again if it comes back).
+    MAX_KNOWN = 10_000
 
     def __init__(self, store: Store):
         self.store = store
@@ -224,7 +250,12 @@ class KnownManifests:
                 found = self.store.deployed_manifest(sha)
         except Exception:  # noqa: BLE001 (an unreadable index or store: the digest stays unverified)
             log.exception("cannot look up manifest %s", sha[:12])
+        self._known.pop(sha, None)  # re-inserted: the newest asked
         self._known[sha] = found
+        while len(self._known) > self.MAX_KNOWN:
+            oldest = next(iter(self._known))
+            del self._known[oldest]
+            self._asked.pop(oldest, None)
         return found
 
 
@@ -238,6 +269,8 @@ class DeviceView:
         self.layout_json = _layout_json(self.birth) if self.birth else None
         self.specs = output_specs(self.birth) if self.birth else []
         self.windows: deque[Window] = deque()
+        self.slots = 0  # Window.slots over self.windows (MAX_VIEW_SLOTS)
+        self.over_budget = 0  # windows that left the view early, to keep it within its budget
         self.sums = Sums(self.layout, self.layout_json)
         # Summaries are rebuilt only when what they come from changed: the windows (sums_dirty)
         # or the store row (row_dirty); presence depends on the time and is added per snapshot.
@@ -266,11 +299,16 @@ class DeviceView:
         ends = [x.end_ms for x in self.windows]
         self.windows.insert(bisect.bisect_right(ends, w.end_ms), w)
         self.sums.add(w)
+        self.slots += w.slots
         expired = []
         cutoff = self.windows[-1].end_ms - horizon_ms
-        while self.windows and self.windows[0].end_ms < cutoff:
+        while self.windows and (self.windows[0].end_ms < cutoff or len(self.windows) > MAX_VIEW_WINDOWS
+                                or self.slots > MAX_VIEW_SLOTS):
             old = self.windows.popleft()
+            if old.end_ms >= cutoff:
+                self.over_budget += 1
             self.sums.add(old, -1)
+            self.slots -= old.slots
             expired.append(old)
         self.sums_dirty = True
         return expired, True
@@ -455,7 +493,12 @@ class FleetView:
         if view is None or view.birth is None or row["artifact_sha256"] != view.sha:
             return  # not the device's current artifact: stored, but not part of its recent view
         w = _window(row, view.birth, view.layout_json, view.specs, msg)
+        early = view.over_budget
         expired, kept = view.add(w, self.horizon_ms)
+        if view.over_budget and not early:
+            log.warning("device %s/%s sends more windows than the view keeps of one device (%d windows, %d "
+                        "non-zero slots); its oldest leave its recent summary early (all are stored)", row["fleet"],
+                        row["device"], MAX_VIEW_WINDOWS, MAX_VIEW_SLOTS)
         self._changed.add((row["fleet"], row["device"]))
         g = self.groups.get(view.group)
         if g is not None:

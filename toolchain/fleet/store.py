@@ -14,14 +14,15 @@ readers can follow new rows by batch number without missing any.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
+import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -374,15 +375,32 @@ def _session_labels(birth: protocol.Birth) -> dict[str, Any]:
             "backend": a.backend, "manifest_sha256": a.manifest_sha256}
 
 
-@lru_cache(maxsize=4096)
+BIRTH_INFO_CACHED = 4096
+# Keyed on the birth's digest, not its text: a device may send thousands of distinct births of up to
+# MAX_PAYLOAD_BYTES, and a cache holding their texts would keep a gigabyte of them.
+_birth_infos: OrderedDict[bytes, tuple[dict[str, Any], str | None, str | None]] = OrderedDict()
+_birth_infos_lock = threading.Lock()
+
+
 def _birth_info(birth_json: str | None) -> tuple[dict[str, Any], str | None, str | None]:
     """Labels, latency layout (JSON) and manifest digest of a stored birth (cached: every window asks)."""
     if not birth_json:
         return {}, None, None
+    key = hashlib.blake2b(birth_json.encode(), digest_size=16).digest()
+    with _birth_infos_lock:
+        info = _birth_infos.get(key)
+        if info is not None:
+            _birth_infos.move_to_end(key)
+            return info
     birth = json.loads(birth_json)
     a, lat = birth["artifact"], birth["metrics"]["latency"]
     labels = {"model": a["model"], "model_version": a["model_version"], "target": a["target"]}
-    return labels, json.dumps([lat["start_us"], lat["factor"], lat["count"]]), a["manifest_sha256"]
+    info = labels, json.dumps([lat["start_us"], lat["factor"], lat["count"]]), a["manifest_sha256"]
+    with _birth_infos_lock:
+        _birth_infos[key] = info
+        while len(_birth_infos) > BIRTH_INFO_CACHED:
+            _birth_infos.popitem(last=False)
+    return info
 
 
 class Store:
