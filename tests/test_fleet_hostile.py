@@ -287,6 +287,7 @@ def test_a_full_queue_refuses_and_counts(broker_dir, tmp_path, monkeypatch):  # 
     from edgesmith.toolchain.fleet import monitor as monitor_mod
 
     monkeypatch.setattr(monitor_mod, "MAX_QUEUED_MESSAGES", 3)
+    monkeypatch.setattr(monitor_mod, "DEVICE_SHARE", 1.0)  # the whole queue (the fair share is tested below)
     m = monitor_mod.Monitor(monitor_mod.MonitorConfig(broker_dir, f"sqlite:///{tmp_path / 'm.db'}"))
     acked: list[int] = []
     monkeypatch.setattr(m.client, "ack", lambda mid, qos: acked.append(mid))
@@ -301,4 +302,41 @@ def test_a_full_queue_refuses_and_counts(broker_dir, tmp_path, monkeypatch):  # 
     counters = m.store.counters()
     assert counters["dropped.queue_full"] == 2 and counters["stored"] == 3
     assert m.store.refusals()[("plant-a", "flooder")]["by_reason"] == {"queue_full": 2}
+    m.store.engine.dispose()
+
+
+def test_a_flooding_device_cannot_crowd_out_the_others(broker_dir, tmp_path, monkeypatch):  # noqa: F811
+    """Once the monitor's queue is over half full, a device holding more than its share of it
+    (DEVICE_SHARE) is refused as `flooding`, while another device's messages are still queued; below
+    half full nobody is refused (a device flushing a long outage is not a flooder)."""
+    from types import SimpleNamespace
+
+    from edgesmith.toolchain.fleet import monitor as monitor_mod
+
+    monkeypatch.setattr(monitor_mod, "MAX_QUEUED_MESSAGES", 32)
+    m = monitor_mod.Monitor(monitor_mod.MonitorConfig(broker_dir, f"sqlite:///{tmp_path / 'm.db'}"))
+    acked: list[int] = []
+    monkeypatch.setattr(m.client, "ack", lambda mid, qos: acked.append(mid))
+    flooder = SimulatedDevice({"fleet": "plant-a", "device": "flooder"}, artifact=ART)
+    healthy = SimulatedDevice({"fleet": "plant-a", "device": "healthy"}, artifact=ART, seed=3)
+
+    def deliver(device: SimulatedDevice, mid: int) -> None:
+        payload = device.telemetry(runs=1).model_dump_json().encode()
+        m._on_message(None, None, SimpleNamespace(mid=mid, qos=1, topic=device.topic("telemetry"), payload=payload,
+                                                  retain=False))
+
+    for mid in range(1, 21):  # 16 fill half the queue; the next 4 are the flooder's excess
+        deliver(flooder, mid)
+    assert m.received.qsize() == 16 and acked == [17, 18, 19, 20]
+    deliver(healthy, 100)
+    deliver(healthy, 101)
+    assert m.received.qsize() == 18 and 100 not in acked and 101 not in acked
+    assert m._ingest(m._next_batch())
+    while m.received.qsize():
+        assert m._ingest(m._next_batch())
+    assert m.queued_bytes == 0 and m.queued_by_device == {}
+    refusals = m.store.refusals()
+    assert refusals[("plant-a", "flooder")]["by_reason"] == {"flooding": 4}
+    assert ("plant-a", "healthy") not in refusals
+    assert m.store.counters()["stored"] == 18
     m.store.engine.dispose()

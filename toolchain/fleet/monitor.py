@@ -47,6 +47,10 @@ KEEPALIVE_S = 30
 # not held back by the broker's in-flight window) costs refusals, not the monitor's memory.
 MAX_QUEUED_MESSAGES = 20_000
 MAX_QUEUED_BYTES = 64 << 20
+# Fair share: once the queue is half full, a device holding more than this share of it has its
+# further messages refused (`flooding`), so one flooding device cannot crowd the others out. Below
+# half full nobody is refused, so a device flushing a long outage's spool is not penalised.
+DEVICE_SHARE = 1 / 16
 RC_SESSION_TAKEN_OVER = 142
 # paho's network thread gives up the GIL on every socket read (several per message) and must win it
 # back from the busy ingest and evaluator threads each time; at Python's default 5 ms switch interval
@@ -158,6 +162,7 @@ class Monitor:
         self.received: queue.Queue[_Received] = queue.Queue()
         self._queue_lock = threading.Lock()
         self.queued_bytes = 0
+        self.queued_by_device: dict[tuple[str, str], list[int]] = {}  # (fleet, device) -> [messages, bytes]
         self.queue_refused: list[Incoming] = []  # refused because the queue was full; counted by the next batch
         self.stop_event = threading.Event()
         self.fatal: str | None = None
@@ -226,15 +231,28 @@ class Monitor:
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
         size = len(msg.payload) + len(msg.topic)
+        parts = protocol.parse_topic(msg.topic) or (None, None, None)
+        key = (parts[0], parts[1]) if parts[1] is not None else None
         with self._queue_lock:
-            full = (self.received.qsize() >= MAX_QUEUED_MESSAGES
-                    or self.queued_bytes + size > MAX_QUEUED_BYTES) and not msg.retain
-            if not full:
+            queued = self.received.qsize()
+            reason = None
+            if not msg.retain:
+                if queued >= MAX_QUEUED_MESSAGES or self.queued_bytes + size > MAX_QUEUED_BYTES:
+                    reason, detail = "queue_full", "the monitor's queue was full"
+                elif key is not None and (queued >= MAX_QUEUED_MESSAGES // 2 or self.queued_bytes > MAX_QUEUED_BYTES // 2):
+                    held = self.queued_by_device.get(key, [0, 0])
+                    if held[0] >= MAX_QUEUED_MESSAGES * DEVICE_SHARE or held[1] + size > MAX_QUEUED_BYTES * DEVICE_SHARE:
+                        reason, detail = "flooding", (f"the device held {held[0]} messages ({held[1]} bytes) of the "
+                                                      "monitor's queue while it was over half full")
+            if reason is None:
                 self.queued_bytes += size
+                if key is not None:
+                    held = self.queued_by_device.setdefault(key, [0, 0])
+                    held[0] += 1
+                    held[1] += size
             elif len(self.queue_refused) < MAX_QUEUED_MESSAGES:
-                parts = protocol.parse_topic(msg.topic) or (None, None, None)
-                self.queue_refused.append(Incoming(now_ms(), dropped="queue_full", fleet=parts[0], device=parts[1],
-                                                   detail="the monitor's queue was full"))
+                self.queue_refused.append(Incoming(now_ms(), dropped=reason, fleet=parts[0], device=parts[1], detail=detail))
+        full = reason is not None
         if full:
             if msg.qos > 0:
                 self.client.ack(msg.mid, msg.qos)  # refused and counted: the broker must not hold it in flight
@@ -260,7 +278,16 @@ class Monitor:
             except queue.Empty:
                 break
         with self._queue_lock:
-            self.queued_bytes -= sum(len(r.payload) + len(r.topic) for r in batch)
+            for r in batch:
+                size = len(r.payload) + len(r.topic)
+                self.queued_bytes -= size
+                parts = protocol.parse_topic(r.topic)
+                held = self.queued_by_device.get((parts[0], parts[1])) if parts else None
+                if held is not None:
+                    held[0] -= 1
+                    held[1] -= size
+                    if held[0] <= 0:
+                        del self.queued_by_device[(parts[0], parts[1])]
         return batch
 
     def _store(self, items: list[Incoming]) -> bool:

@@ -44,10 +44,10 @@ SILENT_INTERVALS = 3  # a device is silent (offline) after this many of its inte
 # Why a message was refused (each counted in `counters` as dropped.<reason>, and per device in
 # `device_refusals` when its topic names one): not JSON; over the payload limit; JSON but not in the
 # contract; a device speaking for another; not a device topic; refused by the database; failed in
-# processing (a bug, isolated to its message); the monitor's queue was full; from a spool epoch the
-# device has since replaced.
+# processing (a bug, isolated to its message); the monitor's queue was full; the device held more
+# than its share of a queue over half full; from a spool epoch the device has since replaced.
 DROP_REASONS = ("malformed", "oversized", "invalid", "topic_mismatch", "unknown_topic", "unstorable", "unprocessable",
-                "queue_full", "stale_epoch")
+                "queue_full", "flooding", "stale_epoch")
 AlertKey = tuple[str, str, str]  # fleet, alert, subject
 IN_CHUNK = 500  # keys per IN (...) clause, under every driver's parameter limit
 INT64_MAX = 2**63 - 1
