@@ -46,6 +46,7 @@ mapfile -t deps <<<"$deps"
 "$VENV/bin/python" -m pip install --quiet --no-build-isolation --no-deps -e .
 
 export EDGESMITH_HOME=${EDGESMITH_HOME:-$PWD/.edgesmith}
+(umask 077 && mkdir -p "$EDGESMITH_HOME")  # keys live here: nobody else may write it (a 002 umask would let the group)
 echo "bootstrap: LiteRT converter environment"
 "$VENV/bin/edgesmith" tools install litert
 echo "bootstrap: aarch64 device runtime (cross-compiled; \`edgesmith prove\` runs it under qemu)"

@@ -6,7 +6,7 @@
 set -euo pipefail
 VENV=${VENV:-.venv}
 export EDGESMITH_HOME=${EDGESMITH_HOME:-$PWD/.edgesmith}
-mkdir -p "$EDGESMITH_HOME"
+(umask 077 && mkdir -p "$EDGESMITH_HOME")  # keys live here: nobody else may write it (a 002 umask would let the group)
 edgesmith=("$VENV/bin/edgesmith")
 
 "${edgesmith[@]}" targets
@@ -43,7 +43,7 @@ port=9110
 # Each device trusts what was provisioned into its trust directory, nothing else: the project's
 # build key (artifact signatures) and a deploy key (desired states), made once under the home.
 [[ -f "$EDGESMITH_HOME/keys/deploy/default.key" ]] || "${edgesmith[@]}" keys generate --deploy
-mkdir -p "$fleet/trust/build" "$fleet/trust/deploy"
+(umask 022 && mkdir -p "$fleet/trust/build" "$fleet/trust/deploy")  # agents refuse trust others can write
 cp "$EDGESMITH_HOME/keys/default.pub" "$fleet/trust/build/"
 cp "$EDGESMITH_HOME/keys/deploy/default.pub" "$fleet/trust/deploy/"
 

@@ -110,3 +110,28 @@ def test_targets_command_without_aarch64_runtime(tmp_path):
     data = json.loads(run_cli("targets", "--json", env={"EDGESMITH_AARCH64_RUNTIME": str(tmp_path / "none")}).stdout)
     rpi4 = {t["name"]: t for t in data["targets"]}["rpi4-aarch64"]["proof_here"]
     assert rpi4["possible"] is False and str(tmp_path / "none") in rpi4["how"] and "tools install aarch64-runtime" in rpi4["how"]
+
+
+def test_a_home_made_under_a_group_writable_umask_is_still_trusted(tmp_path, monkeypatch):
+    """Under a 002 umask (Ubuntu's default for users), the directories edgesmith makes for keys are
+    still 0700: the device rule refuses a key directory the group could write, and must not refuse
+    edgesmith's own."""
+    import os
+    import stat
+
+    from edgesmith.toolchain.signing import generate_deploy_key, generate_key
+
+    home = tmp_path / "made" / "home"
+    monkeypatch.setenv("EDGESMITH_HOME", str(home))
+    old = os.umask(0o002)
+    try:
+        generate_key("default")
+        generate_deploy_key()
+    finally:
+        os.umask(old)
+    for folder in (home.parent, home, home / "keys", home / "keys" / "deploy"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+    from edgesmith.runtime import keys
+
+    assert keys.edgesmith_home() == home
+    assert len(keys.trusted_public_keys()) == 1  # the C++ rule takes the home's keys: not refused as group-writable

@@ -20,7 +20,7 @@ import nacl.signing
 
 from edgesmith.runtime.keys import edgesmith_home, read_hex_key
 from edgesmith.toolchain.errors import UserError
-from edgesmith.toolchain.files import fsync
+from edgesmith.toolchain.files import fsync, private_dirs
 
 SIG_FILE = "manifest.sig"
 MANIFEST_FILE = "manifest.json"
@@ -74,7 +74,7 @@ def generate_key(name: str = "default", directory: Path | None = None, overwrite
     """
     _check_key_name(name)
     directory = Path(directory) if directory else edgesmith_home() / "keys"
-    directory.mkdir(parents=True, exist_ok=True)
+    private_dirs(directory)
     key_path, pub_path = directory / f"{name}.key", directory / f"{name}.pub"
     if key_path.exists() and not overwrite:
         raise UserError(f"{key_path} already exists; pass --force to replace it (artifacts signed with it will then need the old .pub to verify)")

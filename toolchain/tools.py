@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from edgesmith.toolchain.errors import UserError
+from edgesmith.toolchain.files import private_dirs
 from edgesmith.runtime.keys import edgesmith_home
 
 TOOLS: dict[str, list[str]] = {
@@ -67,6 +68,7 @@ def _build_from_source(name: str, echo) -> Path:
 
 def install(name: str, echo=print) -> Path:
     """Create (or complete) the tool environment; idempotent."""
+    private_dirs(edgesmith_home())  # a home made here holds keys later: nobody else may write it
     if name in BUILT_TOOLS:
         return _build_from_source(name, echo)
     if name not in TOOLS:
