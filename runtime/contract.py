@@ -1,8 +1,11 @@
 """The device contract, version 1: one pydantic model per message that crosses the device boundary.
 
 Device → central (MQTT, ``edgesmith/v1/<fleet>/<device>/<kind>``; docs/telemetry.md): ``birth``,
-``death``, ``telemetry``, ``event`` and ``state`` (whose ``details`` are the deploy report,
-docs/deployment.md §5). Central → device: the signed ``desired`` state (docs/deployment.md §2).
+``death``, ``telemetry``, ``event``, ``state`` (whose ``details`` are the deploy report,
+docs/deployment.md §5) and ``shadow`` (a shadow run's summary per window, docs/shadow.md).
+Central → device: the signed ``desired`` state (docs/deployment.md §2) and the signed shadow state
+on ``shadow-desired`` (docs/shadow.md): the same envelope, keys and anti-replay rules, its own
+signature domain and version counter.
 
 This module is the single source of truth for all of them. Generated from it (each with a
 freshness test):
@@ -38,6 +41,7 @@ PROTOCOL_VERSION = 1
 DESIRED_VERSION = 1
 TOPIC_ROOT = "edgesmith/v1"
 DESIRED_DOMAIN = "edgesmith-desired-v1\n"  # prefix of what a desired-state signature covers
+SHADOW_DOMAIN = "edgesmith-shadow-v1\n"  # prefix of what a shadow-state signature covers (never a desired state's)
 
 # ---- limits ------------------------------------------------------------------------------------
 MAX_PAYLOAD_BYTES = 256 * 1024  # the monitor refuses (counts and drops) anything larger
@@ -53,6 +57,9 @@ MAX_DETAILS = 64  # keys in an event's details
 MAX_URL = 2048
 MAX_SIGNED = 64 * 1024  # the signed text of a desired state
 MAX_MICROS = 1e15  # ~31 years: any latency sum a device can honestly report
+MAX_SHADOW_CANDIDATES = 8
+MAX_SHADOW_QUEUE = 64  # samples waiting for the shadow worker
+MAX_SHADOW_DURATION_S = 30 * 24 * 3600
 
 ID_REGEX = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"  # fleet, device and deployment ids: no '/', '+', '#'
 EVENT_REGEX = r"[a-z][a-z0-9_.-]{0,63}"
@@ -78,9 +85,11 @@ class MessageKind(StrEnum):
     TELEMETRY = "telemetry"
     EVENT = "event"
     STATE = "state"
+    SHADOW = "shadow"
 
 
-DESIRED_TOPIC = "desired"  # the one topic a device subscribes to (central → device)
+DESIRED_TOPIC = "desired"  # central → device: the signed desired state (retained)
+SHADOW_TOPIC = "shadow-desired"  # central → device: the signed shadow state (retained)
 
 
 class DeathReason(StrEnum):
@@ -130,6 +139,24 @@ class EventKind(StrEnum):
     DEPLOY_REFUSED = "deploy.refused"
     DEPLOY_ROLLED_BACK = "deploy.rolled-back"
     REIMAGED = "device.reimaged"  # recorded by the monitor when a device's spool epoch changes
+    SHADOW_STARTED = "shadow.started"  # a candidate is verified, self-tested and running beside serving
+    SHADOW_REFUSED = "shadow.refused"  # the shadow state or a candidate was refused (details: why)
+    SHADOW_FAILED = "shadow.failed"  # a candidate crashed or could not be run; serving is untouched
+    SHADOW_ENDED = "shadow.ended"  # the shadow finished: its duration ran out, it was stopped or superseded
+
+
+class ShadowAction(StrEnum):
+    START = "start"
+    STOP = "stop"
+
+
+class ShadowEnd(StrEnum):
+    """Why a shadow (or one candidate's turn) ended, in a ``shadow.ended`` event's details."""
+
+    DURATION = "duration"
+    STOPPED = "stopped"
+    SUPERSEDED = "superseded"
+    SERVING_CHANGED = "serving-changed"  # a deployment switched the serving model
 
 
 # What a deploy event says when its details carry no result.
@@ -346,12 +373,18 @@ class Event(Envelope):
     @model_validator(mode="after")
     def _deploy_details(self) -> Event:
         self.deploy_report()  # a deploy event's details are a deploy report
+        self.shadow_report()  # and a shadow event's a shadow report
         return self
 
     def deploy_report(self) -> DeployReport | None:
         if not self.event.startswith("deploy."):
             return None
         return DeployReport.model_validate_json(json.dumps(self.details))
+
+    def shadow_report(self) -> ShadowReport | None:
+        if not self.event.startswith("shadow."):
+            return None
+        return ShadowReport.model_validate_json(json.dumps(self.details))
 
 
 class State(Envelope):
@@ -362,12 +395,63 @@ class State(Envelope):
     details: DeployReport = DeployReport()
 
 
-DeviceMessage = Annotated[Union[Birth, Death, Telemetry, Event, State], Field(discriminator="kind")]
-AnyDeviceMessage = Birth | Death | Telemetry | Event | State
+class ShadowReport(_Msg):
+    """A ``shadow.*`` event's ``details``. Unknown fields are ignored, as in DeployReport."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    shadow_id: Id
+    shadow_version: Count | None = None
+    candidate: Annotated[int, Field(strict=True, ge=0, lt=MAX_SHADOW_CANDIDATES)] | None = None
+    candidate_sha256: Sha256 | None = Field(default=None, description="the candidate's manifest")
+    reason: ShadowEnd | None = None
+    error: Annotated[str, Field(max_length=MAX_ERROR)] | None = None
+    rss_increase_bytes: Count | None = None
+
+
+class ShadowOutput(_Msg):
+    """One output of a shadow window: the candidate's output against the serving model's on the
+    same inputs."""
+
+    compared: Count = Field(description="values compared (every element of the output, per sample)")
+    rows: Count = Field(description="samples (classes outputs: rows) compared")
+    agree: Count | None = Field(default=None, description="classes outputs: rows whose top-1 class matched serving's")
+    max_abs_err: Micros = Field(description="max |candidate - serving| over the window's finite values")
+    max_rel_err: Micros = Field(description="max_abs_err / max |serving| over the same values (0 when serving is all 0)")
+    nan: Count = Field(description="values not finite in the candidate's output where serving's were finite")
+    histogram: OutputWindow | None = Field(
+        default=None, description="the candidate's own output summary, in its manifest's monitoring layout")
+
+
+class ShadowWindow(Envelope):
+    """A shadow run's summary for one window (docs/shadow.md). The inputs never leave the device."""
+
+    kind: Literal[MessageKind.SHADOW] = MessageKind.SHADOW
+    shadow_id: Id
+    shadow_version: Count
+    candidate: Annotated[int, Field(strict=True, ge=0, lt=MAX_SHADOW_CANDIDATES)] = Field(
+        description="the candidate's index in the shadow state")
+    candidate_sha256: Sha256 = Field(description="the candidate's manifest")
+    serving_sha256: Sha256 = Field(description="the serving model's manifest")
+    window_start_ms: Ms
+    window_end_ms: Ms
+    offered: Count = Field(description="serving runs sampled for the shadow in this window")
+    samples: Count = Field(description="of them, run by the candidate")
+    dropped: Count = Field(description="of them, dropped: the shadow queue was full or the CPU share was used up")
+    errors: Count = Field(description="candidate runs that failed")
+    latency: LatencyWindow = Field(description="the candidate's run time (the birth's latency layout)")
+    serving_latency: LatencyWindow = Field(description="the serving model's run time on the same samples")
+    outputs: Annotated[dict[Name, ShadowOutput], Field(max_length=MAX_OUTPUTS)]
+    rss_increase_bytes: Count = Field(description="resident memory the candidate adds on this device")
+    cpu_seconds: Micros = Field(description="CPU time the shadow used in this window")
+
+
+DeviceMessage = Annotated[Union[Birth, Death, Telemetry, Event, State, ShadowWindow], Field(discriminator="kind")]
+AnyDeviceMessage = Birth | Death | Telemetry | Event | State | ShadowWindow
 _DEVICE_ADAPTER: TypeAdapter[Any] = TypeAdapter(DeviceMessage)
 MESSAGE_MODELS: dict[MessageKind, type[Envelope]] = {MessageKind.BIRTH: Birth, MessageKind.DEATH: Death,
                                                      MessageKind.TELEMETRY: Telemetry, MessageKind.EVENT: Event,
-                                                     MessageKind.STATE: State}
+                                                     MessageKind.STATE: State, MessageKind.SHADOW: ShadowWindow}
 
 
 class PayloadTooLarge(ValueError):
@@ -423,6 +507,54 @@ class DesiredEnvelope(_Msg):
         description=f"ed25519 over {DESIRED_DOMAIN!r} + signed, hex")
 
 
+class ShadowState(_Msg):
+    """What one device should shadow; signed (over SHADOW_DOMAIN + the text) inside a DesiredEnvelope
+    published, retained, on ``edgesmith/v1/<fleet>/<device>/shadow-desired`` (docs/shadow.md).
+
+    ``start`` names the candidates, run one after another beside the serving model, each for an equal
+    share of ``duration_s`` from ``starts_at_ms``; ``stop`` (no candidates) ends any shadow. Versions
+    are their own counter, strictly increasing per device, as desired states' are."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"allOf": [
+        {"if": {"properties": {"action": {"const": "start"}}, "required": ["action"]},
+         "then": {"properties": {"candidates": {"minItems": 1}}}},
+        {"if": {"properties": {"action": {"const": "stop"}}, "required": ["action"]},
+         "then": {"properties": {"candidates": {"maxItems": 0}}}},
+    ]})
+
+    v: Literal[1] = DESIRED_VERSION
+    kind: Literal["shadow"] = "shadow"
+    fleet: Id
+    device: Id
+    version: Annotated[int, Field(strict=True, ge=1, le=MAX_SAFE_INT)] = Field(
+        description="strictly increasing per device (its own counter): a device refuses anything not above what it took")
+    shadow_id: Id
+    action: ShadowAction
+    issued_at_ms: Ms
+    not_after: Annotated[int, Field(strict=True, ge=1, le=MAX_SAFE_INT)] | None = Field(
+        default=None, description="seconds since the epoch after which the device refuses this shadow state")
+    starts_at_ms: Ms = Field(default=0, description="when the first candidate's turn starts (its schedule's origin)")
+    duration_s: Annotated[int, Field(strict=True, ge=1, le=MAX_SHADOW_DURATION_S)] = Field(
+        default=3600, description="the whole shadow; each candidate runs for duration_s / len(candidates)")
+    sample: Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0, le=1)] = Field(
+        default=0.1, description="fraction of served requests also run by the candidate")
+    cpu_share: Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0, le=1)] = Field(
+        default=0.5, description="at most this fraction of one core's time goes to the candidate")
+    queue: Annotated[int, Field(strict=True, ge=1, le=MAX_SHADOW_QUEUE)] = Field(
+        default=4, description="samples waiting for the shadow worker; more are dropped and counted")
+    max_bytes: Annotated[int, Field(strict=True, ge=1, le=MAX_SAFE_INT)] = Field(
+        default=256 << 20, description="the shadow slot's byte budget (archive and extracted artifact)")
+    candidates: Annotated[list[DesiredArtifact], Field(max_length=MAX_SHADOW_CANDIDATES)] = []
+
+    @model_validator(mode="after")
+    def _candidates(self) -> ShadowState:
+        if self.action == ShadowAction.START and not self.candidates:
+            raise ValueError("a 'start' shadow state needs at least one candidate")
+        if self.action == ShadowAction.STOP and self.candidates:
+            raise ValueError("a 'stop' shadow state names no candidates")
+        return self
+
+
 # ---- JSON Schemas, the C++ header --------------------------------------------------------------------
 
 SCHEMAS = {"telemetry": "docs/telemetry.schema.json", "desired": "docs/desired.schema.json"}
@@ -441,8 +573,11 @@ def json_schema(which: str) -> dict[str, Any]:
                                               .pop("$defs", {}))
         schema["$defs"]["DesiredState"] = {k: v for k, v in DesiredState.model_json_schema(
             ref_template="#/$defs/{model}").items() if k != "$defs"}
+        shadow = ShadowState.model_json_schema(ref_template="#/$defs/{model}")
+        schema["$defs"].update(shadow.pop("$defs", {}))
+        schema["$defs"]["ShadowState"] = shadow
         schema["title"] = (f"edgesmith signed desired state, version {DESIRED_VERSION}: the envelope; 'signed' holds "
-                           "a DesiredState ($defs) as JSON text")
+                           "a DesiredState (on 'desired') or a ShadowState (on 'shadow-desired'), see $defs, as JSON text")
     else:
         raise ValueError(f"no schema {which!r}; choose one of {', '.join(SCHEMAS)}")
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
@@ -472,6 +607,10 @@ def header() -> str:
            f"constexpr uint64_t MAX_LATENCY_BUCKETS = {MAX_LATENCY_BUCKETS};",
            f"constexpr uint64_t MAX_DETAILS = {MAX_DETAILS};",
            f"constexpr double MAX_MICROS = {MAX_MICROS!r};",
+           f"constexpr uint64_t MAX_SHADOW_CANDIDATES = {MAX_SHADOW_CANDIDATES};",
+           f"constexpr uint64_t MAX_SHADOW_QUEUE = {MAX_SHADOW_QUEUE};",
+           f"constexpr uint64_t MAX_SHADOW_DURATION_S = {MAX_SHADOW_DURATION_S};",
+           f"constexpr const char* SHADOW_DOMAIN = \"{SHADOW_DOMAIN.strip()}\\n\";",
            f"constexpr uint64_t MAX_LABEL = {MAX_LABEL};",
            f"constexpr uint64_t MAX_MESSAGE = {MAX_MESSAGE};",
            f"constexpr uint64_t MAX_ERROR = {MAX_ERROR};",
@@ -481,12 +620,14 @@ def header() -> str:
            f"constexpr const char* SHA256_REGEX = \"{SHA256_REGEX}\";",
            f"constexpr const char* EPOCH_REGEX = \"{EPOCH_REGEX}\";",
            f"constexpr const char* SLOT_REGEX = \"{SLOT_REGEX}\";", ""]
-    for enum in (MessageKind, DeathReason, OutputKind, DeployAction, DeployResult, DeployPhase, EventKind):
+    for enum in (MessageKind, DeathReason, OutputKind, DeployAction, DeployResult, DeployPhase, EventKind,
+                 ShadowAction, ShadowEnd):
         prefix = re.sub(r"(?<!^)(?=[A-Z])", "_", enum.__name__).upper()
         out.append(f"// {enum.__name__}")
         out += [f"constexpr const char* {prefix}_{m.name} = \"{m.value}\";" for m in enum]
         out.append("")
     out.append(f"constexpr const char* DESIRED_TOPIC = \"{DESIRED_TOPIC}\";")
+    out.append(f"constexpr const char* SHADOW_TOPIC = \"{SHADOW_TOPIC}\";")
     out.append("")
     models: list[tuple[str, type[BaseModel]]] = [
         ("ENVELOPE", Envelope), ("BIRTH", Birth), ("DEATH", Death), ("TELEMETRY", Telemetry), ("EVENT", Event),
@@ -494,7 +635,9 @@ def header() -> str:
         ("OUTPUT_LAYOUT", OutputLayout), ("METRIC_SCHEMA", MetricSchema), ("RUNTIME", Runtime),
         ("LATENCY_WINDOW", LatencyWindow), ("OUTPUT_WINDOW", OutputWindow), ("PROCESS_WINDOW", ProcessWindow),
         ("SPOOL_STATE", SpoolState), ("DEPLOY_REPORT", DeployReport), ("PREVIOUS_SLOT", PreviousSlot),
-        ("DESIRED_ENVELOPE", DesiredEnvelope), ("DESIRED_STATE", DesiredState), ("DESIRED_ARTIFACT", DesiredArtifact)]
+        ("DESIRED_ENVELOPE", DesiredEnvelope), ("DESIRED_STATE", DesiredState), ("DESIRED_ARTIFACT", DesiredArtifact),
+        ("SHADOW_STATE", ShadowState), ("SHADOW_REPORT", ShadowReport), ("SHADOW_OUTPUT", ShadowOutput),
+        ("SHADOW_WINDOW", ShadowWindow)]
     out.append("// Field names, as F_<MODEL>_<FIELD>; F_KIND is every device message's kind.")
     out.append('constexpr const char* F_KIND = "kind";')
     for prefix, model in models:

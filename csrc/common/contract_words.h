@@ -16,6 +16,10 @@ constexpr uint64_t MAX_OUTPUTS = 64;
 constexpr uint64_t MAX_LATENCY_BUCKETS = 4096;
 constexpr uint64_t MAX_DETAILS = 64;
 constexpr double MAX_MICROS = 1000000000000000.0;
+constexpr uint64_t MAX_SHADOW_CANDIDATES = 8;
+constexpr uint64_t MAX_SHADOW_QUEUE = 64;
+constexpr uint64_t MAX_SHADOW_DURATION_S = 2592000;
+constexpr const char* SHADOW_DOMAIN = "edgesmith-shadow-v1\n";
 constexpr uint64_t MAX_LABEL = 256;
 constexpr uint64_t MAX_MESSAGE = 4096;
 constexpr uint64_t MAX_ERROR = 8192;
@@ -32,6 +36,7 @@ constexpr const char* MESSAGE_KIND_DEATH = "death";
 constexpr const char* MESSAGE_KIND_TELEMETRY = "telemetry";
 constexpr const char* MESSAGE_KIND_EVENT = "event";
 constexpr const char* MESSAGE_KIND_STATE = "state";
+constexpr const char* MESSAGE_KIND_SHADOW = "shadow";
 
 // DeathReason
 constexpr const char* DEATH_REASON_CONNECTION_LOST = "connection-lost";
@@ -67,8 +72,23 @@ constexpr const char* EVENT_KIND_DEPLOY_FAILED = "deploy.failed";
 constexpr const char* EVENT_KIND_DEPLOY_REFUSED = "deploy.refused";
 constexpr const char* EVENT_KIND_DEPLOY_ROLLED_BACK = "deploy.rolled-back";
 constexpr const char* EVENT_KIND_REIMAGED = "device.reimaged";
+constexpr const char* EVENT_KIND_SHADOW_STARTED = "shadow.started";
+constexpr const char* EVENT_KIND_SHADOW_REFUSED = "shadow.refused";
+constexpr const char* EVENT_KIND_SHADOW_FAILED = "shadow.failed";
+constexpr const char* EVENT_KIND_SHADOW_ENDED = "shadow.ended";
+
+// ShadowAction
+constexpr const char* SHADOW_ACTION_START = "start";
+constexpr const char* SHADOW_ACTION_STOP = "stop";
+
+// ShadowEnd
+constexpr const char* SHADOW_END_DURATION = "duration";
+constexpr const char* SHADOW_END_STOPPED = "stopped";
+constexpr const char* SHADOW_END_SUPERSEDED = "superseded";
+constexpr const char* SHADOW_END_SERVING_CHANGED = "serving-changed";
 
 constexpr const char* DESIRED_TOPIC = "desired";
+constexpr const char* SHADOW_TOPIC = "shadow-desired";
 
 // Field names, as F_<MODEL>_<FIELD>; F_KIND is every device message's kind.
 constexpr const char* F_KIND = "kind";
@@ -175,5 +195,52 @@ constexpr const char* F_DESIRED_ARTIFACT_SHA256 = "sha256";
 constexpr const char* F_DESIRED_ARTIFACT_SIZE = "size";
 constexpr const char* F_DESIRED_ARTIFACT_MANIFEST_SHA256 = "manifest_sha256";
 constexpr const char* F_DESIRED_ARTIFACT_NAME = "name";
+constexpr const char* F_SHADOW_STATE_V = "v";
+constexpr const char* F_SHADOW_STATE_KIND = "kind";
+constexpr const char* F_SHADOW_STATE_FLEET = "fleet";
+constexpr const char* F_SHADOW_STATE_DEVICE = "device";
+constexpr const char* F_SHADOW_STATE_VERSION = "version";
+constexpr const char* F_SHADOW_STATE_SHADOW_ID = "shadow_id";
+constexpr const char* F_SHADOW_STATE_ACTION = "action";
+constexpr const char* F_SHADOW_STATE_ISSUED_AT_MS = "issued_at_ms";
+constexpr const char* F_SHADOW_STATE_NOT_AFTER = "not_after";
+constexpr const char* F_SHADOW_STATE_STARTS_AT_MS = "starts_at_ms";
+constexpr const char* F_SHADOW_STATE_DURATION_S = "duration_s";
+constexpr const char* F_SHADOW_STATE_SAMPLE = "sample";
+constexpr const char* F_SHADOW_STATE_CPU_SHARE = "cpu_share";
+constexpr const char* F_SHADOW_STATE_QUEUE = "queue";
+constexpr const char* F_SHADOW_STATE_MAX_BYTES = "max_bytes";
+constexpr const char* F_SHADOW_STATE_CANDIDATES = "candidates";
+constexpr const char* F_SHADOW_REPORT_SHADOW_ID = "shadow_id";
+constexpr const char* F_SHADOW_REPORT_SHADOW_VERSION = "shadow_version";
+constexpr const char* F_SHADOW_REPORT_CANDIDATE = "candidate";
+constexpr const char* F_SHADOW_REPORT_CANDIDATE_SHA256 = "candidate_sha256";
+constexpr const char* F_SHADOW_REPORT_REASON = "reason";
+constexpr const char* F_SHADOW_REPORT_ERROR = "error";
+constexpr const char* F_SHADOW_REPORT_RSS_INCREASE_BYTES = "rss_increase_bytes";
+constexpr const char* F_SHADOW_OUTPUT_COMPARED = "compared";
+constexpr const char* F_SHADOW_OUTPUT_ROWS = "rows";
+constexpr const char* F_SHADOW_OUTPUT_AGREE = "agree";
+constexpr const char* F_SHADOW_OUTPUT_MAX_ABS_ERR = "max_abs_err";
+constexpr const char* F_SHADOW_OUTPUT_MAX_REL_ERR = "max_rel_err";
+constexpr const char* F_SHADOW_OUTPUT_NAN = "nan";
+constexpr const char* F_SHADOW_OUTPUT_HISTOGRAM = "histogram";
+constexpr const char* F_SHADOW_WINDOW_KIND = "kind";
+constexpr const char* F_SHADOW_WINDOW_SHADOW_ID = "shadow_id";
+constexpr const char* F_SHADOW_WINDOW_SHADOW_VERSION = "shadow_version";
+constexpr const char* F_SHADOW_WINDOW_CANDIDATE = "candidate";
+constexpr const char* F_SHADOW_WINDOW_CANDIDATE_SHA256 = "candidate_sha256";
+constexpr const char* F_SHADOW_WINDOW_SERVING_SHA256 = "serving_sha256";
+constexpr const char* F_SHADOW_WINDOW_WINDOW_START_MS = "window_start_ms";
+constexpr const char* F_SHADOW_WINDOW_WINDOW_END_MS = "window_end_ms";
+constexpr const char* F_SHADOW_WINDOW_OFFERED = "offered";
+constexpr const char* F_SHADOW_WINDOW_SAMPLES = "samples";
+constexpr const char* F_SHADOW_WINDOW_DROPPED = "dropped";
+constexpr const char* F_SHADOW_WINDOW_ERRORS = "errors";
+constexpr const char* F_SHADOW_WINDOW_LATENCY = "latency";
+constexpr const char* F_SHADOW_WINDOW_SERVING_LATENCY = "serving_latency";
+constexpr const char* F_SHADOW_WINDOW_OUTPUTS = "outputs";
+constexpr const char* F_SHADOW_WINDOW_RSS_INCREASE_BYTES = "rss_increase_bytes";
+constexpr const char* F_SHADOW_WINDOW_CPU_SECONDS = "cpu_seconds";
 
 }  // namespace edgesmith::contract

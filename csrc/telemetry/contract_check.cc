@@ -227,51 +227,68 @@ bool birth(Checker& k, const json& m) {
   return true;
 }
 
-bool telemetry(Checker& k, const json& m) {
-  if (!k.matches(m[c::F_TELEMETRY_ARTIFACT_SHA256], c::F_TELEMETRY_ARTIFACT_SHA256, sha_pattern())) return false;
-  for (const char* name : {c::F_TELEMETRY_WINDOW_START_MS, c::F_TELEMETRY_WINDOW_END_MS, c::F_TELEMETRY_RUNS,
-                           c::F_TELEMETRY_ERRORS, c::F_TELEMETRY_NAN_INPUT_RUNS, c::F_TELEMETRY_NAN_INPUT_VALUES}) {
-    if (!k.count(m[name], name)) return false;
-  }
-  const json& lat = m[c::F_TELEMETRY_LATENCY];
-  if (!k.object(lat, "latency",
+bool latency_window(Checker& k, const json& lat, const std::string& where) {
+  if (!k.object(lat, where,
                 {c::F_LATENCY_WINDOW_COUNTS, c::F_LATENCY_WINDOW_UNDERFLOW, c::F_LATENCY_WINDOW_OVERFLOW,
                  c::F_LATENCY_WINDOW_SUM_US, c::F_LATENCY_WINDOW_MAX_US, c::F_LATENCY_WINDOW_P50_US,
                  c::F_LATENCY_WINDOW_P95_US, c::F_LATENCY_WINDOW_P99_US},
                 {c::F_LATENCY_WINDOW_COUNTS, c::F_LATENCY_WINDOW_UNDERFLOW, c::F_LATENCY_WINDOW_OVERFLOW,
                  c::F_LATENCY_WINDOW_SUM_US, c::F_LATENCY_WINDOW_MAX_US, c::F_LATENCY_WINDOW_P50_US,
                  c::F_LATENCY_WINDOW_P95_US, c::F_LATENCY_WINDOW_P99_US}) ||
-      !k.counts(lat[c::F_LATENCY_WINDOW_COUNTS], "latency.counts", c::MAX_LATENCY_BUCKETS) ||
-      !k.count(lat[c::F_LATENCY_WINDOW_UNDERFLOW], "latency.underflow") ||
-      !k.count(lat[c::F_LATENCY_WINDOW_OVERFLOW], "latency.overflow")) {
+      !k.counts(lat[c::F_LATENCY_WINDOW_COUNTS], Checker::at(where, c::F_LATENCY_WINDOW_COUNTS), c::MAX_LATENCY_BUCKETS) ||
+      !k.count(lat[c::F_LATENCY_WINDOW_UNDERFLOW], Checker::at(where, c::F_LATENCY_WINDOW_UNDERFLOW)) ||
+      !k.count(lat[c::F_LATENCY_WINDOW_OVERFLOW], Checker::at(where, c::F_LATENCY_WINDOW_OVERFLOW))) {
     return false;
   }
   for (const char* name : {c::F_LATENCY_WINDOW_SUM_US, c::F_LATENCY_WINDOW_MAX_US, c::F_LATENCY_WINDOW_P50_US,
                            c::F_LATENCY_WINDOW_P95_US, c::F_LATENCY_WINDOW_P99_US}) {
-    if (!k.number(lat[name], Checker::at("latency", name), 0.0, MAX_MICROS)) return false;
+    if (!k.number(lat[name], Checker::at(where, name), 0.0, MAX_MICROS)) return false;
   }
-  const json& outputs = m[c::F_TELEMETRY_OUTPUTS];
+  return true;
+}
+
+bool output_window(Checker& k, const json& o, const std::string& where) {
+  if (!k.object(o, where,
+                {c::F_OUTPUT_WINDOW_COUNTS, c::F_OUTPUT_WINDOW_UNDERFLOW, c::F_OUTPUT_WINDOW_OVERFLOW,
+                 c::F_OUTPUT_WINDOW_NAN, c::F_OUTPUT_WINDOW_SEEN, c::F_OUTPUT_WINDOW_BINNED},
+                {c::F_OUTPUT_WINDOW_COUNTS, c::F_OUTPUT_WINDOW_UNDERFLOW, c::F_OUTPUT_WINDOW_OVERFLOW,
+                 c::F_OUTPUT_WINDOW_NAN, c::F_OUTPUT_WINDOW_SEEN, c::F_OUTPUT_WINDOW_BINNED}) ||
+      !k.counts(o[c::F_OUTPUT_WINDOW_COUNTS], Checker::at(where, c::F_OUTPUT_WINDOW_COUNTS), c::MAX_CLASSES)) {
+    return false;
+  }
+  for (const char* name : {c::F_OUTPUT_WINDOW_UNDERFLOW, c::F_OUTPUT_WINDOW_OVERFLOW, c::F_OUTPUT_WINDOW_NAN,
+                           c::F_OUTPUT_WINDOW_SEEN, c::F_OUTPUT_WINDOW_BINNED}) {
+    if (!k.count(o[name], Checker::at(where, name))) return false;
+  }
+  return true;
+}
+
+// An object of at most MAX_OUTPUTS outputs, keyed by names of 1 to MAX_LABEL characters; `each` checks a value.
+template <typename Each>
+bool outputs_map(Checker& k, const json& outputs, Each each) {
   if (!outputs.is_object() || outputs.size() > c::MAX_OUTPUTS) {
     return k.fail("outputs", "must be an object of at most " + std::to_string(c::MAX_OUTPUTS) + " outputs");
   }
   for (const auto& item : outputs.items()) {
     const std::string where = "outputs." + item.key();
-    const json& o = item.value();
     if (Checker::length(item.key()) < 1 || Checker::length(item.key()) > c::MAX_LABEL) {
       return k.fail(where, "the output name must hold 1 to " + std::to_string(c::MAX_LABEL) + " characters");
     }
-    if (!k.object(o, where,
-                  {c::F_OUTPUT_WINDOW_COUNTS, c::F_OUTPUT_WINDOW_UNDERFLOW, c::F_OUTPUT_WINDOW_OVERFLOW,
-                   c::F_OUTPUT_WINDOW_NAN, c::F_OUTPUT_WINDOW_SEEN, c::F_OUTPUT_WINDOW_BINNED},
-                  {c::F_OUTPUT_WINDOW_COUNTS, c::F_OUTPUT_WINDOW_UNDERFLOW, c::F_OUTPUT_WINDOW_OVERFLOW,
-                   c::F_OUTPUT_WINDOW_NAN, c::F_OUTPUT_WINDOW_SEEN, c::F_OUTPUT_WINDOW_BINNED}) ||
-        !k.counts(o[c::F_OUTPUT_WINDOW_COUNTS], Checker::at(where, c::F_OUTPUT_WINDOW_COUNTS), c::MAX_CLASSES)) {
-      return false;
-    }
-    for (const char* name : {c::F_OUTPUT_WINDOW_UNDERFLOW, c::F_OUTPUT_WINDOW_OVERFLOW, c::F_OUTPUT_WINDOW_NAN,
-                             c::F_OUTPUT_WINDOW_SEEN, c::F_OUTPUT_WINDOW_BINNED}) {
-      if (!k.count(o[name], Checker::at(where, name))) return false;
-    }
+    if (!each(item.value(), where)) return false;
+  }
+  return true;
+}
+
+bool telemetry(Checker& k, const json& m) {
+  if (!k.matches(m[c::F_TELEMETRY_ARTIFACT_SHA256], c::F_TELEMETRY_ARTIFACT_SHA256, sha_pattern())) return false;
+  for (const char* name : {c::F_TELEMETRY_WINDOW_START_MS, c::F_TELEMETRY_WINDOW_END_MS, c::F_TELEMETRY_RUNS,
+                           c::F_TELEMETRY_ERRORS, c::F_TELEMETRY_NAN_INPUT_RUNS, c::F_TELEMETRY_NAN_INPUT_VALUES}) {
+    if (!k.count(m[name], name)) return false;
+  }
+  if (!latency_window(k, m[c::F_TELEMETRY_LATENCY], "latency") ||
+      !outputs_map(k, m[c::F_TELEMETRY_OUTPUTS],
+                   [&k](const json& o, const std::string& where) { return output_window(k, o, where); })) {
+    return false;
   }
   const json& process = m[c::F_TELEMETRY_PROCESS];
   if (!k.object(process, "process",
@@ -291,6 +308,47 @@ bool telemetry(Checker& k, const json& m) {
                   {c::F_SPOOL_STATE_QUEUED, c::F_SPOOL_STATE_DROPPED_TOTAL}) &&
          k.count(spool[c::F_SPOOL_STATE_QUEUED], "spool.queued") &&
          k.count(spool[c::F_SPOOL_STATE_DROPPED_TOTAL], "spool.dropped_total");
+}
+
+bool shadow_output(Checker& k, const json& o, const std::string& where) {
+  if (!k.object(o, where,
+                {c::F_SHADOW_OUTPUT_COMPARED, c::F_SHADOW_OUTPUT_ROWS, c::F_SHADOW_OUTPUT_AGREE,
+                 c::F_SHADOW_OUTPUT_MAX_ABS_ERR, c::F_SHADOW_OUTPUT_MAX_REL_ERR, c::F_SHADOW_OUTPUT_NAN,
+                 c::F_SHADOW_OUTPUT_HISTOGRAM},
+                {c::F_SHADOW_OUTPUT_COMPARED, c::F_SHADOW_OUTPUT_ROWS, c::F_SHADOW_OUTPUT_MAX_ABS_ERR,
+                 c::F_SHADOW_OUTPUT_MAX_REL_ERR, c::F_SHADOW_OUTPUT_NAN})) {
+    return false;
+  }
+  for (const char* name : {c::F_SHADOW_OUTPUT_COMPARED, c::F_SHADOW_OUTPUT_ROWS, c::F_SHADOW_OUTPUT_NAN}) {
+    if (!k.count(o[name], Checker::at(where, name))) return false;
+  }
+  if (Checker::given(o, c::F_SHADOW_OUTPUT_AGREE) && !k.count(o[c::F_SHADOW_OUTPUT_AGREE], Checker::at(where, c::F_SHADOW_OUTPUT_AGREE))) {
+    return false;
+  }
+  for (const char* name : {c::F_SHADOW_OUTPUT_MAX_ABS_ERR, c::F_SHADOW_OUTPUT_MAX_REL_ERR}) {
+    if (!k.number(o[name], Checker::at(where, name), 0.0, MAX_MICROS)) return false;
+  }
+  return !Checker::given(o, c::F_SHADOW_OUTPUT_HISTOGRAM) ||
+         output_window(k, o[c::F_SHADOW_OUTPUT_HISTOGRAM], Checker::at(where, c::F_SHADOW_OUTPUT_HISTOGRAM));
+}
+
+bool shadow_window(Checker& k, const json& m) {
+  if (!k.matches(m[c::F_SHADOW_WINDOW_SHADOW_ID], c::F_SHADOW_WINDOW_SHADOW_ID, id_pattern()) ||
+      !k.count(m[c::F_SHADOW_WINDOW_CANDIDATE], c::F_SHADOW_WINDOW_CANDIDATE, c::MAX_SHADOW_CANDIDATES - 1) ||
+      !k.matches(m[c::F_SHADOW_WINDOW_CANDIDATE_SHA256], c::F_SHADOW_WINDOW_CANDIDATE_SHA256, sha_pattern()) ||
+      !k.matches(m[c::F_SHADOW_WINDOW_SERVING_SHA256], c::F_SHADOW_WINDOW_SERVING_SHA256, sha_pattern())) {
+    return false;
+  }
+  for (const char* name : {c::F_SHADOW_WINDOW_SHADOW_VERSION, c::F_SHADOW_WINDOW_WINDOW_START_MS,
+                           c::F_SHADOW_WINDOW_WINDOW_END_MS, c::F_SHADOW_WINDOW_OFFERED, c::F_SHADOW_WINDOW_SAMPLES,
+                           c::F_SHADOW_WINDOW_DROPPED, c::F_SHADOW_WINDOW_ERRORS, c::F_SHADOW_WINDOW_RSS_INCREASE_BYTES}) {
+    if (!k.count(m[name], name)) return false;
+  }
+  return k.number(m[c::F_SHADOW_WINDOW_CPU_SECONDS], c::F_SHADOW_WINDOW_CPU_SECONDS, 0.0, MAX_MICROS) &&
+         latency_window(k, m[c::F_SHADOW_WINDOW_LATENCY], "latency") &&
+         latency_window(k, m[c::F_SHADOW_WINDOW_SERVING_LATENCY], "serving_latency") &&
+         outputs_map(k, m[c::F_SHADOW_WINDOW_OUTPUTS],
+                     [&k](const json& o, const std::string& where) { return shadow_output(k, o, where); });
 }
 
 bool deploy_report(Checker& k, const json& d, const std::string& where) {
@@ -336,6 +394,35 @@ bool deploy_report(Checker& k, const json& d, const std::string& where) {
   return true;
 }
 
+bool shadow_report(Checker& k, const json& d, const std::string& where) {
+  if (!k.object(d, where, {}, {c::F_SHADOW_REPORT_SHADOW_ID}, true) ||  // unknown fields are ignored
+      !k.matches(d[c::F_SHADOW_REPORT_SHADOW_ID], Checker::at(where, c::F_SHADOW_REPORT_SHADOW_ID), id_pattern())) {
+    return false;
+  }
+  if (Checker::given(d, c::F_SHADOW_REPORT_SHADOW_VERSION) &&
+      !k.count(d[c::F_SHADOW_REPORT_SHADOW_VERSION], Checker::at(where, c::F_SHADOW_REPORT_SHADOW_VERSION))) {
+    return false;
+  }
+  if (Checker::given(d, c::F_SHADOW_REPORT_CANDIDATE) &&
+      !k.count(d[c::F_SHADOW_REPORT_CANDIDATE], Checker::at(where, c::F_SHADOW_REPORT_CANDIDATE), c::MAX_SHADOW_CANDIDATES - 1)) {
+    return false;
+  }
+  if (Checker::given(d, c::F_SHADOW_REPORT_CANDIDATE_SHA256) &&
+      !k.matches(d[c::F_SHADOW_REPORT_CANDIDATE_SHA256], Checker::at(where, c::F_SHADOW_REPORT_CANDIDATE_SHA256), sha_pattern())) {
+    return false;
+  }
+  if (Checker::given(d, c::F_SHADOW_REPORT_REASON) &&
+      !k.word(d[c::F_SHADOW_REPORT_REASON], Checker::at(where, c::F_SHADOW_REPORT_REASON),
+              {c::SHADOW_END_DURATION, c::SHADOW_END_STOPPED, c::SHADOW_END_SUPERSEDED, c::SHADOW_END_SERVING_CHANGED})) {
+    return false;
+  }
+  if (Checker::given(d, c::F_SHADOW_REPORT_ERROR) && !k.text(d[c::F_SHADOW_REPORT_ERROR], Checker::at(where, c::F_SHADOW_REPORT_ERROR), c::MAX_ERROR)) {
+    return false;
+  }
+  return !Checker::given(d, c::F_SHADOW_REPORT_RSS_INCREASE_BYTES) ||
+         k.count(d[c::F_SHADOW_REPORT_RSS_INCREASE_BYTES], Checker::at(where, c::F_SHADOW_REPORT_RSS_INCREASE_BYTES));
+}
+
 bool event(Checker& k, const json& m) {
   if (!k.matches(m[c::F_EVENT_EVENT], c::F_EVENT_EVENT, event_pattern()) ||
       !k.text(m[c::F_EVENT_MESSAGE], c::F_EVENT_MESSAGE, c::MAX_MESSAGE)) {
@@ -349,7 +436,9 @@ bool event(Checker& k, const json& m) {
   for (const auto& item : details.items()) {
     if (item.key().empty() || Checker::length(item.key()) > 64) return k.fail("details", "has a key of over 64 characters");
   }
-  if (m[c::F_EVENT_EVENT].get_ref<const std::string&>().rfind("deploy.", 0) == 0) return deploy_report(k, details, "details");
+  const std::string& name = m[c::F_EVENT_EVENT].get_ref<const std::string&>();
+  if (name.rfind("deploy.", 0) == 0) return deploy_report(k, details, "details");
+  if (name.rfind("shadow.", 0) == 0) return shadow_report(k, details, "details");
   return true;
 }
 
@@ -383,6 +472,14 @@ std::string contract_message_problem(const json& m) {
   } else if (kind == c::MESSAGE_KIND_STATE) {
     fields = {c::F_STATE_ARTIFACT_SHA256, c::F_STATE_DETAILS};
     required = {c::F_STATE_ARTIFACT_SHA256};
+  } else if (kind == c::MESSAGE_KIND_SHADOW) {
+    fields = {c::F_SHADOW_WINDOW_SHADOW_ID, c::F_SHADOW_WINDOW_SHADOW_VERSION, c::F_SHADOW_WINDOW_CANDIDATE,
+              c::F_SHADOW_WINDOW_CANDIDATE_SHA256, c::F_SHADOW_WINDOW_SERVING_SHA256, c::F_SHADOW_WINDOW_WINDOW_START_MS,
+              c::F_SHADOW_WINDOW_WINDOW_END_MS, c::F_SHADOW_WINDOW_OFFERED, c::F_SHADOW_WINDOW_SAMPLES,
+              c::F_SHADOW_WINDOW_DROPPED, c::F_SHADOW_WINDOW_ERRORS, c::F_SHADOW_WINDOW_LATENCY,
+              c::F_SHADOW_WINDOW_SERVING_LATENCY, c::F_SHADOW_WINDOW_OUTPUTS, c::F_SHADOW_WINDOW_RSS_INCREASE_BYTES,
+              c::F_SHADOW_WINDOW_CPU_SECONDS};
+    required = fields;
   } else {
     return "kind: '" + kind.substr(0, 64) + "' is not one of the contract's message kinds";
   }
@@ -423,6 +520,8 @@ std::string contract_message_problem(const json& m) {
     telemetry(k, m);
   } else if (kind == c::MESSAGE_KIND_EVENT) {
     event(k, m);
+  } else if (kind == c::MESSAGE_KIND_SHADOW) {
+    shadow_window(k, m);
   } else {
     const bool sha_ok = m[c::F_STATE_ARTIFACT_SHA256].is_null() ||
                         k.matches(m[c::F_STATE_ARTIFACT_SHA256], c::F_STATE_ARTIFACT_SHA256, sha_pattern());

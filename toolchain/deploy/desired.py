@@ -26,6 +26,7 @@ from edgesmith.toolchain.fleet import protocol
 from edgesmith.toolchain.signing import SigningKey, key_id
 
 DOMAIN = contract.DESIRED_DOMAIN.encode()
+SHADOW_DOMAIN = contract.SHADOW_DOMAIN.encode()  # a shadow state's signature never verifies as a desired state's
 # The fields are the contract's (runtime/contract.py: DesiredEnvelope, DesiredState, DesiredArtifact).
 ENVELOPE_FIELDS = tuple(contract.DesiredEnvelope.model_fields)
 STATE_FIELDS = tuple(n for n, f in contract.DesiredState.model_fields.items() if f.is_required() or n == "v")
@@ -40,7 +41,17 @@ DESIRED_CLOCK_SKEW_S = 300
 
 
 def desired_topic(fleet: str, device: str) -> str:
-    return protocol.topic(fleet, device, "desired")
+    return protocol.topic(fleet, device, contract.DESIRED_TOPIC)
+
+
+def shadow_topic(fleet: str, device: str) -> str:
+    return protocol.topic(fleet, device, contract.SHADOW_TOPIC)
+
+
+def new_shadow_id(at_s: float | None = None) -> str:
+    """``sh-YYYYMMDD-HHMM-<6 hex>`` (UTC)."""
+    stamp = time.strftime("%Y%m%d-%H%M", time.gmtime(at_s if at_s is not None else time.time()))
+    return f"sh-{stamp}-{secrets.token_hex(3)}"
 
 
 def new_deployment_id(at_s: float | None = None) -> str:
@@ -65,10 +76,31 @@ def desired_state(fleet: str, device: str, version: int, deployment_id: str, act
     }
 
 
-def sign(state: dict[str, Any], key: SigningKey) -> bytes:
-    """The envelope's bytes (what is published, retained, on the device's desired topic)."""
+def shadow_state(fleet: str, device: str, version: int, shadow_id: str, candidates: list[ArchiveInfo], base_url: str,
+                 *, duration_s: int, sample: float, cpu_share: float = 0.5, queue: int = 4,
+                 max_bytes: int = 256 << 20, starts_at_ms: int | None = None, issued_at_ms: int | None = None,
+                 valid_for_s: int = DESIRED_VALIDITY_S) -> dict[str, Any]:
+    """A ``start`` shadow state to sign (contract.ShadowState); no candidates makes it a ``stop``.
+    Checked against the contract here, so a bad value is refused before anything is signed."""
+    issued = issued_at_ms if issued_at_ms is not None else int(time.time() * 1000)
+    state = {
+        "v": 1, "kind": "shadow", "fleet": fleet, "device": device, "version": int(version), "shadow_id": shadow_id,
+        "action": contract.ShadowAction.START.value if candidates else contract.ShadowAction.STOP.value,
+        "issued_at_ms": issued, "not_after": issued // 1000 + int(valid_for_s),
+        "starts_at_ms": starts_at_ms if starts_at_ms is not None else issued, "duration_s": int(duration_s),
+        "sample": float(sample), "cpu_share": float(cpu_share), "queue": int(queue), "max_bytes": int(max_bytes),
+        "candidates": [{"url": artifact_url(base_url, a.sha256), "sha256": a.sha256, "size": a.size,
+                        "manifest_sha256": a.manifest_sha256, "name": a.name} for a in candidates],
+    }
+    contract.ShadowState.model_validate_json(json.dumps(state))
+    return state
+
+
+def sign(state: dict[str, Any], key: SigningKey, domain: bytes = DOMAIN) -> bytes:
+    """The envelope's bytes (what is published, retained, on the device's desired topic; a shadow
+    state, on its shadow-desired topic, is signed with ``domain=SHADOW_DOMAIN``)."""
     signed = json.dumps(state, separators=(",", ":"), sort_keys=True)
-    signature = nacl.signing.SigningKey(key.seed).sign(DOMAIN + signed.encode()).signature
+    signature = nacl.signing.SigningKey(key.seed).sign(domain + signed.encode()).signature
     return json.dumps({"v": 1, "signed": signed, "key_id": key.key_id, "signature": signature.hex()}).encode()
 
 
