@@ -9,6 +9,8 @@
 
 namespace edgesmith {
 
+class SignedFields;
+
 /// The prefix signed before the desired-state text (never valid as a manifest signature).
 extern const char* const DESIRED_DOMAIN;
 
@@ -45,6 +47,12 @@ std::vector<std::vector<uint8_t>> trust_keys_read(const std::string& dir);
 /// Parse an envelope and check its fields, key id and signature against `deploy_keys`.
 /// Throws Error(ERROR_CODE_INTEGRITY) with one sentence saying why it is refused.
 DesiredState desired_parse(const std::string& envelope, const std::vector<std::vector<uint8_t>>& deploy_keys);
+
+/// The optional `not_after` of a signed state (0: none); refused through `fields` when malformed.
+int64_t desired_not_after_read(const SignedFields& fields, const nlohmann::json& doc);
+
+/// An artifact entry of a signed state (a desired state's `artifact`, a shadow state's candidates).
+DesiredArtifact desired_artifact_read(const SignedFields& fields, const nlohmann::json& artifact);
 
 /// Whether a desired state has expired at `now_s` (Unix seconds): past not_after by more than
 /// DESIRED_CLOCK_SKEW_S. A desired state without not_after never expires.
