@@ -62,7 +62,7 @@ struct PublisherCallbacks {
       self->connected_ = true;
       self->connecting_ = false;
       self->need_birth_ = true;
-      self->need_subscribe_ = !self->options_.subscribe_topic.empty();
+      self->need_subscribe_ = !self->options_.subscriptions.empty();
       self->connects_ += 1;
       self->backoff_s_ = self->options_.reconnect_min_s;
       for (auto& entry : self->in_flight_) entry.second = std::chrono::steady_clock::now();
@@ -104,10 +104,11 @@ struct PublisherCallbacks {
   static int message_arrived(void* context, char* topic, int topic_len, MQTTAsync_message* message) {
     auto* self = static_cast<Publisher*>(context);
     const std::string name = topic_len > 0 ? std::string(topic, static_cast<size_t>(topic_len)) : std::string(topic);
-    if (self->options_.on_message && name == self->options_.subscribe_topic) {
+    for (const PublisherSubscription& subscription : self->options_.subscriptions) {
+      if (!subscription.on_message || name != subscription.topic) continue;
       const std::string payload(static_cast<const char*>(message->payload), static_cast<size_t>(message->payloadlen));
       try {
-        self->options_.on_message(payload, message->retained != 0);
+        subscription.on_message(payload, message->retained != 0);
       } catch (const std::exception& e) {
         self->options_.log(std::string("a message on ") + name + " was dropped: " + e.what());
       }
@@ -117,15 +118,23 @@ struct PublisherCallbacks {
     return 1;
   }
 
-  static void subscribe_success(void* context, MQTTAsync_successData5* /*response*/) {
-    auto* self = static_cast<Publisher*>(context);
-    if (self->options_.on_subscribed) self->options_.on_subscribed();
+  static void subscribe_success(void* context, MQTTAsync_successData5* response) {
+    const auto* ctx = static_cast<const Publisher::SubscribeContext*>(context);
+    const PublisherSubscription& subscription = ctx->publisher->options_.subscriptions[ctx->index];
+    // MQTT v5: a SUBACK may refuse the topic (reason code >= 0x80, e.g. the ACL's "not authorized").
+    if (response != nullptr && response->reasonCode >= 0x80) {
+      const char* text = MQTTReasonCode_toString(response->reasonCode);
+      ctx->publisher->options_.log("subscribing to " + subscription.topic + " was refused: " +
+                                   (text != nullptr ? text : "no reason") + "; check the device's ACL");
+      return;
+    }
+    if (subscription.on_subscribed) subscription.on_subscribed();
   }
 
   static void subscribe_failure(void* context, MQTTAsync_failureData5* response) {
-    auto* self = static_cast<Publisher*>(context);
-    self->options_.log("subscribing to " + self->options_.subscribe_topic + " failed: " + failure_text(response) +
-                       "; check the device's ACL");
+    const auto* ctx = static_cast<const Publisher::SubscribeContext*>(context);
+    ctx->publisher->options_.log("subscribing to " + ctx->publisher->options_.subscriptions[ctx->index].topic +
+                                 " failed: " + failure_text(response) + "; check the device's ACL");
   }
 
   static void publish_success(void* context, MQTTAsync_successData5* /*response*/) {
@@ -213,6 +222,7 @@ Publisher::Publisher(PublisherOptions options) : options_(std::move(options)) {
     options_.log = [](const std::string& line) { std::cerr << "edgesmith telemetry: " << line << std::endl; };
   }
   if (!options_.birth_body) options_.birth_body = [] { return nlohmann::json::object(); };
+  for (size_t i = 0; i < options_.subscriptions.size(); ++i) subscribe_contexts_.push_back({this, i});
   if (options_.reconnect_min_s <= 0.0) options_.reconnect_min_s = 0.1;
   options_.reconnect_max_s = std::max(options_.reconnect_max_s, options_.reconnect_min_s);
   options_.max_in_flight = std::max<uint32_t>(options_.max_in_flight, 1);
@@ -511,12 +521,15 @@ void Publisher::pump() {
         }
       }
       if (subscribe) {
-        MQTTAsync_responseOptions response = MQTTAsync_responseOptions_initializer;
-        response.onSuccess5 = &PublisherCallbacks::subscribe_success;
-        response.onFailure5 = &PublisherCallbacks::subscribe_failure;
-        response.context = this;
-        const int rc = MQTTAsync_subscribe(handle(client_), options_.subscribe_topic.c_str(), 1, &response);
-        if (rc != MQTTASYNC_SUCCESS) options_.log("subscribing to " + options_.subscribe_topic + " failed: " + paho_error(rc));
+        for (SubscribeContext& ctx : subscribe_contexts_) {
+          const std::string& topic = options_.subscriptions[ctx.index].topic;
+          MQTTAsync_responseOptions response = MQTTAsync_responseOptions_initializer;
+          response.onSuccess5 = &PublisherCallbacks::subscribe_success;
+          response.onFailure5 = &PublisherCallbacks::subscribe_failure;
+          response.context = &ctx;
+          const int rc = MQTTAsync_subscribe(handle(client_), topic.c_str(), 1, &response);
+          if (rc != MQTTASYNC_SUCCESS) options_.log("subscribing to " + topic + " failed: " + paho_error(rc));
+        }
       }
       // Paho gave up on these (the connection dropped under them): first in line again.
       std::sort(retry.begin(), retry.end());

@@ -33,6 +33,13 @@
 
 namespace edgesmith {
 
+/// One topic the Publisher subscribes to.
+struct PublisherSubscription {
+  std::string topic;
+  std::function<void(const std::string& payload, bool retained)> on_message;
+  std::function<void()> on_subscribed;
+};
+
 /// How a Publisher connects and what it announces.
 struct PublisherOptions {
   MqttCredentials credentials;
@@ -46,12 +53,11 @@ struct PublisherOptions {
   /// The birth's fields beyond the envelope (target, runtime, artifact, metrics); called after
   /// each CONNACK.
   std::function<nlohmann::json()> birth_body;
-  /// When set, this topic is subscribed at QoS 1 after each CONNACK (the device's `desired`
-  /// topic, docs/deployment.md) and what arrives on it goes to on_message (on Paho's thread:
-  /// keep it short), with MQTT's retain flag; on_subscribed is told when each SUBACK arrives.
-  std::string subscribe_topic;
-  std::function<void(const std::string& payload, bool retained)> on_message;
-  std::function<void()> on_subscribed;
+  /// Topics subscribed at QoS 1 after each CONNACK (the device's `desired` and `shadow-desired`
+  /// topics, docs/deployment.md, docs/shadow.md): what arrives on one goes to its on_message (on
+  /// Paho's thread: keep it short), with MQTT's retain flag; its on_subscribed is told when its
+  /// SUBACK arrives.
+  std::vector<PublisherSubscription> subscriptions;
   /// Where connection changes are reported, one line each (default: stderr).
   std::function<void(const std::string&)> log;
 };
@@ -110,6 +116,10 @@ class Publisher {
  private:
   using Clock = std::chrono::steady_clock;
   struct PublishContext;
+  struct SubscribeContext {
+    Publisher* publisher;
+    size_t index;  // into options_.subscriptions
+  };
 
   nlohmann::json envelope_json(const std::string& kind, uint64_t bd_seq, uint64_t seq,
                                const nlohmann::json& body) const;
@@ -129,6 +139,7 @@ class Publisher {
   void* client_ = nullptr;  // MQTTAsync
   std::string will_topic_;
   std::string will_payload_;
+  std::vector<SubscribeContext> subscribe_contexts_;  // one per subscription, stable for Paho's callbacks
 
   std::mutex mutex_;
   std::condition_variable cv_;

@@ -128,9 +128,12 @@ SessionReporter::SessionReporter(std::shared_ptr<const Session> session, Reporte
   const double interval_s = options_.interval_s;
   publisher.birth_body = [this, interval_s] { return birth_body(*session_current(), interval_s); };
   if (options_.on_desired) {
-    publisher.subscribe_topic = telemetry_topic(credentials_.fleet, credentials_.device, "desired");
-    publisher.on_message = options_.on_desired;
-    publisher.on_subscribed = options_.on_subscribed;
+    publisher.subscriptions.push_back(
+        {telemetry_topic(credentials_.fleet, credentials_.device, "desired"), options_.on_desired, options_.on_subscribed});
+  }
+  if (options_.on_shadow) {
+    publisher.subscriptions.push_back({telemetry_topic(credentials_.fleet, credentials_.device, contract::SHADOW_TOPIC),
+                                       options_.on_shadow, options_.on_shadow_subscribed});
   }
   publisher_ = std::make_unique<Publisher>(std::move(publisher));
 }
@@ -196,6 +199,11 @@ void SessionReporter::reporter_session_switch(std::shared_ptr<const Session> nex
 void SessionReporter::reporter_state(const nlohmann::json& body) {
   std::lock_guard<std::mutex> lock(mutex_);
   publisher_->publisher_send(contract::MESSAGE_KIND_STATE, body);
+}
+
+void SessionReporter::reporter_shadow(const nlohmann::json& body) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  publisher_->publisher_send(contract::MESSAGE_KIND_SHADOW, body);
 }
 
 void SessionReporter::reporter_window() {

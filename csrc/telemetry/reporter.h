@@ -32,6 +32,10 @@ struct ReporterOptions {
   /// thread; keep it short), and on_subscribed is told after each SUBACK (docs/deployment.md).
   std::function<void(const std::string& payload, bool retained)> on_desired;
   std::function<void()> on_subscribed;
+  /// When set, the device's `shadow-desired` topic is subscribed and its messages go here (on
+  /// Paho's thread; keep it short); on_shadow_subscribed after each of its SUBACKs (docs/shadow.md).
+  std::function<void(const std::string& payload, bool retained)> on_shadow;
+  std::function<void()> on_shadow_subscribed;
 };
 
 /// The birth's fields beyond the envelope for a session (target, runtime, artifact, metrics), as
@@ -63,6 +67,10 @@ class SessionReporter {
 
   /// Publish a `state` message (docs/deployment.md §5); `body` holds artifact_sha256 and details.
   void reporter_state(const nlohmann::json& body);
+
+  /// Publish a `shadow` message (docs/shadow.md); `body` holds the ShadowWindow fields beyond the
+  /// envelope. The publisher's contract check applies, as for every message.
+  void reporter_shadow(const nlohmann::json& body);
 
   /// Close the current window now and publish it (also what the interval timer does).
   void reporter_window();
