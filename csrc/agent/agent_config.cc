@@ -23,13 +23,15 @@ const char* const AGENT_USAGE =
     "usage: edgesmith-agent --config device.toml [flags...]\n"
     "       edgesmith-agent --device ID --fleet F --artifact DIR --credentials FILE --data-dir DIR\n"
     "                       [--interval SECONDS] [--synthetic-load RPS] [--http HOST:PORT] [--key FILE.pub ...]\n"
-    "                       [--trust-dir DIR [--deploy-max-bytes N] [--deploy-timeout SECONDS]]\n"
+    "                       [--trust-dir DIR [--deploy-max-bytes N] [--deploy-timeout SECONDS]\n"
+    "                                    [--shadow-max-bytes N]]\n"
     "                       [--http-token-file FILE] [--http-max-requests N] [--backend-path DIR ...]\n"
     "\n"
     "Serve an artifact on loopback HTTP and report telemetry over MQTT (docs/telemetry.md).\n"
     "  --config FILE         TOML with the keys below (device, fleet, artifact, credentials, data_dir,\n"
     "                        interval_s, synthetic_load_rps, http, trusted_keys, spool_max_bytes,\n"
-    "                        trust_dir, deploy_max_bytes, deploy_timeout_s, http_token_file,\n"
+    "                        trust_dir, deploy_max_bytes, deploy_timeout_s, shadow_max_bytes,\n"
+    "                        http_token_file,\n"
     "                        http_max_requests, backend_path);\n"
     "                        flags override it, relative paths are taken from its directory\n"
     "  --device ID           this device (default: the credentials' device; must match them)\n"
@@ -56,6 +58,9 @@ const char* const AGENT_USAGE =
     "                        under <data-dir>/deploy (--artifact is the factory artifact)\n"
     "  --deploy-max-bytes N  largest artifact archive accepted (default 536870912)\n"
     "  --deploy-timeout SECONDS  give up a deployment's download after this long (default 600)\n"
+    "  --shadow-max-bytes N  the shadow slot's budget (<data-dir>/shadow: a candidate's archive and\n"
+    "                        its files; default 268435456); a shadow state's max_bytes may lower it.\n"
+    "                        With --trust-dir the agent takes signed shadow states (docs/shadow.md)\n"
     "\n"
     "HTTP: POST /v1/infer (the inputs as concatenated .npy -> the outputs as concatenated .npy),\n"
     "GET /v1/health, GET /v1/model, GET /v1/stats. SIGTERM or SIGINT: last window, flush, death, disconnect.\n";
@@ -102,7 +107,7 @@ void toml_apply(const std::string& file, AgentConfig* config) {
   const fs::path base = fs::absolute(fs::path(file)).parent_path();
   static const char* const KNOWN =
       "device, fleet, artifact, credentials, data_dir, interval_s, synthetic_load_rps, synthetic_shift, http, "
-      "trusted_keys, spool_max_bytes, trust_dir, deploy_max_bytes, deploy_timeout_s, http_token_file, "
+      "trusted_keys, spool_max_bytes, trust_dir, deploy_max_bytes, deploy_timeout_s, shadow_max_bytes, http_token_file, "
       "http_max_requests, backend_path";
   for (const auto& [key, node] : table) {
     const std::string name(key.str());
@@ -146,6 +151,11 @@ void toml_apply(const std::string& file, AgentConfig* config) {
         throw AgentConfigError{file + ": 'deploy_max_bytes' must be an integer of at least 1024"};
       }
       config->deploy_max_bytes = static_cast<uint64_t>(*node.value<int64_t>());
+    } else if (name == "shadow_max_bytes") {
+      if (!node.is_integer() || *node.value<int64_t>() < 1024) {
+        throw AgentConfigError{file + ": 'shadow_max_bytes' must be an integer of at least 1024"};
+      }
+      config->shadow_max_bytes = static_cast<uint64_t>(*node.value<int64_t>());
     } else if (name == "deploy_timeout_s") {
       config->deploy_timeout_s = number();
       if (!(config->deploy_timeout_s > 0.0)) throw AgentConfigError{file + ": 'deploy_timeout_s' must be positive"};
@@ -245,6 +255,8 @@ AgentConfig agent_config_parse(int argc, char** argv) {
       config.trust_dir = value();
     } else if (arg == "--deploy-max-bytes") {
       config.deploy_max_bytes = bytes_parse(arg, value());
+    } else if (arg == "--shadow-max-bytes") {
+      config.shadow_max_bytes = bytes_parse(arg, value());
     } else if (arg == "--deploy-timeout") {
       config.deploy_timeout_s = seconds_parse(arg, value(), false);
     } else if (arg == "--http-token-file") {

@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <chrono>
 #include <utility>
 #include <vector>
 
@@ -204,6 +205,7 @@ HttpApi::HttpApi(std::function<std::shared_ptr<Session>()> session_getter, std::
     std::vector<TensorView> views;
     for (const Tensor& t : inputs) views.push_back(t.view());
     std::vector<Tensor> outputs;
+    const auto started = std::chrono::steady_clock::now();
     try {
       outputs = session->session_run(views);
     } catch (const Error& e) {
@@ -214,9 +216,11 @@ HttpApi::HttpApi(std::function<std::shared_ptr<Session>()> session_getter, std::
       json_reply(response, input ? 400 : 500, {{"error", e.what()}});
       return;
     }
+    const double run_us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - started).count();
     std::string out;
     for (const Tensor& t : outputs) out += npy_serialize(t.view());
     response.set_content(out, "application/octet-stream");
+    if (options_.on_served) options_.on_served(*session, inputs, outputs, run_us);
   };
   server_->Post(INFER_PATH, [infer](const httplib::Request& request, httplib::Response& response,
                                     const httplib::ContentReader& reader) { infer(request, response, &reader); });
@@ -241,6 +245,7 @@ HttpApi::HttpApi(std::function<std::shared_ptr<Session>()> session_getter, std::
     nlohmann::json body = stats_json(session_()->session_stats());
     if (status_) body["telemetry"] = status_();
     body["http"] = {{"refused", http_refusals()}, {"max_requests", options_.max_requests}};
+    if (options_.shadow_status) body["shadow"] = options_.shadow_status();
     json_reply(response, 200, body);
   });
 }

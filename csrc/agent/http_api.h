@@ -19,6 +19,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -37,6 +38,12 @@ nlohmann::json stats_json(const StatsSnapshot& stats);
 struct HttpOptions {
   std::string token;           ///< required as `Authorization: Bearer <token>`; empty: none (loopback only)
   uint32_t max_requests = 4;   ///< concurrent /v1/infer requests served; more get 503 + Retry-After
+  /// Told of every answered request after its response body is made (the Session that answered,
+  /// inputs, outputs, run time in µs): the shadow's sampling hook (ShadowRunner::shadow_offer).
+  /// Must not block.
+  std::function<void(const Session&, const std::vector<Tensor>&, const std::vector<Tensor>&, double)> on_served;
+  /// Extra fields of GET /v1/stats under "shadow" (ShadowRunner::shadow_status); unset: none.
+  std::function<nlohmann::json()> shadow_status;
 };
 
 /// True when `host` (an --http host) only accepts connections from this machine: "localhost",

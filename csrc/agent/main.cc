@@ -23,6 +23,7 @@
 #include "agent/agent_config.h"
 #include "agent/deployer.h"
 #include "agent/http_api.h"
+#include "agent/shadow.h"
 #include "agent/synthetic_load.h"
 #include "artifact/keys.h"
 #include "common/error.h"
@@ -58,6 +59,20 @@ void agent_file_write(const std::string& path, const nlohmann::json& doc) {
   fs::rename(tmp, path, ec);
   if (ec) throw Error(ERROR_CODE_IO, "cannot write " + path + " (" + ec.message() + ")");
 }
+
+// The shadow runner's reports go into the telemetry spool too.
+class SpoolShadowReporter : public ShadowReporter {
+ public:
+  explicit SpoolShadowReporter(SessionReporter* reporter) : reporter_(reporter) {}
+  void shadow_report_event(const std::string& event, const std::string& message,
+                           const nlohmann::json& details) override {
+    reporter_->reporter_event(event, message, details);
+  }
+  void shadow_report_window(const nlohmann::json& body) override { reporter_->reporter_shadow(body); }
+
+ private:
+  SessionReporter* reporter_;
+};
 
 // The deployer's reports go into the telemetry spool.
 class SpoolDeployReporter : public DeployReporter {
@@ -157,6 +172,37 @@ int agent_main(const AgentConfig& config, const sigset_t& signals) {
     return serving;
   };
 
+  // Shadows (docs/shadow.md) need the deploy keys: an agent with a trust directory takes them.
+  std::unique_ptr<ShadowRunner> shadow;
+  if (deployer) {
+    ShadowRunnerOptions shadow_options;
+    shadow_options.data_dir = config.data_dir;
+    shadow_options.fleet = credentials.fleet;
+    shadow_options.device = credentials.device;
+    shadow_options.build_keys = keys;
+    shadow_options.deploy_keys = deploy_keys;
+    shadow_options.max_bytes = config.shadow_max_bytes;
+    shadow_options.download_timeout_s = config.deploy_timeout_s;
+    shadow_options.check_timeout_s = config.deploy_timeout_s;
+    shadow_options.interval_s = config.interval_s;
+    shadow_options.backend_path = config.backend_path;
+    shadow_options.tls_cafile = credentials.cafile;
+    shadow_options.tls_certfile = credentials.certfile;
+    shadow_options.tls_keyfile = credentials.keyfile;
+    shadow_options.log = [](const std::string& line) { log_line(line); };
+    shadow = std::make_unique<ShadowRunner>(shadow_options);
+  }
+  ShadowRunner* shadow_runner = shadow.get();
+  std::function<void(const Session&, const std::vector<Tensor>&, const std::vector<Tensor>&, double)> on_served;
+  if (shadow_runner != nullptr) {
+    on_served = [shadow_runner](const Session& session, const std::vector<Tensor>& inputs,
+                                const std::vector<Tensor>& outputs, double run_us) {
+      shadow_runner->shadow_offer(session, inputs, outputs, run_us);
+    };
+    http_options.on_served = on_served;
+    http_options.shadow_status = [shadow_runner] { return shadow_runner->shadow_status(); };
+  }
+
   ReporterOptions options;
   options.credentials_path = config.credentials;
   options.data_dir = config.data_dir;
@@ -168,6 +214,7 @@ int agent_main(const AgentConfig& config, const sigset_t& signals) {
     Deployer* d = deployer.get();
     options.on_desired = [d](const std::string& payload, bool) { d->deployer_desired(payload); };
     options.on_subscribed = [d] { d->deployer_subscribed(); };
+    options.on_shadow = [shadow_runner](const std::string& payload, bool) { shadow_runner->shadow_desired(payload); };
   }
   SessionReporter reporter(std::shared_ptr<const Session>(first), options);
   const nlohmann::json ids = reporter.reporter_status();
@@ -207,7 +254,7 @@ int agent_main(const AgentConfig& config, const sigset_t& signals) {
   std::unique_ptr<SyntheticLoad> load;
   if (config.synthetic_load_rps > 0.0) {
     load = std::make_unique<SyntheticLoad>(serving_get, config.synthetic_load_rps, config.synthetic_shift,
-                                           seed_of(device), on_run_error);
+                                           seed_of(device), on_run_error, on_served);
   }
   reporter.reporter_start();
   SpoolDeployReporter deploy_reporter(&reporter);
@@ -218,9 +265,12 @@ int agent_main(const AgentConfig& config, const sigset_t& signals) {
         serving = next;
       }
       reporter.reporter_session_switch(next);
+      if (shadow_runner != nullptr) shadow_runner->shadow_serving_changed();
       log_line("switched to " + next->session_manifest().name + " (" + next->session_describe() + ")");
     });
   }
+  SpoolShadowReporter shadow_reporter(&reporter);
+  if (shadow_runner != nullptr) shadow_runner->shadow_start(&shadow_reporter, serving_get);
   if (load) load->load_start();
   log_line("device " + device + " serves " + first->session_manifest().name + " (" + first->session_describe() +
            ") on http://" + host + ":" + std::to_string(port) + ", telemetry every " +
@@ -232,6 +282,7 @@ int agent_main(const AgentConfig& config, const sigset_t& signals) {
   if (deployer) deployer->deployer_stop();
   if (load) load->load_stop();
   http.http_stop();
+  if (shadow_runner != nullptr) shadow_runner->shadow_stop();
   reporter.reporter_stop(SHUTDOWN_FLUSH_S);
   std::error_code ec;
   fs::remove(agent_file, ec);

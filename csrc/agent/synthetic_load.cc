@@ -29,8 +29,11 @@ std::vector<std::vector<Tensor>> SyntheticLoad::samples_load(const Session& sess
 }
 
 SyntheticLoad::SyntheticLoad(SessionGetter session, double rps, double shift, uint32_t seed,
-                             std::function<void(const std::string&)> on_run_error)
-    : session_(std::move(session)), rps_(rps), shift_(shift), seed_(seed), on_run_error_(std::move(on_run_error)) {
+                             std::function<void(const std::string&)> on_run_error,
+                             std::function<void(const Session&, const std::vector<Tensor>&, const std::vector<Tensor>&, double)>
+                                 on_served)
+    : session_(std::move(session)), rps_(rps), shift_(shift), seed_(seed), on_run_error_(std::move(on_run_error)),
+      on_served_(std::move(on_served)) {
   samples_of_ = session_();
   samples_ = samples_load(*samples_of_);
 }
@@ -89,7 +92,10 @@ void SyntheticLoad::loop() {
     }
     for (const Tensor& t : inputs) views.push_back(t.view());
     try {
-      session->session_run(views);
+      const auto started = std::chrono::steady_clock::now();
+      const std::vector<Tensor> outputs = session->session_run(views);
+      const double run_us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - started).count();
+      if (on_served_) on_served_(*session, inputs, outputs, run_us);
     } catch (const Error& e) {
       if (on_run_error_) on_run_error_(e.what());
     }

@@ -29,8 +29,12 @@ class SyntheticLoad {
   /// Load the golden inputs (every sample, used in turn). `shift` is added to every float input
   /// value (to show drift). `on_run_error` hears about failed runs. Throws Error when the artifact
   /// has no golden samples.
+  /// `on_served`: told of every successful run (the Session, inputs, outputs, run time in µs), the
+  /// shadow's sampling hook; must not block.
   SyntheticLoad(SessionGetter session, double rps, double shift, uint32_t seed,
-                std::function<void(const std::string&)> on_run_error);
+                std::function<void(const std::string&)> on_run_error,
+                std::function<void(const Session&, const std::vector<Tensor>&, const std::vector<Tensor>&, double)>
+                    on_served = {});
   ~SyntheticLoad();
   SyntheticLoad(const SyntheticLoad&) = delete;
   SyntheticLoad& operator=(const SyntheticLoad&) = delete;
@@ -51,6 +55,7 @@ class SyntheticLoad {
   double shift_;
   uint32_t seed_;
   std::function<void(const std::string&)> on_run_error_;
+  std::function<void(const Session&, const std::vector<Tensor>&, const std::vector<Tensor>&, double)> on_served_;
   std::vector<std::vector<Tensor>> samples_;
   std::mutex mutex_;
   std::condition_variable cv_;
