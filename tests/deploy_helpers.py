@@ -51,19 +51,21 @@ def make_artifact(directory: Path, key: SigningKey, version: str = "1", model_ur
 
 
 def make_echo_artifact(directory: Path, key: SigningKey, version: str = "1", fail: str | None = None,
-                       wrong_golden: bool = False) -> Path:
+                       wrong_golden: bool = False, mode: str = "double", shape: tuple[int, ...] = (1, 4)) -> Path:
     """An artifact of model ``tiny`` version ``version`` that real agents load and self-test without
     an engine: the test-only ``testecho`` backend (tests/cpp/testecho_backend.cc, y = 2x), found
     through the agent's --backend-path (the ``backend_dir`` fixture of test_session_core). ``fail`` goes
     to the backend's options ("abort": the self-test crashes the process); ``wrong_golden`` stores
-    golden outputs the backend does not produce (the self-test fails)."""
+    golden outputs the backend does not produce (the self-test fails). ``mode`` "negate-double" makes
+    y = -2x (a candidate whose top-1 never agrees with y = 2x); ``shape`` is the input's and output's."""
     import io
 
     import numpy as np
 
     directory.mkdir(parents=True)
-    x = (np.arange(4, dtype=np.float32) + float(version)).reshape(1, 4)
-    expected = 2 * x + (1.0 if wrong_golden else 0.0)
+    count = int(np.prod(shape))
+    x = (np.arange(count, dtype=np.float32) + float(version)).reshape(shape)
+    expected = (-2 if mode == "negate-double" else 2) * x + (1.0 if wrong_golden else 0.0)
 
     def npy(array) -> bytes:
         buffer = io.BytesIO()
@@ -79,7 +81,7 @@ def make_echo_artifact(directory: Path, key: SigningKey, version: str = "1", fai
     from edgesmith.runtime.artifact import _core
 
     isa = _core().host_isa()
-    options = {"mode": "double", **({"fail": fail} if fail else {})}
+    options = {"mode": mode, **({"fail": fail} if fail else {})}
     manifest = Manifest(
         name=f"tiny-v{version}-host-testecho",
         model=ModelInfo(name="tiny", version=version, source=SourceInfo(kind="onnx", ref="tiny.onnx", sha256="0" * 64),
@@ -89,11 +91,11 @@ def make_echo_artifact(directory: Path, key: SigningKey, version: str = "1", fai
         backend=BackendInfo(name="testecho", version="1.0", precision="fp32", options=options),
         payload=Payload(format="testecho", entry="model.bin"),
         files=files,
-        inputs=[TensorSpec(name="x", dtype="float32", shape=[1, 4])],
-        outputs=[TensorSpec(name="y", dtype="float32", shape=[1, 4])],
+        inputs=[TensorSpec(name="x", dtype="float32", shape=list(shape))],
+        outputs=[TensorSpec(name="y", dtype="float32", shape=list(shape))],
         golden=Golden(samples=[GoldenSample(inputs=["golden/sample_0/input_0.npy"],
                                             outputs=["golden/sample_0/output_0.npy"])], atol=1e-5, rtol=1e-4),
-        monitoring=Monitoring(outputs=[OutputMonitor(name="y", kind="classes", classes=4)],
+        monitoring=Monitoring(outputs=[OutputMonitor(name="y", kind="classes", classes=shape[-1])],
                               latency=LatencyBuckets(start_us=1.0, factor=2.0, count=40)),
         validation=Validation(status="passed", reference="onnxruntime", executed=None, samples=1, max_abs_err=0.0,
                               max_rel_err=0.0, top1_agreement=1.0, atol=1e-5, rtol=1e-4, input_sensitivity=0.5),
