@@ -4,6 +4,11 @@
 #include <gtest/gtest.h>
 
 #include <signal.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cmath>
@@ -15,6 +20,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "agent/child_process.h"
 #include "agent/shadow_child.h"
 #include "common/contract_words.h"
 #include "common/digest.h"
@@ -290,6 +296,9 @@ TEST_F(ShadowChildTest, RunsSamplesAndAnswersWithTheCandidatesOutputs) {
   const ShadowChildOptions options = options_for();
   ShadowChild child(options);
   EXPECT_GT(child.shadow_pid(), 0);
+  errno = 0;
+  EXPECT_GE(::getpriority(PRIO_PROCESS, static_cast<id_t>(child.shadow_pid())), options.nice);  // it lowered its priority
+  EXPECT_EQ(errno, 0);
   EXPECT_EQ(child.shadow_manifest_sha256(), sha256_file(options.artifact_dir + "/manifest.json"));
   for (int run = 0; run < 3; ++run) {
     const ShadowRunResult result = child.shadow_run(inputs(static_cast<float>(run)));
@@ -387,6 +396,78 @@ TEST_F(ShadowChildTest, ACandidateThatCannotLoadIsRefused) {
     EXPECT_EQ(e.code(), ERROR_CODE_BACKEND) << e.what();
     EXPECT_NE(std::string(e.what()).find("testecho was told to fail"), std::string::npos) << e.what();
   }
+}
+
+// A corrupt agent: the child checks a frame against its manifest before allocating, and leaves.
+TEST_F(ShadowChildTest, TheChildRefusesAFrameThatIsNotItsModelsInputs) {
+  const ShadowChildOptions options = options_for();
+  struct Case {
+    const char* why;
+    std::string frame;
+  };
+  const auto le = [](uint64_t v, int n) {
+    std::string out;
+    for (int i = 0; i < n; ++i) out.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+    return out;
+  };
+  const std::string header = std::string("\x01\x01\x00\x00", 4) + le(2, 4);
+  const std::string x_dims = le(DTYPE_FLOAT32, 4) + le(2, 4) + le(2, 8) + le(3, 8);
+  const std::vector<Case> cases = {
+      {"2^60 bytes for x", header + x_dims + le(uint64_t{1} << 60, 8)},
+      {"x of (3, 3)", header + le(DTYPE_FLOAT32, 4) + le(2, 4) + le(3, 8) + le(3, 8) + le(36, 8)},
+      {"x as int64", header + le(DTYPE_INT64, 4) + le(2, 4) + le(2, 8) + le(3, 8) + le(48, 8)},
+      {"rank 2^31", header + le(DTYPE_FLOAT32, 4) + le(uint64_t{1} << 31, 4)},
+      {"three inputs", std::string("\x01\x01\x00\x00", 4) + le(3, 4)},
+      {"protocol version 2", std::string("\x02\x01\x00\x00", 4) + le(2, 4)},
+  };
+  for (const Case& c : cases) {
+    std::vector<std::string> args = {EDGESMITH_AGENT_EXE, "--shadow-child", options.artifact_dir, "--key-hex",
+                                     child_key_hex(options.build_keys[0]), "--backend-path", options.backend_path[0]};
+    ChildSpawnOptions spawn;
+    spawn.stdio_socket = true;
+    const ChildSpawned child = child_spawn(args, spawn, "for the test");
+    std::string ready;
+    char ch = 0;
+    while (::read(child.stdio_fd, &ch, 1) == 1 && ch != '\n') ready.push_back(ch);
+    EXPECT_TRUE(json::parse(ready)["ready"].get<bool>()) << ready;
+    ASSERT_EQ(::send(child.stdio_fd, c.frame.data(), c.frame.size(), MSG_NOSIGNAL), static_cast<ssize_t>(c.frame.size()));
+    const int status = child_reap_within(child.pid, 20);
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 3) << c.why << ": " << child_status_describe(status);
+    EXPECT_LE(::read(child.stdio_fd, &ch, 1), 0) << c.why << ": the child answered";  // EOF, or a reset (unread bytes)
+    ::close(child.stdio_fd);
+  }
+}
+
+// A corrupt child: the parent checks its answer against the candidate's outputs before allocating.
+TEST_F(ShadowChildTest, TheParentRefusesAnAnswerThatIsNotTheCandidatesOutputs) {
+  ShadowChildOptions options = options_for();
+  const std::string script = (dir_.path() / "liar.sh").string();
+  // Ready with the right manifest hash, read one request (120 bytes: the header and x and n), then
+  // answer y as (2, 3) float32 carrying 2^60 bytes.
+  test::file_write(script,
+                   "#!/bin/sh\n"
+                   "sha=$(sha256sum \"$2/manifest.json\" | cut -d' ' -f1)\n"
+                   "printf '{\"ready\": true, \"manifest_sha256\": \"%s\", \"rss_increase_bytes\": 0}\\n' \"$sha\"\n"
+                   "head -c 120 > /dev/null\n"
+                   "printf '\\001\\002\\000\\000\\002\\000\\000\\000' # OUTPUTS, 2 tensors\n"
+                   "printf '\\000\\000\\000\\000\\000\\000\\000\\000' # latency 0\n"
+                   "printf '\\012\\000\\000\\000\\002\\000\\000\\000' # float32, rank 2\n"
+                   "printf '\\002\\000\\000\\000\\000\\000\\000\\000\\003\\000\\000\\000\\000\\000\\000\\000'\n"
+                   "printf '\\000\\000\\000\\000\\000\\000\\000\\020' # 2^60 bytes\n"
+                   "exec sleep 30\n");
+  ::chmod(script.c_str(), 0700);
+  options.executable = script;
+  ShadowChild child(options);
+  const pid_t pid = child.shadow_pid();
+  try {
+    child.shadow_run(inputs(1));
+    FAIL() << "accepted";
+  } catch (const ShadowChildDied& e) {
+    EXPECT_EQ(std::string(e.what()),
+              "the candidate broke the shadow protocol (output 'y' arrived with 1152921504606846976 bytes where the "
+              "model's (2, 3) float32 has 24) and was killed");
+  }
+  EXPECT_FALSE(process_exists(pid));
 }
 
 }  // namespace
