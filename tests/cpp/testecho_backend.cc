@@ -11,6 +11,7 @@
 // samples and crashes or hangs on a live input). The environment variable
 // EDGESMITH_TESTECHO_OFFSET (a number) is added to float outputs: one device whose engine computes
 // wrongly, so its golden self-test fails while other devices pass the same artifact.
+// {"mode": "negate-double"} makes float32 outputs -2x (a shadow candidate that never agrees).
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
@@ -49,7 +50,7 @@ class TestEchoBackend : public Backend {
         const auto numel = static_cast<size_t>(shape_numel(input.shape));
         if (doubling_ && input.dtype == DTYPE_FLOAT32) {
           auto* values = static_cast<float*>(out.data());
-          for (size_t i = 0; i < numel; ++i) values[i] *= 2.0f;
+          for (size_t i = 0; i < numel; ++i) values[i] *= scale_;
         }
         if (offset_ != 0.0f && input.dtype == DTYPE_FLOAT32) {
           auto* values = static_cast<float*>(out.data());
@@ -67,6 +68,8 @@ class TestEchoBackend : public Backend {
   }
 
   std::string backend_describe() const override { return "testecho 1.0"; }
+
+  float scale_ = 2.0f;  ///< float32 outputs when doubling: -2 for {"mode": "negate-double"}
 
  private:
   static double first_value(const TensorView& view) {
@@ -112,8 +115,11 @@ Backend* testecho_open(const BackendOpenArgs& args, BackendStatus* status) {
   const std::string on_negative = fail == "abort-on-run-if-negative" ? "abort"
                                   : fail == "hang-on-run-if-negative" ? "hang"
                                                                       : "";
-  return new TestEchoBackend(doubling, fail == "run", fail == "abort", offset != nullptr ? std::strtof(offset, nullptr) : 0.0f,
-                             on_negative);
+  const bool negating = options.is_object() && options.value("mode", "") == "negate-double";
+  auto* backend = new TestEchoBackend(doubling || negating, fail == "run", fail == "abort",
+                                      offset != nullptr ? std::strtof(offset, nullptr) : 0.0f, on_negative);
+  if (negating) backend->scale_ = -2.0f;
+  return backend;
 }
 
 }  // namespace
