@@ -201,8 +201,9 @@ def test_candidates_in_turn_report_agreement_then_end(world):
         negated = central.windows(device, shadow_id, 1)
         assert sum(w["samples"] for w in same) > 0 and sum(w["samples"] for w in negated) > 0, (same, negated)
         for w in same + negated:
-            assert w["serving_sha256"] == _serving_sha(world)
-            assert w["samples"] <= w["offered"] and w["errors"] == 0, w
+            assert w["serving_sha256"] == _serving_sha(world) and w["errors"] == 0, w
+        # A sample offered at the end of one window may run in the next.
+        assert sum(w["samples"] + w["dropped"] for w in same) <= sum(w["offered"] for w in same)
         rows = sum(w["outputs"]["y"]["rows"] for w in same)
         assert rows > 0 and sum(w["outputs"]["y"]["agree"] for w in same) == rows
         assert max(w["outputs"]["y"]["max_abs_err"] for w in same) == 0.0
