@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import threading
 import time
 import urllib.request
@@ -335,5 +336,47 @@ def test_shadow_resumes_after_sigkill(world):
         ended = central.event(device, "shadow.ended", shadow_id)
         assert ended["details"]["reason"] == "stopped"
         wait_for(lambda: _slot_files(data_dir) == ["floor.json"], 10, "no slot files after the end")
+    finally:
+        assert agent.stop() == 0, agent.log()
+
+
+def test_real_engines_agree(world, tmp_path, shared_root, session_home, digits_host_openvino):
+    """The demo CNN served by OpenVINO, shadowed by its ONNX Runtime build (both FP32, the same
+    network): top-1 agreement >= 0.99 on live synthetic inputs, small errors, both latencies measured."""
+    from conftest import DIGITS, _once, build_json
+
+    def make(out: Path) -> dict:  # the same shared build as test_deploy_agent's
+        return build_json(DIGITS, "--input-shape", "1,1,8,8", "-t", "x86_64-avx2", "-t", "rpi4-aarch64",
+                          "--backend", "ort", "-o", str(out), env={"EDGESMITH_HOME": str(session_home)})
+
+    arts = {(x["target"], x["backend"]): x for x in _once(shared_root, "dist-deploy-ort", make)["artifacts"]}
+    world["arts"]["digits-openvino"] = Path(digits_host_openvino["path"])
+    world["arts"]["digits-ort"] = Path(arts[("x86_64-avx2", "ort")]["path"])
+    trust = tmp_path / "trust"
+    shutil.copytree(world["trust"], trust)
+    shutil.copy(digits_host_openvino["pub"], trust / "build" / "session.pub")
+    central = world["central"]
+    device = "sh-engines"
+    credentials = world["broker"].add_device(device)
+    agent = Agent(digits_host_openvino, credentials, tmp_path / "data", "--trust-dir", str(trust), "--interval", "1",
+                  "--synthetic-load", "50")
+    info = agent.ready()
+    try:
+        envelope, shadow_id, _ = _shadow(world, device, ["digits-ort"], sample=0.5)
+        central.publish(device, envelope)
+        central.event(device, "shadow.started", shadow_id, timeout=120)
+        windows = wait_for(lambda: (lambda ws: ws if sum(w["samples"] for w in ws) >= 100 else None)(
+            central.windows(device, shadow_id)), 60, "100 samples of the ORT candidate")
+        (name,) = windows[0]["outputs"]
+        rows = sum(w["outputs"][name]["rows"] for w in windows)
+        agree = sum(w["outputs"][name]["agree"] for w in windows)
+        assert agree / rows >= 0.99, (agree, rows)
+        assert max(w["outputs"][name]["max_abs_err"] for w in windows) < 1e-2
+        measured = [w for w in windows if w["samples"] > 0]
+        assert all(w["latency"]["p50_us"] > 0 and w["serving_latency"]["p50_us"] > 0 for w in measured)
+        assert _get(info, "/v1/model")["backend"] == "openvino"  # serving untouched
+        stop, _, _ = _shadow(world, device, [])
+        central.publish(device, stop)
+        central.event(device, "shadow.ended", shadow_id)
     finally:
         assert agent.stop() == 0, agent.log()
