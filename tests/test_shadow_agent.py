@@ -86,8 +86,8 @@ class Central:
         return [m for m in self.of(device, "shadow")
                 if m["shadow_id"] == shadow_id and (candidate is None or m["candidate"] == candidate)]
 
-    def publish(self, device: str, payload: bytes) -> None:
-        info = self._client.publish(deploy_desired.shadow_topic(FLEET, device), payload, qos=1, retain=True)
+    def publish(self, device: str, payload: bytes, topic=deploy_desired.shadow_topic) -> None:
+        info = self._client.publish(topic(FLEET, device), payload, qos=1, retain=True)
         info.wait_for_publish(10)
 
     def close(self) -> None:
@@ -378,5 +378,27 @@ def test_real_engines_agree(world, tmp_path, shared_root, session_home, digits_h
         stop, _, _ = _shadow(world, device, [])
         central.publish(device, stop)
         central.event(device, "shadow.ended", shadow_id)
+    finally:
+        assert agent.stop() == 0, agent.log()
+
+
+def test_a_deployment_ends_the_shadow(world):
+    """A deployment switches the serving model mid-shadow: the shadow ends (reason serving-changed)
+    and frees its slot; its figures compared against one serving model only."""
+    central = world["central"]
+    device = "sh-deploy"
+    agent, info = _start(world, device, "--synthetic-load", "20")
+    try:
+        envelope, shadow_id, _ = _shadow(world, device, ["same"])
+        central.publish(device, envelope)
+        central.event(device, "shadow.started", shadow_id)
+        archive = deploy_archive.archive(world["arts"]["same"], world["store"].dir)
+        state = deploy_desired.desired_state(FLEET, device, 1, f"dep-{uuid.uuid4().hex[:8]}", "deploy", archive,
+                                             world["store"].server.url)
+        central.publish(device, deploy_desired.sign(state, world["deploy_key"]), topic=deploy_desired.desired_topic)
+        ended = central.event(device, "shadow.ended", shadow_id)
+        assert ended["details"]["reason"] == "serving-changed", ended
+        assert _get(info, "/v1/model")["manifest_sha256"] == archive.manifest_sha256
+        wait_for(lambda: _slot_files(agent.data_dir) == ["floor.json"], 10, "the shadow slot freed")
     finally:
         assert agent.stop() == 0, agent.log()
