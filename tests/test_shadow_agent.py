@@ -225,8 +225,9 @@ def test_candidates_in_turn_report_agreement_then_end(world):
 
 
 def test_refusals_leave_serving_untouched(world):
-    """A candidate whose inputs differ, a replayed and an expired shadow state, and a shadow state
-    signed as a desired state: each one `shadow.refused`, the serving model untouched."""
+    """A candidate whose inputs differ, a replayed and an expired shadow state, a candidate over the
+    byte budget, and a shadow state signed as a desired state: each one `shadow.refused`, the
+    serving model untouched."""
     central = world["central"]
     device = "sh-refuse"
     agent, info = _start(world, device, "--synthetic-load", "20")
@@ -247,6 +248,10 @@ def test_refusals_leave_serving_untouched(world):
         central.publish(device, envelope)
         refused = central.event(device, "shadow.refused", shadow_id)
         assert "expired" in refused["message"], refused
+        envelope, shadow_id, _ = _shadow(world, device, ["same"], max_bytes=1024)
+        central.publish(device, envelope)
+        refused = central.event(device, "shadow.refused", shadow_id)
+        assert "over the shadow slot's budget of 1024 bytes" in refused["message"], refused
         envelope, shadow_id, _ = _shadow(world, device, ["same"], domain=deploy_desired.DOMAIN)
         central.publish(device, envelope)
         refused = central.event(device, "shadow.refused", shadow_id)
