@@ -244,7 +244,8 @@ def render(data: dict) -> str:
                   "`edgesmith build` with its defaults (`--precision auto`: every backend x precision the host target "
                   "lists, reduced precisions gated against FP32, the fastest kept) against OpenVINO at its own defaults "
                   "(`core.compile_model(model, \"CPU\")`, which picks bf16 by itself on this CPU, unchecked), OpenVINO "
-                  "pinned to f32 and ONNX Runtime FP32, on the same ONNX graph, each engine in its own process, best of "
+                  "pinned to f32 and ONNX Runtime FP32, on the same ONNX graph, and LiteRT's interpreter (XNNPACK) on "
+                  "the FP32 flatbuffer litert-torch converts from the same module, each engine in its own process, best of "
                   "3 processes x 5 blocks, order rotated. The candidate tables are the build's own timing (Session, "
                   "rotating blocks). Regenerate: `.venv/bin/python bench/precision.py --markdown "
                   "bench/report/precision.md`, then `bench/benchmarks.py --render`.", "",

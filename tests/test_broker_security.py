@@ -176,6 +176,19 @@ def test_central_names_are_reserved_and_the_monitor_keeps_its_password(broker_di
         fleet_broker.central_login(broker_dir, "mon-1")
 
 
+def test_a_device_of_another_fleet_is_refused_not_handed_out(broker_dir):
+    """Before: add_devices returned an existing device's credentials from another fleet silently."""
+    (theirs,) = fleet_broker.add_devices(broker_dir, ["cam-01"], "plant-b")
+    acl = (broker_dir / "acl").read_text()
+    with pytest.raises(UserError, match=r"cam-01 \(plant-b\) already in another fleet"):
+        fleet_broker.add_devices(broker_dir, ["cam-09", "cam-01"], FLEET)
+    with pytest.raises(UserError, match="already in fleet plant-b"):
+        fleet_broker.add_device(broker_dir, "cam-01", FLEET)
+    # all or nothing: cam-09 was not made either, and cam-01 keeps its fleet and password
+    assert (broker_dir / "acl").read_text() == acl and not (broker_dir / "devices" / "cam-09.json").exists()
+    assert json.loads((broker_dir / "devices" / "cam-01.json").read_text())["password"] == theirs["password"]
+
+
 @pytest.mark.parametrize("bad", ["dev\n", "dev\nuser edgesmith-monitor", "cam 01", "", "-x", "x" * 65, "a/b", "a+b"])
 def test_ids_are_checked_as_whole_strings(broker_dir, bad):
     """Before: re.match with `$` accepted "dev\\n", which split lines in the ACL and password file."""

@@ -291,21 +291,27 @@ ShadowChild::ShadowChild(ShadowChildOptions options) : options_(std::move(option
     } catch (const ProtocolError& e) {
       child_fail("", "broke the shadow protocol while loading (" + e.message + ") and was killed");
     }
-    if (!ready.is_object() || !ready.contains("ready") || !ready["ready"].is_boolean()) {
+    const auto field = [&ready](const char* key, bool (nlohmann::json::*is)() const noexcept) {
+      return ready.contains(key) && (ready[key].*is)();
+    };
+    if (!ready.is_object() || !field("ready", &nlohmann::json::is_boolean) ||
+        (ready["ready"].get<bool>() && (!field("manifest_sha256", &nlohmann::json::is_string) ||
+                                        !field("rss_increase_bytes", &nlohmann::json::is_number_unsigned))) ||
+        (!ready["ready"].get<bool>() && (!field("message", &nlohmann::json::is_string) ||
+                                         !field("code", &nlohmann::json::is_number_integer)))) {
       child_fail("", "broke the shadow protocol while loading (its ready line is not one) and was killed");
     }
     if (!ready["ready"].get<bool>()) {
-      const std::string message = ready.value("message", "the candidate could not be loaded");
-      const int code = ready.value("code", static_cast<int>(ERROR_CODE_BACKEND));
+      const std::string message = ready["message"].get<std::string>();
+      const int64_t code = ready["code"].get<int64_t>();
       child_end();
       dead_ = message;
       throw Error(code >= ERROR_CODE_IO && code <= ERROR_CODE_UNSUPPORTED ? static_cast<ErrorCode>(code)
                                                                             : ERROR_CODE_BACKEND,
                   message);
     }
-    manifest_sha256_ = ready.value("manifest_sha256", "");
-    const nlohmann::json& rss = ready.value("rss_increase_bytes", nlohmann::json(0));
-    rss_increase_bytes_ = rss.is_number_unsigned() ? rss.get<uint64_t>() : 0;
+    manifest_sha256_ = ready["manifest_sha256"].get<std::string>();
+    rss_increase_bytes_ = ready["rss_increase_bytes"].get<uint64_t>();
     if (manifest_sha256_ != sha256_string(manifest_text)) {
       child_end();
       dead_ = "the candidate's manifest.json changed while the shadow child loaded it";

@@ -1,7 +1,9 @@
 #include "runtime/session.h"
 
-#include <signal.h>
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -10,6 +12,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <map>
+#include <mutex>
 #include <utility>
 
 #include "artifact/verify.h"
@@ -28,11 +32,57 @@ namespace fs = std::filesystem;
 
 namespace {
 
+// Each private load copy is held by an exclusive flock on its directory for as long as it is in
+// use (the descriptor is close-on-exec, so a child process never inherits the hold). A copy whose
+// lock can be taken is a leftover of a process that died: the kernel dropped its lock. Unlike a PID
+// check this holds across PID namespaces that share /tmp.
+std::mutex& held_mutex() {
+  static std::mutex mutex;
+  return mutex;
+}
+std::map<std::string, int>& held_dirs() {
+  static std::map<std::string, int> held;
+  return held;
+}
+
 void private_dir_remove(const std::string& path) {
   if (path.empty()) return;
   std::error_code ec;
   fs::remove_all(path, ec);  // best effort: a leftover copy is private to this user
+  std::lock_guard<std::mutex> lock(held_mutex());
+  const auto found = held_dirs().find(path);
+  if (found != held_dirs().end()) {  // released only once the directory is gone
+    ::close(found->second);
+    held_dirs().erase(found);
+  }
 }
+
+// Hold `path` (a fresh private directory); false when its lock cannot be taken.
+bool private_dir_hold(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) return false;
+  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    ::close(fd);
+    return false;
+  }
+  std::lock_guard<std::mutex> lock(held_mutex());
+  held_dirs()[path] = fd;
+  return true;
+}
+
+// The bytes of the regular files under `dir` (what a private copy of it takes), not following links.
+uint64_t tree_bytes(const std::string& dir) {
+  uint64_t total = 0;
+  std::error_code ec;
+  for (fs::recursive_directory_iterator it(dir, fs::directory_options::none, ec), end; !ec && it != end;
+       it.increment(ec)) {
+    std::error_code size_ec;
+    if (it->is_regular_file(size_ec) && !it->is_symlink(size_ec)) total += it->file_size(size_ec);
+  }
+  return total;
+}
+
+std::string mib(uint64_t bytes) { return std::to_string((bytes + (1u << 20) - 1) >> 20) + " MiB"; }
 
 // Refuse an artifact whose code this machine cannot execute, before anything of it is loaded:
 // another ISA (the target's, and the ELF header of a shared-library payload), or CPU features the
@@ -87,36 +137,56 @@ void format_check(const Manifest& manifest, const BackendPlugin& plugin) {
 constexpr const char* LOAD_DIR_PREFIX = "edgesmith-load-";
 
 // Copies left by a process that died before removing them (a crash during load or self-test):
-// named edgesmith-load-<pid>-XXXXXX, owned by this user, and <pid> no longer runs.
+// named edgesmith-load-<pid>-XXXXXX, a directory owned by this user, whose lock nobody holds. A
+// directory not older than a minute is left alone whatever its lock says: its maker may be between
+// mkdtemp and taking the lock.
 void stale_copies_remove(const std::string& base) {
   std::error_code ec;
+  const auto now = std::chrono::system_clock::now();
   for (fs::directory_iterator it(base, ec), end; !ec && it != end; it.increment(ec)) {
     const std::string name = it->path().filename().string();
     if (name.rfind(LOAD_DIR_PREFIX, 0) != 0) continue;
-    const std::string rest = name.substr(std::strlen(LOAD_DIR_PREFIX));
-    const size_t dash = rest.find('-');
-    if (dash == std::string::npos || dash == 0 || rest.find_first_not_of("0123456789") != dash) continue;
-    const long pid = std::strtol(rest.substr(0, dash).c_str(), nullptr, 10);
     struct stat st {};
     if (::lstat(it->path().c_str(), &st) != 0 || !S_ISDIR(st.st_mode) || st.st_uid != ::geteuid()) continue;
-    if (pid <= 0 || ::kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH) continue;
-    private_dir_remove(it->path().string());
+    if (now - std::chrono::system_clock::from_time_t(st.st_mtime) < std::chrono::minutes(1)) continue;
+    const int fd = ::open(it->path().c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) continue;
+    if (::flock(fd, LOCK_EX | LOCK_NB) == 0) {
+      std::error_code remove_ec;
+      fs::remove_all(it->path(), remove_ec);  // removed while we hold its lock
+    }
+    ::close(fd);
   }
 }
 
 // A fresh directory only this user can enter (mkdtemp: mode 0700, a new name), removed on scope exit
 // unless its path is cleared.
 struct PrivateDir {
-  PrivateDir() {
+  /// `needed`: the bytes the copy will take (checked against the free space first).
+  explicit PrivateDir(uint64_t needed) {
     const char* tmp = std::getenv("TMPDIR");
     const std::string base = tmp != nullptr && tmp[0] == '/' ? tmp : "/tmp";
     stale_copies_remove(base);
+    struct statvfs fs_info {};
+    if (::statvfs(base.c_str(), &fs_info) == 0) {
+      const uint64_t free_bytes = static_cast<uint64_t>(fs_info.f_bavail) * fs_info.f_frsize;
+      if (needed > free_bytes) {
+        throw Error(ERROR_CODE_IO, "cannot load the artifact: its private copy needs " + mib(needed) + " and " + base +
+                                       " (TMPDIR) has " + mib(free_bytes) +
+                                       " free; free space there, or set TMPDIR to a directory on a disk with room");
+      }
+    }
     std::string templ = base + "/" + LOAD_DIR_PREFIX + std::to_string(::getpid()) + "-XXXXXX";
     if (::mkdtemp(templ.data()) == nullptr) {
       throw Error(ERROR_CODE_IO, "cannot make a private directory under " + base + " to load the artifact from (" +
                                      std::strerror(errno) + "); set TMPDIR to a writable directory");
     }
     path = templ;
+    if (!private_dir_hold(path)) {
+      private_dir_remove(path);
+      throw Error(ERROR_CODE_IO, "cannot lock the private directory " + templ + " to load the artifact from (" +
+                                     std::strerror(errno) + "); set TMPDIR to a local directory");
+    }
   }
   ~PrivateDir() { private_dir_remove(path); }
   PrivateDir(const PrivateDir&) = delete;
@@ -273,7 +343,7 @@ SelfTestResult Session::session_self_test() {
 std::unique_ptr<Session> session_open(const std::string& artifact_dir,
                                       const std::vector<std::vector<uint8_t>>& trusted_public_keys,
                                       const SessionOptions& options) {
-  PrivateDir copy;
+  PrivateDir copy(tree_bytes(artifact_dir));
   VerifyResult verified = artifact_verify(artifact_dir, trusted_public_keys, copy.path);
   if (options.on_verified) options.on_verified();
   Manifest& manifest = verified.manifest;

@@ -1,4 +1,6 @@
 #include <gtest/gtest.h>
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -193,17 +195,20 @@ TEST_F(SessionTest, FilesSwappedAfterVerificationAreNotLoaded) {
 }
 
 TEST_F(SessionTest, CopiesOfDeadProcessesAreRemoved) {
-  // A process that crashed while loading left its private copy behind; the next load removes it,
-  // and leaves a live process's copy (this one's) and foreign names alone.
+  // A process that crashed while loading left its private copy behind: nobody holds its lock, so
+  // the next load removes it. A copy whose lock is held (a live process, in any PID namespace), a
+  // fresh unlocked one (its maker may not have locked it yet) and foreign names are left alone.
   test::TempDir tmp;
-  const pid_t child = fork();
-  if (child == 0) _exit(0);
-  ASSERT_GT(child, 0);
-  ASSERT_EQ(waitpid(child, nullptr, 0), child);
-  const fs::path dead = tmp.path() / ("edgesmith-load-" + std::to_string(child) + "-abcdef");
-  const fs::path alive = tmp.path() / ("edgesmith-load-" + std::to_string(getpid()) + "-abcdef");
-  const fs::path other = tmp.path() / "edgesmith-load-notapid";
-  for (const fs::path& dir : {dead, alive, other}) test::file_write(dir / "model.bin", "x");
+  const fs::path dead = tmp.path() / "edgesmith-load-4242-abcdef";
+  const fs::path alive = tmp.path() / "edgesmith-load-4243-abcdef";
+  const fs::path young = tmp.path() / "edgesmith-load-4244-abcdef";
+  const fs::path other = tmp.path() / "not-edgesmith-load-4245-abcdef";
+  for (const fs::path& dir : {dead, alive, young, other}) test::file_write(dir / "model.bin", "x");
+  const auto old = fs::file_time_type::clock::now() - std::chrono::minutes(5);
+  for (const fs::path& dir : {dead, alive, other}) fs::last_write_time(dir, old);
+  const int held = ::open(alive.c_str(), O_RDONLY | O_DIRECTORY);
+  ASSERT_GE(held, 0);
+  ASSERT_EQ(::flock(held, LOCK_EX | LOCK_NB), 0);
   const char* saved = std::getenv("TMPDIR");
   const std::string saved_value = saved != nullptr ? saved : "";
   setenv("TMPDIR", tmp.path().c_str(), 1);
@@ -212,7 +217,14 @@ TEST_F(SessionTest, CopiesOfDeadProcessesAreRemoved) {
   if (saved != nullptr) setenv("TMPDIR", saved_value.c_str(), 1); else unsetenv("TMPDIR");
   EXPECT_FALSE(fs::exists(dead));
   EXPECT_TRUE(fs::exists(alive));
+  EXPECT_TRUE(fs::exists(young));
   EXPECT_TRUE(fs::exists(other));
+  // This session's own copy is held while it lives: another process's clean-up cannot take it.
+  const int probe = ::open(session->session_load_dir().c_str(), O_RDONLY | O_DIRECTORY);
+  ASSERT_GE(probe, 0);
+  EXPECT_NE(::flock(probe, LOCK_EX | LOCK_NB), 0);
+  ::close(probe);
+  ::close(held);
 }
 
 TEST_F(SessionTest, ForeignIsaIsRefusedBeforeDlopen) {

@@ -398,6 +398,21 @@ TEST_F(ShadowChildTest, ACandidateThatCannotLoadIsRefused) {
   }
 }
 
+TEST_F(ShadowChildTest, TheChildsChatterGoesToTheAgentsStderrPrefixedNeverIntoTheProtocol) {
+  const ShadowChildOptions options = options_for([](json& m) { m["backend"]["options"] = {{"mode", "double"}, {"chatter", true}}; });
+  testing::internal::CaptureStderr();
+  pid_t pid = 0;
+  {
+    ShadowChild child(options);
+    pid = child.shadow_pid();
+    EXPECT_EQ(static_cast<const float*>(child.shadow_run(inputs(3)).outputs[0].data())[0], 6.0f);
+  }  // ended: its stderr is drained
+  const std::string err = testing::internal::GetCapturedStderr();
+  const std::string prefix = "edgesmith-agent: shadow child " + std::to_string(pid) + ": ";
+  EXPECT_NE(err.find(prefix + "testecho chatter on stdout\n"), std::string::npos) << err;
+  EXPECT_NE(err.find(prefix + "testecho chatter on stderr\n"), std::string::npos) << err;
+}
+
 // A corrupt agent: the child checks a frame against its manifest before allocating, and leaves.
 TEST_F(ShadowChildTest, TheChildRefusesAFrameThatIsNotItsModelsInputs) {
   const ShadowChildOptions options = options_for();

@@ -8,12 +8,14 @@
 // process on its first run (a payload that crashes the agent's self-test);
 // {"fail": "abort-on-run-if-negative"} / {"fail": "hang-on-run-if-negative"} abort / sleep forever
 // on a run whose first input element is negative (a candidate that passes a self-test of positive
-// samples and crashes or hangs on a live input). The environment variable
+// samples and crashes or hangs on a live input); {"chatter": true} prints a line to stdout and one
+// to stderr when it opens (an engine that talks). The environment variable
 // EDGESMITH_TESTECHO_OFFSET (a number) is added to float outputs: one device whose engine computes
 // wrongly, so its golden self-test fails while other devices pass the same artifact.
 // {"mode": "negate-double"} makes float32 outputs -2x (a shadow candidate that never agrees).
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -111,6 +113,11 @@ Backend* testecho_open(const BackendOpenArgs& args, BackendStatus* status) {
     return nullptr;
   }
   const bool doubling = options.is_object() && options.value("mode", "") == "double";
+  if (options.is_object() && options.value("chatter", false)) {
+    std::fputs("testecho chatter on stdout\n", stdout);
+    std::fflush(stdout);
+    std::fputs("testecho chatter on stderr\n", stderr);
+  }
   const char* offset = std::getenv("EDGESMITH_TESTECHO_OFFSET");
   const std::string on_negative = fail == "abort-on-run-if-negative" ? "abort"
                                   : fail == "hang-on-run-if-negative" ? "hang"

@@ -500,7 +500,8 @@ def remove_central_login(directory: Path, name: str) -> None:
 def add_devices(directory: Path, devices: list[str], fleet: str) -> list[dict[str, Any]]:
     """Provision many new devices at once (load tests, fleet imports): one password-file rewrite
     (``mosquitto_passwd -U`` hashes a plain-text file in place), one ACL write, one reload.
-    Devices that exist already keep their credentials."""
+    Devices that exist already in this fleet keep their credentials; one in another fleet refuses
+    the whole call, before anything is written (as add_device does)."""
     for device in devices:
         _check_device_id(device)
     _check_id("fleet", fleet)
@@ -509,6 +510,15 @@ def add_devices(directory: Path, devices: list[str], fleet: str) -> list[dict[st
     settings = broker.settings()
     results, fresh = [], {}
     with _locked(broker):
+        elsewhere = []
+        for device in devices:
+            path = broker.dir / "devices" / f"{device}.json"
+            if path.is_file() and json.loads(path.read_text())["fleet"] != fleet:
+                elsewhere.append(f"{device} ({json.loads(path.read_text())['fleet']})")
+        if elsewhere:  # checked before anything is written: all of them or none
+            raise UserError(f"device{'s' if len(elsewhere) > 1 else ''} {', '.join(elsewhere[:5])}"
+                            f"{' and more' if len(elsewhere) > 5 else ''} already in another fleet; device ids are "
+                            f"unique per broker: choose other ids for fleet {fleet}")
         for device in devices:
             path = broker.dir / "devices" / f"{device}.json"
             if path.is_file():
