@@ -20,11 +20,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import run_cli
+from conftest import BOTH_STORES, run_cli
 from edgesmith.runtime import contract
 from edgesmith.toolchain.fleet.simulate import SimArtifact, SimulatedDevice, output_window
 from test_fleet_monitor import (broker_dir, classes, connected, devices, query, start_monitor,  # noqa: F401
-                                store_url, wait_until)
+                                wait_until)
 
 pytestmark = pytest.mark.integration
 
@@ -110,6 +110,7 @@ def _generated(d: SimulatedDevice, n: int) -> list[tuple[str, bytes]]:
     return made
 
 
+@BOTH_STORES
 @pytest.mark.timeout(300)
 def test_a_hostile_device_cannot_blind_the_monitor(broker_dir, start_monitor, store_url):  # noqa: F811
     monitor = start_monitor()
@@ -199,6 +200,7 @@ def test_a_reimaged_device_starts_a_new_epoch(broker_dir, start_monitor, store_u
 
 # ---- central logic distrusts device claims --------------------------------------------------------
 
+@BOTH_STORES
 @pytest.mark.timeout(120)
 def test_reported_versions_are_clamped_to_what_the_store_issued(broker_dir, store_url):  # noqa: F811
     from edgesmith.toolchain.deploy.rollout import FleetWatch
