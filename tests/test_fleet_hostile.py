@@ -282,6 +282,28 @@ def test_model_groups_are_keyed_on_manifests_not_claims(broker_dir, start_monito
     assert groups["e" * 64]["devices"] == 1
 
 
+@pytest.mark.timeout(120)
+def test_a_group_is_labelled_from_the_artifact_store(broker_dir, start_monitor, tmp_path):  # noqa: F811
+    """`edgesmith fleet monitor` gets the artifact store's index from the CLI (the fleet package does
+    not import the deploy package): a group whose manifest was archived takes the archive's labels,
+    verified, whatever its devices' births claim."""
+    from deploy_helpers import make_artifact
+    from edgesmith.toolchain.deploy import archive as archive_mod
+    from edgesmith.toolchain.signing import generate_key, load_signing_key
+
+    info = archive_mod.archive(make_artifact(tmp_path / "v7", load_signing_key(generate_key("default")), version="7"))
+    monitor = start_monitor()
+    (creds,) = devices(broker_dir, "cam-07")
+    claims = SimArtifact(outputs=[classes(REFERENCE)], model="another", model_version="99",
+                         manifest_sha256=info.manifest_sha256)
+    device = connected(creds, artifact=claims, interval_s=60)
+    device.send(device.telemetry(runs=10, outputs={"logits": output_window([1, 2, 3, 4])}))
+    wait_until(lambda: [g for g in monitor.api()["groups"] if g["recent"]["windows"]], 30, "the device's group")
+    (group,) = monitor.api()["groups"]
+    assert (group["model"], group["version"], group["verified"]) == (info.model, "7", True)
+    assert info.model != "another"
+
+
 def test_a_full_queue_refuses_and_counts(broker_dir, tmp_path, monkeypatch):  # noqa: F811
     """The monitor's in-memory queue is bounded: past it a message is acknowledged, refused under
     queue_full and counted against its device, and the rest of the stream goes on."""
