@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table, create_engine, event, select
 from sqlalchemy.engine import Dialect, Engine, make_url
@@ -105,7 +105,7 @@ class StoreBase:
         self.engine = engine
 
     @classmethod
-    def open(cls, url: str, create: bool = True) -> Any:
+    def open(cls, url: str, create: bool = True) -> Self:
         store = cls(open_engine(url, create))
         try:
             if create:
