@@ -140,8 +140,8 @@ class StoreBase:
                                 "`edgesmith fleet monitor` with it first")
             version = conn.scalar(select(counters.c.value).where(counters.c.name == "schema_version"))
         if version != SCHEMA_VERSION:
-            raise UserError(f"the monitor store {self.engine.url.render_as_string()} has schema version {version}, this "
-                            f"edgesmith uses {SCHEMA_VERSION}; use a new --db")
+            raise UserError(f"the monitor store {self.engine.url.render_as_string()} has schema version {version}, "
+                            f"this edgesmith uses {SCHEMA_VERSION}; use a new --db")
 
     def _insert_ignore(self, table: Table) -> Any:
         return insert_ignore(self.engine.dialect, table)
