@@ -33,7 +33,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from edgesmith.runtime import contract
 from edgesmith.toolchain.errors import UserError
 from edgesmith.toolchain.fleet import protocol
-from edgesmith.toolchain.fleet.aggregate import FleetView
+from edgesmith.toolchain.fleet.aggregate import ArtifactIndex, FleetView
 from edgesmith.toolchain.fleet.alerts import AlertManager, Notifier, Thresholds
 from edgesmith.toolchain.fleet.broker import Broker, central_login, configure_client
 from edgesmith.toolchain.fleet.store import Incoming, Store, now_ms
@@ -148,7 +148,8 @@ class _Received:
 
 
 class Monitor:
-    def __init__(self, config: MonitorConfig):
+    def __init__(self, config: MonitorConfig, artifact_index: ArtifactIndex | None = None):
+        """``artifact_index`` labels the digests devices name from the artifact store (archive.lookup)."""
         self.config = config
         broker = Broker(Path(config.broker_dir).resolve())
         self.broker_settings = broker.settings()
@@ -158,7 +159,8 @@ class Monitor:
         # The broker uses the login as the client id: each monitor (or ingest worker) has its own.
         self.credentials = central_login(broker.dir, config.mqtt_client_id)
         self.store = Store.open(config.db_url)
-        self.view = FleetView(self.store, recent_s=config.recent_s, default_interval_s=config.interval_s)
+        self.view = FleetView(self.store, recent_s=config.recent_s, default_interval_s=config.interval_s,
+                              artifact_index=artifact_index)
         self.received: queue.Queue[_Received] = queue.Queue()
         self._queue_lock = threading.Lock()
         self.queued_bytes = 0
@@ -377,8 +379,8 @@ class Monitor:
 
     def _deployments(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Recent deployments and each device's deployment state (written by `edgesmith deploy` and ingest)."""
-        from edgesmith.toolchain.deploy import history
         from edgesmith.toolchain.fleet.status import deploy_info
+        from edgesmith.toolchain.fleet.store import deployments as history
 
         states = history.device_states(self.store)
         rows = [{"fleet": fleet, "device": device, "deploy": deploy_info(entry)}
