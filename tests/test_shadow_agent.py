@@ -27,7 +27,7 @@ from edgesmith.toolchain.deploy import archive as deploy_archive
 from edgesmith.toolchain.deploy import desired as deploy_desired
 from edgesmith.toolchain.signing import SigningKey
 from deploy_helpers import make_echo_artifact
-from test_agent import FLEET, Agent, Broker, wait_for
+from test_agent import AGENT, FLEET, Agent, Broker, wait_for
 from test_deploy_agent import Store
 from test_session_core import backend_dir  # noqa: F401  (fixture: the testecho plugin)
 
@@ -294,7 +294,12 @@ def test_full_queue_drops_and_counts(world):
     dropped and counted, others run, serving goes on."""
     central = world["central"]
     device = "sh-queue"
-    agent, info = _start(world, device, "--synthetic-load", "200")
+    # The children start through --child-executable (what an emulated agent needs): a wrapper here.
+    wrapper = world["root"] / "child-wrapper"
+    calls = world["root"] / "child-wrapper.calls"
+    wrapper.write_text(f'#!/bin/sh\necho "$1" >> {calls}\nexec {AGENT} "$@"\n')
+    wrapper.chmod(0o755)
+    agent, info = _start(world, device, "--synthetic-load", "200", "--child-executable", str(wrapper))
     try:
         envelope, shadow_id, _ = _shadow(world, device, ["same"], sample=1.0, queue=1, cpu_share=0.05)
         central.publish(device, envelope)
@@ -311,6 +316,7 @@ def test_full_queue_drops_and_counts(world):
         central.publish(device, stop)
         ended = central.event(device, "shadow.ended", shadow_id)
         assert ended["details"]["reason"] == "stopped"
+        assert calls.read_text().split() == ["--deploy-check", "--shadow-child"]
     finally:
         assert agent.stop() == 0, agent.log()
 
@@ -407,3 +413,55 @@ def test_a_deployment_ends_the_shadow(world):
         wait_for(lambda: _slot_files(agent.data_dir) == ["floor.json"], 10, "the shadow slot freed")
     finally:
         assert agent.stop() == 0, agent.log()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_aarch64_agent_shadows_under_qemu(world, tmp_path, shared_root, session_home):
+    """The aarch64 agent (the cross-built bundle) under qemu-user serves the rpi4 ONNX Runtime build
+    and shadows a candidate end to end. Its children (the check, the shadow child) start through
+    --child-executable: a wrapper that runs the agent under qemu again (the host has no binfmt_misc)."""
+    from conftest import DIGITS, _once, build_json
+    from edgesmith.toolchain.prove import QEMU, aarch64_bundle, qemu_prefix
+
+    exe = aarch64_bundle() / "bin" / "edgesmith-agent"
+    assert exe.is_file(), f"{exe} is missing; build the bundle with `edgesmith tools install aarch64-runtime`"
+    assert shutil.which(QEMU), f"{QEMU} is missing (bootstrap installs qemu-user-static)"
+
+    def make(out: Path) -> dict:  # the same shared build as test_deploy_agent's
+        return build_json(DIGITS, "--input-shape", "1,1,8,8", "-t", "x86_64-avx2", "-t", "rpi4-aarch64",
+                          "--backend", "ort", "-o", str(out), env={"EDGESMITH_HOME": str(session_home)})
+
+    arts = {(x["target"], x["backend"]): x for x in _once(shared_root, "dist-deploy-ort", make)["artifacts"]}
+    arm = Path(arts[("rpi4-aarch64", "ort")]["path"])
+    world["arts"]["digits-arm"] = arm
+    trust = tmp_path / "trust"
+    shutil.copytree(world["trust"], trust)
+    shutil.copy(session_home / "keys" / "default.pub", trust / "build" / "session.pub")
+    emulator = [shutil.which(QEMU), "-cpu", "cortex-a72", "-L", str(qemu_prefix("cortex-a72"))]
+    wrapper = tmp_path / "agent-under-qemu"
+    wrapper.write_text("#!/bin/sh\nexec " + " ".join(f"'{a}'" for a in [*emulator, str(exe)]) + ' "$@"\n')
+    wrapper.chmod(0o755)
+    central = world["central"]
+    device = "sh-arm"
+    credentials = world["broker"].add_device(device)
+    agent = Agent({"path": arm, "pub": session_home / "keys" / "default.pub"}, credentials, tmp_path / "data",
+                  "--trust-dir", str(trust), "--interval", "2", "--synthetic-load", "5",
+                  "--child-executable", str(wrapper), command=[*emulator, str(exe)])
+    try:
+        agent.ready(timeout=300)
+        envelope, shadow_id, _ = _shadow(world, device, ["digits-arm"], sample=1.0)
+        central.publish(device, envelope)
+        started = central.event(device, "shadow.started", shadow_id, timeout=600)
+        assert started["details"]["rss_increase_bytes"] > 0, started
+        windows = wait_for(lambda: [w for w in central.windows(device, shadow_id) if w["samples"] > 0], 300,
+                           "shadow samples from the aarch64 agent")
+        (name,) = windows[0]["outputs"]
+        assert windows[0]["outputs"][name]["agree"] == windows[0]["outputs"][name]["rows"]
+        stop, _, _ = _shadow(world, device, [])
+        central.publish(device, stop)
+        central.event(device, "shadow.ended", shadow_id, timeout=120)
+    finally:
+        code = agent.stop(timeout=120)
+    assert code == 0, agent.log()
+    assert not central.invalid, central.invalid[:3]

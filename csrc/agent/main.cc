@@ -158,6 +158,7 @@ int agent_main(const AgentConfig& config, const sigset_t& signals) {
     deploy.tls_certfile = credentials.certfile;
     deploy.tls_keyfile = credentials.keyfile;
     deploy.backend_path = config.backend_path;  // the check child searches the agent's plugin directories
+    deploy.check_executable = config.child_executable;
     std::error_code ec;
     fs::create_directories(config.data_dir, ec);
     deployer = std::make_unique<Deployer>(deploy);
@@ -187,6 +188,7 @@ int agent_main(const AgentConfig& config, const sigset_t& signals) {
     shadow_options.check_timeout_s = config.deploy_timeout_s;
     shadow_options.interval_s = config.interval_s;
     shadow_options.backend_path = config.backend_path;
+    shadow_options.executable = config.child_executable;
     shadow_options.tls_cafile = credentials.cafile;
     shadow_options.tls_certfile = credentials.certfile;
     shadow_options.tls_keyfile = credentials.keyfile;
