@@ -429,6 +429,7 @@ class Store:
         return store
 
     def init_schema(self) -> None:
+        from edgesmith.toolchain.shadow import tables  # noqa: F401 — its tables are on `metadata` too
         # Monitors started together on a new store race between create_all's existence check and
         # its CREATE TABLE, table by table; the loser's next pass finds more of them there. With
         # ~20 tables a loser can lose again on a later one, so it retries, briefly and jittered.
@@ -523,6 +524,7 @@ class Store:
 
     def _ingest(self, conn: Connection, items: Sequence[Incoming], stored_ms: int,
                 listener: BatchListener | None) -> tuple[BatchResult, dict[tuple[str, str], _Device]]:
+        from edgesmith.toolchain.shadow import tables as shadow_tables  # it imports this module
         batch = self._numbered = self._next_batch(conn)
         if listener is not None:
             listener.batch_started(batch)
@@ -546,6 +548,7 @@ class Store:
         window_rows: list[dict[str, Any]] = []
         message_rows: list[dict[str, Any]] = []
         deploy_msgs: list[tuple[Incoming, Any]] = []
+        shadow_msgs: list[tuple[Incoming, Any]] = []  # shadow windows and shadow.* events (toolchain/shadow)
 
         def session(key: tuple[str, str, int]) -> dict[str, Any] | None:
             return new_sessions.get(key) or known_sessions.get(key)
@@ -619,6 +622,8 @@ class Store:
                     message_rows.append(self._message_row(batch, item, msg))
                     if msg.kind in (K.STATE, K.EVENT):
                         deploy_msgs.append((item, msg))
+                    if shadow_tables.is_shadow_report(msg):
+                        shadow_msgs.append((item, msg))
             row["messages"] += 1
             result.stored += 1
 
@@ -632,6 +637,8 @@ class Store:
         self._write(conn, state, new_sessions, changed_sessions, window_rows, message_rows, result)
         for item, msg in deploy_msgs:
             self._record_deploy(conn, item, msg)
+        if shadow_msgs:
+            shadow_tables.record(conn, batch, shadow_msgs, {key: dev.row["birth"] for key, dev in state.items()})
         return result, state
 
     def _record_deploy(self, conn: Connection, item: Incoming, msg: Any) -> None:
