@@ -245,7 +245,20 @@ def test_report_select_and_deploy_gate(env):
         assert f["latency_ratio"] == pytest.approx(p50 / serving_p50)
         assert f["rss_increase_bytes"] == 3 << 20 and f["max_abs_err"] == pytest.approx(0.01)
     table = cli(env, "shadow", "report", sid, "--db", env["db"]).stdout
-    assert "cam-02" in table and "tiny-v3" in table
+    assert f"shadow {sid} of plant-a: running" in table
+
+    # The dashboard's panel: per candidate, each window's agreement and latency ratio over time.
+    def panel() -> dict | None:
+        return next((s for s in json.loads(env["monitor"].get("/api/shadows")) if s["id"] == sid
+                     and sum(len(c["points"]) for c in s["candidates"]) == 8), None)
+
+    shown = wait_until(panel, 30, "the shadow on /api/shadows")
+    for c in shown["candidates"]:
+        assert len(c["points"]) == 4
+        assert {round(p["agreement"], 3) for p in c["points"]} == {plan[c["index"]][0]}
+        assert all(abs(p["latency_ratio"] - plan[c["index"]][1]) < 0.1 for p in c["points"])
+    page = env["monitor"].get("/").decode()
+    assert f'data-shadow="{sid}"' in page and "latency ratio" in page
 
     # The fastest candidate that passed everywhere; a stricter bound leaves only the slower one.
     chosen = json.loads(cli(env, "select", "--from-shadow", sid, "--db", env["db"], "--json").stdout)

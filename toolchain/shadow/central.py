@@ -100,7 +100,7 @@ class Candidate:
                 "archive_sha256": self.archive.sha256, "size": self.archive.size, "model": m.model.name,
                 "model_version": m.model.version, "target": m.target.name, "isa": m.target.isa,
                 "backend": m.backend.name, "precision": m.backend.precision,
-                "build_latency_us": (m.monitoring.build_latency_us if m.monitoring else None),
+                "build_latency_us": m.build.latency_us,
                 "model_uri": self.archive.model_uri}
 
 
