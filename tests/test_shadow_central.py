@@ -297,7 +297,9 @@ def test_report_select_and_deploy_gate(env):
 
 
 def test_a_hostile_devices_reports_are_ignored_and_counted(env):
-    sid = shadow_id_of(start(env, "--devices", "cam-04", "--duration", "1h"))
+    # --canary 50% of the two named devices: the first, cam-04, alone.
+    sid = shadow_id_of(start(env, "--devices", "cam-04,cam-03", "--canary", "50%", "--duration", "1h"))
+    assert sorted(figures_of(env, sid)["devices"]) == ["cam-04"]
     state = wait_until(lambda: [s for s in shadow_states(env, "cam-04") if s.shadow_id == sid], 10, "state")[0]
     cam, intruder = env["devices"]["cam-04"], env["devices"]["intruder"]
     lat = [1000.0] * 10
@@ -333,3 +335,18 @@ def test_a_hostile_devices_reports_are_ignored_and_counted(env):
     assert env["monitor"].proc.poll() is None
     cli(env, "shadow", "stop", sid, "--fleet", FLEET, "--broker", str(env["broker"]), "--db", env["db"],
         "--key", env["common"][-1])
+
+
+def test_durations_and_candidate_folders(tmp_path, env):
+    from edgesmith.toolchain.errors import UserError
+    from edgesmith.toolchain.shadow.central import candidate_dirs, parse_duration
+
+    assert [parse_duration(t) for t in ("90s", "30m", "2h", "1d", "45", "1.5h")] == [90, 1800, 7200, 86400, 45, 5400]
+    for bad in ("0s", "31d", "-1m", "soon", ""):
+        with pytest.raises(UserError, match="is not a duration"):
+            parse_duration(bad)
+    assert [p.name for p in candidate_dirs(env["candidates"])] == ["a", "b"]
+    assert candidate_dirs(env["serving"]) == [env["serving"]]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="neither an artifact directory nor a directory of them"):
+        candidate_dirs(tmp_path / "empty")
