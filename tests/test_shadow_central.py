@@ -350,3 +350,36 @@ def test_durations_and_candidate_folders(tmp_path, env):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="neither an artifact directory nor a directory of them"):
         candidate_dirs(tmp_path / "empty")
+
+
+def test_selection_lineage_logged_to_mlflow(tmp_path, monkeypatch):
+    """A choice among candidates built from models:/tiny/1: a run in the training run's experiment
+    naming the devices it was measured on and the figures; the model version is tagged with it."""
+    import mlflow
+
+    from edgesmith.toolchain.shadow.lineage import log_selection
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = mlflow.MlflowClient(uri, uri)
+    experiment = client.create_experiment("train", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    training = client.create_run(experiment)
+    client.create_registered_model("tiny")
+    client.create_model_version("tiny", f"{training.info.artifact_uri}/onnx", run_id=training.info.run_id)
+    candidate = {"index": 1, "name": "tiny-v1-x86_64-avx2-ort", "manifest_sha256": "a" * 64, "target": "x86_64-avx2",
+                 "backend": "ort", "model_uri": "models:/tiny/1"}
+    shadow = {"id": "sh-20261207-2000-abcdef", "fleet": "plant-a",
+              "candidates": [{**candidate, "index": 0, "name": "tiny-v1-x86_64-avx2-tvm"}, candidate]}
+    measured_on = {d: {"target": "x86_64-avx2", "isa": "x86_64", "runtime": "0.1.0"} for d in ("cam-01", "cam-02")}
+    selection = {"min_agreement": 0.99, "max_latency_ratio": None, "min_samples": 100,
+                 "measured_on": json.dumps(measured_on), "figures": json.dumps([{"device": "cam-01", "samples": 500}])}
+    run_id = log_selection(shadow, candidate, selection)
+    run = client.get_run(run_id)
+    assert run.info.experiment_id == experiment and run.data.tags["edgesmith.kind"] == "select"
+    assert run.data.tags["edgesmith.measured_on"] == "cam-01,cam-02"
+    assert run.data.tags["edgesmith.artifact"] == "tiny-v1-x86_64-avx2-ort"
+    assert client.get_model_version("tiny", "1").tags[f"edgesmith.select.{shadow['id']}"].startswith(
+        "tiny-v1-x86_64-avx2-ort measured on cam-01,cam-02")
+    logged = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="selection/shadow.json",
+                                                                 dst_path=str(tmp_path / "dl"))).read_text())
+    assert logged["measured_on"] == measured_on and len(logged["candidates"]) == 2
