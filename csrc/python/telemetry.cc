@@ -11,6 +11,7 @@
 #include "common/error.h"
 #include "runtime/session.h"
 #include "telemetry/reporter.h"
+#include "telemetry/shadow_window.h"
 
 namespace py = pybind11;
 
@@ -42,9 +43,19 @@ void publisher_event(SessionReporter& reporter, const std::string& name, const s
   reporter.reporter_event(name, message, details);
 }
 
+// The device's shadow signature rule on two manifest.json texts (ManifestError when one is not a manifest).
+std::string shadow_signature_problem_json(const std::string& serving_manifest_json,
+                                          const std::string& candidate_manifest_json) {
+  return shadow_signature_problem(manifest_parse(serving_manifest_json), manifest_parse(candidate_manifest_json));
+}
+
 }  // namespace
 
 void telemetry_register(py::module_& m) {
+  m.def("shadow_signature_problem", &shadow_signature_problem_json, py::arg("serving_manifest_json"),
+        py::arg("candidate_manifest_json"),
+        "Why the candidate cannot shadow the serving model ('' when it can): the device's rule "
+        "(csrc/telemetry/shadow_window.h), same inputs and outputs (names, dtypes, shapes, in order).");
   py::class_<SessionReporter, std::unique_ptr<SessionReporter>>(
       m, "TelemetryPublisher", "Publishes a Session's birth, telemetry windows, events and death over MQTT.")
       // keep_alive: the Session outlives the publisher that reads its statistics.

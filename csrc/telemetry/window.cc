@@ -122,6 +122,25 @@ StatsSnapshot stats_delta(const StatsSnapshot& before, const StatsSnapshot& afte
   return d;
 }
 
+nlohmann::json latency_window_json(const StatsSnapshot& d) {
+  namespace c = contract;
+  return {{c::F_LATENCY_WINDOW_COUNTS, d.latency_counts},
+          {c::F_LATENCY_WINDOW_UNDERFLOW, d.latency_underflow},
+          {c::F_LATENCY_WINDOW_OVERFLOW, d.latency_overflow},
+          {c::F_LATENCY_WINDOW_SUM_US, finite(d.latency_sum_us)},
+          {c::F_LATENCY_WINDOW_MAX_US, finite(d.latency_max_us)},
+          {c::F_LATENCY_WINDOW_P50_US, finite(stats_percentile_us(d, 0.50))},
+          {c::F_LATENCY_WINDOW_P95_US, finite(stats_percentile_us(d, 0.95))},
+          {c::F_LATENCY_WINDOW_P99_US, finite(stats_percentile_us(d, 0.99))}};
+}
+
+nlohmann::json output_window_json(const OutputSummary& o) {
+  namespace c = contract;
+  return {{c::F_OUTPUT_WINDOW_COUNTS, o.counts}, {c::F_OUTPUT_WINDOW_UNDERFLOW, o.underflow},
+          {c::F_OUTPUT_WINDOW_OVERFLOW, o.overflow}, {c::F_OUTPUT_WINDOW_NAN, o.nan},
+          {c::F_OUTPUT_WINDOW_SEEN, o.seen},         {c::F_OUTPUT_WINDOW_BINNED, o.binned}};
+}
+
 WindowSummariser::WindowSummariser(const StatsSnapshot& stats, const ProcessSample& process,
                                    int64_t start_ms)
     : stats_(stats), process_(process), start_ms_(start_ms) {}
@@ -134,9 +153,7 @@ nlohmann::json WindowSummariser::window_close(const StatsSnapshot& stats, const 
   namespace c = contract;
   nlohmann::json outputs = nlohmann::json::object();
   for (const OutputSummary& o : d.outputs) {
-    outputs[o.name] = {{c::F_OUTPUT_WINDOW_COUNTS, o.counts}, {c::F_OUTPUT_WINDOW_UNDERFLOW, o.underflow},
-                       {c::F_OUTPUT_WINDOW_OVERFLOW, o.overflow}, {c::F_OUTPUT_WINDOW_NAN, o.nan},
-                       {c::F_OUTPUT_WINDOW_SEEN, o.seen},         {c::F_OUTPUT_WINDOW_BINNED, o.binned}};
+    outputs[o.name] = output_window_json(o);
   }
   nlohmann::json body = {
       {c::F_TELEMETRY_WINDOW_START_MS, start_ms_},
@@ -145,15 +162,7 @@ nlohmann::json WindowSummariser::window_close(const StatsSnapshot& stats, const 
       {c::F_TELEMETRY_ERRORS, d.errors},
       {c::F_TELEMETRY_NAN_INPUT_RUNS, d.nan_input_runs},
       {c::F_TELEMETRY_NAN_INPUT_VALUES, d.nan_input_values},
-      {c::F_TELEMETRY_LATENCY,
-       {{c::F_LATENCY_WINDOW_COUNTS, d.latency_counts},
-        {c::F_LATENCY_WINDOW_UNDERFLOW, d.latency_underflow},
-        {c::F_LATENCY_WINDOW_OVERFLOW, d.latency_overflow},
-        {c::F_LATENCY_WINDOW_SUM_US, finite(d.latency_sum_us)},
-        {c::F_LATENCY_WINDOW_MAX_US, finite(d.latency_max_us)},
-        {c::F_LATENCY_WINDOW_P50_US, finite(stats_percentile_us(d, 0.50))},
-        {c::F_LATENCY_WINDOW_P95_US, finite(stats_percentile_us(d, 0.95))},
-        {c::F_LATENCY_WINDOW_P99_US, finite(stats_percentile_us(d, 0.99))}}},
+      {c::F_TELEMETRY_LATENCY, latency_window_json(d)},
       {c::F_TELEMETRY_OUTPUTS, outputs},
       {c::F_TELEMETRY_PROCESS,
        {{c::F_PROCESS_WINDOW_RSS_BYTES, process.rss_bytes},

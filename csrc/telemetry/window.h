@@ -31,6 +31,13 @@ std::optional<double> temperature_read(const std::string& thermal_root = "/sys/c
 /// capped by the cumulative maximum.
 StatsSnapshot stats_delta(const StatsSnapshot& before, const StatsSnapshot& after);
 
+/// A window's latency histogram as a telemetry message holds it (LatencyWindow: counts, underflow,
+/// overflow, sum_us, max_us, p50/p95/p99_us; every number finite).
+nlohmann::json latency_window_json(const StatsSnapshot& delta);
+
+/// One monitored output's window as a telemetry message holds it (OutputWindow).
+nlohmann::json output_window_json(const OutputSummary& delta);
+
 /// Summarises a Session window by window.
 class WindowSummariser {
  public:
