@@ -69,11 +69,11 @@ def candidate_dirs(path: Path) -> list[Path]:
 
 
 def signature_problem(serving_manifest_json: str, candidate_manifest_json: str) -> str:
-    """The device's own rule (csrc, bound in ``edgesmith.runtime._core``): "" when the candidate
-    takes the serving model's inputs and gives its outputs, else why not."""
-    from edgesmith.runtime.artifact import _core
+    """The device's own rule (C++, csrc/telemetry/shadow_window.h, through edgesmith.runtime.shadow):
+    "" when the candidate takes the serving model's inputs and gives its outputs, else why not."""
+    from edgesmith.runtime.shadow import shadow_signature_problem
 
-    return _core().shadow_signature_problem(serving_manifest_json, candidate_manifest_json)
+    return shadow_signature_problem(serving_manifest_json, candidate_manifest_json)
 
 
 def manifest_in_store(manifest_sha256: str, store_dir: Path) -> tuple[ArchiveInfo, str] | None:
