@@ -75,7 +75,7 @@ shadow_events = Table(
     Column("shadow_id", String(64), nullable=False, index=True),
     Column("fleet", String(64), nullable=False),
     Column("device", String(64), nullable=False),
-    Column("event", String(32), nullable=False),  # shadow.started | refused | failed | ended
+    Column("event", String(64), nullable=False),  # shadow.started | refused | failed | ended (the contract allows 64)
     Column("candidate", Integer), Column("candidate_sha256", String(64)),
     Column("reason", String(32)), Column("error", Text), Column("message", Text),
     Column("rss_increase_bytes", BigInteger),
