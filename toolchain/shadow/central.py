@@ -182,8 +182,7 @@ def _check_devices(store: Store, watch: FleetWatch, config: ShadowConfig, names:
             problem = signature_problem(found[1], c.manifest_json)
             if problem:
                 raise UserError(f"candidate {c.manifest.name} cannot shadow {serving['serving']} on {device}: {problem}; "
-                                "a shadow compares models with the same inputs and outputs, so pick a candidate built "
-                                "from the same model signature")
+                                f"pick candidates built from the serving model's signature, or leave {device} out")
         plan[device] = serving
     return plan
 
