@@ -28,7 +28,7 @@ from test_fleet_monitor import MonitorProcess, query, wait_until
 
 FLEET = "plant-a"
 DEVICES = ("cam-01", "cam-02", "cam-03", "cam-04", "intruder")
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +115,7 @@ def retained_state(env: dict, device: str) -> contract.ShadowState:
     return contract.ShadowState.model_validate_json(json.loads(msg.payload)["signed"])
 
 
+@pytest.mark.integration
 def test_start_signs_one_state_per_device_and_versions_increase(env):
     first = start(env, "--devices", "cam-01,cam-02", "--sample", "0.2", "--duration", "30m")
     sid = shadow_id_of(first)
@@ -142,6 +143,7 @@ def test_start_signs_one_state_per_device_and_versions_increase(env):
     assert query(env["db"], f"SELECT status FROM shadows WHERE id = '{second}'") == [("stopped",)]
 
 
+@pytest.mark.integration
 def test_refusals_are_one_sentence_naming_what_to_do(env):
     def refused(*args: str, artifact: Path | None = None) -> str:
         result = start(env, *args, artifact=artifact, check=False)
@@ -209,6 +211,7 @@ def stored_windows(env: dict, sid: str) -> int:
         query(env["db"], f"SELECT count(*) FROM shadow_ignored WHERE shadow_id = '{sid}'")[0][0]
 
 
+@pytest.mark.integration
 def test_report_select_and_deploy_gate(env):
     sid = shadow_id_of(start(env, "--devices", "cam-01,cam-02", "--sample", "0.2", "--duration", "1h"))
     rng = np.random.default_rng(18)
@@ -296,6 +299,7 @@ def test_report_select_and_deploy_gate(env):
         "--key", env["common"][-1])
 
 
+@pytest.mark.integration
 def test_a_hostile_devices_reports_are_ignored_and_counted(env):
     # --canary 50% of the two named devices: the first, cam-04, alone.
     sid = shadow_id_of(start(env, "--devices", "cam-04,cam-03", "--canary", "50%", "--duration", "1h"))
@@ -337,6 +341,7 @@ def test_a_hostile_devices_reports_are_ignored_and_counted(env):
         "--key", env["common"][-1])
 
 
+@pytest.mark.integration
 def test_durations_and_candidate_folders(tmp_path, env):
     from edgesmith.toolchain.errors import UserError
     from edgesmith.toolchain.shadow.central import candidate_dirs, parse_duration
@@ -383,3 +388,16 @@ def test_selection_lineage_logged_to_mlflow(tmp_path, monkeypatch):
     logged = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="selection/shadow.json",
                                                                  dst_path=str(tmp_path / "dl"))).read_text())
     assert logged["measured_on"] == measured_on and len(logged["candidates"]) == 2
+
+
+def test_shadow_tables_compile_for_postgresql():
+    """Portable types only: the shadow tables' DDL on PostgreSQL (64-bit ids, no SQLite-isms)."""
+    from sqlalchemy.dialects import postgresql
+    from sqlalchemy.schema import CreateIndex, CreateTable
+
+    from edgesmith.toolchain.shadow.tables import SHADOW_TABLES
+
+    dialect = postgresql.dialect()
+    ddl = "\n".join(str(CreateTable(t).compile(dialect=dialect)) for t in SHADOW_TABLES)
+    ddl += "\n".join(str(CreateIndex(i).compile(dialect=dialect)) for t in SHADOW_TABLES for i in t.indexes)
+    assert ddl.count("BIGSERIAL") == 4 and "AUTOINCREMENT" not in ddl.upper()
