@@ -203,9 +203,9 @@ def test_waves_are_cumulative_shares():
 def test_ingest_records_deploy_reports(tmp_path):
     """The monitor's ingest: a device's state becomes its deploy state (newest seq wins), and its
     reports settle the deployment's target row; in-progress never undoes a final result."""
-    from edgesmith.toolchain.deploy import history
     from edgesmith.toolchain.fleet import protocol
     from edgesmith.toolchain.fleet.store import Incoming, Store
+    from edgesmith.toolchain.fleet.store import deployments as history
 
     store = Store.open(f"sqlite:///{tmp_path / 'm.db'}")
     history.create_deployment(store, {"id": "dep-1", "fleet": "f", "action": "deploy", "rolls_back": None,
@@ -299,8 +299,8 @@ def test_reserved_versions_are_unique_under_concurrency(tmp_path):
     broker or the device knows) is respected."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from edgesmith.toolchain.deploy import history
     from edgesmith.toolchain.fleet.store import Store
+    from edgesmith.toolchain.fleet.store import deployments as history
 
     store = Store.open(f"sqlite:///{tmp_path / 'monitor.db'}")
     history.ensure_tables(store)

@@ -201,11 +201,11 @@ def test_a_reimaged_device_starts_a_new_epoch(broker_dir, start_monitor, store_u
 
 @pytest.mark.timeout(120)
 def test_reported_versions_are_clamped_to_what_the_store_issued(broker_dir, store_url):  # noqa: F811
-    from edgesmith.toolchain.deploy import history
     from edgesmith.toolchain.deploy.rollout import FleetWatch
     from edgesmith.toolchain.errors import UserError
     from edgesmith.toolchain.fleet.broker import Broker
     from edgesmith.toolchain.fleet.store import Store
+    from edgesmith.toolchain.fleet.store import deployments as history
 
     store = Store.open(store_url)
     history.ensure_tables(store)
@@ -235,8 +235,9 @@ def test_a_birth_naming_an_unknown_artifact_is_skipped_not_blocking(broker_dir, 
                                                                     _isolated_home):
     from deploy_helpers import make_artifact
     from edgesmith.toolchain.deploy import archive as archive_mod
-    from edgesmith.toolchain.deploy import history, rollout
+    from edgesmith.toolchain.deploy import rollout
     from edgesmith.toolchain.fleet.store import Store
+    from edgesmith.toolchain.fleet.store import deployments as history
     from edgesmith.toolchain.signing import generate_deploy_key, generate_key, load_deploy_key, load_signing_key
 
     build = load_signing_key(generate_key("default"))

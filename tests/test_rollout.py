@@ -302,9 +302,10 @@ def test_broker_lost_mid_rollout_marks_the_deployment_failed(fleet, store_url):
     import threading
 
     from edgesmith.toolchain.deploy import archive as archive_mod
-    from edgesmith.toolchain.deploy import history, rollout
+    from edgesmith.toolchain.deploy import rollout
     from edgesmith.toolchain.errors import UserError
     from edgesmith.toolchain.fleet.store import Store
+    from edgesmith.toolchain.fleet.store import deployments as history
 
     info = archive_mod.archive(fleet["v2"], fleet["store"])
     config = rollout.RolloutConfig(FLEET, fleet["broker"], [0.5, 1.0], 1.0, 3.0, load_deploy_key(None),

@@ -395,7 +395,7 @@ def test_shadow_tables_compile_for_postgresql():
     from sqlalchemy.dialects import postgresql
     from sqlalchemy.schema import CreateIndex, CreateTable
 
-    from edgesmith.toolchain.shadow.tables import SHADOW_TABLES
+    from edgesmith.toolchain.fleet.store.shadows import SHADOW_TABLES
 
     dialect = postgresql.dialect()
     ddl = "\n".join(str(CreateTable(t).compile(dialect=dialect)) for t in SHADOW_TABLES)

@@ -103,7 +103,7 @@ def deploy(
     from edgesmith.runtime import artifact as runtime_artifact
     from edgesmith.toolchain.cli.artifacts import trusted_keys
     from edgesmith.toolchain.deploy import archive as archive_mod
-    from edgesmith.toolchain.deploy import history
+    from edgesmith.toolchain.fleet.store import deployments as history
     from edgesmith.toolchain.deploy.rollout import deploy as run_deploy
     from edgesmith.toolchain.fleet.store import Store, default_url
 

@@ -64,6 +64,7 @@ def monitor(
     Runs until interrupted. Restarting resumes the same persistent MQTT session: nothing is lost and
     nothing is counted twice. Alerts go to the log, to edgesmith/v1/FLEET/_monitor/alert and to --webhook.
     """
+    from edgesmith.toolchain.deploy.archive import lookup
     from edgesmith.toolchain.fleet.monitor import Monitor, MonitorConfig, parse_http
     from edgesmith.toolchain.fleet.store import default_url
 
@@ -75,7 +76,7 @@ def monitor(
                            thresholds=Thresholds(drift_psi=drift_psi, drift_js=drift_js, error_rate=error_rate,
                                                  latency_ratio=latency_ratio),
                            webhook=webhook, ingest_only=ingest_only)
-    Monitor(config).run()
+    Monitor(config, artifact_index=lookup).run()
 
 
 def _group(value: str | None) -> str | None:
@@ -154,7 +155,7 @@ def deployments_cmd(
 ) -> None:
     """List deployments and rollbacks (newest first) with their waves and every device's result."""
     from edgesmith.toolchain.cli import out_console
-    from edgesmith.toolchain.deploy import history
+    from edgesmith.toolchain.fleet.store import deployments as history
     from edgesmith.toolchain.fleet.store import Store, default_url
 
     store = Store.open(db or default_url(), create=False)

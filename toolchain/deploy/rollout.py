@@ -30,14 +30,15 @@ from pydantic import ValidationError
 
 from edgesmith.runtime.contract import DESIRED_TOPIC, SHADOW_TOPIC, DeployResult
 from edgesmith.runtime.contract import MessageKind as K
-from edgesmith.toolchain.deploy import desired, history
-from edgesmith.toolchain.deploy.history import TargetResult
+from edgesmith.toolchain.deploy import desired
 from edgesmith.toolchain.deploy.archive import ArchiveInfo, lookup
 from edgesmith.toolchain.errors import UserError
 from edgesmith.toolchain.fleet import broker as fleet_broker
 from edgesmith.toolchain.fleet import protocol
 from edgesmith.toolchain.fleet.broker import Broker
-from edgesmith.toolchain.fleet.store import FINAL_RESULTS, Store, deploy_report
+from edgesmith.toolchain.fleet.store import Store
+from edgesmith.toolchain.fleet.store import deployments as history
+from edgesmith.toolchain.fleet.store.deployments import FINAL_RESULTS, TargetResult, deploy_report
 from edgesmith.toolchain.signing import SigningKey
 
 CONNECT_TIMEOUT_S = 15.0

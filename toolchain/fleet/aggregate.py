@@ -15,6 +15,7 @@ import json
 import threading
 from collections import deque
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import logging
@@ -26,7 +27,7 @@ from edgesmith.runtime import contract
 from edgesmith.toolchain.fleet import drift, protocol
 from edgesmith.toolchain.fleet.latency import percentiles_us
 from edgesmith.toolchain.fleet.protocol import LatencyLayout
-from edgesmith.toolchain.fleet.store import BatchResult, Store, is_silent, now_ms
+from edgesmith.toolchain.fleet.store import BatchResult, Store, deployments, is_silent, now_ms
 
 # A model group is keyed on the manifest digest, never on the names a device claims, so a device
 # can only join the group of the artifact whose digest it reports; its labels (model, version,
@@ -219,18 +220,25 @@ def _checked_birth(birth_json: str | None) -> dict[str, Any] | None:
     return birth
 
 
+# A manifest digest -> the artifact store's archive of it (with .model, .model_version, .target,
+# .name), or None: toolchain/deploy/archive.lookup, passed in by whoever starts the monitor (the
+# fleet package does not import the deploy package).
+ArtifactIndex = Callable[[str], Any]
+
+
 class KnownManifests:
-    """What the store knows about manifest digests: from deployments (their rows name the model and
-    version) and from the artifact store's index (builds packaged for deployment). Cached; an
-    unknown digest is asked about again at most every RECHECK_S."""
+    """What the store knows about manifest digests: from the artifact store's index (builds packaged
+    for deployment), when given one, and from deployments (their rows name the model and version).
+    Cached; an unknown digest is asked about again at most every RECHECK_S."""
 
     RECHECK_S = 30.0
     # A device names whatever digest it likes in each birth: the answers kept are bounded (the
     # oldest asked is forgotten first, and asked again if it comes back).
     MAX_KNOWN = 10_000
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, index: ArtifactIndex | None = None):
         self.store = store
+        self.index = index
         self._known: dict[str, dict[str, Any] | None] = {}
         self._asked: dict[str, float] = {}
 
@@ -241,13 +249,12 @@ class KnownManifests:
         self._asked[sha] = at
         found = None
         try:
-            from edgesmith.toolchain.deploy.archive import lookup
-            info = lookup(sha)
+            info = self.index(sha) if self.index is not None else None
             if info is not None:
                 found = {"model": info.model, "version": info.model_version, "target": info.target,
                          "artifact": info.name}
             else:
-                found = self.store.deployed_manifest(sha)
+                found = deployments.deployed_manifest(self.store, sha)
         except Exception:  # noqa: BLE001 (an unreadable index or store: the digest stays unverified)
             log.exception("cannot look up manifest %s", sha[:12])
         self._known.pop(sha, None)  # re-inserted: the newest asked
@@ -345,14 +352,14 @@ def _worst(drifts: dict[str, Any], measure: str) -> float | None:
 
 class FleetView:
     def __init__(self, store: Store, recent_s: float = 300.0, default_interval_s: float = 10.0,
-                 min_drift_samples: int = drift.MIN_SAMPLES):
+                 min_drift_samples: int = drift.MIN_SAMPLES, artifact_index: ArtifactIndex | None = None):
         self.store = store
         self.horizon_ms = int(recent_s * 1000)
         self.default_interval_s = default_interval_s
         self.min_drift_samples = min_drift_samples
         self.devices: dict[DeviceKey, DeviceView] = {}
         self.groups: dict[GroupKey, GroupView] = {}
-        self.manifests = KnownManifests(store)
+        self.manifests = KnownManifests(store, artifact_index)
         # Stored rows the view could not take in (skipped, logged once per device, and counted):
         # one device's bad data never stops the view or another device's alerts.
         self.bad_rows = 0

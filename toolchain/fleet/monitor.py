@@ -33,7 +33,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from edgesmith.runtime import contract
 from edgesmith.toolchain.errors import UserError
 from edgesmith.toolchain.fleet import protocol
-from edgesmith.toolchain.fleet.aggregate import FleetView
+from edgesmith.toolchain.fleet.aggregate import ArtifactIndex, FleetView
 from edgesmith.toolchain.fleet.alerts import AlertManager, Notifier, Thresholds
 from edgesmith.toolchain.fleet.broker import Broker, central_login, configure_client
 from edgesmith.toolchain.fleet.store import Incoming, Store, now_ms
@@ -148,7 +148,8 @@ class _Received:
 
 
 class Monitor:
-    def __init__(self, config: MonitorConfig):
+    def __init__(self, config: MonitorConfig, artifact_index: ArtifactIndex | None = None):
+        """``artifact_index`` labels the digests devices name from the artifact store (archive.lookup)."""
         self.config = config
         broker = Broker(Path(config.broker_dir).resolve())
         self.broker_settings = broker.settings()
@@ -158,7 +159,8 @@ class Monitor:
         # The broker uses the login as the client id: each monitor (or ingest worker) has its own.
         self.credentials = central_login(broker.dir, config.mqtt_client_id)
         self.store = Store.open(config.db_url)
-        self.view = FleetView(self.store, recent_s=config.recent_s, default_interval_s=config.interval_s)
+        self.view = FleetView(self.store, recent_s=config.recent_s, default_interval_s=config.interval_s,
+                              artifact_index=artifact_index)
         self.received: queue.Queue[_Received] = queue.Queue()
         self._queue_lock = threading.Lock()
         self.queued_bytes = 0
@@ -356,7 +358,7 @@ class Monitor:
 
     def snapshot(self) -> dict[str, Any]:
         """The whole fleet as the HTTP side shows it; built on request, at most once per tick."""
-        from edgesmith.toolchain.shadow import results as shadow_results
+        from edgesmith.toolchain.fleet.store import shadows
 
         with self._view_lock:
             at = now_ms()
@@ -364,7 +366,7 @@ class Monitor:
                 snap = self.view.snapshot(at)
                 snap["alerts"] = self.store.alerts()
                 snap["deployments"], snap["deploy_states"] = self._deployments()
-                snap["shadows"] = shadow_results.panel(self.store)
+                snap["shadows"] = shadows.panel(self.store)
                 refusals = self.store.refusals()
                 for d in snap["devices"]:
                     d["refused"] = refusals.pop((d["fleet"], d["device"]), None)
@@ -380,8 +382,8 @@ class Monitor:
 
     def _deployments(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Recent deployments and each device's deployment state (written by `edgesmith deploy` and ingest)."""
-        from edgesmith.toolchain.deploy import history
         from edgesmith.toolchain.fleet.status import deploy_info
+        from edgesmith.toolchain.fleet.store import deployments as history
 
         states = history.device_states(self.store)
         rows = [{"fleet": fleet, "device": device, "deploy": deploy_info(entry)}

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from edgesmith.toolchain.deploy import history
 from edgesmith.toolchain.fleet.store import Store, fleet_status
+from edgesmith.toolchain.fleet.store import deployments as history
 
 
 def deploy_info(entry: dict[str, Any] | None) -> dict[str, Any]:

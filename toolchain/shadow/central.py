@@ -25,13 +25,15 @@ from sqlalchemy import select, update
 from edgesmith.runtime import contract
 from edgesmith.runtime.manifest import Manifest
 from edgesmith.toolchain.deploy import archive as archive_mod
-from edgesmith.toolchain.deploy import desired, history
+from edgesmith.toolchain.deploy import desired
 from edgesmith.toolchain.deploy.archive import ArchiveInfo
 from edgesmith.toolchain.deploy.rollout import FleetWatch, Say, fleet_devices, parse_share, plan_waves
 from edgesmith.toolchain.errors import UserError
 from edgesmith.toolchain.fleet.broker import Broker
-from edgesmith.toolchain.fleet.store import Store, devices as device_rows, now_ms
-from edgesmith.toolchain.shadow.tables import ensure_tables, shadow_versions, shadows
+from edgesmith.toolchain.fleet.store import Store, now_ms
+from edgesmith.toolchain.fleet.store import deployments as history
+from edgesmith.toolchain.fleet.store.ingest import devices as device_rows
+from edgesmith.toolchain.fleet.store.shadows import ensure_tables, shadow_versions, shadows
 from edgesmith.toolchain.signing import SigningKey
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -21,8 +21,8 @@ from edgesmith.runtime import contract
 from edgesmith.toolchain.errors import UserError
 from edgesmith.toolchain.fleet.latency import LatencyHistogram
 from edgesmith.toolchain.fleet.store import Store, now_ms
+from edgesmith.toolchain.fleet.store.shadows import shadow_events, shadow_ignored, shadow_selections, shadow_windows
 from edgesmith.toolchain.shadow import central
-from edgesmith.toolchain.shadow.tables import shadow_events, shadow_ignored, shadow_selections, shadow_windows
 
 DEFAULT_MIN_AGREEMENT = 0.99
 DEFAULT_MIN_SAMPLES = 100
@@ -260,45 +260,3 @@ def require(store: Store, shadow_id: str, manifest_sha256: str, name: str, min_a
                         f"{shadow['id']}`), or let the shadow run longer")
     return verdict
 
-
-PANEL_SHADOWS = 5
-PANEL_POINTS = 200
-
-
-def panel(store: Store, shadows_shown: int = PANEL_SHADOWS) -> list[dict[str, Any]]:
-    """The dashboard's shadow panel (and /api/shadows): the newest shadows, per candidate a time
-    series of its windows' top-1 agreement and latency ratio against serving (the window's own
-    p50s, as its device reported them), all devices together, newest PANEL_POINTS windows."""
-    from sqlalchemy import desc
-
-    from edgesmith.toolchain.shadow.tables import shadows as shadow_table
-
-    with store.engine.connect() as conn:
-        if not store.engine.dialect.has_table(conn, "shadows"):
-            return []
-        rows = [dict(r) for r in conn.execute(select(shadow_table).order_by(desc(shadow_table.c.created_ms))
-                                              .limit(shadows_shown)).mappings()]
-        out = []
-        for shadow in rows:
-            windows = conn.execute(
-                select(shadow_windows.c.device, shadow_windows.c.candidate, shadow_windows.c.received_ms,
-                       shadow_windows.c.rows, shadow_windows.c.agree, shadow_windows.c.latency,
-                       shadow_windows.c.serving_latency)
-                .where(shadow_windows.c.shadow_id == shadow["id"]).order_by(desc(shadow_windows.c.id))
-                .limit(PANEL_POINTS)).mappings().all()
-            candidates = []
-            for cand in json.loads(shadow["candidates"]):
-                points = []
-                for w in reversed([w for w in windows if w["candidate"] == cand["index"]]):
-                    p50, serving = json.loads(w["latency"])["p50_us"], json.loads(w["serving_latency"])["p50_us"]
-                    points.append({"t_ms": w["received_ms"], "device": w["device"],
-                                   "agreement": w["agree"] / w["rows"] if w["rows"] else None,
-                                   "latency_ratio": p50 / serving if serving else None})
-                candidates.append({"index": cand["index"], "name": cand["name"], "points": points})
-            status = shadow["status"]
-            if status == "running" and shadow["ends_ms"] <= now_ms():
-                status = "finished"
-            out.append({"id": shadow["id"], "fleet": shadow["fleet"], "status": status,
-                        "created_ms": shadow["created_ms"], "devices": sorted(json.loads(shadow["devices"])),
-                        "candidates": candidates})
-    return out

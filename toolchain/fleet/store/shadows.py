@@ -1,5 +1,6 @@
-"""The shadow tables in the monitor's store (on its ``metadata``, portable types only), and the
-monitor's ingest of what devices report about shadows.
+"""The shadow tables of the monitor's store (docs/shadow.md), and ingest's record of what devices
+report about shadows: ``shadow`` windows and ``shadow.*`` events. Written by `edgesmith shadow`
+(toolchain/shadow) and by ingest, read by `shadow report`, `select --from-shadow` and the dashboard.
 
 A device's report counts only for a shadow it is in, for a candidate of that shadow (index and
 manifest digest both), at the shadow-state version it was sent: anything else (a device reporting
@@ -12,11 +13,12 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, Float, Index, Integer, String, Table, Text, select
+from sqlalchemy import BigInteger, Column, Float, Index, Integer, String, Table, Text, desc, select
 from sqlalchemy.engine import Connection
 
 from edgesmith.runtime import contract
-from edgesmith.toolchain.fleet.store import RowId, Store, metadata
+from edgesmith.toolchain.fleet.store.engine import RowId, StoreBase, metadata, now_ms
+from edgesmith.toolchain.fleet.store.ingest import devices
 
 shadows = Table(
     "shadows", metadata,
@@ -123,7 +125,7 @@ SHADOW_TABLES = (shadows, shadow_windows, shadow_events, shadow_ignored, shadow_
 IGNORE_REASONS = ("foreign_shadow", "foreign_device", "foreign_candidate", "stale_version")
 
 
-def ensure_tables(store: Store) -> None:
+def ensure_tables(store: StoreBase) -> None:
     """Stores made before shadows existed get the tables (the monitor's create_all does too)."""
     metadata.create_all(store.engine, tables=list(SHADOW_TABLES))
 
@@ -158,9 +160,9 @@ def _why_ignored(shadow: dict[str, Any] | None, msg: Any, candidate: int | None,
     return None
 
 
-def record(conn: Connection, batch: int, items: Sequence[tuple[Any, Any]], births: dict[tuple[str, str], str | None]) -> None:
-    """Store a batch's shadow windows and events (inside the ingest transaction). ``births``: each
-    device's current birth (JSON), whose latency layout the windows' histograms use."""
+def record(conn: Connection, batch: int, items: Sequence[tuple[Any, Any]]) -> None:
+    """Store a batch's shadow windows and events (inside the ingest transaction, after its device
+    rows are written: each device's current birth gives the layout of its windows' histograms)."""
     wanted = {msg.shadow_id if msg.kind == contract.MessageKind.SHADOW else msg.shadow_report().shadow_id
               for _, msg in items}
     known: dict[str, dict[str, Any]] = {}
@@ -168,6 +170,9 @@ def record(conn: Connection, batch: int, items: Sequence[tuple[Any, Any]], birth
                             .where(shadows.c.id.in_(sorted(wanted)))).mappings():
         known[row["id"]] = {"fleet": row["fleet"], "devices": json.loads(row["devices"]),
                             "candidates": json.loads(row["candidates"])}
+    births = {(r.fleet, r.device): r.birth for r in conn.execute(
+        select(devices.c.fleet, devices.c.device, devices.c.birth).where(
+            devices.c.device.in_(sorted({msg.device for _, msg in items}))))}
     windows, events, ignored = [], [], []
     for item, msg in items:
         if msg.kind == contract.MessageKind.SHADOW:
@@ -213,3 +218,42 @@ def _window_row(batch: int, item: Any, msg: contract.ShadowWindow, birth_json: s
         "outputs": json.dumps({k: v.model_dump(mode="json") for k, v in msg.outputs.items()}),
         "rss_increase_bytes": msg.rss_increase_bytes, "cpu_seconds": msg.cpu_seconds,
     }
+
+
+PANEL_SHADOWS = 5
+PANEL_POINTS = 200
+
+
+def panel(store: StoreBase, shadows_shown: int = PANEL_SHADOWS) -> list[dict[str, Any]]:
+    """The dashboard's shadow panel (and /api/shadows): the newest shadows, per candidate a time
+    series of its windows' top-1 agreement and latency ratio against serving (the window's own
+    p50s, as its device reported them), all devices together, newest PANEL_POINTS windows."""
+    with store.engine.connect() as conn:
+        if not store.engine.dialect.has_table(conn, "shadows"):
+            return []
+        rows = [dict(r) for r in conn.execute(select(shadows).order_by(desc(shadows.c.created_ms))
+                                              .limit(shadows_shown)).mappings()]
+        out = []
+        for shadow in rows:
+            windows = conn.execute(
+                select(shadow_windows.c.device, shadow_windows.c.candidate, shadow_windows.c.received_ms,
+                       shadow_windows.c.rows, shadow_windows.c.agree, shadow_windows.c.latency,
+                       shadow_windows.c.serving_latency)
+                .where(shadow_windows.c.shadow_id == shadow["id"]).order_by(desc(shadow_windows.c.id))
+                .limit(PANEL_POINTS)).mappings().all()
+            candidates = []
+            for cand in json.loads(shadow["candidates"]):
+                points = []
+                for w in reversed([w for w in windows if w["candidate"] == cand["index"]]):
+                    p50, serving = json.loads(w["latency"])["p50_us"], json.loads(w["serving_latency"])["p50_us"]
+                    points.append({"t_ms": w["received_ms"], "device": w["device"],
+                                   "agreement": w["agree"] / w["rows"] if w["rows"] else None,
+                                   "latency_ratio": p50 / serving if serving else None})
+                candidates.append({"index": cand["index"], "name": cand["name"], "points": points})
+            status = shadow["status"]
+            if status == "running" and shadow["ends_ms"] <= now_ms():
+                status = "finished"
+            out.append({"id": shadow["id"], "fleet": shadow["fleet"], "status": status,
+                        "created_ms": shadow["created_ms"], "devices": sorted(json.loads(shadow["devices"])),
+                        "candidates": candidates})
+    return out

@@ -1,10 +1,10 @@
-"""The monitor's store: SQLAlchemy Core over SQLite (default, WAL) or PostgreSQL, portable types only.
+"""Telemetry ingest: what devices send, stored one batch per transaction.
 
 Tables: ``devices`` (one row per device: its current session, presence, sequence bookkeeping,
 cumulative counts and the last window's latency), ``sessions`` (one row per birth/death bdSeq),
-``windows`` (every telemetry window), ``messages`` (events, states and deaths, as received),
-``alerts`` (each alert condition and whether it is firing) and ``counters`` (monitor-wide counts,
-the schema version, and the batch number).
+``windows`` (every telemetry window), ``messages`` (events, states and deaths, as received) and
+``device_refusals`` (messages refused per device and reason); ingest's counts go in ``counters``
+(engine.py), with the batch number.
 
 Ingest is one transaction per batch. It starts by incrementing the ``batch`` counter, which takes
 that row's write lock: batches from several monitors (a shared subscription onto one database)
@@ -17,29 +17,22 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import random
 import threading
-import time
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 from pydantic import TypeAdapter
-from sqlalchemy import (BigInteger, Boolean, Column, Float, Index, Integer, MetaData, String, Table, Text, bindparam,
-                        create_engine, event, select, update)
-from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+from sqlalchemy import BigInteger, Boolean, Column, Float, Index, String, Table, Text, bindparam, select, update
+from sqlalchemy.engine import Connection, Engine
 
 from edgesmith.runtime import contract
 from edgesmith.runtime.contract import MessageKind as K
-from edgesmith.runtime.keys import edgesmith_home
-from edgesmith.toolchain.errors import UserError
 from edgesmith.toolchain.fleet import protocol
 from edgesmith.toolchain.fleet.sequence import SeqTracker
+from edgesmith.toolchain.fleet.store.engine import IN_CHUNK, RowId, StoreBase, counters, metadata, now_ms
 
-SCHEMA_VERSION = 1
 SILENT_INTERVALS = 3  # a device is silent (offline) after this many of its intervals without a message
 # Why a message was refused (each counted in `counters` as dropped.<reason>, and per device in
 # `device_refusals` when its topic names one): not JSON; over the payload limit; JSON but not in the
@@ -48,14 +41,8 @@ SILENT_INTERVALS = 3  # a device is silent (offline) after this many of its inte
 # than its share of a queue over half full; from a spool epoch the device has since replaced.
 DROP_REASONS = ("malformed", "oversized", "invalid", "topic_mismatch", "unknown_topic", "unstorable", "unprocessable",
                 "queue_full", "flooding", "stale_epoch")
-AlertKey = tuple[str, str, str]  # fleet, alert, subject
-IN_CHUNK = 500  # keys per IN (...) clause, under every driver's parameter limit
-INT64_MAX = 2**63 - 1
 
 log = logging.getLogger("edgesmith.fleet.store")
-metadata = MetaData()
-# SQLite only autoincrements an INTEGER PRIMARY KEY; elsewhere a 64-bit id.
-RowId = BigInteger().with_variant(Integer(), "sqlite")
 
 devices = Table(
     "devices", metadata,
@@ -141,20 +128,6 @@ messages = Table(
     Index("ix_messages_device_seq", "fleet", "device", "seq"),
 )
 
-alerts = Table(
-    "alerts", metadata,
-    Column("fleet", String(64), primary_key=True),
-    Column("alert", String(32), primary_key=True),
-    Column("subject", String(200), primary_key=True),  # the device, or device/output for drift
-    Column("device", String(64)),
-    Column("model", Text), Column("model_version", Text), Column("target", Text),
-    Column("active", Boolean, nullable=False),
-    Column("value", Float), Column("threshold", Float),
-    Column("message", Text),
-    Column("since_ms", BigInteger), Column("changed_ms", BigInteger, nullable=False),
-    Column("fired", BigInteger, nullable=False),  # how many times it went from clear to firing
-)
-
 device_refusals = Table(  # messages refused per device and reason: the device is marked, never the monitor
     "device_refusals", metadata,
     Column("fleet", String(64), primary_key=True),
@@ -165,152 +138,16 @@ device_refusals = Table(  # messages refused per device and reason: the device i
     Column("detail", Text),  # what was wrong with the last one (one line)
 )
 
-counters = Table(
-    "counters", metadata,
-    Column("name", String(64), primary_key=True),
-    Column("value", BigInteger, nullable=False),
-)
-
-# ---- deployments (docs/deployment.md §6): written by `edgesmith deploy`/`rollback`, results also by ingest
-deployments = Table(
-    "deployments", metadata,
-    Column("id", String(64), primary_key=True),  # dep-YYYYMMDD-HHMM-xxxxxx
-    Column("fleet", String(64), nullable=False, index=True),
-    Column("action", String(16), nullable=False),  # deploy | rollback
-    Column("rolls_back", String(64)),  # the deployment a rollback undoes
-    Column("artifact", Text, nullable=False), Column("archive_sha256", String(64), nullable=False),
-    Column("manifest_sha256", String(64), nullable=False), Column("model", Text), Column("model_version", Text),
-    Column("model_uri", Text), Column("url", Text, nullable=False), Column("key_id", String(16), nullable=False),
-    Column("waves", Text, nullable=False),  # the plan: cumulative shares, JSON
-    Column("abort_on_failure", Float),
-    Column("status", String(16), nullable=False),  # running | completed | aborted | rolled-back | failed | interrupted
-    Column("message", Text),
-    Column("mlflow_run_id", String(64)),
-    Column("started_ms", BigInteger, nullable=False), Column("finished_ms", BigInteger),
-)
-
-deploy_waves = Table(
-    "deploy_waves", metadata,
-    Column("deployment_id", String(64), primary_key=True),
-    Column("wave", Integer, primary_key=True, autoincrement=False),
-    Column("share", Float, nullable=False), Column("devices", Integer, nullable=False),
-    Column("applied", Integer, nullable=False), Column("failed", Integer, nullable=False),
-    Column("status", String(16), nullable=False),  # waiting | running | done | aborted | skipped
-    Column("started_ms", BigInteger), Column("finished_ms", BigInteger),
-)
-
-deploy_targets = Table(
-    "deploy_targets", metadata,
-    Column("deployment_id", String(64), primary_key=True),
-    Column("device", String(64), primary_key=True),
-    Column("fleet", String(64), nullable=False),
-    Column("wave", Integer, nullable=False),
-    Column("version", BigInteger, nullable=False),  # the desired state's version
-    Column("previous_manifest_sha256", String(64)),  # what it served before (a rollback's target)
-    Column("previous_artifact", Text),
-    Column("result", String(16), nullable=False),  # published | in-progress | applied | failed | refused | timeout
-    Column("phase", String(16)), Column("error", Text), Column("slot", String(8)),
-    Column("published_ms", BigInteger, nullable=False), Column("reported_ms", BigInteger),
-)
-
-desired_versions = Table(  # the highest desired-state version published per device (strictly increasing)
-    "desired_versions", metadata,
-    Column("fleet", String(64), primary_key=True),
-    Column("device", String(64), primary_key=True),
-    Column("version", BigInteger, nullable=False),
-)
-
-device_deploy = Table(  # each device's last reported deployment state (its newest `state` message)
-    "device_deploy", metadata,
-    Column("fleet", String(64), primary_key=True),
-    Column("device", String(64), primary_key=True),
-    Column("seq", BigInteger, nullable=False),
-    Column("artifact_sha256", String(64)), Column("artifact", Text), Column("slot", String(8)),
-    Column("desired_version", BigInteger), Column("deployment_id", String(64)),
-    Column("result", String(16)), Column("phase", String(16)), Column("error", Text),
-    Column("received_ms", BigInteger, nullable=False),
-)
-
-DEPLOY_TABLES = (deployments, deploy_waves, deploy_targets, desired_versions, device_deploy)
-FINAL_RESULTS = tuple(r.value for r in contract.FINAL_RESULTS)
-
-
-def deploy_report(msg: Any) -> dict[str, Any] | None:
-    """What a device's ``state``/``event`` message says about a deployment (§5), or None."""
-    if msg.kind == contract.MessageKind.EVENT:
-        report = msg.deploy_report()
-        if report is None:
-            return None
-        result = report.result or contract.EVENT_RESULTS.get(msg.event)
-    elif msg.kind == contract.MessageKind.STATE:
-        report = msg.details
-        result = report.result
-    else:
-        return None
-    if report.deployment_id is None or result is None:
-        return None
-    return {"deployment_id": report.deployment_id, "result": result.value,
-            "phase": report.phase.value if report.phase else None,
-            "error": report.error[:2000] if report.error is not None else None, "slot": report.slot}
-
-
 # What any stored message may change in its device's row; the rest changes with a birth or a death.
 _HOT_COLUMNS = ("seq_state", "gaps", "messages", "duplicates", "runs", "errors", "last_seen_ms", "last_window_end_ms",
                 "p50_us", "p95_us", "p99_us", "batch")
 _OUTPUTS = TypeAdapter(dict[str, protocol.OutputWindow])
 _DEVICE_COLUMNS = [c.name for c in devices.columns]
-_COUNTER_NAMES = ("schema_version", "batch", "stored", "duplicates", "reimaged",
-                  *(f"dropped.{r}" for r in DROP_REASONS))
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def default_url() -> str:
-    return f"sqlite:///{edgesmith_home() / 'fleet' / 'monitor.db'}"
 
 
 def is_silent(last_seen_ms: int, interval_s: float | None, at_ms: int, default_interval_s: float) -> bool:
     """Nothing from the device for SILENT_INTERVALS of its telemetry interval."""
     return at_ms - last_seen_ms > SILENT_INTERVALS * (interval_s or default_interval_s) * 1000
-
-
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    # WAL: readers (the HTTP view, `fleet status`) never block the ingest writer, nor it them.
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.close()
-
-
-def open_engine(url: str, create: bool) -> Engine:
-    """An engine for ``url``; with ``create`` False a missing SQLite file is a UserError, not a new empty store."""
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        raise UserError(f"--db {url!r} is not a database URL; use e.g. sqlite:///fleet/monitor.db or "
-                        "postgresql+psycopg://user:password@host/db") from None
-    is_sqlite = parsed.get_backend_name() == "sqlite"
-    if is_sqlite:
-        if not parsed.database or parsed.database == ":memory:":
-            raise UserError("the monitor's store must be a file (sqlite:///path/monitor.db): an in-memory database "
-                            "is not shared with `edgesmith fleet status`")
-        path = Path(parsed.database)
-        if create:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        elif not path.is_file():
-            raise UserError(f"there is no monitor store at {path}; start `edgesmith fleet monitor --db {url}` first, "
-                            "or pass the --db the monitor uses")
-    try:
-        engine = create_engine(url)
-    except (NoSuchModuleError, ModuleNotFoundError) as e:
-        raise UserError(f"the database driver for {parsed.drivername} is not installed ({e}); install it, e.g. "
-                        "`pip install edgesmith[postgres]` (psycopg) for postgresql+psycopg://") from None
-    if is_sqlite:
-        event.listen(engine, "connect", _sqlite_pragmas)
-    return engine
 
 
 @dataclass
@@ -403,9 +240,14 @@ def _birth_info(birth_json: str | None) -> tuple[dict[str, Any], str | None, str
     return info
 
 
-class Store:
+class IngestStore(StoreBase):
+    """The Store's ingest and its reads of what devices sent."""
+
+    COUNTERS = (*StoreBase.COUNTERS, "batch", "stored", "duplicates", "reimaged",
+                *(f"dropped.{r}" for r in DROP_REASONS))
+
     def __init__(self, engine: Engine):
-        self.engine = engine
+        super().__init__(engine)
         # Device rows as this process last committed them. A row is reused while its `batch` in
         # the store is still the one it was written in (another monitor sharing the store would
         # have changed it); this saves reading every device's birth back on every batch.
@@ -415,46 +257,6 @@ class Store:
         # after it, nobody else wrote in between and every cached row is still what the store holds.
         self._committed: int | None = None
         self._driver_sql: dict[str, tuple[str, tuple[str, ...] | None]] = {}
-
-    @classmethod
-    def open(cls, url: str, create: bool = True) -> Store:
-        store = cls(open_engine(url, create))
-        try:
-            if create:
-                store.init_schema()
-            store.check_schema()
-        except DBAPIError as e:
-            raise UserError(f"cannot use the monitor store {store.engine.url.render_as_string()}: "
-                            f"{str(e.orig).strip().splitlines()[0]}") from None
-        return store
-
-    def init_schema(self) -> None:
-        from edgesmith.toolchain.shadow import tables  # noqa: F401 — its tables are on `metadata` too
-        # Monitors started together on a new store race between create_all's existence check and
-        # its CREATE TABLE, table by table; the loser's next pass finds more of them there. With
-        # ~20 tables a loser can lose again on a later one, so it retries, briefly and jittered.
-        for attempt in range(20):
-            try:
-                metadata.create_all(self.engine)
-                break
-            except DBAPIError:
-                if attempt == 19:
-                    raise
-                time.sleep(random.uniform(0.02, 0.1))
-        with self.engine.begin() as conn:
-            for name in _COUNTER_NAMES:  # another monitor may be creating them at the same time
-                conn.execute(self._insert_ignore(counters).values(
-                    name=name, value=SCHEMA_VERSION if name == "schema_version" else 0))
-
-    def check_schema(self) -> None:
-        with self.engine.connect() as conn:
-            if not self.engine.dialect.has_table(conn, "counters"):
-                raise UserError(f"{self.engine.url.render_as_string()} holds no monitor store; start "
-                                "`edgesmith fleet monitor` with it first")
-            version = conn.scalar(select(counters.c.value).where(counters.c.name == "schema_version"))
-        if version != SCHEMA_VERSION:
-            raise UserError(f"the monitor store {self.engine.url.render_as_string()} has schema version {version}, this "
-                            f"edgesmith uses {SCHEMA_VERSION}; use a new --db")
 
     # ---- ingest ------------------------------------------------------------------------------------
 
@@ -524,7 +326,6 @@ class Store:
 
     def _ingest(self, conn: Connection, items: Sequence[Incoming], stored_ms: int,
                 listener: BatchListener | None) -> tuple[BatchResult, dict[tuple[str, str], _Device]]:
-        from edgesmith.toolchain.shadow import tables as shadow_tables  # it imports this module
         batch = self._numbered = self._next_batch(conn)
         if listener is not None:
             listener.batch_started(batch)
@@ -547,8 +348,7 @@ class Store:
         changed_sessions: dict[tuple[str, str, int], dict[str, Any]] = {}
         window_rows: list[dict[str, Any]] = []
         message_rows: list[dict[str, Any]] = []
-        deploy_msgs: list[tuple[Incoming, Any]] = []
-        shadow_msgs: list[tuple[Incoming, Any]] = []  # shadow windows and shadow.* events (toolchain/shadow)
+        reports: list[tuple[Incoming, Any]] = []
 
         def session(key: tuple[str, str, int]) -> dict[str, Any] | None:
             return new_sessions.get(key) or known_sessions.get(key)
@@ -620,10 +420,8 @@ class Store:
                     result.windows.append((window_rows[-1], msg))
                 else:
                     message_rows.append(self._message_row(batch, item, msg))
-                    if msg.kind in (K.STATE, K.EVENT):
-                        deploy_msgs.append((item, msg))
-                    if shadow_tables.is_shadow_report(msg):
-                        shadow_msgs.append((item, msg))
+                    if msg.kind in (K.STATE, K.EVENT, K.SHADOW):
+                        reports.append((item, msg))
             row["messages"] += 1
             result.stored += 1
 
@@ -635,35 +433,13 @@ class Store:
             dev.row["gaps"] = dev.tracker.gaps
             dev.row["batch"] = batch
         self._write(conn, state, new_sessions, changed_sessions, window_rows, message_rows, result)
-        for item, msg in deploy_msgs:
-            self._record_deploy(conn, item, msg)
-        if shadow_msgs:
-            shadow_tables.record(conn, batch, shadow_msgs, {key: dev.row["birth"] for key, dev in state.items()})
+        self._record_reports(conn, reports)
         return result, state
 
-    def _record_deploy(self, conn: Connection, item: Incoming, msg: Any) -> None:
-        """A device's report of a deployment: its deploy state (newest state message wins) and the
-        result of that deployment's target row, if `edgesmith deploy` made one."""
-        report = deploy_report(msg)
-        if msg.kind == contract.MessageKind.STATE:
-            d: contract.DeployReport = msg.details  # bounded by the contract
-            values = {"seq": msg.seq, "artifact_sha256": msg.artifact_sha256,
-                      "artifact": d.artifact[:200] if d.artifact is not None else None, "slot": d.slot,
-                      "deployment_id": d.deployment_id, "desired_version": d.desired_version,
-                      "result": d.result.value if d.result else None, "phase": d.phase.value if d.phase else None,
-                      "error": d.error[:2000] if d.error is not None else None, "received_ms": item.received_ms}
-            key = (device_deploy.c.fleet == msg.fleet, device_deploy.c.device == msg.device)
-            if not conn.execute(update(device_deploy).where(*key, device_deploy.c.seq < msg.seq)
-                                .values(**values)).rowcount:
-                conn.execute(self._insert_ignore(device_deploy).values(fleet=msg.fleet, device=msg.device, **values))
-        if report is None:
-            return
-        where = [deploy_targets.c.deployment_id == report["deployment_id"], deploy_targets.c.device == msg.device,
-                 deploy_targets.c.fleet == msg.fleet]
-        if report["result"] == "in-progress":  # never undoes a final result
-            where.append(deploy_targets.c.result.not_in(FINAL_RESULTS))
-        values = {k: v for k, v in report.items() if k != "deployment_id" and (v is not None or k == "error")}
-        conn.execute(update(deploy_targets).where(*where).values(**values, reported_ms=item.received_ms))
+    def _record_reports(self, conn: Connection, reports: list[tuple[Incoming, Any]]) -> None:
+        """Inside the batch's transaction, after its rows are written: the state, event and shadow
+        messages it stored, for what they report beyond telemetry (Store records deployments and
+        shadows from them)."""
 
     @staticmethod
     def _reimaged(batch: int, item: Incoming, msg: Any, dev: _Device) -> dict[str, Any]:
@@ -812,10 +588,6 @@ class Store:
 
     # ---- reads -------------------------------------------------------------------------------------
 
-    def counters(self) -> dict[str, int]:
-        with self.engine.connect() as conn:
-            return {row.name: int(row.value) for row in conn.execute(select(counters))}
-
     def devices(self, since_batch: int | None = None, exclude_batches: Sequence[int] = ()) -> list[dict[str, Any]]:
         query = select(devices)
         if since_batch is not None:
@@ -840,17 +612,6 @@ class Store:
         with self.engine.connect() as conn:
             return [dict(r) for r in conn.execute(query.order_by(windows.c.id)).mappings()]
 
-    def deployed_manifest(self, sha: str) -> dict[str, Any] | None:
-        """Labels of a manifest digest some deployment sent (None when no deployment names it)."""
-        with self.engine.connect() as conn:
-            if not self.engine.dialect.has_table(conn, "deployments"):
-                return None
-            row = conn.execute(select(deployments.c.model, deployments.c.model_version, deployments.c.artifact)
-                               .where(deployments.c.manifest_sha256 == sha).limit(1)).first()
-        if row is None:
-            return None
-        return {"model": row.model, "version": row.model_version, "target": "unknown", "artifact": row.artifact}
-
     def refusals(self) -> dict[tuple[str, str], dict[str, Any]]:
         """Per device: refused messages by reason, when the last was, and what was wrong with it."""
         out: dict[tuple[str, str], dict[str, Any]] = {}
@@ -869,57 +630,6 @@ class Store:
         with self.engine.connect() as conn:
             return int(conn.scalar(select(counters.c.value).where(counters.c.name == "batch")))
 
-    # ---- alerts: fire once per condition, across restarts and monitors ------------------------------
-
-    def alert_transitions(self, firing: dict[AlertKey, dict[str, Any]], clearing: list[AlertKey],
-                          at_ms: int) -> tuple[list[AlertKey], list[AlertKey]]:
-        """Mark alerts firing and cleared, in one transaction; returns the ones this call changed
-        (an alert already firing, or fired by another monitor first, is not returned again)."""
-        fired, cleared = [], []
-        with self.engine.begin() as conn:
-            for key, info in firing.items():
-                fleet, alert, subject = key
-                where = (alerts.c.fleet == fleet, alerts.c.alert == alert, alerts.c.subject == subject)
-                values = {k: info.get(k) for k in ("device", "model", "model_version", "target", "value", "threshold",
-                                                   "message")}
-                if conn.execute(update(alerts).where(*where, alerts.c.active.is_(False)).values(
-                        active=True, since_ms=at_ms, changed_ms=at_ms, fired=alerts.c.fired + 1, **values)).rowcount:
-                    fired.append(key)
-                elif conn.execute(self._insert_ignore(alerts).values(
-                        fleet=fleet, alert=alert, subject=subject, active=True, since_ms=at_ms, changed_ms=at_ms,
-                        fired=1, **values)).rowcount:
-                    fired.append(key)
-            for key in clearing:
-                fleet, alert, subject = key
-                if conn.execute(update(alerts).where(alerts.c.fleet == fleet, alerts.c.alert == alert,
-                                                     alerts.c.subject == subject, alerts.c.active.is_(True))
-                                .values(active=False, changed_ms=at_ms)).rowcount:
-                    cleared.append(key)
-        return fired, cleared
-
-    def _insert_ignore(self, table: Table) -> Any:
-        """INSERT that does nothing when the key exists (another monitor was first): the SQLite and
-        PostgreSQL dialects spell it the same way in SQLAlchemy."""
-        dialect = self.engine.dialect.name
-        if dialect == "sqlite":
-            from sqlalchemy.dialects.sqlite import insert
-        elif dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
-        else:
-            raise UserError(f"the monitor's store supports SQLite and PostgreSQL, not {dialect}")
-        return insert(table).on_conflict_do_nothing()
-
-    def active_alerts(self) -> set[AlertKey]:
-        with self.engine.connect() as conn:
-            return {tuple(r) for r in conn.execute(select(alerts.c.fleet, alerts.c.alert, alerts.c.subject)
-                                                   .where(alerts.c.active.is_(True)))}
-
-    def alerts(self, active_only: bool = False) -> list[dict[str, Any]]:
-        query = select(alerts).order_by(alerts.c.fleet, alerts.c.alert, alerts.c.subject)
-        if active_only:
-            query = query.where(alerts.c.active.is_(True))
-        with self.engine.connect() as conn:
-            return [dict(r) for r in conn.execute(query).mappings()]
 
 
 def fleet_status(store: Store, default_interval_s: float, at_ms: int | None = None) -> list[dict[str, Any]]:
