@@ -308,12 +308,13 @@ def test_a_hostile_devices_reports_are_ignored_and_counted(env):
     cam, intruder = env["devices"]["cam-04"], env["devices"]["intruder"]
     lat = [1000.0] * 10
     # Not in the shadow; a candidate digest the shadow never named; an index past its candidates; a
-    # shadow that does not exist; a stale version; and an event for a shadow it is not in.
+    # shadow that does not exist; a stale version; another serving model; an event for a shadow it is not in.
     intruder.send(shadow_window(intruder, state, 0, 10, 10, lat, lat))
     cam.send(shadow_window(cam, state, 0, 10, 10, lat, lat, candidate_sha256="e" * 64))
     cam.send(shadow_window(cam, state, 7, 10, 10, lat, lat))
     cam.send(shadow_window(cam, state, 0, 10, 10, lat, lat, shadow_id="sh-20260101-0000-abcdef"))
     cam.send(shadow_window(cam, state, 0, 10, 10, lat, lat, shadow_version=state.version + 5))
+    cam.send(shadow_window(cam, state, 0, 10, 10, lat, lat, serving_sha256="f" * 64))  # another baseline
     intruder.send(contract.Event(**intruder._envelope(False), event="shadow.failed", message="crash",
                                  details={"shadow_id": sid, "candidate": 0, "error": "made up"}))
     # Huge counts (the contract's cap) from the device itself: counted, and nothing crashes.
@@ -325,13 +326,13 @@ def test_a_hostile_devices_reports_are_ignored_and_counted(env):
                            serving_latency=big))
     cam.send(contract.Event(**cam._envelope(False), event="shadow.refused", message="no room",
                             details={"shadow_id": sid, "candidate": 0, "error": "shadow slot budget exceeded"}))
-    wait_until(lambda: stored_windows(env, sid) == 6
+    wait_until(lambda: stored_windows(env, sid) == 7
                and query(env["db"], f"SELECT count(*) FROM shadow_events WHERE shadow_id = '{sid}'") == [(1,)]
                and query(env["db"], "SELECT count(*) FROM shadow_ignored WHERE reason = 'foreign_shadow' "
                                     "AND device = 'cam-04'")[0][0] >= 1, 30, "every report judged")
     report = figures_of(env, sid)
     assert report["ignored"] == {"intruder": {"foreign_device": 2},
-                                 "cam-04": {"foreign_candidate": 2, "stale_version": 1}}
+                                 "cam-04": {"foreign_candidate": 2, "stale_version": 1, "other_serving": 1}}
     by_cand = {f["candidate"]: f for f in report["figures"]}
     assert by_cand[0]["samples"] == 0 and by_cand[0]["refused"] == 1 and by_cand[0]["failed"] == 0
     assert by_cand[0]["last_error"] == "shadow slot budget exceeded"

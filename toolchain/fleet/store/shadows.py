@@ -92,7 +92,7 @@ shadow_ignored = Table(  # device reports that count for nothing, by reason (a h
     Column("device", String(64), nullable=False),
     Column("shadow_id", String(64), nullable=False, index=True),
     Column("kind", String(16), nullable=False),  # shadow | event
-    Column("reason", String(32), nullable=False),  # foreign_shadow | foreign_device | foreign_candidate | stale_version
+    Column("reason", String(32), nullable=False),  # IGNORE_REASONS
     Column("received_ms", BigInteger, nullable=False),
 )
 
@@ -122,7 +122,9 @@ shadow_selections = Table(  # `edgesmith select --from-shadow`: the measured cho
 )
 
 SHADOW_TABLES = (shadows, shadow_windows, shadow_events, shadow_ignored, shadow_versions, shadow_selections)
-IGNORE_REASONS = ("foreign_shadow", "foreign_device", "foreign_candidate", "stale_version")
+# A window against another serving model than the one the device served when the shadow started
+# (its agreement and latency ratio would be against a different baseline) is `other_serving`.
+IGNORE_REASONS = ("foreign_shadow", "foreign_device", "foreign_candidate", "stale_version", "other_serving")
 
 
 def ensure_tables(store: StoreBase) -> None:
@@ -144,7 +146,7 @@ def _layout_of(birth_json: str | None) -> str | None:
 
 
 def _why_ignored(shadow: dict[str, Any] | None, msg: Any, candidate: int | None, candidate_sha: str | None,
-                 version: int | None) -> str | None:
+                 version: int | None, serving_sha: str | None = None) -> str | None:
     if shadow is None or shadow["fleet"] != msg.fleet:
         return "foreign_shadow"
     device = shadow["devices"].get(msg.device)
@@ -157,6 +159,8 @@ def _why_ignored(shadow: dict[str, Any] | None, msg: Any, candidate: int | None,
             return "foreign_candidate"
     if version is not None and version != device["version"]:
         return "stale_version"
+    if serving_sha is not None and serving_sha != device["serving_sha256"]:
+        return "other_serving"
     return None
 
 
@@ -178,11 +182,13 @@ def record(conn: Connection, batch: int, items: Sequence[tuple[Any, Any]]) -> No
         if msg.kind == contract.MessageKind.SHADOW:
             shadow_id, candidate, candidate_sha, version = (msg.shadow_id, msg.candidate, msg.candidate_sha256,
                                                             msg.shadow_version)
+            serving_sha = msg.serving_sha256
         else:
             report = msg.shadow_report()
             shadow_id, candidate, candidate_sha, version = (report.shadow_id, report.candidate,
                                                             report.candidate_sha256, report.shadow_version)
-        why = _why_ignored(known.get(shadow_id), msg, candidate, candidate_sha, version)
+            serving_sha = None
+        why = _why_ignored(known.get(shadow_id), msg, candidate, candidate_sha, version, serving_sha)
         if why is not None:
             ignored.append({"fleet": msg.fleet, "device": msg.device, "shadow_id": shadow_id, "kind": msg.kind.value,
                             "reason": why, "received_ms": item.received_ms})
