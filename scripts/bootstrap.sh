@@ -9,7 +9,8 @@ VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 APT_PACKAGES=(cmake g++ pkg-config libsodium-dev nlohmann-json3-dev libgtest-dev
               mosquitto mosquitto-clients libpaho-mqtt-dev libsqlite3-dev libtomlplusplus-dev libcpp-httplib-dev openssl
-              chromium qemu-user-static g++-aarch64-linux-gnu binutils-aarch64-linux-gnu)
+              chromium qemu-user-static g++-aarch64-linux-gnu binutils-aarch64-linux-gnu
+              postgresql-15)  # the monitor store's tests start their own PostgreSQL 15 (tests/pg_server.py)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -34,7 +35,7 @@ deps=$("$VENV/bin/python" - <<'PY'
 import tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))
 wanted = project["build-system"]["requires"] + project["project"]["dependencies"]
-for extra in ("toolchain", "test"):
+for extra in ("toolchain", "postgres", "test"):
     wanted += project["project"]["optional-dependencies"][extra]
 print("\n".join(wanted))
 PY

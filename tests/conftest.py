@@ -88,6 +88,35 @@ def run_backend_check(check: dict, backend: str, artifact: Path, *args: str) -> 
 
 
 @pytest.fixture(scope="session")
+def postgres_server():
+    """A PostgreSQL 15 server for this worker's whole run (tests/pg_server.py), started when a test
+    first asks for it; each test takes a database of its own (``store_url``)."""
+    from pg_server import PostgresServer
+
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
+# The store's tests whose behaviour depends on the database (transactions, concurrent writers,
+# integer bounds, what text a column can hold) run on both: `@BOTH_STORES` on a test taking `store_url`.
+BOTH_STORES = pytest.mark.parametrize("store_url", ["sqlite", "postgresql"], indirect=True)
+
+
+@pytest.fixture
+def store_url(request, tmp_path):
+    """The monitor's store: an SQLite file; or, for a test parametrized with "postgresql"
+    (BOTH_STORES), a new database on the run's PostgreSQL 15 server."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        yield f"sqlite:///{tmp_path / 'monitor.db'}"
+        return
+    server = request.getfixturevalue("postgres_server")
+    url = server.create_database()
+    yield url
+    server.drop_database(url)
+
+
+@pytest.fixture(scope="session")
 def shared_root(tmp_path_factory, worker_id) -> Path:
     """A directory every xdist worker of this run shares (the run's base temp directory)."""
     base = tmp_path_factory.getbasetemp()

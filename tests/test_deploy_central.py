@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import BOTH_STORES
 from deploy_helpers import make_artifact
 from edgesmith.toolchain.deploy import archive as archive_mod
 from edgesmith.toolchain.deploy import desired
@@ -200,14 +201,15 @@ def test_waves_are_cumulative_shares():
             parse_waves(bad)
 
 
-def test_ingest_records_deploy_reports(tmp_path):
+@BOTH_STORES
+def test_ingest_records_deploy_reports(store_url):
     """The monitor's ingest: a device's state becomes its deploy state (newest seq wins), and its
     reports settle the deployment's target row; in-progress never undoes a final result."""
     from edgesmith.toolchain.fleet import protocol
     from edgesmith.toolchain.fleet.store import Incoming, Store
     from edgesmith.toolchain.fleet.store import deployments as history
 
-    store = Store.open(f"sqlite:///{tmp_path / 'm.db'}")
+    store = Store.open(store_url)
     history.create_deployment(store, {"id": "dep-1", "fleet": "f", "action": "deploy", "rolls_back": None,
                                       "artifact": "a", "archive_sha256": "0" * 64, "manifest_sha256": "1" * 64,
                                       "model": "m", "model_version": "2", "model_uri": None, "url": "http://x",
@@ -294,7 +296,8 @@ def test_deploy_bad_input_is_one_sentence(tmp_path, artifact, _isolated_home):
     assert "not an edgesmith broker directory" in error(str(trusted))
 
 
-def test_reserved_versions_are_unique_under_concurrency(tmp_path):
+@BOTH_STORES
+def test_reserved_versions_are_unique_under_concurrency(store_url):
     """A deploy and a rollback reserving versions at once never get the same one; the floor (what the
     broker or the device knows) is respected."""
     from concurrent.futures import ThreadPoolExecutor
@@ -302,7 +305,7 @@ def test_reserved_versions_are_unique_under_concurrency(tmp_path):
     from edgesmith.toolchain.fleet.store import Store
     from edgesmith.toolchain.fleet.store import deployments as history
 
-    store = Store.open(f"sqlite:///{tmp_path / 'monitor.db'}")
+    store = Store.open(store_url)
     history.ensure_tables(store)
     assert history.reserve_version(store, "f", "cam-01", at_least=41) == 42
     assert history.reserve_version(store, "f", "cam-01") == 43

@@ -20,11 +20,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import run_cli
+from conftest import BOTH_STORES, run_cli
 from edgesmith.runtime import contract
 from edgesmith.toolchain.fleet.simulate import SimArtifact, SimulatedDevice, output_window
 from test_fleet_monitor import (broker_dir, classes, connected, devices, query, start_monitor,  # noqa: F401
-                                store_url, wait_until)
+                                wait_until)
 
 pytestmark = pytest.mark.integration
 
@@ -110,6 +110,7 @@ def _generated(d: SimulatedDevice, n: int) -> list[tuple[str, bytes]]:
     return made
 
 
+@BOTH_STORES
 @pytest.mark.timeout(300)
 def test_a_hostile_device_cannot_blind_the_monitor(broker_dir, start_monitor, store_url):  # noqa: F811
     monitor = start_monitor()
@@ -199,6 +200,7 @@ def test_a_reimaged_device_starts_a_new_epoch(broker_dir, start_monitor, store_u
 
 # ---- central logic distrusts device claims --------------------------------------------------------
 
+@BOTH_STORES
 @pytest.mark.timeout(120)
 def test_reported_versions_are_clamped_to_what_the_store_issued(broker_dir, store_url):  # noqa: F811
     from edgesmith.toolchain.deploy.rollout import FleetWatch
@@ -278,6 +280,28 @@ def test_model_groups_are_keyed_on_manifests_not_claims(broker_dir, start_monito
     assert (mine["devices"], mine["model"], mine["verified"]) == (2, ART.model, False)
     assert mine["drift"]["logits"]["samples"] == 2000 and mine["drift"]["logits"]["psi"] == pytest.approx(0, abs=1e-9)
     assert groups["e" * 64]["devices"] == 1
+
+
+@pytest.mark.timeout(120)
+def test_a_group_is_labelled_from_the_artifact_store(broker_dir, start_monitor, tmp_path):  # noqa: F811
+    """`edgesmith fleet monitor` gets the artifact store's index from the CLI (the fleet package does
+    not import the deploy package): a group whose manifest was archived takes the archive's labels,
+    verified, whatever its devices' births claim."""
+    from deploy_helpers import make_artifact
+    from edgesmith.toolchain.deploy import archive as archive_mod
+    from edgesmith.toolchain.signing import generate_key, load_signing_key
+
+    info = archive_mod.archive(make_artifact(tmp_path / "v7", load_signing_key(generate_key("default")), version="7"))
+    monitor = start_monitor()
+    (creds,) = devices(broker_dir, "cam-07")
+    claims = SimArtifact(outputs=[classes(REFERENCE)], model="another", model_version="99",
+                         manifest_sha256=info.manifest_sha256)
+    device = connected(creds, artifact=claims, interval_s=60)
+    device.send(device.telemetry(runs=10, outputs={"logits": output_window([1, 2, 3, 4])}))
+    wait_until(lambda: [g for g in monitor.api()["groups"] if g["recent"]["windows"]], 30, "the device's group")
+    (group,) = monitor.api()["groups"]
+    assert (group["model"], group["version"], group["verified"]) == (info.model, "7", True)
+    assert info.model != "another"
 
 
 def test_a_full_queue_refuses_and_counts(broker_dir, tmp_path, monkeypatch):  # noqa: F811

@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 import urllib.request
-import uuid
 from collections.abc import Callable
 from html.parser import HTMLParser
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -28,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from conftest import EDGESMITH, run_cli
+from conftest import BOTH_STORES, EDGESMITH, run_cli
 from edgesmith.toolchain.fleet import broker as fleet_broker
 from edgesmith.toolchain.fleet import protocol
 from edgesmith.toolchain.fleet.simulate import SimArtifact, SimulatedDevice, output_window
@@ -131,27 +130,6 @@ def broker_dir(tmp_path):
     run_cli("broker", "down", "--dir", str(directory))
 
 
-@pytest.fixture
-def store_url(tmp_path):
-    """The monitor's store: an SQLite file; or, with EDGESMITH_TEST_FLEET_DB set to a PostgreSQL
-    server's URL, a new database there for the test (the same tests run against PostgreSQL)."""
-    server = os.environ.get("EDGESMITH_TEST_FLEET_DB")
-    if not server:
-        yield f"sqlite:///{tmp_path / 'monitor.db'}"
-        return
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    name = f"fleet_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(server, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE {name}"))
-    yield make_url(server).set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as conn:
-        conn.execute(text(f"DROP DATABASE {name} WITH (FORCE)"))
-    admin.dispose()
-
-
 def query(url: str, sql: str) -> list[tuple]:
     from sqlalchemy import create_engine, text
 
@@ -220,6 +198,7 @@ def classes(reference: list[float], name: str = "logits") -> protocol.OutputLayo
 
 # ---- ingest and aggregates -----------------------------------------------------------------------
 
+@BOTH_STORES
 @pytest.mark.integration
 @pytest.mark.timeout(180)
 def test_ingest_and_aggregates_exact(broker_dir, start_monitor):
@@ -280,6 +259,7 @@ def test_ingest_and_aggregates_exact(broker_dir, start_monitor):
     assert "cam-01" in table and "cam-02" in table and "online" in table
 
 
+@BOTH_STORES
 @pytest.mark.integration
 @pytest.mark.timeout(180)
 def test_duplicates_dropped_and_gaps_counted(broker_dir, start_monitor):
@@ -304,6 +284,7 @@ def test_duplicates_dropped_and_gaps_counted(broker_dir, start_monitor):
     assert monitor.counters()["duplicates"] == 3
 
 
+@BOTH_STORES
 @pytest.mark.integration
 @pytest.mark.timeout(180)
 def test_bad_payloads_counted_and_dropped(broker_dir, start_monitor):
@@ -403,6 +384,7 @@ def _window_rows(db: str) -> int:
     return query(db, "select count(*) from windows")[0][0]
 
 
+@BOTH_STORES
 @pytest.mark.integration
 @pytest.mark.timeout(240)
 def test_monitor_restart_resumes_without_double_counting(broker_dir, start_monitor):
@@ -504,6 +486,7 @@ class _Webhook(BaseHTTPRequestHandler):
         pass
 
 
+@BOTH_STORES
 @pytest.mark.integration
 @pytest.mark.timeout(180)
 def test_silence_marks_offline_and_alerts_once(broker_dir, start_monitor):
@@ -707,6 +690,7 @@ def test_dashboard_in_headless_chromium(broker_dir, start_monitor, tmp_path):
 
 # ---- shared subscription ---------------------------------------------------------------------------
 
+@BOTH_STORES
 @pytest.mark.integration
 @pytest.mark.timeout(240)
 def test_two_monitors_share_the_stream_and_the_store(broker_dir, start_monitor, tmp_path):
@@ -726,6 +710,7 @@ def test_two_monitors_share_the_stream_and_the_store(broker_dir, start_monitor, 
     assert sum(stored) == 52 and min(stored) > 0, stored
 
 
+@BOTH_STORES
 @pytest.mark.integration
 @pytest.mark.timeout(240)
 def test_an_ingest_only_worker_takes_a_share_the_full_monitor_shows(broker_dir, start_monitor, store_url, tmp_path):
@@ -834,6 +819,22 @@ def test_store_schema_compiles_for_postgresql():
     ddl += "\n".join(str(CreateIndex(i).compile(dialect=dialect)) for t in store.metadata.sorted_tables for i in t.indexes)
     assert "BIGSERIAL" in ddl and "AUTOINCREMENT" not in ddl.upper().replace("BIGSERIAL", "")
     assert "INTEGER NOT NULL" not in ddl.split("CREATE TABLE windows")[1].split(")")[0]  # ids are 64-bit there
+
+
+def test_the_suites_postgresql_is_15_unprivileged_and_socket_only(postgres_server):
+    """What BOTH_STORES runs on: PostgreSQL 15, its cluster owned by an unprivileged user, no TCP."""
+    from sqlalchemy import create_engine, text
+
+    server = postgres_server
+    engine = create_engine(server.url())
+    try:
+        with engine.connect() as conn:
+            version = conn.scalar(text("SHOW server_version_num"))
+            listen = conn.scalar(text("SHOW listen_addresses"))
+    finally:
+        engine.dispose()
+    assert version.startswith("15") and listen == ""
+    assert (server.dir / "data").stat().st_uid != 0 and (server.dir / "data" / "postmaster.pid").is_file()
 
 
 def test_percentiles_match_the_device_runtime_rule():

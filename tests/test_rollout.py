@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import BOTH_STORES, run_cli
 from deploy_helpers import make_echo_artifact
 from edgesmith.toolchain.deploy import desired
 from edgesmith.toolchain.fleet import broker as fleet_broker
 from edgesmith.toolchain.signing import generate_deploy_key, generate_key, load_deploy_key, load_signing_key
 from test_agent import Agent
-from test_fleet_monitor import broker_dir, start_monitor, store_url, wait_until  # noqa: F401  (fixtures)
+from test_fleet_monitor import broker_dir, start_monitor, wait_until  # noqa: F401  (fixtures)
 from test_session_core import backend_dir  # noqa: F401  (fixture: the testecho plugin)
 
 FLEET = "plant-a"
@@ -121,6 +121,7 @@ V1 = "tiny-v1-host-testecho"
 V2 = "tiny-v2-host-testecho"
 
 
+@BOTH_STORES
 def test_staged_rollout_then_explicit_rollback(fleet, store_url, start_monitor):  # noqa: F811
     monitor = start_monitor()
     devices = fleet["start"]()

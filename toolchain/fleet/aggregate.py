@@ -14,8 +14,8 @@ import bisect
 import json
 import threading
 from collections import deque
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import logging
