@@ -16,7 +16,7 @@ import nacl.signing
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import BOTH_STORES, run_cli
 from deploy_helpers import make_artifact
 from edgesmith.runtime import contract
 from edgesmith.toolchain.deploy import desired
@@ -402,3 +402,51 @@ def test_shadow_tables_compile_for_postgresql():
     ddl = "\n".join(str(CreateTable(t).compile(dialect=dialect)) for t in SHADOW_TABLES)
     ddl += "\n".join(str(CreateIndex(i).compile(dialect=dialect)) for t in SHADOW_TABLES for i in t.indexes)
     assert ddl.count("BIGSERIAL") == 4 and "AUTOINCREMENT" not in ddl.upper()
+
+
+@pytest.mark.integration
+@BOTH_STORES
+def test_shadow_ingest_report_and_select_on_both_stores(store_url):
+    """What depends on the database, on SQLite and PostgreSQL: shadow-state versions (the upsert),
+    ingest of windows and events (a 64-character event name, counts at the contract's cap, reports
+    ignored), the report's figures, a selection's row and the dashboard's panel."""
+    from edgesmith.toolchain.fleet.store import Incoming, Store, deployments, shadows
+    from edgesmith.toolchain.shadow import results
+
+    store = Store.open(store_url)
+    assert [deployments.reserve_version(store, FLEET, "cam-01", at, table=shadows.shadow_versions)
+            for at in (0, 0, 7)] == [1, 2, 8]
+    assert deployments.reserve_version(store, FLEET, "cam-01") == 1  # desired states count apart
+    cam = SimulatedDevice({"fleet": FLEET, "device": "cam-01"}, interval_s=60)
+    intruder = SimulatedDevice({"fleet": FLEET, "device": "intruder"}, interval_s=60)
+    sid = "sh-20261207-2000-0a0b0c"
+    cand = {"index": 0, "name": "tiny-v2", "manifest_sha256": "c" * 64, "archive_sha256": "d" * 64,
+            "model_uri": None}
+    with store.engine.begin() as conn:
+        conn.execute(shadows.shadows.insert().values(
+            id=sid, fleet=FLEET, devices=json.dumps({"cam-01": {"version": 8, "serving_sha256": cam.artifact.sha256,
+                                                                "target": "x86_64-avx2", "isa": "x86_64"}}),
+            candidates=json.dumps([cand]), sample=0.2, duration_s=60, cpu_share=0.5, queue=4, url="http://x",
+            key_id="0" * 16, status="running", created_ms=1, starts_ms=1, ends_ms=2**52))
+    state = contract.ShadowState(fleet=FLEET, device="cam-01", version=8, shadow_id=sid, action="start",
+                                 issued_at_ms=1, candidates=[contract.DesiredArtifact(
+                                     url="http://x", sha256="d" * 64, size=1, manifest_sha256="c" * 64,
+                                     name="tiny-v2")])
+    huge = contract.MAX_SAFE_INT
+    lat = [1000.0] * 20
+    messages = [cam.birth(), shadow_window(cam, state, 0, 19, 20, [v / 2 for v in lat], lat),
+                shadow_window(cam, state, 0, huge, huge, lat, lat, offered=huge, samples=huge),
+                shadow_window(intruder, state, 0, 20, 20, lat, lat),
+                contract.Event(**cam._envelope(False), event="shadow." + "x" * 57, message="m",
+                               details={"shadow_id": sid, "candidate": 0})]
+    store.ingest([Incoming(received_ms=1000 + i, message=m) for i, m in enumerate(messages)])
+    report = results.report(store, sid)
+    (f,) = report["figures"]
+    assert f["samples"] == huge + 20 and f["windows"] == 2 and f["agreement"] == pytest.approx(1.0)
+    assert f["events"] == ["shadow." + "x" * 57] and report["ignored"] == {"intruder": {"foreign_device": 1}}
+    chosen, verdicts, shadow = results.select_candidate(store, sid, 0.9, None, 10)
+    row = results.record_selection(store, shadow, chosen, verdicts, 0.9, None, 10)
+    assert json.loads(row["measured_on"]) == {"cam-01": {"target": "x86_64-avx2", "isa": "x86_64", "runtime": None}}
+    (panel,) = shadows.panel(store)
+    assert panel["id"] == sid and [p["agreement"] for p in panel["candidates"][0]["points"]] == [0.95, 1.0]
+    store.engine.dispose()
