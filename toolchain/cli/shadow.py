@@ -119,10 +119,14 @@ def report(
     console.print(f"shadow {data['id']} of {data['fleet']}: [bold]{data['status']}[/], sample {data['sample']:g}, "
                   f"{data['duration_s']} s, {len(data['devices'])} device(s), {len(data['candidates'])} candidate(s)",
                   highlight=False, soft_wrap=True)
-    table = Table("device", "candidate", "samples", "dropped", "errors", "agreement", "max abs err", "max rel err",
-                  "p50 ms", "serving p50", "ratio", "p95 ms", "serving p95", "RSS +MB", "refused", "failed")
+    for c in data["candidates"]:
+        console.print(f"  candidate {c['index']}: {c['name']} ({c.get('backend')}, {c.get('precision')})",
+                      highlight=False, soft_wrap=True)
+    console.print("latencies in ms; serv: the serving model on the same samples; ratio: p50 / serv p50", style="dim")
+    table = Table("device", "cand", "samples", "dropped", "errors", "agree", "max abs", "max rel", "p50", "serv p50",
+                  "ratio", "p95", "serv p95", "RSS +MB", "refused", "failed")
     for f in data["figures"]:
-        table.add_row(f["device"], f"{f['candidate']} {f['name']}", str(f["samples"]), str(f["dropped"]),
+        table.add_row(f["device"], str(f["candidate"]), str(f["samples"]), str(f["dropped"]),
                       str(f["errors"]), _num(f["agreement"], ".4f"), _num(f["max_abs_err"], ".3g"),
                       _num(f["max_rel_err"], ".3g"), _ms(f["p50_us"]), _ms(f["serving_p50_us"]),
                       _num(f["latency_ratio"], ".3f"), _ms(f["p95_us"]), _ms(f["serving_p95_us"]),
