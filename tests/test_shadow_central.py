@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import nacl.signing
 import numpy as np
 import pytest
 
-from conftest import BOTH_STORES, run_cli
+from conftest import BOTH_STORES, EDGESMITH, run_cli
 from deploy_helpers import make_artifact
 from edgesmith.runtime import contract
 from edgesmith.toolchain.deploy import desired
@@ -301,11 +303,23 @@ def test_report_select_and_deploy_gate(env):
 
 @pytest.mark.integration
 def test_a_hostile_devices_reports_are_ignored_and_counted(env):
-    # --canary 50% of the two named devices: the first, cam-04, alone.
-    sid = shadow_id_of(start(env, "--devices", "cam-04,cam-03", "--canary", "50%", "--duration", "1h"))
-    assert sorted(figures_of(env, sid)["devices"]) == ["cam-04"]
-    state = wait_until(lambda: [s for s in shadow_states(env, "cam-04") if s.shadow_id == sid], 10, "state")[0]
+    # --canary 50% of the two named devices: the first, cam-04, alone; --wait prints what it says.
     cam, intruder = env["devices"]["cam-04"], env["devices"]["intruder"]
+    before = len(shadow_states(env, "cam-04"))
+    args = [EDGESMITH, "shadow", "start", str(env["candidates"]), *env["common"], "--store", str(env["store"]),
+            "--no-serve", "--base-url", "http://127.0.0.1:9", "--serving", str(env["serving"]), "--devices",
+            "cam-04,cam-03", "--canary", "50%", "--duration", "1h", "--wait", "60"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "EDGESMITH_HOME": str(env["home"])})
+    state = wait_until(lambda: shadow_states(env, "cam-04")[before:], 60, "cam-04's shadow state")[0]
+    sid = state.shadow_id
+    cam.send(contract.Event(**cam._envelope(False), event="shadow.started", message="candidate 0 running",
+                            details={"shadow_id": sid, "shadow_version": state.version, "candidate": 0,
+                                     "candidate_sha256": state.candidates[0].manifest_sha256}))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "cam-04: shadow.started (candidate 0): candidate 0 running" in out and "cam-03" not in out
+    assert sorted(figures_of(env, sid)["devices"]) == ["cam-04"]
     lat = [1000.0] * 10
     # Not in the shadow; a candidate digest the shadow never named; an index past its candidates; a
     # shadow that does not exist; a stale version; another serving model; an event for a shadow it is not in.
@@ -327,7 +341,7 @@ def test_a_hostile_devices_reports_are_ignored_and_counted(env):
     cam.send(contract.Event(**cam._envelope(False), event="shadow.refused", message="no room",
                             details={"shadow_id": sid, "candidate": 0, "error": "shadow slot budget exceeded"}))
     wait_until(lambda: stored_windows(env, sid) == 7
-               and query(env["db"], f"SELECT count(*) FROM shadow_events WHERE shadow_id = '{sid}'") == [(1,)]
+               and query(env["db"], f"SELECT count(*) FROM shadow_events WHERE shadow_id = '{sid}'") == [(2,)]
                and query(env["db"], "SELECT count(*) FROM shadow_ignored WHERE reason = 'foreign_shadow' "
                                     "AND device = 'cam-04'")[0][0] >= 1, 30, "every report judged")
     report = figures_of(env, sid)
