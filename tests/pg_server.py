@@ -18,6 +18,35 @@ from typing import Any
 PG_BIN = Path(os.environ.get("EDGESMITH_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
 RUN_AS = "nobody"  # the unprivileged user the server runs as when the suite runs as root
 SUPERUSER = "edgesmith"
+PREFIX = "edgesmith-pg-"
+
+
+def reap_orphans() -> None:
+    """Stop and remove the servers of earlier runs whose pytest process is gone (killed before its
+    session teardown, e.g. by `timeout`): each directory names the process that started it."""
+    for directory in Path(tempfile.gettempdir()).glob(f"{PREFIX}*"):
+        try:
+            owner = int((directory / "owner").read_text())
+        except (OSError, ValueError):
+            continue  # not one of ours, or being created
+        if _alive(owner):
+            continue  # its run is still going
+        server = PostgresServer()
+        server.dir = directory
+        if (directory / "data" / "postmaster.pid").is_file():
+            user = directory.stat()
+            if os.geteuid() == 0 and user.st_uid != 0:
+                server._as = {"user": user.st_uid, "group": user.st_gid, "extra_groups": []}
+            subprocess.run([str(server.bin_dir / "pg_ctl"), "-D", str(directory / "data"), "-m", "immediate", "-w",
+                            "stop"], capture_output=True, timeout=60, cwd=directory, **server._as)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:  # the state follows the command's closing parenthesis; a zombie (Z) has ended
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 class PostgresServer:
@@ -35,9 +64,11 @@ class PostgresServer:
         missing = [tool for tool in ("initdb", "pg_ctl", "postgres") if not (self.bin_dir / tool).is_file()]
         assert not missing, (f"PostgreSQL 15 is not installed ({', '.join(missing)} missing in {self.bin_dir}); "
                              "`make bootstrap` installs Debian's postgresql-15")
+        reap_orphans()
         # In /tmp, not under pytest's temporary root: that one is private to root, and the server's user
         # must reach its directory. The socket path must stay short (its limit is 107 bytes).
-        self.dir = Path(tempfile.mkdtemp(prefix="edgesmith-pg-"))
+        self.dir = Path(tempfile.mkdtemp(prefix=PREFIX))
+        (self.dir / "owner").write_text(str(os.getpid()))
         self.socket_dir.mkdir()
         if os.geteuid() == 0:
             user = pwd.getpwnam(RUN_AS)

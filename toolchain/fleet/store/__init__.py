@@ -26,8 +26,8 @@ from edgesmith.toolchain.fleet.store import deployments, shadows
 from edgesmith.toolchain.fleet.store.alerts import AlertKey, AlertStore
 from edgesmith.toolchain.fleet.store.engine import (SCHEMA_VERSION, counters, default_url, metadata, now_ms,
                                                     open_engine)
-from edgesmith.toolchain.fleet.store.ingest import (DROP_REASONS, SILENT_INTERVALS, BatchListener, BatchResult, Incoming,
-                                                    IngestStore, fleet_status, is_silent)
+from edgesmith.toolchain.fleet.store.ingest import (DROP_REASONS, SILENT_INTERVALS, BatchListener, BatchResult,
+                                                    Incoming, IngestStore, fleet_status, is_silent)
 
 __all__ = ["DROP_REASONS", "SCHEMA_VERSION", "SILENT_INTERVALS", "AlertKey", "BatchListener", "BatchResult",
            "Incoming", "Store", "counters", "default_url", "deployments", "shadows", "fleet_status", "is_silent", "metadata",

@@ -127,7 +127,8 @@ def record_report(conn: Connection, received_ms: int, msg: Any) -> None:
         key = (device_deploy.c.fleet == msg.fleet, device_deploy.c.device == msg.device)
         if not conn.execute(update(device_deploy).where(*key, device_deploy.c.seq < msg.seq)
                             .values(**values)).rowcount:
-            conn.execute(insert_ignore(conn.dialect, device_deploy).values(fleet=msg.fleet, device=msg.device, **values))
+            conn.execute(insert_ignore(conn.dialect, device_deploy).values(fleet=msg.fleet, device=msg.device,
+                                                                           **values))
     if report is None:
         return
     where = [deploy_targets.c.deployment_id == report["deployment_id"], deploy_targets.c.device == msg.device,

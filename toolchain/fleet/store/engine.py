@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table, create_engine, event, select
 from sqlalchemy.engine import Dialect, Engine, make_url
@@ -105,7 +105,7 @@ class StoreBase:
         self.engine = engine
 
     @classmethod
-    def open(cls, url: str, create: bool = True) -> Any:
+    def open(cls, url: str, create: bool = True) -> Self:
         store = cls(open_engine(url, create))
         try:
             if create:
@@ -140,8 +140,8 @@ class StoreBase:
                                 "`edgesmith fleet monitor` with it first")
             version = conn.scalar(select(counters.c.value).where(counters.c.name == "schema_version"))
         if version != SCHEMA_VERSION:
-            raise UserError(f"the monitor store {self.engine.url.render_as_string()} has schema version {version}, this "
-                            f"edgesmith uses {SCHEMA_VERSION}; use a new --db")
+            raise UserError(f"the monitor store {self.engine.url.render_as_string()} has schema version {version}, "
+                            f"this edgesmith uses {SCHEMA_VERSION}; use a new --db")
 
     def _insert_ignore(self, table: Table) -> Any:
         return insert_ignore(self.engine.dialect, table)
