@@ -1,9 +1,7 @@
 #include "agent/deployer.h"
 
-#include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
-#include <spawn.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -17,13 +15,12 @@
 #include <system_error>
 #include <utility>
 
+#include "agent/child_process.h"
 #include "artifact/keys.h"
 #include "common/digest.h"
 #include "common/error.h"
 #include "deploy/archive.h"
 #include "runtime/plugin.h"
-
-extern char** environ;
 
 namespace fs = std::filesystem;
 
@@ -36,28 +33,6 @@ nlohmann::json or_null(const std::string& text) { return text.empty() ? nlohmann
 void remove_tree(const std::string& path) {
   std::error_code ec;
   fs::remove_all(path, ec);
-}
-
-std::string hex_encode(const std::vector<uint8_t>& bytes) {
-  static const char* digits = "0123456789abcdef";
-  std::string out;
-  for (const uint8_t b : bytes) {
-    out += digits[b >> 4];
-    out += digits[b & 15];
-  }
-  return out;
-}
-
-std::vector<uint8_t> hex_decode(const std::string& text) {
-  if (text.size() % 2 != 0) throw Error(ERROR_CODE_INVALID_ARGUMENT, "a --key-hex value has an odd length");
-  std::vector<uint8_t> out(text.size() / 2);
-  const auto nibble = [](char c) -> int {
-    if (c >= '0' && c <= '9') return c - '0';
-    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-    throw Error(ERROR_CODE_INVALID_ARGUMENT, "a --key-hex value is not lower-case hex");
-  };
-  for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<uint8_t>(nibble(text[2 * i]) * 16 + nibble(text[2 * i + 1]));
-  return out;
 }
 
 const char* check_name(DeployCheck check) { return check == DEPLOY_CHECK_VERIFY ? "verify" : "self-test"; }
@@ -114,48 +89,27 @@ ArtifactCheck ChildProcessVerifier::verifier_check(DeployCheck check, const std:
   std::vector<std::string> args = {executable_, "--deploy-check", check_name(check), artifact_dir};
   for (const std::vector<uint8_t>& key : build_keys_) {
     args.push_back("--key-hex");
-    args.push_back(hex_encode(key));
+    args.push_back(child_key_hex(key));
   }
   for (const std::string& dir : backend_path_) {
     args.push_back("--backend-path");
     args.push_back(dir);
   }
-  std::vector<char*> argv;
-  for (std::string& a : args) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  int pipe_fds[2];
-  if (::pipe2(pipe_fds, O_CLOEXEC) != 0) {
-    throw Error(ERROR_CODE_IO, std::string("cannot create a pipe for the artifact check (") + std::strerror(errno) + ")");
-  }
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_adddup2(&actions, pipe_fds[1], STDOUT_FILENO);
-  // The child starts with no signal blocked (the agent blocks SIGTERM/SIGINT in every thread).
-  posix_spawnattr_t attr;
-  posix_spawnattr_init(&attr);
-  sigset_t none;
-  sigemptyset(&none);
-  posix_spawnattr_setsigmask(&attr, &none);
-  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK);
-  pid_t pid = 0;
-  const int rc = ::posix_spawn(&pid, executable_.c_str(), &actions, &attr, argv.data(), environ);
-  posix_spawn_file_actions_destroy(&actions);
-  posix_spawnattr_destroy(&attr);
-  ::close(pipe_fds[1]);
-  if (rc != 0) {
-    ::close(pipe_fds[0]);
-    throw Error(ERROR_CODE_IO, "cannot start " + executable_ + " to check the artifact (" + std::strerror(rc) + ")");
-  }
+  ChildSpawnOptions spawn_options;
+  spawn_options.stdout_pipe = true;
+  const ChildSpawned child = child_spawn(args, spawn_options, "to check the artifact");
+  const pid_t pid = child.pid;
+  const int out_fd = child.stdout_fd;
   std::string output;
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s_);
   bool killed_for = false;
   std::string kill_reason;
   while (true) {
-    struct pollfd p {pipe_fds[0], POLLIN, 0};
+    struct pollfd p {out_fd, POLLIN, 0};
     const int ready = ::poll(&p, 1, 100);
     if (ready > 0) {
       char buffer[4096];
-      const ssize_t n = ::read(pipe_fds[0], buffer, sizeof(buffer));
+      const ssize_t n = ::read(out_fd, buffer, sizeof(buffer));
       if (n > 0) {
         if (output.size() < (1 << 20)) output.append(buffer, static_cast<size_t>(n));
         continue;
@@ -169,7 +123,7 @@ ArtifactCheck ChildProcessVerifier::verifier_check(DeployCheck check, const std:
       ::kill(pid, SIGKILL);
     }
   }
-  ::close(pipe_fds[0]);
+  ::close(out_fd);
   int status = 0;
   while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
   }
@@ -193,13 +147,11 @@ ArtifactCheck ChildProcessVerifier::verifier_check(DeployCheck check, const std:
   }
   result.crashed = true;
   if (WIFSIGNALED(status)) {
-    const int sig = WTERMSIG(status);
-    const char* name = ::sigabbrev_np(sig);
-    result.message = std::string("the artifact's ") + check_name(check) + " crashed the checking process (signal " +
-                     std::to_string(sig) + (name != nullptr ? std::string(" SIG") + name : std::string()) + ")";
+    result.message = std::string("the artifact's ") + check_name(check) + " crashed the checking process (" +
+                     child_status_describe(status) + ")";
   } else {
-    result.message = std::string("the artifact's ") + check_name(check) + " ended the checking process (exit status " +
-                     std::to_string(WIFEXITED(status) ? WEXITSTATUS(status) : -1) + ") without an answer";
+    result.message = std::string("the artifact's ") + check_name(check) + " ended the checking process (" +
+                     child_status_describe(status) + ") without an answer";
   }
   return result;
 }
@@ -220,7 +172,7 @@ int deploy_check_main(int argc, char** argv) {
     for (int i = 2; i + 1 < argc; i += 2) {
       const std::string flag = argv[i];
       if (flag == "--key-hex") {
-        keys.push_back(hex_decode(argv[i + 1]));
+        keys.push_back(child_key_from_hex(argv[i + 1]));
       } else if (flag == "--backend-path") {
         backend_path.push_back(argv[i + 1]);
       } else {

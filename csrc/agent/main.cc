@@ -23,6 +23,7 @@
 #include "agent/agent_config.h"
 #include "agent/deployer.h"
 #include "agent/http_api.h"
+#include "agent/shadow_child.h"
 #include "agent/synthetic_load.h"
 #include "artifact/keys.h"
 #include "common/error.h"
@@ -248,6 +249,7 @@ int main(int argc, char** argv) {
   // Hidden: the deployer runs a candidate artifact's load and self-test in a child process of this
   // same binary (ChildProcessVerifier), so a payload that crashes kills only the child.
   if (argc >= 2 && std::string(argv[1]) == "--deploy-check") return deploy_check_main(argc - 2, argv + 2);
+  if (argc >= 2 && std::string(argv[1]) == "--shadow-child") return shadow_child_main(argc - 2, argv + 2);  // ShadowChild
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "-h" || arg == "--help") {

@@ -85,6 +85,7 @@ class ShadowChild {
   int fd_ = -1;             ///< our end of the socket that is the child's stdin and stdout
   int stderr_fd_ = -1;      ///< the child's stderr (read by stderr_thread_)
   std::thread stderr_thread_;
+  std::atomic<bool> stderr_stop_{false};
   mutable std::atomic<double> last_cpu_seconds_{0};
   std::string dead_;        ///< why the child is gone ("" while it runs)
 };

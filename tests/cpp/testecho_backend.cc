@@ -5,15 +5,22 @@
 // entry must start with the bytes "testecho".
 // backend.options {"fail": "open"} / {"fail": "run"} make it fail, {"fail": "throw"} throws from
 // its open function, to test error propagation across the C table; {"fail": "abort"} aborts the
-// process on its first run (a payload that crashes the agent's self-test). The environment variable
+// process on its first run (a payload that crashes the agent's self-test);
+// {"fail": "abort-on-run-if-negative"} / {"fail": "hang-on-run-if-negative"} abort / sleep forever
+// on a run whose first input element is negative (a candidate that passes a self-test of positive
+// samples and crashes or hangs on a live input); {"chatter": true} prints a line to stdout and one
+// to stderr when it opens (an engine that talks). The environment variable
 // EDGESMITH_TESTECHO_OFFSET (a number) is added to float outputs: one device whose engine computes
 // wrongly, so its golden self-test fails while other devices pass the same artifact.
 #include <atomic>
+#include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -25,12 +32,17 @@ namespace {
 
 class TestEchoBackend : public Backend {
  public:
-  TestEchoBackend(bool doubling, bool fail_run, bool abort_run, float offset)
-      : doubling_(doubling), fail_run_(fail_run), abort_run_(abort_run), offset_(offset) {}
+  TestEchoBackend(bool doubling, bool fail_run, bool abort_run, float offset, std::string on_negative)
+      : doubling_(doubling), fail_run_(fail_run), abort_run_(abort_run), offset_(offset),
+        on_negative_(std::move(on_negative)) {}
 
   BackendStatus backend_run(const std::vector<TensorView>& inputs,
                             std::vector<Tensor>* outputs) noexcept override {
     if (abort_run_) std::abort();
+    if (!on_negative_.empty() && !inputs.empty() && first_value(inputs[0]) < 0.0) {
+      if (on_negative_ == "abort") std::abort();
+      while (true) std::this_thread::sleep_for(std::chrono::seconds(1));
+    }
     if (fail_run_) return {BACKEND_STATUS_RUN_FAILED, "testecho was told to fail"};
     try {
       for (const TensorView& input : inputs) {
@@ -59,10 +71,22 @@ class TestEchoBackend : public Backend {
   std::string backend_describe() const override { return "testecho 1.0"; }
 
  private:
+  static double first_value(const TensorView& view) {
+    if (shape_numel(view.shape) == 0) return 0.0;
+    switch (view.dtype) {
+      case DTYPE_FLOAT32: return *static_cast<const float*>(view.data);
+      case DTYPE_FLOAT64: return *static_cast<const double*>(view.data);
+      case DTYPE_INT64: return static_cast<double>(*static_cast<const int64_t*>(view.data));
+      case DTYPE_INT32: return *static_cast<const int32_t*>(view.data);
+      default: return 0.0;
+    }
+  }
+
   bool doubling_;
   bool fail_run_;
   bool abort_run_;
   float offset_;
+  std::string on_negative_;  ///< "abort", "hang" or "" (see the file comment)
 };
 
 Backend* testecho_open(const BackendOpenArgs& args, BackendStatus* status) {
@@ -86,8 +110,17 @@ Backend* testecho_open(const BackendOpenArgs& args, BackendStatus* status) {
     return nullptr;
   }
   const bool doubling = options.is_object() && options.value("mode", "") == "double";
+  if (options.is_object() && options.value("chatter", false)) {
+    std::fputs("testecho chatter on stdout\n", stdout);
+    std::fflush(stdout);
+    std::fputs("testecho chatter on stderr\n", stderr);
+  }
   const char* offset = std::getenv("EDGESMITH_TESTECHO_OFFSET");
-  return new TestEchoBackend(doubling, fail == "run", fail == "abort", offset != nullptr ? std::strtof(offset, nullptr) : 0.0f);
+  const std::string on_negative = fail == "abort-on-run-if-negative" ? "abort"
+                                  : fail == "hang-on-run-if-negative" ? "hang"
+                                                                      : "";
+  return new TestEchoBackend(doubling, fail == "run", fail == "abort", offset != nullptr ? std::strtof(offset, nullptr) : 0.0f,
+                             on_negative);
 }
 
 }  // namespace
