@@ -166,7 +166,8 @@ def test_refusals_are_one_sentence_naming_what_to_do(env):
     assert other_fleet.returncode == 0, other_fleet.stderr
     sid = shadow_id_of(other_fleet)
     busy = refused("--devices", "cam-03,cam-04")
-    assert f"device cam-03 is already in shadow {sid}" in busy and f"edgesmith shadow stop {sid} --fleet plant-a" in busy
+    assert f"device cam-03 is already in shadow {sid}" in busy
+    assert f"edgesmith shadow stop {sid} --fleet plant-a" in busy
     nowhere = cli(env, "shadow", "start", str(env["candidates"]), "--fleet", "nowhere", "--broker", str(env["broker"]),
                   "--db", env["db"], "--key", env["common"][-1], "--no-serve", "--base-url", "http://127.0.0.1:9",
                   check=False)
@@ -197,8 +198,8 @@ def shadow_window(device: SimulatedDevice, state: contract.ShadowState, candidat
         serving_sha256=device.artifact.sha256, window_start_ms=1, window_end_ms=2, offered=rows + 3, samples=rows,
         dropped=3, errors=0, latency=latency_window(latency_us, layout),
         serving_latency=latency_window(serving_us, layout),
-        outputs={"y": contract.ShadowOutput(compared=min(rows * 2, contract.MAX_SAFE_INT), rows=rows, agree=agree, max_abs_err=0.01,
-                                            max_rel_err=0.002, nan=0)},
+        outputs={"y": contract.ShadowOutput(compared=min(rows * 2, contract.MAX_SAFE_INT), rows=rows, agree=agree,
+                                            max_abs_err=0.01, max_rel_err=0.002, nan=0)},
         rss_increase_bytes=3 << 20, cpu_seconds=0.5)
     fields.update(override)
     return contract.ShadowWindow(**device._envelope(False), **fields)

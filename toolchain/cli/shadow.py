@@ -29,11 +29,14 @@ def start(
     broker: Path = typer.Option(..., "--broker", envvar="EDGESMITH_BROKER_DIR", help=BROKER_HELP),
     devices: list[str] = typer.Option(None, "--devices", help="Only these devices (comma-separated or repeated); "
                                       "default every device the broker has in the fleet."),
-    canary: str = typer.Option(None, "--canary", help="Only this share of the (chosen) devices, e.g. 5% (at least one)."),
+    canary: str = typer.Option(None, "--canary", help="Only this share of the (chosen) devices, e.g. 5% "
+                               "(at least one)."),
     sample: float = typer.Option(0.1, "--sample", help="Fraction of served requests the candidate also runs (0..1]."),
     duration: str = typer.Option("1h", "--duration", help="How long the whole shadow runs: 90s, 30m, 2h, 1d."),
-    cpu_share: float = typer.Option(0.5, "--cpu-share", help="At most this fraction of one core for the candidate (0..1]."),
-    queue: int = typer.Option(4, "--queue", help="Samples waiting for the shadow worker; more are dropped and counted."),
+    cpu_share: float = typer.Option(0.5, "--cpu-share", help="At most this fraction of one core for the candidate "
+                                    "(0..1]."),
+    queue: int = typer.Option(4, "--queue", help="Samples waiting for the shadow worker; more are dropped and "
+                              "counted."),
     serving: list[Path] = typer.Option(None, "--serving", help="Artifact directories devices serve now, when the "
                                        "artifact store lacks them (their inputs and outputs are checked against)."),
     wait: float = typer.Option(60.0, "--wait", min=0, help="Seconds to wait for each device to say it started (or "
@@ -174,12 +177,13 @@ def select(
     console = out_console()
     for v in verdicts:
         mark = "[green]passed[/]" if v.passed else "[red]missed[/]"
+        misses = "; ".join(f"{d}: {w}" for d, w in sorted(v.misses.items()))
         console.print(f"{v.candidate['index']} {v.candidate['name']}: {mark}, worst latency ratio "
-                      f"{_num(v.worst_ratio, '.3f')}" + ("; " + "; ".join(f"{d}: {w}" for d, w in sorted(v.misses.items()))
-                                                         if v.misses else ""), highlight=False, soft_wrap=True)
+                      f"{_num(v.worst_ratio, '.3f')}" + (f"; {misses}" if misses else ""), highlight=False,
+                      soft_wrap=True)
     devices = ", ".join(f"{d} ({m['target']}, {m['isa']})" for d, m in out["measured_on"].items())
-    console.print(f"selected {out['name']} (worst latency ratio {_num(chosen.worst_ratio, '.3f')}), measured on {devices}",
-                  highlight=False, soft_wrap=True)
+    console.print(f"selected {out['name']} (worst latency ratio {_num(chosen.worst_ratio, '.3f')}), measured on "
+                  f"{devices}", highlight=False, soft_wrap=True)
 
 
 def _log_selection(fleet_store, shadow, chosen, row) -> str | None:

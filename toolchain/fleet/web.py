@@ -308,8 +308,9 @@ def _shadows_html(shadows: list[dict[str, Any]], at: int) -> list[str]:
         return []
     out = ["<h2>Shadows</h2>"]
     for s in shadows:
-        out.append(f'<div class=shadow data-shadow="{e(s["id"])}"><h3>{e(s["id"])} · {e(s["fleet"])} · {e(s["status"])} · '
-                   f'{len(s["devices"])} device(s) · started {_ago(s["created_ms"], at)}</h3><div class=charts>')
+        out.append(f'<div class=shadow data-shadow="{e(s["id"])}"><h3>{e(s["id"])} · {e(s["fleet"])} · '
+                   f'{e(s["status"])} · {len(s["devices"])} device(s) · started {_ago(s["created_ms"], at)}</h3>'
+                   '<div class=charts>')
         for c in s["candidates"]:
             out.append(svg_chart(f"{c['index']} {c['name']}: agreement", c["points"], [("top-1", "agreement", 1.0)]))
             out.append(svg_chart(f"{c['index']} {c['name']}: latency ratio", c["points"],

@@ -165,15 +165,18 @@ def _check_devices(store: Store, watch: FleetWatch, config: ShadowConfig, names:
     plan: dict[str, dict[str, Any]] = {}
     for device in names:
         if device in busy:
-            raise UserError(f"device {device} is already in shadow {busy[device]}, which is running; stop it first with "
+            raise UserError(f"device {device} is already in shadow {busy[device]}, which is running; stop it first "
+                            "with "
                             f"`edgesmith shadow stop {busy[device]} --fleet {config.fleet}`")
         serving = _serving_of(watch, store, config.fleet, device)
         if serving is None:
-            raise UserError(f"device {device} of fleet {config.fleet} has not announced what it serves (no birth seen), "
-                            "so a candidate cannot be checked against it; start its agent, or leave it out of --devices")
+            raise UserError(f"device {device} of fleet {config.fleet} has not announced what it serves (no birth "
+                            "seen), so a candidate cannot be checked against it; start its agent, or leave it out of "
+                            "--devices")
         found = manifest_in_store(serving["serving_sha256"], config.store_dir)
         if found is None:
-            raise UserError(f"device {device} serves {serving['serving']} (manifest {serving['serving_sha256'][:12]}…), "
+            raise UserError(f"device {device} serves {serving['serving']} "
+                            f"(manifest {serving['serving_sha256'][:12]}…), "
                             f"whose archive the artifact store {config.store_dir} does not hold, so its inputs and "
                             "outputs are unknown; pass that artifact's directory with --serving DIR")
         for c in candidates:
@@ -183,7 +186,8 @@ def _check_devices(store: Store, watch: FleetWatch, config: ShadowConfig, names:
                                 f"({serving['isa']}); build it for {serving['target']}, or leave {device} out")
             problem = signature_problem(found[1], c.manifest_json)
             if problem:
-                raise UserError(f"candidate {c.manifest.name} cannot shadow {serving['serving']} on {device}: {problem}; "
+                raise UserError(f"candidate {c.manifest.name} cannot shadow {serving['serving']} on {device}: "
+                                f"{problem}; "
                                 f"pick candidates built from the serving model's signature, or leave {device} out")
         plan[device] = serving
     return plan
@@ -222,8 +226,9 @@ def start(paths: list[Path], config: ShadowConfig, store: Store, say: Say, trust
         for device in names:  # each stored before use: a crash after publishing never reuses one
             plan[device]["version"] = history.reserve_version(
                 store, config.fleet, device, _floor(store, watch, config.fleet, device), table=shadow_versions)
-        states = {d: desired.shadow_state(config.fleet, d, plan[d]["version"], shadow_id, [c.archive for c in candidates],
-                                          config.base_url, duration_s=config.duration_s, sample=config.sample,
+        archives = [c.archive for c in candidates]
+        states = {d: desired.shadow_state(config.fleet, d, plan[d]["version"], shadow_id, archives, config.base_url,
+                                          duration_s=config.duration_s, sample=config.sample,
                                           cpu_share=config.cpu_share, queue=config.queue, starts_at_ms=issued,
                                           issued_at_ms=issued) for d in names}
         with store.engine.begin() as conn:

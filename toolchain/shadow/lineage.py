@@ -28,7 +28,8 @@ def log_selection(shadow: dict[str, Any], candidate: dict[str, Any], selection: 
             tracking.ending_status():
         mlflow.set_tags({"edgesmith.kind": "select", "edgesmith.model_version_uri": candidate["model_uri"],
                          "edgesmith.shadow_id": shadow["id"], "edgesmith.fleet": shadow["fleet"],
-                         "edgesmith.artifact": candidate["name"], "edgesmith.manifest_sha256": candidate["manifest_sha256"],
+                         "edgesmith.artifact": candidate["name"],
+                         "edgesmith.manifest_sha256": candidate["manifest_sha256"],
                          "edgesmith.measured_on": ",".join(sorted(measured_on))})
         mlflow.log_params({"min_agreement": selection["min_agreement"],
                            "max_latency_ratio": selection["max_latency_ratio"], "min_samples": selection["min_samples"],
@@ -37,6 +38,7 @@ def log_selection(shadow: dict[str, Any], candidate: dict[str, Any], selection: 
         mlflow.log_dict({"measured_on": measured_on, "candidates": shadow["candidates"],
                          "chosen": candidate["name"], "figures": json.loads(selection["figures"])},
                         "selection/shadow.json")
+    devices = ",".join(sorted(measured_on))
     client.set_model_version_tag(version.name, version.version, f"edgesmith.select.{shadow['id']}",
-                                 f"{candidate['name']} measured on {','.join(sorted(measured_on))} run {run.info.run_id}")
+                                 f"{candidate['name']} measured on {devices} run {run.info.run_id}")
     return run.info.run_id

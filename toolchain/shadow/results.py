@@ -92,7 +92,8 @@ def _latency(rows: list[dict[str, Any]], column: str) -> tuple[float | None, flo
     # Each count is bounded by the contract; the sums over many windows are capped so the C++ rule's
     # 64-bit totals cannot overflow, whatever a device claims.
     hist.counts = [min(c, contract.MAX_SAFE_INT) for c in hist.counts]
-    hist.underflow, hist.overflow = min(hist.underflow, contract.MAX_SAFE_INT), min(hist.overflow, contract.MAX_SAFE_INT)
+    hist.underflow = min(hist.underflow, contract.MAX_SAFE_INT)
+    hist.overflow = min(hist.overflow, contract.MAX_SAFE_INT)
     if hist.total == 0:
         return None, None
     p50, p95 = hist.percentiles_us((0.50, 0.95))
@@ -210,10 +211,10 @@ def select_candidate(store: Store, shadow_id: str, min_agreement: float = DEFAUL
     verdicts = judge(store, shadow, min_agreement, max_latency_ratio, min_samples)
     passing = [v for v in verdicts if v.passed and v.worst_ratio is not None]
     if not passing:
-        raise UserError(f"no candidate of shadow {shadow['id']} passed on every device (agreement >= {min_agreement:g}, "
-                        f">= {min_samples} samples" + (f", latency ratio <= {max_latency_ratio:g}" if max_latency_ratio
-                                                       else "") + "): " + " | ".join(_said(v) for v in verdicts)
-                        + "; let the shadow run longer, or lower the bounds")
+        bound = f", latency ratio <= {max_latency_ratio:g}" if max_latency_ratio else ""
+        raise UserError(f"no candidate of shadow {shadow['id']} passed on every device (agreement >= "
+                        f"{min_agreement:g}, >= {min_samples} samples{bound}): "
+                        + " | ".join(_said(v) for v in verdicts) + "; let the shadow run longer, or lower the bounds")
     chosen = min(passing, key=lambda v: (v.worst_ratio, v.candidate["index"]))
     return chosen, verdicts, shadow
 
@@ -249,8 +250,8 @@ def require(store: Store, shadow_id: str, manifest_sha256: str, name: str, min_a
     verdict = next((v for v in verdicts if v.candidate["manifest_sha256"] == manifest_sha256), None)
     if verdict is None:
         names = ", ".join(c["name"] for c in shadow["candidates"])
-        raise UserError(f"{name} was not a candidate of shadow {shadow['id']} (its candidates: {names}); shadow it first "
-                        f"with `edgesmith shadow start <artifact> --fleet {shadow['fleet']}`")
+        raise UserError(f"{name} was not a candidate of shadow {shadow['id']} (its candidates: {names}); shadow it "
+                        f"first with `edgesmith shadow start <artifact> --fleet {shadow['fleet']}`")
     if not verdict.passed:
         raise UserError(f"refused: {name} missed the bounds of shadow {shadow['id']} on "
                         f"{len(verdict.misses)} of {len(verdict.figures)} device(s): "

@@ -30,8 +30,8 @@ from edgesmith.toolchain.fleet.store.ingest import (DROP_REASONS, SILENT_INTERVA
                                                     Incoming, IngestStore, fleet_status, is_silent)
 
 __all__ = ["DROP_REASONS", "SCHEMA_VERSION", "SILENT_INTERVALS", "AlertKey", "BatchListener", "BatchResult",
-           "Incoming", "Store", "counters", "default_url", "deployments", "shadows", "fleet_status", "is_silent", "metadata",
-           "now_ms", "open_engine"]
+           "Incoming", "Store", "counters", "default_url", "deployments", "fleet_status", "is_silent", "metadata",
+           "now_ms", "open_engine", "shadows"]
 
 
 class Store(IngestStore, AlertStore):
