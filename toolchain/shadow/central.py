@@ -225,7 +225,7 @@ def start(paths: list[Path], config: ShadowConfig, store: Store, say: Say, trust
         issued = now_ms()
         for device in names:  # each stored before use: a crash after publishing never reuses one
             plan[device]["version"] = history.reserve_version(
-                store, config.fleet, device, _floor(store, watch, config.fleet, device), table=shadow_versions)
+                store, config.fleet, device, _floor(watch, device), table=shadow_versions)
         archives = [c.archive for c in candidates]
         states = {d: desired.shadow_state(config.fleet, d, plan[d]["version"], shadow_id, archives, config.base_url,
                                           duration_s=config.duration_s, sample=config.sample,
@@ -262,7 +262,7 @@ def start(paths: list[Path], config: ShadowConfig, store: Store, say: Say, trust
         watch.stop()
 
 
-def _floor(store: Store, watch: FleetWatch, fleet: str, device: str) -> int:
+def _floor(watch: FleetWatch, device: str) -> int:
     """What the next shadow-state version must exceed: the broker's retained one (only central
     logins write it) and whatever the store issued (reserve_version adds that itself)."""
     with watch.changed:
@@ -325,7 +325,7 @@ def stop(shadow_id: str | None, fleet: str, broker_dir: Path, key: SigningKey, s
     watch = FleetWatch(Broker(Path(broker_dir).resolve()), fleet).start()
     try:
         for device in sorted(shadow["devices"]):
-            version = history.reserve_version(store, fleet, device, _floor(store, watch, fleet, device),
+            version = history.reserve_version(store, fleet, device, _floor(watch, device),
                                               table=shadow_versions)
             state = desired.shadow_state(fleet, device, version, shadow["id"], [], shadow["url"],
                                          duration_s=int(shadow["duration_s"]), sample=float(shadow["sample"]),
