@@ -121,7 +121,9 @@ def test_another_devices_token_is_refused_and_counted(receiver):
     assert thief.put(body).status_code == 403
     assert Uploader(receiver["url"], "cam-01", "").put(body).status_code == 403
     assert receiver["up"]["cam-01"].put(body, capture_id="cap-other").status_code == 403  # no such capture
-    assert receiver["store"].refusals(FLEET) == {(FLEET, "cam-01"): {"token": 3}}
+    stranger = Uploader(receiver["url"], "cam-99", receiver["tokens"]["cam-01"])  # a device no capture was granted to
+    assert stranger.put(body).status_code == 403
+    assert receiver["store"].refusals() == {(FLEET, "cam-01"): {"token": 3}, ("-", "-"): {"token": 1}}
     assert receiver["store"].samples(FLEET) == []
     assert receiver["store"].find_grant(FLEET, "cam-01", CAPTURE).token_sha256 == token_digest(receiver["tokens"]["cam-01"])
 

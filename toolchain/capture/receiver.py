@@ -19,7 +19,6 @@ import re
 import tarfile
 import time
 from enum import StrEnum
-from functools import lru_cache
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -38,6 +37,7 @@ _ID = re.compile(f"^{contract.ID_REGEX}$")
 _SHA = re.compile(f"^{contract.SHA256_REGEX}$")
 _BEARER = re.compile(f"^Bearer ({contract.SHA256_REGEX})$")
 MAX_MANIFEST_BYTES = 4 << 20
+UNKNOWN = "-"  # the refusal counters' fleet and device for requests naming a device no capture was granted to
 
 
 class Refusal(StrEnum):
@@ -57,29 +57,35 @@ STATUS = {Refusal.TOKEN: 403, Refusal.EXPIRED: 410, Refusal.LENGTH: 411, Refusal
           Refusal.DIGEST: 400, Refusal.INVALID: 400, Refusal.MODEL: 422}
 
 
+_INPUTS: dict[tuple[str, str], list[tuple[str, str, list[int]]]] = {}  # known manifests only
+
+
 def _manifest_inputs(manifest_sha256: str, artifacts: Path | None) -> list[tuple[str, str, list[int]]] | None:
-    """The (name, dtype, shape) of the model's inputs, from the artifact store; None when unknown."""
-    return _cached_inputs(manifest_sha256, str(artifacts) if artifacts else "")
-
-
-@lru_cache(maxsize=256)
-def _cached_inputs(manifest_sha256: str, artifacts: str) -> list[tuple[str, str, list[int]]] | None:
-    info = archive.lookup(manifest_sha256, Path(artifacts) if artifacts else None)
-    if info is None:
-        return None
-    with tarfile.open(Path(info.path) if Path(info.path).is_file() else
-                      (Path(artifacts) if artifacts else archive.default_store_dir()) / f"{info.sha256}.tar") as tar:
-        member = tar.getmember("manifest.json")
-        if member.size > MAX_MANIFEST_BYTES:
+    """The (name, dtype, shape) of the model's inputs, from the artifact store's archive of that
+    manifest; None when the store does not hold it (asked again next time: it may be archived later)."""
+    store = Path(artifacts) if artifacts else archive.default_store_dir()
+    key = (str(store), manifest_sha256)
+    if key not in _INPUTS:
+        info = archive.lookup(manifest_sha256, store)
+        if info is None:
             return None
-        manifest = Manifest.model_validate_json(tar.extractfile(member).read())
-    return [(t.name, t.dtype, list(t.shape)) for t in manifest.inputs]
+        with tarfile.open(store / f"{info.sha256}.tar") as tar:
+            member = tar.getmember("manifest.json")
+            if not member.isfile() or member.size > MAX_MANIFEST_BYTES:
+                return None
+            manifest = Manifest.model_validate_json(tar.extractfile(member).read())
+        _INPUTS[key] = [(t.name, t.dtype, list(t.shape)) for t in manifest.inputs]
+    return _INPUTS[key]
 
 
 def make_app(store: CaptureStore, artifacts: Path | None = None) -> Starlette:
     log = logging.getLogger("edgesmith.capture")
 
     def refuse(fleet: str, device: str, why: Refusal, detail: str) -> Response:
+        # Counted under the device only when the store granted it a capture: ids anyone can put in a
+        # URL must not grow the table (they share one bucket).
+        if not store.known(fleet, device):
+            fleet, device = UNKNOWN, UNKNOWN
         store.refuse(fleet, device, why.value)
         log.info("refused an upload of %s/%s: %s (%s)", fleet, device, why.value, detail)
         return JSONResponse({"refused": why.value, "detail": detail}, status_code=STATUS[why])

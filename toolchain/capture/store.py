@@ -109,6 +109,12 @@ class CaptureStore:
                                                      & (GRANTS.c.capture_id == capture_id))).first()
         return Grant(**row._mapping) if row else None
 
+    def known(self, fleet: str, device: str) -> bool:
+        """Whether any capture was granted to this device."""
+        with self.engine.connect() as db:
+            return db.execute(sa.select(GRANTS.c.capture_id).where((GRANTS.c.fleet == fleet)
+                                                                   & (GRANTS.c.device == device)).limit(1)).first() is not None
+
     def latest_grant(self, fleet: str, device: str) -> Grant | None:
         with self.engine.connect() as db:
             row = db.execute(sa.select(GRANTS).where((GRANTS.c.fleet == fleet) & (GRANTS.c.device == device))
