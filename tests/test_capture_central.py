@@ -351,3 +351,33 @@ def test_capture_start_and_upload_are_signed_retained_and_readable_by_the_device
     assert store.find_grant(FLEET, "cam-02", state.capture_id) is not None
     bad = run_cli("capture", "start", "--devices", "cam-01", "--policy", "uniform:2", *common, check=False)
     assert bad.returncode == 1 and "--policy" in bad.stderr and bad.stderr.count("\n") == 1
+
+
+@pytest.mark.integration
+def test_capture_serve_and_pull_as_a_user_runs_them(tmp_path):
+    import signal
+    import subprocess
+
+    from conftest import EDGESMITH
+
+    store = CaptureStore(tmp_path / "captures")
+    token = "ab" * 32
+    store.grant(FLEET, "cam-03", CAPTURE, token, 10, 1 << 20, 2**40)
+    server = subprocess.Popen([EDGESMITH, "capture", "serve", "--dir", str(tmp_path / "captures"), "--listen",
+                               "127.0.0.1:0", "--store", str(tmp_path / "artifacts")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = json.loads(server.stdout.readline())["receiver"]
+        images, _ = _digits(3)
+        up = Uploader(url, "cam-03", token)
+        assert [up.put(_record("cam-03", im, 1765000000000 + i)).status_code for i, im in enumerate(images)] == [201] * 3
+        assert Uploader(url, "cam-03", "cd" * 32).put(_record("cam-03", images[0], 1)).status_code == 403
+    finally:
+        server.send_signal(signal.SIGTERM)  # handled like Ctrl-C, as every command (toolchain/cli run())
+        assert server.wait(timeout=30) == 130, server.stderr.read()
+    common = ["--fleet", FLEET, "--dir", str(tmp_path / "captures"), "--datasets", str(tmp_path / "datasets"),
+              "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--json"]
+    first = json.loads(run_cli("capture", "pull", *common).stdout)
+    again = json.loads(run_cli("capture", "pull", "--since", "1h", *common).stdout)
+    assert first["digest"] == again["digest"] and first["samples"] == 3 and first["devices"] == ["cam-03"]
+    assert store.refusals() == {(FLEET, "cam-03"): {"token": 1}}
