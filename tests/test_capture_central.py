@@ -305,50 +305,73 @@ def test_train_extra_data_logs_the_dataset_and_lineage_in_mlflow(labelled, tmp_p
 
 # --- capture start / upload over a real broker ---------------------------------------------------------------
 
-@pytest.mark.integration
-def test_capture_start_and_upload_are_signed_retained_and_readable_by_the_device_only(tmp_path, broker_dir):  # noqa: F811
-    import nacl.signing
+def _retained(credentials: dict, topics: list[str], want: str) -> dict[str, bytes]:
+    """The retained messages a device's own login receives on ``topics`` (waits for ``want``)."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
+    from test_fleet_monitor import wait_until
+
+    got: dict[str, bytes] = {}
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=credentials.get("client_id", credentials["device"]),
+                         protocol=mqtt.MQTTv5)
+    client.username_pw_set(credentials["username"], credentials["password"])
+    client.on_message = lambda _c, _u, m: got.__setitem__(m.topic, m.payload)
+    suback = threading.Event()
+    client.on_subscribe = lambda *_: suback.set()
+    client.connect(credentials["host"], credentials["port"])
+    client.loop_start()
+    try:
+        client.subscribe([(t, 1) for t in topics])
+        assert suback.wait(15)
+        wait_until(lambda: got.get(want), 15, f"the retained message on {want}")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return got
+
+
+def _state(envelope: bytes, public_key: bytes) -> contract.CaptureState:
+    import nacl.signing
+
+    outer = json.loads(envelope)
+    nacl.signing.VerifyKey(public_key).verify(contract.CAPTURE_DOMAIN.encode() + outer["signed"].encode(),
+                                              bytes.fromhex(outer["signature"]))
+    return contract.CaptureState.model_validate_json(outer["signed"])
+
+
+@pytest.mark.integration
+def test_capture_start_and_upload_are_signed_retained_and_readable_by_the_device_only(tmp_path, broker_dir):  # noqa: F811
     from edgesmith.toolchain.deploy import desired
     from edgesmith.toolchain.fleet import broker as fleet_broker
+    from edgesmith.toolchain.fleet.store import Store
     from edgesmith.toolchain.signing import generate_deploy_key, load_deploy_key
-    from test_fleet_monitor import wait_until
 
     key = load_deploy_key(generate_deploy_key())
     creds = {c["device"]: c for c in fleet_broker.add_devices(broker_dir, ["cam-01", "cam-02"], FLEET)}
+    monitor_db = f"sqlite:///{tmp_path / 'monitor.db'}"  # the monitor flagged cam-02's inputs as drifted
+    Store.open(monitor_db).alert_transitions({(FLEET, "drift", "cam-02/logits"): {"device": "cam-02"}}, [], 1)
     common = ["--fleet", FLEET, "--broker", str(broker_dir), "--dir", str(tmp_path / "captures"),
               "--receiver", "https://central:8471"]
-    run_cli("capture", "start", "--devices", "cam-01,cam-02", "--policy", "low-confidence:0.6,uniform:0.01",
-            "--max-samples", "50", "--retention", "2d", *common)
+    run_cli("capture", "start", "--devices", "cam-01,cam-02", "--policy", "drift:0.5,low-confidence:0.6,uniform:0.01",
+            "--max-samples", "50", "--retention", "2d", "--db", monitor_db, *common)
     run_cli("capture", "upload", "--devices", "cam-01", *common)
 
-    got: dict[str, bytes] = {}
-    c = creds["cam-01"]
-    device = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=c.get("client_id", "cam-01"), protocol=mqtt.MQTTv5)
-    device.username_pw_set(c["username"], c["password"])
-    device.on_message = lambda _c, _u, m: got.__setitem__(m.topic, m.payload)
-    device.connect(c["host"], c["port"])
-    device.loop_start()
-    try:
-        device.subscribe([(desired.capture_topic(FLEET, "cam-01"), 1), (desired.capture_topic(FLEET, "cam-02"), 1)])
-        envelope = wait_until(lambda: got.get(desired.capture_topic(FLEET, "cam-01")), 15, "cam-01's capture state")
-        assert desired.capture_topic(FLEET, "cam-02") not in got  # the ACL: a device reads its own only
-    finally:
-        device.disconnect()
-        device.loop_stop()
-    outer = json.loads(envelope)
-    nacl.signing.VerifyKey(key.public_key).verify(contract.CAPTURE_DOMAIN.encode() + outer["signed"].encode(),
-                                                  bytes.fromhex(outer["signature"]))
-    with pytest.raises(Exception):  # never valid as a desired state
+    mine, theirs = desired.capture_topic(FLEET, "cam-01"), desired.capture_topic(FLEET, "cam-02")
+    got = _retained(creds["cam-01"], [mine, theirs], mine)
+    assert theirs not in got  # the ACL: a device reads its own capture state only
+    envelope = got[mine]
+    with pytest.raises(ValueError):  # never valid as a desired state
         desired.verify(envelope, [key.public_key])
-    state = contract.CaptureState.model_validate_json(outer["signed"])
+    state = _state(envelope, key.public_key)
     assert (state.action, state.version, state.upload_token) == (contract.CaptureAction.UPLOAD, 2, None)
     assert state.policy.low_confidence == 0.6 and state.max_samples == 50 and state.retention_s == 2 * 86400
+    assert not state.policy.drift  # cam-01 was not flagged
+    other = _state(_retained(creds["cam-02"], [theirs], theirs)[theirs], key.public_key)
+    assert (other.action, other.version, other.policy.drift, other.policy.drift_rate) == ("start", 1, True, 0.5)
     store = CaptureStore(tmp_path / "captures")
-    assert store.find_grant(FLEET, "cam-01", state.capture_id).max_samples == 50
-    assert store.find_grant(FLEET, "cam-02", state.capture_id) is not None
+    assert store.find_grant(FLEET, "cam-02", other.capture_id).token_sha256 == token_digest(other.upload_token)
+    assert other.capture_id == state.capture_id and store.find_grant(FLEET, "cam-01", state.capture_id).max_samples == 50
     bad = run_cli("capture", "start", "--devices", "cam-01", "--policy", "uniform:2", *common, check=False)
     assert bad.returncode == 1 and "--policy" in bad.stderr and bad.stderr.count("\n") == 1
 
