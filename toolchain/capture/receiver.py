@@ -22,6 +22,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
@@ -78,6 +79,18 @@ def _manifest_inputs(manifest_sha256: str, artifacts: Path | None) -> list[tuple
     return _INPUTS[key]
 
 
+def _store(store: CaptureStore, grant, body: bytes, row: dict) -> str:
+    temp = store.new_temp()
+    try:
+        with open(temp, "wb") as f:
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
+        return store.commit(grant, temp, row)
+    finally:
+        temp.unlink(missing_ok=True)  # stored (renamed away), a duplicate or refused: never left behind
+
+
 def make_app(store: CaptureStore, artifacts: Path | None = None) -> Starlette:
     log = logging.getLogger("edgesmith.capture")
 
@@ -130,16 +143,11 @@ def make_app(store: CaptureStore, artifacts: Path | None = None) -> Starlette:
         got = [(t.name, t.dtype, t.shape) for t in header.inputs]
         if expected is not None and got != expected:
             return refuse(fleet, device, Refusal.MODEL, f"its inputs {got} are not the model's {expected}")
-        temp = store.new_temp()
-        with open(temp, "wb") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
         row = {"sha256": sha, "fleet": fleet, "device": device, "capture_id": capture_id,
                "manifest_sha256": header.manifest_sha256, "model": header.model, "model_version": header.model_version,
                "ts_ms": header.ts_ms, "reason": header.reason.value, "top1": header.top1,
                "confidence": header.confidence, "bytes": len(body)}
-        outcome = store.commit(grant, temp, row)
+        outcome = await run_in_threadpool(_store, store, grant, body, row)  # fsyncs: off the event loop
         if outcome == "budget":
             return refuse(fleet, device, Refusal.BUDGET, "the capture's budget is used up")
         return JSONResponse({"sha256": sha, "stored": outcome == "stored"}, status_code=201 if outcome == "stored" else 200)
