@@ -124,7 +124,11 @@ def test_another_devices_token_is_refused_and_counted(receiver):
     stranger = Uploader(receiver["url"], "cam-99", receiver["tokens"]["cam-01"])  # a device no capture was granted to
     assert stranger.put(body).status_code == 403
     assert receiver["store"].refusals() == {(FLEET, "cam-01"): {"token": 3}, ("-", "-"): {"token": 1}}
-    assert receiver["store"].samples(FLEET) == []
+    assert receiver["store"].samples(FLEET) == []  # nothing stored by a refusal
+    # cam-02, with its own token, naming cam-01's stored record's digest: not told "already stored"
+    assert receiver["up"]["cam-01"].put(body).status_code == 201
+    assert receiver["up"]["cam-02"].put(body).status_code == 400  # a record of cam-01's under cam-02's login
+    assert receiver["store"].refusals(FLEET)[(FLEET, "cam-02")] == {"invalid": 1}
     assert receiver["store"].find_grant(FLEET, "cam-01", CAPTURE).token_sha256 == token_digest(receiver["tokens"]["cam-01"])
 
 

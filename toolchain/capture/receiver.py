@@ -114,7 +114,8 @@ def make_app(store: CaptureStore, artifacts: Path | None = None) -> Starlette:
             return refuse(fleet, device, Refusal.TOKEN, "no capture of this device takes this token")
         if time.time() > grant.not_after:
             return refuse(fleet, device, Refusal.EXPIRED, "the capture's upload grant has expired")
-        if store.has(sha) is not None:
+        stored = store.has(sha)
+        if stored is not None and (stored["fleet"], stored["device"], stored["capture_id"]) == (fleet, device, capture_id):
             return JSONResponse({"sha256": sha, "stored": False}, status_code=200)  # idempotent: already here
         declared = request.headers.get("content-length", "")
         if not declared.isdigit():
