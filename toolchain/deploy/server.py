@@ -65,6 +65,7 @@ class AppServer:
             raise UserError(f"cannot serve {what} on {host}:{port} ({e.strerror}); pick another {option} "
                             "address or port") from None
         self.port = self._sock.getsockname()[1]
+        self._sock.listen(2048)  # connections wait in the backlog from now on, until uvicorn accepts them
         config = uvicorn.Config(app, log_level=log_level, access_log=log_level == "info",
                                 lifespan="off", ssl_certfile=certfile, ssl_keyfile=keyfile)
         self.server = uvicorn.Server(config)
