@@ -11,7 +11,6 @@ this adds the capture-desired topic to what it follows.
 from __future__ import annotations
 
 import json
-import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -60,13 +59,6 @@ def parse_policy(text: str) -> dict[str, Any]:
     if not policy:
         raise UserError("--policy is empty; give e.g. drift,low-confidence:0.6,uniform:0.01")
     return policy
-
-
-def parse_retention(text: str) -> int:
-    match = re.fullmatch(r"(\d+)([smhd])", text.strip())
-    if not match:
-        raise UserError(f"--retention {text!r} is not a duration; give e.g. 12h or 7d")
-    return int(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
 
 
 @dataclass

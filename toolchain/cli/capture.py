@@ -54,13 +54,14 @@ def start(
     from edgesmith.runtime.contract import CaptureAction
     from edgesmith.toolchain.capture import command
     from edgesmith.toolchain.capture.store import CaptureStore
+    from edgesmith.toolchain.data.datasets import parse_duration
 
     rules = command.parse_policy(policy)
     drifted = command.drifted_devices(fleet, db) if rules.get("drift") else None
     capture_id, versions = command.publish(_command(fleet, broker, key, devices), CaptureAction.START,
                                            CaptureStore(directory), receiver=receiver, policy=rules, drifted=drifted,
                                            max_samples=max_samples, max_bytes=max_bytes,
-                                           retention_s=command.parse_retention(retention))
+                                           retention_s=parse_duration(retention, "--retention"))
     _print("start", capture_id, versions)
 
 
@@ -127,7 +128,7 @@ def pull(
     from edgesmith.toolchain.cli import out_console
     from edgesmith.toolchain.data import datasets as ds
 
-    dataset = ds.pull(CaptureStore(directory), fleet, ds.parse_since(since) if since else None, datasets)
+    dataset = ds.pull(CaptureStore(directory), fleet, ds.parse_duration(since) if since else None, datasets)
     run_id = ds.log_to_mlflow(dataset, tracking_uri)
     if as_json:
         print(json.dumps({**dataset.meta, "path": str(dataset.path), "mlflow_run": run_id}, indent=2))

@@ -99,11 +99,12 @@ def open_dataset(name: str, root: Path | None = None) -> CapturedDataset:
     return CapturedDataset(meta["digest"], path, meta)
 
 
-def parse_since(text: str) -> int:
+def parse_duration(text: str, option: str = "--since") -> int:
     """``30m``, ``1h``, ``7d``, ``90s`` → seconds."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = text.strip()
     if len(text) < 2 or text[-1] not in units or not text[:-1].isdigit():
-        raise UserError(f"--since {text!r} is not a duration; give e.g. 90s, 30m, 1h or 7d")
+        raise UserError(f"{option} {text!r} is not a duration; give e.g. 90s, 30m, 1h or 7d")
     return int(text[:-1]) * units[text[-1]]
 
 
