@@ -180,6 +180,28 @@ def test_concurrent_identical_uploads_store_one_object(receiver):
         t.join()
     assert sorted(codes).count(201) == 1 and set(codes) <= {200, 201}
     assert len(receiver["store"].samples(FLEET)) == 1
+    # six different samples at once against a budget of four: exactly four are stored
+    images, _ = _digits(6, seed=1)
+    bodies = [_record("cam-02", im, 1765000000000 + i) for i, im in enumerate(images)]
+    codes.clear()
+    threads = [threading.Thread(target=lambda b=b: codes.append(receiver["up"]["cam-02"].put(b).status_code))
+               for b in bodies]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(codes) == [201] * 4 + [409] * 2
+    assert len([r for r in receiver["store"].samples(FLEET) if r["device"] == "cam-02"]) == 4
+    assert len(list(receiver["store"].objects.iterdir())) == 5  # no temporary file left
+
+
+def test_an_expired_grant_is_refused_and_counted(receiver):
+    image, _ = _digits(1)
+    store = receiver["store"]
+    store.grant(FLEET, "cam-01", "cap-old", receiver["tokens"]["cam-01"], 10, 1 << 20, not_after=1)
+    assert receiver["up"]["cam-01"].put(_record("cam-01", image[0], 1, capture_id="cap-old"),
+                                        capture_id="cap-old").status_code == 410
+    assert store.refusals(FLEET) == {(FLEET, "cam-01"): {"expired": 1}} and store.samples(FLEET) == []
 
 
 # --- pull, label ---------------------------------------------------------------------------------------
