@@ -429,3 +429,23 @@ def test_capture_serve_and_pull_as_a_user_runs_them(tmp_path):
     again = json.loads(run_cli("capture", "pull", "--since", "1h", *common).stdout)
     assert first["digest"] == again["digest"] and first["samples"] == 3 and first["devices"] == ["cam-03"]
     assert store.refusals() == {(FLEET, "cam-03"): {"token": 1}}
+
+
+def test_the_receiver_serves_https_with_the_fleet_ca(tmp_path):
+    from edgesmith.toolchain.fleet import broker as fleet_broker
+
+    pki = fleet_broker.certs(tmp_path / "fleet-pki", [])  # the fleet CA devices already trust, a cert for 127.0.0.1
+    store = CaptureStore(tmp_path / "captures")
+    token = "ef" * 32
+    store.grant(FLEET, "cam-01", CAPTURE, token, 10, 1 << 20, 2**40)
+    image, _ = _digits(1)
+    body = _record("cam-01", image[0], 1765000000000)
+    sha = hashlib.sha256(body).hexdigest()
+    with CaptureReceiver(store, certfile=pki["certfile"], keyfile=pki["keyfile"]) as server:
+        assert server.url.startswith("https://")
+        url = f"{server.url}/v1/captures/{FLEET}/cam-01/{CAPTURE}/{sha}"
+        with pytest.raises(requests.exceptions.SSLError):  # not a CA the client trusts
+            requests.put(url, data=body, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        answer = requests.put(url, data=body, headers={"Authorization": f"Bearer {token}"}, timeout=30,
+                              verify=pki["cafile"])
+    assert answer.status_code == 201 and store.object_path(sha).read_bytes() == body
