@@ -232,6 +232,7 @@ def test_pull_makes_a_stable_content_addressed_dataset(receiver, tmp_path):
         ds.pull(receiver["store"], "elsewhere", None, tmp_path / "a")
 
 
+@pytest.mark.integration  # runs the CLI
 def test_label_csv_errors_name_the_first_bad_line(receiver, tmp_path):
     _, labels, _ = _upload_some(receiver)
     dataset = ds.pull(receiver["store"], FLEET, None, tmp_path / "d")
