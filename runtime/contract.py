@@ -3,15 +3,17 @@
 Device → central (MQTT, ``edgesmith/v1/<fleet>/<device>/<kind>``; docs/telemetry.md): ``birth``,
 ``death``, ``telemetry``, ``event``, ``state`` (whose ``details`` are the deploy report,
 docs/deployment.md §5) and ``shadow`` (a shadow run's summary per window, docs/shadow.md).
-Central → device: the signed ``desired`` state (docs/deployment.md §2) and the signed shadow state
-on ``shadow-desired`` (docs/shadow.md): the same envelope, keys and anti-replay rules, its own
-signature domain and version counter.
+Central → device: the signed ``desired`` state (docs/deployment.md §2), the signed shadow state
+on ``shadow-desired`` (docs/shadow.md) and the signed capture state on ``capture-desired``
+(docs/capture.md): the same envelope, keys and anti-replay rules, each its own signature domain and
+version counter. Device → central over HTTP(S): the capture record (CaptureRecord, docs/capture.md).
 
 This module is the single source of truth for all of them. Generated from it (each with a
 freshness test):
 
-- ``docs/telemetry.schema.json`` (device messages) and ``docs/desired.schema.json`` (the desired
-  state and its envelope): ``python -m edgesmith.runtime.contract --schema telemetry|desired``;
+- ``docs/telemetry.schema.json`` (device messages), ``docs/desired.schema.json`` (the desired
+  state and its envelope) and ``docs/capture.schema.json`` (a capture record's header):
+  ``python -m edgesmith.runtime.contract --schema telemetry|desired|capture``;
 - ``csrc/common/contract_words.h``, the field names, vocabularies and limits the C++ reader and
   writer use: ``python -m edgesmith.runtime.contract --header``.
 
@@ -42,6 +44,8 @@ DESIRED_VERSION = 1
 TOPIC_ROOT = "edgesmith/v1"
 DESIRED_DOMAIN = "edgesmith-desired-v1\n"  # prefix of what a desired-state signature covers
 SHADOW_DOMAIN = "edgesmith-shadow-v1\n"  # prefix of what a shadow-state signature covers (never a desired state's)
+CAPTURE_DOMAIN = "edgesmith-capture-v1\n"  # prefix of what a capture-state signature covers (never another's)
+CAPTURE_MAGIC = b"edgesmith-capture-record-v1\n"  # the first line of every capture record (docs/capture.md)
 
 # ---- limits ------------------------------------------------------------------------------------
 MAX_PAYLOAD_BYTES = 256 * 1024  # the monitor refuses (counts and drops) anything larger
@@ -60,6 +64,11 @@ MAX_MICROS = 1e15  # ~31 years: any latency sum a device can honestly report
 MAX_SHADOW_CANDIDATES = 8
 MAX_SHADOW_QUEUE = 64  # samples waiting for the shadow worker
 MAX_SHADOW_DURATION_S = 30 * 24 * 3600
+MAX_CAPTURE_HEADER = 64 * 1024  # a capture record's JSON header, bytes
+MAX_CAPTURE_TENSORS = 64  # inputs plus outputs in one capture record
+MAX_CAPTURE_RANK = 8
+MAX_CAPTURE_RECORD = 64 << 20  # one capture record (one sample), bytes: the receiver's hard cap
+MAX_CAPTURE_RETENTION_S = 90 * 24 * 3600
 
 ID_REGEX = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"  # fleet, device and deployment ids: no '/', '+', '#'
 EVENT_REGEX = r"[a-z][a-z0-9_.-]{0,63}"
@@ -90,6 +99,7 @@ class MessageKind(StrEnum):
 
 DESIRED_TOPIC = "desired"  # central → device: the signed desired state (retained)
 SHADOW_TOPIC = "shadow-desired"  # central → device: the signed shadow state (retained)
+CAPTURE_TOPIC = "capture-desired"  # central → device: the signed capture state (retained)
 
 
 class DeathReason(StrEnum):
@@ -143,6 +153,10 @@ class EventKind(StrEnum):
     SHADOW_REFUSED = "shadow.refused"  # the shadow state or a candidate was refused (details: why)
     SHADOW_FAILED = "shadow.failed"  # a candidate crashed or could not be run; serving is untouched
     SHADOW_ENDED = "shadow.ended"  # the shadow finished: its duration ran out, it was stopped or superseded
+    CAPTURE_STARTED = "capture.started"  # a capture state was taken: sampling by its policy is on
+    CAPTURE_STOPPED = "capture.stopped"  # capture is off (stopped, superseded, budget used up or expired)
+    CAPTURE_UPLOADED = "capture.uploaded"  # an upload round finished (details: samples and bytes acknowledged)
+    CAPTURE_DROPPED = "capture.dropped"  # samples were dropped (details: why and how many)
 
 
 class ShadowAction(StrEnum):
@@ -157,6 +171,39 @@ class ShadowEnd(StrEnum):
     STOPPED = "stopped"
     SUPERSEDED = "superseded"
     SERVING_CHANGED = "serving-changed"  # a deployment switched the serving model
+
+
+class CaptureAction(StrEnum):
+    START = "start"  # sample by the policy into the on-device capture store
+    STOP = "stop"  # stop sampling; what is stored stays until uploaded or past retention
+    UPLOAD = "upload"  # upload what is stored to upload_url, then keep sampling as before (or not)
+
+
+class CaptureReason(StrEnum):
+    """Why a sample was captured (a capture record's ``reason``; the policy's switches)."""
+
+    UNIFORM = "uniform"  # the uniform rate
+    LOW_CONFIDENCE = "low-confidence"  # the top-1 output's max softmax was below the threshold
+    DRIFT = "drift"  # the central side flagged the device's inputs as drifted
+    DISAGREEMENT = "disagreement"  # a running shadow's top-1 differed from serving's
+
+
+class CaptureDrop(StrEnum):
+    """Why captured samples were dropped, in a ``capture.dropped`` event's details."""
+
+    BUDGET = "budget"  # max_samples or max_bytes reached: new samples are not stored
+    DISK_FULL = "disk-full"  # the store's disk filled: the oldest samples went first
+    RETENTION = "retention"  # older than retention_s and never uploaded
+    REFUSED = "refused"  # the receiver refused them for good (4xx other than 401/403/409)
+
+
+class CaptureStop(StrEnum):
+    """Why capture stopped, in a ``capture.stopped`` event's details."""
+
+    STOPPED = "stopped"
+    SUPERSEDED = "superseded"
+    BUDGET = "budget"
+    EXPIRED = "expired"
 
 
 # What a deploy event says when its details carry no result.
@@ -374,6 +421,7 @@ class Event(Envelope):
     def _deploy_details(self) -> Event:
         self.deploy_report()  # a deploy event's details are a deploy report
         self.shadow_report()  # and a shadow event's a shadow report
+        self.capture_report()  # and a capture event's a capture report
         return self
 
     def deploy_report(self) -> DeployReport | None:
@@ -385,6 +433,11 @@ class Event(Envelope):
         if not self.event.startswith("shadow."):
             return None
         return ShadowReport.model_validate_json(json.dumps(self.details))
+
+    def capture_report(self) -> CaptureReport | None:
+        if not self.event.startswith("capture."):
+            return None
+        return CaptureReport.model_validate_json(json.dumps(self.details))
 
 
 class State(Envelope):
@@ -407,6 +460,22 @@ class ShadowReport(_Msg):
     reason: ShadowEnd | None = None
     error: Annotated[str, Field(max_length=MAX_ERROR)] | None = None
     rss_increase_bytes: Count | None = None
+
+
+class CaptureReport(_Msg):
+    """A ``capture.*`` event's ``details`` (docs/capture.md). Unknown fields are ignored, as in ShadowReport."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    capture_id: Id
+    capture_version: Count | None = None
+    samples: Count | None = Field(default=None, description="samples concerned (stored, uploaded or dropped)")
+    bytes: Count | None = Field(default=None, description="their record bytes")
+    stored_samples: Count | None = Field(default=None, description="samples in the device's capture store after this")
+    stored_bytes: Count | None = None
+    reason: CaptureDrop | None = Field(default=None, description="capture.dropped: why")
+    stop: CaptureStop | None = Field(default=None, description="capture.stopped: why")
+    error: Annotated[str, Field(max_length=MAX_ERROR)] | None = None
 
 
 class ShadowOutput(_Msg):
@@ -555,9 +624,130 @@ class ShadowState(_Msg):
         return self
 
 
+class CapturePolicy(_Msg):
+    """Which served requests a device captures; a sample is taken when any switch says so (its
+    record's ``reason`` names the first that did, in this field order)."""
+
+    uniform: Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0, le=1)] = Field(
+        default=0.0, description="fraction of served requests captured at random")
+    low_confidence: Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0, le=1)] | None = Field(
+        default=None, description="capture when the classes output's max softmax is below this (absent: off)")
+    drift: bool = Field(default=False, description="the central side flagged this device's inputs as drifted")
+    drift_rate: Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0, le=1)] = Field(
+        default=0.0, description="with drift: fraction of served requests captured")
+    disagreement: bool = Field(default=False, description="capture when a running shadow's top-1 differs from serving's")
+
+
+class CaptureState(_Msg):
+    """What one device should capture; signed (over CAPTURE_DOMAIN + the text) inside a
+    DesiredEnvelope published, retained, on ``edgesmith/v1/<fleet>/<device>/capture-desired``
+    (docs/capture.md). Versions are their own counter, strictly increasing per device."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"allOf": [
+        {"if": {"properties": {"action": {"const": "start"}}, "required": ["action"]},
+         "then": {"required": ["upload_token"], "properties": {"upload_token": {"type": "string"}}},
+         "else": {"properties": {"upload_token": {"type": "null"}}}},
+    ]})
+
+    v: Literal[1] = DESIRED_VERSION
+    kind: Literal["capture"] = "capture"
+    fleet: Id
+    device: Id
+    version: Annotated[int, Field(strict=True, ge=1, le=MAX_SAFE_INT)] = Field(
+        description="strictly increasing per device (its own counter): a device refuses anything not above what it took")
+    capture_id: Id
+    action: CaptureAction
+    issued_at_ms: Ms
+    not_after: Annotated[int, Field(strict=True, ge=1, le=MAX_SAFE_INT)] | None = Field(
+        default=None, description="seconds since the epoch after which the device refuses this capture state")
+    policy: CapturePolicy = CapturePolicy()
+    max_samples: Annotated[int, Field(strict=True, ge=1, le=1_000_000)] = Field(
+        default=500, description="samples the device stores for this capture at most (and the receiver accepts)")
+    max_bytes: Annotated[int, Field(strict=True, ge=1, le=MAX_SAFE_INT)] = Field(
+        default=64 << 20, description="record bytes the device stores for this capture at most (and the receiver accepts)")
+    retention_s: Annotated[int, Field(strict=True, ge=1, le=MAX_CAPTURE_RETENTION_S)] = Field(
+        default=7 * 24 * 3600, description="a stored sample not uploaded within this is deleted (capture.dropped)")
+    upload_url: Annotated[str, Field(min_length=1, max_length=MAX_URL, pattern=r"^https?://")] = Field(
+        description="the central receiver's base URL; records go to PUT <upload_url>/v1/captures/<fleet>/<device>/<capture_id>/<sha256>")
+    upload_token: Annotated[str, Field(pattern=f"^{SHA256_REGEX}$")] | None = Field(
+        default=None, description="start only: 64 hex digits, random per device and capture, sent as 'Authorization: "
+                                  "Bearer <token>' with every upload of this capture (the receiver keeps only its "
+                                  "SHA-256, so stop and upload carry none: the device keeps the one start gave it)")
+
+    @model_validator(mode="after")
+    def _token(self) -> CaptureState:
+        if (self.action == CaptureAction.START) != (self.upload_token is not None):
+            raise ValueError("a 'start' capture state carries an upload_token; 'stop' and 'upload' carry none")
+        return self
+
+
+class CaptureTensor(_Msg):
+    """One tensor in a capture record: ``nbytes`` raw little-endian bytes at ``offset`` of the data
+    section (after the header), C order."""
+
+    name: Name
+    dtype: Annotated[str, Field(pattern=r"^(float32|float16|int8|uint8|int32|int64|bool)$")]
+    shape: Annotated[list[Annotated[int, Field(strict=True, ge=0, le=MAX_CAPTURE_RECORD)]],
+                     Field(max_length=MAX_CAPTURE_RANK)]
+    offset: Annotated[int, Field(strict=True, ge=0, le=MAX_CAPTURE_RECORD)]
+    nbytes: Annotated[int, Field(strict=True, ge=0, le=MAX_CAPTURE_RECORD)]
+
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "int8": 1, "uint8": 1, "int32": 4, "int64": 8, "bool": 1}
+
+
+class CaptureRecord(_Msg):
+    """The JSON header of one uploaded capture record (one sample). The record is CAPTURE_MAGIC,
+    then the header's length as 8 lower-case hex digits and a newline, then the header (this
+    model, UTF-8 JSON), then the data section: the tensors' bytes, back to back in header order,
+    nothing after them. The upload URL carries the SHA-256 of the whole record (docs/capture.md)."""
+
+    v: Literal[1] = PROTOCOL_VERSION
+    fleet: Id
+    device: Id
+    capture_id: Id
+    manifest_sha256: Sha256 = Field(description="the serving model's manifest")
+    model: Label = Field(description="the serving model's name")
+    model_version: Label = Field(default="", description="its registry version, when the manifest names one")
+    ts_ms: Ms = Field(description="when the sample was served")
+    reason: CaptureReason
+    top1: Annotated[int, Field(strict=True, ge=0, lt=MAX_CLASSES)] | None = Field(
+        default=None, description="the serving model's top-1 class (classes outputs)")
+    confidence: Share | None = Field(default=None, description="its max softmax")
+    inputs: Annotated[list[CaptureTensor], Field(min_length=1, max_length=MAX_CAPTURE_TENSORS)]
+    outputs: Annotated[list[CaptureTensor], Field(max_length=MAX_CAPTURE_TENSORS)] = []
+
+    @model_validator(mode="after")
+    def _layout(self) -> CaptureRecord:
+        tensors = self.inputs + self.outputs
+        names = [t.name for t in self.inputs], [t.name for t in self.outputs]
+        if len(set(names[0])) != len(names[0]) or len(set(names[1])) != len(names[1]):
+            raise ValueError("a tensor name appears twice among the inputs or the outputs")
+        at = 0
+        for t in tensors:
+            count = 1
+            for d in t.shape:
+                count *= d
+                if count > MAX_CAPTURE_RECORD:
+                    raise ValueError(f"tensor {t.name!r} has more than {MAX_CAPTURE_RECORD} elements")
+            if count * DTYPE_BYTES[t.dtype] != t.nbytes:
+                raise ValueError(f"tensor {t.name!r}: nbytes {t.nbytes} is not its shape times its dtype's size")
+            if t.offset != at:
+                raise ValueError(f"tensor {t.name!r} starts at {t.offset}, not right after the previous one ({at})")
+            at += t.nbytes
+        if at > MAX_CAPTURE_RECORD:
+            raise ValueError(f"the tensors hold {at} bytes, over {MAX_CAPTURE_RECORD}")
+        return self
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(t.nbytes for t in self.inputs + self.outputs)
+
+
 # ---- JSON Schemas, the C++ header --------------------------------------------------------------------
 
-SCHEMAS = {"telemetry": "docs/telemetry.schema.json", "desired": "docs/desired.schema.json"}
+SCHEMAS = {"telemetry": "docs/telemetry.schema.json", "desired": "docs/desired.schema.json",
+           "capture": "docs/capture.schema.json"}
 HEADER = "csrc/common/contract_words.h"
 
 
@@ -576,8 +766,16 @@ def json_schema(which: str) -> dict[str, Any]:
         shadow = ShadowState.model_json_schema(ref_template="#/$defs/{model}")
         schema["$defs"].update(shadow.pop("$defs", {}))
         schema["$defs"]["ShadowState"] = shadow
+        capture = CaptureState.model_json_schema(ref_template="#/$defs/{model}")
+        schema["$defs"].update(capture.pop("$defs", {}))
+        schema["$defs"]["CaptureState"] = capture
         schema["title"] = (f"edgesmith signed desired state, version {DESIRED_VERSION}: the envelope; 'signed' holds "
-                           "a DesiredState (on 'desired') or a ShadowState (on 'shadow-desired'), see $defs, as JSON text")
+                           "a DesiredState (on 'desired'), a ShadowState (on 'shadow-desired') or a CaptureState "
+                           "(on 'capture-desired'), see $defs, as JSON text")
+    elif which == "capture":
+        schema = CaptureRecord.model_json_schema()
+        schema["title"] = (f"edgesmith capture record header, version {PROTOCOL_VERSION} (after the magic line "
+                           f"{CAPTURE_MAGIC.decode()!r} and the header's length as 8 hex digits and a newline)")
     else:
         raise ValueError(f"no schema {which!r}; choose one of {', '.join(SCHEMAS)}")
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
@@ -611,6 +809,13 @@ def header() -> str:
            f"constexpr uint64_t MAX_SHADOW_QUEUE = {MAX_SHADOW_QUEUE};",
            f"constexpr uint64_t MAX_SHADOW_DURATION_S = {MAX_SHADOW_DURATION_S};",
            f"constexpr const char* SHADOW_DOMAIN = \"{SHADOW_DOMAIN.strip()}\\n\";",
+           f"constexpr const char* CAPTURE_DOMAIN = \"{CAPTURE_DOMAIN.strip()}\\n\";",
+           f"constexpr const char* CAPTURE_MAGIC = \"{CAPTURE_MAGIC.decode().strip()}\\n\";",
+           f"constexpr uint64_t MAX_CAPTURE_HEADER = {MAX_CAPTURE_HEADER};",
+           f"constexpr uint64_t MAX_CAPTURE_TENSORS = {MAX_CAPTURE_TENSORS};",
+           f"constexpr uint64_t MAX_CAPTURE_RANK = {MAX_CAPTURE_RANK};",
+           f"constexpr uint64_t MAX_CAPTURE_RECORD = {MAX_CAPTURE_RECORD};",
+           f"constexpr uint64_t MAX_CAPTURE_RETENTION_S = {MAX_CAPTURE_RETENTION_S};",
            f"constexpr uint64_t MAX_LABEL = {MAX_LABEL};",
            f"constexpr uint64_t MAX_MESSAGE = {MAX_MESSAGE};",
            f"constexpr uint64_t MAX_ERROR = {MAX_ERROR};",
@@ -621,13 +826,14 @@ def header() -> str:
            f"constexpr const char* EPOCH_REGEX = \"{EPOCH_REGEX}\";",
            f"constexpr const char* SLOT_REGEX = \"{SLOT_REGEX}\";", ""]
     for enum in (MessageKind, DeathReason, OutputKind, DeployAction, DeployResult, DeployPhase, EventKind,
-                 ShadowAction, ShadowEnd):
+                 ShadowAction, ShadowEnd, CaptureAction, CaptureReason, CaptureDrop, CaptureStop):
         prefix = re.sub(r"(?<!^)(?=[A-Z])", "_", enum.__name__).upper()
         out.append(f"// {enum.__name__}")
         out += [f"constexpr const char* {prefix}_{m.name} = \"{m.value}\";" for m in enum]
         out.append("")
     out.append(f"constexpr const char* DESIRED_TOPIC = \"{DESIRED_TOPIC}\";")
     out.append(f"constexpr const char* SHADOW_TOPIC = \"{SHADOW_TOPIC}\";")
+    out.append(f"constexpr const char* CAPTURE_TOPIC = \"{CAPTURE_TOPIC}\";")
     out.append("")
     models: list[tuple[str, type[BaseModel]]] = [
         ("ENVELOPE", Envelope), ("BIRTH", Birth), ("DEATH", Death), ("TELEMETRY", Telemetry), ("EVENT", Event),
@@ -637,7 +843,8 @@ def header() -> str:
         ("SPOOL_STATE", SpoolState), ("DEPLOY_REPORT", DeployReport), ("PREVIOUS_SLOT", PreviousSlot),
         ("DESIRED_ENVELOPE", DesiredEnvelope), ("DESIRED_STATE", DesiredState), ("DESIRED_ARTIFACT", DesiredArtifact),
         ("SHADOW_STATE", ShadowState), ("SHADOW_REPORT", ShadowReport), ("SHADOW_OUTPUT", ShadowOutput),
-        ("SHADOW_WINDOW", ShadowWindow)]
+        ("SHADOW_WINDOW", ShadowWindow), ("CAPTURE_STATE", CaptureState), ("CAPTURE_POLICY", CapturePolicy),
+        ("CAPTURE_REPORT", CaptureReport), ("CAPTURE_RECORD", CaptureRecord), ("CAPTURE_TENSOR", CaptureTensor)]
     out.append("// Field names, as F_<MODEL>_<FIELD>; F_KIND is every device message's kind.")
     out.append('constexpr const char* F_KIND = "kind";')
     for prefix, model in models:

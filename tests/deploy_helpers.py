@@ -13,8 +13,10 @@ from edgesmith.toolchain.signing import SigningKey, sign_manifest
 
 
 def make_artifact(directory: Path, key: SigningKey, version: str = "1", model_uri: str | None = None,
-                  payload: bytes = b"payload") -> Path:
-    """An artifact directory for model ``tiny`` version ``version`` (payload bytes differ per version)."""
+                  payload: bytes = b"payload", backend: str = "openvino", isa: str = "x86_64",
+                  output_shape: tuple[int, ...] = (1, 2)) -> Path:
+    """An artifact directory for model ``tiny`` version ``version`` (payload bytes differ per version);
+    ``backend``, ``isa`` (target ``<isa>-avx2``) and ``output_shape`` make siblings that differ there."""
     directory.mkdir(parents=True)
     (directory / "golden" / "sample_0").mkdir(parents=True)
     contents = {"model.xml": payload + version.encode(), "model.bin": b"\0" * 64,
@@ -25,15 +27,15 @@ def make_artifact(directory: Path, key: SigningKey, version: str = "1", model_ur
     source = SourceInfo(kind="registry" if model_uri else "onnx", ref=model_uri or "tiny.onnx", sha256="0" * 64,
                         model_uri=model_uri)
     manifest = Manifest(
-        name=f"tiny-v{version}-x86_64-avx2-openvino",
+        name=f"tiny-v{version}-{isa}-avx2-{backend}",
         model=ModelInfo(name="tiny", version=version, source=source, onnx_sha256="1" * 64, opset=17),
-        target={"name": "x86_64-avx2", "isa": "x86_64", "threads": 2, "cpu_features": [],
+        target={"name": f"{isa}-avx2", "isa": isa, "threads": 2, "cpu_features": [],
                 "description": "test", "tolerance": {"fp32": {"atol": 1e-4, "rtol": 1e-3}}},
-        backend=BackendInfo(name="openvino", version="2026.4.1", precision="fp32", options={}),
+        backend=BackendInfo(name=backend, version="2026.4.1", precision="fp32", options={}),
         payload=Payload(format="openvino-ir", entry="model.xml"),
         files=files,
         inputs=[TensorSpec(name="x", dtype="float32", shape=[1, 4])],
-        outputs=[TensorSpec(name="y", dtype="float32", shape=[1, 2])],
+        outputs=[TensorSpec(name="y", dtype="float32", shape=list(output_shape))],
         golden=Golden(samples=[GoldenSample(inputs=["golden/sample_0/input_0.npy"],
                                             outputs=["golden/sample_0/output_0.npy"])], atol=1e-5, rtol=1e-4),
         monitoring=Monitoring(outputs=[OutputMonitor(name="y", kind="classes", classes=2)],

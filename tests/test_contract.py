@@ -24,6 +24,10 @@ def _validate(case: dict) -> None:
         contract.parse_message(json.dumps(case["message"]).encode())
     elif case["schema"] == "shadow_state":
         contract.ShadowState.model_validate_json(json.dumps(case["message"]))
+    elif case["schema"] == "capture_state":
+        contract.CaptureState.model_validate_json(json.dumps(case["message"]))
+    elif case["schema"] == "capture_record":
+        contract.CaptureRecord.model_validate_json(json.dumps(case["message"]))
     else:
         contract.DesiredState.model_validate_json(json.dumps(case["message"]))
 
@@ -41,10 +45,10 @@ def test_example_case(case: dict) -> None:
 def test_generated_schema_agrees_with_the_models(case: dict) -> None:
     # The JSON Schema cannot say everything the models check (ascending edges, a reference of the
     # right length, unique names, a deploy event's details): only the valid cases must agree.
-    which = "telemetry" if case["schema"] == "device" else "desired"
+    which = {"device": "telemetry", "capture_record": "capture"}.get(case["schema"], "desired")
     schema = contract.json_schema(which)
     if which == "desired":
-        state = "ShadowState" if case["schema"] == "shadow_state" else "DesiredState"
+        state = {"shadow_state": "ShadowState", "capture_state": "CaptureState"}.get(case["schema"], "DesiredState")
         schema = {**schema["$defs"][state], "$defs": schema["$defs"]}
     errors = list(jsonschema.Draft202012Validator(schema).iter_errors(case["message"]))
     if case["valid"]:

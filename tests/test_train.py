@@ -5,6 +5,7 @@ Every MLflow store here is a real SQLite store in a temporary directory."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -331,11 +332,16 @@ def test_unreachable_tracking_server_is_one_sentence(tmp_path):
 def test_ddp_two_processes_rank0_logs_and_registers(tmp_path):
     import mlflow
 
+    from edgesmith.toolchain.train.data import load_dataset, split
+    from edgesmith.toolchain.train.loop import DUMP_ENV
+
     uri = _store(tmp_path)
+    dump = tmp_path / "ranks"
     # its own session, so a hang is cleaned up with both workers, not just the launcher
     proc = subprocess.Popen([TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "edgesmith.toolchain.train",
                              str(EXAMPLE), "--epochs", "1", "--tracking-uri", uri, "--json"], start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", DUMP_ENV: str(dump)})
     try:
         _, err = proc.communicate(timeout=280)
     finally:
@@ -347,6 +353,14 @@ def test_ddp_two_processes_rank0_logs_and_registers(tmp_path):
     assert run.data.tags["edgesmith.world_size"] == "2" and run.data.params["world_size"] == "2"
     assert run.info.status == "FINISHED"
     assert [str(v.version) for v in client.search_model_versions("name = 'digits'")] == ["1"]  # only rank 0 registers
+    # each rank trained on its own half of the training split and ended with the same weights
+    ranks = [json.loads((dump / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
+    halves = [set(r["indices"]) for r in ranks]
+    cfg = load_config(EXAMPLE)
+    train_size = len(split(load_dataset(cfg), cfg).train[1])
+    assert not halves[0] & halves[1] and ranks[0]["samples"] == ranks[1]["samples"] == train_size // 2
+    assert halves[0] | halves[1] <= set(range(train_size)) and len(halves[0] | halves[1]) >= train_size - 1
 
 
 @pytest.mark.integration

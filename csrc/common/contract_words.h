@@ -20,6 +20,13 @@ constexpr uint64_t MAX_SHADOW_CANDIDATES = 8;
 constexpr uint64_t MAX_SHADOW_QUEUE = 64;
 constexpr uint64_t MAX_SHADOW_DURATION_S = 2592000;
 constexpr const char* SHADOW_DOMAIN = "edgesmith-shadow-v1\n";
+constexpr const char* CAPTURE_DOMAIN = "edgesmith-capture-v1\n";
+constexpr const char* CAPTURE_MAGIC = "edgesmith-capture-record-v1\n";
+constexpr uint64_t MAX_CAPTURE_HEADER = 65536;
+constexpr uint64_t MAX_CAPTURE_TENSORS = 64;
+constexpr uint64_t MAX_CAPTURE_RANK = 8;
+constexpr uint64_t MAX_CAPTURE_RECORD = 67108864;
+constexpr uint64_t MAX_CAPTURE_RETENTION_S = 7776000;
 constexpr uint64_t MAX_LABEL = 256;
 constexpr uint64_t MAX_MESSAGE = 4096;
 constexpr uint64_t MAX_ERROR = 8192;
@@ -76,6 +83,10 @@ constexpr const char* EVENT_KIND_SHADOW_STARTED = "shadow.started";
 constexpr const char* EVENT_KIND_SHADOW_REFUSED = "shadow.refused";
 constexpr const char* EVENT_KIND_SHADOW_FAILED = "shadow.failed";
 constexpr const char* EVENT_KIND_SHADOW_ENDED = "shadow.ended";
+constexpr const char* EVENT_KIND_CAPTURE_STARTED = "capture.started";
+constexpr const char* EVENT_KIND_CAPTURE_STOPPED = "capture.stopped";
+constexpr const char* EVENT_KIND_CAPTURE_UPLOADED = "capture.uploaded";
+constexpr const char* EVENT_KIND_CAPTURE_DROPPED = "capture.dropped";
 
 // ShadowAction
 constexpr const char* SHADOW_ACTION_START = "start";
@@ -87,8 +98,32 @@ constexpr const char* SHADOW_END_STOPPED = "stopped";
 constexpr const char* SHADOW_END_SUPERSEDED = "superseded";
 constexpr const char* SHADOW_END_SERVING_CHANGED = "serving-changed";
 
+// CaptureAction
+constexpr const char* CAPTURE_ACTION_START = "start";
+constexpr const char* CAPTURE_ACTION_STOP = "stop";
+constexpr const char* CAPTURE_ACTION_UPLOAD = "upload";
+
+// CaptureReason
+constexpr const char* CAPTURE_REASON_UNIFORM = "uniform";
+constexpr const char* CAPTURE_REASON_LOW_CONFIDENCE = "low-confidence";
+constexpr const char* CAPTURE_REASON_DRIFT = "drift";
+constexpr const char* CAPTURE_REASON_DISAGREEMENT = "disagreement";
+
+// CaptureDrop
+constexpr const char* CAPTURE_DROP_BUDGET = "budget";
+constexpr const char* CAPTURE_DROP_DISK_FULL = "disk-full";
+constexpr const char* CAPTURE_DROP_RETENTION = "retention";
+constexpr const char* CAPTURE_DROP_REFUSED = "refused";
+
+// CaptureStop
+constexpr const char* CAPTURE_STOP_STOPPED = "stopped";
+constexpr const char* CAPTURE_STOP_SUPERSEDED = "superseded";
+constexpr const char* CAPTURE_STOP_BUDGET = "budget";
+constexpr const char* CAPTURE_STOP_EXPIRED = "expired";
+
 constexpr const char* DESIRED_TOPIC = "desired";
 constexpr const char* SHADOW_TOPIC = "shadow-desired";
+constexpr const char* CAPTURE_TOPIC = "capture-desired";
 
 // Field names, as F_<MODEL>_<FIELD>; F_KIND is every device message's kind.
 constexpr const char* F_KIND = "kind";
@@ -242,5 +277,52 @@ constexpr const char* F_SHADOW_WINDOW_SERVING_LATENCY = "serving_latency";
 constexpr const char* F_SHADOW_WINDOW_OUTPUTS = "outputs";
 constexpr const char* F_SHADOW_WINDOW_RSS_INCREASE_BYTES = "rss_increase_bytes";
 constexpr const char* F_SHADOW_WINDOW_CPU_SECONDS = "cpu_seconds";
+constexpr const char* F_CAPTURE_STATE_V = "v";
+constexpr const char* F_CAPTURE_STATE_KIND = "kind";
+constexpr const char* F_CAPTURE_STATE_FLEET = "fleet";
+constexpr const char* F_CAPTURE_STATE_DEVICE = "device";
+constexpr const char* F_CAPTURE_STATE_VERSION = "version";
+constexpr const char* F_CAPTURE_STATE_CAPTURE_ID = "capture_id";
+constexpr const char* F_CAPTURE_STATE_ACTION = "action";
+constexpr const char* F_CAPTURE_STATE_ISSUED_AT_MS = "issued_at_ms";
+constexpr const char* F_CAPTURE_STATE_NOT_AFTER = "not_after";
+constexpr const char* F_CAPTURE_STATE_POLICY = "policy";
+constexpr const char* F_CAPTURE_STATE_MAX_SAMPLES = "max_samples";
+constexpr const char* F_CAPTURE_STATE_MAX_BYTES = "max_bytes";
+constexpr const char* F_CAPTURE_STATE_RETENTION_S = "retention_s";
+constexpr const char* F_CAPTURE_STATE_UPLOAD_URL = "upload_url";
+constexpr const char* F_CAPTURE_STATE_UPLOAD_TOKEN = "upload_token";
+constexpr const char* F_CAPTURE_POLICY_UNIFORM = "uniform";
+constexpr const char* F_CAPTURE_POLICY_LOW_CONFIDENCE = "low_confidence";
+constexpr const char* F_CAPTURE_POLICY_DRIFT = "drift";
+constexpr const char* F_CAPTURE_POLICY_DRIFT_RATE = "drift_rate";
+constexpr const char* F_CAPTURE_POLICY_DISAGREEMENT = "disagreement";
+constexpr const char* F_CAPTURE_REPORT_CAPTURE_ID = "capture_id";
+constexpr const char* F_CAPTURE_REPORT_CAPTURE_VERSION = "capture_version";
+constexpr const char* F_CAPTURE_REPORT_SAMPLES = "samples";
+constexpr const char* F_CAPTURE_REPORT_BYTES = "bytes";
+constexpr const char* F_CAPTURE_REPORT_STORED_SAMPLES = "stored_samples";
+constexpr const char* F_CAPTURE_REPORT_STORED_BYTES = "stored_bytes";
+constexpr const char* F_CAPTURE_REPORT_REASON = "reason";
+constexpr const char* F_CAPTURE_REPORT_STOP = "stop";
+constexpr const char* F_CAPTURE_REPORT_ERROR = "error";
+constexpr const char* F_CAPTURE_RECORD_V = "v";
+constexpr const char* F_CAPTURE_RECORD_FLEET = "fleet";
+constexpr const char* F_CAPTURE_RECORD_DEVICE = "device";
+constexpr const char* F_CAPTURE_RECORD_CAPTURE_ID = "capture_id";
+constexpr const char* F_CAPTURE_RECORD_MANIFEST_SHA256 = "manifest_sha256";
+constexpr const char* F_CAPTURE_RECORD_MODEL = "model";
+constexpr const char* F_CAPTURE_RECORD_MODEL_VERSION = "model_version";
+constexpr const char* F_CAPTURE_RECORD_TS_MS = "ts_ms";
+constexpr const char* F_CAPTURE_RECORD_REASON = "reason";
+constexpr const char* F_CAPTURE_RECORD_TOP1 = "top1";
+constexpr const char* F_CAPTURE_RECORD_CONFIDENCE = "confidence";
+constexpr const char* F_CAPTURE_RECORD_INPUTS = "inputs";
+constexpr const char* F_CAPTURE_RECORD_OUTPUTS = "outputs";
+constexpr const char* F_CAPTURE_TENSOR_NAME = "name";
+constexpr const char* F_CAPTURE_TENSOR_DTYPE = "dtype";
+constexpr const char* F_CAPTURE_TENSOR_SHAPE = "shape";
+constexpr const char* F_CAPTURE_TENSOR_OFFSET = "offset";
+constexpr const char* F_CAPTURE_TENSOR_NBYTES = "nbytes";
 
 }  // namespace edgesmith::contract

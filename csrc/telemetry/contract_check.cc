@@ -423,6 +423,29 @@ bool shadow_report(Checker& k, const json& d, const std::string& where) {
          k.count(d[c::F_SHADOW_REPORT_RSS_INCREASE_BYTES], Checker::at(where, c::F_SHADOW_REPORT_RSS_INCREASE_BYTES));
 }
 
+bool capture_report(Checker& k, const json& d, const std::string& where) {
+  if (!k.object(d, where, {}, {c::F_CAPTURE_REPORT_CAPTURE_ID}, true) ||  // unknown fields are ignored
+      !k.matches(d[c::F_CAPTURE_REPORT_CAPTURE_ID], Checker::at(where, c::F_CAPTURE_REPORT_CAPTURE_ID), id_pattern())) {
+    return false;
+  }
+  for (const char* field : {c::F_CAPTURE_REPORT_CAPTURE_VERSION, c::F_CAPTURE_REPORT_SAMPLES, c::F_CAPTURE_REPORT_BYTES,
+                            c::F_CAPTURE_REPORT_STORED_SAMPLES, c::F_CAPTURE_REPORT_STORED_BYTES}) {
+    if (Checker::given(d, field) && !k.count(d[field], Checker::at(where, field))) return false;
+  }
+  if (Checker::given(d, c::F_CAPTURE_REPORT_REASON) &&
+      !k.word(d[c::F_CAPTURE_REPORT_REASON], Checker::at(where, c::F_CAPTURE_REPORT_REASON),
+              {c::CAPTURE_DROP_BUDGET, c::CAPTURE_DROP_DISK_FULL, c::CAPTURE_DROP_RETENTION, c::CAPTURE_DROP_REFUSED})) {
+    return false;
+  }
+  if (Checker::given(d, c::F_CAPTURE_REPORT_STOP) &&
+      !k.word(d[c::F_CAPTURE_REPORT_STOP], Checker::at(where, c::F_CAPTURE_REPORT_STOP),
+              {c::CAPTURE_STOP_STOPPED, c::CAPTURE_STOP_SUPERSEDED, c::CAPTURE_STOP_BUDGET, c::CAPTURE_STOP_EXPIRED})) {
+    return false;
+  }
+  return !Checker::given(d, c::F_CAPTURE_REPORT_ERROR) ||
+         k.text(d[c::F_CAPTURE_REPORT_ERROR], Checker::at(where, c::F_CAPTURE_REPORT_ERROR), c::MAX_ERROR);
+}
+
 bool event(Checker& k, const json& m) {
   if (!k.matches(m[c::F_EVENT_EVENT], c::F_EVENT_EVENT, event_pattern()) ||
       !k.text(m[c::F_EVENT_MESSAGE], c::F_EVENT_MESSAGE, c::MAX_MESSAGE)) {
@@ -439,6 +462,7 @@ bool event(Checker& k, const json& m) {
   const std::string& name = m[c::F_EVENT_EVENT].get_ref<const std::string&>();
   if (name.rfind("deploy.", 0) == 0) return deploy_report(k, details, "details");
   if (name.rfind("shadow.", 0) == 0) return shadow_report(k, details, "details");
+  if (name.rfind("capture.", 0) == 0) return capture_report(k, details, "details");
   return true;
 }
 

@@ -57,7 +57,7 @@ def stdout_reserved(reserve: bool) -> Iterator[None]:
 
 def _register() -> None:
     from edgesmith.toolchain.cli import artifacts, bench, broker, build, deploy, fleet, keys, prove, targets, tools, train
-    from edgesmith.toolchain.cli import check, tune
+    from edgesmith.toolchain.cli import capture, check, data, shadow, tune
 
     app.command("targets")(targets.targets)
     app.command("build")(build.build)
@@ -70,10 +70,14 @@ def _register() -> None:
     app.command("bench")(bench.bench)
     app.command("deploy")(deploy.deploy)
     app.command("rollback")(deploy.rollback)
+    app.command("select")(shadow.select)
     app.add_typer(keys.app, name="keys")
     app.add_typer(tools.app, name="tools")
     app.add_typer(broker.app, name="broker")
     app.add_typer(fleet.app, name="fleet")
+    app.add_typer(shadow.app, name="shadow")
+    app.add_typer(capture.app, name="capture")
+    app.add_typer(data.app, name="data")
 
 
 _register()

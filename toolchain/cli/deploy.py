@@ -89,6 +89,14 @@ def deploy(
     serve: str = typer.Option("127.0.0.1:8470", "--serve", envvar="EDGESMITH_ARTIFACT_HTTP", help=SERVE_HELP),
     base_url: str = typer.Option(None, "--base-url", envvar="EDGESMITH_ARTIFACT_URL", help=BASE_URL_HELP),
     no_serve: bool = typer.Option(False, "--no-serve", help=NO_SERVE_HELP),
+    require_shadow: str = typer.Option(None, "--require-shadow", help="Refuse, with the figures, unless the artifact "
+                                       "was a candidate of this shadow and met the bounds below on every shadowed "
+                                       "device (docs/shadow.md)."),
+    min_agreement: float = typer.Option(0.99, "--min-agreement", help="With --require-shadow: the top-1 agreement "
+                                        "with the serving model needed on every shadowed device."),
+    max_latency_ratio: float = typer.Option(None, "--max-latency-ratio", help="With --require-shadow: the highest "
+                                            "candidate p50 / serving p50 allowed on any shadowed device."),
+    min_samples: int = typer.Option(100, "--min-samples", help="With --require-shadow: samples needed per device."),
 ) -> None:
     """Roll an artifact out in waves: signed desired states, each wave waits for its devices' reports;
     past --abort-on-failure the rollout aborts and rolls back (exit status 1)."""
@@ -100,13 +108,25 @@ def deploy(
     from edgesmith.toolchain.fleet.store import Store, default_url
 
     store_dir = store or archive_mod.default_store_dir()
-    archive_mod.read_manifest(artifact)  # a path that is no artifact: one sentence before anything else
+    manifest, manifest_sha256 = archive_mod.read_manifest(artifact)  # a path that is no artifact: one sentence first
     runtime_artifact.verify(artifact, trusted_keys(None))  # what devices will check, checked here first
     config = _config(fleet, broker, waves, abort_on_failure, wave_timeout, key, store_dir, "", devices)
+    fleet_store = Store.open(db or default_url())
+    if require_shadow:
+        from edgesmith.toolchain.shadow.results import require
+
+        verdict = require(fleet_store, require_shadow, manifest_sha256, manifest.name, min_agreement,
+                          max_latency_ratio, min_samples)
+        _say(f"shadow {require_shadow}: {manifest.name} met the bounds on {len(verdict.figures)} device(s) (worst "
+             f"latency ratio {verdict.worst_ratio:.3f})" if verdict.worst_ratio is not None else
+             f"shadow {require_shadow}: {manifest.name} met the bounds on {len(verdict.figures)} device(s)")
+    elif max_latency_ratio is not None:
+        from edgesmith.toolchain.errors import UserError
+
+        raise UserError("--max-latency-ratio bounds a shadow's figures; pass the shadow with --require-shadow SH-ID")
     info = archive_mod.archive(artifact, store_dir)
     for directory in previous or []:
         archive_mod.archive(directory, store_dir)
-    fleet_store = Store.open(db or default_url())
     with _serving(store_dir, serve, base_url, no_serve) as url:
         config.base_url = url
         result = run_deploy(info, config, fleet_store, _say)

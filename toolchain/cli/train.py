@@ -20,6 +20,10 @@ def train(
     seed: int = typer.Option(None, "--seed", help="Override the config's seed."),
     epochs: int = typer.Option(None, "--epochs", min=1, help="Override the config's epochs."),
     alias: str = typer.Option(None, "--alias", help="Also point this registered-model alias (e.g. champion) at the new version."),
+    extra_data: str = typer.Option(None, "--extra-data", help="A labelled captured dataset (digest or directory; "
+                                   "`edgesmith data label`) mixed into training and evaluation, split by the seed."),
+    alert: str = typer.Option(None, "--alert", help="The alert this training answers; named in the new version's lineage."),
+    datasets: Path = typer.Option(None, "--datasets", envvar="EDGESMITH_DATASETS", help="Dataset directory (default $EDGESMITH_HOME/datasets)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
 ) -> None:
     """Train (data-parallel under torchrun), log to MLflow and register the ONNX export as a model version."""
@@ -33,9 +37,14 @@ def train(
     # a tracking server's client prints run URLs on stdout: keep stdout for the JSON with --json
     with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
         if search:
+            if extra_data or alert:
+                from edgesmith.toolchain.errors import UserError
+
+                raise UserError("--extra-data and --alert train one model; run them without --search")
             summary = run_search(cfg, search, tracking_uri, alias, progress=not as_json)
         else:
-            summary = train_and_register(cfg, tracking_uri, alias, progress=lead and not as_json)
+            summary = train_and_register(cfg, tracking_uri, alias, progress=lead and not as_json,
+                                         extra_data=extra_data, alert=alert, datasets_dir=datasets)
     if not lead:
         return
     if as_json:

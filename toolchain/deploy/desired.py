@@ -27,6 +27,7 @@ from edgesmith.toolchain.signing import SigningKey, key_id
 
 DOMAIN = contract.DESIRED_DOMAIN.encode()
 SHADOW_DOMAIN = contract.SHADOW_DOMAIN.encode()  # a shadow state's signature never verifies as a desired state's
+CAPTURE_DOMAIN = contract.CAPTURE_DOMAIN.encode()  # nor a capture state's as either
 # The fields are the contract's (runtime/contract.py: DesiredEnvelope, DesiredState, DesiredArtifact).
 ENVELOPE_FIELDS = tuple(contract.DesiredEnvelope.model_fields)
 STATE_FIELDS = tuple(n for n, f in contract.DesiredState.model_fields.items() if f.is_required() or n == "v")
@@ -46,6 +47,16 @@ def desired_topic(fleet: str, device: str) -> str:
 
 def shadow_topic(fleet: str, device: str) -> str:
     return protocol.topic(fleet, device, contract.SHADOW_TOPIC)
+
+
+def capture_topic(fleet: str, device: str) -> str:
+    return protocol.topic(fleet, device, contract.CAPTURE_TOPIC)
+
+
+def new_capture_id(at_s: float | None = None) -> str:
+    """``cap-YYYYMMDD-HHMM-<6 hex>`` (UTC)."""
+    stamp = time.strftime("%Y%m%d-%H%M", time.gmtime(at_s if at_s is not None else time.time()))
+    return f"cap-{stamp}-{secrets.token_hex(3)}"
 
 
 def new_shadow_id(at_s: float | None = None) -> str:
@@ -96,9 +107,30 @@ def shadow_state(fleet: str, device: str, version: int, shadow_id: str, candidat
     return state
 
 
+def capture_state(fleet: str, device: str, version: int, capture_id: str, action: str, *, upload_url: str,
+                  upload_token: str | None, policy: dict[str, Any] | None = None, max_samples: int = 500,
+                  max_bytes: int = 64 << 20, retention_s: int = 7 * 24 * 3600, issued_at_ms: int | None = None,
+                  valid_for_s: int = DESIRED_VALIDITY_S) -> dict[str, Any]:
+    """A capture state to sign (contract.CaptureState), checked against the contract here, so a bad
+    value is refused before anything is signed."""
+    issued = issued_at_ms if issued_at_ms is not None else int(time.time() * 1000)
+    state = {
+        "v": 1, "kind": "capture", "fleet": fleet, "device": device, "version": int(version), "capture_id": capture_id,
+        "action": action, "issued_at_ms": issued, "not_after": issued // 1000 + int(valid_for_s),
+        "policy": contract.CapturePolicy.model_validate(policy or {}).model_dump(mode="json"),
+        "max_samples": int(max_samples), "max_bytes": int(max_bytes), "retention_s": int(retention_s),
+        "upload_url": upload_url.rstrip("/"),
+    }
+    if upload_token is not None:  # start only: stop and upload use the token the device already has
+        state["upload_token"] = upload_token
+    contract.CaptureState.model_validate_json(json.dumps(state))
+    return state
+
+
 def sign(state: dict[str, Any], key: SigningKey, domain: bytes = DOMAIN) -> bytes:
     """The envelope's bytes (what is published, retained, on the device's desired topic; a shadow
-    state, on its shadow-desired topic, is signed with ``domain=SHADOW_DOMAIN``)."""
+    state, on its shadow-desired topic, is signed with ``domain=SHADOW_DOMAIN``, a capture state, on
+    capture-desired, with ``domain=CAPTURE_DOMAIN``)."""
     signed = json.dumps(state, separators=(",", ":"), sort_keys=True)
     signature = nacl.signing.SigningKey(key.seed).sign(domain + signed.encode()).signature
     return json.dumps({"v": 1, "signed": signed, "key_id": key.key_id, "signature": signature.hex()}).encode()

@@ -28,7 +28,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from pydantic import ValidationError
 
-from edgesmith.runtime.contract import DESIRED_TOPIC, DeployResult
+from edgesmith.runtime.contract import DESIRED_TOPIC, SHADOW_TOPIC, DeployResult
 from edgesmith.runtime.contract import MessageKind as K
 from edgesmith.toolchain.deploy import desired
 from edgesmith.toolchain.deploy.archive import ArchiveInfo, lookup
@@ -106,9 +106,12 @@ class FleetWatch:
     broker: Broker
     fleet: str
     births: dict[str, protocol.ArtifactRef] = field(default_factory=dict)
+    birth_messages: dict[str, protocol.Birth] = field(default_factory=dict)  # target and runtime too (shadows)
     retained_versions: dict[str, int] = field(default_factory=dict)
+    retained_shadow_versions: dict[str, int] = field(default_factory=dict)  # shadow states' own counter
     reported_versions: dict[str, int] = field(default_factory=dict)
     reports: dict[tuple[str, str], Report] = field(default_factory=dict)  # (deployment id, device)
+    shadow_events: dict[tuple[str, str], str] = field(default_factory=dict)  # (shadow id, device): the newest, said
 
     def __post_init__(self) -> None:
         settings = self.broker.settings()
@@ -162,18 +165,19 @@ class FleetWatch:
                              f"{self.broker.dir / 'monitor.json'} belongs to this broker")
             return
         root = f"{protocol.TOPIC_ROOT}/{self.fleet}/+"
-        client.subscribe([(f"{root}/{kind}", 1) for kind in (K.BIRTH, K.STATE, K.EVENT, DESIRED_TOPIC)])
+        client.subscribe([(f"{root}/{kind}", 1) for kind in (K.BIRTH, K.STATE, K.EVENT, DESIRED_TOPIC, SHADOW_TOPIC)])
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
         parts = protocol.parse_topic(msg.topic)
         if parts is None or not msg.payload:
             return
         _, device, kind = parts
-        if kind == DESIRED_TOPIC:
+        if kind in (DESIRED_TOPIC, SHADOW_TOPIC):
             version = desired.version_of(msg.payload)
+            versions = self.retained_versions if kind == DESIRED_TOPIC else self.retained_shadow_versions
             if version is not None:
                 with self.changed:
-                    self.retained_versions[device] = max(version, self.retained_versions.get(device, 0))
+                    versions[device] = max(version, versions.get(device, 0))
             return
         try:
             message = protocol.parse_message(msg.payload)
@@ -184,6 +188,12 @@ class FleetWatch:
         with self.changed:
             if kind == K.BIRTH:
                 self.births[device] = message.artifact
+                self.birth_messages[device] = message
+            elif kind == K.EVENT and message.shadow_report() is not None:
+                shadow = message.shadow_report()
+                self.shadow_events[(shadow.shadow_id, device)] = (
+                    f"{message.event}" + (f" (candidate {shadow.candidate})" if shadow.candidate is not None else "")
+                    + (f": {shadow.error}" if shadow.error else f": {message.message}" if message.message else ""))
             else:
                 said = message.details if kind == K.STATE else message.deploy_report()
                 version = said.desired_version if said is not None else None
@@ -198,14 +208,19 @@ class FleetWatch:
             self.changed.notify_all()
 
     def publish_desired(self, fleet: str, device: str, envelope: bytes) -> None:
-        info = self.client.publish(desired.desired_topic(fleet, device), envelope, qos=1, retain=True)
+        self.publish_retained(desired.desired_topic(fleet, device), envelope, f"the desired state for {device}")
+
+    def publish_shadow(self, fleet: str, device: str, envelope: bytes) -> None:
+        self.publish_retained(desired.shadow_topic(fleet, device), envelope, f"the shadow state for {device}")
+
+    def publish_retained(self, topic: str, envelope: bytes, what: str) -> None:
+        info = self.client.publish(topic, envelope, qos=1, retain=True)
         try:
             info.wait_for_publish(PUBLISH_TIMEOUT_S)
         except (RuntimeError, ValueError) as e:
-            raise UserError(f"the desired state for {device} could not be published ({e}); is the broker up?") from None
+            raise UserError(f"{what} could not be published ({e}); is the broker up?") from None
         if not info.is_published():
-            raise UserError(f"the broker did not acknowledge the desired state for {device} within "
-                            f"{PUBLISH_TIMEOUT_S:g} s")
+            raise UserError(f"the broker did not acknowledge {what} within {PUBLISH_TIMEOUT_S:g} s")
 
     def version_floor(self, device: str, issued: int) -> int:
         """What the next version must exceed: the retained desired state's (only central logins

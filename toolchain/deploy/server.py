@@ -43,15 +43,18 @@ def make_app(store_dir: Path) -> Starlette:
                              Route("/healthz", health, methods=["GET"])])
 
 
-class ArtifactServer:
-    """The server in a background thread (for `edgesmith deploy` and tests); ``url`` once started."""
+class AppServer:
+    """An ASGI app served by uvicorn in a background thread (tests, `edgesmith deploy`), or in the
+    foreground (``run``); ``url`` once bound. The artifact server and the capture receiver
+    (toolchain/capture/receiver.py) are both one of these."""
 
-    def __init__(self, store_dir: Path, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
-                 certfile: str | None = None, keyfile: str | None = None):
+    def __init__(self, app: Starlette, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+                 certfile: str | None = None, keyfile: str | None = None, what: str = "artifacts",
+                 option: str = "--serve"):
         """With ``certfile`` and ``keyfile`` it serves https:// (e.g. a certificate from the fleet CA,
         `edgesmith broker certs`, which devices already trust)."""
-        self.store_dir = Path(store_dir)
         self.host = host
+        self.what = what
         self.scheme = "https" if certfile else "http"
         self._sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -59,26 +62,27 @@ class ArtifactServer:
             self._sock.bind((host, port))
         except OSError as e:
             self._sock.close()
-            raise UserError(f"cannot serve artifacts on {host}:{port} ({e.strerror}); pick another --serve "
+            raise UserError(f"cannot serve {what} on {host}:{port} ({e.strerror}); pick another {option} "
                             "address or port") from None
         self.port = self._sock.getsockname()[1]
-        config = uvicorn.Config(make_app(self.store_dir), log_level=log_level, access_log=log_level == "info",
+        self._sock.listen(2048)  # connections wait in the backlog from now on, until uvicorn accepts them
+        config = uvicorn.Config(app, log_level=log_level, access_log=log_level == "info",
                                 lifespan="off", ssl_certfile=certfile, ssl_keyfile=keyfile)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]},
-                                       name="artifact-server", daemon=True)
+                                       name=f"{what}-server", daemon=True)
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.scheme}://{host}:{self.port}"
 
-    def start(self) -> ArtifactServer:
+    def start(self) -> AppServer:
         self.thread.start()
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise UserError(f"the artifact server did not start on {self.url}")
+                raise UserError(f"the {self.what} server did not start on {self.url}")
             time.sleep(0.02)
         return self
 
@@ -87,11 +91,24 @@ class ArtifactServer:
         self.thread.join(timeout=10)
         self._sock.close()
 
-    def __enter__(self) -> ArtifactServer:
+    def run(self) -> None:
+        """Serve in the calling (main) thread until interrupted: uvicorn stops on SIGINT/SIGTERM."""
+        self.server.run(sockets=[self._sock])
+
+    def __enter__(self) -> AppServer:
         return self.start()
 
     def __exit__(self, *_exc: object) -> None:
         self.stop()
+
+
+class ArtifactServer(AppServer):
+    """The artifact store's server (``make_app``)."""
+
+    def __init__(self, store_dir: Path, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+                 certfile: str | None = None, keyfile: str | None = None):
+        self.store_dir = Path(store_dir)
+        super().__init__(make_app(self.store_dir), host, port, log_level, certfile, keyfile)
 
 
 def serve_forever(store_dir: Path, host: str, port: int, certfile: str | None = None,
@@ -100,4 +117,4 @@ def serve_forever(store_dir: Path, host: str, port: int, certfile: str | None = 
     logging.basicConfig(level=logging.INFO)
     server = ArtifactServer(store_dir, host, port, log_level="info", certfile=certfile, keyfile=keyfile)
     print(f"serving {Path(store_dir).resolve()} at {server.url}/artifacts/<sha256>.tar", flush=True)
-    server.server.run(sockets=[server._sock])  # the main thread: uvicorn stops on SIGINT/SIGTERM
+    server.run()

@@ -250,13 +250,14 @@ def _acl(broker: Broker) -> str:
     for name in _central_names(broker):
         lines += [f"user {name}", "topic read edgesmith/#", f"topic write {protocol.TOPIC_ROOT}/+/_monitor/#",
                   f"topic write {protocol.TOPIC_ROOT}/+/+/{contract.DESIRED_TOPIC}",
-                  f"topic write {protocol.TOPIC_ROOT}/+/+/{contract.SHADOW_TOPIC}", ""]
+                  f"topic write {protocol.TOPIC_ROOT}/+/+/{contract.SHADOW_TOPIC}",
+                  f"topic write {protocol.TOPIC_ROOT}/+/+/{contract.CAPTURE_TOPIC}", ""]
     for device_file in sorted((broker.dir / "devices").glob("*.json")):
         device = json.loads(device_file.read_text())
         lines.append(f"user {device['username']}")
         for kind in DEVICE_KINDS_WRITTEN:
             lines.append(f"topic write {protocol.topic(device['fleet'], device['device'], kind)}")
-        for topic in (contract.DESIRED_TOPIC, contract.SHADOW_TOPIC):
+        for topic in (contract.DESIRED_TOPIC, contract.SHADOW_TOPIC, contract.CAPTURE_TOPIC):
             lines.append(f"topic read {protocol.topic(device['fleet'], device['device'], topic)}")
         lines.append("")
     return "\n".join(lines)

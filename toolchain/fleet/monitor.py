@@ -358,12 +358,15 @@ class Monitor:
 
     def snapshot(self) -> dict[str, Any]:
         """The whole fleet as the HTTP side shows it; built on request, at most once per tick."""
+        from edgesmith.toolchain.fleet.store import shadows
+
         with self._view_lock:
             at = now_ms()
             if self._snapshot is None or at - self._snapshot["generated_ms"] >= self.config.tick_s * 1000:
                 snap = self.view.snapshot(at)
                 snap["alerts"] = self.store.alerts()
                 snap["deployments"], snap["deploy_states"] = self._deployments()
+                snap["shadows"] = shadows.panel(self.store)
                 refusals = self.store.refusals()
                 for d in snap["devices"]:
                     d["refused"] = refusals.pop((d["fleet"], d["device"]), None)

@@ -266,7 +266,9 @@ def render_dashboard(snap: dict[str, Any], thresholds: dict[str, float]) -> str:
                 out.append(f"<tr><td>{e(fleet)}</td><td>{e(model)}</td><td>{e(text)}</td></tr>")
         out.append("</table>")
     out.extend(_deployments_html(snap.get("deployments") or [], snap.get("deploy_states") or [], at))
-    out.append('<p class=muted><a href="/api/fleet">/api/fleet</a> · <a href="/metrics">/metrics</a></p></body></html>')
+    out.extend(_shadows_html(snap.get("shadows") or [], at))
+    out.append('<p class=muted><a href="/api/fleet">/api/fleet</a> · <a href="/api/shadows">/api/shadows</a> · '
+               '<a href="/metrics">/metrics</a></p></body></html>')
     return "".join(out)
 
 
@@ -299,6 +301,24 @@ def _deployments_html(deployments: list[dict[str, Any]], states: list[dict[str, 
     return out
 
 
+def _shadows_html(shadows: list[dict[str, Any]], at: int) -> list[str]:
+    """Recent shadows (docs/shadow.md): per candidate, its windows' agreement and latency ratio against serving."""
+    e = html.escape
+    if not shadows:
+        return []
+    out = ["<h2>Shadows</h2>"]
+    for s in shadows:
+        out.append(f'<div class=shadow data-shadow="{e(s["id"])}"><h3>{e(s["id"])} · {e(s["fleet"])} · '
+                   f'{e(s["status"])} · {len(s["devices"])} device(s) · started {_ago(s["created_ms"], at)}</h3>'
+                   '<div class=charts>')
+        for c in s["candidates"]:
+            out.append(svg_chart(f"{c['index']} {c['name']}: agreement", c["points"], [("top-1", "agreement", 1.0)]))
+            out.append(svg_chart(f"{c['index']} {c['name']}: latency ratio", c["points"],
+                                 [("p50 / serving", "latency_ratio", 1.0)], limits=[("serving", 1.0)]))
+        out.append("</div></div>")
+    return out
+
+
 # ---- server ----------------------------------------------------------------------------------------
 
 class HttpServer:
@@ -318,12 +338,15 @@ class HttpServer:
                         self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry))
                     elif path == "/api/fleet":
                         self._send(200, "application/json", json.dumps(snapshot(), separators=(",", ":")).encode())
+                    elif path == "/api/shadows":
+                        body = json.dumps(snapshot().get("shadows") or [], separators=(",", ":")).encode()
+                        self._send(200, "application/json", body)
                     elif path in ("/", "/index.html"):
                         self._send(200, "text/html; charset=utf-8", render_dashboard(snapshot(), thresholds).encode())
                     elif path == "/healthz":
                         self._send(200, "text/plain", b"ok\n")
                     else:
-                        self._send(404, "text/plain", b"not found; try /, /metrics or /api/fleet\n")
+                        self._send(404, "text/plain", b"not found; try /, /metrics, /api/fleet or /api/shadows\n")
                 except BrokenPipeError:
                     pass
 

@@ -130,8 +130,50 @@ def load_dataset(config: TrainConfig) -> Dataset:
     return Dataset(x=np.asarray(x, np.float32, order="C"), y=y, source=source, classes=classes)
 
 
-def split(dataset: Dataset, config: TrainConfig) -> Splits:
-    """Stratified train/val/test split seeded by the config; normalised by the training split."""
+@dataclass
+class ExtraData:
+    """Labelled captured samples mixed into training and evaluation (``edgesmith train --extra-data``)."""
+
+    x: np.ndarray  # raw inputs, as the devices fed them
+    y: np.ndarray
+    digest: str
+    devices: list[str]
+    path: str
+
+
+def load_extra(name: str, config: TrainConfig, classes: list[str], root: Path | None = None) -> ExtraData:
+    """A labelled dataset of captured samples (toolchain/data/datasets.py), checked against the config."""
+    from edgesmith.toolchain.data.datasets import open_dataset
+
+    dataset = open_dataset(name, root)
+    if not dataset.labelled:
+        raise UserError(f"dataset {dataset.digest[:12]} is not labelled; label it first: edgesmith data label "
+                        f"{dataset.digest[:12]} --labels FILE.csv")
+    arrays = dataset.arrays()
+    inputs = dataset.meta["inputs"]
+    if len(inputs) != 1:
+        raise UserError(f"dataset {dataset.digest[:12]} holds {len(inputs)} inputs per sample; the trainer takes one")
+    x, y = arrays[inputs[0]], arrays["y"]
+    sample_shape = list(config.input_shape[1:])
+    if int(np.prod(x.shape[1:])) != int(np.prod(sample_shape)):
+        raise UserError(f"dataset {dataset.digest[:12]}: one input has shape {list(x.shape[1:])}, the config's "
+                        f"input_shape takes {sample_shape}")
+    if len(y) and int(y.max()) >= len(classes):
+        raise UserError(f"dataset {dataset.digest[:12]} has class {int(y.max())}; the training data has {len(classes)} classes")
+    return ExtraData(x=np.asarray(x, np.float32).reshape(len(x), *sample_shape), y=y.astype(np.int64),
+                     digest=dataset.digest, devices=list(dataset.meta["devices"]), path=str(dataset.path))
+
+
+def _split_extra(extra: ExtraData, config: TrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices of the extra samples for train, val and test: a seeded permutation cut by the config's shares."""
+    order = np.random.default_rng(config.seed).permutation(len(extra.y))
+    n_test, n_val = int(round(len(order) * config.split.test)), int(round(len(order) * config.split.val))
+    return order[n_test + n_val:], order[n_test:n_test + n_val], order[:n_test]
+
+
+def split(dataset: Dataset, config: TrainConfig, extra: ExtraData | None = None) -> Splits:
+    """Stratified train/val/test split seeded by the config; normalised by the training split.
+    ``extra`` samples are cut in the same shares by the same seed and appended to each split."""
     from sklearn.model_selection import train_test_split
 
     index = np.arange(len(dataset.y))
@@ -141,10 +183,16 @@ def split(dataset: Dataset, config: TrainConfig) -> Splits:
         train, val = train_test_split(rest, test_size=val_share, random_state=config.seed, stratify=dataset.y[rest])
     except ValueError as e:
         raise UserError(f"dataset {dataset.source} cannot be split as configured ({e}); give more samples per class or change [split]") from None
-    x = dataset.x
+    x, y = dataset.x, dataset.y
+    if extra is not None and len(extra.y):
+        offset = len(y)
+        parts = _split_extra(extra, config)
+        x, y = np.concatenate([x, extra.x]), np.concatenate([y, extra.y])
+        train, val, test = (np.concatenate([a, b + offset]) for a, b in zip((train, val, test), parts))
+    raw = x
     mean, std = 0.0, 1.0
     if config.dataset.normalise == "standardise":
         mean, std = float(x[train].mean()), float(x[train].std()) or 1.0
         x = ((x - mean) / std).astype(np.float32)
-    return Splits(train=(x[train], dataset.y[train]), val=(x[val], dataset.y[val]), test=(x[test], dataset.y[test]),
-                  test_raw=dataset.x[test], mean=mean, std=std, classes=dataset.classes)
+    return Splits(train=(x[train], y[train]), val=(x[val], y[val]), test=(x[test], y[test]),
+                  test_raw=raw[test], mean=mean, std=std, classes=dataset.classes)

@@ -11,8 +11,10 @@ Under DDP every rank evaluates the whole (small) validation split on the synchro
 from __future__ import annotations
 
 import copy
+import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -20,6 +22,8 @@ import numpy as np
 from edgesmith.toolchain.errors import UserError, first_line
 from edgesmith.toolchain.train.config import TrainConfig
 from edgesmith.toolchain.train.data import Splits
+
+DUMP_ENV = "EDGESMITH_TRAIN_DUMP"  # a directory: each rank writes its weights' checksum and samples there (tests)
 
 
 @dataclass
@@ -132,7 +136,9 @@ def train(config: TrainConfig, splits: Splits, on_epoch: Callable[[EpochMetrics]
         from torch.nn.parallel import DistributedDataParallel
         from torch.utils.data.distributed import DistributedSampler
 
-        sampler = DistributedSampler(data, num_replicas=size, rank=rank, shuffle=True, seed=config.seed)
+        # drop_last: each epoch's shards are disjoint (no sample padded in twice); a different one
+        # or so is left out each epoch, as the shuffle changes
+        sampler = DistributedSampler(data, num_replicas=size, rank=rank, shuffle=True, seed=config.seed, drop_last=True)
         loader = DataLoader(data, batch_size=config.batch_size, sampler=sampler)
         net = DistributedDataParallel(model)
     else:
@@ -143,9 +149,12 @@ def train(config: TrainConfig, splits: Splits, on_epoch: Callable[[EpochMetrics]
     result = TrainResult(model=model)
     best_state, best_acc, waited = copy.deepcopy(model.state_dict()), -1.0, 0
     stopping = config.early_stopping
+    seen: list[int] = []  # the first epoch's sample indices on this rank (EDGESMITH_TRAIN_DUMP)
     for epoch in range(1, config.epochs + 1):
         if sampler is not None:
             sampler.set_epoch(epoch)
+            if epoch == 1:
+                seen = list(sampler)
         net.train()
         total, correct, loss_sum = 0, 0, 0.0
         for xb, yb in loader:
@@ -175,4 +184,21 @@ def train(config: TrainConfig, splits: Splits, on_epoch: Callable[[EpochMetrics]
             break
     model.load_state_dict(best_state)
     model.eval()
+    if os.environ.get(DUMP_ENV):
+        _dump(Path(os.environ[DUMP_ENV]), rank, size, model, seen if sampler is not None else list(range(len(data))))
     return result
+
+
+def _dump(directory: Path, rank: int, size: int, model, indices: list[int]) -> None:
+    """``rank-<r>.json``: this rank's final weights' SHA-256 and the training samples it saw in
+    epoch 1, so a test can check that DDP ranks end with the same weights on disjoint shards."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"rank-{rank}.json").write_text(json.dumps(
+        {"rank": rank, "world_size": size, "weights_sha256": h.hexdigest(), "samples": len(indices),
+         "indices": sorted(int(i) for i in indices)}))

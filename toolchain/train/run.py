@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 from edgesmith.toolchain.train import tracking
 from edgesmith.toolchain.train.config import TrainConfig
-from edgesmith.toolchain.train.data import load_dataset, split
+from edgesmith.toolchain.train.data import ExtraData, load_dataset, load_extra, split
 from edgesmith.toolchain.train.loop import EpochMetrics, evaluate, train, world
+from edgesmith.toolchain.train.tracking import TAG_ALERT, TAG_EXTRA_DATA, TAG_EXTRA_DEVICES
 
 
 @dataclass
@@ -76,8 +77,22 @@ def process_group():
         dist.destroy_process_group()
 
 
+def lineage_tags(extra: ExtraData | None, alert: str | None) -> dict[str, str]:
+    """What the new model version says it came from, beyond its config and base dataset."""
+    tags = {}
+    if extra is not None:
+        tags.update({TAG_EXTRA_DATA: extra.digest, TAG_EXTRA_DEVICES: ",".join(extra.devices),
+                     "edgesmith.extra_samples": str(len(extra.y))})
+    if alert:
+        tags[TAG_ALERT] = alert
+    return tags
+
+
 def train_and_register(config: TrainConfig, tracking_uri: str | None = None, alias: str | None = None,
-                       progress: bool = True) -> TrainSummary:
+                       progress: bool = True, extra_data: str | None = None, alert: str | None = None,
+                       datasets_dir=None) -> TrainSummary:
+    """``extra_data``: a labelled captured dataset (digest or directory) mixed into every split;
+    ``alert``: the alert id this training answers. Both are named in the new version's tags."""
     import mlflow
 
     started = time.perf_counter()
@@ -88,7 +103,9 @@ def train_and_register(config: TrainConfig, tracking_uri: str | None = None, ali
         client = tracking.connect(uri)
         experiment = tracking.experiment_id(client, config.experiment, uri)
     dataset = load_dataset(config)
-    splits = split(dataset, config)
+    extra = load_extra(extra_data, config, dataset.classes, datasets_dir) if extra_data else None
+    splits = split(dataset, config, extra)
+    lineage = lineage_tags(extra, alert)
     with process_group():
         if not lead:
             result = train(config, splits)
@@ -96,10 +113,12 @@ def train_and_register(config: TrainConfig, tracking_uri: str | None = None, ali
                                 len(result.history), dataset.digest, time.perf_counter() - started, size)
         with mlflow.start_run(experiment_id=experiment, run_name=f"{config.name}-train") as run, tracking.ending_status():
             mlflow.set_tags({tracking.TAG_CONFIG: config.digest(), tracking.TAG_DATASET: dataset.digest,
-                             "edgesmith.kind": "train", "edgesmith.world_size": str(size)})
+                             "edgesmith.kind": "train", "edgesmith.world_size": str(size), **lineage})
             mlflow.log_params({**flat_params(config), "norm.mean": f"{splits.mean:.6g}", "norm.std": f"{splits.std:.6g}",
                                "world_size": str(size), "train_samples": str(len(splits.train[1]))})
             tracking.log_dataset(dataset)
+            if extra is not None:
+                tracking.log_extra_dataset(extra)
             with epoch_progress(config.epochs, f"training {config.name}", progress) as advance:
                 def on_epoch(m: EpochMetrics) -> None:
                     log_epoch(m)
@@ -108,6 +127,7 @@ def train_and_register(config: TrainConfig, tracking_uri: str | None = None, ali
                 result = train(config, splits, on_epoch)
             _, test_accuracy, y_pred = evaluate(result.model, *splits.test)
             mlflow.log_metrics({"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy})
-            version = tracking.log_and_register(result.model, config, splits, dataset, test_accuracy, y_pred, alias)
+            version = tracking.log_and_register(result.model, config, splits, dataset, test_accuracy, y_pred, alias,
+                                                lineage)
         return TrainSummary(run.info.run_id, config.name, str(version), test_accuracy, result.best_epoch,
                             len(result.history), dataset.digest, time.perf_counter() - started, size)

@@ -28,6 +28,9 @@ PYTORCH_MODEL = "pytorch"
 TAG_DATASET = "edgesmith.dataset_digest"
 TAG_CONFIG = "edgesmith.config_sha256"
 TAG_INPUT = "edgesmith.input_shape"
+TAG_EXTRA_DATA = "edgesmith.extra_dataset_digest"  # a labelled captured dataset mixed in (docs/capture.md)
+TAG_EXTRA_DEVICES = "edgesmith.extra_dataset_devices"
+TAG_ALERT = "edgesmith.alert"
 
 
 def tracking_uri(explicit: str | None = None) -> str:
@@ -157,6 +160,15 @@ def log_dataset(dataset, context: str = "training") -> None:
     mlflow.log_input(ds, context=context)
 
 
+def log_extra_dataset(extra, context: str = "training-extra") -> None:
+    """The labelled captured dataset as a run input (the same MLflow dataset `data label` logged)."""
+    import mlflow
+
+    ds = mlflow.data.from_numpy(extra.x, targets=extra.y, source=extra.path, name=f"capture-{extra.digest[:12]}",
+                                digest=extra.digest[:16])
+    mlflow.log_input(ds, context=context)
+
+
 def deployable(model, mean: float, std: float):
     """The model a device runs: ``(x - mean) / std`` (the training split's statistics) followed by
     the trained network, so it takes raw inputs like the ones the data came as."""
@@ -210,7 +222,8 @@ def register_version(client, name: str, model_info, run_id: str, tags: dict[str,
     return version
 
 
-def log_and_register(model, config, splits, dataset, test_accuracy: float, y_pred: np.ndarray, alias: str | None):
+def log_and_register(model, config, splits, dataset, test_accuracy: float, y_pred: np.ndarray, alias: str | None,
+                     lineage: dict[str, str] | None = None):
     """The trained model's record in the active run, and a new registered version of it.
 
     The registered version is the ONNX export (what ``edgesmith build models:/...`` compiles) of the
@@ -235,6 +248,7 @@ def log_and_register(model, config, splits, dataset, test_accuracy: float, y_pre
         info = mlflow.onnx.log_model(export_onnx(deployed, config.input_shape), name=ONNX_MODEL,
                                      pip_requirements=requirements, save_as_external_data=False)
     tags = {TAG_DATASET: dataset.digest, TAG_CONFIG: config.digest(),
-            TAG_INPUT: ",".join(str(d) for d in config.input_shape), "edgesmith.test_accuracy": f"{test_accuracy:.4f}"}
+            TAG_INPUT: ",".join(str(d) for d in config.input_shape), "edgesmith.test_accuracy": f"{test_accuracy:.4f}",
+            **(lineage or {})}
     return register_version(client, config.name, info, run_id, tags,
                             f"trained by edgesmith on {dataset.source} (digest {dataset.digest}), run {run_id}", alias)

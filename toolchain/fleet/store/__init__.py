@@ -6,7 +6,9 @@ One module per concern, each with its tables on the one ``metadata``:
 - ingest.py: telemetry ingest (devices, sessions, windows, messages, refusals) and its reads;
 - alerts.py: each alert condition and whether it is firing;
 - deployments.py: deployments, waves, targets, desired-state versions and reported deploy states,
-  written by `edgesmith deploy` (toolchain/deploy) and by ingest, read by `fleet status`.
+  written by `edgesmith deploy` (toolchain/deploy) and by ingest, read by `fleet status`;
+- shadows.py: shadows, their windows and events, shadow-state versions and selections, written by
+  `edgesmith shadow` (toolchain/shadow) and by ingest, read by `shadow report` and `select`.
 
 toolchain/fleet and toolchain/deploy both import the store; it imports neither package's other
 modules (tests/test_store_layout.py checks that the two packages do not import each other).
@@ -18,7 +20,9 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
-from edgesmith.toolchain.fleet.store import deployments
+from edgesmith.runtime.contract import MessageKind as K
+
+from edgesmith.toolchain.fleet.store import deployments, shadows
 from edgesmith.toolchain.fleet.store.alerts import AlertKey, AlertStore
 from edgesmith.toolchain.fleet.store.engine import (SCHEMA_VERSION, counters, default_url, metadata, now_ms,
                                                     open_engine)
@@ -27,7 +31,7 @@ from edgesmith.toolchain.fleet.store.ingest import (DROP_REASONS, SILENT_INTERVA
 
 __all__ = ["DROP_REASONS", "SCHEMA_VERSION", "SILENT_INTERVALS", "AlertKey", "BatchListener", "BatchResult",
            "Incoming", "Store", "counters", "default_url", "deployments", "fleet_status", "is_silent", "metadata",
-           "now_ms", "open_engine"]
+           "now_ms", "open_engine", "shadows"]
 
 
 class Store(IngestStore, AlertStore):
@@ -35,4 +39,8 @@ class Store(IngestStore, AlertStore):
 
     def _record_reports(self, conn: Connection, reports: list[tuple[Incoming, Any]]) -> None:
         for item, msg in reports:
-            deployments.record_report(conn, item.received_ms, msg)
+            if msg.kind != K.SHADOW:
+                deployments.record_report(conn, item.received_ms, msg)
+        shadow_reports = [(item, msg) for item, msg in reports if shadows.is_shadow_report(msg)]
+        if shadow_reports:
+            shadows.record(conn, self._numbered, shadow_reports)

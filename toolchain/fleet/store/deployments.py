@@ -157,19 +157,21 @@ def issued_version(store: StoreBase, fleet: str, device: str) -> int:
     return int(version or 0)
 
 
-def reserve_version(store: StoreBase, fleet: str, device: str, at_least: int = 0) -> int:
+def reserve_version(store: StoreBase, fleet: str, device: str, at_least: int = 0, table: Table | None = None) -> int:
     """The next desired-state version of a device, above every one published (stored before use,
     so a crash after publishing never reuses it) and above ``at_least`` (what the broker knows, in
     case the store is newer than the fleet; a device's own claim is clamped to what was issued
-    before it gets here: FleetWatch.version_floor)."""
+    before it gets here: FleetWatch.version_floor). ``table``: the counter's table, default
+    ``desired_versions`` (shadow states keep their own: shadows.shadow_versions)."""
+    table = desired_versions if table is None else table
     if not 0 <= at_least < contract.MAX_SAFE_INT:
         raise UserError(f"device {device}'s desired-state version floor {at_least} is past the contract's limit "
                         f"{contract.MAX_SAFE_INT}; clear its retained desired state on the broker")
     # One statement (an upsert), so two commands at once (a deploy and a rollback) never get the same version.
-    current = desired_versions.c.version
-    statement = dialect_insert(store.engine.dialect, desired_versions).values(fleet=fleet, device=device, version=at_least + 1)
+    current = table.c.version
+    statement = dialect_insert(store.engine.dialect, table).values(fleet=fleet, device=device, version=at_least + 1)
     statement = statement.on_conflict_do_update(
-        index_elements=[desired_versions.c.fleet, desired_versions.c.device],
+        index_elements=[table.c.fleet, table.c.device],
         set_={"version": case((current > at_least, current), else_=literal(at_least, BigInteger)) + 1},
     ).returning(current)
     with store.engine.begin() as conn:

@@ -420,7 +420,7 @@ class IngestStore(StoreBase):
                     result.windows.append((window_rows[-1], msg))
                 else:
                     message_rows.append(self._message_row(batch, item, msg))
-                    if msg.kind in (K.STATE, K.EVENT):
+                    if msg.kind in (K.STATE, K.EVENT, K.SHADOW):
                         reports.append((item, msg))
             row["messages"] += 1
             result.stored += 1
@@ -437,8 +437,9 @@ class IngestStore(StoreBase):
         return result, state
 
     def _record_reports(self, conn: Connection, reports: list[tuple[Incoming, Any]]) -> None:
-        """Inside the batch's transaction, after its rows are written: the state and event messages
-        it stored, for what they report beyond telemetry (Store records deployments from them)."""
+        """Inside the batch's transaction, after its rows are written: the state, event and shadow
+        messages it stored, for what they report beyond telemetry (Store records deployments and
+        shadows from them)."""
 
     @staticmethod
     def _reimaged(batch: int, item: Incoming, msg: Any, dev: _Device) -> dict[str, Any]:
