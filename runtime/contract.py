@@ -549,20 +549,27 @@ class DesiredArtifact(_Msg):
     name: Name
 
 
-class DesiredState(_Msg):
-    """What one device should run; signed, inside a DesiredEnvelope."""
+class SignedState(_Msg):
+    """What every signed central → device state carries (DesiredState, ShadowState, CaptureState):
+    whom it is for, its version, when it was issued and until when a device takes it. Each kind is
+    signed over its own domain, published on its own topic and counts its own versions."""
 
     v: Literal[1] = DESIRED_VERSION
     fleet: Id
     device: Id
     version: Annotated[int, Field(strict=True, ge=1, le=MAX_SAFE_INT)] = Field(
-        description="strictly increasing per device: a device refuses anything not above what it applied")
-    deployment_id: Id
-    action: DeployAction
+        description="strictly increasing per device and kind: a device refuses anything not above what it took")
     issued_at_ms: Ms
-    artifact: DesiredArtifact
     not_after: Annotated[int, Field(strict=True, ge=1, le=MAX_SAFE_INT)] | None = Field(
         default=None, description="seconds since the epoch after which the device refuses it (absent: no expiry)")
+
+
+class DesiredState(SignedState):
+    """What one device should run; signed, inside a DesiredEnvelope."""
+
+    deployment_id: Id
+    action: DeployAction
+    artifact: DesiredArtifact
 
 
 class DesiredEnvelope(_Msg):
@@ -576,7 +583,7 @@ class DesiredEnvelope(_Msg):
         description=f"ed25519 over {DESIRED_DOMAIN!r} + signed, hex")
 
 
-class ShadowState(_Msg):
+class ShadowState(SignedState):
     """What one device should shadow; signed (over SHADOW_DOMAIN + the text) inside a DesiredEnvelope
     published, retained, on ``edgesmith/v1/<fleet>/<device>/shadow-desired`` (docs/shadow.md).
 
@@ -591,17 +598,9 @@ class ShadowState(_Msg):
          "then": {"properties": {"candidates": {"maxItems": 0}}}},
     ]})
 
-    v: Literal[1] = DESIRED_VERSION
     kind: Literal["shadow"] = "shadow"
-    fleet: Id
-    device: Id
-    version: Annotated[int, Field(strict=True, ge=1, le=MAX_SAFE_INT)] = Field(
-        description="strictly increasing per device (its own counter): a device refuses anything not above what it took")
     shadow_id: Id
     action: ShadowAction
-    issued_at_ms: Ms
-    not_after: Annotated[int, Field(strict=True, ge=1, le=MAX_SAFE_INT)] | None = Field(
-        default=None, description="seconds since the epoch after which the device refuses this shadow state")
     starts_at_ms: Ms = Field(default=0, description="when the first candidate's turn starts (its schedule's origin)")
     duration_s: Annotated[int, Field(strict=True, ge=1, le=MAX_SHADOW_DURATION_S)] = Field(
         default=3600, description="the whole shadow; each candidate runs for duration_s / len(candidates)")
@@ -638,7 +637,7 @@ class CapturePolicy(_Msg):
     disagreement: bool = Field(default=False, description="capture when a running shadow's top-1 differs from serving's")
 
 
-class CaptureState(_Msg):
+class CaptureState(SignedState):
     """What one device should capture; signed (over CAPTURE_DOMAIN + the text) inside a
     DesiredEnvelope published, retained, on ``edgesmith/v1/<fleet>/<device>/capture-desired``
     (docs/capture.md). Versions are their own counter, strictly increasing per device."""
@@ -649,17 +648,9 @@ class CaptureState(_Msg):
          "else": {"properties": {"upload_token": {"type": "null"}}}},
     ]})
 
-    v: Literal[1] = DESIRED_VERSION
     kind: Literal["capture"] = "capture"
-    fleet: Id
-    device: Id
-    version: Annotated[int, Field(strict=True, ge=1, le=MAX_SAFE_INT)] = Field(
-        description="strictly increasing per device (its own counter): a device refuses anything not above what it took")
     capture_id: Id
     action: CaptureAction
-    issued_at_ms: Ms
-    not_after: Annotated[int, Field(strict=True, ge=1, le=MAX_SAFE_INT)] | None = Field(
-        default=None, description="seconds since the epoch after which the device refuses this capture state")
     policy: CapturePolicy = CapturePolicy()
     max_samples: Annotated[int, Field(strict=True, ge=1, le=1_000_000)] = Field(
         default=500, description="samples the device stores for this capture at most (and the receiver accepts)")
