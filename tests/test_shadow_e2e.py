@@ -177,7 +177,7 @@ def run_shadow(fleet: dict, candidates: Path, sample: str, duration: str) -> str
 @pytest.fixture(scope="module")
 def gate_shadow(fleet) -> str:
     """The INT8 build and the shuffled-label model, in turn, shadowing FP32 on half the requests."""
-    return run_shadow(fleet, fleet["gate"], "0.5", "16s")
+    return run_shadow(fleet, fleet["gate"], "0.5", "12s")
 
 
 def manifest_sha(artifact: Path) -> str:
@@ -217,7 +217,7 @@ def deploy(fleet: dict, artifact: Path, sid: str) -> subprocess.CompletedProcess
 
 
 def test_select_from_a_backend_all_shadow_picks_the_build_timings_fastest_and_tvm_is_slowest(fleet):
-    sid = run_shadow(fleet, fleet["all"], "0.9", "24s")
+    sid = run_shadow(fleet, fleet["all"], "0.9", "20s")
     report = figures(fleet, sid)
     backend_of = {c["index"]: c["backend"] for c in report["candidates"]}
     assert sorted(backend_of.values()) == sorted(fleet["by_backend"]), report["candidates"]
