@@ -197,7 +197,8 @@ def edgenet_artifacts(shared_root, session_home) -> dict:
 def digits_trained(shared_root) -> dict:
     """The digits CNN of examples/digits.toml trained once per run (4 epochs, a few seconds) into an
     SQLite MLflow registry: its tracking URI and ``models:/digits/<version>``. Reduced precisions need a
-    trained model (untrained, INT8 agrees with FP32 on only ~92% of inputs)."""
+    trained model (untrained, INT8 agrees with FP32 on only ~92% of inputs). Builds from it log their
+    runs into the same registry: count a module's own runs by their artifact, not all the model's."""
     def make(root: Path) -> dict:
         from edgesmith.toolchain.train.config import load_config
         from edgesmith.toolchain.train.run import train_and_register
