@@ -194,6 +194,25 @@ def edgenet_artifacts(shared_root, session_home) -> dict:
 
 
 @pytest.fixture(scope="session")
+def digits_trained(shared_root) -> dict:
+    """The digits CNN of examples/digits.toml trained once per run (4 epochs, a few seconds) into an
+    SQLite MLflow registry: its tracking URI and ``models:/digits/<version>``. Reduced precisions need a
+    trained model (untrained, INT8 agrees with FP32 on only ~92% of inputs). Builds from it log their
+    runs into the same registry: count a module's own runs by their artifact, not all the model's."""
+    def make(root: Path) -> dict:
+        from edgesmith.toolchain.train.config import load_config
+        from edgesmith.toolchain.train.run import train_and_register
+
+        uri = f"sqlite:///{root / 'mlflow.db'}"
+        config = load_config(REPO / "examples" / "digits.toml").with_overrides(epochs=4)
+        summary = train_and_register(config, uri, alias="champion", progress=False)
+        return {"uri": uri, "model_uri": f"models:/{summary.model_name}/{summary.version}", "run_id": summary.run_id,
+                "test_accuracy": summary.test_accuracy}
+
+    return _once(shared_root, "digits-trained", make)
+
+
+@pytest.fixture(scope="session")
 def digits_host_openvino(shared_root, session_home) -> dict:
     """The demo CNN built once for the host with OpenVINO only (what the agent tests serve)."""
     def make(out: Path) -> dict:
