@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from edgesmith.runtime import contract
 from edgesmith.runtime.keys import edgesmith_home
 from edgesmith.toolchain.capture import record
 from edgesmith.toolchain.capture.store import CaptureStore
@@ -168,7 +169,8 @@ def label(dataset: CapturedDataset, labels_csv: Path, classes: int | None = None
     position = {sid: n for n, sid in enumerate(ids)}
     chosen: dict[str, int] = {}
     try:
-        with open(labels_csv, newline="") as f:
+        # utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte-order mark, which is not part of the first id.
+        with open(labels_csv, newline="", encoding="utf-8-sig") as f:
             for line, row in enumerate(csv.reader(f), start=1):
                 if not row or all(not c.strip() for c in row):
                     continue
@@ -183,7 +185,8 @@ def label(dataset: CapturedDataset, labels_csv: Path, classes: int | None = None
                                     "use the ids from its data.npz (ids) or `edgesmith capture pull --json`")
                 if sid in chosen:
                     raise UserError(f"{where}: sample {sid} is labelled twice; keep one line per sample")
-                if not cls.isdigit() or (count is not None and int(cls) >= count):
+                # ASCII digits only: str.isdigit() also takes '²', which int() refuses.
+                if not (cls.isascii() and cls.isdigit()) or int(cls) >= (count or contract.MAX_CLASSES):
                     raise UserError(f"{where}: class {cls!r} is not one of the model's classes "
                                     f"(0..{count - 1 if count else 'N-1'}); give the class index")
                 chosen[sid] = int(cls)
