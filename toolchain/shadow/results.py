@@ -242,10 +242,11 @@ def set_selection_run(store: Store, selection_id: int, run_id: str) -> None:
 
 
 def require(store: Store, shadow_id: str, manifest_sha256: str, name: str, min_agreement: float,
-            max_latency_ratio: float | None, min_samples: int) -> Verdict:
-    """`deploy --require-shadow`: the artifact must be a candidate of the shadow and pass on every
-    shadowed device; UserError with the figures otherwise."""
-    shadow = central.get(store, shadow_id)
+            max_latency_ratio: float | None, min_samples: int, fleet: str | None = None) -> Verdict:
+    """`deploy --require-shadow`: the artifact must be a candidate of the shadow (of ``fleet``, the
+    deployment's: another fleet's devices measured nothing about this one) and pass on every shadowed
+    device; UserError with the figures otherwise."""
+    shadow = central.get(store, shadow_id, fleet)
     verdicts = judge(store, shadow, min_agreement, max_latency_ratio, min_samples)
     verdict = next((v for v in verdicts if v.candidate["manifest_sha256"] == manifest_sha256), None)
     if verdict is None:
