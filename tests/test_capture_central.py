@@ -272,6 +272,22 @@ def test_pull_makes_a_stable_content_addressed_dataset(receiver, tmp_path):
         ds.pull(receiver["store"], "elsewhere", None, tmp_path / "a")
 
 
+def test_one_device_with_other_inputs_names_itself_and_the_others_still_pull(receiver, tmp_path):
+    """A model the receiver's artifact store lacks is not checked, so one device can upload samples
+    of any inputs; the pull says whose they are, and --model pulls the others."""
+    _, _, shas = _upload_some(receiver)
+    odd = _record("cam-03", _digits(1, seed=9)[0][0], 1765000000099, manifest="e" * 64, input_name="other")
+    assert receiver["up"]["cam-03"].put(odd).status_code == 201
+    with pytest.raises(UserError, match=r"different inputs \(model dddddddddddd from cam-01, cam-02, cam-03: inputs "
+                                        r"\[\('input', .*; model eeeeeeeeeeee from cam-03: inputs \[\('other', .*"
+                                        r"pull one model's with --model MANIFEST"):
+        ds.pull(receiver["store"], FLEET, None, tmp_path / "d")
+    dataset = ds.pull(receiver["store"], FLEET, None, tmp_path / "d", model=MANIFEST[:8])
+    assert list(dataset.arrays()["ids"]) == sorted(shas)
+    with pytest.raises(UserError, match="no captured samples of fleet plant-a and model 0123"):
+        ds.pull(receiver["store"], FLEET, None, tmp_path / "d", model="0123")
+
+
 @pytest.mark.integration  # runs the CLI
 def test_label_csv_errors_name_the_first_bad_line(receiver, tmp_path):
     _, labels, _ = _upload_some(receiver)

@@ -136,8 +136,9 @@ def make_app(store: CaptureStore, artifacts: Path | None = None, read_timeout_s:
         key = (fleet, device, capture_id)
         uploads, reserved = inflight.get(key, (0, 0))
         if samples + uploads >= grant.max_samples or used + reserved + int(declared) > grant.max_bytes:
-            return refuse(fleet, device, Refusal.BUDGET, f"the capture's budget is taken ({samples} samples, {used} "
-                                                         f"bytes stored, {uploads} uploads of {reserved} bytes in progress)")
+            return refuse(fleet, device, Refusal.BUDGET,
+                          f"the capture's budget is taken ({samples} samples, {used} bytes stored, {uploads} uploads "
+                          f"of {reserved} bytes in progress)")
         inflight[key] = (uploads + 1, reserved + int(declared))
         try:
             return await _receive(request, grant, fleet, device, capture_id, sha, cap)
@@ -197,8 +198,8 @@ class CaptureReceiver(AppServer):
                  certfile: str | None = None, keyfile: str | None = None, artifacts: Path | None = None,
                  read_timeout_s: float = READ_TIMEOUT_S):
         self.store = store
-        super().__init__(make_app(store, artifacts, read_timeout_s), host, port, log_level, certfile, keyfile, what="captures",
-                         option="--listen")
+        super().__init__(make_app(store, artifacts, read_timeout_s), host, port, log_level, certfile, keyfile,
+                         what="captures", option="--listen")
 
 
 def serve_forever(directory: Path, host: str, port: int, certfile: str | None = None, keyfile: str | None = None,
