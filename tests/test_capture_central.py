@@ -488,6 +488,9 @@ def test_capture_serve_and_pull_as_a_user_runs_them(tmp_path):
     again = json.loads(run_cli("capture", "pull", "--since", "1h", *common).stdout)
     assert first["digest"] == again["digest"] and first["samples"] == 3 and first["devices"] == ["cam-03"]
     assert store.refusals() == {(FLEET, "cam-03"): {"token": 1}}
+    typo = run_cli("capture", "pull", *common, "--dir", str(tmp_path / "captrues"), check=False)
+    assert typo.returncode == 1 and "captrues is not a capture store (no index.db)" in " ".join(typo.stderr.split())
+    assert not (tmp_path / "captrues").exists()  # nothing made
 
 
 def test_the_receiver_serves_https_with_the_fleet_ca(tmp_path):

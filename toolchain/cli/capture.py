@@ -129,7 +129,14 @@ def pull(
     from edgesmith.toolchain.cli import out_console
     from edgesmith.toolchain.data import datasets as ds
 
-    dataset = ds.pull(CaptureStore(directory), fleet, ds.parse_duration(since) if since else None, datasets,
+    from edgesmith.toolchain.capture.store import default_dir
+    from edgesmith.toolchain.errors import UserError
+
+    where = Path(directory) if directory else default_dir()
+    if not (where / "index.db").is_file():  # a mistyped --dir must not become a new, empty store
+        raise UserError(f"{where} is not a capture store (no index.db); give the --dir `edgesmith capture serve` "
+                        "receives into (default $EDGESMITH_HOME/captures)")
+    dataset = ds.pull(CaptureStore(where), fleet, ds.parse_duration(since) if since else None, datasets,
                       model=model)
     run_id = ds.log_to_mlflow(dataset, tracking_uri)
     if as_json:
