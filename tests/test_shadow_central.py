@@ -485,3 +485,21 @@ def test_shadow_ingest_report_and_select_on_both_stores(store_url):
     (panel,) = shadows.panel(store)
     assert panel["id"] == sid and [p["agreement"] for p in panel["candidates"][0]["points"]] == [0.95, 1.0]
     store.engine.dispose()
+
+
+def test_huge_latency_counts_keep_their_quantiles():
+    """Every bucket of a 4096-bucket layout at the contract's cap: the merged total is past 64 bits,
+    and the quantiles must still be those of the shape (here: every bucket equal), not a wrapped sum's."""
+    from edgesmith.toolchain.shadow.results import _latency
+
+    count = contract.MAX_LATENCY_BUCKETS
+    layout = json.dumps([10.0, 1.001, count])
+
+    def row(c: int) -> dict:
+        w = {"counts": [c] * count, "underflow": 0, "overflow": 0, "sum_us": 1.0, "max_us": 1e9}
+        return {"latency_layout": layout, "latency": json.dumps(w)}
+
+    same_shape = _latency([row(1)], "latency")
+    huge = _latency([row(contract.MAX_SAFE_INT)] * 3, "latency")
+    assert same_shape[0] > 10.0 * 1.001 ** 2000  # the middle bucket
+    assert huge == pytest.approx(same_shape, rel=1e-3)

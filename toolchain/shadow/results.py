@@ -89,11 +89,14 @@ def _latency(rows: list[dict[str, Any]], column: str) -> tuple[float | None, flo
             continue
         w = json.loads(r[column])
         hist.add(w["counts"], w["underflow"], w["overflow"], w["sum_us"], w["max_us"])
-    # Each count is bounded by the contract; the sums over many windows are capped so the C++ rule's
-    # 64-bit totals cannot overflow, whatever a device claims.
-    hist.counts = [min(c, contract.MAX_SAFE_INT) for c in hist.counts]
-    hist.underflow = min(hist.underflow, contract.MAX_SAFE_INT)
-    hist.overflow = min(hist.overflow, contract.MAX_SAFE_INT)
+    # Each count is bounded by the contract, but not their sum over up to MAX_LATENCY_BUCKETS buckets and
+    # many windows; the C++ rule totals them in 64 bits. Scaled down to a total it can hold, the
+    # histogram keeps its shape (and so its quantiles), whatever a device claims.
+    if hist.total > contract.MAX_SAFE_INT:
+        div = -(-hist.total // contract.MAX_SAFE_INT)
+        hist.counts = [c // div for c in hist.counts]
+        hist.underflow //= div
+        hist.overflow //= div
     if hist.total == 0:
         return None, None
     p50, p95 = hist.percentiles_us((0.50, 0.95))
