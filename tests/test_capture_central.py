@@ -270,6 +270,10 @@ def test_pull_makes_a_stable_content_addressed_dataset(receiver, tmp_path):
     assert not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(".")]
     with pytest.raises(UserError, match="no captured samples of fleet elsewhere"):
         ds.pull(receiver["store"], "elsewhere", None, tmp_path / "a")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / ds.META_FILE).write_text("{")
+    with pytest.raises(UserError, match=r"dataset .*broken is damaged \(.*meta.json: Expecting"):
+        ds.open_dataset(str(tmp_path / "broken"))
 
 
 def test_one_device_with_other_inputs_names_itself_and_the_others_still_pull(receiver, tmp_path):

@@ -96,8 +96,12 @@ def open_dataset(name: str, root: Path | None = None) -> CapturedDataset:
             raise UserError(f"no single dataset {name!r} in {root}" + (f" ({len(matches)} match)" if matches else "")
                             + "; give a digest from `edgesmith capture pull` or `edgesmith data label`, or a dataset directory")
         path = matches[0]
-    meta = json.loads((path / META_FILE).read_text())
-    return CapturedDataset(meta["digest"], path, meta)
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+        return CapturedDataset(meta["digest"], path, meta)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"dataset {path} is damaged ({path / META_FILE}: {e}); pull it again with `edgesmith capture "
+                        "pull`, or label its parent again") from None
 
 
 def parse_duration(text: str, option: str = "--since") -> int:
