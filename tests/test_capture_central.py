@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import threading
 
 import numpy as np
@@ -195,6 +196,45 @@ def test_concurrent_identical_uploads_store_one_object(receiver):
     assert len(list(receiver["store"].objects.iterdir())) == 5  # no temporary file left
 
 
+def _start_upload(url: str, token: str, body: bytes, send: int) -> socket.socket:
+    """An upload whose headers (Expect: 100-continue) and first ``send`` body bytes are sent; returns
+    once the receiver has taken it (its 100 Continue: it passed the checks and reads the body)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=60)
+    sock.sendall(f"PUT /v1/captures/{FLEET}/cam-01/{CAPTURE}/{hashlib.sha256(body).hexdigest()} HTTP/1.1\r\n"
+                 f"Host: {host}\r\nAuthorization: Bearer {token}\r\nContent-Length: {len(body)}\r\n"
+                 "Expect: 100-continue\r\n\r\n".encode())
+    assert sock.recv(64).startswith(b"HTTP/1.1 100 ")
+    sock.sendall(body[:send])
+    return sock
+
+
+def test_uploads_in_progress_hold_the_budget_and_a_stalled_one_lets_it_go(tmp_path):
+    """Concurrent uploads of one capture hold at most its budget in memory (not one hard cap each),
+    and one whose body stops arriving is ended (408) and no longer holds any."""
+    images, _ = _digits(3, seed=7)
+    bodies = [_record("cam-01", im, 1765000000000 + i) for i, im in enumerate(images)]
+    token = "ab" * 32
+    for read_timeout_s in (600.0, 0.2):
+        store = CaptureStore(tmp_path / f"captures-{read_timeout_s}")
+        store.grant(FLEET, "cam-01", CAPTURE, token, max_samples=10, max_bytes=2 * len(bodies[0]) - 1, not_after=2**40)
+        with CaptureReceiver(store, read_timeout_s=read_timeout_s) as server:
+            up = Uploader(server.url, "cam-01", token)
+            held = _start_upload(server.url, token, bodies[0], 100)
+            if read_timeout_s > 1:
+                second = up.put(bodies[1])  # fits what is stored, not with the one in progress
+                assert second.status_code == 409 and "1 uploads of" in second.json()["detail"], second.text
+                held.sendall(bodies[0][100:])
+                assert held.recv(4096).startswith(b"HTTP/1.1 201 ")
+                assert store.refusals(FLEET) == {(FLEET, "cam-01"): {"budget": 1}}
+            else:
+                assert held.recv(4096).startswith(b"HTTP/1.1 408 ")  # stalled: ended
+                assert up.put(bodies[1]).status_code == 201  # and its reservation freed
+                assert store.refusals(FLEET) == {(FLEET, "cam-01"): {"stalled": 1}}
+            held.close()
+        assert len(store.samples(FLEET)) == 1
+
+
 def test_an_expired_grant_is_refused_and_counted(receiver):
     image, _ = _digits(1)
     store = receiver["store"]
@@ -230,6 +270,26 @@ def test_pull_makes_a_stable_content_addressed_dataset(receiver, tmp_path):
     assert not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(".")]
     with pytest.raises(UserError, match="no captured samples of fleet elsewhere"):
         ds.pull(receiver["store"], "elsewhere", None, tmp_path / "a")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / ds.META_FILE).write_text("{")
+    with pytest.raises(UserError, match=r"dataset .*broken is damaged \(.*meta.json: Expecting"):
+        ds.open_dataset(str(tmp_path / "broken"))
+
+
+def test_one_device_with_other_inputs_names_itself_and_the_others_still_pull(receiver, tmp_path):
+    """A model the receiver's artifact store lacks is not checked, so one device can upload samples
+    of any inputs; the pull says whose they are, and --model pulls the others."""
+    _, _, shas = _upload_some(receiver)
+    odd = _record("cam-03", _digits(1, seed=9)[0][0], 1765000000099, manifest="e" * 64, input_name="other")
+    assert receiver["up"]["cam-03"].put(odd).status_code == 201
+    with pytest.raises(UserError, match=r"different inputs \(model dddddddddddd from cam-01, cam-02, cam-03: inputs "
+                                        r"\[\('input', .*; model eeeeeeeeeeee from cam-03: inputs \[\('other', .*"
+                                        r"pull one model's with --model MANIFEST"):
+        ds.pull(receiver["store"], FLEET, None, tmp_path / "d")
+    dataset = ds.pull(receiver["store"], FLEET, None, tmp_path / "d", model=MANIFEST[:8])
+    assert list(dataset.arrays()["ids"]) == sorted(shas)
+    with pytest.raises(UserError, match="no captured samples of fleet plant-a and model 0123"):
+        ds.pull(receiver["store"], FLEET, None, tmp_path / "d", model="0123")
 
 
 @pytest.mark.integration  # runs the CLI
@@ -243,6 +303,7 @@ def test_label_csv_errors_name_the_first_bad_line(receiver, tmp_path):
         f"{ids[0]},1\n{ids[1]},10\n": r"line 2: class '10' is not one of the model's classes \(0..9\)",
         f"{ids[0]},1\n{ids[1]},2\n{ids[0]},3\n": r"line 3: sample [0-9a-f]{64} is labelled twice",
         f"{ids[0]},1,extra\n": r"line 1 has 3 fields",
+        f"{ids[0]},\u00b2\n": r"line 1: class '\u00b2' is not one of the model's classes",  # isdigit(), not int()
         f"{ids[0]},cat\n": r"line 1: class 'cat' is not one of the model's classes",
     }
     for text, message in cases.items():
@@ -253,7 +314,8 @@ def test_label_csv_errors_name_the_first_bad_line(receiver, tmp_path):
     # the CLI says it in one sentence
     result = run_cli("data", "label", str(dataset.path), "--labels", str(csv), check=False)
     assert result.returncode == 1 and result.stderr.count("\n") == 1 and "class 'cat'" in result.stderr
-    csv.write_text("".join(f"{i},{int(labels[n])}\n" for n, i in enumerate(ids)))
+    # A spreadsheet's "CSV UTF-8" starts with a byte-order mark: the header row is still a header row.
+    csv.write_text("\ufeffid,class\n" + "".join(f"{i},{int(labels[n])}\n" for n, i in enumerate(ids)), encoding="utf-8")
     labelled = ds.label(dataset, csv)
     assert labelled.digest != dataset.digest and labelled.meta["parent"] == dataset.digest
     assert labelled.labelled and len(labelled.arrays()["y"]) == 6
@@ -430,6 +492,9 @@ def test_capture_serve_and_pull_as_a_user_runs_them(tmp_path):
     again = json.loads(run_cli("capture", "pull", "--since", "1h", *common).stdout)
     assert first["digest"] == again["digest"] and first["samples"] == 3 and first["devices"] == ["cam-03"]
     assert store.refusals() == {(FLEET, "cam-03"): {"token": 1}}
+    typo = run_cli("capture", "pull", *common, "--dir", str(tmp_path / "captrues"), check=False)
+    assert typo.returncode == 1 and "captrues is not a capture store (no index.db)" in " ".join(typo.stderr.split())
+    assert not (tmp_path / "captrues").exists()  # nothing made
 
 
 def test_the_receiver_serves_https_with_the_fleet_ca(tmp_path):

@@ -365,3 +365,25 @@ def test_a_flooding_device_cannot_crowd_out_the_others(broker_dir, tmp_path, mon
     assert ("plant-a", "healthy") not in refusals
     assert m.store.counters()["stored"] == 18
     m.store.engine.dispose()
+
+
+def test_a_devices_error_text_is_shown_as_text_by_fleet_deployments(tmp_path):
+    """A deploy report's error is the device's words: markup in them ('[/x]' closes nothing) neither
+    ends `fleet deployments` in a traceback nor styles its table."""
+    from edgesmith.toolchain.fleet.store import Store
+    from edgesmith.toolchain.fleet.store import deployments as history
+
+    url = f"sqlite:///{tmp_path / 'monitor.db'}"
+    store = Store.open(url)
+    history.ensure_tables(store)
+    history.create_deployment(store, {"id": "dep-20261207-2100-abcdef", "fleet": "plant-a", "action": "deploy",
+                                      "artifact": "tiny-v2", "archive_sha256": "a" * 64, "manifest_sha256": "b" * 64,
+                                      "url": "http://127.0.0.1:9", "key_id": "c" * 16, "waves": "[1.0]"},
+                              [(1.0, ["cam-01"])])
+    history.add_target(store, "dep-20261207-2100-abcdef", "plant-a", "cam-01", 1, 3, (None, None))
+    error = "self-test [/x] failed [bold]"
+    history.set_result(store, "dep-20261207-2100-abcdef", "cam-01", "failed", error=error)
+    history.finish(store, "dep-20261207-2100-abcdef", "failed", message="wave 1: [/y] cam-01 failed")
+    result = run_cli("fleet", "deployments", "--db", url, check=False)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stdout + result.stderr
+    assert error in result.stdout and "wave 1: [/y] cam-01 failed" in result.stdout, result.stdout

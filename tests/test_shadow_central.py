@@ -140,6 +140,15 @@ def test_start_signs_one_state_per_device_and_versions_increase(env):
     assert [(s.action, s.shadow_id) for s in got] == [("start", sid), ("stop", sid), ("start", second)]
     assert got[0].version < got[1].version < got[2].version
     assert retained_state(env, "cam-01").version == got[2].version
+    # Stopping the stopped one again must not publish a stop: the device would end the running one.
+    again = cli(env, "shadow", "stop", sid, "--fleet", FLEET, "--broker", str(env["broker"]), "--db", env["db"],
+                "--key", env["common"][-1], check=False)
+    said = " ".join(again.stderr.split())
+    assert again.returncode == 1 and "Traceback" not in again.stderr, again.stdout + again.stderr
+    assert f"shadow {sid} is not running (it is stopped); nothing was published" in said, said
+    assert f"`edgesmith shadow stop {second} --fleet {FLEET}` stops it" in said, said
+    assert retained_state(env, "cam-01").version == got[2].version
+    assert query(env["db"], f"SELECT status FROM shadows WHERE id = '{second}'") == [("running",)]
     cli(env, "shadow", "stop", "--fleet", FLEET, "--broker", str(env["broker"]), "--db", env["db"],
         "--key", env["common"][-1])  # the fleet's running one
     assert query(env["db"], f"SELECT status FROM shadows WHERE id = '{second}'") == [("stopped",)]
@@ -292,6 +301,10 @@ def test_report_select_and_deploy_gate(env):
     assert "deployment" not in low.stdout  # nothing was published
     slow = deploy(env["candidates"] / "b", "--max-latency-ratio", "0.7")
     assert slow.returncode == 1 and re.search(r"cam-0\d: latency ratio 0\.\d+ > 0\.7", " ".join(slow.stderr.split()))
+    other_fleet = cli(env, "deploy", str(env["candidates"] / "b"), *env["common"][2:], "--fleet", "plant-b",
+                      "--store", str(env["store"]), "--serve", "127.0.0.1:0", "--require-shadow", sid, check=False)
+    said = " ".join(other_fleet.stderr.split())
+    assert other_fleet.returncode == 1 and f"no shadow {sid} of fleet plant-b in the store" in said, said
     not_candidate = deploy(env["serving"])
     assert not_candidate.returncode == 1 and "was not a candidate of shadow" in " ".join(not_candidate.stderr.split())
     passing = deploy(env["candidates"] / "b", "--min-agreement", "0.999", "--max-latency-ratio", "1.05")
@@ -300,6 +313,9 @@ def test_report_select_and_deploy_gate(env):
     assert "deployment dep-" in passing.stdout
     cli(env, "shadow", "stop", sid, "--fleet", FLEET, "--broker", str(env["broker"]), "--db", env["db"],
         "--key", env["common"][-1])
+
+
+ERROR_WITH_MARKUP = "shadow slot [/x] budget [bold]exceeded"  # as markup: a closing tag that closes nothing
 
 
 @pytest.mark.integration
@@ -340,7 +356,7 @@ def test_a_hostile_devices_reports_are_ignored_and_counted(env):
     cam.send(shadow_window(cam, state, 1, huge, huge, lat, lat, offered=huge, samples=huge, latency=big,
                            serving_latency=big))
     cam.send(contract.Event(**cam._envelope(False), event="shadow.refused", message="no room",
-                            details={"shadow_id": sid, "candidate": 0, "error": "shadow slot budget exceeded"}))
+                            details={"shadow_id": sid, "candidate": 0, "error": ERROR_WITH_MARKUP}))
     wait_until(lambda: stored_windows(env, sid) == 7
                and query(env["db"], f"SELECT count(*) FROM shadow_events WHERE shadow_id = '{sid}'") == [(2,)]
                and query(env["db"], "SELECT count(*) FROM shadow_ignored WHERE reason = 'foreign_shadow' "
@@ -350,7 +366,11 @@ def test_a_hostile_devices_reports_are_ignored_and_counted(env):
                                  "cam-04": {"foreign_candidate": 2, "stale_version": 1, "other_serving": 1}}
     by_cand = {f["candidate"]: f for f in report["figures"]}
     assert by_cand[0]["samples"] == 0 and by_cand[0]["refused"] == 1 and by_cand[0]["failed"] == 0
-    assert by_cand[0]["last_error"] == "shadow slot budget exceeded"
+    assert by_cand[0]["last_error"] == ERROR_WITH_MARKUP
+    # A device's text is shown as it is: markup in it neither breaks the report nor styles it.
+    text = cli(env, "shadow", "report", sid, "--db", env["db"], check=False)
+    assert text.returncode == 0 and "Traceback" not in text.stderr, text.stdout + text.stderr
+    assert f"cam-04 / tiny-v2-x86_64-avx2-openvino: {ERROR_WITH_MARKUP}" in text.stdout, text.stdout
     assert by_cand[1]["samples"] == huge and by_cand[1]["agreement"] == 1.0 and by_cand[1]["p50_us"] is not None
     assert env["monitor"].proc.poll() is None
     cli(env, "shadow", "stop", sid, "--fleet", FLEET, "--broker", str(env["broker"]), "--db", env["db"],
@@ -465,3 +485,21 @@ def test_shadow_ingest_report_and_select_on_both_stores(store_url):
     (panel,) = shadows.panel(store)
     assert panel["id"] == sid and [p["agreement"] for p in panel["candidates"][0]["points"]] == [0.95, 1.0]
     store.engine.dispose()
+
+
+def test_huge_latency_counts_keep_their_quantiles():
+    """Every bucket of a 4096-bucket layout at the contract's cap: the merged total is past 64 bits,
+    and the quantiles must still be those of the shape (here: every bucket equal), not a wrapped sum's."""
+    from edgesmith.toolchain.shadow.results import _latency
+
+    count = contract.MAX_LATENCY_BUCKETS
+    layout = json.dumps([10.0, 1.001, count])
+
+    def row(c: int) -> dict:
+        w = {"counts": [c] * count, "underflow": 0, "overflow": 0, "sum_us": 1.0, "max_us": 1e9}
+        return {"latency_layout": layout, "latency": json.dumps(w)}
+
+    same_shape = _latency([row(1)], "latency")
+    huge = _latency([row(contract.MAX_SAFE_INT)] * 3, "latency")
+    assert same_shape[0] > 10.0 * 1.001 ** 2000  # the middle bucket
+    assert huge == pytest.approx(same_shape, rel=1e-3)

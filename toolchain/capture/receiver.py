@@ -12,6 +12,7 @@ and reason (``CaptureStore.refusals``).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ _ID = re.compile(f"^{contract.ID_REGEX}$")
 _SHA = re.compile(f"^{contract.SHA256_REGEX}$")
 _BEARER = re.compile(f"^Bearer ({contract.SHA256_REGEX})$")
 MAX_MANIFEST_BYTES = 4 << 20
+READ_TIMEOUT_S = 30.0  # an upload whose body stalls this long is ended (408): it no longer holds its budget
 UNKNOWN = "-"  # the refusal counters' fleet and device for requests naming a device no capture was granted to
 
 
@@ -52,10 +54,11 @@ class Refusal(StrEnum):
     DIGEST = "digest"  # 400: the body's SHA-256 is not the URL's
     INVALID = "invalid"  # 400: not a capture record, or its fleet/device/capture_id are not the URL's
     MODEL = "model"  # 422: its inputs are not those of the model it names
+    STALLED = "stalled"  # 408: the body stopped arriving for READ_TIMEOUT_S (keep it, retry later)
 
 
 STATUS = {Refusal.TOKEN: 403, Refusal.EXPIRED: 410, Refusal.LENGTH: 411, Refusal.TOO_LARGE: 413, Refusal.BUDGET: 409,
-          Refusal.DIGEST: 400, Refusal.INVALID: 400, Refusal.MODEL: 422}
+          Refusal.DIGEST: 400, Refusal.INVALID: 400, Refusal.MODEL: 422, Refusal.STALLED: 408}
 
 
 _INPUTS: dict[tuple[str, str], list[tuple[str, str, list[int]]]] = {}  # known manifests only
@@ -91,8 +94,12 @@ def _store(store: CaptureStore, grant, body: bytes, row: dict) -> str:
         temp.unlink(missing_ok=True)  # stored (renamed away), a duplicate or refused: never left behind
 
 
-def make_app(store: CaptureStore, artifacts: Path | None = None) -> Starlette:
+def make_app(store: CaptureStore, artifacts: Path | None = None, read_timeout_s: float = READ_TIMEOUT_S) -> Starlette:
     log = logging.getLogger("edgesmith.capture")
+    # Per grant: uploads being received and the bytes they declared. The budget check counts them, so
+    # concurrent uploads of one capture hold at most its budget in memory, not one hard cap each.
+    # Checked and reserved with no await in between: the event loop makes that one step.
+    inflight: dict[tuple[str, str, str], tuple[int, int]] = {}
 
     def refuse(fleet: str, device: str, why: Refusal, detail: str) -> Response:
         # Counted under the device only when the store granted it a capture: ids anyone can put in a
@@ -126,8 +133,32 @@ def make_app(store: CaptureStore, artifacts: Path | None = None) -> Starlette:
         cap = min(contract.MAX_CAPTURE_RECORD + contract.MAX_CAPTURE_HEADER + record.PREFIX, grant.max_bytes - used)
         if int(declared) > cap:
             return refuse(fleet, device, Refusal.TOO_LARGE, f"{declared} bytes is over the {cap} this upload may take")
+        key = (fleet, device, capture_id)
+        uploads, reserved = inflight.get(key, (0, 0))
+        if samples + uploads >= grant.max_samples or used + reserved + int(declared) > grant.max_bytes:
+            return refuse(fleet, device, Refusal.BUDGET,
+                          f"the capture's budget is taken ({samples} samples, {used} bytes stored, {uploads} uploads "
+                          f"of {reserved} bytes in progress)")
+        inflight[key] = (uploads + 1, reserved + int(declared))
+        try:
+            return await _receive(request, grant, fleet, device, capture_id, sha, cap)
+        finally:
+            uploads, reserved = inflight.pop(key)
+            if uploads > 1:
+                inflight[key] = (uploads - 1, reserved - int(declared))
+
+    async def _receive(request: Request, grant, fleet: str, device: str, capture_id: str, sha: str,
+                       cap: int) -> Response:
         body = bytearray()
-        async for chunk in request.stream():
+        chunks = request.stream().__aiter__()
+        while True:
+            try:
+                chunk = await asyncio.wait_for(chunks.__anext__(), read_timeout_s)
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                return refuse(fleet, device, Refusal.STALLED, f"the body stopped arriving for {read_timeout_s:g} s "
+                                                              f"after {len(body)} bytes")
             body += chunk
             if len(body) > cap:
                 return refuse(fleet, device, Refusal.TOO_LARGE, f"the body exceeds the {cap} bytes this upload may take")
@@ -164,10 +195,11 @@ class CaptureReceiver(AppServer):
     """The receiver in a background thread (tests, `edgesmith loop`) or the foreground (``run``)."""
 
     def __init__(self, store: CaptureStore, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
-                 certfile: str | None = None, keyfile: str | None = None, artifacts: Path | None = None):
+                 certfile: str | None = None, keyfile: str | None = None, artifacts: Path | None = None,
+                 read_timeout_s: float = READ_TIMEOUT_S):
         self.store = store
-        super().__init__(make_app(store, artifacts), host, port, log_level, certfile, keyfile, what="captures",
-                         option="--listen")
+        super().__init__(make_app(store, artifacts, read_timeout_s), host, port, log_level, certfile, keyfile,
+                         what="captures", option="--listen")
 
 
 def serve_forever(directory: Path, host: str, port: int, certfile: str | None = None, keyfile: str | None = None,

@@ -122,13 +122,22 @@ def pull(
     datasets: Path = typer.Option(None, "--datasets", envvar="EDGESMITH_DATASETS", help="Dataset directory (default $EDGESMITH_HOME/datasets)."),
     tracking_uri: str = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI."),
     as_json: bool = typer.Option(False, "--json", help="Print the dataset's metadata as one JSON object."),
+    model: str = typer.Option(None, "--model", help="Only samples of this model: its manifest SHA-256 (or a prefix)."),
 ) -> None:
     """Turn received samples into an immutable, content-addressed dataset, logged in MLflow."""
     from edgesmith.toolchain.capture.store import CaptureStore
     from edgesmith.toolchain.cli import out_console
     from edgesmith.toolchain.data import datasets as ds
 
-    dataset = ds.pull(CaptureStore(directory), fleet, ds.parse_duration(since) if since else None, datasets)
+    from edgesmith.toolchain.capture.store import default_dir
+    from edgesmith.toolchain.errors import UserError
+
+    where = Path(directory) if directory else default_dir()
+    if not (where / "index.db").is_file():  # a mistyped --dir must not become a new, empty store
+        raise UserError(f"{where} is not a capture store (no index.db); give the --dir `edgesmith capture serve` "
+                        "receives into (default $EDGESMITH_HOME/captures)")
+    dataset = ds.pull(CaptureStore(where), fleet, ds.parse_duration(since) if since else None, datasets,
+                      model=model)
     run_id = ds.log_to_mlflow(dataset, tracking_uri)
     if as_json:
         print(json.dumps({**dataset.meta, "path": str(dataset.path), "mlflow_run": run_id}, indent=2))

@@ -116,7 +116,7 @@ def deploy(
         from edgesmith.toolchain.shadow.results import require
 
         verdict = require(fleet_store, require_shadow, manifest_sha256, manifest.name, min_agreement,
-                          max_latency_ratio, min_samples)
+                          max_latency_ratio, min_samples, fleet)
         _say(f"shadow {require_shadow}: {manifest.name} met the bounds on {len(verdict.figures)} device(s) (worst "
              f"latency ratio {verdict.worst_ratio:.3f})" if verdict.worst_ratio is not None else
              f"shadow {require_shadow}: {manifest.name} met the bounds on {len(verdict.figures)} device(s)")

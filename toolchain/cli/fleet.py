@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from edgesmith.toolchain.fleet.alerts import Thresholds
@@ -129,7 +130,8 @@ def status(
     for r in overview["devices"]:
         if r.get("refused"):
             console.print(f"[red]{r['fleet']}/{r['device']}: {r['refused']['total']} message(s) refused[/] "
-                          f"({r['refused']['last_detail'] or 'see the monitor log'})", highlight=False, soft_wrap=True)
+                          f"({escape(r['refused']['last_detail'] or 'see the monitor log')})", highlight=False,
+                          soft_wrap=True)
     if not overview["devices"]:
         console.print("no devices yet: the monitor has stored nothing from any device")
         return
@@ -170,11 +172,13 @@ def deployments_cmd(
         console.print("no deployments yet")
     for r in rows:
         what = f"rollback of {r['rolls_back']}" if r["action"] == "rollback" else "deploy"
-        console.print(f"[bold]{r['id']}[/] {what} {r['artifact']} → {r['fleet']}: {r['status']}"
-                      + (f" — {r['message']}" if r["message"] else ""), highlight=False)
+        # Messages and errors carry devices' words: escaped, never read as markup ('[/x]' was a traceback).
+        console.print(f"[bold]{r['id']}[/] {what} {escape(r['artifact'])} → {r['fleet']}: {r['status']}"
+                      + (f" — {escape(r['message'])}" if r["message"] else ""), highlight=False)
         table = Table("wave", "device", "desired version", "result", "slot", "error")
         for t in r["targets"]:
-            table.add_row(str(t["wave"]), t["device"], str(t["version"]), t["result"], t["slot"] or "–", t["error"] or "")
+            table.add_row(str(t["wave"]), t["device"], str(t["version"]), t["result"], t["slot"] or "–",
+                          escape(t["error"] or ""))
         console.print(table)
 
 

@@ -138,7 +138,9 @@ def report(
     console.print(table)
     for f in data["figures"]:
         if f["last_error"]:
-            console.print(f"[red]{f['device']} / {f['name']}: {f['last_error']}[/]", highlight=False, soft_wrap=True)
+            # A device's words: never read as markup (a '[/]' in them would end the report in a traceback).
+            console.print(f"{f['device']} / {f['name']}: {f['last_error']}", style="red", markup=False, highlight=False,
+                          soft_wrap=True)
     for device, reasons in sorted(data["ignored"].items()):
         console.print(f"[yellow]{device}: ignored reports: "
                       + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())) + "[/]", highlight=False)

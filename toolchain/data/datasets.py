@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from edgesmith.runtime import contract
 from edgesmith.runtime.keys import edgesmith_home
 from edgesmith.toolchain.capture import record
 from edgesmith.toolchain.capture.store import CaptureStore
@@ -95,8 +96,12 @@ def open_dataset(name: str, root: Path | None = None) -> CapturedDataset:
             raise UserError(f"no single dataset {name!r} in {root}" + (f" ({len(matches)} match)" if matches else "")
                             + "; give a digest from `edgesmith capture pull` or `edgesmith data label`, or a dataset directory")
         path = matches[0]
-    meta = json.loads((path / META_FILE).read_text())
-    return CapturedDataset(meta["digest"], path, meta)
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+        return CapturedDataset(meta["digest"], path, meta)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"dataset {path} is damaged ({path / META_FILE}: {e}); pull it again with `edgesmith capture "
+                        "pull`, or label its parent again") from None
 
 
 def parse_duration(text: str, option: str = "--since") -> int:
@@ -109,33 +114,45 @@ def parse_duration(text: str, option: str = "--since") -> int:
 
 
 def pull(store: CaptureStore, fleet: str, since_s: int | None = None, root: Path | None = None,
-         now_s: float | None = None) -> CapturedDataset:
-    """The samples of ``fleet`` received in the last ``since_s`` seconds (all when None) as a dataset."""
+         now_s: float | None = None, model: str | None = None) -> CapturedDataset:
+    """The samples of ``fleet`` received in the last ``since_s`` seconds (all when None) as a dataset;
+    only those of the model whose manifest digest starts with ``model``, when given."""
     now_ms = int((now_s if now_s is not None else time.time()) * 1000)
     rows = store.samples(fleet, now_ms - since_s * 1000 if since_s is not None else 0)
+    if model is not None:
+        rows = [r for r in rows if r["manifest_sha256"].startswith(model.lower())]
     if not rows:
-        raise UserError(f"no captured samples of fleet {fleet} were received"
-                        + (f" in the last {since_s} s" if since_s is not None else "")
+        raise UserError(f"no captured samples of fleet {fleet}" + (f" and model {model}" if model else "")
+                        + " were received" + (f" in the last {since_s} s" if since_s is not None else "")
                         + "; start a capture (`edgesmith capture start`) and let the devices upload (`capture upload`)")
     digest = hashlib.sha256("".join(f"{r['sha256']}\n" for r in rows).encode()).hexdigest()
     root = Path(root) if root else default_dir()
     if (root / digest).is_dir():
         return open_dataset(digest, root)
-    columns: dict[str, list[np.ndarray]] = {}
-    layout = None
-    classes = None
+    parsed = []
     for r in rows:
         body = store.object_path(r["sha256"]).read_bytes()
         if record.sha256(body) != r["sha256"]:
             raise UserError(f"the stored capture {r['sha256']} does not match its digest; the store in {store.dir} "
                             "is damaged: remove that object and its row, or restore the store from a backup")
-        header = record.parse(body)
+        parsed.append((r, body, record.parse(body)))
+    layouts: dict[str, tuple[list, set[str]]] = {}  # model: (its samples' input layouts, their devices)
+    for r, _, header in parsed:
+        seen, devices = layouts.setdefault(r["manifest_sha256"], ([], set()))
         this = [(t.name, t.dtype, t.shape) for t in header.inputs]
-        if layout is None:
-            layout = this
-        elif this != layout:
-            raise UserError(f"sample {r['sha256']} has inputs {this}, others {layout}: the pulled samples come from "
-                            "models with different inputs; pull one fleet whose devices serve one model")
+        if this not in seen:
+            seen.append(this)
+        devices.add(r["device"])
+    if len({json.dumps(lay) for seen, _ in layouts.values() for lay in seen}) > 1:
+        # A model the receiver's artifact store lacks is not checked on upload: one device can send any
+        # layout under it. Name every model's devices and layouts, so the odd one shows.
+        said = "; ".join(f"model {m[:12]} from {', '.join(sorted(d))}: inputs {' or '.join(map(str, seen))}"
+                         for m, (seen, d) in sorted(layouts.items()))
+        raise UserError(f"the pulled samples have different inputs ({said}); pull one model's with --model MANIFEST")
+    layout = [(t.name, t.dtype, t.shape) for t in parsed[0][2].inputs]
+    columns: dict[str, list[np.ndarray]] = {}
+    classes = None
+    for r, body, header in parsed:
         for name, array in record.tensors(body, header).items():
             columns.setdefault(name, []).append(array.reshape(1, *array.shape[1:]) if array.shape[:1] == (1,) else array[None])
         if header.outputs and header.outputs[0].shape:
@@ -168,7 +185,8 @@ def label(dataset: CapturedDataset, labels_csv: Path, classes: int | None = None
     position = {sid: n for n, sid in enumerate(ids)}
     chosen: dict[str, int] = {}
     try:
-        with open(labels_csv, newline="") as f:
+        # utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte-order mark, which is not part of the first id.
+        with open(labels_csv, newline="", encoding="utf-8-sig") as f:
             for line, row in enumerate(csv.reader(f), start=1):
                 if not row or all(not c.strip() for c in row):
                     continue
@@ -183,7 +201,8 @@ def label(dataset: CapturedDataset, labels_csv: Path, classes: int | None = None
                                     "use the ids from its data.npz (ids) or `edgesmith capture pull --json`")
                 if sid in chosen:
                     raise UserError(f"{where}: sample {sid} is labelled twice; keep one line per sample")
-                if not cls.isdigit() or (count is not None and int(cls) >= count):
+                # ASCII digits only: str.isdigit() also takes '²', which int() refuses.
+                if not (cls.isascii() and cls.isdigit()) or int(cls) >= (count or contract.MAX_CLASSES):
                     raise UserError(f"{where}: class {cls!r} is not one of the model's classes "
                                     f"(0..{count - 1 if count else 'N-1'}); give the class index")
                 chosen[sid] = int(cls)

@@ -322,6 +322,14 @@ def stop(shadow_id: str | None, fleet: str, broker_dir: Path, key: SigningKey, s
                             "the last one")
         shadow_id = running[-1]["id"]
     shadow = get(store, shadow_id, fleet)
+    if shadow["status"] != "running" or shadow["ends_ms"] <= now_ms():
+        # A device's stop ends whatever shadow it runs now, whichever id the stop names: stopping a
+        # shadow that is over would end a newer one on the same devices.
+        status = "finished" if shadow["status"] == "running" else shadow["status"]
+        running = [r["id"] for r in running_shadows(store, fleet)]
+        raise UserError(f"shadow {shadow['id']} is not running (it is {status}); nothing was published"
+                        + (f"; the fleet's running shadow is {', '.join(running)}: `edgesmith shadow stop "
+                           f"{running[-1]} --fleet {fleet}` stops it" if running else ""))
     watch = FleetWatch(Broker(Path(broker_dir).resolve()), fleet).start()
     try:
         for device in sorted(shadow["devices"]):

@@ -89,11 +89,14 @@ def _latency(rows: list[dict[str, Any]], column: str) -> tuple[float | None, flo
             continue
         w = json.loads(r[column])
         hist.add(w["counts"], w["underflow"], w["overflow"], w["sum_us"], w["max_us"])
-    # Each count is bounded by the contract; the sums over many windows are capped so the C++ rule's
-    # 64-bit totals cannot overflow, whatever a device claims.
-    hist.counts = [min(c, contract.MAX_SAFE_INT) for c in hist.counts]
-    hist.underflow = min(hist.underflow, contract.MAX_SAFE_INT)
-    hist.overflow = min(hist.overflow, contract.MAX_SAFE_INT)
+    # Each count is bounded by the contract, but not their sum over up to MAX_LATENCY_BUCKETS buckets and
+    # many windows; the C++ rule totals them in 64 bits. Scaled down to a total it can hold, the
+    # histogram keeps its shape (and so its quantiles), whatever a device claims.
+    if hist.total > contract.MAX_SAFE_INT:
+        div = -(-hist.total // contract.MAX_SAFE_INT)
+        hist.counts = [c // div for c in hist.counts]
+        hist.underflow //= div
+        hist.overflow //= div
     if hist.total == 0:
         return None, None
     p50, p95 = hist.percentiles_us((0.50, 0.95))
@@ -242,10 +245,11 @@ def set_selection_run(store: Store, selection_id: int, run_id: str) -> None:
 
 
 def require(store: Store, shadow_id: str, manifest_sha256: str, name: str, min_agreement: float,
-            max_latency_ratio: float | None, min_samples: int) -> Verdict:
-    """`deploy --require-shadow`: the artifact must be a candidate of the shadow and pass on every
-    shadowed device; UserError with the figures otherwise."""
-    shadow = central.get(store, shadow_id)
+            max_latency_ratio: float | None, min_samples: int, fleet: str | None = None) -> Verdict:
+    """`deploy --require-shadow`: the artifact must be a candidate of the shadow (of ``fleet``, the
+    deployment's: another fleet's devices measured nothing about this one) and pass on every shadowed
+    device; UserError with the figures otherwise."""
+    shadow = central.get(store, shadow_id, fleet)
     verdicts = judge(store, shadow, min_agreement, max_latency_ratio, min_samples)
     verdict = next((v for v in verdicts if v.candidate["manifest_sha256"] == manifest_sha256), None)
     if verdict is None:
