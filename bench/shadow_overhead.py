@@ -371,6 +371,7 @@ def shadow_on(stack: Stack, setup: Setup, args: argparse.Namespace) -> str:
         s = shadow_status(setup)
         return s.get("active") and s.get("shadow_id") == shadow_id
     wait_for(f"the agent to run shadow {shadow_id} (agent log: {stack.work / 'agent.log'})", running, 120)
+    log(f"shadow {shadow_id} runs")
     return shadow_id
 
 
@@ -490,13 +491,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     def on_sigterm(signum, frame):
         raise KeyboardInterrupt
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if threading.current_thread() is threading.main_thread() else None
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # Ctrl-C and SIGTERM tear everything down
+        previous = signal.signal(signal.SIGTERM, on_sigterm), signal.signal(signal.SIGINT, signal.default_int_handler)
     load_start = os.getloadavg()[0]
     machine = {"cpu": _cpu(), "cores": os.cpu_count(), "load_start": load_start}
     log(f"{machine['cpu']}, {machine['cores']} cores; load average {load_start:.2f}"
         f"{'' if load_start < 1 else ' — the machine is busy: figures are not evidence'}")
     with tempfile.TemporaryDirectory(prefix="edgesmith-shadow-bench-") as tmp:
         stack = Stack(Path(tmp))
+        log(f"working in {tmp}")
         try:
             setup = set_up(stack, args)
             client = Client(setup.url, request_bodies(setup.inputs), args.rps, args.workers)
@@ -522,7 +526,8 @@ def main(argv: list[str] | None = None) -> dict:
         finally:
             stack.close()
             if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+                signal.signal(signal.SIGTERM, previous[0])
+                signal.signal(signal.SIGINT, previous[1])
     rows = [p.row() for p in phases]
     off, on = pooled(phases, False), pooled(phases, True)
     ratios = {k: _ratio(on[f"{k}_ms"], off[f"{k}_ms"]) for k in ("client_p50", "client_p99", "agent_p50", "agent_p99")}
