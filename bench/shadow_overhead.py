@@ -418,7 +418,8 @@ def pooled(phases: list[Phase], on: bool) -> dict:
             "agent_p99_ms": None if p99 is None else p99 / 1e3,
             "shadow_samples": sum(p.shadow.get("shadow_samples", 0) for p in chosen),
             "shadow_dropped": sum(p.shadow.get("shadow_dropped", 0) for p in chosen),
-            "load_before": min(p.load_before for p in chosen), "load_after": max(p.load_after for p in chosen)}
+            "load_before": float(np.mean([p.load_before for p in chosen])),  # the phases' means
+            "load_after": float(np.mean([p.load_after for p in chosen]))}
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -431,7 +432,7 @@ def _ms(v: float | None) -> str:
 
 def table(rows: list[dict]) -> str:
     lines = ["| phase | requests | client p50 ms | client p99 ms | agent p50 ms | agent p99 ms | shadow samples | "
-             "dropped | load before → after |",
+             "dropped | load before → after (pooled: means) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         shadow = (str(r.get("shadow_samples", 0)), str(r.get("shadow_dropped", 0))) if r["shadow"] else ("–", "–")
