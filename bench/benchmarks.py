@@ -41,6 +41,7 @@ RESULTS = REPO / "bench" / "report" / "benchmarks.json"
 IMAGES = REPO / "docs" / "img" / "bench"
 OUT = REPO / "BENCHMARKS.md"
 PRECISION_REPORT = REPO / "bench" / "report" / "precision.md"
+SHADOW_REPORT = REPO / "bench" / "report" / "shadow_overhead.md"
 
 # name → (module:callable, input shape, timed runs per round, warm-up runs)
 MODELS = {
@@ -250,6 +251,16 @@ def render(data: dict) -> str:
                   "rotating blocks). Regenerate: `.venv/bin/python bench/precision.py --markdown "
                   "bench/report/precision.md`, then `bench/benchmarks.py --render`.", "",
                   PRECISION_REPORT.read_text().strip(), ""]
+    if SHADOW_REPORT.is_file():  # bench/shadow_overhead.py: what a running shadow costs the serving path
+        lines += ["## Shadow evaluation: serving latency with the shadow off and on (`bench/shadow_overhead.py`)", "",
+                  "One x86 edgesmith-agent serving an FP32 artifact over its HTTP API, a client sending `POST /v1/infer` "
+                  "at a fixed rate (open loop) and timing each round trip; the agent's own serving latency from its "
+                  "`/v1/stats` histogram. Phases alternate on the same agent (off, on, off, ...): \"on\" is `edgesmith "
+                  "shadow start` of the same model built with another backend, `--sample 0.2`, measured once the agent "
+                  "runs it. Goal (issue 18): p50 with the shadow on within 5% of p50 with it off. Regenerate: "
+                  "`.venv/bin/python bench/shadow_overhead.py --markdown bench/report/shadow_overhead.md`, then "
+                  "`bench/benchmarks.py --render`.", "",
+                  SHADOW_REPORT.read_text().strip(), ""]
     return "\n".join(lines)
 
 
