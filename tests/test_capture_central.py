@@ -515,3 +515,24 @@ def test_the_receiver_serves_https_with_the_fleet_ca(tmp_path):
         answer = requests.put(url, data=body, headers={"Authorization": f"Bearer {token}"}, timeout=30,
                               verify=pki["cafile"])
     assert answer.status_code == 201 and store.object_path(sha).read_bytes() == body
+
+
+def test_capture_versions_are_reserved_in_the_store(tmp_path):
+    """Before: a capture state's version was the broker's retained one + 1, so a lost retained
+    message restarted at 1 (a device refuses that as a replay) and two commands at once could send
+    the same version. Now each is reserved in the receiver's store, above what the broker retains."""
+    store = CaptureStore(tmp_path / "captures")
+    assert [store.reserve_version("plant-a", "cam-01") for _ in range(3)] == [1, 2, 3]
+    assert store.reserve_version("plant-a", "cam-01", at_least=10) == 11  # the broker knew a newer one
+    assert store.reserve_version("plant-a", "cam-01", at_least=0) == 12  # retained message lost: still above
+    assert store.reserve_version("plant-a", "cam-02") == 1  # per device
+    again = CaptureStore(tmp_path / "captures")  # a new process: the counter is on disk
+    assert again.reserve_version("plant-a", "cam-01") == 13
+    results: list[int] = []
+    threads = [threading.Thread(target=lambda: results.append(store.reserve_version("plant-a", "cam-03")))
+               for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == list(range(1, 9))  # concurrent commands never share a version

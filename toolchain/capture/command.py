@@ -147,7 +147,8 @@ def publish(command: CaptureCommand, action: contract.CaptureAction, store: Capt
                 cid, samples, size, keep = grant.capture_id, grant.max_samples, grant.max_bytes, grant.retention_s
                 device_policy = json.loads(grant.policy)
             with watch.changed:
-                version = watch.capture_versions.get(device, 0) + 1
+                retained = watch.capture_versions.get(device, 0)
+            version = store.reserve_version(command.fleet, device, retained)
             state = desired.capture_state(command.fleet, device, version, cid, action.value, upload_url=receiver,
                                           upload_token=token, policy=device_policy, max_samples=samples,
                                           max_bytes=size, retention_s=keep, issued_at_ms=issued, valid_for_s=valid_for_s)

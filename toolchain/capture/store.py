@@ -48,6 +48,12 @@ SAMPLES = sa.Table(
     sa.Column("bytes", sa.BigInteger, nullable=False),
     sa.Column("received_ms", sa.BigInteger, nullable=False, index=True),
 )
+VERSIONS = sa.Table(  # the highest capture-state version issued per device (its own counter, reserved before use)
+    "capture_versions", META,
+    sa.Column("fleet", sa.String(64), primary_key=True),
+    sa.Column("device", sa.String(64), primary_key=True),
+    sa.Column("version", sa.BigInteger, nullable=False),
+)
 REFUSALS = sa.Table(
     "capture_refusals", META,
     sa.Column("fleet", sa.String(64), primary_key=True),
@@ -90,6 +96,14 @@ class CaptureStore:
         self.engine = sa.create_engine(url or f"sqlite:///{(self.dir / 'index.db').resolve()}")
         META.create_all(self.engine)
         self._lock = threading.Lock()  # budget check and insert are one step per process
+
+    def reserve_version(self, fleet: str, device: str, at_least: int = 0) -> int:
+        """The next capture-state version of a device: above every one this store issued and above
+        ``at_least`` (what the broker retains), stored before it is used, so a lost retained message
+        or two commands at once never reuse one (the device would refuse it as a replay)."""
+        from edgesmith.toolchain.fleet.store.deployments import reserve_version
+
+        return reserve_version(self, fleet, device, at_least, table=VERSIONS)
 
     # ---- grants -------------------------------------------------------------------------------------
     def grant(self, fleet: str, device: str, capture_id: str, token: str, max_samples: int, max_bytes: int,
