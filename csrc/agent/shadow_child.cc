@@ -1,6 +1,7 @@
 #include "agent/shadow_child.h"
 
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
@@ -489,6 +490,12 @@ int shadow_child_main(int argc, char** argv) {
     // Before loading: the engine's threads inherit the lower priority.
     if (::setpriority(PRIO_PROCESS, 0, nice) != 0) {
       std::cerr << "cannot lower the shadow's priority to nice " << nice << " (" << std::strerror(errno) << ")\n";
+    }
+    // And SCHED_IDLE: the candidate gets a core only when serving (and everything else) leaves it
+    // idle, so a shadow run coinciding with a served request does not share the CPU with it.
+    const sched_param idle{};
+    if (::sched_setscheduler(0, SCHED_IDLE, &idle) != 0) {
+      std::cerr << "cannot run the shadow at SCHED_IDLE (" << std::strerror(errno) << "); it runs at nice " << nice << "\n";
     }
     plugin_search_configure(PluginSearchPolicy{false, backend_path});
     const uint64_t rss_before = child_rss_bytes();
