@@ -129,7 +129,8 @@ def fleet(tmp_path_factory, digits_trained):
         common = ["--fleet", FLEET, "--broker", str(broker.dir), "--db", db, "--key", str(deploy_key_path)]
         yield {"root": root, "home": home, "db": db, "common": common, "store": store, "serving": serving,
                "url": f"http://127.0.0.1:{port}", "all": dist / "all", "by_backend": by_backend,
-               "gate": dist / "gate", "int8": _only(int8), "shuffled": _only(shuffled), "monitor": monitor}
+               "gate": dist / "gate", "int8": _only(int8), "shuffled": _only(shuffled), "monitor": monitor,
+               "agents": agents}
     finally:
         for agent in agents:
             assert agent.stop() == 0, agent.log()
@@ -162,12 +163,19 @@ def run_shadow(fleet: dict, candidates: Path, sample: str, duration: str) -> str
         assert f"{device}: shadow.started (candidate 0)" in started.stdout, started.stdout
     store = Store.open(fleet["db"])
     try:
+        got: dict = {}
+
         def enough() -> bool:
             report = results.report(store, sid)
-            got = {(f["device"], f["candidate"]): f["samples"] for f in report["figures"]}
+            got.clear()
+            got.update({(f["device"], f["candidate"]): f["samples"] for f in report["figures"]})
             return len(report["candidates"]) > 0 and all(
                 got.get((d, c["index"]), 0) >= MIN_SAMPLES for d in DEVICES for c in report["candidates"])
-        wait_until(enough, 180, f"{MIN_SAMPLES} samples of every candidate on both devices")
+        try:
+            wait_until(enough, 180, f"{MIN_SAMPLES} samples of every candidate on both devices")
+        except AssertionError as e:
+            logs = "\n".join(line for agent in fleet["agents"] for line in agent.log().splitlines() if "shadow" in line)
+            raise AssertionError(f"{e}; samples by (device, candidate): {got}; the agents' shadow lines:\n{logs}") from None
     finally:
         store.engine.dispose()
     cli(fleet, "shadow", "stop", sid, *fleet["common"])
@@ -217,7 +225,7 @@ def deploy(fleet: dict, artifact: Path, sid: str) -> subprocess.CompletedProcess
 
 
 def test_select_from_a_backend_all_shadow_picks_the_build_timings_fastest_and_tvm_is_slowest(fleet):
-    sid = run_shadow(fleet, fleet["all"], "0.9", "20s")
+    sid = run_shadow(fleet, fleet["all"], "0.9", "48s")
     report = figures(fleet, sid)
     backend_of = {c["index"]: c["backend"] for c in report["candidates"]}
     assert sorted(backend_of.values()) == sorted(fleet["by_backend"]), report["candidates"]
