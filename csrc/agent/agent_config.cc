@@ -22,14 +22,15 @@ namespace edgesmith {
 const char* const AGENT_USAGE =
     "usage: edgesmith-agent --config device.toml [flags...]\n"
     "       edgesmith-agent --device ID --fleet F --artifact DIR --credentials FILE --data-dir DIR\n"
-    "                       [--interval SECONDS] [--synthetic-load RPS] [--http HOST:PORT] [--key FILE.pub ...]\n"
+    "                       [--interval SECONDS] [--synthetic-load RPS [--load-from FILE.npy]] [--http HOST:PORT]\n"
+    "                       [--key FILE.pub ...]\n"
     "                       [--trust-dir DIR [--deploy-max-bytes N] [--deploy-timeout SECONDS]\n"
     "                                    [--shadow-max-bytes N] [--child-executable FILE]]\n"
     "                       [--http-token-file FILE] [--http-max-requests N] [--backend-path DIR ...]\n"
     "\n"
     "Serve an artifact on loopback HTTP and report telemetry over MQTT (docs/telemetry.md).\n"
     "  --config FILE         TOML with the keys below (device, fleet, artifact, credentials, data_dir,\n"
-    "                        interval_s, synthetic_load_rps, http, trusted_keys, spool_max_bytes,\n"
+    "                        interval_s, synthetic_load_rps, load_from, http, trusted_keys, spool_max_bytes,\n"
     "                        trust_dir, deploy_max_bytes, deploy_timeout_s, shadow_max_bytes,\n"
     "                        child_executable, http_token_file, http_max_requests, backend_path);\n"
     "                        flags override it, relative paths are taken from its directory\n"
@@ -42,6 +43,8 @@ const char* const AGENT_USAGE =
     "  --synthetic-load RPS  run the model itself RPS times a second on its golden inputs plus\n"
     "                        small seeded noise (demos and tests; default 0: off)\n"
     "  --synthetic-shift X   add X to every synthetic input value (to show drift)\n"
+    "  --load-from FILE.npy  the camera stand-in: the synthetic load replays this file's samples (one\n"
+    "                        array: the input's shape, or N samples of it), in order, looping\n"
     "  --http HOST:PORT      local inference API (default 127.0.0.1:0: any free port); an address\n"
     "                        beyond loopback needs --http-token-file\n"
     "  --http-token-file FILE  clients must send 'Authorization: Bearer <the file's secret>'\n"
@@ -108,7 +111,7 @@ void toml_apply(const std::string& file, AgentConfig* config) {
   }
   const fs::path base = fs::absolute(fs::path(file)).parent_path();
   static const char* const KNOWN =
-      "device, fleet, artifact, credentials, data_dir, interval_s, synthetic_load_rps, synthetic_shift, http, "
+      "device, fleet, artifact, credentials, data_dir, interval_s, synthetic_load_rps, synthetic_shift, load_from, http, "
       "trusted_keys, spool_max_bytes, trust_dir, deploy_max_bytes, deploy_timeout_s, shadow_max_bytes, child_executable, "
       "http_token_file, "
       "http_max_requests, backend_path";
@@ -142,6 +145,8 @@ void toml_apply(const std::string& file, AgentConfig* config) {
       if (!(config->synthetic_load_rps >= 0.0)) throw AgentConfigError{file + ": 'synthetic_load_rps' must be >= 0"};
     } else if (name == "synthetic_shift") {
       config->synthetic_shift = number();
+    } else if (name == "load_from") {
+      config->load_from = path_from(base, text());
     } else if (name == "spool_max_bytes") {
       if (!node.is_integer() || *node.value<int64_t>() < 1024) {
         throw AgentConfigError{file + ": 'spool_max_bytes' must be an integer of at least 1024"};
@@ -252,6 +257,8 @@ AgentConfig agent_config_parse(int argc, char** argv) {
       if (text.empty() || *end != '\0' || !std::isfinite(config.synthetic_shift)) {
         throw AgentConfigError{"--synthetic-shift takes a number, got '" + text + "'"};
       }
+    } else if (arg == "--load-from") {
+      config.load_from = value();
     } else if (arg == "--http") {
       config.http = value();
     } else if (arg == "--key") {
@@ -297,6 +304,9 @@ AgentConfig agent_config_parse(int argc, char** argv) {
   if (config.artifact.empty()) throw AgentConfigError{std::string("--artifact DIR is missing") + where};
   if (config.credentials.empty()) throw AgentConfigError{std::string("--credentials FILE is missing") + where};
   if (config.data_dir.empty()) throw AgentConfigError{std::string("--data-dir DIR is missing") + where};
+  if (!config.load_from.empty() && !(config.synthetic_load_rps > 0.0)) {
+    throw AgentConfigError{"--load-from " + config.load_from + " feeds the synthetic load, so it needs --synthetic-load RPS"};
+  }
   std::string host;
   int port = 0;
   agent_http_address(config.http, &host, &port);

@@ -23,6 +23,7 @@ struct AgentConfig {
   double interval_s = 10.0;
   double synthetic_load_rps = 0.0;
   double synthetic_shift = 0.0;  ///< added to every synthetic input value (drift demos)
+  std::string load_from;         ///< a .npy the synthetic load replays instead of the golden inputs
   std::string http = "127.0.0.1:0";
   std::vector<std::string> trusted_keys;  ///< .pub files; empty: the default home rule
   uint64_t spool_max_bytes = 0;           ///< 0: the spool's default

@@ -257,7 +257,7 @@ int agent_main(const AgentConfig& config, const sigset_t& signals) {
   std::unique_ptr<SyntheticLoad> load;
   if (config.synthetic_load_rps > 0.0) {
     load = std::make_unique<SyntheticLoad>(serving_get, config.synthetic_load_rps, config.synthetic_shift,
-                                           seed_of(device), on_run_error, on_served);
+                                           seed_of(device), on_run_error, on_served, config.load_from);
   }
   reporter.reporter_start();
   SpoolDeployReporter deploy_reporter(&reporter);

@@ -94,12 +94,15 @@ def status(
     fleet: str = typer.Option(None, "--fleet", envvar="EDGESMITH_FLEET", help="Only this fleet."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list: device, fleet, online, artifact, latency "
                                  "{p50_us, p95_us, p99_us} of the last window, deploy {slot, deployment_id, result, "
-                                 "error, desired_version}, and more (deployments: `edgesmith fleet deployments --json`)."),
+                                 "error, desired_version}, retrain (the active retrain request naming the device, or "
+                                 "null), and more (deployments: `edgesmith fleet deployments --json`; retrain "
+                                 "requests: `edgesmith fleet retrain list --json`)."),
     deployments_shown: int = typer.Option(5, "--deployments", min=0, help="How many recent deployments to list."),
     interval_s: float = typer.Option(10.0, "--interval-s", min=0.1, help=INTERVAL_HELP),
 ) -> None:
     """Show every device the monitor has stored (online or not, its artifact, slot, last deployment and
-    result, the last window's latency), the fleet's artifact mix, and recent deployments with their waves."""
+    result, the last window's latency, its retrain request), the fleet's artifact mix, recent deployments
+    with their waves, and the retrain requests drift alerts opened."""
     from edgesmith.toolchain.cli import out_console
     from edgesmith.toolchain.fleet.store import Store, default_url
     from edgesmith.toolchain.fleet.status import fleet_overview
@@ -111,7 +114,7 @@ def status(
         return
     console = out_console()
     table = Table("device", "fleet", "online", "artifact", "version", "slot", "deployment", "result", "p50 ms",
-                  "p95 ms", "runs", "errors", "refused", "last seen")
+                  "p95 ms", "runs", "errors", "refused", "retrain", "last seen")
     now = time.time()
     colours = {"applied": "green", "failed": "red", "refused": "red", "timeout": "red", "in-progress": "yellow",
                "published": "yellow"}
@@ -125,7 +128,9 @@ def status(
             shown += " (rollback)"
         table.add_row(r["device"], r["fleet"], online, r["artifact"] or "–", r["version"] or "–", dep.get("slot") or "–",
                       dep.get("deployment_id") or "–", shown, ms(lat["p50_us"]), ms(lat["p95_us"]), str(r["runs"]),
-                      str(r["errors"]), _refused(r.get("refused")), "–" if r["last_seen_ms"] is None else f"{now - r['last_seen_ms'] / 1000:.0f} s ago")
+                      str(r["errors"]), _refused(r.get("refused")),
+                      f"[yellow]{r['retrain']['status']}[/]" if r.get("retrain") else "–",
+                      "–" if r["last_seen_ms"] is None else f"{now - r['last_seen_ms'] / 1000:.0f} s ago")
     console.print(table)
     for r in overview["devices"]:
         if r.get("refused"):
@@ -145,6 +150,72 @@ def status(
         console.print(f"{d['id']} {what} {d['artifact']} → {d['fleet']}: [bold]{d['status']}[/] "
                       f"({', '.join(f'{n} {k}' for k, n in sorted(d['results'].items()))}); {waves}", highlight=False,
                       soft_wrap=True)
+    if overview["retrain"]:
+        console.print(_retrain_table(overview["retrain"]))
+
+
+def _retrain_table(rows: list[dict]) -> Table:
+    """Retrain requests as a rich table (model names and devices are devices' words: escaped)."""
+    colours = {"open": "yellow", "capturing": "cyan", "training": "cyan", "done": "green", "dismissed": "dim"}
+    table = Table("retrain request", "fleet", "status", "model", "devices", "alerts", "opened", "linked",
+                  title="retrain requests (drift alerts)")
+    for r in rows:
+        model = f"{r['model'] or '?'} v{r['model_version'] or '?'}" + (f" ({r['manifest_sha256'][:8]})"
+                                                                      if r["manifest_sha256"] else "")
+        linked = ", ".join(f"{k} {r[k]}" for k in ("capture_id", "dataset_digest", "mlflow_run_id", "result_version")
+                           if r[k]) or (r["note"] or "–")
+        table.add_row(r["id"], r["fleet"], f"[{colours[r['status']]}]{r['status']}[/]", escape(model),
+                      escape(", ".join(r["devices"])), str(len(r["alerts"])),
+                      time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["opened_ms"] / 1000)), escape(linked))
+    return table
+
+
+retrain_app = typer.Typer(help="Retrain requests: a drift alert records one (docs/telemetry.md); list or dismiss them.",
+                          no_args_is_help=True)
+app.add_typer(retrain_app, name="retrain")
+
+
+@retrain_app.command("list")
+def retrain_list(
+    db: str = typer.Option(None, "--db", envvar="EDGESMITH_FLEET_DB", help=DB_HELP),
+    fleet: str = typer.Option(None, "--fleet", envvar="EDGESMITH_FLEET", help="Only this fleet."),
+    active: bool = typer.Option(False, "--active", help="Only open, capturing or training ones."),
+    limit: int = typer.Option(50, "--limit", min=1, help="How many, newest first."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list: id, fleet, model, model_version, "
+                                 "manifest_sha256, status, devices, alerts, opened_ms, changed_ms, note, capture_id, "
+                                 "dataset_digest, mlflow_run_id, result_version."),
+) -> None:
+    """List retrain requests (newest first): which drift alerts of which devices asked to retrain which model."""
+    from edgesmith.toolchain.cli import out_console
+    from edgesmith.toolchain.fleet.store import Store, default_url, retrain
+
+    store = Store.open(db or default_url(), create=False)
+    rows = retrain.requests(store, fleet, active_only=active, limit=limit)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    console = out_console()
+    console.print(_retrain_table(rows) if rows else "no retrain requests: no drift alert has fired")
+
+
+@retrain_app.command("dismiss")
+def retrain_dismiss(
+    request_id: str = typer.Argument(..., metavar="ID", help="The request's id (rr-...; `fleet retrain list`)."),
+    db: str = typer.Option(None, "--db", envvar="EDGESMITH_FLEET_DB", help=DB_HELP),
+    note: str = typer.Option(None, "--note", help="Why (kept with the request)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the request as it is now (JSON)."),
+) -> None:
+    """Dismiss a retrain request that is open, capturing or training: the next drift alert of its
+    devices opens a new one."""
+    from edgesmith.toolchain.cli import out_console
+    from edgesmith.toolchain.fleet.store import Store, default_url, retrain
+
+    store = Store.open(db or default_url(), create=False)
+    row = retrain.advance(store, request_id, "dismissed", note=note)
+    if as_json:
+        print(json.dumps(row, indent=2))
+        return
+    out_console().print(f"retrain request {row['id']} dismissed ({escape(', '.join(row['devices']))})", highlight=False)
 
 
 @app.command("deployments")

@@ -62,10 +62,10 @@ def conditions(devices: Iterable[dict[str, Any]], t: Thresholds) -> dict[AlertKe
     out: dict[AlertKey, Condition] = {}
 
     def put(d: dict[str, Any], alert: str, subject: str, state: str | None, value: float | None, threshold: float,
-            message: str) -> None:
+            message: str, **extra: Any) -> None:
         if state is not None:
             out[(d["fleet"], alert, subject)] = Condition(state, {**_labels(d), "value": value, "threshold": threshold,
-                                                                 "message": message})
+                                                                 "message": message, **extra})
 
     for d in devices:
         dev, recent = d["device"], d["recent"]
@@ -99,7 +99,8 @@ def conditions(devices: Iterable[dict[str, Any]], t: Thresholds) -> dict[AlertKe
                 state = None
             put(d, "drift", f"{dev}/{output}", state, psi, t.drift_psi,
                 f"device {dev}, output {output}: PSI {psi:.3f} (threshold {t.drift_psi:g}), Jensen-Shannon {js:.3f} "
-                f"(threshold {t.drift_js:g}) over {measured['samples']} recent values")
+                f"(threshold {t.drift_js:g}) over {measured['samples']} recent values",
+                manifest_sha256=d.get("manifest_sha256"))  # the serving model a retrain request names
     return out
 
 

@@ -63,6 +63,7 @@ SWITCH_INTERVAL_S = 0.0005
 # runs rarely, to reclaim any reference cycles among it.
 GC_FREEZE_EVERY_S = 1.0
 GC_FULL_EVERY_S = 1800.0
+RETRAIN_SHOWN = 50  # retrain requests on the dashboard and /api/retrain, newest first
 
 
 @dataclass(frozen=True)
@@ -358,7 +359,7 @@ class Monitor:
 
     def snapshot(self) -> dict[str, Any]:
         """The whole fleet as the HTTP side shows it; built on request, at most once per tick."""
-        from edgesmith.toolchain.fleet.store import shadows
+        from edgesmith.toolchain.fleet.store import retrain, shadows
 
         with self._view_lock:
             at = now_ms()
@@ -367,6 +368,7 @@ class Monitor:
                 snap["alerts"] = self.store.alerts()
                 snap["deployments"], snap["deploy_states"] = self._deployments()
                 snap["shadows"] = shadows.panel(self.store)
+                snap["retrain"] = retrain.requests(self.store, limit=RETRAIN_SHOWN)
                 refusals = self.store.refusals()
                 for d in snap["devices"]:
                     d["refused"] = refusals.pop((d["fleet"], d["device"]), None)

@@ -1,5 +1,6 @@
-"""What `edgesmith fleet status` shows: each device (presence, artifact, latency, deployment state),
-the fleet's artifact mix, and recent deployments with their waves (from the monitor's store)."""
+"""What `edgesmith fleet status` shows: each device (presence, artifact, latency, deployment state,
+its active retrain request), the fleet's artifact mix, recent deployments with their waves, and the
+retrain requests drift alerts opened (from the monitor's store)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 from edgesmith.toolchain.fleet.store import Store, fleet_status
 from edgesmith.toolchain.fleet.store import deployments as history
+from edgesmith.toolchain.fleet.store import retrain
 
 
 def deploy_info(entry: dict[str, Any] | None) -> dict[str, Any]:
@@ -33,7 +35,7 @@ def deploy_info(entry: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def fleet_overview(store: Store, fleet: str | None, default_interval_s: float,
-                   deployments: int = 5) -> dict[str, Any]:
+                   deployments: int = 5, retrain_shown: int = 10) -> dict[str, Any]:
     rows = [r for r in fleet_status(store, default_interval_s) if fleet is None or r["fleet"] == fleet]
     deploy = history.device_states(store, fleet) if history.has_tables(store) else {}
     for r in rows:
@@ -48,4 +50,11 @@ def fleet_overview(store: Store, fleet: str | None, default_interval_s: float,
     versions = Counter(f"{r['artifact']} ({r['manifest_sha256'][:8]})" if r["artifact"] and r["manifest_sha256"]
                        else r["artifact"] or "unknown" for r in rows)
     listed = history.deployments_list(store, fleet, deployments) if deployments and history.has_tables(store) else []
-    return {"devices": rows, "versions": dict(versions.most_common()), "deployments": listed}
+    active = retrain.requests(store, fleet, active_only=True)
+    naming = retrain.by_device(active)
+    for r in rows:
+        r["retrain"] = naming.get((r["fleet"], r["device"]))
+    # Every active request, then the newest closed ones up to retrain_shown in all.
+    closed = [q for q in retrain.requests(store, fleet, limit=retrain_shown + len(active)) if q["status"] not in retrain.ACTIVE]
+    shown = active + closed[:max(0, retrain_shown - len(active))]
+    return {"devices": rows, "versions": dict(versions.most_common()), "deployments": listed, "retrain": shown}

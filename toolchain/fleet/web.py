@@ -266,9 +266,10 @@ def render_dashboard(snap: dict[str, Any], thresholds: dict[str, float]) -> str:
                 out.append(f"<tr><td>{e(fleet)}</td><td>{e(model)}</td><td>{e(text)}</td></tr>")
         out.append("</table>")
     out.extend(_deployments_html(snap.get("deployments") or [], snap.get("deploy_states") or [], at))
+    out.extend(_retrain_html(snap.get("retrain") or [], at))
     out.extend(_shadows_html(snap.get("shadows") or [], at))
     out.append('<p class=muted><a href="/api/fleet">/api/fleet</a> · <a href="/api/shadows">/api/shadows</a> · '
-               '<a href="/metrics">/metrics</a></p></body></html>')
+               '<a href="/api/retrain">/api/retrain</a> · <a href="/metrics">/metrics</a></p></body></html>')
     return "".join(out)
 
 
@@ -298,6 +299,27 @@ def _deployments_html(deployments: list[dict[str, Any]], states: list[dict[str, 
                        f"<td>{e(dep.get('slot') or '–')}</td><td>{e(dep.get('deployment_id') or '–')}</td>"
                        f"<td>{e(dep.get('result') or '–')}</td><td>{e(dep.get('error') or '')}</td></tr>")
         out.append("</table>")
+    return out
+
+
+def _retrain_html(requests: list[dict[str, Any]], at: int) -> list[str]:
+    """Retrain requests drift alerts opened (docs/telemetry.md): model, devices, status and what the loop linked."""
+    e = html.escape
+    if not requests:
+        return []
+    out = ["<h2>Retrain requests</h2><table id=retrain><tr><th>request</th><th>fleet</th><th>status</th><th>model</th>"
+           "<th>devices</th><th>alerts</th><th>opened</th><th>linked</th></tr>"]
+    for r in requests:
+        model = f"{r['model'] or '?'} {r['model_version'] or '?'}" + (f" ({r['manifest_sha256'][:8]})"
+                                                                     if r["manifest_sha256"] else "")
+        linked = ", ".join(f"{k.replace('_', ' ')} {r[k]}" for k in ("capture_id", "dataset_digest", "mlflow_run_id",
+                                                                     "result_version") if r[k]) or r["note"] or "–"
+        css = "off" if r["status"] == "open" else "on" if r["status"] == "done" else "muted" if r["status"] == "dismissed" else ""
+        out.append(f'<tr data-retrain="{e(r["id"])}"><td>{e(r["id"])}</td><td>{e(r["fleet"])}</td>'
+                   f"<td><span class={css}>{e(r['status'])}</span></td><td>{e(model)}</td>"
+                   f"<td>{e(', '.join(r['devices']))}</td><td title=\"{e(' '.join(r['alerts']))}\">{len(r['alerts'])}</td>"
+                   f"<td>{_ago(r['opened_ms'], at)}</td><td>{e(linked)}</td></tr>")
+    out.append("</table>")
     return out
 
 
@@ -338,15 +360,15 @@ class HttpServer:
                         self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry))
                     elif path == "/api/fleet":
                         self._send(200, "application/json", json.dumps(snapshot(), separators=(",", ":")).encode())
-                    elif path == "/api/shadows":
-                        body = json.dumps(snapshot().get("shadows") or [], separators=(",", ":")).encode()
+                    elif path in ("/api/shadows", "/api/retrain"):
+                        body = json.dumps(snapshot().get(path.rsplit("/", 1)[1]) or [], separators=(",", ":")).encode()
                         self._send(200, "application/json", body)
                     elif path in ("/", "/index.html"):
                         self._send(200, "text/html; charset=utf-8", render_dashboard(snapshot(), thresholds).encode())
                     elif path == "/healthz":
                         self._send(200, "text/plain", b"ok\n")
                     else:
-                        self._send(404, "text/plain", b"not found; try /, /metrics, /api/fleet or /api/shadows\n")
+                        self._send(404, "text/plain", b"not found; try /, /metrics, /api/fleet, /api/shadows or /api/retrain\n")
                 except BrokenPipeError:
                     pass
 

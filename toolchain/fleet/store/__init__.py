@@ -7,6 +7,8 @@ One module per concern, each with its tables on the one ``metadata``:
 - alerts.py: each alert condition and whether it is firing;
 - deployments.py: deployments, waves, targets, desired-state versions and reported deploy states,
   written by `edgesmith deploy` (toolchain/deploy) and by ingest, read by `fleet status`;
+- retrain.py: retrain requests, recorded when a drift alert fires, listed by `fleet status` and the
+  dashboard, moved on by `fleet retrain` (and the closed loop);
 - shadows.py: shadows, their windows and events, shadow-state versions and selections, written by
   `edgesmith shadow` (toolchain/shadow) and by ingest, read by `shadow report` and `select`.
 
@@ -22,7 +24,7 @@ from sqlalchemy.engine import Connection
 
 from edgesmith.runtime.contract import MessageKind as K
 
-from edgesmith.toolchain.fleet.store import deployments, shadows
+from edgesmith.toolchain.fleet.store import deployments, retrain, shadows
 from edgesmith.toolchain.fleet.store.alerts import AlertKey, AlertStore
 from edgesmith.toolchain.fleet.store.engine import (SCHEMA_VERSION, counters, default_url, metadata, now_ms,
                                                     open_engine)
@@ -31,7 +33,7 @@ from edgesmith.toolchain.fleet.store.ingest import (DROP_REASONS, SILENT_INTERVA
 
 __all__ = ["DROP_REASONS", "SCHEMA_VERSION", "SILENT_INTERVALS", "AlertKey", "BatchListener", "BatchResult",
            "Incoming", "Store", "counters", "default_url", "deployments", "fleet_status", "is_silent", "metadata",
-           "now_ms", "open_engine", "shadows"]
+           "now_ms", "open_engine", "retrain", "shadows"]
 
 
 class Store(IngestStore, AlertStore):

@@ -1,6 +1,6 @@
 """Alerts in the store: each alert condition and whether it is firing, so an alert fires once per
 condition across monitor restarts and across monitors sharing the store (fleet/alerts.py decides
-when; this module records it)."""
+when; this module records it). A drift alert's firing also records a retrain request (retrain.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import BigInteger, Boolean, Column, Float, String, Table, Text, select, update
 
+from edgesmith.toolchain.fleet.store import retrain
 from edgesmith.toolchain.fleet.store.engine import StoreBase, metadata
 
 AlertKey = tuple[str, str, str]  # fleet, alert, subject
@@ -48,6 +49,11 @@ class AlertStore(StoreBase):
                         fleet=fleet, alert=alert, subject=subject, active=True, since_ms=at_ms, changed_ms=at_ms,
                         fired=1, **values)).rowcount:
                     fired.append(key)
+                else:
+                    continue
+                if alert == "drift":  # a drift alert asks for a retrain, in the same transaction
+                    retrain.record_drift(conn, fleet, subject, info, conn.scalar(select(alerts.c.fired).where(*where)),
+                                         at_ms)
             for key in clearing:
                 fleet, alert, subject = key
                 if conn.execute(update(alerts).where(alerts.c.fleet == fleet, alerts.c.alert == alert,

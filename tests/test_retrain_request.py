@@ -1,0 +1,272 @@
+"""Retrain requests (issue 19): a drift alert records one in the monitor's store, shown by `fleet status`,
+`fleet retrain list`, /api/retrain and the dashboard; and the agent's camera stand-in
+(`edgesmith-agent --load-from FILE.npy`) that makes the drift real.
+
+The end-to-end test serves the trained digits CNN (the digits_trained fixture) on two real agents
+replaying held-out digits from the training run's test split, one rotated by 90 degrees: the real
+monitor flags that device's drift and records a retrain request for it, never for the other. The
+request bookkeeping (a device's second alert, a second device, dismissal) runs with simulated
+devices against the same real monitor, on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import BOTH_STORES, _once, build_json, run_cli
+from test_agent import Agent, Broker
+from test_fleet_monitor import (FLEET, MonitorProcess, broker_dir, classes, connected, devices, query,  # noqa: F401
+                                start_monitor, wait_until)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+TARGET = "x86_64-avx2"
+LOAD_RPS = "100"  # replayed inputs a second: 100 counted values (the drift minimum) in about a second
+
+
+@pytest.fixture(scope="module")
+def digits_served(shared_root, session_home, digits_trained, tmp_path_factory) -> dict:
+    """The trained digits CNN built for the host (OpenVINO), and held-out digits of its training run's
+    test split as --load-from files: as they are, rotated by 90 degrees, and hostile variants."""
+    import mlflow
+
+    from edgesmith.toolchain.train import tracking
+
+    def make(out: Path) -> dict:
+        env = {"EDGESMITH_HOME": str(session_home), "MLFLOW_TRACKING_URI": digits_trained["uri"]}
+        (artifact,) = build_json(digits_trained["model_uri"], "-t", TARGET, "--backend", "openvino", "-o", str(out),
+                                 env=env)["artifacts"]
+        return {"path": artifact["path"]}
+
+    built = _once(shared_root, "digits-trained-openvino", make)
+    root = tmp_path_factory.mktemp("replay")
+    mlflow.set_tracking_uri(digits_trained["uri"])
+    split = mlflow.artifacts.download_artifacts(run_id=digits_trained["run_id"], artifact_path=tracking.TEST_SPLIT,
+                                                dst_path=str(root / "split"))
+    with np.load(split, allow_pickle=False) as data:
+        x = np.ascontiguousarray(data["x"][:64], dtype=np.float32)  # the build's reference run saw these 64
+    assert x.shape == (64, 1, 8, 8)
+    np.save(root / "digits.npy", x)
+    np.save(root / "rotated.npy", np.ascontiguousarray(np.rot90(x, 1, axes=(2, 3))))
+    return {"path": Path(built["path"]), "pub": session_home / "keys" / "default.pub", "x": x,
+            "digits": root / "digits.npy", "rotated": root / "rotated.npy", "root": root}
+
+
+# ---- the camera stand-in against a real monitor ----------------------------------------------------
+
+@BOTH_STORES
+def test_rotated_digits_raise_drift_and_a_retrain_request(digits_served, tmp_path, store_url):
+    broker = Broker(tmp_path / "broker")
+    monitor = MonitorProcess(broker.dir, store_url, tmp_path / "monitor.log").start()
+    agents: list[Agent] = []
+    try:
+        for device, replay in (("cam-ok", digits_served["digits"]), ("cam-rot", digits_served["rotated"])):
+            agent = Agent(digits_served, broker.add_device(device), tmp_path / device, "--interval", "0.5",
+                          "--synthetic-load", LOAD_RPS, "--load-from", str(replay))
+            agents.append(agent)
+            agent.ready()
+
+        def drifted() -> bool:
+            return any(a["alert"] == "drift" and a["subject"].startswith("cam-rot/") and a["active"]
+                       for a in monitor.api()["alerts"])
+        wait_until(drifted, 60, "the drift alert of cam-rot")
+        (request,) = json.loads(monitor.get("/api/retrain"))
+        # The unshifted device has been measured on at least as much as the shifted one was when it fired.
+        fired_on = monitor.device("cam-rot")["drift"]
+        needed = max(m["samples"] for m in fired_on.values() if m)
+        ok = monitor.wait_device("cam-ok", lambda d: all(m and m["samples"] >= needed for m in d["drift"].values()),
+                                 f"{needed} measured outputs")
+        assert all(m["psi"] < 0.2 * 0.8 and m["js"] < 0.1 * 0.8 for m in ok["drift"].values()), ok["drift"]
+        assert not any(a["subject"].startswith("cam-ok/") for a in monitor.api()["alerts"])
+        manifest = json.loads((digits_served["path"] / "manifest.json").read_text())
+        assert request["status"] == "open" and request["fleet"] == FLEET and request["devices"] == ["cam-rot"]
+        assert (request["model"], request["model_version"]) == (manifest["model"]["name"], manifest["model"]["version"])
+        assert request["manifest_sha256"] == monitor.device("cam-rot")["manifest_sha256"]
+        assert request["alerts"] and all(a.startswith(f"{FLEET}/drift/cam-rot/") and a.endswith("#1")
+                                         for a in request["alerts"])
+        assert all(request[k] is None for k in ("capture_id", "dataset_digest", "mlflow_run_id", "result_version"))
+        html = monitor.get("/").decode()
+        assert f'data-retrain="{request["id"]}"' in html
+        status = {d["device"]: d for d in json.loads(run_cli("fleet", "status", "--db", store_url, "--json").stdout)}
+        assert status["cam-rot"]["retrain"]["id"] == request["id"] and status["cam-ok"]["retrain"] is None
+    finally:
+        for agent in agents:
+            assert agent.stop() == 0, agent.log()
+        code = monitor.stop()
+        assert "Traceback" not in monitor.log_text() and code == 0, monitor.log_text()
+        broker.down()
+    for agent in agents:  # every replayed input ran: no run_error, nothing refused
+        assert "error" not in agent.log().lower(), agent.log()
+
+
+def test_hostile_load_from_files_are_refused_in_one_sentence(digits_served, tmp_path):
+    """Every byte of the file is hostile: the agent refuses it before serving, naming the file, what the
+    model expects and what it found (the .npy header parser itself is fuzzed in test_npy.py)."""
+    x, root = digits_served["x"], tmp_path
+    broker = Broker(tmp_path / "broker")
+    credentials = broker.add_device("cam-bad")
+    started = [0]
+
+    def _agent_error(*flags: str) -> tuple[int, str]:
+        started[0] += 1
+        agent = Agent(digits_served, credentials, tmp_path / f"data-{started[0]}", *flags)
+        code = agent.proc.wait(60)
+        agent._log.close()
+        return code, agent.log()
+    cases: dict[str, tuple[bytes | None, str]] = {}
+
+    def npy(array: np.ndarray) -> bytes:
+        import io
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        return buffer.getvalue()
+
+    good = npy(x)
+    cases["int64"] = (npy(x.astype(np.int64)), "found int64 (64, 1, 8, 8)")
+    cases["shape"] = (npy(x.reshape(64, 64)), "found float32 (64, 64)")
+    cases["empty"] = (npy(x[:0]), "found float32 (0, 1, 8, 8)")
+    cases["magic"] = (b"PK\x03\x04" + good[4:], "expected a .npy file of float32 samples")
+    cases["truncated"] = (good[:-5], "bytes of data after its header, found")
+    cases["trailing"] = (good + b"\0" * 8, "bytes of data after its header, found")
+    cases["header"] = (good[:10] + b"{'descr': '<f4', 'shape': (99999999999999999999,), }".ljust(len(good) - 10),
+                       "expected a .npy file of float32 samples")
+    for name, (content, expected) in cases.items():
+        path = root / f"{name}.npy"
+        path.write_bytes(content)
+        code, log = _agent_error("--synthetic-load", "10", "--load-from", str(path))
+        assert code == 1, (name, log)
+        line = log.strip().splitlines()[-1]
+        assert line.startswith(f"error: --load-from {path}:") and expected in line, (name, line)
+        assert "(1, 1, 8, 8)" in line or "samples shaped" in line, (name, line)
+    big = root / "big.npy"  # sparse: its size is checked before a byte of it is read
+    with open(big, "wb") as f:
+        f.write(good[:128])
+        f.truncate((64 << 20) + 1)
+    code, log = _agent_error("--synthetic-load", "10", "--load-from", str(big))
+    assert code == 1 and f"--load-from {big}: expected at most 67108864 bytes, found 67108865 bytes" in log, log
+    code, log = _agent_error("--load-from", str(root / "int64.npy"))
+    assert code == 2 and "needs --synthetic-load RPS" in log, log
+    code, log = _agent_error("--synthetic-load", "10", "--load-from", str(root / "missing.npy"))
+    assert code == 1 and f"--load-from {root / 'missing.npy'}: no such file" in log, log
+    broker.down()
+
+
+# ---- the request's bookkeeping, simulated devices ---------------------------------------------------
+
+SHIFTED = [100, 200, 300, 400]
+STEADY = [400, 300, 200, 100]
+
+
+def _requests(store_url: str) -> list[dict]:
+    return json.loads(run_cli("fleet", "retrain", "list", "--db", store_url, "--json").stdout)
+
+
+def _firing(monitor, subject: str) -> bool:
+    return ("drift", subject) in monitor.alerts()
+
+
+@BOTH_STORES
+def test_one_open_request_per_model_collects_devices_and_alerts(broker_dir, start_monitor, store_url):
+    from edgesmith.toolchain.fleet.simulate import SimArtifact, output_window
+
+    monitor = start_monitor()
+    art = SimArtifact(outputs=[classes([0.4, 0.3, 0.2, 0.1])])
+    other = SimArtifact(model="other-model", outputs=[classes([0.4, 0.3, 0.2, 0.1])])
+    c_a, c_b, c_c, c_o = devices(broker_dir, "cam-a", "cam-b", "cam-c", "cam-other")
+    a, b, c = (connected(cred, artifact=art, interval_s=60) for cred in (c_a, c_b, c_c))
+    o = connected(c_o, artifact=other, interval_s=60)
+
+    def send(device, counts, n: int = 6) -> None:  # 6 windows of 60 s: the whole 300 s recent horizon
+        for _ in range(n):
+            device.send(device.telemetry(runs=1000, outputs={"logits": output_window(counts)}))
+
+    send(a, SHIFTED)
+    send(c, STEADY)
+    wait_until(lambda: _firing(monitor, "cam-a/logits"), 30, "cam-a's drift alert")
+    (first,) = wait_until(lambda: _requests(store_url), 30, "a retrain request")
+    assert first["devices"] == ["cam-a"] and first["status"] == "open"
+    assert first["alerts"] == [f"{FLEET}/drift/cam-a/logits#1"]
+    assert (first["model"], first["model_version"], first["manifest_sha256"]) == (art.model, art.model_version, art.sha256)
+
+    send(b, SHIFTED)  # a second device of the same model joins the open request
+    wait_until(lambda: _firing(monitor, "cam-b/logits"), 30, "cam-b's drift alert")
+    send(a, STEADY)  # cam-a clears, then drifts again: its second alert adds to the same request
+    wait_until(lambda: not _firing(monitor, "cam-a/logits"), 30, "cam-a's alert to clear")
+    send(a, SHIFTED)
+    wait_until(lambda: _firing(monitor, "cam-a/logits"), 30, "cam-a's second drift alert")
+    send(o, SHIFTED)  # another model: a request of its own
+    wait_until(lambda: _firing(monitor, "cam-other/logits"), 30, "cam-other's drift alert")
+
+    rows = _requests(store_url)
+    assert len(rows) == 2, rows
+    mine = next(r for r in rows if r["id"] == first["id"])
+    assert mine["devices"] == ["cam-a", "cam-b"] and mine["status"] == "open"
+    assert sorted(mine["alerts"]) == [f"{FLEET}/drift/cam-a/logits#1", f"{FLEET}/drift/cam-a/logits#2",
+                                      f"{FLEET}/drift/cam-b/logits#1"]
+    theirs = next(r for r in rows if r["id"] != first["id"])
+    assert theirs["devices"] == ["cam-other"] and theirs["model"] == "other-model"
+    assert query(store_url, "SELECT count(*) FROM retrain_request_alerts") == [(4,)]
+
+    shown = run_cli("fleet", "status", "--db", store_url, "--fleet", FLEET).stdout
+    assert first["id"] in shown and "retrain requests" in shown
+    status = {d["device"]: d["retrain"] for d in json.loads(run_cli("fleet", "status", "--db", store_url, "--json").stdout)}
+    assert status["cam-a"]["id"] == status["cam-b"]["id"] == first["id"] and status["cam-c"] is None
+    api = {r["id"]: r for r in json.loads(monitor.get("/api/retrain"))}
+    assert api[first["id"]]["devices"] == ["cam-a", "cam-b"]
+
+    dismissed = json.loads(run_cli("fleet", "retrain", "dismiss", first["id"], "--db", store_url, "--note",
+                                   "a lens was cleaned", "--json").stdout)
+    assert dismissed["status"] == "dismissed" and dismissed["note"] == "a lens was cleaned"
+    again = run_cli("fleet", "retrain", "dismiss", first["id"], "--db", store_url, check=False)
+    assert again.returncode != 0 and "Traceback" not in again.stderr
+    assert f"retrain request {first['id']} is dismissed, so it cannot become dismissed" in again.stderr, again.stderr
+    unknown = run_cli("fleet", "retrain", "dismiss", "rr-nope", "--db", store_url, check=False)
+    assert unknown.returncode != 0 and "there is no retrain request 'rr-nope'" in unknown.stderr, unknown.stderr
+
+    send(a, STEADY)  # after the dismissal cam-a's next drift opens a new request
+    wait_until(lambda: not _firing(monitor, "cam-a/logits"), 30, "cam-a's alert to clear")
+    send(a, SHIFTED)
+    wait_until(lambda: _firing(monitor, "cam-a/logits"), 30, "cam-a's third drift alert")
+    rows = wait_until(lambda: (r := _requests(store_url)) and len(r) == 3 and r, 30, "a third request")
+    newest = next(r for r in rows if r["id"] not in (first["id"], theirs["id"]))
+    assert newest["devices"] == ["cam-a"] and newest["alerts"] == [f"{FLEET}/drift/cam-a/logits#3"]
+    assert newest["status"] == "open"
+    assert status["cam-b"]["id"] == first["id"]
+    active = {r["id"] for r in json.loads(run_cli("fleet", "retrain", "list", "--db", store_url, "--active",
+                                                   "--json").stdout)}
+    assert active == {newest["id"], theirs["id"]}
+    for device in (a, b, c, o):
+        device.shutdown()
+
+
+def test_store_moves_a_request_only_forward(tmp_path):
+    """The statuses the loop will set: open → capturing → training → done, with what it links."""
+    from sqlalchemy import select
+
+    from edgesmith.toolchain.errors import UserError
+    from edgesmith.toolchain.fleet.store import Store, retrain
+
+    store = Store.open(f"sqlite:///{tmp_path / 'm.db'}")
+    at = 1_700_000_000_000
+    with store.engine.begin() as conn:
+        info = {"device": "cam-1", "model": "digits", "model_version": "3", "manifest_sha256": "ab" * 32}
+        rid = retrain.record_drift(conn, FLEET, "cam-1/logits", info, 1, at)
+        assert retrain.record_drift(conn, FLEET, "cam-1/logits", info, 2, at + 1) == rid
+    with pytest.raises(UserError, match="is open, so it cannot become done"):
+        retrain.advance(store, rid, "done")
+    retrain.advance(store, rid, "capturing", capture_id="cap-1")
+    with store.engine.begin() as conn:  # capturing: the device's next alert still adds to it, another device opens anew
+        assert retrain.record_drift(conn, FLEET, "cam-1/logits", info, 3, at + 2) == rid
+        other = retrain.record_drift(conn, FLEET, "cam-2/logits", {**info, "device": "cam-2"}, 1, at + 3)
+        assert other != rid
+        assert conn.scalar(select(retrain.retrain_requests.c.open_key).where(retrain.retrain_requests.c.id == rid)) is None
+    retrain.advance(store, rid, "training", dataset_digest="d" * 64, mlflow_run_id="r" * 32)
+    row = retrain.advance(store, rid, "done", result_version="4")
+    assert (row["status"], row["capture_id"], row["dataset_digest"], row["result_version"]) == ("done", "cap-1", "d" * 64, "4")
+    assert len(row["alerts"]) == 3
+    with pytest.raises(ValueError):
+        retrain.advance(store, other, "capturing", bogus="x")
