@@ -130,8 +130,9 @@ def test_hostile_load_from_files_are_refused_in_one_sentence(digits_served, tmp_
     cases["shape"] = (npy(x.reshape(64, 64)), "found float32 (64, 64)")
     cases["empty"] = (npy(x[:0]), "found float32 (0, 1, 8, 8)")
     cases["magic"] = (b"PK\x03\x04" + good[4:], "expected a .npy file of float32 samples")
-    cases["truncated"] = (good[:-5], "bytes of data after its header, found")
-    cases["trailing"] = (good + b"\0" * 8, "bytes of data after its header, found")
+    cases["truncated"] = (good[:-5], "its header says float32 (64, 1, 8, 8), so expected 16384 bytes of data after it, "
+                                     "found 16379")
+    cases["trailing"] = (good + b"\0" * 8, "so expected 16384 bytes of data after it, found 16392")
     cases["header"] = (good[:10] + b"{'descr': '<f4', 'shape': (99999999999999999999,), }".ljust(len(good) - 10),
                        "expected a .npy file of float32 samples")
     for name, (content, expected) in cases.items():
@@ -140,8 +141,7 @@ def test_hostile_load_from_files_are_refused_in_one_sentence(digits_served, tmp_
         code, log = _agent_error("--synthetic-load", "10", "--load-from", str(path))
         assert code == 1, (name, log)
         line = log.strip().splitlines()[-1]
-        assert line.startswith(f"error: --load-from {path}:") and expected in line, (name, line)
-        assert "(1, 1, 8, 8)" in line or "samples shaped" in line, (name, line)
+        assert line.startswith(f"error: --load-from {path}") and expected in line, (name, line)
     big = root / "big.npy"  # sparse: its size is checked before a byte of it is read
     with open(big, "wb") as f:
         f.write(good[:128])
@@ -161,8 +161,8 @@ SHIFTED = [100, 200, 300, 400]
 STEADY = [400, 300, 200, 100]
 
 
-def _requests(store_url: str) -> list[dict]:
-    return json.loads(run_cli("fleet", "retrain", "list", "--db", store_url, "--json").stdout)
+def _requests(monitor: MonitorProcess) -> list[dict]:
+    return json.loads(monitor.get("/api/retrain"))
 
 
 def _firing(monitor, subject: str) -> bool:
@@ -187,7 +187,7 @@ def test_one_open_request_per_model_collects_devices_and_alerts(broker_dir, star
     send(a, SHIFTED)
     send(c, STEADY)
     wait_until(lambda: _firing(monitor, "cam-a/logits"), 30, "cam-a's drift alert")
-    (first,) = wait_until(lambda: _requests(store_url), 30, "a retrain request")
+    (first,) = wait_until(lambda: _requests(monitor), 30, "a retrain request")
     assert first["devices"] == ["cam-a"] and first["status"] == "open"
     assert first["alerts"] == [f"{FLEET}/drift/cam-a/logits#1"]
     assert (first["model"], first["model_version"], first["manifest_sha256"]) == (art.model, art.model_version, art.sha256)
@@ -201,8 +201,9 @@ def test_one_open_request_per_model_collects_devices_and_alerts(broker_dir, star
     send(o, SHIFTED)  # another model: a request of its own
     wait_until(lambda: _firing(monitor, "cam-other/logits"), 30, "cam-other's drift alert")
 
-    rows = _requests(store_url)
-    assert len(rows) == 2, rows
+    rows = wait_until(lambda: (r := _requests(monitor)) and len(r) == 2 and len(r[-1]["alerts"]) == 3 and r, 30,
+                      "cam-other's request")
+    assert json.loads(run_cli("fleet", "retrain", "list", "--db", store_url, "--json").stdout) == rows
     mine = next(r for r in rows if r["id"] == first["id"])
     assert mine["devices"] == ["cam-a", "cam-b"] and mine["status"] == "open"
     assert sorted(mine["alerts"]) == [f"{FLEET}/drift/cam-a/logits#1", f"{FLEET}/drift/cam-a/logits#2",
@@ -215,8 +216,6 @@ def test_one_open_request_per_model_collects_devices_and_alerts(broker_dir, star
     assert first["id"] in shown and "retrain requests" in shown
     status = {d["device"]: d["retrain"] for d in json.loads(run_cli("fleet", "status", "--db", store_url, "--json").stdout)}
     assert status["cam-a"]["id"] == status["cam-b"]["id"] == first["id"] and status["cam-c"] is None
-    api = {r["id"]: r for r in json.loads(monitor.get("/api/retrain"))}
-    assert api[first["id"]]["devices"] == ["cam-a", "cam-b"]
 
     dismissed = json.loads(run_cli("fleet", "retrain", "dismiss", first["id"], "--db", store_url, "--note",
                                    "a lens was cleaned", "--json").stdout)
@@ -231,11 +230,10 @@ def test_one_open_request_per_model_collects_devices_and_alerts(broker_dir, star
     wait_until(lambda: not _firing(monitor, "cam-a/logits"), 30, "cam-a's alert to clear")
     send(a, SHIFTED)
     wait_until(lambda: _firing(monitor, "cam-a/logits"), 30, "cam-a's third drift alert")
-    rows = wait_until(lambda: (r := _requests(store_url)) and len(r) == 3 and r, 30, "a third request")
+    rows = wait_until(lambda: (r := _requests(monitor)) and len(r) == 3 and r, 30, "a third request")
     newest = next(r for r in rows if r["id"] not in (first["id"], theirs["id"]))
     assert newest["devices"] == ["cam-a"] and newest["alerts"] == [f"{FLEET}/drift/cam-a/logits#3"]
     assert newest["status"] == "open"
-    assert status["cam-b"]["id"] == first["id"]
     active = {r["id"] for r in json.loads(run_cli("fleet", "retrain", "list", "--db", store_url, "--active",
                                                    "--json").stdout)}
     assert active == {newest["id"], theirs["id"]}

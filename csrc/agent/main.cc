@@ -239,6 +239,13 @@ int agent_main(const AgentConfig& config, const sigset_t& signals) {
     }
   };
 
+  // Before the HTTP server starts: a load that cannot start (no golden inputs, a --load-from file
+  // that does not fit the model) ends the agent with its sentence, with no server thread to stop.
+  std::unique_ptr<SyntheticLoad> load;
+  if (config.synthetic_load_rps > 0.0) {
+    load = std::make_unique<SyntheticLoad>(serving_get, config.synthetic_load_rps, config.synthetic_shift,
+                                           seed_of(device), on_run_error, on_served, config.load_from);
+  }
   HttpApi http(serving_get, device, on_run_error, [&reporter] { return reporter.reporter_status(); }, http_options);
   std::string host;
   int port = 0;
@@ -254,11 +261,6 @@ int agent_main(const AgentConfig& config, const sigset_t& signals) {
                                 {"url", "http://" + (host.find(':') != std::string::npos ? "[" + host + "]" : host) +
                                             ":" + std::to_string(port)}});
 
-  std::unique_ptr<SyntheticLoad> load;
-  if (config.synthetic_load_rps > 0.0) {
-    load = std::make_unique<SyntheticLoad>(serving_get, config.synthetic_load_rps, config.synthetic_shift,
-                                           seed_of(device), on_run_error, on_served, config.load_from);
-  }
   reporter.reporter_start();
   SpoolDeployReporter deploy_reporter(&reporter);
   if (deployer) {

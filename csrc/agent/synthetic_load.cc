@@ -87,8 +87,9 @@ std::vector<std::vector<Tensor>> synthetic_replay_read(const std::string& path, 
   }
   const uint64_t available = bytes.size() - header.data_offset;
   if (available != header.data_bytes) {
-    throw Error(ERROR_CODE_INPUT, name + ": expected " + std::to_string(header.data_bytes) +
-                                      " bytes of data after its header, found " + std::to_string(available));
+    throw Error(ERROR_CODE_INPUT, name + ": its header says " + dtype_name(header.dtype) + " " +
+                                      shape_format(header.shape) + ", so expected " + std::to_string(header.data_bytes) +
+                                      " bytes of data after it, found " + std::to_string(available));
   }
   const uint64_t sample_bytes = header.data_bytes / static_cast<uint64_t>(count);
   std::vector<std::vector<Tensor>> samples;
