@@ -158,13 +158,16 @@ class AlertManager:
         clearing = [k for k, c in found.items() if c.state == "clear" and k in active]
         if not firing and not clearing:
             return []
-        fired, cleared = self.store.alert_transitions(firing, clearing, at_ms)
+        retrain_ids: dict[AlertKey, str] = {}
+        fired, cleared = self.store.alert_transitions(firing, clearing, at_ms, retrain_ids)
         events = []
         for keys, state in ((fired, "firing"), (cleared, "resolved")):
             for key in keys:
                 fleet, alert, subject = key
                 event = {"v": 1, "kind": "alert", "alert": alert, "state": state, "fleet": fleet, "subject": subject,
                          **found[key].info, "ts_ms": at_ms}
+                if state == "firing" and key in retrain_ids:
+                    event["retrain_request"] = retrain_ids[key]
                 self.notifier.send(event)
                 events.append(event)
         return events

@@ -32,9 +32,10 @@ class AlertStore(StoreBase):
     """The Store's alert methods: fire once per condition, across restarts and monitors."""
 
     def alert_transitions(self, firing: dict[AlertKey, dict[str, Any]], clearing: list[AlertKey],
-                          at_ms: int) -> tuple[list[AlertKey], list[AlertKey]]:
+                          at_ms: int, retrain_ids: dict[AlertKey, str] | None = None) -> tuple[list[AlertKey], list[AlertKey]]:
         """Mark alerts firing and cleared, in one transaction; returns the ones this call changed
-        (an alert already firing, or fired by another monitor first, is not returned again)."""
+        (an alert already firing, or fired by another monitor first, is not returned again).
+        ``retrain_ids``, if given, gets the retrain request each fired drift alert was recorded on."""
         fired, cleared = [], []
         with self.engine.begin() as conn:
             for key, info in firing.items():
@@ -52,8 +53,10 @@ class AlertStore(StoreBase):
                 else:
                     continue
                 if alert == "drift":  # a drift alert asks for a retrain, in the same transaction
-                    retrain.record_drift(conn, fleet, subject, info, conn.scalar(select(alerts.c.fired).where(*where)),
-                                         at_ms)
+                    request = retrain.record_drift(conn, fleet, subject, info,
+                                                   conn.scalar(select(alerts.c.fired).where(*where)), at_ms)
+                    if retrain_ids is not None:
+                        retrain_ids[key] = request
             for key in clearing:
                 fleet, alert, subject = key
                 if conn.execute(update(alerts).where(alerts.c.fleet == fleet, alerts.c.alert == alert,
