@@ -129,6 +129,7 @@ def test_hostile_load_from_files_are_refused_in_one_sentence(digits_served, tmp_
     cases["int64"] = (npy(x.astype(np.int64)), "found int64 (64, 1, 8, 8)")
     cases["shape"] = (npy(x.reshape(64, 64)), "found float32 (64, 64)")
     cases["empty"] = (npy(x[:0]), "found float32 (0, 1, 8, 8)")
+    cases["many"] = (npy(np.zeros((65537, 1, 8, 8), np.float32)), "expected at most 65536 samples, found 65537")
     cases["magic"] = (b"PK\x03\x04" + good[4:], "expected a .npy file of float32 samples")
     cases["truncated"] = (good[:-5], "its header says float32 (64, 1, 8, 8), so expected 16384 bytes of data after it, "
                                      "found 16379")

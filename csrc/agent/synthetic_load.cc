@@ -85,6 +85,10 @@ std::vector<std::vector<Tensor>> synthetic_replay_read(const std::string& path, 
     throw Error(ERROR_CODE_INPUT, name + ": expected " + replay_expected(spec) + " of " + model + ", found " +
                                       dtype_name(header.dtype) + " " + shape_format(header.shape));
   }
+  if (count > SYNTHETIC_REPLAY_MAX_SAMPLES) {
+    throw Error(ERROR_CODE_INPUT, name + ": expected at most " + std::to_string(SYNTHETIC_REPLAY_MAX_SAMPLES) +
+                                      " samples, found " + std::to_string(count));
+  }
   const uint64_t available = bytes.size() - header.data_offset;
   if (available != header.data_bytes) {
     throw Error(ERROR_CODE_INPUT, name + ": its header says " + dtype_name(header.dtype) + " " +

@@ -25,6 +25,10 @@ constexpr double SYNTHETIC_NOISE_STD = 0.01;
 /// Largest --load-from file read (it is held in memory whole).
 constexpr uint64_t SYNTHETIC_REPLAY_MAX_BYTES = uint64_t{64} << 20;
 
+/// Most samples a --load-from file may hold (each becomes a tensor of its own: a file of many tiny
+/// samples would otherwise cost far more memory than its bytes).
+constexpr int64_t SYNTHETIC_REPLAY_MAX_SAMPLES = 65536;
+
 /// Largest .npy header a --load-from file may have (NumPy writes about 128 bytes).
 constexpr uint32_t SYNTHETIC_REPLAY_MAX_HEADER_BYTES = 4096;
 
