@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import BOTH_STORES, _once, build_json, run_cli
-from test_agent import Agent, Broker
+from test_agent import Agent, broker  # noqa: F401  (fixture: a real Mosquitto, down at teardown)
 from test_fleet_monitor import (FLEET, MonitorProcess, broker_dir, classes, connected, devices,  # noqa: F401
                                 monitor_client, query, start_monitor, wait_until)
 
@@ -59,8 +59,7 @@ def digits_served(shared_root, session_home, digits_trained, tmp_path_factory) -
 # ---- the camera stand-in against a real monitor ----------------------------------------------------
 
 @BOTH_STORES
-def test_rotated_digits_raise_drift_and_a_retrain_request(digits_served, tmp_path, store_url):
-    broker = Broker(tmp_path / "broker")
+def test_rotated_digits_raise_drift_and_a_retrain_request(digits_served, tmp_path, store_url, broker):  # noqa: F811
     monitor = MonitorProcess(broker.dir, store_url, tmp_path / "monitor.log").start()
     agents: list[Agent] = []
     try:
@@ -98,24 +97,27 @@ def test_rotated_digits_raise_drift_and_a_retrain_request(digits_served, tmp_pat
             assert agent.stop() == 0, agent.log()
         code = monitor.stop()
         assert "Traceback" not in monitor.log_text() and code == 0, monitor.log_text()
-        broker.down()
     for agent in agents:  # every replayed input ran: no run_error, nothing refused
         assert "error" not in agent.log().lower(), agent.log()
 
 
-def test_hostile_load_from_files_are_refused_in_one_sentence(digits_served, tmp_path):
+def test_hostile_load_from_files_are_refused_in_one_sentence(digits_served, tmp_path, broker):  # noqa: F811
     """Every byte of the file is hostile: the agent refuses it before serving, naming the file, what the
     model expects and what it found (the .npy header parser itself is fuzzed in test_npy.py)."""
     x, root = digits_served["x"], tmp_path
-    broker = Broker(tmp_path / "broker")
     credentials = broker.add_device("cam-bad")
     started = [0]
 
     def _agent_error(*flags: str) -> tuple[int, str]:
         started[0] += 1
         agent = Agent(digits_served, credentials, tmp_path / f"data-{started[0]}", *flags)
-        code = agent.proc.wait(60)
-        agent._log.close()
+        try:
+            code = agent.proc.wait(60)
+        finally:
+            if agent.proc.poll() is None:
+                agent.proc.kill()
+                agent.proc.wait(30)
+            agent._log.close()
         return code, agent.log()
     cases: dict[str, tuple[bytes | None, str]] = {}
 
@@ -153,7 +155,6 @@ def test_hostile_load_from_files_are_refused_in_one_sentence(digits_served, tmp_
     assert code == 2 and "needs --synthetic-load RPS" in log, log
     code, log = _agent_error("--synthetic-load", "10", "--load-from", str(root / "missing.npy"))
     assert code == 1 and f"--load-from {root / 'missing.npy'}: no such file" in log, log
-    broker.down()
 
 
 # ---- the request's bookkeeping, simulated devices ---------------------------------------------------
