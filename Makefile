@@ -25,8 +25,7 @@ test: $(STAMP) cpp-test
 
 # The C++ core on its own, without Python (as it is cross-compiled for devices), with GoogleTest.
 cpp-test:
-	cmake -S . -B build/cpp-tests -DEDGESMITH_BUILD_TESTS=ON -DEDGESMITH_BUILD_PYTHON=OFF -DCMAKE_BUILD_TYPE=Release > /dev/null
-	cmake --build build/cpp-tests -j2 > /dev/null
+	bash scripts/cpp-build.sh
 	ctest --test-dir build/cpp-tests --output-on-failure
 
 test-fast: $(STAMP)

@@ -213,6 +213,21 @@ def digits_trained(shared_root) -> dict:
 
 
 @pytest.fixture(scope="session")
+def digits_tuned(shared_root) -> dict:
+    """One small `edgesmith tune` run of the demo CNN for the host (a dozen MetaSchedule trials) into a
+    home of its own, shared by the run (tests/test_tune.py, and tests/test_emulation.py's Arm build with
+    parallel loops): ``home`` and the CLI's JSON ``summary``. Tests read its database, never write it."""
+    def make(root: Path) -> dict:
+        home = root / "home"
+        result = run_cli("tune", DIGITS, "--input-shape", "1,1,8,8", "-t", "host", "--trials", "12", "--json",
+                         env={"EDGESMITH_HOME": str(home)})
+        return {"home": str(home), "summary": json.loads(result.stdout)}
+
+    record = _once(shared_root, "digits-tuned", make)
+    return {"home": Path(record["home"]), "summary": record["summary"]}
+
+
+@pytest.fixture(scope="session")
 def digits_host_openvino(shared_root, session_home) -> dict:
     """The demo CNN built once for the host with OpenVINO only (what the agent tests serve)."""
     def make(out: Path) -> dict:

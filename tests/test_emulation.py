@@ -8,9 +8,7 @@ first pthread_create under qemu-user), emulates the target's CPU model (``-cpu``
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -142,50 +140,6 @@ def _dynamic_symbols(library: Path) -> set[str]:
     return {line.split()[-1] for line in out.splitlines() if line.strip()}
 
 
-def _tune_digits_on_host(work_dir: Path, threads: int) -> None:
-    """A MetaSchedule database for the digits CNN: one measured trial per task.
-
-    Candidates are timed on this x86 host (no Arm CPU here to time them on). Database records
-    match workloads (the TIR functions), not targets, and the schedules are target-independent
-    TIR, so the aarch64 build applies them; ``num-cores`` is the Arm target's thread count. Each
-    schedule has MetaSchedule's parallel loops, which is what this test needs, not speed. Built
-    in-process: LocalBuilder's fresh worker per batch imports tvm.s_tir.tensor_intrin (~45 s here).
-    """
-    import tvm
-    from tvm import relax
-    from tvm.ir.utils import derived_object
-    from tvm.relax.frontend.onnx import from_onnx
-    from tvm.s_tir import meta_schedule as ms
-    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
-
-    from edgesmith.toolchain.sources import load_source
-
-    @derived_object
-    class InProcessBuilder(ms.builder.PyBuilder):
-        def build(self, build_inputs):
-            results = []
-            for build_input in build_inputs:
-                mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(build_input.mod)
-                path = os.path.join(tempfile.mkdtemp(dir=work_dir), "candidate.so")  # the runner deletes the folder
-                tvm.compile(mod, target=build_input.target).export_library(path)
-                results.append(ms.builder.BuilderResult(path, None))
-            return results
-
-    source = load_source(DIGITS, [1, 1, 8, 8])
-    mod = from_onnx(source.onnx_model, shape_dict={s.name: s.shape for s in source.inputs}, keep_params_in_input=False)
-    target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu",
-                                "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": threads})
-    with target:  # the passes edgesmith's tvm backend runs before applying a database
-        mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
-                                        relax.pipeline.zero_pipeline()])(mod)
-    tasks = ms.relax_integration.extract_tasks(mod, target)
-    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        tasks, str(work_dir), strategy="replay-trace", num_threads=1, seed=0)
-    ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work_dir), max_trials_global=len(contexts),
-                       max_trials_per_task=1, num_trials_per_iter=1, builder=InProcessBuilder(),
-                       runner=ms.runner.LocalRunner(timeout_sec=60), cost_model="random", task_scheduler="round-robin")
-
-
 def _guest_threads_started(command: list[str], log: Path) -> int:
     """Run ``command`` (a qemu command line) with qemu's syscall log; count the guest's thread clones."""
     qemu, rest = command[0], command[1:]
@@ -195,13 +149,16 @@ def _guest_threads_started(command: list[str], log: Path) -> int:
 
 
 @pytest.mark.timeout(900)
-def test_tvm_artifact_with_parallel_loops_is_proven_with_its_thread_pool(digits_artifacts, tmp_path):
+def test_tvm_artifact_with_parallel_loops_is_proven_with_its_thread_pool(digits_artifacts, digits_tuned, tmp_path):
+    """The run's shared `edgesmith tune` database (conftest's digits_tuned): measured on this x86 host,
+    as there is no Arm CPU here to time candidates on. Records match workloads (the TIR functions),
+    not targets, and the schedules are target-independent TIR, so the aarch64 build applies them, with
+    MetaSchedule's parallel loops: what this test needs, not speed."""
     from edgesmith.toolchain.targets import get_target
 
     threads = get_target("rpi4-aarch64").threads
     assert threads == 4
-    database = tmp_path / "tuning"
-    _tune_digits_on_host(database, threads)
+    database = Path(digits_tuned["summary"]["database"])
     env = {"EDGESMITH_HOME": str(tmp_path / "home")}
     result = build_json(DIGITS, "--input-shape", "1,1,8,8", "-t", "rpi4-aarch64", "--backend", "tvm",
                         "--tuning-db", str(database), "-o", str(tmp_path / "dist"), env=env)

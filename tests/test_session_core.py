@@ -33,13 +33,9 @@ EDGESMITH_RUN = Path(sys.executable).parent / "edgesmith-run"
 
 @pytest.fixture(scope="session")
 def backend_dir() -> Path:
-    """Build (incrementally) the testecho plugin with the same CMake setup as `make cpp-test`."""
-    if not (CPP_BUILD / "CMakeCache.txt").exists():
-        subprocess.run(["cmake", "-S", str(REPO), "-B", str(CPP_BUILD), "-DEDGESMITH_BUILD_TESTS=ON",
-                        "-DEDGESMITH_BUILD_PYTHON=OFF", "-DCMAKE_BUILD_TYPE=Release"],
-                       check=True, capture_output=True, timeout=300)
-    subprocess.run(["cmake", "--build", str(CPP_BUILD), "-j2", "--target", "edgesmith_backend_testecho"],
-                   check=True, capture_output=True, timeout=600)
+    """Build (incrementally) the testecho plugin in `make cpp-test`'s build (scripts/cpp-build.sh)."""
+    subprocess.run(["bash", str(REPO / "scripts" / "cpp-build.sh"), "edgesmith_backend_testecho"],
+                   check=True, capture_output=True, timeout=900)
     assert (BACKEND_DIR / "libedgesmith_backend_testecho.so").is_file()
     return BACKEND_DIR
 

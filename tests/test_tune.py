@@ -1,7 +1,8 @@
 """`edgesmith tune` (MetaSchedule into the cached database) and `edgesmith build` applying it.
 
-One small tuning run (the digits CNN on 1x1x8x8, a dozen trials) is shared by the module's tests
-through one EDGESMITH_HOME; the RPC test tunes again through a loopback tracker and server.
+One small tuning run (the digits CNN on 1x1x8x8, a dozen trials; conftest's digits_tuned, which
+tests/test_emulation.py shares) is used by the module's tests through its EDGESMITH_HOME; the RPC
+test tunes again through a loopback tracker and server.
 """
 
 from __future__ import annotations
@@ -18,9 +19,6 @@ from pathlib import Path
 import pytest
 
 from conftest import DIGITS, run_cli
-
-TRIALS = "12"
-
 
 def _host() -> str:
     from edgesmith.toolchain.targets import host_target
@@ -40,11 +38,9 @@ def _build(home: Path, out: Path, *extra: str, shape: str = "1,1,8,8") -> tuple[
 
 
 @pytest.fixture(scope="module")
-def tuned(tmp_path_factory) -> dict:
-    home = tmp_path_factory.mktemp("tune-home")
-    result = run_cli("tune", DIGITS, "--input-shape", "1,1,8,8", "-t", "host", "--trials", TRIALS, "--json",
-                     env={"EDGESMITH_HOME": str(home)})
-    return {"home": home, "summary": json.loads(result.stdout)}
+def tuned(digits_tuned) -> dict:
+    """The run's shared tuning (conftest's digits_tuned: 12 trials into a home of its own)."""
+    return digits_tuned
 
 
 @pytest.mark.slow
