@@ -29,6 +29,7 @@ from edgesmith.toolchain.capture.store import CaptureStore
 from edgesmith.toolchain.signing import SigningKey, generate_deploy_key, load_deploy_key
 from test_agent import FLEET, Agent, Broker, wait_for
 from test_session_core import backend_dir  # noqa: F401  (fixture: the testecho plugin)
+from test_deploy_agent import Store
 from test_shadow_agent import Central
 
 pytestmark = pytest.mark.integration
@@ -64,14 +65,16 @@ def world(tmp_path_factory, backend_dir):  # noqa: F811
     for d in (trust, trust / "build", trust / "deploy"):
         os.chmod(d, 0o700)
     artifact = make_echo_artifact(root / "dist" / "v1", build_key, version="1")
+    negated = make_echo_artifact(root / "dist" / "v2", build_key, version="2", mode="negate-double")
     broker = Broker(root / "broker")
     central = Central(broker, load_deploy_key(deploy_key_path))
     receiver = Receiver(root / "captures", root / "artifacts")
     world = {"root": root, "broker": broker, "central": central, "receiver": receiver, "trust": trust,
-             "artifact": artifact, "backend_dir": backend_dir,
+             "artifact": artifact, "negated": negated, "backend_dir": backend_dir, "deploy_key": load_deploy_key(deploy_key_path),
              "cli": ["--fleet", FLEET, "--broker", str(broker.dir), "--key", str(deploy_key_path),
                      "--dir", str(receiver.dir), "--receiver", receiver.url]}
     yield world
+    assert not central.invalid, central.invalid[:3]  # every capture.* event met the contract
     receiver.stop()
     central.close()
     broker.down()
@@ -249,3 +252,30 @@ def test_a_tiny_store_drops_the_oldest_and_serving_goes_on(world):
         _event(world, device, "capture.stopped")
     finally:
         assert agent.stop() == 0, agent.log()
+
+
+def test_disagreement_with_a_running_shadow_is_captured(world):
+    """`--policy disagreement` takes the requests on which a running shadow's top-1 differed from
+    serving's (a candidate computing -2x against serving's 2x: every sampled one), nothing else."""
+    from edgesmith.toolchain.deploy import archive as deploy_archive
+    from edgesmith.toolchain.deploy import desired as deploy_desired
+
+    device = "cap-shadow"
+    store = Store(world["root"] / "store")
+    agent, info, data_dir = _start(world, device, "--synthetic-load", "20")
+    try:
+        _capture(world, "start", device, "--policy", "disagreement")
+        _event(world, device, "capture.started")
+        state = deploy_desired.shadow_state(FLEET, device, 1, "sh-capture", [deploy_archive.archive(world["negated"], store.dir)],
+                                            store.server.url, duration_s=600, sample=1.0)
+        world["central"].publish(device, deploy_desired.sign(state, world["deploy_key"], domain=contract.SHADOW_DOMAIN.encode()))
+        wait_for(lambda: _stats(info)["capture"]["stored_samples"] >= 3 or None, 60, "3 samples the shadow disagreed on")
+        _capture(world, "stop", device)
+        _event(world, device, "capture.stopped")
+        for body in _stored(data_dir).values():
+            header = capture_record.parse(body)
+            x = capture_record.tensors(body, header)["x"]
+            assert header.reason == "disagreement" and header.top1 == int(np.argmax(2 * x)) != int(np.argmax(-2 * x))
+    finally:
+        assert agent.stop() == 0, agent.log()
+        store.server.stop()

@@ -219,17 +219,18 @@ void CaptureRunner::capture_stop() {
   active_ = false;
 }
 
-void CaptureRunner::capture_offer(const Session& serving, const std::vector<Tensor>& inputs,
+bool CaptureRunner::capture_offer(const Session& serving, const std::vector<Tensor>& inputs,
                                   const std::vector<Tensor>& outputs, double /*serving_us*/) {
-  if (!active_.load(std::memory_order_relaxed)) return;
+  if (!active_.load(std::memory_order_relaxed)) return false;
   std::shared_ptr<Live> live;
   {
     std::lock_guard<std::mutex> lock(offer_mutex_);
     live = live_;
   }
-  if (!live) return;
+  if (!live) return false;
   offered_.fetch_add(1, std::memory_order_relaxed);
   // The policy's switches in the contract's order; the first that takes the sample is its reason.
+  // `disagreement` comes last, from the shadow's thread (capture_disagreement) for requests not taken here.
   const CapturePolicy& policy = live->policy;
   const char* reason = nullptr;
   if (policy.uniform > 0.0 && draw(rng_state_) < policy.uniform) {
@@ -244,9 +245,25 @@ void CaptureRunner::capture_offer(const Session& serving, const std::vector<Tens
   if (reason == nullptr && policy.drift && policy.drift_rate > 0.0 && draw(rng_state_) < policy.drift_rate) {
     reason = c::CAPTURE_REASON_DRIFT;
   }
-  // `disagreement` needs the shadow's top-1 for this request, which the shadow computes later on
-  // its own thread; not wired yet (docs/capture.md).
-  if (reason == nullptr) return;
+  if (reason == nullptr) return false;
+  enqueue(live, serving, reason, inputs, outputs);
+  return true;
+}
+
+void CaptureRunner::capture_disagreement(const Session& serving, const std::vector<Tensor>& inputs,
+                                         const std::vector<Tensor>& outputs) {
+  if (!active_.load(std::memory_order_relaxed)) return;
+  std::shared_ptr<Live> live;
+  {
+    std::lock_guard<std::mutex> lock(offer_mutex_);
+    live = live_;
+  }
+  if (!live || !live->policy.disagreement) return;
+  enqueue(live, serving, c::CAPTURE_REASON_DISAGREEMENT, inputs, outputs);
+}
+
+void CaptureRunner::enqueue(const std::shared_ptr<Live>& live, const Session& serving, const char* reason,
+                            const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs) {
   {
     std::lock_guard<std::mutex> lock(offer_mutex_);
     if (live->queue.size() >= live->queue_max) {
@@ -613,33 +630,35 @@ void CaptureRunner::sample_store(Sample& sample) {
   const std::string manifest_sha = sha256_string(*sample.manifest_json);
   auto meta = manifest_meta_.find(manifest_sha);
   if (meta == manifest_meta_.end()) {
+    if (manifest_meta_.size() >= 8) manifest_meta_.clear();  // a few models at most over an agent's life
     const nlohmann::json doc = nlohmann::json::parse(*sample.manifest_json, nullptr, false);
-    std::string model = json_string(doc, "model", "name");
-    if (model.empty()) model = sample.manifest_name;
-    meta = manifest_meta_.emplace(manifest_sha, std::make_pair(model.substr(0, MAX_LABEL),
-                                                               json_string(doc, "model", "version").substr(0, MAX_LABEL)))
-               .first;
+    ManifestMeta m;
+    m.model = json_string(doc, "model", "name");
+    if (m.model.empty()) m.model = sample.manifest_name;
+    m.model = m.model.substr(0, MAX_LABEL);
+    m.model_version = json_string(doc, "model", "version").substr(0, MAX_LABEL);
+    try {
+      m.manifest = manifest_parse(*sample.manifest_json);
+    } catch (const Error&) {
+    }
+    meta = manifest_meta_.emplace(manifest_sha, std::move(m)).first;
   }
   nlohmann::json header = {{c::F_CAPTURE_RECORD_V, 1},
                            {c::F_CAPTURE_RECORD_FLEET, options_.fleet},
                            {c::F_CAPTURE_RECORD_DEVICE, options_.device},
                            {c::F_CAPTURE_RECORD_CAPTURE_ID, sample.capture_id},
                            {c::F_CAPTURE_RECORD_MANIFEST_SHA256, manifest_sha},
-                           {c::F_CAPTURE_RECORD_MODEL, meta->second.first},
-                           {c::F_CAPTURE_RECORD_MODEL_VERSION, meta->second.second},
+                           {c::F_CAPTURE_RECORD_MODEL, meta->second.model},
+                           {c::F_CAPTURE_RECORD_MODEL_VERSION, meta->second.model_version},
                            {c::F_CAPTURE_RECORD_TS_MS, sample.ts_ms},
                            {c::F_CAPTURE_RECORD_REASON, sample.reason}};
   // top1 and confidence of the classes output, when the manifest names one.
-  Manifest names;  // only what capture_confidence reads: outputs and monitoring
-  try {
-    names = manifest_parse(*sample.manifest_json);
-    int64_t top1 = 0;
-    double confidence = 0.0;
-    if (capture_confidence(names, sample.outputs, &top1, &confidence) && top1 < MAX_CLASSES) {
-      header[c::F_CAPTURE_RECORD_TOP1] = top1;
-      header[c::F_CAPTURE_RECORD_CONFIDENCE] = confidence;
-    }
-  } catch (const Error&) {
+  int64_t top1 = 0;
+  double confidence = 0.0;
+  if (meta->second.manifest && capture_confidence(*meta->second.manifest, sample.outputs, &top1, &confidence) &&
+      top1 < MAX_CLASSES) {
+    header[c::F_CAPTURE_RECORD_TOP1] = top1;
+    header[c::F_CAPTURE_RECORD_CONFIDENCE] = confidence;
   }
   std::string record;
   try {

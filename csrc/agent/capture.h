@@ -85,9 +85,16 @@ class CaptureRunner {
 
   /// The serving paths' hook, called after the answer is computed: when a capture is on and its
   /// policy takes this request, the inputs and outputs are copied into the bounded queue (full:
-  /// dropped and counted). Never waits for the runner's thread; without a capture it only reads a flag.
-  void capture_offer(const Session& serving, const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
+  /// dropped and counted). Never waits for the runner's thread; without a capture it only reads a
+  /// flag. Returns whether the policy took the request (queued or dropped for a full queue).
+  bool capture_offer(const Session& serving, const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
                      double serving_us);
+
+  /// The shadow's hook (ShadowRunnerOptions::on_disagreement): a request capture_offer did not take
+  /// on which a running shadow's top-1 differs from serving's; taken with reason `disagreement`
+  /// when the capture's policy says so.
+  void capture_disagreement(const Session& serving, const std::vector<Tensor>& inputs,
+                            const std::vector<Tensor>& outputs);
 
   /// For GET /v1/stats: active, capture_id, offered, taken, queue_dropped, stored_samples, stored_bytes, uploading.
   nlohmann::json capture_status();
@@ -126,6 +133,8 @@ class CaptureRunner {
     bool uploading = false;
   };
 
+  void enqueue(const std::shared_ptr<Live>& live, const Session& serving, const char* reason,
+               const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs);
   void loop();
   void handle(const std::string& payload);
   void live_set();
@@ -165,7 +174,12 @@ class CaptureRunner {
   double backoff_s_ = 0;
   std::map<std::string, std::pair<uint64_t, uint64_t>> round_;  // capture -> samples, bytes acknowledged
   std::map<std::string, uint64_t> round_refused_;
-  std::map<std::string, std::pair<std::string, std::string>> manifest_meta_;  // manifest sha -> model, version
+  struct ManifestMeta {  // what a record says of the serving model, by its manifest's SHA-256
+    std::string model;
+    std::string model_version;
+    std::optional<Manifest> manifest;  // outputs and monitoring: top1 and confidence
+  };
+  std::map<std::string, ManifestMeta> manifest_meta_;
 
   std::mutex offer_mutex_;
   std::shared_ptr<Live> live_;

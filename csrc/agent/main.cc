@@ -188,6 +188,22 @@ int agent_main(const AgentConfig& config, const sigset_t& signals) {
     return serving;
   };
 
+  // Capture (docs/capture.md) is signed like shadows: an agent with a trust directory takes it.
+  std::unique_ptr<CaptureRunner> capture;
+  if (deployer) {
+    CaptureRunnerOptions capture_options;
+    capture_options.data_dir = config.data_dir;
+    capture_options.fleet = credentials.fleet;
+    capture_options.device = credentials.device;
+    capture_options.deploy_keys = deploy_keys;
+    capture_options.max_bytes = config.capture_max_bytes;
+    capture_options.tls_cafile = credentials.cafile;  // https:// receivers: the same CA options as the broker
+    capture_options.tls_certfile = credentials.certfile;
+    capture_options.tls_keyfile = credentials.keyfile;
+    capture_options.log = [](const std::string& line) { log_line(line); };
+    capture = std::make_unique<CaptureRunner>(capture_options);
+  }
+  CaptureRunner* capture_runner = capture.get();
   // Shadows (docs/shadow.md) need the deploy keys: an agent with a trust directory takes them.
   std::unique_ptr<ShadowRunner> shadow;
   if (deployer) {
@@ -207,31 +223,21 @@ int agent_main(const AgentConfig& config, const sigset_t& signals) {
     shadow_options.tls_certfile = credentials.certfile;
     shadow_options.tls_keyfile = credentials.keyfile;
     shadow_options.log = [](const std::string& line) { log_line(line); };
+    if (capture_runner != nullptr) {  // capture's `disagreement` switch
+      shadow_options.on_disagreement = [capture_runner](const Session& session, const std::vector<Tensor>& inputs,
+                                                        const std::vector<Tensor>& outputs) {
+        capture_runner->capture_disagreement(session, inputs, outputs);
+      };
+    }
     shadow = std::make_unique<ShadowRunner>(shadow_options);
   }
   ShadowRunner* shadow_runner = shadow.get();
-  // Capture (docs/capture.md) is signed like shadows: an agent with a trust directory takes it.
-  std::unique_ptr<CaptureRunner> capture;
-  if (deployer) {
-    CaptureRunnerOptions capture_options;
-    capture_options.data_dir = config.data_dir;
-    capture_options.fleet = credentials.fleet;
-    capture_options.device = credentials.device;
-    capture_options.deploy_keys = deploy_keys;
-    capture_options.max_bytes = config.capture_max_bytes;
-    capture_options.tls_cafile = credentials.cafile;  // https:// receivers: the same CA options as the broker
-    capture_options.tls_certfile = credentials.certfile;
-    capture_options.tls_keyfile = credentials.keyfile;
-    capture_options.log = [](const std::string& line) { log_line(line); };
-    capture = std::make_unique<CaptureRunner>(capture_options);
-  }
-  CaptureRunner* capture_runner = capture.get();
   std::function<void(const Session&, const std::vector<Tensor>&, const std::vector<Tensor>&, double)> on_served;
   if (shadow_runner != nullptr || capture_runner != nullptr) {
     on_served = [shadow_runner, capture_runner](const Session& session, const std::vector<Tensor>& inputs,
                                                 const std::vector<Tensor>& outputs, double run_us) {
-      if (shadow_runner != nullptr) shadow_runner->shadow_offer(session, inputs, outputs, run_us);
-      if (capture_runner != nullptr) capture_runner->capture_offer(session, inputs, outputs, run_us);
+      const bool captured = capture_runner != nullptr && capture_runner->capture_offer(session, inputs, outputs, run_us);
+      if (shadow_runner != nullptr) shadow_runner->shadow_offer(session, inputs, outputs, run_us, captured);
     };
     http_options.on_served = on_served;
   }
