@@ -323,6 +323,9 @@ void CaptureRunner::state_load() {
       capture.url = v.value("url", "");
       capture.retention_s = v.contains("retention_s") && v["retention_s"].is_number_unsigned() ? v["retention_s"].get<uint64_t>() : capture.retention_s;
       capture.uploading = v.value("uploading", false);
+      capture.upload_before_ms = v.contains("upload_before_ms") && v["upload_before_ms"].is_number_integer()
+                                     ? v["upload_before_ms"].get<int64_t>()
+                                     : 0;
       if (!envelope_hex_of(capture.token, 64)) capture.token.clear();
       captures_[item.key()] = capture;
     }
@@ -350,7 +353,7 @@ void CaptureRunner::state_save() {
   nlohmann::json captures = nlohmann::json::object();
   for (const auto& [id, capture] : captures_) {
     captures[id] = {{"token", capture.token}, {"url", capture.url}, {"retention_s", capture.retention_s},
-                    {"uploading", capture.uploading}};
+                    {"uploading", capture.uploading}, {"upload_before_ms", capture.upload_before_ms}};
   }
   nlohmann::json doc = {{"v", 1}, {"captures", captures}};
   doc["active"] = active_state_ ? nlohmann::json(active_envelope_) : nlohmann::json(nullptr);
@@ -509,6 +512,7 @@ void CaptureRunner::handle(const std::string& payload) {
   log("took capture state " + std::to_string(next.version) + " (" + next.action + " " + next.capture_id + ")");
   if (next.action == c::CAPTURE_ACTION_START) {
     if (active_state_ && active_state_->capture_id != next.capture_id) active_end(c::CAPTURE_STOP_SUPERSEDED);
+    captures_prune();
     Capture& capture = captures_[next.capture_id];
     capture.token = next.upload_token;
     capture.url = next.upload_url;
@@ -540,9 +544,21 @@ void CaptureRunner::handle(const std::string& payload) {
     return;
   }
   known->second.uploading = true;
+  known->second.upload_before_ms = now_ms();  // sampling goes on: later samples wait for the next upload
   upload_next_ms_ = 0;
   backoff_s_ = 0;
   state_save();
+}
+
+// Captures with nothing left to do (not sampling, not uploading, no sample stored) are forgotten,
+// tokens included, so state.json stays small over many captures.
+void CaptureRunner::captures_prune() {
+  for (auto it = captures_.begin(); it != captures_.end();) {
+    const std::string& id = it->first;
+    const bool stored = std::any_of(stored_.begin(), stored_.end(), [&](const Stored& s) { return s.capture_id == id; });
+    const bool active = active_state_ && active_state_->capture_id == id;
+    it = (!stored && !active && !it->second.uploading) ? captures_.erase(it) : std::next(it);
+  }
 }
 
 void CaptureRunner::live_set() {
@@ -760,7 +776,9 @@ void CaptureRunner::upload_step() {
     return;
   }
   const Capture& capture = captures_[id];
-  const auto next = std::find_if(stored_.begin(), stored_.end(), [&](const Stored& s) { return s.capture_id == id; });
+  const auto next = std::find_if(stored_.begin(), stored_.end(), [&](const Stored& s) {
+    return s.capture_id == id && s.stored_ms <= capture.upload_before_ms;
+  });
   if (next == stored_.end()) {
     upload_round_end(id, "");
     return;

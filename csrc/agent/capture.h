@@ -131,6 +131,7 @@ class CaptureRunner {
     std::string url;
     uint64_t retention_s = 7 * 24 * 3600;
     bool uploading = false;
+    int64_t upload_before_ms = 0;  // the round uploads what was stored up to the `upload` state
   };
 
   void enqueue(const std::shared_ptr<Live>& live, const Session& serving, const char* reason,
@@ -138,6 +139,7 @@ class CaptureRunner {
   void loop();
   void handle(const std::string& payload);
   void live_set();
+  void captures_prune();
   void active_end(const std::string& stop);
   void sample_store(Sample& sample);
   bool record_write(const std::string& capture_id, const std::string& sha, const std::string& record);
