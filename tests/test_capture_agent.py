@@ -248,8 +248,6 @@ def test_a_tiny_store_drops_the_oldest_and_serving_goes_on(world):
         assert 1 <= len(stored) and sum(len(b) for b in stored.values()) <= 2048
         newest = max(capture_record.parse(b).ts_ms for b in stored.values())
         assert newest >= dropped["ts_ms"] - 1000  # what stays is recent: the oldest went
-        _capture(world, "stop", device)
-        _event(world, device, "capture.stopped")
     finally:
         assert agent.stop() == 0, agent.log()
 
@@ -279,3 +277,44 @@ def test_disagreement_with_a_running_shadow_is_captured(world):
     finally:
         assert agent.stop() == 0, agent.log()
         store.server.stop()
+
+
+def test_refused_capture_states_capture_nothing_and_retention_deletes_old_samples(world):
+    """On the device's own topic: a state for another device, one signed over the shadow domain and
+    an expired one are refused (logged) and capture stays off; then a real `start --retention 2s`
+    captures, and samples older than 2 s go (capture.dropped, reason retention)."""
+    from edgesmith.toolchain.deploy import desired as deploy_desired
+
+    device = "cap-refuse"
+    agent, info, data_dir = _start(world, device, "--synthetic-load", "20")
+    try:
+        now_ms = int(time.time() * 1000)
+        token = "ab" * 32
+
+        def state(version: int, target: str = device, **extra) -> dict:
+            return deploy_desired.capture_state(FLEET, target, version, deploy_desired.new_capture_id(), "start",
+                                                upload_url=world["receiver"].url, upload_token=token,
+                                                policy={"uniform": 1.0}, **extra)
+
+        # Its first telemetry message: connected, and the capture-desired subscription made before it.
+        wait_for(lambda: world["central"].of(device, "telemetry") or None, 30, f"telemetry from {device}")
+        key, capture_domain = world["deploy_key"], deploy_desired.CAPTURE_DOMAIN
+        bad = [deploy_desired.sign(state(100, "cap-other"), key, domain=capture_domain),
+               deploy_desired.sign(state(101), key, domain=contract.SHADOW_DOMAIN.encode()),
+               deploy_desired.sign(state(102, issued_at_ms=now_ms - 3600_000, valid_for_s=60), key, domain=capture_domain)]
+        for envelope in bad:
+            world["central"].publish(device, envelope, topic=deploy_desired.capture_topic)
+        wait_for(lambda: agent.log().count("capture: refused") >= 3 or None, 30, "three refusals in the agent's log")
+        log = agent.log()
+        assert "for device cap-other" in log and "signature" in log and "expired" in log
+        _runs(info, _stats(info)["runs"] + 10)
+        status = _stats(info)["capture"]
+        assert (status["active"], status["taken"], status["stored_samples"]) == (False, 0, 0)
+        assert _stored(data_dir) == {}
+
+        _capture(world, "start", device, "--policy", "uniform:1", "--retention", "2s")
+        _event(world, device, "capture.started")
+        dropped = _event(world, device, "capture.dropped", reason="retention")
+        assert dropped["details"]["samples"] >= 1
+    finally:
+        assert agent.stop() == 0, agent.log()
