@@ -466,8 +466,9 @@ void CaptureRunner::loop() {
     }
     try {
       for (const std::string& payload : inbox) handle(payload);
-      // Every queued sample, then one upload: a slow receiver delays the store by one request at most.
-      while (true) {
+      // The queued samples (one queue's worth, so a steady stream cannot starve the rest), then one
+      // upload: a slow receiver delays the store by one request at most.
+      for (size_t n = 0; n < options_.queue; ++n) {
         Sample sample;
         {
           std::lock_guard<std::mutex> lock(offer_mutex_);
