@@ -318,3 +318,46 @@ def test_refused_capture_states_capture_nothing_and_retention_deletes_old_sample
         assert dropped["details"]["samples"] >= 1
     finally:
         assert agent.stop() == 0, agent.log()
+
+
+def test_upload_over_https_verified_with_the_fleet_ca(world, tmp_path):
+    """A TLS broker's devices upload to an HTTPS receiver whose certificate the fleet CA issued:
+    the agent verifies it with the CA file of its broker credentials (the artifact download's TLS
+    options), and the receiver ends up with exactly the stored samples."""
+    from edgesmith.toolchain.fleet import broker as fleet_broker
+
+    pki = fleet_broker.certs(tmp_path / "tls-broker", ["127.0.0.1"])  # the fleet CA, a cert for 127.0.0.1
+    broker = Broker(tmp_path / "tls-broker", "--tls")
+    receiver = None
+    agent = None
+    try:
+        receiver = subprocess.Popen([EDGESMITH, "capture", "serve", "--dir", str(tmp_path / "captures"), "--listen",
+                                     "127.0.0.1:0", "--tls-cert", pki["certfile"], "--tls-key", pki["keyfile"],
+                                     "--store", str(tmp_path / "artifacts")], stdout=subprocess.PIPE, text=True)
+        url = json.loads(receiver.stdout.readline())["receiver"]
+        assert url.startswith("https://")
+        device = "cap-tls"
+        credentials = broker.add_device(device)
+        data_dir = tmp_path / device
+        agent = Agent({"path": world["artifact"], "pub": world["trust"] / "build" / "build.pub"}, credentials, data_dir,
+                      "--trust-dir", str(world["trust"]), "--interval", "1", "--backend-path", str(world["backend_dir"]),
+                      "--synthetic-load", "30")
+        info = agent.ready()
+        cli = [*world["cli"][:2], "--broker", str(broker.dir), *world["cli"][4:6], "--dir", str(tmp_path / "captures"),
+               "--receiver", url]
+        run_cli("capture", "start", "--devices", device, "--policy", "uniform:1", *cli)
+        wait_for(lambda: _stats(info)["capture"]["stored_samples"] >= 3 or None, 30, "3 stored samples")
+        run_cli("capture", "stop", "--devices", device, *cli)
+        wait_for(lambda: not _stats(info)["capture"]["active"] or None, 30, "capture off")
+        stored = _stored(data_dir)
+        run_cli("capture", "upload", "--devices", device, *cli)
+        wait_for(lambda: _stats(info)["capture"]["stored_samples"] == 0 or None, 30, "every sample uploaded")
+        shas = [s["sha256"] for s in CaptureStore(tmp_path / "captures").samples(FLEET)]
+        assert sorted(shas) == sorted(stored) and "failed" not in agent.log()
+    finally:
+        if agent is not None:
+            assert agent.stop() == 0, agent.log()
+        if receiver is not None:
+            receiver.send_signal(signal.SIGTERM)
+            receiver.wait(timeout=30)
+        broker.down()
