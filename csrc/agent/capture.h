@@ -21,6 +21,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "agent/capture_record.h"
 #include "deploy/capture_state.h"
 #include "runtime/session.h"
 #include "runtime/tensor.h"
@@ -55,18 +56,6 @@ struct CaptureRunnerOptions {
   std::function<int64_t()> clock_ms;
   std::function<void(const std::string&)> log;
 };
-
-/// Whether a classes output's first row says: its arg-max and max softmax. False when the manifest
-/// has no classes output or it is not float32.
-bool capture_confidence(const Manifest& manifest, const std::vector<Tensor>& outputs, int64_t* top1, double* confidence);
-
-/// One capture record (docs/capture.md §2): CAPTURE_MAGIC, the header's length as 8 lower-case hex
-/// digits and a newline, the header JSON, then every input's and output's bytes. Throws
-/// Error(ERROR_CODE_INVALID_ARGUMENT) when a tensor's dtype is not one the contract allows or the
-/// record is over MAX_CAPTURE_RECORD.
-std::string capture_record_build(const nlohmann::json& header_fields, const std::vector<std::string>& input_names,
-                                 const std::vector<Tensor>& inputs, const std::vector<std::string>& output_names,
-                                 const std::vector<Tensor>& outputs);
 
 /// The capture runner. capture_start() once, capture_stop() at the end.
 class CaptureRunner {
