@@ -25,14 +25,16 @@ const char* const AGENT_USAGE =
     "                       [--interval SECONDS] [--synthetic-load RPS [--load-from FILE.npy]] [--http HOST:PORT]\n"
     "                       [--key FILE.pub ...]\n"
     "                       [--trust-dir DIR [--deploy-max-bytes N] [--deploy-timeout SECONDS]\n"
-    "                                    [--shadow-max-bytes N] [--child-executable FILE]]\n"
+    "                                    [--shadow-max-bytes N] [--capture-max-bytes N]\n"
+    "                                    [--child-executable FILE]]\n"
     "                       [--http-token-file FILE] [--http-max-requests N] [--backend-path DIR ...]\n"
     "\n"
     "Serve an artifact on loopback HTTP and report telemetry over MQTT (docs/telemetry.md).\n"
     "  --config FILE         TOML with the keys below (device, fleet, artifact, credentials, data_dir,\n"
     "                        interval_s, synthetic_load_rps, load_from, http, trusted_keys, spool_max_bytes,\n"
     "                        trust_dir, deploy_max_bytes, deploy_timeout_s, shadow_max_bytes,\n"
-    "                        child_executable, http_token_file, http_max_requests, backend_path);\n"
+    "                        capture_max_bytes, child_executable, http_token_file, http_max_requests,\n"
+    "                        backend_path);\n"
     "                        flags override it, relative paths are taken from its directory\n"
     "  --device ID           this device (default: the credentials' device; must match them)\n"
     "  --fleet F             its fleet (default: the credentials' fleet; must match them)\n"
@@ -63,6 +65,9 @@ const char* const AGENT_USAGE =
     "  --shadow-max-bytes N  the shadow slot's budget (<data-dir>/shadow: a candidate's archive and\n"
     "                        its files; default 268435456); a shadow state's max_bytes may lower it.\n"
     "                        With --trust-dir the agent takes signed shadow states (docs/shadow.md)\n"
+    "  --capture-max-bytes N the capture store's budget (<data-dir>/capture: captured samples of every\n"
+    "                        capture; default 268435456); the oldest samples go first. With\n"
+    "                        --trust-dir the agent takes signed capture states (docs/capture.md)\n"
     "  --child-executable FILE  the program started for deploy checks and shadow candidates, with the\n"
     "                        agent's child arguments (default: the agent itself); an emulated agent\n"
     "                        names a wrapper that starts the agent under its emulator\n"
@@ -112,7 +117,8 @@ void toml_apply(const std::string& file, AgentConfig* config) {
   const fs::path base = fs::absolute(fs::path(file)).parent_path();
   static const char* const KNOWN =
       "device, fleet, artifact, credentials, data_dir, interval_s, synthetic_load_rps, synthetic_shift, load_from, http, "
-      "trusted_keys, spool_max_bytes, trust_dir, deploy_max_bytes, deploy_timeout_s, shadow_max_bytes, child_executable, "
+      "trusted_keys, spool_max_bytes, trust_dir, deploy_max_bytes, deploy_timeout_s, shadow_max_bytes, capture_max_bytes, "
+      "child_executable, "
       "http_token_file, "
       "http_max_requests, backend_path";
   for (const auto& [key, node] : table) {
@@ -164,6 +170,11 @@ void toml_apply(const std::string& file, AgentConfig* config) {
         throw AgentConfigError{file + ": 'shadow_max_bytes' must be an integer of at least 1024"};
       }
       config->shadow_max_bytes = static_cast<uint64_t>(*node.value<int64_t>());
+    } else if (name == "capture_max_bytes") {
+      if (!node.is_integer() || *node.value<int64_t>() < 1024) {
+        throw AgentConfigError{file + ": 'capture_max_bytes' must be an integer of at least 1024"};
+      }
+      config->capture_max_bytes = static_cast<uint64_t>(*node.value<int64_t>());
     } else if (name == "child_executable") {
       config->child_executable = path_from(base, text());
     } else if (name == "deploy_timeout_s") {
@@ -269,6 +280,8 @@ AgentConfig agent_config_parse(int argc, char** argv) {
       config.deploy_max_bytes = bytes_parse(arg, value());
     } else if (arg == "--shadow-max-bytes") {
       config.shadow_max_bytes = bytes_parse(arg, value());
+    } else if (arg == "--capture-max-bytes") {
+      config.capture_max_bytes = bytes_parse(arg, value());
     } else if (arg == "--child-executable") {
       config.child_executable = value();
       if (!fs::path(config.child_executable).is_absolute()) {

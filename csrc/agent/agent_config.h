@@ -30,6 +30,7 @@ struct AgentConfig {
   std::string trust_dir;                  ///< build/*.pub and deploy/*.pub; empty: deployment disabled
   uint64_t deploy_max_bytes = 512ull << 20;  ///< largest artifact archive accepted
   uint64_t shadow_max_bytes = 256ull << 20;  ///< the shadow slot's budget (docs/shadow.md)
+  uint64_t capture_max_bytes = 256ull << 20;  ///< the capture store's budget (docs/capture.md)
   std::string child_executable = "/proc/self/exe";  ///< started for deploy checks and shadow children
   double deploy_timeout_s = 600.0;        ///< how long one deployment's download may take
   std::string http_token_file;            ///< the Bearer token of the HTTP API; required off loopback

@@ -246,6 +246,7 @@ HttpApi::HttpApi(std::function<std::shared_ptr<Session>()> session_getter, std::
     if (status_) body["telemetry"] = status_();
     body["http"] = {{"refused", http_refusals()}, {"max_requests", options_.max_requests}};
     if (options_.shadow_status) body["shadow"] = options_.shadow_status();
+    if (options_.capture_status) body["capture"] = options_.capture_status();
     json_reply(response, 200, body);
   });
 }

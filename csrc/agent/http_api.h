@@ -44,6 +44,8 @@ struct HttpOptions {
   std::function<void(const Session&, const std::vector<Tensor>&, const std::vector<Tensor>&, double)> on_served;
   /// Extra fields of GET /v1/stats under "shadow" (ShadowRunner::shadow_status); unset: none.
   std::function<nlohmann::json()> shadow_status;
+  /// Extra fields of GET /v1/stats under "capture" (CaptureRunner::capture_status); unset: none.
+  std::function<nlohmann::json()> capture_status;
 };
 
 /// True when `host` (an --http host) only accepts connections from this machine: "localhost",

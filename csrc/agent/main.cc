@@ -21,6 +21,7 @@
 #include <nlohmann/json.hpp>
 
 #include "agent/agent_config.h"
+#include "agent/capture.h"
 #include "agent/deployer.h"
 #include "agent/http_api.h"
 #include "agent/shadow.h"
@@ -70,6 +71,19 @@ class SpoolShadowReporter : public ShadowReporter {
     reporter_->reporter_event(event, message, details);
   }
   void shadow_report_window(const nlohmann::json& body) override { reporter_->reporter_shadow(body); }
+
+ private:
+  SessionReporter* reporter_;
+};
+
+// The capture runner's events go into the telemetry spool too.
+class SpoolCaptureReporter : public CaptureReporter {
+ public:
+  explicit SpoolCaptureReporter(SessionReporter* reporter) : reporter_(reporter) {}
+  void capture_report_event(const std::string& event, const std::string& message,
+                            const nlohmann::json& details) override {
+    reporter_->reporter_event(event, message, details);
+  }
 
  private:
   SessionReporter* reporter_;
@@ -174,6 +188,22 @@ int agent_main(const AgentConfig& config, const sigset_t& signals) {
     return serving;
   };
 
+  // Capture (docs/capture.md) is signed like shadows: an agent with a trust directory takes it.
+  std::unique_ptr<CaptureRunner> capture;
+  if (deployer) {
+    CaptureRunnerOptions capture_options;
+    capture_options.data_dir = config.data_dir;
+    capture_options.fleet = credentials.fleet;
+    capture_options.device = credentials.device;
+    capture_options.deploy_keys = deploy_keys;
+    capture_options.max_bytes = config.capture_max_bytes;
+    capture_options.tls_cafile = credentials.cafile;  // https:// receivers: the same CA options as the broker
+    capture_options.tls_certfile = credentials.certfile;
+    capture_options.tls_keyfile = credentials.keyfile;
+    capture_options.log = [](const std::string& line) { log_line(line); };
+    capture = std::make_unique<CaptureRunner>(capture_options);
+  }
+  CaptureRunner* capture_runner = capture.get();
   // Shadows (docs/shadow.md) need the deploy keys: an agent with a trust directory takes them.
   std::unique_ptr<ShadowRunner> shadow;
   if (deployer) {
@@ -193,18 +223,26 @@ int agent_main(const AgentConfig& config, const sigset_t& signals) {
     shadow_options.tls_certfile = credentials.certfile;
     shadow_options.tls_keyfile = credentials.keyfile;
     shadow_options.log = [](const std::string& line) { log_line(line); };
+    if (capture_runner != nullptr) {  // capture's `disagreement` switch
+      shadow_options.on_disagreement = [capture_runner](const Session& session, const std::vector<Tensor>& inputs,
+                                                        const std::vector<Tensor>& outputs) {
+        capture_runner->capture_disagreement(session, inputs, outputs);
+      };
+    }
     shadow = std::make_unique<ShadowRunner>(shadow_options);
   }
   ShadowRunner* shadow_runner = shadow.get();
   std::function<void(const Session&, const std::vector<Tensor>&, const std::vector<Tensor>&, double)> on_served;
-  if (shadow_runner != nullptr) {
-    on_served = [shadow_runner](const Session& session, const std::vector<Tensor>& inputs,
-                                const std::vector<Tensor>& outputs, double run_us) {
-      shadow_runner->shadow_offer(session, inputs, outputs, run_us);
+  if (shadow_runner != nullptr || capture_runner != nullptr) {
+    on_served = [shadow_runner, capture_runner](const Session& session, const std::vector<Tensor>& inputs,
+                                                const std::vector<Tensor>& outputs, double run_us) {
+      const bool captured = capture_runner != nullptr && capture_runner->capture_offer(session, inputs, outputs, run_us);
+      if (shadow_runner != nullptr) shadow_runner->shadow_offer(session, inputs, outputs, run_us, captured);
     };
     http_options.on_served = on_served;
-    http_options.shadow_status = [shadow_runner] { return shadow_runner->shadow_status(); };
   }
+  if (shadow_runner != nullptr) http_options.shadow_status = [shadow_runner] { return shadow_runner->shadow_status(); };
+  if (capture_runner != nullptr) http_options.capture_status = [capture_runner] { return capture_runner->capture_status(); };
 
   ReporterOptions options;
   options.credentials_path = config.credentials;
@@ -218,6 +256,7 @@ int agent_main(const AgentConfig& config, const sigset_t& signals) {
     options.on_desired = [d](const std::string& payload, bool) { d->deployer_desired(payload); };
     options.on_subscribed = [d] { d->deployer_subscribed(); };
     options.on_shadow = [shadow_runner](const std::string& payload, bool) { shadow_runner->shadow_desired(payload); };
+    options.on_capture = [capture_runner](const std::string& payload, bool) { capture_runner->capture_desired(payload); };
   }
   SessionReporter reporter(std::shared_ptr<const Session>(first), options);
   const nlohmann::json ids = reporter.reporter_status();
@@ -276,6 +315,8 @@ int agent_main(const AgentConfig& config, const sigset_t& signals) {
   }
   SpoolShadowReporter shadow_reporter(&reporter);
   if (shadow_runner != nullptr) shadow_runner->shadow_start(&shadow_reporter, serving_get);
+  SpoolCaptureReporter capture_reporter(&reporter);
+  if (capture_runner != nullptr) capture_runner->capture_start(&capture_reporter);
   if (load) load->load_start();
   log_line("device " + device + " serves " + first->session_manifest().name + " (" + first->session_describe() +
            ") on http://" + host + ":" + std::to_string(port) + ", telemetry every " +
@@ -288,6 +329,7 @@ int agent_main(const AgentConfig& config, const sigset_t& signals) {
   if (load) load->load_stop();
   http.http_stop();
   if (shadow_runner != nullptr) shadow_runner->shadow_stop();
+  if (capture_runner != nullptr) capture_runner->capture_stop();
   reporter.reporter_stop(SHUTDOWN_FLUSH_S);
   std::error_code ec;
   fs::remove(agent_file, ec);

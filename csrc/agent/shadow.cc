@@ -9,6 +9,7 @@
 #include <sstream>
 #include <system_error>
 
+#include "agent/capture.h"
 #include "agent/deployer.h"
 #include "agent/shadow_child.h"
 #include "artifact/manifest.h"
@@ -156,7 +157,7 @@ void ShadowRunner::shadow_stop() {
 }
 
 void ShadowRunner::shadow_offer(const Session& serving, const std::vector<Tensor>& inputs,
-                                const std::vector<Tensor>& outputs, double serving_us) {
+                                const std::vector<Tensor>& outputs, double serving_us, bool captured) {
   if (!active_.load(std::memory_order_relaxed)) return;
   std::shared_ptr<Live> live;
   {
@@ -191,7 +192,7 @@ void ShadowRunner::shadow_offer(const Session& serving, const std::vector<Tensor
       return;
     }
   }
-  Sample sample{copy(inputs), copy(outputs), serving_us};
+  Sample sample{copy(inputs), copy(outputs), serving_us, captured};
   std::lock_guard<std::mutex> lock(offer_mutex_);
   if (live->queue.size() >= live->queue_max) {  // filled while we copied
     live->dropped += 1;
@@ -535,6 +536,15 @@ void ShadowRunner::sample_run() {
   try {
     const ShadowRunResult result = child_->shadow_run(sample.inputs);
     live->summary->shadow_add(sample.outputs, sample.serving_us, result.outputs, result.latency_us);
+    if (options_.on_disagreement && !sample.captured && compared_to_) {
+      int64_t serving_top1 = -1, candidate_top1 = -1;
+      double confidence = 0.0;
+      const Manifest& manifest = compared_to_->session_manifest();
+      if (capture_confidence(manifest, sample.outputs, &serving_top1, &confidence) &&
+          capture_confidence(manifest, result.outputs, &candidate_top1, &confidence) && serving_top1 != candidate_top1) {
+        options_.on_disagreement(*compared_to_, sample.inputs, sample.outputs);
+      }
+    }
     std::lock_guard<std::mutex> lock(offer_mutex_);
     live->samples += 1;
   } catch (const ShadowChildDied& e) {

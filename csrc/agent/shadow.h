@@ -53,6 +53,11 @@ struct ShadowRunnerOptions {
   double download_timeout_s = 600.0;
   double check_timeout_s = 600.0;     ///< verify + self-test of a candidate (a child process)
   double run_timeout_s = 30.0;        ///< one sample in the candidate's child
+  /// Told of each sample the candidate ran whose top-1 (the serving manifest's classes output)
+  /// differs from serving's and that capture did not take already: capture's `disagreement`
+  /// switch (CaptureRunner::capture_disagreement). On the shadow's thread; must not block.
+  std::function<void(const Session& serving, const std::vector<Tensor>& inputs,
+                     const std::vector<Tensor>& serving_outputs)> on_disagreement;
   double interval_s = 10.0;           ///< one `shadow` message per interval while a candidate runs
   std::string executable = "/proc/self/exe";  ///< the agent binary (the check and the shadow child)
   std::vector<std::string> backend_path;
@@ -82,9 +87,10 @@ class ShadowRunner {
   /// The serving paths' hook, called after the answer is computed: with probability `sample` the
   /// inputs and outputs are copied into the bounded queue (full: dropped and counted). Never waits
   /// for the shadow's thread. `serving` is the Session that answered: samples of another one than
-  /// the candidate is compared to are not taken.
+  /// the candidate is compared to are not taken. `captured`: capture already took this request
+  /// (its disagreement switch then does not take it again).
   void shadow_offer(const Session& serving, const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
-                    double serving_us);
+                    double serving_us, bool captured = false);
 
   /// A deployment switched the serving model: a running shadow ends (reason serving-changed).
   void shadow_serving_changed();
@@ -100,6 +106,7 @@ class ShadowRunner {
     std::vector<Tensor> inputs;
     std::vector<Tensor> outputs;
     double serving_us = 0;
+    bool captured = false;
   };
   // The candidate now running: what the serving paths see (guarded by offer_mutex_).
   struct Live {

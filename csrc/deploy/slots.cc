@@ -126,9 +126,6 @@ void directory_sync(const std::string& dir) {
   if (rc != 0) throw Error(ERROR_CODE_IO, "cannot sync " + dir + " (" + std::strerror(err) + ")");
 }
 
-namespace {
-
-// Replace `path` by `text` atomically and durably (temp file, fsync, rename, fsync of the directory).
 void file_replace(const std::string& path, const std::string& text) {
   const std::string tmp = path + ".tmp";
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
@@ -155,8 +152,6 @@ void file_replace(const std::string& path, const std::string& text) {
   }
   directory_sync(std::filesystem::path(path).parent_path().string());
 }
-
-}  // namespace
 
 void deploy_state_write(const std::string& path, const DeployState& state) {
   file_replace(path, deploy_state_to_json(state).dump(2) + "\n");

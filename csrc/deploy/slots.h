@@ -104,4 +104,8 @@ class SlotLayout {
 /// fsync a directory (after a rename into it). Throws Error(ERROR_CODE_IO).
 void directory_sync(const std::string& dir);
 
+/// Replace `path` by `text` atomically and durably (`path`.tmp, fsync, rename, fsync of the
+/// directory): a reader sees the old file or the new one. Throws Error(ERROR_CODE_IO).
+void file_replace(const std::string& path, const std::string& text);
+
 }  // namespace edgesmith

@@ -135,6 +135,10 @@ SessionReporter::SessionReporter(std::shared_ptr<const Session> session, Reporte
     publisher.subscriptions.push_back({telemetry_topic(credentials_.fleet, credentials_.device, contract::SHADOW_TOPIC),
                                        options_.on_shadow, options_.on_shadow_subscribed});
   }
+  if (options_.on_capture) {
+    publisher.subscriptions.push_back(
+        {telemetry_topic(credentials_.fleet, credentials_.device, contract::CAPTURE_TOPIC), options_.on_capture, {}});
+  }
   publisher_ = std::make_unique<Publisher>(std::move(publisher));
 }
 

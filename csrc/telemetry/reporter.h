@@ -36,6 +36,9 @@ struct ReporterOptions {
   /// Paho's thread; keep it short); on_shadow_subscribed after each of its SUBACKs (docs/shadow.md).
   std::function<void(const std::string& payload, bool retained)> on_shadow;
   std::function<void()> on_shadow_subscribed;
+  /// When set, the device's `capture-desired` topic is subscribed and its messages go here (on
+  /// Paho's thread; keep it short) (docs/capture.md).
+  std::function<void(const std::string& payload, bool retained)> on_capture;
 };
 
 /// The birth's fields beyond the envelope for a session (target, runtime, artifact, metrics), as
