@@ -50,6 +50,11 @@ CAPTURE_MAGIC = b"edgesmith-capture-record-v1\n"  # the first line of every capt
 # ---- limits ------------------------------------------------------------------------------------
 MAX_PAYLOAD_BYTES = 256 * 1024  # the monitor refuses (counts and drops) anything larger
 MAX_SAFE_INT = 2**53 - 1  # every integer: exact in any JSON reader, and in a signed 64-bit column
+# A telemetry window's counters (runs, errors, each latency bucket, each output count): ~69 billion, far
+# beyond any device's window (1M runs/s for 60 s is ~2^26), and low enough that the monitor's sums over
+# windows (per device, per model group, the whole fleet) stay within int64 for 2^27 windows, so a
+# device reporting the largest counts it may cannot wrap the fleet's histograms or totals.
+MAX_WINDOW_COUNT = 2**36
 MAX_CLASSES = 4096
 MAX_EDGES = 1024
 MAX_OUTPUTS = 64
@@ -221,6 +226,7 @@ Slot = Annotated[str, Field(pattern=f"^{SLOT_REGEX}$")]
 Label = Annotated[str, Field(max_length=MAX_LABEL)]
 Name = Annotated[str, Field(min_length=1, max_length=MAX_LABEL)]
 Count = Annotated[int, Field(strict=True, ge=0, le=MAX_SAFE_INT)]
+WindowCount = Annotated[int, Field(strict=True, ge=0, le=MAX_WINDOW_COUNT)]
 Ms = Annotated[int, Field(strict=True, ge=0, le=MAX_SAFE_INT, description="milliseconds since the Unix epoch")]
 Finite = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-MAX_MICROS, le=MAX_MICROS)]
 Micros = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0, le=MAX_MICROS)]
@@ -341,10 +347,10 @@ class Death(Envelope):
 
 
 class LatencyWindow(_Msg):
-    counts: Annotated[list[Count], Field(max_length=MAX_LATENCY_BUCKETS)] = Field(
+    counts: Annotated[list[WindowCount], Field(max_length=MAX_LATENCY_BUCKETS)] = Field(
         description="runs per latency bucket in this window (the birth's layout)")
-    underflow: Count
-    overflow: Count
+    underflow: WindowCount
+    overflow: WindowCount
     sum_us: Micros
     max_us: Micros
     p50_us: Micros
@@ -353,12 +359,13 @@ class LatencyWindow(_Msg):
 
 
 class OutputWindow(_Msg):
-    counts: Annotated[list[Count], Field(max_length=MAX_CLASSES)] = Field(description="per class / bin, in this window")
-    underflow: Count
-    overflow: Count
-    nan: Count
-    seen: Count = Field(description="values (histogram) or rows (classes) the window's runs produced")
-    binned: Count = Field(description="how many of them were counted (large outputs are sampled)")
+    counts: Annotated[list[WindowCount], Field(max_length=MAX_CLASSES)] = Field(
+        description="per class / bin, in this window")
+    underflow: WindowCount
+    overflow: WindowCount
+    nan: WindowCount
+    seen: WindowCount = Field(description="values (histogram) or rows (classes) the window's runs produced")
+    binned: WindowCount = Field(description="how many of them were counted (large outputs are sampled)")
 
 
 class ProcessWindow(_Msg):
@@ -377,10 +384,10 @@ class Telemetry(Envelope):
     artifact_sha256: Sha256
     window_start_ms: Ms
     window_end_ms: Ms
-    runs: Count
-    errors: Count
-    nan_input_runs: Count
-    nan_input_values: Count
+    runs: WindowCount
+    errors: WindowCount
+    nan_input_runs: WindowCount
+    nan_input_values: WindowCount
     latency: LatencyWindow
     outputs: Annotated[dict[Name, OutputWindow], Field(max_length=MAX_OUTPUTS)]
     process: ProcessWindow
@@ -790,6 +797,7 @@ def header() -> str:
            f"constexpr const char* TOPIC_ROOT = \"{TOPIC_ROOT}\";",
            f"constexpr uint64_t MAX_PAYLOAD_BYTES = {MAX_PAYLOAD_BYTES};",
            f"constexpr uint64_t MAX_SAFE_INT = {MAX_SAFE_INT}ull;",
+           f"constexpr uint64_t MAX_WINDOW_COUNT = {MAX_WINDOW_COUNT}ull;",
            f"constexpr uint64_t MAX_CLASSES = {MAX_CLASSES};",
            f"constexpr uint64_t MAX_EDGES = {MAX_EDGES};",
            f"constexpr uint64_t MAX_OUTPUTS = {MAX_OUTPUTS};",

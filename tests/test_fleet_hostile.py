@@ -387,3 +387,41 @@ def test_a_devices_error_text_is_shown_as_text_by_fleet_deployments(tmp_path):
     result = run_cli("fleet", "deployments", "--db", url, check=False)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stdout + result.stderr
     assert error in result.stdout and "wave 1: [/y] cam-01 failed" in result.stdout, result.stdout
+
+
+@BOTH_STORES
+@pytest.mark.timeout(180)
+def test_window_counts_past_their_bound_are_refused_so_no_sum_can_wrap(broker_dir, start_monitor, store_url):  # noqa: F811
+    """Window counters are at most MAX_WINDOW_COUNT (2^36). Before that bound a device could report
+    2^53 - 1 per window, and 1,024 such windows wrapped the monitor's int64 sums (the group's histograms
+    went negative) and overflowed the devices table's totals, failing every batch holding one. Now
+    those windows are refused as invalid, and windows at the bound are summed exactly."""
+    monitor = start_monitor()
+    (creds,) = devices(broker_dir, "greedy")
+    greedy = connected(creds, artifact=ART, interval_s=0.01)
+
+    def window(count: int) -> bytes:
+        w = json.loads(greedy.telemetry(runs=10).model_dump_json())
+        w["runs"] = count
+        w["latency"].update(counts=[0] * (len(w["latency"]["counts"]) - 1) + [count], underflow=0, overflow=0)
+        w["outputs"] = {name: {**o, "counts": [count] + [0] * (len(o["counts"]) - 1), "seen": count, "binned": count}
+                        for name, o in w["outputs"].items()}
+        return json.dumps(w).encode()
+
+    top = contract.MAX_WINDOW_COUNT
+    over = [window(contract.MAX_SAFE_INT) for _ in range(1030)] + [window(top + 1)]
+    at_bound = [window(top) for _ in range(20)]
+    for payload in over + at_bound:
+        greedy.send((greedy.topic("telemetry"), payload))
+
+    def judged() -> dict | None:
+        d = monitor.device("greedy")
+        return d if (monitor.api()["monitor"]["queued"] == 0 and d is not None
+                     and d["runs_total"] == len(at_bound) * top) else None
+    d = wait_until(judged, 60, "every window judged")
+    assert monitor.counters().get("dropped.invalid", 0) >= len(over), monitor.counters()
+    assert d["refused"]["total"] >= len(over), d["refused"]
+    assert d["recent"]["runs"] == len(at_bound) * top and d["recent"]["p99_us"] > 0, d["recent"]
+    group = next(g for g in monitor.api()["groups"] if g["manifest_sha256"] == d["manifest_sha256"])
+    assert group["recent"]["runs"] == len(at_bound) * top and group["recent"]["p50_us"] > 0, group["recent"]
+    assert monitor.proc.poll() is None

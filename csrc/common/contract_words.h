@@ -10,6 +10,7 @@ constexpr int PROTOCOL_VERSION = 1;
 constexpr const char* TOPIC_ROOT = "edgesmith/v1";
 constexpr uint64_t MAX_PAYLOAD_BYTES = 262144;
 constexpr uint64_t MAX_SAFE_INT = 9007199254740991ull;
+constexpr uint64_t MAX_WINDOW_COUNT = 68719476736ull;
 constexpr uint64_t MAX_CLASSES = 4096;
 constexpr uint64_t MAX_EDGES = 1024;
 constexpr uint64_t MAX_OUTPUTS = 64;

@@ -94,10 +94,10 @@ class Checker {
 
   static std::string at(const std::string& where, const char* name) { return where + "." + name; }
 
-  bool counts(const json& v, const std::string& where, size_t max_items) {
+  bool counts(const json& v, const std::string& where, size_t max_items, uint64_t max = c::MAX_SAFE_INT) {
     if (!v.is_array() || v.size() > max_items) return fail(where, "must be a list of at most " + std::to_string(max_items));
     for (size_t i = 0; i < v.size(); ++i) {
-      if (!count(v[i], where + "[" + std::to_string(i) + "]")) return false;
+      if (!count(v[i], where + "[" + std::to_string(i) + "]", max)) return false;
     }
     return true;
   }
@@ -235,9 +235,10 @@ bool latency_window(Checker& k, const json& lat, const std::string& where) {
                 {c::F_LATENCY_WINDOW_COUNTS, c::F_LATENCY_WINDOW_UNDERFLOW, c::F_LATENCY_WINDOW_OVERFLOW,
                  c::F_LATENCY_WINDOW_SUM_US, c::F_LATENCY_WINDOW_MAX_US, c::F_LATENCY_WINDOW_P50_US,
                  c::F_LATENCY_WINDOW_P95_US, c::F_LATENCY_WINDOW_P99_US}) ||
-      !k.counts(lat[c::F_LATENCY_WINDOW_COUNTS], Checker::at(where, c::F_LATENCY_WINDOW_COUNTS), c::MAX_LATENCY_BUCKETS) ||
-      !k.count(lat[c::F_LATENCY_WINDOW_UNDERFLOW], Checker::at(where, c::F_LATENCY_WINDOW_UNDERFLOW)) ||
-      !k.count(lat[c::F_LATENCY_WINDOW_OVERFLOW], Checker::at(where, c::F_LATENCY_WINDOW_OVERFLOW))) {
+      !k.counts(lat[c::F_LATENCY_WINDOW_COUNTS], Checker::at(where, c::F_LATENCY_WINDOW_COUNTS), c::MAX_LATENCY_BUCKETS,
+                c::MAX_WINDOW_COUNT) ||
+      !k.count(lat[c::F_LATENCY_WINDOW_UNDERFLOW], Checker::at(where, c::F_LATENCY_WINDOW_UNDERFLOW), c::MAX_WINDOW_COUNT) ||
+      !k.count(lat[c::F_LATENCY_WINDOW_OVERFLOW], Checker::at(where, c::F_LATENCY_WINDOW_OVERFLOW), c::MAX_WINDOW_COUNT)) {
     return false;
   }
   for (const char* name : {c::F_LATENCY_WINDOW_SUM_US, c::F_LATENCY_WINDOW_MAX_US, c::F_LATENCY_WINDOW_P50_US,
@@ -253,12 +254,13 @@ bool output_window(Checker& k, const json& o, const std::string& where) {
                  c::F_OUTPUT_WINDOW_NAN, c::F_OUTPUT_WINDOW_SEEN, c::F_OUTPUT_WINDOW_BINNED},
                 {c::F_OUTPUT_WINDOW_COUNTS, c::F_OUTPUT_WINDOW_UNDERFLOW, c::F_OUTPUT_WINDOW_OVERFLOW,
                  c::F_OUTPUT_WINDOW_NAN, c::F_OUTPUT_WINDOW_SEEN, c::F_OUTPUT_WINDOW_BINNED}) ||
-      !k.counts(o[c::F_OUTPUT_WINDOW_COUNTS], Checker::at(where, c::F_OUTPUT_WINDOW_COUNTS), c::MAX_CLASSES)) {
+      !k.counts(o[c::F_OUTPUT_WINDOW_COUNTS], Checker::at(where, c::F_OUTPUT_WINDOW_COUNTS), c::MAX_CLASSES,
+                c::MAX_WINDOW_COUNT)) {
     return false;
   }
   for (const char* name : {c::F_OUTPUT_WINDOW_UNDERFLOW, c::F_OUTPUT_WINDOW_OVERFLOW, c::F_OUTPUT_WINDOW_NAN,
                            c::F_OUTPUT_WINDOW_SEEN, c::F_OUTPUT_WINDOW_BINNED}) {
-    if (!k.count(o[name], Checker::at(where, name))) return false;
+    if (!k.count(o[name], Checker::at(where, name), c::MAX_WINDOW_COUNT)) return false;
   }
   return true;
 }
@@ -281,9 +283,12 @@ bool outputs_map(Checker& k, const json& outputs, Each each) {
 
 bool telemetry(Checker& k, const json& m) {
   if (!k.matches(m[c::F_TELEMETRY_ARTIFACT_SHA256], c::F_TELEMETRY_ARTIFACT_SHA256, sha_pattern())) return false;
-  for (const char* name : {c::F_TELEMETRY_WINDOW_START_MS, c::F_TELEMETRY_WINDOW_END_MS, c::F_TELEMETRY_RUNS,
-                           c::F_TELEMETRY_ERRORS, c::F_TELEMETRY_NAN_INPUT_RUNS, c::F_TELEMETRY_NAN_INPUT_VALUES}) {
+  for (const char* name : {c::F_TELEMETRY_WINDOW_START_MS, c::F_TELEMETRY_WINDOW_END_MS}) {
     if (!k.count(m[name], name)) return false;
+  }
+  for (const char* name : {c::F_TELEMETRY_RUNS, c::F_TELEMETRY_ERRORS, c::F_TELEMETRY_NAN_INPUT_RUNS,
+                           c::F_TELEMETRY_NAN_INPUT_VALUES}) {
+    if (!k.count(m[name], name, c::MAX_WINDOW_COUNT)) return false;
   }
   if (!latency_window(k, m[c::F_TELEMETRY_LATENCY], "latency") ||
       !outputs_map(k, m[c::F_TELEMETRY_OUTPUTS],

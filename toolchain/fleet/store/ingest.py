@@ -33,6 +33,8 @@ from edgesmith.toolchain.fleet import protocol
 from edgesmith.toolchain.fleet.sequence import SeqTracker
 from edgesmith.toolchain.fleet.store.engine import IN_CHUNK, RowId, StoreBase, counters, metadata, now_ms
 
+INT64_MAX = 2**63 - 1
+
 SILENT_INTERVALS = 3  # a device is silent (offline) after this many of its intervals without a message
 # Why a message was refused (each counted in `counters` as dropped.<reason>, and per device in
 # `device_refusals` when its topic names one): not JSON; over the payload limit; JSON but not in the
@@ -513,8 +515,10 @@ class IngestStore(StoreBase):
         if sha != msg.artifact_sha256:
             labels, layout = {}, None
         lat = msg.latency
-        row["runs"] += msg.runs
-        row["errors"] += msg.errors
+        # Cumulative totals saturate at the column's int64 bound (a window adds at most MAX_WINDOW_COUNT,
+        # so only ~2^27 windows at that bound get here): an overflowing UPDATE would fail the whole batch.
+        row["runs"] = min(row["runs"] + msg.runs, INT64_MAX)
+        row["errors"] = min(row["errors"] + msg.errors, INT64_MAX)
         if row["last_window_end_ms"] is None or msg.window_end_ms >= row["last_window_end_ms"]:
             row.update(last_window_end_ms=msg.window_end_ms, p50_us=lat.p50_us, p95_us=lat.p95_us, p99_us=lat.p99_us)
         return {
