@@ -1,6 +1,7 @@
 #include "agent/synthetic_load.h"
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cstring>
 #include <filesystem>
@@ -55,8 +56,12 @@ std::vector<std::vector<Tensor>> synthetic_replay_read(const std::string& path, 
   }
   const ManifestTensor& spec = inputs[0];
   std::error_code ec;
-  if (!std::filesystem::is_regular_file(path, ec)) {
+  const std::filesystem::file_status status = std::filesystem::status(path, ec);
+  if (!std::filesystem::exists(status)) {
     throw Error(ERROR_CODE_IO, name + ": no such file (expected a .npy file of " + replay_expected(spec) + ")");
+  }
+  if (!std::filesystem::is_regular_file(status)) {
+    throw Error(ERROR_CODE_IO, name + ": is not a regular file (expected a .npy file of " + replay_expected(spec) + ")");
   }
   const uintmax_t size = std::filesystem::file_size(path, ec);
   if (ec || size > max_bytes) {
@@ -64,6 +69,7 @@ std::vector<std::vector<Tensor>> synthetic_replay_read(const std::string& path, 
                                       (ec ? "a file whose size cannot be read" : std::to_string(size) + " bytes"));
   }
   std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error(ERROR_CODE_IO, name + ": cannot be read (" + std::strerror(errno) + ")");
   std::string bytes;
   // Read at most max_bytes + 1, so a file growing after the size check is still caught.
   bytes.resize(static_cast<size_t>(size) + 1);

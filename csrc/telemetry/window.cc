@@ -15,7 +15,11 @@ namespace edgesmith {
 
 namespace {
 
-uint64_t minus(uint64_t after, uint64_t before) { return after >= before ? after - before : 0; }
+// A window's counter: what the cumulative counter gained, saturated at the contract's MAX_WINDOW_COUNT
+// (far beyond any real window; the monitor refuses more, so a window over it would not be sent at all).
+uint64_t minus(uint64_t after, uint64_t before) {
+  return after >= before ? std::min<uint64_t>(after - before, contract::MAX_WINDOW_COUNT) : 0;
+}
 
 std::vector<uint64_t> minus(const std::vector<uint64_t>& after, const std::vector<uint64_t>& before) {
   std::vector<uint64_t> out(after.size());

@@ -9,6 +9,7 @@
 #include <fstream>
 #include <string>
 
+#include "common/contract_words.h"
 #include "telemetry/window.h"
 
 namespace edgesmith {
@@ -80,6 +81,25 @@ TEST(Window, MaxOfAWindowWithoutANewMaximumIsBoundedByItsBuckets) {
   const StatsSnapshot d = stats_delta(before, after);
   EXPECT_DOUBLE_EQ(d.latency_max_us, 20.0);  // upper edge of [10, 20), not the old 150
   EXPECT_LE(stats_percentile_us(d, 0.99), 20.0);
+}
+
+TEST(Window, CountersSaturateAtTheContractsWindowBound) {
+  // A window past MAX_WINDOW_COUNT would be refused by the monitor (and by the publisher's own check),
+  // losing the window: the delta saturates instead.
+  StatsSnapshot before = snapshot_make();
+  StatsSnapshot after = before;
+  const uint64_t huge = contract::MAX_WINDOW_COUNT * 3;
+  after.runs = huge;
+  after.nan_input_values = huge;
+  after.latency_counts = {huge, 0, 0, 0};
+  after.outputs[0].seen = huge;
+  after.outputs[0].counts = {huge, 1, 0};
+  const StatsSnapshot d = stats_delta(before, after);
+  EXPECT_EQ(d.runs, contract::MAX_WINDOW_COUNT);
+  EXPECT_EQ(d.nan_input_values, contract::MAX_WINDOW_COUNT);
+  EXPECT_EQ(d.latency_counts, (std::vector<uint64_t>{contract::MAX_WINDOW_COUNT, 0, 0, 0}));
+  EXPECT_EQ(d.outputs[0].seen, contract::MAX_WINDOW_COUNT);
+  EXPECT_EQ(d.outputs[0].counts, (std::vector<uint64_t>{contract::MAX_WINDOW_COUNT, 1, 0}));
 }
 
 TEST(Window, CloseBuildsTheTelemetryFieldsAndMovesOn) {
