@@ -44,6 +44,7 @@ constexpr std::chrono::milliseconds POLL_LIVE{20};
 constexpr std::chrono::milliseconds POLL_IDLE{250};
 constexpr size_t MAX_LABEL = 256;  // contract MAX_LABEL (model, model_version)
 constexpr int64_t MAX_CLASSES = 4096;  // contract MAX_CLASSES (top1)
+constexpr uint64_t ANSWER_MAX_BYTES = 64 * 1024;  // a receiver's answer to an upload is read into at most this
 
 
 std::string text_read(const std::string& path) {
@@ -134,6 +135,11 @@ void CaptureRunner::capture_stop() {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     stopping_ = true;
+  }
+  halt_ = true;
+  {
+    std::lock_guard<std::mutex> lock(client_mutex_);  // an upload under way ends now (its socket is shut)
+    if (client_ != nullptr) client_->stop();
   }
   cv_.notify_all();
   if (thread_.joinable()) thread_.join();
@@ -748,9 +754,62 @@ void CaptureRunner::upload_step() {
   client.set_write_timeout(std::chrono::duration_cast<std::chrono::seconds>(io).count(), io.count() % 1000000);
   client.set_follow_location(false);
   client.set_keep_alive(false);
-  const httplib::Headers headers = {{"Authorization", "Bearer " + capture.token}};
-  const httplib::Result result = client.Put(target, headers, body, "application/octet-stream");
-  const int status = result ? result->status : 0;
+  // The whole request has one deadline (the time-outs above are per read and per write: a receiver
+  // trickling bytes would otherwise hold this thread for ever) and stops with the agent; the answer
+  // is read into at most ANSWER_MAX_BYTES (a receiver answering with an endless body would
+  // otherwise grow memory until the agent is killed, and crash-loop it: `uploading` is persisted).
+  using Clock = std::chrono::steady_clock;
+  const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(options_.upload_timeout_s));
+  std::string cut;  // why this thread ended the request, when it did
+  const auto go_on = [&] {
+    if (halt_.load()) {
+      cut = "the agent is stopping";
+    } else if (Clock::now() >= deadline) {
+      cut = "the request was still running after " + std::to_string(static_cast<int64_t>(options_.upload_timeout_s)) + " s";
+    }
+    return cut.empty();
+  };
+  std::string answer;
+  httplib::Request request;
+  request.method = "PUT";
+  request.path = target;
+  request.headers = {{"Authorization", "Bearer " + capture.token}, {"Content-Type", "application/octet-stream"}};
+  request.content_length_ = body.size();
+  request.content_provider_ = [&](size_t offset, size_t length, httplib::DataSink& sink) {
+    if (!go_on()) return false;
+    const size_t n = std::min<size_t>(length, 64 * 1024);
+    return sink.write(body.data() + offset, n);
+  };
+  request.response_handler = [&](const httplib::Response& response) {
+    if (response.has_header("Content-Length") &&
+        std::strtoull(response.get_header_value("Content-Length").c_str(), nullptr, 10) > ANSWER_MAX_BYTES) {
+      cut = "its answer is over " + std::to_string(ANSWER_MAX_BYTES) + " bytes";
+      return false;
+    }
+    return go_on();
+  };
+  request.content_receiver = [&](const char* data, size_t length, uint64_t, uint64_t) {
+    if (answer.size() + length > ANSWER_MAX_BYTES) {
+      cut = "its answer is over " + std::to_string(ANSWER_MAX_BYTES) + " bytes";
+      return false;
+    }
+    answer.append(data, length);
+    return go_on();
+  };
+  httplib::Response response;
+  httplib::Error error = httplib::Error::Success;
+  {
+    std::lock_guard<std::mutex> lock(client_mutex_);
+    client_ = &client;
+  }
+  bool sent = !halt_.load() && client.send(request, response, error);
+  {
+    std::lock_guard<std::mutex> lock(client_mutex_);
+    client_ = nullptr;
+  }
+  if (!cut.empty()) sent = false;
+  if (halt_.load()) return;  // the agent stops: the sample stays, the upload resumes at the next start
+  const int status = sent ? response.status : 0;
   if (status == 200 || status == 201) {  // stored, or already stored: only now is it deleted here
     auto& acked = round_[id];
     acked.first += 1;
@@ -775,7 +834,7 @@ void CaptureRunner::upload_step() {
   backoff_s_ = backoff_s_ <= 0 ? options_.backoff_min_s : std::min(options_.backoff_max_s, backoff_s_ * 2);
   upload_next_ms_ = now_ms() + static_cast<int64_t>(backoff_s_ * 1000.0);
   log("upload of " + item.sha256 + " to " + origin + " failed (" +
-      (result ? "HTTP " + std::to_string(status) : httplib::to_string(result.error())) + "); next try in " +
+      (sent ? "HTTP " + std::to_string(status) : !cut.empty() ? cut : httplib::to_string(error)) + "); next try in " +
       std::to_string(static_cast<int>(backoff_s_)) + " s");
 }
 

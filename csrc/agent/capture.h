@@ -21,6 +21,10 @@
 
 #include <nlohmann/json.hpp>
 
+namespace httplib {
+class Client;
+}
+
 #include "agent/capture_record.h"
 #include "deploy/capture_state.h"
 #include "runtime/session.h"
@@ -48,6 +52,7 @@ struct CaptureRunnerOptions {
   double backoff_min_s = 1.0;         ///< an upload that got no answer or a 5xx/408 waits this, doubling
   double backoff_max_s = 30.0;
   double io_timeout_s = 10.0;         ///< connect and read time-outs of one upload
+  double upload_timeout_s = 60.0;     ///< one upload request, answer included, ends after this at most
   double drop_event_period_s = 2.0;   ///< dropped samples are reported at most this often, summed
   std::string tls_cafile;             ///< https: the receiver is verified with it (the broker's CA)
   std::string tls_certfile;
@@ -182,6 +187,10 @@ class CaptureRunner {
   std::atomic<uint64_t> stored_samples_count_{0};
   std::atomic<uint64_t> stored_bytes_count_{0};
   std::atomic<bool> uploading_{false};
+
+  std::atomic<bool> halt_{false};  // capture_stop(): an upload under way ends
+  std::mutex client_mutex_;
+  httplib::Client* client_ = nullptr;  // the upload under way (capture_stop shuts its socket)
 
   std::mutex mutex_;
   std::condition_variable cv_;
