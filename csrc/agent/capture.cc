@@ -259,6 +259,7 @@ void CaptureRunner::state_load() {
       captures_[item.key()] = capture;
     }
   }
+  if (doc.contains("applied_sha256") && doc["applied_sha256"].is_string()) applied_sha256_ = doc["applied_sha256"].get<std::string>();
   if (doc.contains("active") && doc["active"].is_string()) {
     try {
       active_state_ = capture_state_parse(doc["active"].get<std::string>(), options_.deploy_keys);
@@ -286,6 +287,7 @@ void CaptureRunner::state_save() {
   }
   nlohmann::json doc = {{"v", 1}, {"captures", captures}};
   doc["active"] = active_state_ ? nlohmann::json(active_envelope_) : nlohmann::json(nullptr);
+  doc["applied_sha256"] = applied_sha256_;  // the last capture state acted on (see handle)
   // Written by file_replace (0600: it holds the upload tokens), renamed into place.
   file_replace((fs::path(dir_) / STATE_FILE).string(), doc.dump() + "\n");
   bool uploading = false;
@@ -430,8 +432,11 @@ void CaptureRunner::handle(const std::string& payload) {
   CaptureState next;
   try {
     next = capture_state_parse(payload, options_.deploy_keys);
+    // The floor is written before state.json: a state the floor holds but state.json does not
+    // record as applied (a kill between the two writes, a full disk) is applied again (harmless).
     if (capture_state_admit(next, (fs::path(dir_) / FLOOR_FILE).string(), options_.fleet, options_.device,
-                            now_ms() / 1000) == CAPTURE_ADMIT_REPEATED) {
+                            now_ms() / 1000) == CAPTURE_ADMIT_REPEATED &&
+        next.signed_sha256 == applied_sha256_) {
       return;
     }
   } catch (const Error& e) {
@@ -443,41 +448,69 @@ void CaptureRunner::handle(const std::string& payload) {
   if (next.action == c::CAPTURE_ACTION_START) {
     if (active_state_ && active_state_->capture_id != next.capture_id) active_end(c::CAPTURE_STOP_SUPERSEDED);
     captures_prune();
-    Capture& capture = captures_[next.capture_id];
-    capture.token = next.upload_token;
-    capture.url = next.upload_url;
-    capture.retention_s = next.retention_s;
-    active_state_ = next;
-    active_envelope_ = payload;
-    state_save();
+    state_change([&] {
+      Capture& capture = captures_[next.capture_id];
+      capture.token = next.upload_token;
+      capture.url = next.upload_url;
+      capture.retention_s = next.retention_s;
+      active_state_ = next;
+      active_envelope_ = payload;
+      applied_sha256_ = next.signed_sha256;
+    });
     live_set();
     nlohmann::json d = report_details(next.capture_id);
     report(c::EVENT_KIND_CAPTURE_STARTED, "capture " + next.capture_id + " started", d);
     return;
   }
-  auto known = captures_.find(next.capture_id);
-  if (known != captures_.end()) {
-    known->second.url = next.upload_url;  // stop and upload name the receiver again
-    known->second.retention_s = next.retention_s;
-  }
+  const auto rename = [&] {
+    auto known = captures_.find(next.capture_id);
+    if (known != captures_.end()) {
+      known->second.url = next.upload_url;  // stop and upload name the receiver again
+      known->second.retention_s = next.retention_s;
+    }
+    applied_sha256_ = next.signed_sha256;
+  };
   if (next.action == c::CAPTURE_ACTION_STOP) {
     if (active_state_ && active_state_->capture_id == next.capture_id) {
+      rename();  // saved by active_end, with the capture's end
       active_end(c::CAPTURE_STOP_STOPPED);
     } else {
-      state_save();
+      state_change(rename);
     }
     return;
   }
+  auto known = captures_.find(next.capture_id);
   // upload: what is stored of this capture goes to the receiver; sampling goes on as before.
   if (known == captures_.end() || known->second.token.empty()) {
     log("cannot upload capture " + next.capture_id + ": this device was never given its token (no 'start' taken)");
     return;
   }
-  known->second.uploading = true;
-  known->second.upload_before_ms = now_ms();  // sampling goes on: later samples wait for the next upload
+  state_change([&] {
+    rename();
+    known->second.uploading = true;
+    known->second.upload_before_ms = now_ms();  // sampling goes on: later samples wait for the next upload
+  });
   upload_next_ms_ = 0;
   backoff_s_ = 0;
-  state_save();
+}
+
+// `change` applied to the runner's state, then saved; when the save fails (a full disk) the state
+// is as before, so memory never claims what state.json does not hold.
+void CaptureRunner::state_change(const std::function<void()>& change) {
+  const auto captures = captures_;
+  const auto active_state = active_state_;
+  const std::string active_envelope = active_envelope_;
+  const std::string applied = applied_sha256_;
+  change();
+  try {
+    state_save();
+  } catch (...) {
+    captures_ = captures;
+    active_state_ = active_state;
+    active_envelope_ = active_envelope;
+    applied_sha256_ = applied;
+    throw;
+  }
 }
 
 // Captures with nothing left to do (not sampling, not uploading, no sample stored) are forgotten,

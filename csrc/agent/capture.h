@@ -146,6 +146,7 @@ class CaptureRunner {
   void index_load();
   void state_load();
   void state_save();
+  void state_change(const std::function<void()>& change);
   std::string sample_path(const std::string& capture_id, const std::string& sha) const;
   nlohmann::json report_details(const std::string& capture_id) const;
   void report(const std::string& event, const std::string& message, const nlohmann::json& details);
@@ -160,6 +161,7 @@ class CaptureRunner {
   // The runner thread's own state.
   std::optional<CaptureState> active_state_;  // the capture now sampling (its start state)
   std::string active_envelope_;
+  std::string applied_sha256_;  // the signed text of the last capture state acted on (state.json)
   std::map<std::string, Capture> captures_;
   std::deque<Stored> stored_;  // oldest first
   uint64_t stored_bytes_ = 0;
