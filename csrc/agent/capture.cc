@@ -553,23 +553,32 @@ void CaptureRunner::active_end(const std::string& stop) {
 
 // --- the store ------------------------------------------------------------------------------------
 
-void CaptureRunner::evict_oldest(const std::string& capture_id, const std::string& reason) {
-  auto it = stored_.begin();
-  if (!capture_id.empty()) {
-    it = std::find_if(stored_.begin(), stored_.end(), [&](const Stored& s) { return s.capture_id == capture_id; });
-  }
-  if (it == stored_.end()) return;
+// A sample an upload round is sending (stored up to its `upload` state) is never evicted while the
+// round runs: the new sample is dropped instead.
+bool CaptureRunner::evictable(const Stored& s) const {
+  const auto capture = captures_.find(s.capture_id);
+  return capture == captures_.end() || !capture->second.uploading || s.stored_ms > capture->second.upload_before_ms;
+}
+
+bool CaptureRunner::evict_oldest(const std::string& capture_id, const std::string& reason, uint64_t* freed) {
+  const auto it = std::find_if(stored_.begin(), stored_.end(),
+                               [&](const Stored& s) { return (capture_id.empty() || s.capture_id == capture_id) && evictable(s); });
+  if (it == stored_.end()) return false;
   std::error_code ec;
   fs::remove(sample_path(it->capture_id, it->sha256), ec);
   drop(it->capture_id, reason, 1, it->bytes);
   stored_bytes_ -= it->bytes;
+  if (freed != nullptr) *freed += it->bytes;
   stored_.erase(it);
+  return true;
 }
 
 bool CaptureRunner::record_write(const std::string& capture_id, const std::string& sha, const std::string& record) {
   const fs::path dir = fs::path(dir_) / SAMPLES_DIR / capture_id;
   std::error_code ec;
   fs::create_directories(dir, ec);
+  if (ec == std::errc::no_space_on_device || ec.value() == EDQUOT) return false;
+  if (ec) throw Error(ERROR_CODE_IO, "cannot create " + dir.string() + " (" + ec.message() + ")");
   const std::string tmp = (dir / (std::string(TMP_PREFIX) + sha)).string();
   const std::string path = (dir / sha).string();
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
@@ -668,18 +677,29 @@ void CaptureRunner::sample_store(Sample& sample) {
   uint64_t samples = 0, bytes = 0;
   capture_usage(&samples, &bytes);
   while (samples > 0 && (samples + 1 > state.max_samples || bytes + size > state.max_bytes)) {
-    evict_oldest(id, c::CAPTURE_DROP_BUDGET);
+    if (!evict_oldest(id, c::CAPTURE_DROP_BUDGET, nullptr)) {  // only samples an upload round sends are left
+      drop(id, c::CAPTURE_DROP_BUDGET, 1, size);
+      stored_publish();
+      return;
+    }
     capture_usage(&samples, &bytes);
   }
-  while (!stored_.empty() && stored_bytes_ + size > options_.max_bytes) evict_oldest("", c::CAPTURE_DROP_BUDGET);
-  // A full disk: the oldest go until the record fits, or it is dropped itself.
+  while (!stored_.empty() && stored_bytes_ + size > options_.max_bytes) {
+    if (!evict_oldest("", c::CAPTURE_DROP_BUDGET, nullptr)) {
+      drop(id, c::CAPTURE_DROP_BUDGET, 1, size);
+      stored_publish();
+      return;
+    }
+  }
+  // A full disk: the oldest go until as many bytes as the record's are freed; when it still does
+  // not fit (the disk is full of something else), the record is dropped itself.
+  uint64_t freed = 0;
   while (!record_write(id, sha, record)) {
-    if (stored_.empty()) {
+    if (freed >= size || !evict_oldest("", c::CAPTURE_DROP_DISK_FULL, &freed)) {
       drop(id, c::CAPTURE_DROP_DISK_FULL, 1, size);
       stored_publish();
       return;
     }
-    evict_oldest("", c::CAPTURE_DROP_DISK_FULL);
   }
   const auto same = std::find_if(stored_.begin(), stored_.end(), [&](const Stored& s) { return s.sha256 == sha && s.capture_id == id; });
   if (same == stored_.end()) {  // the same bytes twice are one record

@@ -137,7 +137,8 @@ class CaptureRunner {
   void active_end(const std::string& stop);
   void sample_store(Sample& sample);
   bool record_write(const std::string& capture_id, const std::string& sha, const std::string& record);
-  void evict_oldest(const std::string& capture_id, const std::string& reason);
+  bool evictable(const Stored& s) const;
+  bool evict_oldest(const std::string& capture_id, const std::string& reason, uint64_t* freed);
   void drop(const std::string& capture_id, const std::string& reason, uint64_t samples, uint64_t bytes);
   void drops_flush(bool force);
   void retention_check();
