@@ -534,7 +534,7 @@ void CaptureRunner::live_set() {
   active_ = true;
 }
 
-void CaptureRunner::active_end(const std::string& stop) {
+void CaptureRunner::active_end(const std::string& stop, const std::string& error) {
   if (!active_state_) return;
   {
     std::lock_guard<std::mutex> lock(offer_mutex_);
@@ -544,11 +544,12 @@ void CaptureRunner::active_end(const std::string& stop) {
   drops_flush(true);
   nlohmann::json d = report_details(active_state_->capture_id);
   d[c::F_CAPTURE_REPORT_STOP] = stop;
+  if (!error.empty()) d[c::F_CAPTURE_REPORT_ERROR] = error.substr(0, c::MAX_ERROR);
   const std::string id = active_state_->capture_id;
   active_state_.reset();
   active_envelope_.clear();
   state_save();
-  report(c::EVENT_KIND_CAPTURE_STOPPED, "capture " + id + " stopped (" + stop + ")", d);
+  report(c::EVENT_KIND_CAPTURE_STOPPED, "capture " + id + " stopped (" + stop + ")" + (error.empty() ? "" : ": " + error), d);
 }
 
 // --- the store ------------------------------------------------------------------------------------
@@ -648,16 +649,24 @@ void CaptureRunner::sample_store(Sample& sample) {
     header[c::F_CAPTURE_RECORD_TOP1] = top1;
     header[c::F_CAPTURE_RECORD_CONFIDENCE] = confidence;
   }
+  const std::string& id = sample.capture_id;
+  // A model whose tensors no record can hold fails on every sample: the capture ends, with why.
+  std::string unfit = capture_record_unfit(sample.inputs);
+  if (unfit.empty()) unfit = capture_record_unfit(sample.outputs);
+  if (!unfit.empty()) {
+    drop(id, c::CAPTURE_DROP_REFUSED, 1, 0);
+    active_end(c::CAPTURE_STOP_STOPPED, "the serving model's samples cannot be captured: " + unfit);
+    return;
+  }
   std::string record;
   try {
     record = capture_record_build(header, sample.input_names, sample.inputs, sample.output_names, sample.outputs);
   } catch (const Error& e) {
-    log(std::string("a sample was not stored: ") + e.what());
+    store_failed(id, 0, e.what());
     return;
   }
   const uint64_t size = record.size();
   const std::string sha = sha256_string(record);
-  const std::string& id = sample.capture_id;
   const CaptureState& state = *active_state_;
   if (size > state.max_bytes || size > options_.max_bytes) {
     drop(id, c::CAPTURE_DROP_BUDGET, 1, size);
@@ -694,12 +703,18 @@ void CaptureRunner::sample_store(Sample& sample) {
   // A full disk: the oldest go until as many bytes as the record's are freed; when it still does
   // not fit (the disk is full of something else), the record is dropped itself.
   uint64_t freed = 0;
-  while (!record_write(id, sha, record)) {
-    if (freed >= size || !evict_oldest("", c::CAPTURE_DROP_DISK_FULL, &freed)) {
-      drop(id, c::CAPTURE_DROP_DISK_FULL, 1, size);
-      stored_publish();
-      return;
+  try {
+    while (!record_write(id, sha, record)) {
+      if (freed >= size || !evict_oldest("", c::CAPTURE_DROP_DISK_FULL, &freed)) {
+        drop(id, c::CAPTURE_DROP_DISK_FULL, 1, size);
+        stored_publish();
+        return;
+      }
     }
+  } catch (const Error& e) {  // a read-only or failing disk: counted, logged now and then
+    store_failed(id, size, e.what());
+    stored_publish();
+    return;
   }
   const auto same = std::find_if(stored_.begin(), stored_.end(), [&](const Stored& s) { return s.sha256 == sha && s.capture_id == id; });
   if (same == stored_.end()) {  // the same bytes twice are one record
@@ -707,6 +722,18 @@ void CaptureRunner::sample_store(Sample& sample) {
     stored_bytes_ += size;
   }
   stored_publish();
+}
+
+// A sample that could not be stored (its record not built, or not written): dropped with reason
+// refused, and logged at most once a minute with how many failed since.
+void CaptureRunner::store_failed(const std::string& capture_id, uint64_t bytes, const std::string& why) {
+  drop(capture_id, c::CAPTURE_DROP_REFUSED, 1, bytes);
+  ++store_failures_;
+  const int64_t now = now_ms();
+  if (store_failed_logged_ms_ != 0 && now - store_failed_logged_ms_ < 60000) return;
+  store_failed_logged_ms_ = now;
+  log(std::to_string(store_failures_) + " sample(s) not stored (last: " + why + ")");
+  store_failures_ = 0;
 }
 
 void CaptureRunner::retention_check() {

@@ -134,7 +134,8 @@ class CaptureRunner {
   void handle(const std::string& payload);
   void live_set();
   void captures_prune();
-  void active_end(const std::string& stop);
+  void active_end(const std::string& stop, const std::string& error = "");
+  void store_failed(const std::string& capture_id, uint64_t bytes, const std::string& why);
   void sample_store(Sample& sample);
   bool record_write(const std::string& capture_id, const std::string& sha, const std::string& record);
   bool evictable(const Stored& s) const;
@@ -168,6 +169,8 @@ class CaptureRunner {
   uint64_t stored_bytes_ = 0;
   std::map<std::pair<std::string, std::string>, std::pair<uint64_t, uint64_t>> drops_;  // (capture, reason) -> samples, bytes
   int64_t drops_flushed_ms_ = 0;
+  uint64_t store_failures_ = 0;  // samples not stored since the last log line about them
+  int64_t store_failed_logged_ms_ = 0;
   int64_t housekeeping_ms_ = 0;
   int64_t upload_next_ms_ = 0;
   double backoff_s_ = 0;
