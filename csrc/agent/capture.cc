@@ -117,7 +117,15 @@ std::string CaptureRunner::sample_path(const std::string& capture_id, const std:
 
 void CaptureRunner::capture_start(CaptureReporter* reporter) {
   reporter_ = reporter;
-  state_load();
+  try {
+    state_load();
+  } catch (const nlohmann::json::exception& e) {  // a field of another type than written: start without it
+    log(std::string("state.json is not as this agent writes it (") + e.what() + "); starting without a capture (stored samples stay)");
+    captures_.clear();
+    active_state_.reset();
+    active_envelope_.clear();
+    uploading_ = false;
+  }
   index_load();
   thread_ = std::thread([this] { loop(); });
 }
@@ -247,11 +255,17 @@ void CaptureRunner::state_load() {
     for (const auto& item : doc["captures"].items()) {
       const nlohmann::json& v = item.value();
       if (!v.is_object()) continue;
+      const auto text = [&](const char* key) { return v.contains(key) && v[key].is_string() ? v[key].get<std::string>() : ""; };
+      if ((v.contains("token") && !v["token"].is_string()) || (v.contains("url") && !v["url"].is_string()) ||
+          (v.contains("uploading") && !v["uploading"].is_boolean())) {
+        log("state.json's record of capture " + item.key().substr(0, 64) + " has a field of the wrong type; it is forgotten (its stored samples stay)");
+        continue;
+      }
       Capture capture;
-      capture.token = v.value("token", "");
-      capture.url = v.value("url", "");
+      capture.token = text("token");
+      capture.url = text("url");
       capture.retention_s = v.contains("retention_s") && v["retention_s"].is_number_unsigned() ? v["retention_s"].get<uint64_t>() : capture.retention_s;
-      capture.uploading = v.value("uploading", false);
+      capture.uploading = v.contains("uploading") && v["uploading"].get<bool>();
       capture.upload_before_ms = v.contains("upload_before_ms") && v["upload_before_ms"].is_number_integer()
                                      ? v["upload_before_ms"].get<int64_t>()
                                      : 0;
@@ -303,7 +317,8 @@ void CaptureRunner::index_load() {
   for (const fs::directory_entry& capture_dir : fs::directory_iterator(samples, ec)) {
     const std::string id = capture_dir.path().filename().string();
     std::error_code ec2;
-    if (!capture_dir.is_directory(ec2)) {
+    // symlink_status: a symlink (to a directory or not) is unlinked itself, never followed.
+    if (!fs::is_directory(fs::symlink_status(capture_dir.path(), ec2))) {
       fs::remove(capture_dir.path(), ec2);
       continue;
     }
