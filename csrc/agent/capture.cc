@@ -829,7 +829,7 @@ void CaptureRunner::upload_step() {
   }
   std::string origin, base;
   try {
-    download_url_split(capture.url, &origin, &base);
+    download_url_split(capture.url, &origin, &base, "the capture receiver url");
   } catch (const Error& e) {
     upload_round_end(id, e.what());
     return;
@@ -923,6 +923,13 @@ void CaptureRunner::upload_step() {
   }
   if (status == 403) {
     upload_round_end(id, "the receiver refused this device's token for capture " + id + " (HTTP 403); uploading stopped");
+    return;
+  }
+  // A redirect (never followed: the token would go along) or another 4xx is not a receiver
+  // speaking the capture protocol here: retrying would not change it.
+  if ((status >= 300 && status < 400) || (status >= 400 && status < 500 && status != 408 && status != 429)) {
+    upload_round_end(id, "the receiver at " + origin + " answered HTTP " + std::to_string(status) +
+                             " (not a capture receiver at this URL?); uploading stopped, the samples stay");
     return;
   }
   // 408, 5xx, another answer or none: kept for a later try (uploads are idempotent).
