@@ -827,6 +827,11 @@ void CaptureRunner::upload_step() {
     forget();
     return;
   }
+  if (!capture_url_safe(capture.url)) {  // recorded by an agent that did not check it yet
+    upload_round_end(id, "the capture receiver url " + capture.url.substr(0, 64) +
+                             " is plain http:// to a host other than the loopback; the token is not sent in clear");
+    return;
+  }
   std::string origin, base;
   try {
     download_url_split(capture.url, &origin, &base, "the capture receiver url");
