@@ -902,10 +902,32 @@ void CaptureRunner::upload_step() {
     std::lock_guard<std::mutex> lock(client_mutex_);
     client_ = &client;
   }
+  // The deadline also holds while no callback runs (a receiver trickling its status line and
+  // headers): a watchdog shuts the request's socket then.
+  std::mutex watch_mutex;
+  std::condition_variable watch_cv;
+  bool done = false;
+  std::atomic<bool> overdue{false};
+  std::thread watchdog([&] {
+    std::unique_lock<std::mutex> lock(watch_mutex);
+    if (!watch_cv.wait_until(lock, deadline, [&] { return done; })) {
+      overdue = true;
+      client.stop();
+    }
+  });
   bool sent = !halt_.load() && client.send(request, response, error);
+  {
+    std::lock_guard<std::mutex> lock(watch_mutex);
+    done = true;
+  }
+  watch_cv.notify_all();
+  watchdog.join();
   {
     std::lock_guard<std::mutex> lock(client_mutex_);
     client_ = nullptr;
+  }
+  if (overdue && cut.empty()) {
+    cut = "the request was still running after " + std::to_string(static_cast<int64_t>(options_.upload_timeout_s)) + " s";
   }
   if (!cut.empty()) sent = false;
   if (halt_.load()) return;  // the agent stops: the sample stays, the upload resumes at the next start
