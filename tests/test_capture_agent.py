@@ -69,7 +69,7 @@ def world(tmp_path_factory, backend_dir):  # noqa: F811
     broker = Broker(root / "broker")
     central = Central(broker, load_deploy_key(deploy_key_path))
     receiver = Receiver(root / "captures", root / "artifacts")
-    world = {"root": root, "broker": broker, "central": central, "receiver": receiver, "trust": trust,
+    world = {"root": root, "build_key": build_key, "broker": broker, "central": central, "receiver": receiver, "trust": trust,
              "artifact": artifact, "negated": negated, "backend_dir": backend_dir, "deploy_key": load_deploy_key(deploy_key_path),
              "cli": ["--fleet", FLEET, "--broker", str(broker.dir), "--key", str(deploy_key_path),
                      "--dir", str(receiver.dir), "--receiver", receiver.url]}
@@ -492,5 +492,31 @@ def test_a_lost_state_json_write_a_bad_field_and_a_symlink_in_the_store(world, t
         assert _stats(info)["capture"]["active"]
         assert "wrong type" in agent.log()
         assert (outside / "keep" / ("0" * 64)).exists() and not (data_dir / "capture" / "samples" / "linked").exists()
+    finally:
+        assert agent.stop() == 0, agent.log()
+
+
+def test_a_model_no_record_can_hold_ends_the_capture_with_why(world):
+    """A served model whose tensors no capture record can hold (rank 9: the contract's records hold
+    rank 8 at most) fails on every sample: the capture ends (`capture.stopped` naming why), the
+    sample counts as dropped (refused), nothing is stored and serving goes on."""
+    device = "cap-rank9"
+    artifact = make_echo_artifact(world["root"] / "dist" / "rank9", world["build_key"], version="1",
+                                  shape=(1, 1, 1, 1, 1, 1, 1, 2, 2))
+    data_dir = world["root"] / "agents" / device
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    credentials = world["broker"].add_device(device)
+    agent = Agent({"path": artifact, "pub": world["trust"] / "build" / "build.pub"}, credentials, data_dir,
+                  "--trust-dir", str(world["trust"]), "--interval", "1", "--backend-path", str(world["backend_dir"]),
+                  "--synthetic-load", "20")
+    info = agent.ready()
+    try:
+        _capture(world, "start", device, "--policy", "uniform:1")
+        stopped = _event(world, device, "capture.stopped")
+        assert stopped["details"]["stop"] == "stopped" and "rank 8" in stopped["details"]["error"]
+        _event(world, device, "capture.dropped", reason="refused")
+        assert _stored(data_dir) == {}
+        _runs(info, _stats(info)["runs"] + 10)
+        assert _stats(info)["errors"] == 0 and not _stats(info)["capture"]["active"]
     finally:
         assert agent.stop() == 0, agent.log()
