@@ -69,7 +69,7 @@ def world(tmp_path_factory, backend_dir):  # noqa: F811
     broker = Broker(root / "broker")
     central = Central(broker, load_deploy_key(deploy_key_path))
     receiver = Receiver(root / "captures", root / "artifacts")
-    world = {"root": root, "broker": broker, "central": central, "receiver": receiver, "trust": trust,
+    world = {"root": root, "build_key": build_key, "broker": broker, "central": central, "receiver": receiver, "trust": trust,
              "artifact": artifact, "negated": negated, "backend_dir": backend_dir, "deploy_key": load_deploy_key(deploy_key_path),
              "cli": ["--fleet", FLEET, "--broker", str(broker.dir), "--key", str(deploy_key_path),
                      "--dir", str(receiver.dir), "--receiver", receiver.url]}
@@ -361,3 +361,162 @@ def test_upload_over_https_verified_with_the_fleet_ca(world, tmp_path):
             receiver.send_signal(signal.SIGTERM)
             receiver.wait(timeout=30)
         broker.down()
+
+
+class HostileReceiver:
+    """A receiver that does not speak the capture protocol: it answers every PUT by `mode`:
+    "404", "endless" (a 200 with a chunked body that never ends) or "trickle" (a 200 whose body
+    comes one byte at a time, each well within the agent's read time-out)."""
+
+    def __init__(self):
+        import socketserver
+        import threading
+
+        self.mode = "404"
+        self.puts = 0
+        self.trickling = threading.Event()
+        outer = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                sock = self.request
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        return
+                    head += chunk
+                header, _, body = head.partition(b"\r\n\r\n")
+                length = next((int(line.split(b":", 1)[1]) for line in header.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                while len(body) < length:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        return
+                    body += chunk
+                outer.puts += 1
+                try:
+                    if outer.mode == "404":
+                        sock.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    elif outer.mode == "endless":
+                        sock.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                        block = b"10000\r\n" + b"x" * 65536 + b"\r\n"
+                        while True:
+                            sock.sendall(block)
+                    else:
+                        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+                        while True:
+                            sock.sendall(b"x")
+                            outer.trickling.set()
+                            time.sleep(0.5)
+                except OSError:  # the agent hung up
+                    return
+
+        class Server(socketserver.ThreadingTCPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_hostile_receiver_neither_loses_samples_nor_grows_memory_nor_holds_sigterm(world):
+    """Uploading to a receiver that is not one: a 404 ends the round (named, samples kept); an
+    endless answer is cut at 64 KiB (the agent's memory stays small, the sample is kept for a
+    later try) and while that round runs, sampling at max_samples drops the new samples instead of
+    evicting the ones the round sends; a receiver trickling its answer does not hold SIGTERM."""
+    device = "cap-hostile"
+    hostile = HostileReceiver()
+    agent, info, data_dir = _start(world, device, "--synthetic-load", "30")
+    to_hostile = [*world["cli"][:8], "--receiver", hostile.url]
+    try:
+        _capture(world, "start", device, "--policy", "uniform:1", "--max-samples", "4")
+        _event(world, device, "capture.started")
+        wait_for(lambda: _stats(info)["capture"]["stored_samples"] == 4 or None, 30, "4 stored samples")
+
+        seen = len(_capture_events(world, device))
+        run_cli("capture", "upload", "--devices", device, *to_hostile)
+        ended = _event(world, device, "capture.uploaded", after=seen)
+        assert "HTTP 404" in ended["details"]["error"] and ended["details"]["samples"] == 0
+        assert _stats(info)["capture"]["stored_samples"] == 4
+
+        hostile.mode = "endless"
+        run_cli("capture", "upload", "--devices", device, *to_hostile)
+        wait_for(lambda: "answer is over 65536 bytes" in agent.log() or None, 30, "the endless answer cut")
+        round_samples = set(_stored(data_dir))
+        assert len(round_samples) == 4
+        seen = len(_capture_events(world, device))
+        _event(world, device, "capture.dropped", after=seen, reason="budget")  # new samples dropped...
+        wait_for(lambda: agent.log().count("answer is over 65536 bytes") >= 2 or None, 30, "a second try cut")
+        assert set(_stored(data_dir)) == round_samples  # ...not the ones the round sends
+        rss = Path(f"/proc/{agent.proc.pid}/status").read_text()
+        assert int(next(line.split()[1] for line in rss.splitlines() if line.startswith("VmHWM"))) < 512 * 1024
+
+        hostile.mode = "trickle"
+        run_cli("capture", "upload", "--devices", device, *to_hostile)
+        assert hostile.trickling.wait(30), "the agent never tried the trickling receiver"
+        assert agent.stop(timeout=30) == 0, agent.log()
+        assert set(_stored(data_dir)) == round_samples  # every sample kept for a later upload
+    finally:
+        if agent.proc.poll() is None:
+            agent.stop()
+        hostile.close()
+
+
+def test_a_lost_state_json_write_a_bad_field_and_a_symlink_in_the_store(world, tmp_path):
+    """The floor is written before state.json: when state.json lost the last save (a kill -9
+    between them, a full disk) the retained `start` is applied again at the restart instead of
+    being taken for a repeat. A field of the wrong type in state.json is logged and forgotten, the
+    agent starts; a symlink in the store is unlinked, never followed out of the data directory."""
+    device = "cap-lost"
+    agent, info, data_dir = _start(world, device, "--synthetic-load", "10")
+    try:
+        _capture(world, "start", device, "--policy", "uniform:1")
+        _event(world, device, "capture.started")
+        assert agent.stop() == 0, agent.log()
+        state = data_dir / "capture" / "state.json"
+        # state.json as it was before the start was saved, with a record of the wrong type besides.
+        state.write_text(json.dumps({"v": 1, "captures": {"old": {"token": 5, "uploading": "yes"}}, "active": None}))
+        outside = tmp_path / "outside"
+        (outside / "keep").mkdir(parents=True)
+        (outside / "keep" / ("0" * 64)).write_bytes(b"not the agent's")
+        (data_dir / "capture" / "samples" / "linked").symlink_to(outside / "keep")
+        seen = len(_capture_events(world, device))
+        agent, info, _ = _start(world, device, "--synthetic-load", "10")
+        _event(world, device, "capture.started", after=seen)
+        assert _stats(info)["capture"]["active"]
+        assert "wrong type" in agent.log()
+        assert (outside / "keep" / ("0" * 64)).exists() and not (data_dir / "capture" / "samples" / "linked").exists()
+    finally:
+        assert agent.stop() == 0, agent.log()
+
+
+def test_a_model_no_record_can_hold_ends_the_capture_with_why(world):
+    """A served model whose tensors no capture record can hold (rank 9: the contract's records hold
+    rank 8 at most) fails on every sample: the capture ends (`capture.stopped` naming why), the
+    sample counts as dropped (refused), nothing is stored and serving goes on."""
+    device = "cap-rank9"
+    artifact = make_echo_artifact(world["root"] / "dist" / "rank9", world["build_key"], version="1",
+                                  shape=(1, 1, 1, 1, 1, 1, 1, 2, 2))
+    data_dir = world["root"] / "agents" / device
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    credentials = world["broker"].add_device(device)
+    agent = Agent({"path": artifact, "pub": world["trust"] / "build" / "build.pub"}, credentials, data_dir,
+                  "--trust-dir", str(world["trust"]), "--interval", "1", "--backend-path", str(world["backend_dir"]),
+                  "--synthetic-load", "20")
+    info = agent.ready()
+    try:
+        _capture(world, "start", device, "--policy", "uniform:1")
+        stopped = _event(world, device, "capture.stopped")
+        assert stopped["details"]["stop"] == "stopped" and "rank 8" in stopped["details"]["error"]
+        _event(world, device, "capture.dropped", reason="refused")
+        assert _stored(data_dir) == {}
+        _runs(info, _stats(info)["runs"] + 10)
+        assert _stats(info)["errors"] == 0 and not _stats(info)["capture"]["active"]
+    finally:
+        assert agent.stop() == 0, agent.log()

@@ -44,6 +44,7 @@ constexpr std::chrono::milliseconds POLL_LIVE{20};
 constexpr std::chrono::milliseconds POLL_IDLE{250};
 constexpr size_t MAX_LABEL = 256;  // contract MAX_LABEL (model, model_version)
 constexpr int64_t MAX_CLASSES = 4096;  // contract MAX_CLASSES (top1)
+constexpr uint64_t ANSWER_MAX_BYTES = 64 * 1024;  // a receiver's answer to an upload is read into at most this
 
 
 std::string text_read(const std::string& path) {
@@ -116,7 +117,15 @@ std::string CaptureRunner::sample_path(const std::string& capture_id, const std:
 
 void CaptureRunner::capture_start(CaptureReporter* reporter) {
   reporter_ = reporter;
-  state_load();
+  try {
+    state_load();
+  } catch (const nlohmann::json::exception& e) {  // a field of another type than written: start without it
+    log(std::string("state.json is not as this agent writes it (") + e.what() + "); starting without a capture (stored samples stay)");
+    captures_.clear();
+    active_state_.reset();
+    active_envelope_.clear();
+    uploading_ = false;
+  }
   index_load();
   thread_ = std::thread([this] { loop(); });
 }
@@ -134,6 +143,11 @@ void CaptureRunner::capture_stop() {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     stopping_ = true;
+  }
+  halt_ = true;
+  {
+    std::lock_guard<std::mutex> lock(client_mutex_);  // an upload under way ends now (its socket is shut)
+    if (client_ != nullptr) client_->stop();
   }
   cv_.notify_all();
   if (thread_.joinable()) thread_.join();
@@ -241,11 +255,17 @@ void CaptureRunner::state_load() {
     for (const auto& item : doc["captures"].items()) {
       const nlohmann::json& v = item.value();
       if (!v.is_object()) continue;
+      const auto text = [&](const char* key) { return v.contains(key) && v[key].is_string() ? v[key].get<std::string>() : ""; };
+      if ((v.contains("token") && !v["token"].is_string()) || (v.contains("url") && !v["url"].is_string()) ||
+          (v.contains("uploading") && !v["uploading"].is_boolean())) {
+        log("state.json's record of capture " + item.key().substr(0, 64) + " has a field of the wrong type; it is forgotten (its stored samples stay)");
+        continue;
+      }
       Capture capture;
-      capture.token = v.value("token", "");
-      capture.url = v.value("url", "");
+      capture.token = text("token");
+      capture.url = text("url");
       capture.retention_s = v.contains("retention_s") && v["retention_s"].is_number_unsigned() ? v["retention_s"].get<uint64_t>() : capture.retention_s;
-      capture.uploading = v.value("uploading", false);
+      capture.uploading = v.contains("uploading") && v["uploading"].get<bool>();
       capture.upload_before_ms = v.contains("upload_before_ms") && v["upload_before_ms"].is_number_integer()
                                      ? v["upload_before_ms"].get<int64_t>()
                                      : 0;
@@ -253,6 +273,7 @@ void CaptureRunner::state_load() {
       captures_[item.key()] = capture;
     }
   }
+  if (doc.contains("applied_sha256") && doc["applied_sha256"].is_string()) applied_sha256_ = doc["applied_sha256"].get<std::string>();
   if (doc.contains("active") && doc["active"].is_string()) {
     try {
       active_state_ = capture_state_parse(doc["active"].get<std::string>(), options_.deploy_keys);
@@ -280,6 +301,7 @@ void CaptureRunner::state_save() {
   }
   nlohmann::json doc = {{"v", 1}, {"captures", captures}};
   doc["active"] = active_state_ ? nlohmann::json(active_envelope_) : nlohmann::json(nullptr);
+  doc["applied_sha256"] = applied_sha256_;  // the last capture state acted on (see handle)
   // Written by file_replace (0600: it holds the upload tokens), renamed into place.
   file_replace((fs::path(dir_) / STATE_FILE).string(), doc.dump() + "\n");
   bool uploading = false;
@@ -295,7 +317,8 @@ void CaptureRunner::index_load() {
   for (const fs::directory_entry& capture_dir : fs::directory_iterator(samples, ec)) {
     const std::string id = capture_dir.path().filename().string();
     std::error_code ec2;
-    if (!capture_dir.is_directory(ec2)) {
+    // symlink_status: a symlink (to a directory or not) is unlinked itself, never followed.
+    if (!fs::is_directory(fs::symlink_status(capture_dir.path(), ec2))) {
       fs::remove(capture_dir.path(), ec2);
       continue;
     }
@@ -424,8 +447,11 @@ void CaptureRunner::handle(const std::string& payload) {
   CaptureState next;
   try {
     next = capture_state_parse(payload, options_.deploy_keys);
+    // The floor is written before state.json: a state the floor holds but state.json does not
+    // record as applied (a kill between the two writes, a full disk) is applied again (harmless).
     if (capture_state_admit(next, (fs::path(dir_) / FLOOR_FILE).string(), options_.fleet, options_.device,
-                            now_ms() / 1000) == CAPTURE_ADMIT_REPEATED) {
+                            now_ms() / 1000) == CAPTURE_ADMIT_REPEATED &&
+        next.signed_sha256 == applied_sha256_) {
       return;
     }
   } catch (const Error& e) {
@@ -437,41 +463,69 @@ void CaptureRunner::handle(const std::string& payload) {
   if (next.action == c::CAPTURE_ACTION_START) {
     if (active_state_ && active_state_->capture_id != next.capture_id) active_end(c::CAPTURE_STOP_SUPERSEDED);
     captures_prune();
-    Capture& capture = captures_[next.capture_id];
-    capture.token = next.upload_token;
-    capture.url = next.upload_url;
-    capture.retention_s = next.retention_s;
-    active_state_ = next;
-    active_envelope_ = payload;
-    state_save();
+    state_change([&] {
+      Capture& capture = captures_[next.capture_id];
+      capture.token = next.upload_token;
+      capture.url = next.upload_url;
+      capture.retention_s = next.retention_s;
+      active_state_ = next;
+      active_envelope_ = payload;
+      applied_sha256_ = next.signed_sha256;
+    });
     live_set();
     nlohmann::json d = report_details(next.capture_id);
     report(c::EVENT_KIND_CAPTURE_STARTED, "capture " + next.capture_id + " started", d);
     return;
   }
-  auto known = captures_.find(next.capture_id);
-  if (known != captures_.end()) {
-    known->second.url = next.upload_url;  // stop and upload name the receiver again
-    known->second.retention_s = next.retention_s;
-  }
+  const auto rename = [&] {
+    auto known = captures_.find(next.capture_id);
+    if (known != captures_.end()) {
+      known->second.url = next.upload_url;  // stop and upload name the receiver again
+      known->second.retention_s = next.retention_s;
+    }
+    applied_sha256_ = next.signed_sha256;
+  };
   if (next.action == c::CAPTURE_ACTION_STOP) {
     if (active_state_ && active_state_->capture_id == next.capture_id) {
+      rename();  // saved by active_end, with the capture's end
       active_end(c::CAPTURE_STOP_STOPPED);
     } else {
-      state_save();
+      state_change(rename);
     }
     return;
   }
+  auto known = captures_.find(next.capture_id);
   // upload: what is stored of this capture goes to the receiver; sampling goes on as before.
   if (known == captures_.end() || known->second.token.empty()) {
     log("cannot upload capture " + next.capture_id + ": this device was never given its token (no 'start' taken)");
     return;
   }
-  known->second.uploading = true;
-  known->second.upload_before_ms = now_ms();  // sampling goes on: later samples wait for the next upload
+  state_change([&] {
+    rename();
+    known->second.uploading = true;
+    known->second.upload_before_ms = now_ms();  // sampling goes on: later samples wait for the next upload
+  });
   upload_next_ms_ = 0;
   backoff_s_ = 0;
-  state_save();
+}
+
+// `change` applied to the runner's state, then saved; when the save fails (a full disk) the state
+// is as before, so memory never claims what state.json does not hold.
+void CaptureRunner::state_change(const std::function<void()>& change) {
+  const auto captures = captures_;
+  const auto active_state = active_state_;
+  const std::string active_envelope = active_envelope_;
+  const std::string applied = applied_sha256_;
+  change();
+  try {
+    state_save();
+  } catch (...) {
+    captures_ = captures;
+    active_state_ = active_state;
+    active_envelope_ = active_envelope;
+    applied_sha256_ = applied;
+    throw;
+  }
 }
 
 // Captures with nothing left to do (not sampling, not uploading, no sample stored) are forgotten,
@@ -495,7 +549,7 @@ void CaptureRunner::live_set() {
   active_ = true;
 }
 
-void CaptureRunner::active_end(const std::string& stop) {
+void CaptureRunner::active_end(const std::string& stop, const std::string& error) {
   if (!active_state_) return;
   {
     std::lock_guard<std::mutex> lock(offer_mutex_);
@@ -505,32 +559,42 @@ void CaptureRunner::active_end(const std::string& stop) {
   drops_flush(true);
   nlohmann::json d = report_details(active_state_->capture_id);
   d[c::F_CAPTURE_REPORT_STOP] = stop;
+  if (!error.empty()) d[c::F_CAPTURE_REPORT_ERROR] = error.substr(0, c::MAX_ERROR);
   const std::string id = active_state_->capture_id;
   active_state_.reset();
   active_envelope_.clear();
   state_save();
-  report(c::EVENT_KIND_CAPTURE_STOPPED, "capture " + id + " stopped (" + stop + ")", d);
+  report(c::EVENT_KIND_CAPTURE_STOPPED, "capture " + id + " stopped (" + stop + ")" + (error.empty() ? "" : ": " + error), d);
 }
 
 // --- the store ------------------------------------------------------------------------------------
 
-void CaptureRunner::evict_oldest(const std::string& capture_id, const std::string& reason) {
-  auto it = stored_.begin();
-  if (!capture_id.empty()) {
-    it = std::find_if(stored_.begin(), stored_.end(), [&](const Stored& s) { return s.capture_id == capture_id; });
-  }
-  if (it == stored_.end()) return;
+// A sample an upload round is sending (stored up to its `upload` state) is never evicted while the
+// round runs: the new sample is dropped instead.
+bool CaptureRunner::evictable(const Stored& s) const {
+  const auto capture = captures_.find(s.capture_id);
+  return capture == captures_.end() || !capture->second.uploading || s.stored_ms > capture->second.upload_before_ms;
+}
+
+bool CaptureRunner::evict_oldest(const std::string& capture_id, const std::string& reason, uint64_t* freed) {
+  const auto it = std::find_if(stored_.begin(), stored_.end(),
+                               [&](const Stored& s) { return (capture_id.empty() || s.capture_id == capture_id) && evictable(s); });
+  if (it == stored_.end()) return false;
   std::error_code ec;
   fs::remove(sample_path(it->capture_id, it->sha256), ec);
   drop(it->capture_id, reason, 1, it->bytes);
   stored_bytes_ -= it->bytes;
+  if (freed != nullptr) *freed += it->bytes;
   stored_.erase(it);
+  return true;
 }
 
 bool CaptureRunner::record_write(const std::string& capture_id, const std::string& sha, const std::string& record) {
   const fs::path dir = fs::path(dir_) / SAMPLES_DIR / capture_id;
   std::error_code ec;
   fs::create_directories(dir, ec);
+  if (ec == std::errc::no_space_on_device || ec.value() == EDQUOT) return false;
+  if (ec) throw Error(ERROR_CODE_IO, "cannot create " + dir.string() + " (" + ec.message() + ")");
   const std::string tmp = (dir / (std::string(TMP_PREFIX) + sha)).string();
   const std::string path = (dir / sha).string();
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
@@ -600,16 +664,24 @@ void CaptureRunner::sample_store(Sample& sample) {
     header[c::F_CAPTURE_RECORD_TOP1] = top1;
     header[c::F_CAPTURE_RECORD_CONFIDENCE] = confidence;
   }
+  const std::string& id = sample.capture_id;
+  // A model whose tensors no record can hold fails on every sample: the capture ends, with why.
+  std::string unfit = capture_record_unfit(sample.inputs);
+  if (unfit.empty()) unfit = capture_record_unfit(sample.outputs);
+  if (!unfit.empty()) {
+    drop(id, c::CAPTURE_DROP_REFUSED, 1, 0);
+    active_end(c::CAPTURE_STOP_STOPPED, "the serving model's samples cannot be captured: " + unfit);
+    return;
+  }
   std::string record;
   try {
     record = capture_record_build(header, sample.input_names, sample.inputs, sample.output_names, sample.outputs);
   } catch (const Error& e) {
-    log(std::string("a sample was not stored: ") + e.what());
+    store_failed(id, 0, e.what());
     return;
   }
   const uint64_t size = record.size();
   const std::string sha = sha256_string(record);
-  const std::string& id = sample.capture_id;
   const CaptureState& state = *active_state_;
   if (size > state.max_bytes || size > options_.max_bytes) {
     drop(id, c::CAPTURE_DROP_BUDGET, 1, size);
@@ -629,18 +701,35 @@ void CaptureRunner::sample_store(Sample& sample) {
   uint64_t samples = 0, bytes = 0;
   capture_usage(&samples, &bytes);
   while (samples > 0 && (samples + 1 > state.max_samples || bytes + size > state.max_bytes)) {
-    evict_oldest(id, c::CAPTURE_DROP_BUDGET);
-    capture_usage(&samples, &bytes);
-  }
-  while (!stored_.empty() && stored_bytes_ + size > options_.max_bytes) evict_oldest("", c::CAPTURE_DROP_BUDGET);
-  // A full disk: the oldest go until the record fits, or it is dropped itself.
-  while (!record_write(id, sha, record)) {
-    if (stored_.empty()) {
-      drop(id, c::CAPTURE_DROP_DISK_FULL, 1, size);
+    if (!evict_oldest(id, c::CAPTURE_DROP_BUDGET, nullptr)) {  // only samples an upload round sends are left
+      drop(id, c::CAPTURE_DROP_BUDGET, 1, size);
       stored_publish();
       return;
     }
-    evict_oldest("", c::CAPTURE_DROP_DISK_FULL);
+    capture_usage(&samples, &bytes);
+  }
+  while (!stored_.empty() && stored_bytes_ + size > options_.max_bytes) {
+    if (!evict_oldest("", c::CAPTURE_DROP_BUDGET, nullptr)) {
+      drop(id, c::CAPTURE_DROP_BUDGET, 1, size);
+      stored_publish();
+      return;
+    }
+  }
+  // A full disk: the oldest go until as many bytes as the record's are freed; when it still does
+  // not fit (the disk is full of something else), the record is dropped itself.
+  uint64_t freed = 0;
+  try {
+    while (!record_write(id, sha, record)) {
+      if (freed >= size || !evict_oldest("", c::CAPTURE_DROP_DISK_FULL, &freed)) {
+        drop(id, c::CAPTURE_DROP_DISK_FULL, 1, size);
+        stored_publish();
+        return;
+      }
+    }
+  } catch (const Error& e) {  // a read-only or failing disk: counted, logged now and then
+    store_failed(id, size, e.what());
+    stored_publish();
+    return;
   }
   const auto same = std::find_if(stored_.begin(), stored_.end(), [&](const Stored& s) { return s.sha256 == sha && s.capture_id == id; });
   if (same == stored_.end()) {  // the same bytes twice are one record
@@ -648,6 +737,18 @@ void CaptureRunner::sample_store(Sample& sample) {
     stored_bytes_ += size;
   }
   stored_publish();
+}
+
+// A sample that could not be stored (its record not built, or not written): dropped with reason
+// refused, and logged at most once a minute with how many failed since.
+void CaptureRunner::store_failed(const std::string& capture_id, uint64_t bytes, const std::string& why) {
+  drop(capture_id, c::CAPTURE_DROP_REFUSED, 1, bytes);
+  ++store_failures_;
+  const int64_t now = now_ms();
+  if (store_failed_logged_ms_ != 0 && now - store_failed_logged_ms_ < 60000) return;
+  store_failed_logged_ms_ = now;
+  log(std::to_string(store_failures_) + " sample(s) not stored (last: " + why + ")");
+  store_failures_ = 0;
 }
 
 void CaptureRunner::retention_check() {
@@ -726,9 +827,14 @@ void CaptureRunner::upload_step() {
     forget();
     return;
   }
+  if (!capture_url_safe(capture.url)) {  // recorded by an agent that did not check it yet
+    upload_round_end(id, "the capture receiver url " + capture.url.substr(0, 64) +
+                             " is plain http:// to a host other than the loopback; the token is not sent in clear");
+    return;
+  }
   std::string origin, base;
   try {
-    download_url_split(capture.url, &origin, &base);
+    download_url_split(capture.url, &origin, &base, "the capture receiver url");
   } catch (const Error& e) {
     upload_round_end(id, e.what());
     return;
@@ -748,9 +854,84 @@ void CaptureRunner::upload_step() {
   client.set_write_timeout(std::chrono::duration_cast<std::chrono::seconds>(io).count(), io.count() % 1000000);
   client.set_follow_location(false);
   client.set_keep_alive(false);
-  const httplib::Headers headers = {{"Authorization", "Bearer " + capture.token}};
-  const httplib::Result result = client.Put(target, headers, body, "application/octet-stream");
-  const int status = result ? result->status : 0;
+  // The whole request has one deadline (the time-outs above are per read and per write: a receiver
+  // trickling bytes would otherwise hold this thread for ever) and stops with the agent; the answer
+  // is read into at most ANSWER_MAX_BYTES (a receiver answering with an endless body would
+  // otherwise grow memory until the agent is killed, and crash-loop it: `uploading` is persisted).
+  using Clock = std::chrono::steady_clock;
+  const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(options_.upload_timeout_s));
+  std::string cut;  // why this thread ended the request, when it did
+  const auto go_on = [&] {
+    if (halt_.load()) {
+      cut = "the agent is stopping";
+    } else if (Clock::now() >= deadline) {
+      cut = "the request was still running after " + std::to_string(static_cast<int64_t>(options_.upload_timeout_s)) + " s";
+    }
+    return cut.empty();
+  };
+  std::string answer;
+  httplib::Request request;
+  request.method = "PUT";
+  request.path = target;
+  request.headers = {{"Authorization", "Bearer " + capture.token}, {"Content-Type", "application/octet-stream"}};
+  request.content_length_ = body.size();
+  request.content_provider_ = [&](size_t offset, size_t length, httplib::DataSink& sink) {
+    if (!go_on()) return false;
+    const size_t n = std::min<size_t>(length, 64 * 1024);
+    return sink.write(body.data() + offset, n);
+  };
+  request.response_handler = [&](const httplib::Response& response) {
+    if (response.has_header("Content-Length") &&
+        std::strtoull(response.get_header_value("Content-Length").c_str(), nullptr, 10) > ANSWER_MAX_BYTES) {
+      cut = "its answer is over " + std::to_string(ANSWER_MAX_BYTES) + " bytes";
+      return false;
+    }
+    return go_on();
+  };
+  request.content_receiver = [&](const char* data, size_t length, uint64_t, uint64_t) {
+    if (answer.size() + length > ANSWER_MAX_BYTES) {
+      cut = "its answer is over " + std::to_string(ANSWER_MAX_BYTES) + " bytes";
+      return false;
+    }
+    answer.append(data, length);
+    return go_on();
+  };
+  httplib::Response response;
+  httplib::Error error = httplib::Error::Success;
+  {
+    std::lock_guard<std::mutex> lock(client_mutex_);
+    client_ = &client;
+  }
+  // The deadline also holds while no callback runs (a receiver trickling its status line and
+  // headers): a watchdog shuts the request's socket then.
+  std::mutex watch_mutex;
+  std::condition_variable watch_cv;
+  bool done = false;
+  std::atomic<bool> overdue{false};
+  std::thread watchdog([&] {
+    std::unique_lock<std::mutex> lock(watch_mutex);
+    if (!watch_cv.wait_until(lock, deadline, [&] { return done; })) {
+      overdue = true;
+      client.stop();
+    }
+  });
+  bool sent = !halt_.load() && client.send(request, response, error);
+  {
+    std::lock_guard<std::mutex> lock(watch_mutex);
+    done = true;
+  }
+  watch_cv.notify_all();
+  watchdog.join();
+  {
+    std::lock_guard<std::mutex> lock(client_mutex_);
+    client_ = nullptr;
+  }
+  if (overdue && cut.empty()) {
+    cut = "the request was still running after " + std::to_string(static_cast<int64_t>(options_.upload_timeout_s)) + " s";
+  }
+  if (!cut.empty()) sent = false;
+  if (halt_.load()) return;  // the agent stops: the sample stays, the upload resumes at the next start
+  const int status = sent ? response.status : 0;
   if (status == 200 || status == 201) {  // stored, or already stored: only now is it deleted here
     auto& acked = round_[id];
     acked.first += 1;
@@ -771,11 +952,18 @@ void CaptureRunner::upload_step() {
     upload_round_end(id, "the receiver refused this device's token for capture " + id + " (HTTP 403); uploading stopped");
     return;
   }
+  // A redirect (never followed: the token would go along) or another 4xx is not a receiver
+  // speaking the capture protocol here: retrying would not change it.
+  if ((status >= 300 && status < 400) || (status >= 400 && status < 500 && status != 408 && status != 429)) {
+    upload_round_end(id, "the receiver at " + origin + " answered HTTP " + std::to_string(status) +
+                             " (not a capture receiver at this URL?); uploading stopped, the samples stay");
+    return;
+  }
   // 408, 5xx, another answer or none: kept for a later try (uploads are idempotent).
   backoff_s_ = backoff_s_ <= 0 ? options_.backoff_min_s : std::min(options_.backoff_max_s, backoff_s_ * 2);
   upload_next_ms_ = now_ms() + static_cast<int64_t>(backoff_s_ * 1000.0);
   log("upload of " + item.sha256 + " to " + origin + " failed (" +
-      (result ? "HTTP " + std::to_string(status) : httplib::to_string(result.error())) + "); next try in " +
+      (sent ? "HTTP " + std::to_string(status) : !cut.empty() ? cut : httplib::to_string(error)) + "); next try in " +
       std::to_string(static_cast<int>(backoff_s_)) + " s");
 }
 

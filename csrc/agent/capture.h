@@ -21,6 +21,10 @@
 
 #include <nlohmann/json.hpp>
 
+namespace httplib {
+class Client;
+}
+
 #include "agent/capture_record.h"
 #include "deploy/capture_state.h"
 #include "runtime/session.h"
@@ -48,6 +52,7 @@ struct CaptureRunnerOptions {
   double backoff_min_s = 1.0;         ///< an upload that got no answer or a 5xx/408 waits this, doubling
   double backoff_max_s = 30.0;
   double io_timeout_s = 10.0;         ///< connect and read time-outs of one upload
+  double upload_timeout_s = 60.0;     ///< one upload request, answer included, ends after this at most
   double drop_event_period_s = 2.0;   ///< dropped samples are reported at most this often, summed
   std::string tls_cafile;             ///< https: the receiver is verified with it (the broker's CA)
   std::string tls_certfile;
@@ -129,10 +134,12 @@ class CaptureRunner {
   void handle(const std::string& payload);
   void live_set();
   void captures_prune();
-  void active_end(const std::string& stop);
+  void active_end(const std::string& stop, const std::string& error = "");
+  void store_failed(const std::string& capture_id, uint64_t bytes, const std::string& why);
   void sample_store(Sample& sample);
   bool record_write(const std::string& capture_id, const std::string& sha, const std::string& record);
-  void evict_oldest(const std::string& capture_id, const std::string& reason);
+  bool evictable(const Stored& s) const;
+  bool evict_oldest(const std::string& capture_id, const std::string& reason, uint64_t* freed);
   void drop(const std::string& capture_id, const std::string& reason, uint64_t samples, uint64_t bytes);
   void drops_flush(bool force);
   void retention_check();
@@ -141,6 +148,7 @@ class CaptureRunner {
   void index_load();
   void state_load();
   void state_save();
+  void state_change(const std::function<void()>& change);
   std::string sample_path(const std::string& capture_id, const std::string& sha) const;
   nlohmann::json report_details(const std::string& capture_id) const;
   void report(const std::string& event, const std::string& message, const nlohmann::json& details);
@@ -155,11 +163,14 @@ class CaptureRunner {
   // The runner thread's own state.
   std::optional<CaptureState> active_state_;  // the capture now sampling (its start state)
   std::string active_envelope_;
+  std::string applied_sha256_;  // the signed text of the last capture state acted on (state.json)
   std::map<std::string, Capture> captures_;
   std::deque<Stored> stored_;  // oldest first
   uint64_t stored_bytes_ = 0;
   std::map<std::pair<std::string, std::string>, std::pair<uint64_t, uint64_t>> drops_;  // (capture, reason) -> samples, bytes
   int64_t drops_flushed_ms_ = 0;
+  uint64_t store_failures_ = 0;  // samples not stored since the last log line about them
+  int64_t store_failed_logged_ms_ = 0;
   int64_t housekeeping_ms_ = 0;
   int64_t upload_next_ms_ = 0;
   double backoff_s_ = 0;
@@ -182,6 +193,10 @@ class CaptureRunner {
   std::atomic<uint64_t> stored_samples_count_{0};
   std::atomic<uint64_t> stored_bytes_count_{0};
   std::atomic<bool> uploading_{false};
+
+  std::atomic<bool> halt_{false};  // capture_stop(): an upload under way ends
+  std::mutex client_mutex_;
+  httplib::Client* client_ = nullptr;  // the upload under way (capture_stop shuts its socket)
 
   std::mutex mutex_;
   std::condition_variable cv_;

@@ -45,6 +45,15 @@ bool capture_confidence(const Manifest& manifest, const std::vector<Tensor>& out
   return false;
 }
 
+std::string capture_record_unfit(const std::vector<Tensor>& tensors) {
+  for (const Tensor& t : tensors) {
+    const std::string dtype = dtype_name(t.dtype());
+    if (record_dtypes().count(dtype) == 0) return "a capture record cannot hold a " + dtype + " tensor";
+    if (t.shape().size() > c::MAX_CAPTURE_RANK) return "a capture record holds tensors of rank 8 at most";
+  }
+  return "";
+}
+
 std::string capture_record_build(const nlohmann::json& header_fields, const std::vector<std::string>& input_names,
                                  const std::vector<Tensor>& inputs, const std::vector<std::string>& output_names,
                                  const std::vector<Tensor>& outputs) {

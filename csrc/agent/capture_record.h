@@ -18,6 +18,10 @@ namespace edgesmith {
 /// has no classes output or it is not float32.
 bool capture_confidence(const Manifest& manifest, const std::vector<Tensor>& outputs, int64_t* top1, double* confidence);
 
+/// Why no capture record can hold these tensors whatever their values (a dtype the contract does
+/// not allow, a rank over 8): every sample of the same model fails alike. "" when they fit.
+std::string capture_record_unfit(const std::vector<Tensor>& tensors);
+
 /// One capture record (docs/capture.md §2): CAPTURE_MAGIC, the header's length as 8 lower-case hex
 /// digits and a newline, the header JSON, then every input's and output's bytes. Throws
 /// Error(ERROR_CODE_INVALID_ARGUMENT) when a tensor's dtype is not one the contract allows or the

@@ -33,18 +33,18 @@ struct Attempt {
 
 }  // namespace
 
-void download_url_split(const std::string& url, std::string* origin, std::string* path) {
+void download_url_split(const std::string& url, std::string* origin, std::string* path, const std::string& what) {
   std::string scheme;
   for (const char* candidate : {"https://", "http://"}) {
     if (url.rfind(candidate, 0) == 0) scheme = candidate;
   }
   if (scheme.empty()) {
-    throw Error(ERROR_CODE_INVALID_ARGUMENT, "the artifact url " + url + " is not an http:// or https:// URL");
+    throw Error(ERROR_CODE_INVALID_ARGUMENT, what + " " + url + " is not an http:// or https:// URL");
   }
   const size_t slash = url.find('/', scheme.size());
   const std::string authority = url.substr(scheme.size(), slash == std::string::npos ? std::string::npos : slash - scheme.size());
   if (authority.empty() || authority.find('@') != std::string::npos) {
-    throw Error(ERROR_CODE_INVALID_ARGUMENT, "the artifact url " + url + " has no host");
+    throw Error(ERROR_CODE_INVALID_ARGUMENT, what + " " + url + " has no host");
   }
   *origin = scheme + authority;
   *path = slash == std::string::npos ? "/" : url.substr(slash);

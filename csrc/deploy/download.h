@@ -28,7 +28,8 @@ struct DownloadOptions {
 
 /// Split http(s)://HOST[:PORT]/PATH into "http(s)://HOST:PORT" and "/PATH"; throws
 /// Error(ERROR_CODE_INVALID_ARGUMENT) for anything else.
-void download_url_split(const std::string& url, std::string* origin, std::string* path);
+void download_url_split(const std::string& url, std::string* origin, std::string* path,
+                        const std::string& what = "the artifact url");
 
 /// Download until the .part file holds `expected_size` bytes. Throws Error: ERROR_CODE_INTEGRITY
 /// when the archive is larger than max_bytes or than announced (not retried), ERROR_CODE_IO when

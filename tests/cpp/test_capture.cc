@@ -80,6 +80,10 @@ TEST(CaptureRecord, RefusesWhatTheContractCannotHold) {
   }
   Tensor deep(DTYPE_FLOAT32, {1, 1, 1, 1, 1, 1, 1, 1, 1});
   EXPECT_THROW(capture_record_build({{"v", 1}}, {"x"}, {deep}, {}, {}), Error);
+  // What fails for every sample of a model (the runner then ends the capture), and what fits.
+  EXPECT_NE(capture_record_unfit({floats({1}, {1}), wide}).find("float64"), std::string::npos);
+  EXPECT_NE(capture_record_unfit({deep}).find("rank 8"), std::string::npos);
+  EXPECT_EQ(capture_record_unfit({floats({1, 2}, {1, 2})}), "");
 }
 
 TEST(CaptureConfidence, MaxSoftmaxOfTheClassesOutputsFirstRow) {

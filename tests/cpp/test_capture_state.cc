@@ -227,3 +227,23 @@ TEST(CaptureState, SharedCasesAgreeWithThePydanticModels) {
   EXPECT_GE(valid, 2u);
   EXPECT_GE(invalid, 5u);
 }
+
+TEST(CaptureState, PlainHttpOnlyToTheLoopback) {
+  for (const char* ok : {"https://central:8444", "https://10.0.0.5", "http://127.0.0.1:8471", "http://127.1.2.3/base",
+                         "http://localhost:80", "http://LOCALHOST", "http://[::1]:8471/"}) {
+    EXPECT_TRUE(capture_url_safe(ok)) << ok;
+  }
+  for (const char* bad : {"http://central:8471", "http://10.0.0.5", "http://128.0.0.1", "http://127.0.0.1.evil.example",
+                          "http://[::2]:80", "http://localhost.evil.example", "http://user@127.0.0.1", "file:///etc/passwd",
+                          "http://"}) {
+    EXPECT_FALSE(capture_url_safe(bad)) << bad;
+  }
+  const std::string dir = temp_dir();
+  nlohmann::json doc = capture_doc();
+  doc["upload_url"] = "http://central:8471";
+  const CaptureState s = capture_state_from_text(doc.dump());  // the contract allows it; the device does not
+  EXPECT_NE(refusal([&] { capture_state_admit(s, dir + "/floor.json", "plant-a", "cam-01", 1790000000); }).find("in clear"),
+            std::string::npos);
+  EXPECT_EQ(capture_floor_read(dir + "/floor.json"), 0u);
+  std::filesystem::remove_all(dir);
+}
