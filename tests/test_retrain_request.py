@@ -355,3 +355,40 @@ def test_a_hostile_device_cannot_flood_retrain_requests(store_url):
     again = drift("evil/out0", {"device": "evil", "model": "m9"}, 5, at + 40_000)
     assert again not in (rid, honest_rid) and retrain.get(store, again)["model"] == "m9"
     assert count(retrain.retrain_active_devices) == 1 + 1 + retrain.SHOWN + 5  # evil, cam-1, cam-100...
+
+
+@pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
+def test_two_monitors_naming_one_device_at_once_make_one_request(store_url):
+    """Two monitors record drift of one device at once, under two model claims (it re-birthed between
+    their reads): the device's key lets one request name it, and the other monitor's freshly opened
+    request is not left behind empty. PostgreSQL only: on SQLite the alert's transaction holds the
+    write lock from its first statement, so the two never overlap."""
+    import threading
+
+    from sqlalchemy import func, select, text
+
+    from edgesmith.toolchain.fleet.store import Store, retrain
+
+    store = Store.open(store_url)
+    at = 1_700_000_000_000
+    claims = [{"device": "cam-1", "model": f"m{n}", "model_version": "1", "manifest_sha256": None} for n in (1, 2)]
+    got: list[str] = []
+    with store.engine.connect() as first:
+        first.begin()
+        mine = retrain.record_drift(first, FLEET, "cam-1/a", claims[0], 1, at)
+
+        def second() -> None:
+            with store.engine.begin() as conn:
+                got.append(retrain.record_drift(conn, FLEET, "cam-1/b", claims[1], 1, at + 1))
+        thread = threading.Thread(target=second)
+        thread.start()
+        with store.engine.connect() as watch:  # until the second waits for the first's key on the device
+            wait_until(lambda: watch.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                                 "AND datname = current_database()")), 30, "the second monitor to wait")
+        first.commit()
+        thread.join(30)
+    assert got == [mine]
+    with store.engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(retrain.retrain_requests)) == 1
+    row = retrain.get(store, mine)
+    assert (row["model"], [a["subject"] for a in row["alerts"]]) == ("m1", ["cam-1/b", "cam-1/a"])

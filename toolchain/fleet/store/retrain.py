@@ -101,14 +101,17 @@ def record_drift(conn: Connection, fleet: str, subject: str, info: dict[str, Any
     if request is None:
         key = _open_key(fleet, model, version, sha)
         # Another monitor may open it at the same moment: the unique open_key lets one row win.
-        conn.execute(insert_ignore(conn.dialect, retrain_requests).values(
+        created = conn.execute(insert_ignore(conn.dialect, retrain_requests).values(
             id=_new_id(at_ms), fleet=fleet, model=model, model_version=version, manifest_sha256=sha, status="open",
-            open_key=key, opened_ms=at_ms, changed_ms=at_ms))
+            open_key=key, opened_ms=at_ms, changed_ms=at_ms)).rowcount
         opened = conn.scalar(select(retrain_requests.c.id).where(retrain_requests.c.open_key == key))
-        # ... and the device's key lets one request name it, if another monitor got there first.
+        # ... and the device's key lets one request name it: another monitor's, if it named the device first
+        # (under another model claim), and then the request this opened has nothing on it.
         conn.execute(insert_ignore(conn.dialect, retrain_active_devices).values(
             fleet=fleet, device=device, request_id=opened))
         request = conn.scalar(naming)
+        if created and request != opened:
+            conn.execute(delete(retrain_requests).where(retrain_requests.c.id == opened))
     subjects = retrain_request_subjects
     conn.execute(dialect_insert(conn.dialect, subjects).values(
         request_id=request, subject=subject, device=device, firings=1, fired=fired, first_ms=at_ms, last_ms=at_ms,
