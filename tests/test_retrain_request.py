@@ -6,7 +6,9 @@ The end-to-end test serves the trained digits CNN (the digits_trained fixture) o
 replaying held-out digits from the training run's test split, one rotated by 90 degrees: the real
 monitor flags that device's drift and records a retrain request for it, never for the other. The
 request bookkeeping (a device's second alert, a second device, dismissal) runs with simulated
-devices against the same real monitor, on SQLite and PostgreSQL.
+devices against the same real monitor, on SQLite and PostgreSQL; the store's bounds against a hostile
+device (one active request per device whatever it claims, one row per alert subject, active requests
+listed first) run on both stores directly.
 """
 
 from __future__ import annotations
@@ -392,3 +394,24 @@ def test_two_monitors_naming_one_device_at_once_make_one_request(store_url):
         assert conn.scalar(select(func.count()).select_from(retrain.retrain_requests)) == 1
     row = retrain.get(store, mine)
     assert (row["model"], [a["subject"] for a in row["alerts"]]) == ("m1", ["cam-1/b", "cam-1/a"])
+
+
+def test_the_dashboard_reads_retrain_requests_outside_the_view_lock(broker_dir, tmp_path, monkeypatch):
+    """A snapshot (the dashboard, /api/*) reads the store's retrain requests without holding the view
+    lock alert evaluation takes, and one built across an evaluation tick is not kept."""
+    from edgesmith.toolchain.fleet import monitor as monitor_mod
+    from edgesmith.toolchain.fleet.store import retrain
+
+    m = monitor_mod.Monitor(monitor_mod.MonitorConfig(broker_dir, f"sqlite:///{tmp_path / 'm.db'}"))
+    real, reads = retrain.requests, []
+
+    def requests(*args, **kwargs):
+        reads.append(m._view_lock.locked())
+        if len(reads) == 1 and not reads[0]:
+            m.evaluate()  # a tick meanwhile (it takes the view lock)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(retrain, "requests", requests)
+    assert m.snapshot()["retrain"] == []
+    m.snapshot()  # the first was built across a tick: built again
+    assert reads == [False, False]
+    m.store.engine.dispose()
