@@ -94,8 +94,8 @@ def status(
     fleet: str = typer.Option(None, "--fleet", envvar="EDGESMITH_FLEET", help="Only this fleet."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list: device, fleet, online, artifact, latency "
                                  "{p50_us, p95_us, p99_us} of the last window, deploy {slot, deployment_id, result, "
-                                 "error, desired_version}, retrain (the active retrain request naming the device, or "
-                                 "null), and more (deployments: `edgesmith fleet deployments --json`; retrain "
+                                 "error, desired_version}, retrain (the active retrain request naming the device, "
+                                 "without its devices and alerts, or null), and more (deployments: `edgesmith fleet deployments --json`; retrain "
                                  "requests: `edgesmith fleet retrain list --json`)."),
     deployments_shown: int = typer.Option(5, "--deployments", min=0, help="How many recent deployments to list."),
     interval_s: float = typer.Option(10.0, "--interval-s", min=0.1, help=INTERVAL_HELP),
