@@ -357,6 +357,13 @@ def test_a_hostile_device_cannot_flood_retrain_requests(store_url):
     again = drift("evil/out0", {"device": "evil", "model": "m9"}, 5, at + 40_000)
     assert again not in (rid, honest_rid) and retrain.get(store, again)["model"] == "m9"
     assert count(retrain.retrain_active_devices) == 1 + 1 + retrain.SHOWN + 5  # evil, cam-1, cam-100...
+    # A dismissal racing an alert can leave a row naming the closed request: it names nothing.
+    retrain.advance(store, again, "dismissed")
+    with store.engine.begin() as conn:
+        conn.execute(retrain.retrain_active_devices.insert().values(fleet=FLEET, device="evil", request_id=again))
+    assert (FLEET, "evil") not in retrain.naming(store)
+    fresh = drift("evil/out0", {"device": "evil", "model": "m10"}, 6, at + 50_000)
+    assert fresh not in (again, rid) and retrain.naming(store)[(FLEET, "evil")]["id"] == fresh
 
 
 @pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)

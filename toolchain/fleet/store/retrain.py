@@ -76,6 +76,13 @@ retrain_active_devices = Table(
 )
 
 
+def _naming(*columns: Any) -> Any:
+    """A select of ``columns`` over each device's row in retrain_active_devices whose request is active."""
+    return (select(*columns).select_from(retrain_active_devices)
+            .join(retrain_requests, retrain_requests.c.id == retrain_active_devices.c.request_id)
+            .where(retrain_requests.c.status.in_(ACTIVE)))
+
+
 def alert_id(fleet: str, alert: str, subject: str, fired: int) -> str:
     """One firing of an alert: its key and how many times it had fired then (the alerts table's ``fired``)."""
     return f"{fleet}/{alert}/{subject}#{fired}"
@@ -95,10 +102,13 @@ def record_drift(conn: Connection, fleet: str, subject: str, info: dict[str, Any
     (opened now if there is none); returns its id."""
     device = info.get("device") or subject.split("/", 1)[0]
     model, version, sha = info.get("model"), info.get("model_version"), info.get("manifest_sha256")
-    naming = select(retrain_active_devices.c.request_id).where(retrain_active_devices.c.fleet == fleet,
-                                                              retrain_active_devices.c.device == device)
+    naming = _naming(retrain_active_devices.c.request_id).where(retrain_active_devices.c.fleet == fleet,
+                                                               retrain_active_devices.c.device == device)
     request = conn.scalar(naming)
     if request is None:
+        # A row naming a request that closed meanwhile (a dismissal racing an alert) names nothing: gone.
+        conn.execute(delete(retrain_active_devices).where(
+            retrain_active_devices.c.fleet == fleet, retrain_active_devices.c.device == device))
         key = _open_key(fleet, model, version, sha)
         # Another monitor may open it at the same moment: the unique open_key lets one row win.
         created = conn.execute(insert_ignore(conn.dialect, retrain_requests).values(
@@ -109,7 +119,7 @@ def record_drift(conn: Connection, fleet: str, subject: str, info: dict[str, Any
         # (under another model claim), and then the request this opened has nothing on it.
         conn.execute(insert_ignore(conn.dialect, retrain_active_devices).values(
             fleet=fleet, device=device, request_id=opened))
-        request = conn.scalar(naming)
+        request = conn.scalar(naming) or opened  # (or: the winner's request closed meanwhile)
         if created and request != opened:
             conn.execute(delete(retrain_requests).where(retrain_requests.c.id == opened))
     subjects = retrain_request_subjects
@@ -236,8 +246,7 @@ def naming(store: StoreBase, fleet: str | None = None) -> dict[tuple[str, str], 
     """The active request naming each (fleet, device), for `fleet status` (without its subjects)."""
     if not has_tables(store):
         return {}
-    query = (select(retrain_active_devices.c.device, retrain_requests)
-             .join(retrain_requests, retrain_requests.c.id == retrain_active_devices.c.request_id))
+    query = _naming(retrain_active_devices.c.device, retrain_requests)
     if fleet is not None:
         query = query.where(retrain_active_devices.c.fleet == fleet)
     with store.engine.connect() as conn:
