@@ -6,7 +6,9 @@ The end-to-end test serves the trained digits CNN (the digits_trained fixture) o
 replaying held-out digits from the training run's test split, one rotated by 90 degrees: the real
 monitor flags that device's drift and records a retrain request for it, never for the other. The
 request bookkeeping (a device's second alert, a second device, dismissal) runs with simulated
-devices against the same real monitor, on SQLite and PostgreSQL.
+devices against the same real monitor, on SQLite and PostgreSQL; the store's bounds against a hostile
+device (one active request per device whatever it claims, one row per alert subject, active requests
+listed first) run on both stores directly.
 """
 
 from __future__ import annotations
@@ -85,8 +87,8 @@ def test_rotated_digits_raise_drift_and_a_retrain_request(digits_served, tmp_pat
         assert request["status"] == "open" and request["fleet"] == FLEET and request["devices"] == ["cam-rot"]
         assert (request["model"], request["model_version"]) == (manifest["model"]["name"], manifest["model"]["version"])
         assert request["manifest_sha256"] == monitor.device("cam-rot")["manifest_sha256"]
-        assert request["alerts"] and all(a.startswith(f"{FLEET}/drift/cam-rot/") and a.endswith("#1")
-                                         for a in request["alerts"])
+        assert request["alerts"] and all(a["alert"].startswith(f"{FLEET}/drift/cam-rot/") and a["alert"].endswith("#1")
+                                         and a["firings"] == 1 for a in request["alerts"])
         assert all(request[k] is None for k in ("capture_id", "dataset_digest", "mlflow_run_id", "result_version"))
         html = monitor.get("/").decode()
         assert f'data-retrain="{request["id"]}"' in html
@@ -195,7 +197,7 @@ def test_one_open_request_per_model_collects_devices_and_alerts(broker_dir, star
     wait_until(lambda: _firing(monitor, "cam-a/logits"), 30, "cam-a's drift alert")
     (first,) = wait_until(lambda: _requests(monitor), 30, "a retrain request")
     assert first["devices"] == ["cam-a"] and first["status"] == "open"
-    assert first["alerts"] == [f"{FLEET}/drift/cam-a/logits#1"]
+    assert [(a["alert"], a["firings"]) for a in first["alerts"]] == [(f"{FLEET}/drift/cam-a/logits#1", 1)]
     assert (first["model"], first["model_version"], first["manifest_sha256"]) == (art.model, art.model_version, art.sha256)
 
     send(b, SHIFTED)  # a second device of the same model joins the open request
@@ -207,15 +209,17 @@ def test_one_open_request_per_model_collects_devices_and_alerts(broker_dir, star
     send(o, SHIFTED)  # another model: a request of its own
     wait_until(lambda: _firing(monitor, "cam-other/logits"), 30, "cam-other's drift alert")
 
-    rows = wait_until(lambda: (r := _requests(monitor)) and len(r) == 2 and len(r[-1]["alerts"]) == 3 and r, 30,
+    rows = wait_until(lambda: (r := _requests(monitor)) and len(r) == 2 and r[-1]["alert_firings"] == 3 and r, 30,
                       "cam-other's request")
     mine = next(r for r in rows if r["id"] == first["id"])
     assert mine["devices"] == ["cam-a", "cam-b"] and mine["status"] == "open"
-    assert sorted(mine["alerts"]) == [f"{FLEET}/drift/cam-a/logits#1", f"{FLEET}/drift/cam-a/logits#2",
-                                      f"{FLEET}/drift/cam-b/logits#1"]
+    # One row per alert subject, counting its firings: cam-a's second alert is a firing more, not a row.
+    assert {a["alert"]: a["firings"] for a in mine["alerts"]} == {f"{FLEET}/drift/cam-a/logits#2": 2,
+                                                                  f"{FLEET}/drift/cam-b/logits#1": 1}
+    assert (mine["alert_subjects"], mine["device_count"]) == (2, 2)
     theirs = next(r for r in rows if r["id"] != first["id"])
     assert theirs["devices"] == ["cam-other"] and theirs["model"] == "other-model"
-    assert query(store_url, "SELECT count(*) FROM retrain_request_alerts") == [(4,)]
+    assert query(store_url, "SELECT count(*) FROM retrain_request_subjects") == [(3,)]
 
     shown = run_cli("fleet", "status", "--db", store_url, "--fleet", FLEET).stdout
     assert first["id"] in shown and "retrain requests" in shown
@@ -235,7 +239,9 @@ def test_one_open_request_per_model_collects_devices_and_alerts(broker_dir, star
     wait_until(lambda: _firing(monitor, "cam-a/logits"), 30, "cam-a's third drift alert")
     rows = wait_until(lambda: (r := _requests(monitor)) and len(r) == 3 and r, 30, "a third request")
     newest = next(r for r in rows if r["id"] not in (first["id"], theirs["id"]))
-    assert newest["devices"] == ["cam-a"] and newest["alerts"] == [f"{FLEET}/drift/cam-a/logits#3"]
+    assert newest["devices"] == ["cam-a"]
+    assert [a["alert"] for a in newest["alerts"]] == [f"{FLEET}/drift/cam-a/logits#3"]
+    assert [r["id"] for r in rows] == [newest["id"], theirs["id"], first["id"]]  # the active ones first
     assert newest["status"] == "open"
     active = json.loads(run_cli("fleet", "retrain", "list", "--db", store_url, "--active", "--json").stdout)
     assert active == [r for r in rows if r["id"] != first["id"]]  # the CLI reads what /api/retrain shows
@@ -252,14 +258,15 @@ def test_one_open_request_per_model_collects_devices_and_alerts(broker_dir, star
         device.shutdown()
 
 
-def test_store_moves_a_request_only_forward(tmp_path):
+@BOTH_STORES
+def test_store_moves_a_request_only_forward(store_url):
     """The statuses the loop will set: open → capturing → training → done, with what it links."""
     from sqlalchemy import select
 
     from edgesmith.toolchain.errors import UserError
     from edgesmith.toolchain.fleet.store import Store, retrain
 
-    store = Store.open(f"sqlite:///{tmp_path / 'm.db'}")
+    store = Store.open(store_url)
     at = 1_700_000_000_000
     with store.engine.begin() as conn:
         info = {"device": "cam-1", "model": "digits", "model_version": "3", "manifest_sha256": "ab" * 32}
@@ -276,6 +283,142 @@ def test_store_moves_a_request_only_forward(tmp_path):
     retrain.advance(store, rid, "training", dataset_digest="d" * 64, mlflow_run_id="r" * 32)
     row = retrain.advance(store, rid, "done", result_version="4")
     assert (row["status"], row["capture_id"], row["dataset_digest"], row["result_version"]) == ("done", "cap-1", "d" * 64, "4")
-    assert len(row["alerts"]) == 3
+    (alert,) = row["alerts"]  # one subject that fired three times
+    assert (alert["alert"], alert["firings"], alert["first_ms"], alert["last_ms"]) == (
+        f"{FLEET}/drift/cam-1/logits#3", 3, at, at + 2)
+    assert (row["alert_subjects"], row["alert_firings"], row["devices"]) == (1, 3, ["cam-1"])
+    naming = retrain.naming(store)  # done: cam-1 is named by no request any more
+    assert (FLEET, "cam-1") not in naming and naming[(FLEET, "cam-2")]["id"] == other
     with pytest.raises(ValueError):
         retrain.advance(store, other, "capturing", bogus="x")
+    with pytest.raises(UserError, match="there is no retrain request 'rr-nope'"):
+        retrain.get(store, "rr-nope")
+
+
+@BOTH_STORES
+def test_a_hostile_device_cannot_flood_retrain_requests(store_url):
+    """A device re-birthing with a new model label (and manifest digest) for every drift cycle, over
+    64 outputs, stays on the one active request naming it, in one row per subject; requests that are
+    closed, however many and however new, never push an active one off the dashboard's list."""
+    from sqlalchemy import func, select
+
+    from edgesmith.toolchain.fleet.store import Store, retrain
+
+    store = Store.open(store_url)
+    at = 1_700_000_000_000
+    honest = {"device": "cam-1", "model": "digits", "model_version": "3", "manifest_sha256": "ab" * 32}
+
+    def drift(subject: str, info: dict, fired: int, when: int) -> str:
+        with store.engine.begin() as conn:
+            return retrain.record_drift(conn, FLEET, subject, info, fired, when)
+
+    def claim(cycle: int) -> dict:
+        return {"device": "evil", "model": f"m{cycle}", "model_version": str(cycle),
+                "manifest_sha256": f"{cycle:02x}" * 32}
+
+    rid = drift("evil/out0", claim(0), 1, at)
+    for cycle in range(1, 4):  # each cycle: a new birth with a new model claim, every output fires again
+        for output in range(64):
+            assert drift(f"evil/out{output}", claim(cycle), cycle + 1, at + cycle * 1000 + output) == rid
+    honest_rid = drift("cam-1/logits", honest, 1, at + 10_000)  # another model: a request of its own
+    assert honest_rid != rid
+
+    def count(table) -> int:
+        with store.engine.connect() as conn:
+            return conn.scalar(select(func.count()).select_from(table))
+    assert count(retrain.retrain_requests) == 2
+    assert count(retrain.retrain_request_subjects) == 64 + 1  # per subject, not per firing
+    row = retrain.get(store, rid)
+    assert (row["model"], row["devices"], row["device_count"]) == ("m0", ["evil"], 1)
+    assert (row["alert_subjects"], row["alert_firings"]) == (64, 1 + 3 * 64)
+    assert len(row["alerts"]) == retrain.SHOWN  # the newest subjects, newest first
+    assert [a["subject"] for a in row["alerts"]] == [f"evil/out{o}" for o in range(63, 63 - retrain.SHOWN, -1)]
+    assert row["alerts"][0]["alert"] == f"{FLEET}/drift/evil/out63#4" and row["alerts"][0]["firings"] == 3
+    assert row["alerts"][-1]["first_ms"] == at + 1000 + 63 - retrain.SHOWN + 1
+    # A request of many devices lists its newest SHOWN (sorted) and counts them all.
+    for n in range(retrain.SHOWN + 5):
+        assert drift(f"cam-{n + 100}/logits", {**honest, "device": f"cam-{n + 100}"}, 1, at + 20_000 + n) == honest_rid
+    many = retrain.get(store, honest_rid)
+    assert many["device_count"] == retrain.SHOWN + 6
+    assert many["devices"] == sorted(f"cam-{n + 100}" for n in range(5, retrain.SHOWN + 5))
+    assert retrain.naming(store)[(FLEET, "evil")]["id"] == rid
+
+    # Closed requests, newer than both active ones: the active ones still come first.
+    closed = []
+    for n in range(5):
+        closed.append(drift(f"gone-{n}/logits", {**honest, "device": f"gone-{n}", "model": f"gone-{n}"}, 1,
+                            at + 30_000 + n))
+        retrain.advance(store, closed[-1], "dismissed")
+    shown = retrain.requests(store, limit=4)
+    assert [r["id"] for r in shown] == [honest_rid, rid, closed[4], closed[3]]
+    assert [r["id"] for r in retrain.requests(store, active_only=True)] == [honest_rid, rid]
+    # Dismissed, the device is named by no request: its next drift (whatever it claims) opens one.
+    retrain.advance(store, rid, "dismissed", note="a compromised device")
+    again = drift("evil/out0", {"device": "evil", "model": "m9"}, 5, at + 40_000)
+    assert again not in (rid, honest_rid) and retrain.get(store, again)["model"] == "m9"
+    assert count(retrain.retrain_active_devices) == 1 + 1 + retrain.SHOWN + 5  # evil, cam-1, cam-100...
+    # A dismissal racing an alert can leave a row naming the closed request: it names nothing.
+    retrain.advance(store, again, "dismissed")
+    with store.engine.begin() as conn:
+        conn.execute(retrain.retrain_active_devices.insert().values(fleet=FLEET, device="evil", request_id=again))
+    assert (FLEET, "evil") not in retrain.naming(store)
+    fresh = drift("evil/out0", {"device": "evil", "model": "m10"}, 6, at + 50_000)
+    assert fresh not in (again, rid) and retrain.naming(store)[(FLEET, "evil")]["id"] == fresh
+
+
+@pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
+def test_two_monitors_naming_one_device_at_once_make_one_request(store_url):
+    """Two monitors record drift of one device at once, under two model claims (it re-birthed between
+    their reads): the device's key lets one request name it, and the other monitor's freshly opened
+    request is not left behind empty. PostgreSQL only: on SQLite the alert's transaction holds the
+    write lock from its first statement, so the two never overlap."""
+    import threading
+
+    from sqlalchemy import func, select, text
+
+    from edgesmith.toolchain.fleet.store import Store, retrain
+
+    store = Store.open(store_url)
+    at = 1_700_000_000_000
+    claims = [{"device": "cam-1", "model": f"m{n}", "model_version": "1", "manifest_sha256": None} for n in (1, 2)]
+    got: list[str] = []
+    with store.engine.connect() as first:
+        first.begin()
+        mine = retrain.record_drift(first, FLEET, "cam-1/a", claims[0], 1, at)
+
+        def second() -> None:
+            with store.engine.begin() as conn:
+                got.append(retrain.record_drift(conn, FLEET, "cam-1/b", claims[1], 1, at + 1))
+        thread = threading.Thread(target=second)
+        thread.start()
+        with store.engine.connect() as watch:  # until the second waits for the first's key on the device
+            wait_until(lambda: watch.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                                 "AND datname = current_database()")), 30, "the second monitor to wait")
+        first.commit()
+        thread.join(30)
+    assert got == [mine]
+    with store.engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(retrain.retrain_requests)) == 1
+    row = retrain.get(store, mine)
+    assert (row["model"], [a["subject"] for a in row["alerts"]]) == ("m1", ["cam-1/b", "cam-1/a"])
+
+
+def test_the_dashboard_reads_retrain_requests_outside_the_view_lock(broker_dir, tmp_path, monkeypatch):
+    """A snapshot (the dashboard, /api/*) reads the store's retrain requests without holding the view
+    lock alert evaluation takes, and one built across an evaluation tick is not kept."""
+    from edgesmith.toolchain.fleet import monitor as monitor_mod
+    from edgesmith.toolchain.fleet.store import retrain
+
+    m = monitor_mod.Monitor(monitor_mod.MonitorConfig(broker_dir, f"sqlite:///{tmp_path / 'm.db'}"))
+    real, reads = retrain.requests, []
+
+    def requests(*args, **kwargs):
+        reads.append(m._view_lock.locked())
+        if len(reads) == 1 and not reads[0]:
+            m.evaluate()  # a tick meanwhile (it takes the view lock)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(retrain, "requests", requests)
+    assert m.snapshot()["retrain"] == []
+    m.snapshot()  # the first was built across a tick: built again
+    assert reads == [False, False]
+    m.store.engine.dispose()

@@ -94,8 +94,8 @@ def status(
     fleet: str = typer.Option(None, "--fleet", envvar="EDGESMITH_FLEET", help="Only this fleet."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list: device, fleet, online, artifact, latency "
                                  "{p50_us, p95_us, p99_us} of the last window, deploy {slot, deployment_id, result, "
-                                 "error, desired_version}, retrain (the active retrain request naming the device, or "
-                                 "null), and more (deployments: `edgesmith fleet deployments --json`; retrain "
+                                 "error, desired_version}, retrain (the active retrain request naming the device, "
+                                 "without its devices and alerts, or null), and more (deployments: `edgesmith fleet deployments --json`; retrain "
                                  "requests: `edgesmith fleet retrain list --json`)."),
     deployments_shown: int = typer.Option(5, "--deployments", min=0, help="How many recent deployments to list."),
     interval_s: float = typer.Option(10.0, "--interval-s", min=0.1, help=INTERVAL_HELP),
@@ -165,7 +165,9 @@ def _retrain_table(rows: list[dict]) -> Table:
         linked = ", ".join(f"{k} {r[k]}" for k in ("capture_id", "dataset_digest", "mlflow_run_id", "result_version")
                            if r[k]) or (r["note"] or "–")
         table.add_row(r["id"], r["fleet"], f"[{colours[r['status']]}]{r['status']}[/]", escape(model),
-                      escape(", ".join(r["devices"])), str(len(r["alerts"])),
+                      escape(", ".join(r["devices"]) + (f" and {r['device_count'] - len(r['devices'])} more"
+                                                          if r["device_count"] > len(r["devices"]) else "")),
+                      str(r["alert_firings"]),
                       time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["opened_ms"] / 1000)), escape(linked))
     return table
 
@@ -180,12 +182,15 @@ def retrain_list(
     db: str = typer.Option(None, "--db", envvar="EDGESMITH_FLEET_DB", help=DB_HELP),
     fleet: str = typer.Option(None, "--fleet", envvar="EDGESMITH_FLEET", help="Only this fleet."),
     active: bool = typer.Option(False, "--active", help="Only open, capturing or training ones."),
-    limit: int = typer.Option(50, "--limit", min=1, help="How many, newest first."),
+    limit: int = typer.Option(50, "--limit", min=1,
+                              help="How many: the active ones first (newest first), then the newest closed ones."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list: id, fleet, model, model_version, "
-                                 "manifest_sha256, status, devices, alerts, opened_ms, changed_ms, note, capture_id, "
-                                 "dataset_digest, mlflow_run_id, result_version."),
+                                 "manifest_sha256, status, devices (the newest 20), device_count, alerts (the newest 20 "
+                                 "alert subjects, each with its firings), alert_subjects, alert_firings, opened_ms, "
+                                 "changed_ms, note, capture_id, dataset_digest, mlflow_run_id, result_version."),
 ) -> None:
-    """List retrain requests (newest first): which drift alerts of which devices asked to retrain which model."""
+    """List retrain requests (the active ones first, each newest first): which drift alerts of which devices
+    asked to retrain which model."""
     from edgesmith.toolchain.cli import out_console
     from edgesmith.toolchain.fleet.store import Store, default_url, retrain
 

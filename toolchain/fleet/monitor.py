@@ -63,7 +63,7 @@ SWITCH_INTERVAL_S = 0.0005
 # runs rarely, to reclaim any reference cycles among it.
 GC_FREEZE_EVERY_S = 1.0
 GC_FULL_EVERY_S = 1800.0
-RETRAIN_SHOWN = 50  # retrain requests on the dashboard and /api/retrain, newest first
+RETRAIN_SHOWN = 50  # retrain requests on the dashboard and /api/retrain: the active ones first, newest first
 
 
 @dataclass(frozen=True)
@@ -175,6 +175,8 @@ class Monitor:
         self._unreachable_logged = False
         self._snapshot: dict[str, Any] | None = None
         self._view_lock = threading.Lock()  # the evaluator changes the view, HTTP requests read it
+        self._snapshot_lock = threading.Lock()  # HTTP requests building a snapshot (see snapshot)
+        self._view_generation = 0  # ticks so far: a snapshot built across one is not kept
         self._last_history_ms = 0
         self.client = self._client()
         self.notifier = Notifier(publish=self._publish_alert, webhook=config.webhook)
@@ -358,29 +360,37 @@ class Monitor:
     # ---- evaluation --------------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        """The whole fleet as the HTTP side shows it; built on request, at most once per tick."""
+        """The whole fleet as the HTTP side shows it; built on request, at most once per tick. Only the
+        view's part is read under the view lock: the store's reads (alerts, deployments, shadows, retrain
+        requests) run outside it, so a dashboard or API request never stalls alert evaluation."""
         from edgesmith.toolchain.fleet.store import retrain, shadows
 
-        with self._view_lock:
-            at = now_ms()
-            if self._snapshot is None or at - self._snapshot["generated_ms"] >= self.config.tick_s * 1000:
+        with self._snapshot_lock:  # one builder at a time; the others take what it built
+            with self._view_lock:
+                at = now_ms()
+                if self._snapshot is not None and at - self._snapshot["generated_ms"] < self.config.tick_s * 1000:
+                    return self._snapshot
                 snap = self.view.snapshot(at)
-                snap["alerts"] = self.store.alerts()
-                snap["deployments"], snap["deploy_states"] = self._deployments()
-                snap["shadows"] = shadows.panel(self.store)
-                snap["retrain"] = retrain.requests(self.store, limit=RETRAIN_SHOWN)
-                refusals = self.store.refusals()
-                for d in snap["devices"]:
-                    d["refused"] = refusals.pop((d["fleet"], d["device"]), None)
-                snap["refused_devices"] = [{"fleet": f, "device": dev, "refused": r}
-                                           for (f, dev), r in sorted(refusals.items())]
-                snap["monitor"] = {"counters": self.store.counters(), "connected": self.connected,
-                                   "client_id": self.config.mqtt_client_id, "subscription": self.config.subscription,
-                                   "queued": self.received.qsize(), "queued_bytes": self.queued_bytes,
-                                   "bad_rows": self.view.bad_rows, "stored_here": self.stored_here,
-                                   "thresholds": asdict(self.config.thresholds)}
-                self._snapshot = snap
-            return self._snapshot
+                bad_rows = self.view.bad_rows
+                generation = self._view_generation
+            snap["alerts"] = self.store.alerts()
+            snap["deployments"], snap["deploy_states"] = self._deployments()
+            snap["shadows"] = shadows.panel(self.store)
+            snap["retrain"] = retrain.requests(self.store, limit=RETRAIN_SHOWN)
+            refusals = self.store.refusals()
+            for d in snap["devices"]:
+                d["refused"] = refusals.pop((d["fleet"], d["device"]), None)
+            snap["refused_devices"] = [{"fleet": f, "device": dev, "refused": r}
+                                       for (f, dev), r in sorted(refusals.items())]
+            snap["monitor"] = {"counters": self.store.counters(), "connected": self.connected,
+                               "client_id": self.config.mqtt_client_id, "subscription": self.config.subscription,
+                               "queued": self.received.qsize(), "queued_bytes": self.queued_bytes,
+                               "bad_rows": bad_rows, "stored_here": self.stored_here,
+                               "thresholds": asdict(self.config.thresholds)}
+            with self._view_lock:
+                if self._view_generation == generation:  # else a tick ran meanwhile: the next request rebuilds
+                    self._snapshot = snap
+            return snap
 
     def _deployments(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Recent deployments and each device's deployment state (written by `edgesmith deploy` and ingest)."""
@@ -404,6 +414,7 @@ class Monitor:
                 self.view.record_history(at)
                 self._last_history_ms = at
             self._snapshot = None
+            self._view_generation += 1
         self.alerts.evaluate(changed, at)
 
     def _collect_garbage(self, at: float) -> None:

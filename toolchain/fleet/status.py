@@ -50,11 +50,8 @@ def fleet_overview(store: Store, fleet: str | None, default_interval_s: float,
     versions = Counter(f"{r['artifact']} ({r['manifest_sha256'][:8]})" if r["artifact"] and r["manifest_sha256"]
                        else r["artifact"] or "unknown" for r in rows)
     listed = history.deployments_list(store, fleet, deployments) if deployments and history.has_tables(store) else []
-    active = retrain.requests(store, fleet, active_only=True)
-    naming = retrain.by_device(active)
+    naming = retrain.naming(store, fleet)
     for r in rows:
         r["retrain"] = naming.get((r["fleet"], r["device"]))
-    # Every active request, then the newest closed ones up to retrain_shown in all.
-    closed = [q for q in retrain.requests(store, fleet, limit=retrain_shown + len(active)) if q["status"] not in retrain.ACTIVE]
-    shown = active + closed[:max(0, retrain_shown - len(active))]
+    shown = retrain.requests(store, fleet, limit=retrain_shown)  # the active ones first, then the newest closed
     return {"devices": rows, "versions": dict(versions.most_common()), "deployments": listed, "retrain": shown}

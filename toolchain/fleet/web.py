@@ -302,6 +302,10 @@ def _deployments_html(deployments: list[dict[str, Any]], states: list[dict[str, 
     return out
 
 
+def _shown(names: list[str], count: int) -> str:
+    return ", ".join(names) + (f" and {count - len(names)} more" if count > len(names) else "")
+
+
 def _retrain_html(requests: list[dict[str, Any]], at: int) -> list[str]:
     """Retrain requests drift alerts opened (docs/telemetry.md): model, devices, status and what the loop linked."""
     e = html.escape
@@ -317,7 +321,8 @@ def _retrain_html(requests: list[dict[str, Any]], at: int) -> list[str]:
         css = "off" if r["status"] == "open" else "on" if r["status"] == "done" else "muted" if r["status"] == "dismissed" else ""
         out.append(f'<tr data-retrain="{e(r["id"])}"><td>{e(r["id"])}</td><td>{e(r["fleet"])}</td>'
                    f"<td><span class={css}>{e(r['status'])}</span></td><td>{e(model)}</td>"
-                   f"<td>{e(', '.join(r['devices']))}</td><td title=\"{e(' '.join(r['alerts']))}\">{len(r['alerts'])}</td>"
+                   f"<td>{e(_shown(r['devices'], r['device_count']))}</td>"
+                   f"<td title=\"{e(' '.join(a['alert'] for a in r['alerts']))}\">{r['alert_firings']}</td>"
                    f"<td>{_ago(r['opened_ms'], at)}</td><td>{e(linked)}</td></tr>")
     out.append("</table>")
     return out

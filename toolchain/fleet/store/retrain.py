@@ -2,16 +2,17 @@
 alert asks for the serving model to be retrained on what drifted.
 
 A request names the fleet, the serving model (name, version, manifest digest), the drifted devices
-and the alerts that asked for it (``retrain_request_alerts``, one row per alert firing). It moves
-open → capturing → training → done, or to dismissed from any of the first three; the closed loop
-(``edgesmith loop``) fills in what it links later: the capture id, the dataset digest, the MLflow
-run and the new model version.
+and the alerts that asked for it (``retrain_request_subjects``: one row per alert subject, device/output,
+with how many times it fired and when first and last). It moves open → capturing → training → done,
+or to dismissed from any of the first three; the closed loop (``edgesmith loop``) fills in what it
+links later: the capture id, the dataset digest, the MLflow run and the new model version.
 
 There is one open request per fleet and model at a time, so every device whose drift alert fires
-while it is open joins it, and a device's further alerts while a request naming it is active
-(open, capturing or training) add to that request, never a second row. The one-open rule is a
-unique ``open_key`` (a digest of fleet and model, NULL once the request moves on), so monitors
-sharing the store cannot open two at once.
+while it is open joins it. A device is named by at most one active request (open, capturing or
+training) whatever model it claims: ``retrain_active_devices`` holds it, keyed by fleet and device,
+until that request is done or dismissed, and the device's further alerts add to that request, never
+a second row. The one-open rule is a unique ``open_key`` (a digest of fleet and model, NULL once the
+request moves on); both keys hold for monitors sharing the store.
 """
 
 from __future__ import annotations
@@ -22,17 +23,19 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, Index, String, Table, Text, select, update
+from sqlalchemy import BigInteger, Column, Index, String, Table, Text, case, delete, func, select, update
 from sqlalchemy.engine import Connection
 
 from edgesmith.toolchain.errors import UserError
-from edgesmith.toolchain.fleet.store.engine import StoreBase, insert_ignore, metadata, now_ms
+from edgesmith.toolchain.fleet.store.engine import (IN_CHUNK, StoreBase, dialect_insert, insert_ignore, metadata,
+                                                    now_ms)
 
 STATUSES = ("open", "capturing", "training", "done", "dismissed")
 ACTIVE = ("open", "capturing", "training")
 NEXT = {"open": ("capturing", "dismissed"), "capturing": ("training", "dismissed"),
         "training": ("done", "dismissed")}
 LINKS = ("capture_id", "dataset_digest", "mlflow_run_id", "result_version")
+SHOWN = 20  # per request: its newest alert subjects and devices (the counts cover them all)
 
 retrain_requests = Table(
     "retrain_requests", metadata,
@@ -51,15 +54,33 @@ retrain_requests = Table(
     Column("result_version", Text),  # the retrained model's registry version
 )
 
-retrain_request_alerts = Table(
-    "retrain_request_alerts", metadata,
+# One row per request and alert subject (device/output: at most 64 per device), however often it fires.
+retrain_request_subjects = Table(
+    "retrain_request_subjects", metadata,
     Column("request_id", String(32), primary_key=True),
-    Column("alert_id", String(300), primary_key=True),  # <fleet>/drift/<device>/<output>#<firing>
+    Column("subject", String(200), primary_key=True),
     Column("device", String(64), nullable=False),
-    Column("subject", String(200), nullable=False),
-    Column("at_ms", BigInteger, nullable=False),
-    Index("ix_retrain_request_alerts_device", "device"),
+    Column("firings", BigInteger, nullable=False),  # on this request
+    Column("fired", BigInteger, nullable=False),  # the alert's own count (alerts.fired) at its last firing
+    Column("first_ms", BigInteger, nullable=False),
+    Column("last_ms", BigInteger, nullable=False),
+    Index("ix_retrain_request_subjects_device", "device"),
 )
+
+# The one active request naming each device; removed when that request is done or dismissed.
+retrain_active_devices = Table(
+    "retrain_active_devices", metadata,
+    Column("fleet", String(64), primary_key=True),
+    Column("device", String(64), primary_key=True),
+    Column("request_id", String(32), nullable=False, index=True),
+)
+
+
+def _naming(*columns: Any) -> Any:
+    """A select of ``columns`` over each device's row in retrain_active_devices whose request is active."""
+    return (select(*columns).select_from(retrain_active_devices)
+            .join(retrain_requests, retrain_requests.c.id == retrain_active_devices.c.request_id)
+            .where(retrain_requests.c.status.in_(ACTIVE)))
 
 
 def alert_id(fleet: str, alert: str, subject: str, fired: int) -> str:
@@ -77,77 +98,126 @@ def _new_id(at_ms: int) -> str:
 
 def record_drift(conn: Connection, fleet: str, subject: str, info: dict[str, Any], fired: int, at_ms: int) -> str:
     """Record a drift alert's firing (in the alert's transaction): on the active request already naming
-    its device, else on the fleet and model's open request (opened now if there is none); returns its id."""
+    its device, whatever model the device claims now, else on the fleet and model's open request
+    (opened now if there is none); returns its id."""
     device = info.get("device") or subject.split("/", 1)[0]
     model, version, sha = info.get("model"), info.get("model_version"), info.get("manifest_sha256")
-    same_model = (retrain_requests.c.fleet == fleet, retrain_requests.c.model.is_not_distinct_from(model),
-                  retrain_requests.c.model_version.is_not_distinct_from(version),
-                  retrain_requests.c.manifest_sha256.is_not_distinct_from(sha))
-    naming = conn.scalar(
-        select(retrain_requests.c.id)
-        .join(retrain_request_alerts, retrain_request_alerts.c.request_id == retrain_requests.c.id)
-        .where(*same_model, retrain_requests.c.status.in_(ACTIVE), retrain_request_alerts.c.device == device)
-        .order_by(retrain_requests.c.opened_ms).limit(1))
-    request = naming
+    naming = _naming(retrain_active_devices.c.request_id).where(retrain_active_devices.c.fleet == fleet,
+                                                               retrain_active_devices.c.device == device)
+    request = conn.scalar(naming)
     if request is None:
+        # A row naming a request that closed meanwhile (a dismissal racing an alert) names nothing: gone.
+        conn.execute(delete(retrain_active_devices).where(
+            retrain_active_devices.c.fleet == fleet, retrain_active_devices.c.device == device))
         key = _open_key(fleet, model, version, sha)
-        new = _new_id(at_ms)
         # Another monitor may open it at the same moment: the unique open_key lets one row win.
-        conn.execute(insert_ignore(conn.dialect, retrain_requests).values(
-            id=new, fleet=fleet, model=model, model_version=version, manifest_sha256=sha, status="open",
-            open_key=key, opened_ms=at_ms, changed_ms=at_ms))
-        request = conn.scalar(select(retrain_requests.c.id).where(retrain_requests.c.open_key == key))
-    conn.execute(insert_ignore(conn.dialect, retrain_request_alerts).values(
-        request_id=request, alert_id=alert_id(fleet, "drift", subject, fired), device=device, subject=subject,
-        at_ms=at_ms))
+        created = conn.execute(insert_ignore(conn.dialect, retrain_requests).values(
+            id=_new_id(at_ms), fleet=fleet, model=model, model_version=version, manifest_sha256=sha, status="open",
+            open_key=key, opened_ms=at_ms, changed_ms=at_ms)).rowcount
+        opened = conn.scalar(select(retrain_requests.c.id).where(retrain_requests.c.open_key == key))
+        # ... and the device's key lets one request name it: another monitor's, if it named the device first
+        # (under another model claim), and then the request this opened has nothing on it.
+        conn.execute(insert_ignore(conn.dialect, retrain_active_devices).values(
+            fleet=fleet, device=device, request_id=opened))
+        request = conn.scalar(naming) or opened  # (or: the winner's request closed meanwhile)
+        if created and request != opened:
+            conn.execute(delete(retrain_requests).where(retrain_requests.c.id == opened))
+    subjects = retrain_request_subjects
+    conn.execute(dialect_insert(conn.dialect, subjects).values(
+        request_id=request, subject=subject, device=device, firings=1, fired=fired, first_ms=at_ms, last_ms=at_ms,
+    ).on_conflict_do_update(index_elements=[subjects.c.request_id, subjects.c.subject],
+                            set_={"firings": subjects.c.firings + 1, "fired": fired, "last_ms": at_ms}))
     conn.execute(update(retrain_requests).where(retrain_requests.c.id == request).values(changed_ms=at_ms))
     return request
 
 
 def has_tables(store: StoreBase) -> bool:
     with store.engine.connect() as conn:  # a store created before retrain requests existed
-        return store.engine.dialect.has_table(conn, "retrain_requests")
+        return all(store.engine.dialect.has_table(conn, t.name)
+                   for t in (retrain_requests, retrain_request_subjects, retrain_active_devices))
+
+
+def _row(r: Any) -> dict[str, Any]:
+    row = dict(r)
+    row.pop("open_key", None)
+    return row
 
 
 def requests(store: StoreBase, fleet: str | None = None, active_only: bool = False,
              limit: int | None = None) -> list[dict[str, Any]]:
-    """Retrain requests, newest first, each with its alerts and devices (sorted)."""
+    """Retrain requests, the active ones first (newest first), then the closed ones (newest first),
+    so requests that are closed, however many, never push an active one out of ``limit``. Each has its
+    counts (``device_count``, ``alert_subjects``, ``alert_firings``) and its SHOWN newest ``devices``
+    (sorted) and ``alerts`` (newest first)."""
     if not has_tables(store):
         return []
-    query = select(retrain_requests).order_by(retrain_requests.c.opened_ms.desc(), retrain_requests.c.id)
+    active = retrain_requests.c.status.in_(ACTIVE)
+    query = select(retrain_requests).order_by(case((active, 0), else_=1), retrain_requests.c.opened_ms.desc(),
+                                              retrain_requests.c.id)
     if fleet is not None:
         query = query.where(retrain_requests.c.fleet == fleet)
     if active_only:
-        query = query.where(retrain_requests.c.status.in_(ACTIVE))
+        query = query.where(active)
     if limit is not None:
         query = query.limit(limit)
     with store.engine.connect() as conn:
-        rows = [dict(r) for r in conn.execute(query).mappings()]
-        alerts: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        ids = [r["id"] for r in rows]
-        for start in range(0, len(ids), 500):
-            for a in conn.execute(select(retrain_request_alerts)
-                                  .where(retrain_request_alerts.c.request_id.in_(ids[start:start + 500]))
-                                  .order_by(retrain_request_alerts.c.at_ms, retrain_request_alerts.c.alert_id)).mappings():
-                alerts[a["request_id"]].append(dict(a))
-    for r in rows:
-        r.pop("open_key")
-        r["alerts"] = [a["alert_id"] for a in alerts[r["id"]]]
-        r["devices"] = sorted({a["device"] for a in alerts[r["id"]]})
+        rows = [_row(r) for r in conn.execute(query).mappings()]
+        _add_subjects(conn, rows)
     return rows
 
 
+def _add_subjects(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """Each request's counts and its newest SHOWN alert subjects and devices: a bounded read however
+    many times its alerts fired."""
+    s = retrain_request_subjects
+    counts: dict[str, tuple[int, int, int]] = {}
+    alerts: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    devices: dict[str, list[str]] = defaultdict(list)
+    ids = [r["id"] for r in rows]
+    for start in range(0, len(ids), IN_CHUNK):
+        chunk = s.c.request_id.in_(ids[start:start + IN_CHUNK])
+        for rid, subjects, device_count, firings in conn.execute(
+                select(s.c.request_id, func.count(), func.count(s.c.device.distinct()), func.sum(s.c.firings))
+                .where(chunk).group_by(s.c.request_id)):
+            counts[rid] = (int(subjects), int(device_count), int(firings))
+        newest = select(s, func.row_number().over(partition_by=s.c.request_id,
+                                                  order_by=(s.c.last_ms.desc(), s.c.subject)).label("rank")
+                        ).where(chunk).subquery()
+        for a in conn.execute(select(newest).where(newest.c.rank <= SHOWN)
+                              .order_by(newest.c.request_id, newest.c.rank)).mappings():
+            alerts[a["request_id"]].append({"subject": a["subject"], "device": a["device"], "firings": a["firings"],
+                                            "fired": a["fired"], "first_ms": a["first_ms"], "last_ms": a["last_ms"]})
+        per_device = (select(s.c.request_id, s.c.device, func.max(s.c.last_ms).label("last_ms")).where(chunk)
+                      .group_by(s.c.request_id, s.c.device).subquery())
+        ranked = select(per_device, func.row_number().over(
+            partition_by=per_device.c.request_id, order_by=(per_device.c.last_ms.desc(), per_device.c.device)
+        ).label("rank")).subquery()
+        for rid, device in conn.execute(select(ranked.c.request_id, ranked.c.device).where(ranked.c.rank <= SHOWN)):
+            devices[rid].append(device)
+    for r in rows:
+        r["alert_subjects"], r["device_count"], r["alert_firings"] = counts.get(r["id"], (0, 0, 0))
+        r["devices"] = sorted(devices[r["id"]])
+        r["alerts"] = [{"alert": alert_id(r["fleet"], "drift", a["subject"], a["fired"]), **a} for a in alerts[r["id"]]]
+
+
 def get(store: StoreBase, request_id: str) -> dict[str, Any]:
-    found = [r for r in requests(store) if r["id"] == request_id]
-    if not found:
+    row = None
+    if has_tables(store):
+        with store.engine.connect() as conn:
+            found = conn.execute(select(retrain_requests).where(retrain_requests.c.id == request_id)).mappings().first()
+            if found is not None:
+                row = _row(found)
+                _add_subjects(conn, [row])
+    if row is None:
         raise UserError(f"there is no retrain request {request_id!r} in {store.engine.url.render_as_string()}; "
                         "`edgesmith fleet retrain list` shows them")
-    return found[0]
+    return row
 
 
 def advance(store: StoreBase, request_id: str, status: str, note: str | None = None, **links: str | None) -> dict[str, Any]:
     """Move a request to ``status`` (one of NEXT's steps) and record what the loop links (LINKS);
-    a request that is done or dismissed stays so. Returns the request as it is now."""
+    a request that is done or dismissed stays so, and no longer names its devices. Returns the
+    request as it is now."""
     unknown = set(links) - set(LINKS)
     if unknown:
         raise ValueError(f"unknown retrain request links {sorted(unknown)}; known: {LINKS}")
@@ -167,14 +237,21 @@ def advance(store: StoreBase, request_id: str, status: str, note: str | None = N
                             .values(**values)).rowcount:
             raise UserError(f"retrain request {request_id} changed while this ran; look at it again "
                             "(`edgesmith fleet retrain list`)")
+        if status not in ACTIVE:  # its devices' next drift alert opens a new request
+            conn.execute(delete(retrain_active_devices).where(retrain_active_devices.c.request_id == request_id))
     return get(store, request_id)
 
 
-def by_device(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
-    """The newest active request naming each (fleet, device), for `fleet status`."""
-    out: dict[tuple[str, str], dict[str, Any]] = {}
-    for r in rows:  # newest first
-        if r["status"] in ACTIVE:
-            for device in r["devices"]:
-                out.setdefault((r["fleet"], device), r)
-    return out
+def naming(store: StoreBase, fleet: str | None = None) -> dict[tuple[str, str], dict[str, Any]]:
+    """The active request naming each (fleet, device), for `fleet status` (without its subjects)."""
+    if not has_tables(store):
+        return {}
+    query = _naming(retrain_active_devices.c.device, retrain_requests)
+    if fleet is not None:
+        query = query.where(retrain_active_devices.c.fleet == fleet)
+    with store.engine.connect() as conn:
+        out = {}
+        for r in conn.execute(query).mappings():
+            row = _row(r)
+            out[(row["fleet"], row.pop("device"))] = row
+        return out
