@@ -33,6 +33,16 @@ os.environ.setdefault("EDGESMITH_AARCH64_RUNTIME", str(Path(_home) / "runners" /
 os.environ.setdefault("EDGESMITH_PRECISION", "fp32")
 
 
+# The longest files, started first: with a file per worker at a time, one of them collected last (the
+# wheel's build, the README's `make demo`) would run alone at the end while the other worker idles.
+FIRST = ("test_wheel.py", "test_readme.py", "test_shadow_e2e.py", "test_emulation.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: i for i, name in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))  # stable: the rest keep their order
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.mktemp("home")

@@ -538,18 +538,20 @@ def test_capture_versions_are_reserved_in_the_store(tmp_path):
     assert sorted(results) == list(range(1, 9))  # concurrent commands never share a version
 
 
-def test_a_plain_http_receiver_off_the_loopback_is_refused_unless_insecure(tmp_path):
+def test_a_plain_http_receiver_off_the_loopback_is_refused(tmp_path):
     """The upload token travels in the request: `capture start|stop|upload` refuse a plain http://
-    --receiver whose host is not the loopback (devices refuse it too) unless --insecure is given."""
+    --receiver whose host is not the loopback, by the devices' own rule (csrc/common/url.h, bound)."""
+    from edgesmith.runtime.capture import url_https_or_loopback
     from edgesmith.toolchain.capture import command
 
     cmd = command.CaptureCommand(fleet=FLEET, broker_dir=tmp_path / "no-broker", key=None)
     store = CaptureStore(tmp_path / "captures")
     for url in ("http://central:8471", "http://10.0.0.5:8471", "http://user@127.0.0.1:8471", "http://127.0.0.1.example.org"):
+        assert not url_https_or_loopback(url), url
         with pytest.raises(UserError, match="in clear"):
             command.publish(cmd, contract.CaptureAction.START, store, receiver=url)
     for url in ("https://central:8471", "http://127.0.0.1:8471", "http://127.9.9.9", "http://[::1]:8471", "http://localhost:1"):
-        assert command.loopback_or_https(url), url
+        assert url_https_or_loopback(url), url
     with pytest.raises(Exception) as refused:  # past this check: then the missing broker stops it
-        command.publish(cmd, contract.CaptureAction.START, store, receiver="http://central:8471", insecure=True)
+        command.publish(cmd, contract.CaptureAction.START, store, receiver="http://127.0.0.1:8471")
     assert "in clear" not in str(refused.value)

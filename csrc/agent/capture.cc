@@ -23,6 +23,7 @@
 #include "deploy/envelope.h"
 #include "deploy/slots.h"
 #include "telemetry/publisher.h"
+#include "common/url.h"
 
 namespace fs = std::filesystem;
 
@@ -827,7 +828,7 @@ void CaptureRunner::upload_step() {
     forget();
     return;
   }
-  if (!capture_url_safe(capture.url)) {  // recorded by an agent that did not check it yet
+  if (!url_https_or_loopback(capture.url)) {  // recorded by an agent that did not check it yet
     upload_round_end(id, "the capture receiver url " + capture.url.substr(0, 64) +
                              " is plain http:// to a host other than the loopback; the token is not sent in clear");
     return;

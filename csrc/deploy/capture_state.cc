@@ -1,8 +1,5 @@
 #include "deploy/capture_state.h"
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
-
 #include <algorithm>
 #include <cctype>
 #include <cmath>
@@ -17,6 +14,7 @@
 #include "common/contract_words.h"
 #include "common/digest.h"
 #include "common/error.h"
+#include "common/url.h"
 #include "deploy/desired.h"
 #include "deploy/envelope.h"
 #include "deploy/slots.h"
@@ -184,27 +182,6 @@ uint64_t capture_floor_read(const std::string& floor_path) {
              : 0;
 }
 
-bool capture_url_safe(const std::string& url) {
-  if (url.rfind("https://", 0) == 0) return true;
-  if (url.rfind("http://", 0) != 0) return false;
-  const std::string rest = url.substr(7);
-  const std::string authority = rest.substr(0, rest.find_first_of("/?#"));
-  if (authority.find('@') != std::string::npos) return false;
-  std::string host;
-  if (!authority.empty() && authority[0] == '[') {
-    const size_t close = authority.find(']');
-    if (close == std::string::npos) return false;
-    host = authority.substr(1, close - 1);
-    in6_addr v6{};
-    return ::inet_pton(AF_INET6, host.c_str(), &v6) == 1 && std::memcmp(&v6, &in6addr_loopback, sizeof(v6)) == 0;
-  }
-  host = authority.substr(0, authority.find(':'));
-  std::transform(host.begin(), host.end(), host.begin(), [](unsigned char ch) { return std::tolower(ch); });
-  if (host == "localhost") return true;
-  in_addr v4{};
-  return ::inet_pton(AF_INET, host.c_str(), &v4) == 1 && (ntohl(v4.s_addr) >> 24) == 127;
-}
-
 CaptureAdmit capture_state_admit(const CaptureState& state, const std::string& floor_path, const std::string& fleet,
                                  const std::string& device, int64_t now_s) {
   const SignedFields& f = capture_fields();
@@ -212,7 +189,7 @@ CaptureAdmit capture_state_admit(const CaptureState& state, const std::string& f
     f.fields_refuse("it is for device " + state.device + " of fleet " + state.fleet + ", not " + device + " of fleet " +
                     fleet);
   }
-  if (!capture_url_safe(state.upload_url)) {
+  if (!url_https_or_loopback(state.upload_url)) {
     f.fields_refuse("its upload_url " + state.upload_url.substr(0, 64) +
                     " is plain http:// to a host other than this device's loopback, so the upload token would travel "
                     "in clear; name an https:// receiver");

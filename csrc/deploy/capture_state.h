@@ -58,9 +58,6 @@ enum CaptureAdmit : int32_t {
   CAPTURE_ADMIT_REPEATED = 1,  ///< the state already taken (the retained message again): nothing to do
 };
 
-/// Whether `url` may carry an upload token: https://, or http:// to this device's loopback
-/// (127.0.0.0/8, [::1], localhost), where the token never leaves the device.
-bool capture_url_safe(const std::string& url);
 
 /// Admit a verified state for this device: refused (Error(ERROR_CODE_INTEGRITY), one sentence)
 /// when it names another fleet or device, its upload_url is plain http:// to another host than

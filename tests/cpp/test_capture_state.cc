@@ -17,6 +17,7 @@
 #include "deploy/desired.h"
 #include "deploy/shadow_state.h"
 #include "test_support.h"
+#include "common/url.h"
 
 using namespace edgesmith;
 
@@ -231,12 +232,12 @@ TEST(CaptureState, SharedCasesAgreeWithThePydanticModels) {
 TEST(CaptureState, PlainHttpOnlyToTheLoopback) {
   for (const char* ok : {"https://central:8444", "https://10.0.0.5", "http://127.0.0.1:8471", "http://127.1.2.3/base",
                          "http://localhost:80", "http://LOCALHOST", "http://[::1]:8471/"}) {
-    EXPECT_TRUE(capture_url_safe(ok)) << ok;
+    EXPECT_TRUE(url_https_or_loopback(ok)) << ok;
   }
   for (const char* bad : {"http://central:8471", "http://10.0.0.5", "http://128.0.0.1", "http://127.0.0.1.evil.example",
                           "http://[::2]:80", "http://localhost.evil.example", "http://user@127.0.0.1", "file:///etc/passwd",
                           "http://"}) {
-    EXPECT_FALSE(capture_url_safe(bad)) << bad;
+    EXPECT_FALSE(url_https_or_loopback(bad)) << bad;
   }
   const std::string dir = temp_dir();
   nlohmann::json doc = capture_doc();

@@ -20,6 +20,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from edgesmith.runtime import contract
+from edgesmith.runtime.capture import url_https_or_loopback
 from edgesmith.toolchain.capture.store import CaptureStore
 from edgesmith.toolchain.deploy import desired
 from edgesmith.toolchain.deploy.rollout import PUBLISH_TIMEOUT_S, FleetWatch, fleet_devices
@@ -105,32 +106,10 @@ def drifted_devices(fleet: str, db_url: str | None) -> set[str]:
     return {a["device"] for a in store.alerts(active_only=True) if a["fleet"] == fleet and a["alert"] == DRIFT_ALERT}
 
 
-def loopback_or_https(url: str) -> bool:
-    """https://, or http:// to a loopback host (127.0.0.0/8, [::1], localhost)."""
-    import ipaddress
-    from urllib.parse import urlsplit
-
-    if url.startswith("https://"):
-        return True
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-    except ValueError:
-        return False
-    if parts.username is not None or not host:
-        return False
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def publish(command: CaptureCommand, action: contract.CaptureAction, store: CaptureStore, *, receiver: str,
             capture_id: str | None = None, policy: dict[str, Any] | None = None, drifted: set[str] | None = None,
             max_samples: int = 500, max_bytes: int = 64 << 20, retention_s: int = 7 * 24 * 3600,
-            valid_for_s: int = desired.DESIRED_VALIDITY_S, insecure: bool = False) -> tuple[str, dict[str, int]]:
+            valid_for_s: int = desired.DESIRED_VALIDITY_S) -> tuple[str, dict[str, int]]:
     """Sign and publish one capture state per device; returns (capture id, {device: version}).
 
     ``start`` issues new tokens and grants; ``stop`` and ``upload`` name an existing capture (the
@@ -138,10 +117,10 @@ def publish(command: CaptureCommand, action: contract.CaptureAction, store: Capt
     no token: the device keeps the one ``start`` gave it, so it can still upload after a stop."""
     if not receiver.startswith(("http://", "https://")):
         raise UserError(f"--receiver {receiver} is not an http:// or https:// URL; devices upload only over those")
-    if not insecure and not loopback_or_https(receiver):
+    if not url_https_or_loopback(receiver):  # the device's own rule (csrc/common/url.h)
         raise UserError(f"--receiver {receiver} is plain http:// to a host other than the loopback, so the devices' upload "
-                        "tokens would travel in clear (and devices refuse it); serve the receiver over https:// "
-                        "(`edgesmith capture serve --tls-cert`), or pass --insecure")
+                        "tokens would travel in clear and devices refuse it; serve the receiver over https:// "
+                        "(`edgesmith capture serve --tls-cert`)")
     broker = Broker(Path(command.broker_dir).resolve())
     names = fleet_devices(broker, command.fleet, command.devices)
     capture_id = capture_id or (desired.new_capture_id() if action == contract.CaptureAction.START else None)

@@ -12,9 +12,8 @@ app = typer.Typer(help="Capture inputs on devices and receive their uploads (doc
 BROKER_HELP = "The broker's directory (`edgesmith broker up --dir`); capture states are published with a central login."
 DIR_HELP = "The capture store: upload grants, the received samples' index and objects (default $EDGESMITH_HOME/captures)."
 KEY_HELP = "Deploy key (.key) signing the capture states (default $EDGESMITH_HOME/keys/deploy/default.key)."
-RECEIVER_HELP = "The receiver's base URL devices upload to (`edgesmith capture serve`), e.g. https://central:8471."
-INSECURE_HELP = ("Allow a plain http:// receiver that is not on the loopback (the upload tokens would travel in clear; "
-                 "devices still refuse to send them so).")
+RECEIVER_HELP = ("The receiver's base URL devices upload to (`edgesmith capture serve`), e.g. https://central:8471; "
+                 "plain http:// only to the loopback (devices refuse to send their tokens in clear).")
 
 
 def _split(values: list[str] | None) -> list[str] | None:
@@ -51,7 +50,6 @@ def start(
     key: Path = typer.Option(None, "--key", envvar="EDGESMITH_DEPLOY_KEY", help=KEY_HELP),
     directory: Path = typer.Option(None, "--dir", envvar="EDGESMITH_CAPTURE_DIR", help=DIR_HELP),
     db: str = typer.Option(None, "--db", envvar="EDGESMITH_FLEET_DB", help="The monitor's store (which devices drifted)."),
-    insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
 ) -> None:
     """Switch capture on: one signed capture state per device, each with its own upload token."""
     from edgesmith.runtime.contract import CaptureAction
@@ -64,7 +62,7 @@ def start(
     capture_id, versions = command.publish(_command(fleet, broker, key, devices), CaptureAction.START,
                                            CaptureStore(directory), receiver=receiver, policy=rules, drifted=drifted,
                                            max_samples=max_samples, max_bytes=max_bytes,
-                                           retention_s=parse_duration(retention, "--retention"), insecure=insecure)
+                                           retention_s=parse_duration(retention, "--retention"))
     _print("start", capture_id, versions)
 
 
@@ -77,15 +75,13 @@ def _other(action_name: str):
         broker: Path = typer.Option(..., "--broker", envvar="EDGESMITH_BROKER_DIR", help=BROKER_HELP),
         key: Path = typer.Option(None, "--key", envvar="EDGESMITH_DEPLOY_KEY", help=KEY_HELP),
         directory: Path = typer.Option(None, "--dir", envvar="EDGESMITH_CAPTURE_DIR", help=DIR_HELP),
-        insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
     ) -> None:
         from edgesmith.runtime.contract import CaptureAction
         from edgesmith.toolchain.capture import command
         from edgesmith.toolchain.capture.store import CaptureStore
 
         cid, versions = command.publish(_command(fleet, broker, key, devices), CaptureAction(action_name),
-                                        CaptureStore(directory), receiver=receiver, capture_id=capture_id,
-                                        insecure=insecure)
+                                        CaptureStore(directory), receiver=receiver, capture_id=capture_id)
         _print(action_name, cid, versions)
 
     body.__doc__ = {"stop": "Switch capture off (what devices stored stays until uploaded or past retention).",
