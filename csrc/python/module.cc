@@ -212,7 +212,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("trusted_keys_default", &trusted_keys_default_python,
         "The raw 32-byte keys of <home>/keys/*.pub then <home>/trusted/*.pub; raises ValueError "
         "when the home or a key directory is owned by another user or writable by others.");
-  m.def("url_https_or_loopback", &url_https_or_loopback, py::arg("url"),
+  m.def("url_https_or_loopback", &edgesmith::url_https_or_loopback, py::arg("url"),
         "Whether a device may send a secret (an upload token) to url: https://, or http:// to the "
         "loopback. The agent's rule (csrc/common/url.h), so the central side refuses what devices refuse.");
   m.def("sha256_file", &sha256_file_hex, py::arg("path"),
