@@ -348,9 +348,10 @@ def test_a_hostile_devices_reports_are_ignored_and_counted(env):
     cam.send(shadow_window(cam, state, 0, 10, 10, lat, lat, serving_sha256="f" * 64))  # another baseline
     intruder.send(contract.Event(**intruder._envelope(False), event="shadow.failed", message="crash",
                                  details={"shadow_id": sid, "candidate": 0, "error": "made up"}))
-    # Huge counts (the contract's cap) from the device itself: counted, and nothing crashes.
-    huge = contract.MAX_SAFE_INT
-    big = contract.LatencyWindow(counts=[huge] * cam.artifact.latency.count, underflow=huge, overflow=huge,
+    # Huge counts (the contract's caps: MAX_SAFE_INT, a latency window's MAX_WINDOW_COUNT) from the
+    # device itself: counted, and nothing crashes.
+    huge, top = contract.MAX_SAFE_INT, contract.MAX_WINDOW_COUNT
+    big = contract.LatencyWindow(counts=[top] * cam.artifact.latency.count, underflow=top, overflow=top,
                                  sum_us=contract.MAX_MICROS, max_us=contract.MAX_MICROS, p50_us=1.0, p95_us=1.0,
                                  p99_us=1.0)
     cam.send(shadow_window(cam, state, 1, huge, huge, lat, lat, offered=huge, samples=huge, latency=big,
