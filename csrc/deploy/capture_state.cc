@@ -35,26 +35,6 @@ constexpr uint64_t MAX_CAPTURE_SAMPLES = 1000000;  // contract CaptureState.max_
 constexpr uint64_t FLOOR_MAX_BYTES = 4096;
 constexpr size_t MAX_URL = 2048;  // contract MAX_URL
 
-std::string id_field(const SignedFields& f, const nlohmann::json& doc, const char* name) {
-  static const std::regex pattern(c::ID_REGEX);
-  const std::string value = f.fields_string(doc, name, WHERE, 64);
-  if (!std::regex_match(value, pattern)) {
-    f.fields_refuse(std::string("its ") + name + " '" + value + "' is not an id (1-64 letters, digits, '_', '.', '-')");
-  }
-  return value;
-}
-
-uint64_t bounded(const SignedFields& f, const nlohmann::json& doc, const char* name, uint64_t low, uint64_t high,
-                 uint64_t fallback) {
-  if (!doc.contains(name)) return fallback;
-  const uint64_t value = f.fields_unsigned(doc, name, WHERE);
-  if (value < low || value > high) {
-    f.fields_refuse(std::string("its ") + name + " " + std::to_string(value) + " is outside " + std::to_string(low) +
-                    ".." + std::to_string(high));
-  }
-  return value;
-}
-
 // A share in [0, 1] (JSON integers count as numbers, as in the pydantic model); `above_zero`
 // excludes 0 (low_confidence).
 double share(const SignedFields& f, const nlohmann::json& doc, const char* name, double fallback, bool above_zero) {
@@ -113,23 +93,23 @@ CaptureState capture_state_from_text(const std::string& signed_text) {
   const std::string kind = f.fields_string(doc, c::F_CAPTURE_STATE_KIND, WHERE, 64);
   if (kind != "capture") f.fields_refuse("its kind is '" + kind + "', not 'capture'");
   CaptureState state;
-  state.fleet = id_field(f, doc, c::F_CAPTURE_STATE_FLEET);
-  state.device = id_field(f, doc, c::F_CAPTURE_STATE_DEVICE);
-  state.version = bounded(f, doc, c::F_CAPTURE_STATE_VERSION, 1, c::MAX_SAFE_INT, 0);
+  state.fleet = f.fields_id(doc, c::F_CAPTURE_STATE_FLEET);
+  state.device = f.fields_id(doc, c::F_CAPTURE_STATE_DEVICE);
+  state.version = f.fields_bounded(doc, c::F_CAPTURE_STATE_VERSION, 1, c::MAX_SAFE_INT, 0);
   if (state.version == 0) f.fields_refuse("it lacks the field 'version'");
-  state.capture_id = id_field(f, doc, c::F_CAPTURE_STATE_CAPTURE_ID);
+  state.capture_id = f.fields_id(doc, c::F_CAPTURE_STATE_CAPTURE_ID);
   state.action = f.fields_string(doc, c::F_CAPTURE_STATE_ACTION, WHERE, 16);
   if (state.action != c::CAPTURE_ACTION_START && state.action != c::CAPTURE_ACTION_STOP &&
       state.action != c::CAPTURE_ACTION_UPLOAD) {
     f.fields_refuse("its action '" + state.action + "' is none of start, stop, upload");
   }
   f.fields_get(doc, c::F_CAPTURE_STATE_ISSUED_AT_MS, WHERE);
-  state.issued_at_ms = static_cast<int64_t>(bounded(f, doc, c::F_CAPTURE_STATE_ISSUED_AT_MS, 0, c::MAX_SAFE_INT, 0));
+  state.issued_at_ms = static_cast<int64_t>(f.fields_bounded(doc, c::F_CAPTURE_STATE_ISSUED_AT_MS, 0, c::MAX_SAFE_INT, 0));
   state.not_after = desired_not_after_read(f, doc);
   if (doc.contains(c::F_CAPTURE_STATE_POLICY)) state.policy = policy_read(f, doc[c::F_CAPTURE_STATE_POLICY]);
-  state.max_samples = bounded(f, doc, c::F_CAPTURE_STATE_MAX_SAMPLES, 1, MAX_CAPTURE_SAMPLES, state.max_samples);
-  state.max_bytes = bounded(f, doc, c::F_CAPTURE_STATE_MAX_BYTES, 1, c::MAX_SAFE_INT, state.max_bytes);
-  state.retention_s = bounded(f, doc, c::F_CAPTURE_STATE_RETENTION_S, 1, c::MAX_CAPTURE_RETENTION_S, state.retention_s);
+  state.max_samples = f.fields_bounded(doc, c::F_CAPTURE_STATE_MAX_SAMPLES, 1, MAX_CAPTURE_SAMPLES, state.max_samples);
+  state.max_bytes = f.fields_bounded(doc, c::F_CAPTURE_STATE_MAX_BYTES, 1, c::MAX_SAFE_INT, state.max_bytes);
+  state.retention_s = f.fields_bounded(doc, c::F_CAPTURE_STATE_RETENTION_S, 1, c::MAX_CAPTURE_RETENTION_S, state.retention_s);
   state.upload_url = f.fields_string(doc, c::F_CAPTURE_STATE_UPLOAD_URL, WHERE, MAX_URL);
   if (state.upload_url.rfind("http://", 0) != 0 && state.upload_url.rfind("https://", 0) != 0) {
     f.fields_refuse("its upload_url '" + state.upload_url.substr(0, 64) + "' is not an http:// or https:// URL");

@@ -1,9 +1,11 @@
 #include "deploy/envelope.h"
 
 #include <algorithm>
+#include <regex>
 
 #include "artifact/keys.h"
 #include "artifact/signature.h"
+#include "common/contract_words.h"
 #include "common/error.h"
 
 namespace edgesmith {
@@ -46,6 +48,26 @@ uint64_t SignedFields::fields_unsigned(const nlohmann::json& doc, const char* na
     fields_refuse(std::string("'") + name + "' in " + where + " must be a non-negative integer");
   }
   return value.get<uint64_t>();
+}
+
+std::string SignedFields::fields_id(const nlohmann::json& doc, const char* name) const {
+  static const std::regex pattern(contract::ID_REGEX);
+  const std::string value = fields_string(doc, name, what_.c_str(), 64);
+  if (!std::regex_match(value, pattern)) {
+    fields_refuse(std::string("its ") + name + " '" + value + "' is not an id (1-64 letters, digits, '_', '.', '-')");
+  }
+  return value;
+}
+
+uint64_t SignedFields::fields_bounded(const nlohmann::json& doc, const char* name, uint64_t low, uint64_t high,
+                                      uint64_t fallback) const {
+  if (!doc.contains(name)) return fallback;
+  const uint64_t value = fields_unsigned(doc, name, what_.c_str());
+  if (value < low || value > high) {
+    fields_refuse(std::string("its ") + name + " " + std::to_string(value) + " is outside " + std::to_string(low) +
+                  ".." + std::to_string(high));
+  }
+  return value;
 }
 
 std::string SignedFields::fields_open(const std::string& envelope, const std::vector<std::vector<uint8_t>>& deploy_keys,

@@ -27,6 +27,11 @@ class SignedFields {
   std::string fields_string(const nlohmann::json& doc, const char* name, const char* where, size_t max = 4096) const;
   /// A non-negative integer.
   uint64_t fields_unsigned(const nlohmann::json& doc, const char* name, const char* where) const;
+  /// The state's own field `name`: an id of the contract (ID_REGEX: 1-64 letters, digits, '_', '.', '-').
+  std::string fields_id(const nlohmann::json& doc, const char* name) const;
+  /// The state's own integer field `name` in [low, high]; `fallback` when it is absent.
+  uint64_t fields_bounded(const nlohmann::json& doc, const char* name, uint64_t low, uint64_t high,
+                          uint64_t fallback) const;
 
   /// Check the envelope's form, that its key is one of `deploy_keys` and its signature over
   /// `domain` + the signed text; returns the signed text (not yet parsed).

@@ -22,26 +22,6 @@ const SignedFields& shadow_fields() {
 
 constexpr const char* WHERE = "the shadow state";
 
-std::string id_field(const SignedFields& f, const nlohmann::json& doc, const char* name) {
-  static const std::regex pattern(c::ID_REGEX);
-  const std::string value = f.fields_string(doc, name, WHERE, 64);
-  if (!std::regex_match(value, pattern)) {
-    f.fields_refuse(std::string("its ") + name + " '" + value + "' is not an id (1-64 letters, digits, '_', '.', '-')");
-  }
-  return value;
-}
-
-uint64_t bounded(const SignedFields& f, const nlohmann::json& doc, const char* name, uint64_t low, uint64_t high,
-                 uint64_t fallback) {
-  if (!doc.contains(name)) return fallback;
-  const uint64_t value = f.fields_unsigned(doc, name, WHERE);
-  if (value < low || value > high) {
-    f.fields_refuse(std::string("its ") + name + " " + std::to_string(value) + " is outside " + std::to_string(low) +
-                    ".." + std::to_string(high));
-  }
-  return value;
-}
-
 double fraction(const SignedFields& f, const nlohmann::json& doc, const char* name, double fallback) {
   if (!doc.contains(name)) return fallback;
   const nlohmann::json& value = doc[name];
@@ -69,24 +49,24 @@ ShadowState shadow_state_from_text(const std::string& signed_text) {
   const std::string kind = f.fields_string(doc, c::F_SHADOW_STATE_KIND, WHERE, 64);
   if (kind != c::MESSAGE_KIND_SHADOW) f.fields_refuse("its kind is '" + kind + "', not 'shadow'");
   ShadowState state;
-  state.fleet = id_field(f, doc, c::F_SHADOW_STATE_FLEET);
-  state.device = id_field(f, doc, c::F_SHADOW_STATE_DEVICE);
-  state.version = bounded(f, doc, c::F_SHADOW_STATE_VERSION, 1, c::MAX_SAFE_INT, 0);
+  state.fleet = f.fields_id(doc, c::F_SHADOW_STATE_FLEET);
+  state.device = f.fields_id(doc, c::F_SHADOW_STATE_DEVICE);
+  state.version = f.fields_bounded(doc, c::F_SHADOW_STATE_VERSION, 1, c::MAX_SAFE_INT, 0);
   if (state.version == 0) f.fields_refuse("it lacks the field 'version'");
-  state.shadow_id = id_field(f, doc, c::F_SHADOW_STATE_SHADOW_ID);
+  state.shadow_id = f.fields_id(doc, c::F_SHADOW_STATE_SHADOW_ID);
   state.action = f.fields_string(doc, c::F_SHADOW_STATE_ACTION, WHERE, 16);
   if (state.action != c::SHADOW_ACTION_START && state.action != c::SHADOW_ACTION_STOP) {
     f.fields_refuse("its action '" + state.action + "' is neither start nor stop");
   }
   f.fields_get(doc, c::F_SHADOW_STATE_ISSUED_AT_MS, WHERE);
-  state.issued_at_ms = static_cast<int64_t>(bounded(f, doc, c::F_SHADOW_STATE_ISSUED_AT_MS, 0, c::MAX_SAFE_INT, 0));
+  state.issued_at_ms = static_cast<int64_t>(f.fields_bounded(doc, c::F_SHADOW_STATE_ISSUED_AT_MS, 0, c::MAX_SAFE_INT, 0));
   state.not_after = desired_not_after_read(f, doc);
-  state.starts_at_ms = static_cast<int64_t>(bounded(f, doc, c::F_SHADOW_STATE_STARTS_AT_MS, 0, c::MAX_SAFE_INT, 0));
-  state.duration_s = bounded(f, doc, c::F_SHADOW_STATE_DURATION_S, 1, c::MAX_SHADOW_DURATION_S, state.duration_s);
+  state.starts_at_ms = static_cast<int64_t>(f.fields_bounded(doc, c::F_SHADOW_STATE_STARTS_AT_MS, 0, c::MAX_SAFE_INT, 0));
+  state.duration_s = f.fields_bounded(doc, c::F_SHADOW_STATE_DURATION_S, 1, c::MAX_SHADOW_DURATION_S, state.duration_s);
   state.sample = fraction(f, doc, c::F_SHADOW_STATE_SAMPLE, state.sample);
   state.cpu_share = fraction(f, doc, c::F_SHADOW_STATE_CPU_SHARE, state.cpu_share);
-  state.queue = bounded(f, doc, c::F_SHADOW_STATE_QUEUE, 1, c::MAX_SHADOW_QUEUE, state.queue);
-  state.max_bytes = bounded(f, doc, c::F_SHADOW_STATE_MAX_BYTES, 1, c::MAX_SAFE_INT, state.max_bytes);
+  state.queue = f.fields_bounded(doc, c::F_SHADOW_STATE_QUEUE, 1, c::MAX_SHADOW_QUEUE, state.queue);
+  state.max_bytes = f.fields_bounded(doc, c::F_SHADOW_STATE_MAX_BYTES, 1, c::MAX_SAFE_INT, state.max_bytes);
   if (doc.contains(c::F_SHADOW_STATE_CANDIDATES)) {
     const nlohmann::json& list = doc[c::F_SHADOW_STATE_CANDIDATES];
     if (!list.is_array()) f.fields_refuse("'candidates' must be a list");
