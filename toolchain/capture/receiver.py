@@ -96,10 +96,11 @@ def _store(store: CaptureStore, grant, body: bytes, row: dict) -> str:
 
 def make_app(store: CaptureStore, artifacts: Path | None = None, read_timeout_s: float = READ_TIMEOUT_S) -> Starlette:
     log = logging.getLogger("edgesmith.capture")
-    # Per grant: uploads being received and the bytes they declared. The budget check counts them, so
-    # concurrent uploads of one capture hold at most its budget in memory, not one hard cap each.
+    # Per grant: the samples being received (by digest) and the lengths their uploads declared. The
+    # budget check counts them, so concurrent uploads of one capture hold at most its budget in memory,
+    # not one hard cap each; uploads of one digest at once (a retry racing the first try) count once.
     # Checked and reserved with no await in between: the event loop makes that one step.
-    inflight: dict[tuple[str, str, str], tuple[int, int]] = {}
+    inflight: dict[tuple[str, str, str], dict[str, list[int]]] = {}
 
     def refuse(fleet: str, device: str, why: Refusal, detail: str) -> Response:
         # Counted under the device only when the store granted it a capture: ids anyone can put in a
@@ -134,18 +135,23 @@ def make_app(store: CaptureStore, artifacts: Path | None = None, read_timeout_s:
         if int(declared) > cap:
             return refuse(fleet, device, Refusal.TOO_LARGE, f"{declared} bytes is over the {cap} this upload may take")
         key = (fleet, device, capture_id)
-        uploads, reserved = inflight.get(key, (0, 0))
-        if samples + uploads >= grant.max_samples or used + reserved + int(declared) > grant.max_bytes:
+        pending = inflight.get(key, {})
+        others = {digest: max(lengths) for digest, lengths in pending.items() if digest != sha}
+        reserved = sum(others.values()) + max([*pending.get(sha, []), int(declared)])
+        if (sha not in pending and samples + len(others) >= grant.max_samples) or used + reserved > grant.max_bytes:
             return refuse(fleet, device, Refusal.BUDGET,
-                          f"the capture's budget is taken ({samples} samples, {used} bytes stored, {uploads} uploads "
-                          f"of {reserved} bytes in progress)")
-        inflight[key] = (uploads + 1, reserved + int(declared))
+                          f"the capture's budget is taken ({samples} samples, {used} bytes stored, {len(others)} uploads "
+                          f"of {sum(others.values())} bytes in progress)")
+        inflight.setdefault(key, pending).setdefault(sha, []).append(int(declared))
         try:
             return await _receive(request, grant, fleet, device, capture_id, sha, cap)
         finally:
-            uploads, reserved = inflight.pop(key)
-            if uploads > 1:
-                inflight[key] = (uploads - 1, reserved - int(declared))
+            lengths = pending[sha]
+            lengths.remove(int(declared))
+            if not lengths:
+                del pending[sha]
+            if not pending and inflight.get(key) is pending:
+                del inflight[key]
 
     async def _receive(request: Request, grant, fleet: str, device: str, capture_id: str, sha: str,
                        cap: int) -> Response:
