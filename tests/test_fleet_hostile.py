@@ -1,6 +1,6 @@
 """A hostile device against the real monitor (issue 16): with one device's own login on a real
-Mosquitto, publish the poison messages of the issue and a few hundred hypothesis-generated births
-and windows; the monitor must count each refusal under its reason and against that device, keep
+Mosquitto, publish the poison messages of the issue and a few hundred hypothesis-generated births,
+windows and capture events (issue 19's ``capture.*`` events come from devices too); the monitor must count each refusal under its reason and against that device, keep
 running, keep answering /api/fleet, and still fire a healthy device's drift alert, also after a
 restart over a store holding rows it cannot use. Epochs: a re-imaged device's seq starting over is
 not taken for duplicates.
@@ -47,7 +47,14 @@ def _poison(d: SimulatedDevice) -> list[tuple[str, bytes, str]]:
     big_latency = copy.deepcopy(window)
     big_latency["latency"]["counts"][0] = 2**64
     newline_id = {**window, "device": d.device + "\n"}
-    return [("birth", json.dumps(no_edges).encode(), "invalid"), ("telemetry", json.dumps(window).encode(), None),
+    capture = _capture_event(d)
+    capture_huge = copy.deepcopy(capture)
+    capture_huge["details"]["stored_bytes"] = 2**64
+    capture_forged = copy.deepcopy(capture)
+    capture_forged["details"]["reason"] = "deleted-by-central"  # not a CaptureDrop
+    return [("event", json.dumps(capture_huge).encode(), "invalid"),
+            ("event", json.dumps(capture_forged).encode(), "invalid"),
+            ("birth", json.dumps(no_edges).encode(), "invalid"), ("telemetry", json.dumps(window).encode(), None),
             ("birth", json.dumps(huge).encode(), "invalid"), ("telemetry", json.dumps(big_count).encode(), "invalid"),
             ("telemetry", json.dumps(big_latency).encode(), "invalid"),
             ("state", json.dumps(state).encode(), "invalid"),
@@ -88,12 +95,26 @@ def _mutate(doc: dict, path: tuple, value: Any, delete: bool) -> dict:
     return doc
 
 
+def _capture_event(d: SimulatedDevice) -> dict:
+    """A valid ``capture.dropped`` event of the device, every field of its details filled."""
+    envelope = json.loads(d.telemetry(runs=1).model_dump_json())
+    event = {**{k: envelope[k] for k in ("v", "fleet", "device", "epoch", "bdSeq", "ts_ms")}, "seq": d.seq + 1,
+             "kind": "event", "event": contract.EventKind.CAPTURE_DROPPED, "message": "3 samples dropped: disk full",
+             "details": {"capture_id": "cap-20261208-a", "capture_version": 4, "samples": 3, "bytes": 3000,
+                         "stored_samples": 10, "stored_bytes": 10000, "reason": contract.CaptureDrop.DISK_FULL,
+                         "stop": None, "error": None}}
+    contract.parse_message(json.dumps(event).encode())  # the base is valid: only the mutations are hostile
+    return event
+
+
 def _generated(d: SimulatedDevice, n: int) -> list[tuple[str, bytes]]:
-    """``n`` births and windows of the device, each with one field replaced by a hostile value or
-    deleted (hypothesis picks which and what), at seqs the device has not used."""
+    """``n`` births, windows and capture events of the device, each with one field replaced by a
+    hostile value or deleted (hypothesis picks which and what), at seqs the device has not used."""
     birth = json.loads(d.birth().model_dump_json())
     window = json.loads(d.telemetry(runs=10).model_dump_json())
-    bases = {"birth": (birth, _paths(birth)), "telemetry": (window, _paths(window))}
+    capture = _capture_event(d)
+    bases = {"birth": (birth, _paths(birth)), "telemetry": (window, _paths(window)),
+             "event": (capture, _paths(capture))}
     made: list[tuple[str, bytes]] = []
 
     @settings(max_examples=n, deadline=None, database=None, derandomize=True,
