@@ -5,7 +5,8 @@ Checked through what a central login reads (`capture.*` events validated with ru
 the agents' HTTP API, the device's store on disk and the receiver's store: nothing is captured
 while capture is off; uniform:1 stores served samples that upload and pull into a dataset of the
 served input shape; SIGKILL during capture and during upload loses and duplicates nothing; a tiny
---capture-max-bytes drops the oldest while every request is still answered.
+--capture-max-bytes, and a disk that fills (a tmpfs), drop the oldest while every request is still
+answered.
 """
 
 from __future__ import annotations
@@ -250,6 +251,39 @@ def test_a_tiny_store_drops_the_oldest_and_serving_goes_on(world):
         assert newest >= dropped["ts_ms"] - 1000  # what stays is recent: the oldest went
     finally:
         assert agent.stop() == 0, agent.log()
+
+
+def test_a_full_disk_drops_the_oldest_and_serving_goes_on(world):
+    """The capture store on a 256 KiB tmpfs (a disk that fills long before --capture-max-bytes):
+    under uniform:1 the writes meet ENOSPC, the oldest samples go first (capture.dropped, reason
+    disk-full), newer ones keep being stored, and every request is still answered."""
+    device = "cap-diskfull"
+    data_dir = world["root"] / "agents" / device
+    store = data_dir / "capture"
+    store.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(store)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"a tmpfs cannot be mounted here (needs root): {mounted.stderr.strip()}")
+    try:
+        agent, info, _ = _start(world, device, "--synthetic-load", "40")
+        try:
+            _capture(world, "start", device, "--policy", "uniform:1")
+            _event(world, device, "capture.started")
+            dropped = _event(world, device, "capture.dropped", timeout=60, reason="disk-full")
+            assert dropped["details"]["samples"] >= 1
+            runs = _runs(info, _stats(info)["runs"] + 40)  # serving goes on with the disk full
+            later = wait_for(lambda: (lambda s: s if s and max(capture_record.parse(b).ts_ms for b in s.values())
+                                      > dropped["ts_ms"] else None)(_stored(data_dir)), 30,
+                             "a sample stored after the disk filled")
+            assert len(later) >= 2
+            stats = _stats(info)
+            assert stats["errors"] == 0 and stats["runs"] >= runs
+            assert stats["capture"]["active"], stats["capture"]
+        finally:
+            assert agent.stop() == 0, agent.log()
+    finally:
+        subprocess.run(["umount", str(store)], check=False)
 
 
 def test_disagreement_with_a_running_shadow_is_captured(world):
