@@ -4,12 +4,18 @@ hashes that match) made without a compiler, so the central side's tests need no 
 from __future__ import annotations
 
 import hashlib
+import json
+import signal
+import subprocess
 from pathlib import Path
 
 from edgesmith.runtime.manifest import (BackendInfo, BuildInfo, FileEntry, Golden, GoldenSample, HostInfo,
                                         LatencyBuckets, Manifest, ModelInfo, Monitoring, OutputMonitor, Payload,
                                         Proof, SourceInfo, TensorSpec, Validation)
+from edgesmith.toolchain.capture.store import CaptureStore
 from edgesmith.toolchain.signing import SigningKey, sign_manifest
+
+from conftest import EDGESMITH
 
 
 def make_artifact(directory: Path, key: SigningKey, version: str = "1", model_uri: str | None = None,
@@ -109,3 +115,20 @@ def make_echo_artifact(directory: Path, key: SigningKey, version: str = "1", fai
     (directory / "manifest.json").write_bytes(data)
     (directory / "manifest.sig").write_bytes(sign_manifest(data, key))
     return directory
+
+
+class CaptureReceiver:
+    """`edgesmith capture serve` in a subprocess, on a free loopback port."""
+
+    def __init__(self, directory: Path, artifacts: Path):
+        self.dir = directory
+        self.proc = subprocess.Popen([EDGESMITH, "capture", "serve", "--dir", str(directory), "--listen", "127.0.0.1:0",
+                                      "--store", str(artifacts)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.url = json.loads(self.proc.stdout.readline())["receiver"]
+
+    def shas(self, device: str, fleet: str = "plant-a") -> list[str]:
+        return [s["sha256"] for s in CaptureStore(self.dir).samples(fleet) if s["device"] == device]
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=30)
