@@ -182,7 +182,8 @@ def test_a_hostile_device_cannot_blind_the_monitor(broker_dir, start_monitor, st
         conn.execute(text("INSERT INTO devices SELECT 'plant-a', 'ghost', bd_seq, session_open, death_reason, "
                           "interval_s, artifact, model, model_version, target, backend, manifest_sha256, "
                           "build_latency_us, :birth, seq_state, gaps, messages, duplicates, runs, errors, "
-                          "first_seen_ms, last_seen_ms, last_window_end_ms, p50_us, p95_us, p99_us, batch "
+                          "first_seen_ms, last_seen_ms, last_window_end_ms, p50_us, p95_us, p99_us, batch, "
+                          "budget_day, budget_windows, budget_bytes "
                           "FROM devices WHERE device = 'healthy'"), {"birth": json.dumps(poisoned)})
     engine.dispose()
     again = start_monitor(log_name="monitor2.log")
@@ -323,6 +324,27 @@ def test_a_group_is_labelled_from_the_artifact_store(broker_dir, start_monitor, 
     (group,) = monitor.api()["groups"]
     assert (group["model"], group["version"], group["verified"]) == (info.model, "7", True)
     assert info.model != "another"
+
+
+@pytest.mark.timeout(180)
+def test_a_device_past_its_daily_budget_is_refused_and_shown(broker_dir, start_monitor, store_url):  # noqa: F811
+    """Before: every valid window was stored, so one device could fill the monitor's disk at ingest
+    speed. Past its daily budget a device's windows are refused (over_budget), counted against it
+    in `fleet status`, and another device's windows are stored as before."""
+    monitor = start_monitor("--device-windows-per-day", "3")
+    c1, c2 = devices(broker_dir, "honest", "hog")
+    honest, hog = connected(c1, artifact=ART, interval_s=60), connected(c2, artifact=ART, interval_s=60)
+    for _ in range(8):
+        hog.send(hog.telemetry(runs=10))
+    for _ in range(3):
+        honest.send(honest.telemetry(runs=10))
+    wait_until(lambda: monitor.counters().get("dropped.over_budget") == 5, 30, "5 of the hog's windows refused")
+    monitor.wait_device("honest", lambda x: x["runs_total"] == 30, "the honest device's 3 windows")
+    status = {r["device"]: r for r in json.loads(run_cli("fleet", "status", "--db", store_url, "--json").stdout)}
+    assert status["hog"]["runs"] == 30 and status["hog"]["refused"]["by_reason"] == {"over_budget": 5}
+    assert status["honest"]["runs"] == 30 and status["honest"]["refused"] is None
+    table = run_cli("fleet", "status", "--db", store_url).stdout
+    assert "5 over_budget" in table and "over its budget of 3 windows" in table
 
 
 def test_a_full_queue_refuses_and_counts(broker_dir, tmp_path, monkeypatch):  # noqa: F811
