@@ -15,7 +15,7 @@ from edgesmith.toolchain.fleet import protocol
 from edgesmith.toolchain.fleet.simulate import SimArtifact, SimulatedDevice, output_window
 from edgesmith.toolchain.fleet.store import DeviceBudget, Incoming, Store, fleet_status
 from edgesmith.toolchain.fleet.store.ingest import DAY_MS, messages, sessions, window_bytes, windows
-from test_fleet_monitor import classes
+from test_fleet_monitor import broker_dir, classes  # noqa: F401
 
 FLEET = "plant-a"
 ART = SimArtifact(outputs=[classes([0.4, 0.3, 0.2, 0.1])])
@@ -136,3 +136,25 @@ def test_retention_shorter_than_the_view_is_refused(tmp_path):
     with pytest.raises(UserError, match="keeps less than twice --recent-s"):
         MonitorConfig(tmp_path, "sqlite:///x.db", recent_s=3600, retention_s=3600)
     assert MonitorConfig(tmp_path, "sqlite:///x.db", retention_s=0).retention_s == 0
+
+
+def test_the_monitor_prunes_with_its_retention_and_applies_its_budget(broker_dir, tmp_path):  # noqa: F811
+    """The monitor's options reach the store: its budget is the one ingest applies, and its prune
+    deletes what is older than its retention (between transactions it checks for a stop)."""
+    from edgesmith.toolchain.fleet import monitor as monitor_mod
+    from edgesmith.toolchain.fleet.store import now_ms
+
+    config = monitor_mod.MonitorConfig(broker_dir, f"sqlite:///{tmp_path / 'm.db'}", recent_s=60, retention_s=3600,
+                                       budget=DeviceBudget(windows_per_day=2, bytes_per_day=0))
+    m = monitor_mod.Monitor(config)
+    try:
+        d = _device("cam-01")
+        at = now_ms()
+        _send(m.store, at - 7200_000, d.birth(), *_windows(d, 2))  # two hours old
+        _send(m.store, at, *_windows(d, 2))  # today's budget is 2 (unless the two-hour-old ones were yesterday)
+        today = 2 if (at - 7200_000) // DAY_MS == at // DAY_MS else 0
+        assert m.store.counters()["dropped.over_budget"] == today
+        assert m.prune() == {"windows": 2, "messages": 0, "sessions": 0}
+        assert _count(m.store, windows) == 2 - today
+    finally:
+        m.close()
