@@ -20,9 +20,10 @@ from conftest import EDGESMITH
 
 def make_artifact(directory: Path, key: SigningKey, version: str = "1", model_uri: str | None = None,
                   payload: bytes = b"payload", backend: str = "openvino", isa: str = "x86_64",
-                  output_shape: tuple[int, ...] = (1, 2)) -> Path:
+                  output_shape: tuple[int, ...] = (1, 2), reference: list[float] | None = None) -> Path:
     """An artifact directory for model ``tiny`` version ``version`` (payload bytes differ per version);
-    ``backend``, ``isa`` (target ``<isa>-avx2``) and ``output_shape`` make siblings that differ there."""
+    ``backend``, ``isa`` (target ``<isa>-avx2``) and ``output_shape`` make siblings that differ there;
+    ``reference``: the build's share per class of output ``y`` (drift is measured against it)."""
     directory.mkdir(parents=True)
     (directory / "golden" / "sample_0").mkdir(parents=True)
     contents = {"model.xml": payload + version.encode(), "model.bin": b"\0" * 64,
@@ -44,7 +45,7 @@ def make_artifact(directory: Path, key: SigningKey, version: str = "1", model_ur
         outputs=[TensorSpec(name="y", dtype="float32", shape=list(output_shape))],
         golden=Golden(samples=[GoldenSample(inputs=["golden/sample_0/input_0.npy"],
                                             outputs=["golden/sample_0/output_0.npy"])], atol=1e-5, rtol=1e-4),
-        monitoring=Monitoring(outputs=[OutputMonitor(name="y", kind="classes", classes=2)],
+        monitoring=Monitoring(outputs=[OutputMonitor(name="y", kind="classes", classes=2, reference=reference)],
                               latency=LatencyBuckets(start_us=1.0, factor=2.0, count=40)),
         validation=Validation(status="passed", reference="onnxruntime", executed=None, samples=1, max_abs_err=0.0,
                               max_rel_err=0.0, top1_agreement=1.0, atol=1e-5, rtol=1e-4, input_sensitivity=0.5),
