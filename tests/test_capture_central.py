@@ -299,7 +299,7 @@ def test_label_csv_errors_name_the_first_bad_line(receiver, tmp_path):
     ids = [str(i) for i in dataset.arrays()["ids"]]
     csv = tmp_path / "labels.csv"
     cases = {
-        f"id,class\n{ids[0]},1\n{'f' * 64},2\n": r"line 3: sample 'f{64}' is not in dataset",
+        f"id,class\n{ids[0]},1\n{'f' * 64},2\n": r"line 3: 'f{64}' is neither a sample id nor an input digest of dataset",
         f"{ids[0]},1\n{ids[1]},10\n": r"line 2: class '10' is not one of the model's classes \(0..9\)",
         f"{ids[0]},1\n{ids[1]},2\n{ids[0]},3\n": r"line 3: sample [0-9a-f]{64} is labelled twice",
         f"{ids[0]},1,extra\n": r"line 1 has 3 fields",
