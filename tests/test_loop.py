@@ -141,7 +141,7 @@ def test_loop_closes_a_drift_alert_resumes_after_a_kill_and_stops_at_a_failed_ga
             monitor.wait_device(device, lambda d: d["manifest_sha256"] == manifest_sha, "the retrained model", 120)
         # The new version's lineage names the alert and the captured dataset.
         import mlflow
-        client = mlflow.MlflowClient(f"sqlite:///{registry}")
+        client = mlflow.MlflowClient(f"sqlite:///{registry}", registry_uri=f"sqlite:///{registry}")
         version = client.get_model_version("digits", final["result_version"])
         assert version.tags["edgesmith.extra_dataset_digest"] == final["dataset_digest"]
         assert version.tags["edgesmith.alert"].startswith(f"{FLEET}/drift/cam-rot/")

@@ -232,13 +232,13 @@ class Loop:
                                 capture_id=capture_id)
                 asked = time.monotonic()
             time.sleep(1)
-        command.publish(self._capture_command(), CaptureAction.STOP, store, receiver=self._receiver(),
-                        capture_id=capture_id)
-        if received < max(1, wanted // 2):
+        if received < max(1, wanted // 2):  # the capture goes on: a re-run collects more of the same capture
             raise GateFailed(f"the capture gate was not met: the receiver got {received} of {wanted} samples of "
                              f"capture {capture_id} within {self.c.capture_timeout_s:g} s; check that the devices "
                              f"{', '.join(self.devices)} still drift and reach the receiver, or give --capture-timeout "
                              "more time, then run `edgesmith loop` again")
+        command.publish(self._capture_command(), CaptureAction.STOP, store, receiver=self._receiver(),
+                        capture_id=capture_id)
         return {"capture_id": capture_id, "samples": received, "said": f"{received} samples received"}
 
     def _step_label(self) -> dict[str, Any]:

@@ -75,8 +75,11 @@ def loop(
                      shadow_min_samples=shadow_min_samples, max_latency_ratio=max_latency_ratio, waves=waves,
                      abort_on_failure=abort_on_failure, wave_timeout_s=wave_timeout, previous=list(previous or []),
                      serve=serve, base_url=base_url, no_serve=no_serve, stop_after=stop_after)
-    say = (lambda line: __import__("sys").stderr.write(line + "\n")) if as_json else _say
-    runner = Loop(cfg, say)
-    row = runner.run()
+    from edgesmith.toolchain.cli import err_console, stdout_reserved
+
+    say = (lambda line: err_console.print(line, markup=False, highlight=False, soft_wrap=True)) if as_json else _say
+    with stdout_reserved(as_json):  # engines and child processes may write to descriptor 1
+        runner = Loop(cfg, say)
+        row = runner.run()
     if as_json:
         print(json.dumps({**row, "steps": retrain.steps(runner.store, row["id"])}, indent=2))
