@@ -227,7 +227,7 @@ class Loop:
             received = self._received(store, capture_id)
             if received >= wanted or time.monotonic() > deadline:
                 break
-            if time.monotonic() - asked >= 5:  # each upload round takes what is stored by then
+            if time.monotonic() - asked >= 2:  # each upload round takes what is stored by then
                 command.publish(self._capture_command(), CaptureAction.UPLOAD, store, receiver=self._receiver(),
                                 capture_id=capture_id)
                 asked = time.monotonic()
