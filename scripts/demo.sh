@@ -155,7 +155,7 @@ echo
 accuracy dist/demo/digits-cnn-x86_64-avx2-openvino-int8 "before the loop (INT8, deployed)"
 echo "edgesmith loop: capture cam-03's drifted inputs, label them, retrain, build, shadow, roll out"
 "${edgesmith[@]}" loop --fleet plant-a --on-alert drift --labels-from "$fleet/data/oracle.csv" \
-  --config "$(dirname "$0")/../examples/digits.toml" --broker "$fleet/broker" --db "$db" --max-samples 1000 \
+  --config "$(dirname "$0")/../examples/digits.toml" --broker "$fleet/broker" --db "$db" --max-samples 1400 \
   --shadow-duration 8 -o dist/loop --previous dist/demo/digits-cnn-x86_64-avx2-openvino-int8 --previous "$artifact" \
   --json >"$fleet/loop.json"
 retrained=$("$VENV/bin/python" -c 'import json, sys; print(json.load(open(sys.argv[1]))["steps"]["build"]["detail"]["artifact"])' "$fleet/loop.json")

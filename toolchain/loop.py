@@ -165,7 +165,9 @@ class Loop:
         row = retrain.advance(self.store, self.rid, "done", note="closed by edgesmith loop",
                               result_version=self._detail("train")["version"])
         timings = {s: r["duration_ms"] / 1000 for s, r in retrain.steps(self.store, self.rid).items()}
-        self.say(f"retrain request {self.rid} is done: {row['model']} version {row['result_version']} rolled out; "
+        trained = self._detail("train")
+        self.say(f"retrain request {self.rid} is done: {trained['model']} version {row['result_version']} (as "
+                 f"{Path(self._detail('build')['artifact']).name}) rolled out to {self.c.fleet}; "
                  "step times: " + ", ".join(f"{s} {timings[s]:.1f} s" for s in STEPS if s in timings))
         return row
 
