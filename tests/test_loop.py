@@ -78,6 +78,7 @@ def test_loop_closes_a_drift_alert_resumes_after_a_kill_and_stops_at_a_failed_ga
             "--config", str(config), "--broker", str(broker.dir), "--db", db, "--dir", str(tmp_path / "captures"),
             "--datasets", str(tmp_path / "datasets"), "--store", str(tmp_path / "artifacts"),
             "--key", str(deploy_key), "--max-samples", "100", "--capture-timeout", "120", "-o", str(tmp_path / "dist"),
+            "--backend", "openvino", "--precision", "fp32",  # the default selection (every backend) is the demo's
             "--min-accuracy", "0", "--shadow-duration", "6", "--shadow-sample", "1", "--shadow-min-samples", "10",
             "--waves", "50%,100%", "--wave-timeout", "120", "--previous", str(digits_served["path"])]
     try:

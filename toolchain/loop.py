@@ -66,6 +66,8 @@ class LoopConfig:
     capture_timeout_s: float = 300.0
     alias: str = "challenger"
     target: str | None = None
+    backend: str | None = None  # None: the build's default selection
+    precision: str | None = None
     output: Path = Path("dist/loop")
     min_accuracy: float = 0.9
     shadow_duration_s: int = 20
@@ -79,7 +81,6 @@ class LoopConfig:
     serve: str = "127.0.0.1:0"
     base_url: str | None = None
     no_serve: bool = False
-    stop_after: str | None = None  # tests: end after this step, as if killed there
 
 
 def pick_request(store, fleet: str, request_id: str | None) -> dict[str, Any]:
@@ -160,8 +161,6 @@ class Loop:
                 took = time.time() - started
                 retrain.record_step(self.store, self.rid, step, "done", int(started * 1000), int(took * 1000), detail)
                 self.say(f"  {step}: done in {took:.1f} s ({detail.get('said', '')})")
-                if step == self.c.stop_after:
-                    return retrain.get(self.store, self.rid)
         row = retrain.advance(self.store, self.rid, "done", note="closed by edgesmith loop",
                               result_version=self._detail("train")["version"])
         timings = {s: r["duration_ms"] / 1000 for s, r in retrain.steps(self.store, self.rid).items()}
@@ -295,7 +294,9 @@ class Loop:
         target = self._target()
         name = f"{trained['model']}-v{trained['version']}"
         out = _run_json(_edgesmith() + ["build", f"models:/{trained['model']}/{trained['version']}", "-t", target,
-                                        "--name", name, "-o", str(self.c.output)], "build", self._env())
+                                        "--name", name, "-o", str(self.c.output)]
+                       + (["--backend", self.c.backend] if self.c.backend else [])
+                       + (["--precision", self.c.precision] if self.c.precision else []), "build", self._env())
         chosen = next((s for s in out["selections"] if s["target"] == target), None)
         artifacts = [a for a in out["artifacts"] if a["target"] == target]
         if chosen is not None:

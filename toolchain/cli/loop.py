@@ -33,6 +33,9 @@ def loop(
     capture_timeout: float = typer.Option(300.0, "--capture-timeout", min=1, help="Seconds to wait for the samples."),
     alias: str = typer.Option("challenger", "--alias", help="Registered-model alias of the retrained version."),
     target: str = typer.Option(None, "--target", "-t", help="Build for this target (default: the drifted devices')."),
+    backend: str = typer.Option(None, "--backend", help="Build only this backend (default: the build's default "
+                                "selection among the target's backends)."),
+    precision: str = typer.Option(None, "--precision", help="Build this precision (default: the build's default)."),
     output: Path = typer.Option(Path("dist/loop"), "--output", "-o", help="Where the retrained model is built."),
     min_accuracy: float = typer.Option(0.9, "--min-accuracy", help="Gate: top-1 accuracy of the built model on the "
                                        "labelled captured samples training held out."),
@@ -53,7 +56,6 @@ def loop(
     base_url: str = typer.Option(None, "--base-url", envvar="EDGESMITH_ARTIFACT_URL", help=BASE_URL_HELP),
     no_serve: bool = typer.Option(False, "--no-serve", help=NO_SERVE_HELP),
     tracking_uri: str = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI."),
-    stop_after: str = typer.Option(None, "--stop-after", hidden=True, help="End after this step (tests)."),
     as_json: bool = typer.Option(False, "--json", help="Print the retrain request and its steps as JSON at the end."),
 ) -> None:
     """Close the loop on a retrain request: capture -> upload -> pull -> label -> train -> build -> held-out
@@ -61,20 +63,19 @@ def loop(
     resume at the first step not done. Stops at the first failed gate."""
     from edgesmith.toolchain.errors import UserError
     from edgesmith.toolchain.fleet.store import default_url, retrain
-    from edgesmith.toolchain.loop import STEPS, Loop, LoopConfig
+    from edgesmith.toolchain.loop import Loop, LoopConfig
 
     if on_alert != "drift":
         raise UserError(f"--on-alert {on_alert}: only drift alerts open retrain requests; pass --on-alert drift")
-    if stop_after is not None and stop_after not in STEPS:
-        raise UserError(f"--stop-after {stop_after} is not a step; one of {', '.join(STEPS)}")
     cfg = LoopConfig(fleet=fleet, broker_dir=broker, db_url=db or default_url(), config=config, labels=labels_from,
                      request=request, receiver=receiver, listen=listen, capture_dir=directory, datasets=datasets,
                      store_dir=store, key=key, tracking_uri=tracking_uri, policy=policy, max_samples=max_samples,
-                     capture_timeout_s=capture_timeout, alias=alias, target=target, output=output,
+                     capture_timeout_s=capture_timeout, alias=alias, target=target, backend=backend, precision=precision,
+                     output=output,
                      min_accuracy=min_accuracy, shadow_duration_s=shadow_duration, shadow_sample=shadow_sample,
                      shadow_min_samples=shadow_min_samples, max_latency_ratio=max_latency_ratio, waves=waves,
                      abort_on_failure=abort_on_failure, wave_timeout_s=wave_timeout, previous=list(previous or []),
-                     serve=serve, base_url=base_url, no_serve=no_serve, stop_after=stop_after)
+                     serve=serve, base_url=base_url, no_serve=no_serve)
     from edgesmith.toolchain.cli import err_console, stdout_reserved
 
     say = (lambda line: err_console.print(line, markup=False, highlight=False, soft_wrap=True)) if as_json else _say
