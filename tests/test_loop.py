@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -113,21 +114,24 @@ def test_loop_closes_a_drift_alert_resumes_after_a_kill_and_stops_at_a_failed_ga
                                 timeout=500)
         assert failed.returncode == 1, failed.stdout[-3000:] + failed.stderr[-3000:]
         (sentence,) = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
-        assert sentence.startswith("error: the shadow's latency gate was not met: on cam-rot ") and \
-            "(bound 0.001)" in sentence and "run `edgesmith loop` again" in sentence, sentence
+        # (on a loaded machine the candidate, at SCHED_IDLE, may run too few samples: the shadow's other gate)
+        assert re.match(r"error: the shadow's latency gate was not met: on cam-rot .*\(bound 0\.001\)|"
+                        r"error: the shadow gate was not met: shadow sh-\S+ has cam-rot \d+ samples \(needed 10 per",
+                        sentence) and sentence.endswith("run `edgesmith loop` again"), sentence
         assert "Traceback" not in failed.stderr
         after = _steps(db, rid)
         for step in ("capture", "collect", "label"):  # not done again
             assert after[step] == before[step], step
         assert [s for s in ("train", "build", "validate") if after[s]["status"] == "done"] == ["train", "build", "validate"]
-        assert after["shadow"]["status"] == "failed" and "latency gate" in after["shadow"]["detail"]["error"]
+        assert after["shadow"]["status"] == "failed" and after["shadow"]["detail"]["error"] == sentence[len("error: "):]
         row = _request(db, rid)
-        assert row["status"] == "shadowing" and row["note"].startswith("shadow failed: the shadow's latency gate")
+        assert row["status"] == "shadowing" and row["note"] == "shadow failed: " + sentence[len("error: "):]
         assert (row["mlflow_run_id"], row["result_version"]) == (after["train"]["detail"]["run_id"],
                                                                 after["train"]["detail"]["version"])
 
         # 3. Resumed with a bound this loaded machine meets: shadow and canary rollout, the request is done.
-        done = subprocess.run(loop + ["--max-latency-ratio", "1000", "--json"], env=env, capture_output=True,
+        done = subprocess.run(loop + ["--max-latency-ratio", "1000", "--shadow-min-samples", "1", "--shadow-duration",
+                                      "20", "--json"], env=env, capture_output=True,
                               text=True, timeout=500)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         final = json.loads(done.stdout)
