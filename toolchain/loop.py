@@ -129,8 +129,9 @@ class Loop:
     # ---- bookkeeping -------------------------------------------------------------------------------
 
     def _enter(self, status: str) -> None:
+        """Move the request forward to ``status``; never back (a step re-run after a kill keeps it where it is)."""
         current = retrain.get(self.store, self.rid)["status"]
-        if current != status:
+        if retrain.STATUSES.index(current) < retrain.STATUSES.index(status):
             retrain.advance(self.store, self.rid, status)
 
     def _detail(self, step: str) -> dict[str, Any]:
