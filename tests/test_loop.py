@@ -157,3 +157,14 @@ def test_loop_closes_a_drift_alert_resumes_after_a_kill_and_stops_at_a_failed_ga
         for agent in agents:
             agent.stop()
         monitor.stop()
+
+
+def test_the_monitor_ignores_central_states_on_device_topics():
+    """The loop publishes shadow and capture states (retained, on the device's topics): the monitor,
+    which reads edgesmith/v1/#, ignores them like desired states instead of counting them as the
+    device's refused messages; a kind nobody publishes is still refused."""
+    from edgesmith.toolchain.fleet.monitor import classify
+
+    for kind in ("desired", "shadow-desired", "capture-desired"):
+        assert classify(f"edgesmith/v1/{FLEET}/cam-1/{kind}", b"{}", 0, retained=True) is None, kind
+    assert classify(f"edgesmith/v1/{FLEET}/cam-1/bogus", b"{}", 0) is not None
