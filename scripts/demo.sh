@@ -23,8 +23,10 @@ edgesmith=("$VENV/bin/edgesmith")
 "${edgesmith[@]}" verify dist/demo/digits-cnn-rpi4-aarch64-tvm
 
 # --- the fleet loop: a broker, the monitor, three agents (C++) on the host artifact --------------
-# cam-03 gets shifted inputs until the monitor's drift alert fires; everything started here is
-# stopped on exit.
+# The devices' camera stand-in (`--load-from`) replays digits of the registered model's training
+# split; cam-03's camera is turned by 90 degrees until the monitor's drift alert fires. Accuracy is
+# measured on the model's held-out test split, which no device ever sees. Everything started here
+# is stopped on exit.
 fleet=dist/demo/fleet
 artifact=dist/demo/digits-cnn-x86_64-avx2-openvino
 rm -rf "$fleet"
@@ -47,8 +49,56 @@ port=9110
 cp "$EDGESMITH_HOME/keys/default.pub" "$fleet/trust/build/"
 cp "$EDGESMITH_HOME/keys/deploy/default.pub" "$fleet/trust/deploy/"
 
+# The cameras' inputs and the labelling source, from the registered model's data: its training digits
+# as they are (cam-01, cam-02) and rotated (cam-03), an oracle labelling the rotated ones by input
+# digest (a labeller cannot know the ids the devices' samples get), and its held-out test split.
+"$VENV/bin/python" - "$fleet/data" <<'PY'
+import hashlib, sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from sklearn.datasets import load_digits
+
+from edgesmith.toolchain.train import tracking
+
+out = Path(sys.argv[1])
+out.mkdir(parents=True)
+client = tracking.connect(tracking.tracking_uri(None))
+version = client.get_model_version_by_alias("digits", "champion")
+with np.load(mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=tracking.TEST_SPLIT,
+                                                 dst_path=str(out / "split")), allow_pickle=False) as split:
+    test_x, test_y = split["x"].astype(np.float32), split["y"]
+digits = load_digits()
+held_out = {x.tobytes() for x in test_x}
+train = [(x[None], y) for x, y in zip(digits.images.astype(np.float32), digits.target) if x[None].tobytes() not in held_out]
+x = np.ascontiguousarray(np.stack([t[0] for t in train]))
+rotated = np.ascontiguousarray(np.rot90(x, 1, axes=(2, 3)))
+np.save(out / "digits.npy", x)
+np.save(out / "rotated.npy", rotated)
+with open(out / "oracle.csv", "w") as f:
+    f.write("id,class\n" + "".join(f"{hashlib.sha256(r.tobytes()).hexdigest()},{int(t[1])}\n" for r, t in zip(rotated, train)))
+np.savez(out / "held-out.npz", x=test_x, y=test_y)
+print(f"camera inputs: {len(x)} training digits (cam-03: rotated by 90 degrees); held out: {len(test_y)} test digits")
+PY
+accuracy() {  # top-1 of the artifact the fleet serves, on held-out digits no device saw, as they are and rotated
+  "$VENV/bin/python" - "$1" "$fleet/data/held-out.npz" "$2" <<'PY'
+import sys
+
+import numpy as np
+
+from edgesmith.toolchain.loop import top1
+
+with np.load(sys.argv[2]) as data:
+    x, y = data["x"], data["y"]
+plain, turned = top1(sys.argv[1], x, y), top1(sys.argv[1], np.rot90(x, 1, axes=(2, 3)), y)
+print(f"{sys.argv[3]}: top-1 on {len(y)} held-out digits no device saw: unshifted {plain:.1%}, rotated by 90 degrees "
+      f"{turned:.1%} ({(plain - turned) * 100:.1f} points apart)")
+PY
+}
+
 echo
-echo "fleet: broker, monitor and three agents (cam-03 is fed shifted inputs)"
+echo "fleet: broker, monitor and three agents (cam-03's camera is turned by 90 degrees)"
 "${edgesmith[@]}" broker up --dir "$fleet/broker"
 for device in cam-01 cam-02 cam-03; do
   "${edgesmith[@]}" broker add-device "$device" --fleet plant-a --dir "$fleet/broker"
@@ -58,11 +108,11 @@ db="sqlite:///$PWD/$fleet/monitor.db"
   >"$fleet/monitor.log" 2>&1 &
 pids+=($!)
 for device in cam-01 cam-02 cam-03; do
-  shift_args=()
-  [[ "$device" == cam-03 ]] && shift_args=(--synthetic-shift 4)
+  camera="$fleet/data/digits.npy"
+  [[ "$device" == cam-03 ]] && camera="$fleet/data/rotated.npy"
   "$VENV/bin/edgesmith-agent" --device "$device" --fleet plant-a --artifact "$artifact" \
     --credentials "$fleet/broker/devices/$device.json" --data-dir "$fleet/$device" --interval 2 \
-    --trust-dir "$fleet/trust" --synthetic-load 40 "${shift_args[@]}" >"$fleet/$device.log" 2>&1 &
+    --trust-dir "$fleet/trust" --synthetic-load 40 --load-from "$camera" >"$fleet/$device.log" 2>&1 &
   pids+=($!)
 done
 
@@ -96,6 +146,39 @@ echo
 echo "canary rollout of the INT8 artifact: wave 1 is cam-01, wave 2 the rest; abort above 34% failed"
 "${edgesmith[@]}" deploy dist/demo/digits-cnn-x86_64-avx2-openvino-int8 --fleet plant-a --broker "$fleet/broker" \
   --db "$db" --waves 33%,100% --abort-on-failure 34% --wave-timeout 120 --previous "$artifact" --serve 127.0.0.1:0
+"${edgesmith[@]}" fleet status --db "$db"
+
+# --- closing the loop: cam-03's drift -> capture -> label -> retrain -> build -> shadow -> canary -----
+# `edgesmith loop` takes the retrain request cam-03's drift alert opened and carries it through;
+# each step is recorded on the request (run it again and it resumes), and it stops at a failed gate.
+echo
+accuracy dist/demo/digits-cnn-x86_64-avx2-openvino-int8 "before the loop (INT8, deployed)"
+echo "edgesmith loop: capture cam-03's drifted inputs, label them, retrain, build, shadow, roll out"
+"${edgesmith[@]}" loop --fleet plant-a --on-alert drift --labels-from "$fleet/data/oracle.csv" \
+  --config "$(dirname "$0")/../examples/digits.toml" --broker "$fleet/broker" --db "$db" --max-samples 1400 \
+  --shadow-duration 8 -o dist/loop --previous dist/demo/digits-cnn-x86_64-avx2-openvino-int8 --previous "$artifact" \
+  --json >"$fleet/loop.json"
+retrained=$("$VENV/bin/python" -c 'import json, sys; print(json.load(open(sys.argv[1]))["steps"]["build"]["detail"]["artifact"])' "$fleet/loop.json")
+accuracy "$retrained" "after the loop ($(basename "$retrained"), deployed)"
+echo "waiting for cam-03's drift alert to clear (up to 60 s: the monitor measures the new model's outputs) ..."
+cleared=""
+for _ in $(seq 60); do
+  cleared=$("$VENV/bin/python" - "$port" <<'PY' 2>/dev/null || true
+import json, sys, urllib.request
+fleet = json.load(urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/api/fleet", timeout=2))
+if not any(a["alert"] == "drift" and a["subject"].startswith("cam-03") and a["active"] for a in fleet["alerts"]):
+    print("yes")
+PY
+)
+  [[ -n "$cleared" ]] && break
+  sleep 1
+done
+if [[ -n "$cleared" ]]; then
+  echo "cam-03's drift alert cleared: the retrained model's outputs on its rotated inputs match its reference"
+else
+  echo "cam-03's drift alert is still active after 60 s (see \`edgesmith fleet status\`): it clears once the new model's"
+  echo "recent windows on cam-03 match the reference shares of its build"
+fi
 "${edgesmith[@]}" fleet status --db "$db"
 echo "dashboard: http://127.0.0.1:$port/ (also /metrics and /api/fleet); the demo stops its fleet now,"
 echo "           the commands above (scripts/demo.sh) start one that stays up"

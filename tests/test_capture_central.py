@@ -299,7 +299,7 @@ def test_label_csv_errors_name_the_first_bad_line(receiver, tmp_path):
     ids = [str(i) for i in dataset.arrays()["ids"]]
     csv = tmp_path / "labels.csv"
     cases = {
-        f"id,class\n{ids[0]},1\n{'f' * 64},2\n": r"line 3: sample 'f{64}' is not in dataset",
+        f"id,class\n{ids[0]},1\n{'f' * 64},2\n": r"line 3: 'f{64}' is neither a sample id nor an input digest of dataset",
         f"{ids[0]},1\n{ids[1]},10\n": r"line 2: class '10' is not one of the model's classes \(0..9\)",
         f"{ids[0]},1\n{ids[1]},2\n{ids[0]},3\n": r"line 3: sample [0-9a-f]{64} is labelled twice",
         f"{ids[0]},1,extra\n": r"line 1 has 3 fields",
@@ -555,3 +555,33 @@ def test_a_plain_http_receiver_off_the_loopback_is_refused(tmp_path):
     with pytest.raises(Exception) as refused:  # past this check: then the missing broker stops it
         command.publish(cmd, contract.CaptureAction.START, store, receiver="http://127.0.0.1:8471")
     assert "in clear" not in str(refused.value)
+
+
+def test_labels_keyed_by_input_digest_label_every_sample_of_that_input(receiver, tmp_path):
+    """A labelling source knows the inputs, not the sample ids: a key may be the SHA-256 of a sample's
+    input bytes (the record's input tensor, exactly), labelling every sample of that input; with
+    --skip-unknown keys of inputs never captured are skipped, without it the first one is refused."""
+    images, labels, _ = _upload_some(receiver)
+    again = _record("cam-01", np.rot90(images[0]).copy(), 1765000000050)  # the same input served again: another sample
+    assert receiver["up"]["cam-01"].put(again).status_code == 201
+    dataset = ds.pull(receiver["store"], FLEET, None, tmp_path / "d")
+
+    def digest(image: np.ndarray) -> str:  # what a labeller computes from the input alone
+        return hashlib.sha256(np.ascontiguousarray(np.rot90(image), dtype="<f4").tobytes()).hexdigest()
+    unseen = digest(_digits(1, seed=11)[0][0] + 1)
+    csv = tmp_path / "oracle.csv"
+    csv.write_text("id,class\n" + "".join(f"{digest(i)},{int(c)}\n" for i, c in zip(images, labels)) + f"{unseen},4\n")
+    with pytest.raises(UserError, match=r"line 8: '[0-9a-f]{64}' is neither a sample id nor an input digest"):
+        ds.label(dataset, csv)
+    labelled = ds.label(dataset, csv, skip_unknown=True)
+    assert labelled.meta["samples"] == 7  # 6 inputs, one of them captured twice
+    arrays = labelled.arrays()
+    by_input = {digest(i): int(c) for i, c in zip(images, labels)}
+    assert [by_input[d] for d in ds.input_digests(labelled, arrays)] == list(arrays["y"])
+    # A sample labelled by its id and by its input digest is labelled twice.
+    sample = str(dataset.arrays()["ids"][0])
+    csv.write_text(f"{sample},1\n" + "".join(f"{digest(i)},{int(c)}\n" for i, c in zip(images, labels)))
+    with pytest.raises(UserError, match=r"is labelled twice \(by its id or its input digest\)"):
+        ds.label(dataset, csv)
+    result = run_cli("data", "label", str(dataset.path), "--labels", str(tmp_path / "oracle.csv"), check=False)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr

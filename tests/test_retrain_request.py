@@ -291,6 +291,23 @@ def test_store_moves_a_request_only_forward(store_url):
     assert (FLEET, "cam-1") not in naming and naming[(FLEET, "cam-2")]["id"] == other
     with pytest.raises(ValueError):
         retrain.advance(store, other, "capturing", bogus="x")
+    # The loop's way (toolchain/loop.py): every status up to done, links kept, each step recorded once.
+    for status in ("capturing", "training", "building", "shadowing"):
+        retrain.advance(store, other, status)
+    row = retrain.link(store, other, note="shadow failed: the shadow's latency gate", result_version="5")
+    assert (row["status"], row["result_version"], row["note"]) == ("shadowing", "5", "shadow failed: the shadow's latency gate")
+    retrain.record_step(store, other, "shadow", "failed", at, 1500, {"error": "x"})
+    retrain.record_step(store, other, "shadow", "done", at + 9, 2500, {"shadow_id": "sh-1"})  # run again: rewritten
+    retrain.record_step(store, other, "build", "done", at, 10, {})
+    assert retrain.steps(store, other) == {
+        "shadow": {"status": "done", "started_ms": at + 9, "duration_ms": 2500, "detail": {"shadow_id": "sh-1"}},
+        "build": {"status": "done", "started_ms": at, "duration_ms": 10, "detail": {}}}
+    with pytest.raises(UserError, match="is shadowing, so it cannot become done"):
+        retrain.advance(store, other, "done")
+    retrain.advance(store, other, "rolling-out")
+    assert retrain.advance(store, other, "done")["status"] == "done"
+    with pytest.raises(UserError, match="is not active any more"):
+        retrain.link(store, other, note="late")
     with pytest.raises(UserError, match="there is no retrain request 'rr-nope'"):
         retrain.get(store, "rr-nope")
 

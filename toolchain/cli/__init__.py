@@ -57,7 +57,7 @@ def stdout_reserved(reserve: bool) -> Iterator[None]:
 
 def _register() -> None:
     from edgesmith.toolchain.cli import artifacts, bench, broker, build, deploy, fleet, keys, prove, targets, tools, train
-    from edgesmith.toolchain.cli import capture, check, data, shadow, tune
+    from edgesmith.toolchain.cli import capture, check, data, loop, shadow, tune
 
     app.command("targets")(targets.targets)
     app.command("build")(build.build)
@@ -71,6 +71,7 @@ def _register() -> None:
     app.command("deploy")(deploy.deploy)
     app.command("rollback")(deploy.rollback)
     app.command("select")(shadow.select)
+    app.command("loop")(loop.loop)
     app.add_typer(keys.app, name="keys")
     app.add_typer(tools.app, name="tools")
     app.add_typer(broker.app, name="broker")

@@ -13,7 +13,10 @@ app = typer.Typer(help="Label and inspect captured datasets (docs/capture.md).",
 @app.command("label")
 def label(
     dataset: str = typer.Argument(..., help="The dataset: its digest (or a prefix of 8+ digits) or its directory."),
-    labels: Path = typer.Option(..., "--labels", help="CSV of 'sample id,class' lines (class: the class index)."),
+    labels: Path = typer.Option(..., "--labels", help="CSV of 'key,class' lines (class: the class index); a key is a "
+                                "sample id or an input digest (the SHA-256 of the sample's input bytes)."),
+    skip_unknown: bool = typer.Option(False, "--skip-unknown", help="Skip lines whose key matches no sample (a "
+                                      "labelling source that labels more inputs than were captured)."),
     classes: int = typer.Option(None, "--classes", min=1, help="The model's class count, when the samples carry no output."),
     datasets: Path = typer.Option(None, "--datasets", envvar="EDGESMITH_DATASETS", help="Dataset directory (default $EDGESMITH_HOME/datasets)."),
     tracking_uri: str = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI."),
@@ -23,7 +26,7 @@ def label(
     from edgesmith.toolchain.cli import out_console
     from edgesmith.toolchain.data import datasets as ds
 
-    labelled = ds.label(ds.open_dataset(dataset, datasets), labels, classes)
+    labelled = ds.label(ds.open_dataset(dataset, datasets), labels, classes, skip_unknown=skip_unknown)
     run_id = ds.log_to_mlflow(labelled, tracking_uri)
     if as_json:
         print(json.dumps({**labelled.meta, "path": str(labelled.path), "mlflow_run": run_id}, indent=2))

@@ -169,7 +169,8 @@ def status(
 
 def _retrain_table(rows: list[dict]) -> Table:
     """Retrain requests as a rich table (model names and devices are devices' words: escaped)."""
-    colours = {"open": "yellow", "capturing": "cyan", "training": "cyan", "done": "green", "dismissed": "dim"}
+    colours = {"open": "yellow", "capturing": "cyan", "training": "cyan", "building": "cyan", "shadowing": "cyan",
+               "rolling-out": "cyan", "done": "green", "dismissed": "dim"}
     table = Table("retrain request", "fleet", "status", "model", "devices", "alerts", "opened", "linked",
                   title="retrain requests (drift alerts)")
     for r in rows:
@@ -194,7 +195,7 @@ app.add_typer(retrain_app, name="retrain")
 def retrain_list(
     db: str = typer.Option(None, "--db", envvar="EDGESMITH_FLEET_DB", help=DB_HELP),
     fleet: str = typer.Option(None, "--fleet", envvar="EDGESMITH_FLEET", help="Only this fleet."),
-    active: bool = typer.Option(False, "--active", help="Only open, capturing or training ones."),
+    active: bool = typer.Option(False, "--active", help="Only active ones (open, or on their way through `edgesmith loop`)."),
     limit: int = typer.Option(50, "--limit", min=1,
                               help="How many: the active ones first (newest first), then the newest closed ones."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list: id, fleet, model, model_version, "
@@ -223,7 +224,7 @@ def retrain_dismiss(
     note: str = typer.Option(None, "--note", help="Why (kept with the request)."),
     as_json: bool = typer.Option(False, "--json", help="Print the request as it is now (JSON)."),
 ) -> None:
-    """Dismiss a retrain request that is open, capturing or training: the next drift alert of its
+    """Dismiss an active retrain request (any status but done and dismissed): the next drift alert of its
     devices opens a new one."""
     from edgesmith.toolchain.cli import out_console
     from edgesmith.toolchain.fleet.store import Store, default_url, retrain

@@ -114,15 +114,18 @@ def parse_duration(text: str, option: str = "--since") -> int:
 
 
 def pull(store: CaptureStore, fleet: str, since_s: int | None = None, root: Path | None = None,
-         now_s: float | None = None, model: str | None = None) -> CapturedDataset:
+         now_s: float | None = None, model: str | None = None, captures: set[str] | None = None) -> CapturedDataset:
     """The samples of ``fleet`` received in the last ``since_s`` seconds (all when None) as a dataset;
-    only those of the model whose manifest digest starts with ``model``, when given."""
+    only those of the model whose manifest digest starts with ``model``, and of ``captures``, when given."""
     now_ms = int((now_s if now_s is not None else time.time()) * 1000)
     rows = store.samples(fleet, now_ms - since_s * 1000 if since_s is not None else 0)
     if model is not None:
         rows = [r for r in rows if r["manifest_sha256"].startswith(model.lower())]
+    if captures is not None:
+        rows = [r for r in rows if r["capture_id"] in captures]
     if not rows:
         raise UserError(f"no captured samples of fleet {fleet}" + (f" and model {model}" if model else "")
+                        + (f" in capture {', '.join(sorted(captures))}" if captures else "")
                         + " were received" + (f" in the last {since_s} s" if since_s is not None else "")
                         + "; start a capture (`edgesmith capture start`) and let the devices upload (`capture upload`)")
     digest = hashlib.sha256("".join(f"{r['sha256']}\n" for r in rows).encode()).hexdigest()
@@ -172,10 +175,23 @@ def pull(store: CaptureStore, fleet: str, since_s: int | None = None, root: Path
     return _write(root, digest, arrays, meta)
 
 
-def label(dataset: CapturedDataset, labels_csv: Path, classes: int | None = None, root: Path | None = None) -> CapturedDataset:
-    """A new dataset of the samples ``labels_csv`` labels (rows ``sample id,class``; a header row
-    ``id,class`` is allowed), with lineage to ``dataset``. Classes are indices below the model's
-    class count (the dataset's, or ``classes``). Unknown ids, classes outside the model's and
+def input_digests(dataset: CapturedDataset, arrays: dict[str, np.ndarray] | None = None) -> list[str]:
+    """Each sample's input digest: the SHA-256 of its inputs' raw bytes, every input in the model's
+    order, little-endian, C order, back to back (exactly the record's input tensors), so a labelling
+    source that knows the inputs (not the sample ids, which cover when and where it was served) can
+    key its labels by content."""
+    arrays = arrays if arrays is not None else dataset.arrays()
+    columns = [np.ascontiguousarray(arrays[name]) for name in dataset.meta["inputs"]]
+    return [hashlib.sha256(b"".join(c[n].tobytes() for c in columns)).hexdigest() for n in range(len(arrays["ids"]))]
+
+
+def label(dataset: CapturedDataset, labels_csv: Path, classes: int | None = None, root: Path | None = None,
+          skip_unknown: bool = False) -> CapturedDataset:
+    """A new dataset of the samples ``labels_csv`` labels (rows ``key,class``; a header row
+    ``id,class`` is allowed), with lineage to ``dataset``. A key is a sample id or an input digest
+    (``input_digests``: it labels every sample with that input). Classes are indices below the
+    model's class count (the dataset's, or ``classes``). Unknown keys (unless ``skip_unknown``:
+    a labelling source that labels more than was captured), classes outside the model's and
     duplicates are refused, naming the first bad line."""
     if dataset.labelled:
         raise UserError(f"dataset {dataset.digest} is already labelled; label its parent {dataset.meta['parent']}")
@@ -183,7 +199,11 @@ def label(dataset: CapturedDataset, labels_csv: Path, classes: int | None = None
     arrays = dataset.arrays()
     ids = [str(i) for i in arrays["ids"]]
     position = {sid: n for n, sid in enumerate(ids)}
+    by_input: dict[str, list[str]] = {}
+    for sid, digest in zip(ids, input_digests(dataset, arrays)):
+        by_input.setdefault(digest, []).append(sid)
     chosen: dict[str, int] = {}
+    keys: set[str] = set()
     try:
         # utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte-order mark, which is not part of the first id.
         with open(labels_csv, newline="", encoding="utf-8-sig") as f:
@@ -195,17 +215,23 @@ def label(dataset: CapturedDataset, labels_csv: Path, classes: int | None = None
                 where = f"{labels_csv} line {line}"
                 if len(row) != 2:
                     raise UserError(f"{where} has {len(row)} fields; each line is: sample id,class")
-                sid, cls = row[0].strip(), row[1].strip()
-                if sid not in position:
-                    raise UserError(f"{where}: sample {sid!r} is not in dataset {dataset.digest[:12]}; "
-                                    "use the ids from its data.npz (ids) or `edgesmith capture pull --json`")
-                if sid in chosen:
-                    raise UserError(f"{where}: sample {sid} is labelled twice; keep one line per sample")
+                key, cls = row[0].strip(), row[1].strip()
+                samples = [key] if key in position else by_input.get(key.lower(), [])
+                if not samples:
+                    if skip_unknown:
+                        continue
+                    raise UserError(f"{where}: {key!r} is neither a sample id nor an input digest of dataset "
+                                    f"{dataset.digest[:12]}; use the ids from its data.npz (ids) or `edgesmith capture "
+                                    "pull --json`, or the SHA-256 of a sample's input bytes")
+                if key.lower() in keys or any(sid in chosen for sid in samples):
+                    raise UserError(f"{where}: sample {samples[0]} is labelled twice (by its id or its input "
+                                    "digest); keep one line per sample or input")
+                keys.add(key.lower())
                 # ASCII digits only: str.isdigit() also takes '²', which int() refuses.
                 if not (cls.isascii() and cls.isdigit()) or int(cls) >= (count or contract.MAX_CLASSES):
                     raise UserError(f"{where}: class {cls!r} is not one of the model's classes "
                                     f"(0..{count - 1 if count else 'N-1'}); give the class index")
-                chosen[sid] = int(cls)
+                chosen.update((sid, int(cls)) for sid in samples)
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read labels {labels_csv} ({e}); give a CSV file of 'sample id,class' lines") from None
     if not chosen:

@@ -128,7 +128,7 @@ def classify(topic: str, payload: bytes, received_ms: int, retained: bool = Fals
     if parts is None:
         return None if _MONITOR_TOPIC.match(topic) else Incoming(received_ms, dropped="unknown_topic")
     fleet, device, kind = parts
-    if kind == contract.DESIRED_TOPIC:
+    if kind in (contract.DESIRED_TOPIC, contract.SHADOW_TOPIC, contract.CAPTURE_TOPIC):  # central → device
         return None
     topic_said = Incoming(received_ms, fleet=fleet, device=device)
     if kind not in protocol.DEVICE_KINDS:

@@ -171,6 +171,11 @@ def _split_extra(extra: ExtraData, config: TrainConfig) -> tuple[np.ndarray, np.
     return order[n_test + n_val:], order[n_test:n_test + n_val], order[:n_test]
 
 
+def extra_parts(extra: ExtraData, config: TrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Which extra samples ``split`` puts into train, val and test (indices into ``extra``)."""
+    return _split_extra(extra, config)
+
+
 def split(dataset: Dataset, config: TrainConfig, extra: ExtraData | None = None) -> Splits:
     """Stratified train/val/test split seeded by the config; normalised by the training split.
     ``extra`` samples are cut in the same shares by the same seed and appended to each split."""

@@ -3,13 +3,16 @@ alert asks for the serving model to be retrained on what drifted.
 
 A request names the fleet, the serving model (name, version, manifest digest), the drifted devices
 and the alerts that asked for it (``retrain_request_subjects``: one row per alert subject, device/output,
-with how many times it fired and when first and last). It moves open → capturing → training → done,
-or to dismissed from any of the first three; the closed loop (``edgesmith loop``) fills in what it
-links later: the capture id, the dataset digest, the MLflow run and the new model version.
+with how many times it fired and when first and last). It moves open → capturing → training →
+building → shadowing → rolling-out → done (training → done directly when no loop builds and rolls
+out), or to dismissed from any active status; the closed loop (``edgesmith loop``, toolchain/loop.py)
+fills in what it links: the capture id, the dataset digest, the MLflow run and the new model version,
+and records each of its steps (``retrain_steps``: when, how long, done or failed, what it made), so a
+re-run resumes at the first step not done.
 
 There is one open request per fleet and model at a time, so every device whose drift alert fires
-while it is open joins it. A device is named by at most one active request (open, capturing or
-training) whatever model it claims: ``retrain_active_devices`` holds it, keyed by fleet and device,
+while it is open joins it. A device is named by at most one active request (any status but done
+and dismissed) whatever model it claims: ``retrain_active_devices`` holds it, keyed by fleet and device,
 until that request is done or dismissed, and the device's further alerts add to that request, never
 a second row. The one-open rule is a unique ``open_key`` (a digest of fleet and model, NULL once the
 request moves on); both keys hold for monitors sharing the store.
@@ -30,10 +33,11 @@ from edgesmith.toolchain.errors import UserError
 from edgesmith.toolchain.fleet.store.engine import (IN_CHUNK, StoreBase, dialect_insert, insert_ignore, metadata,
                                                     now_ms)
 
-STATUSES = ("open", "capturing", "training", "done", "dismissed")
-ACTIVE = ("open", "capturing", "training")
+STATUSES = ("open", "capturing", "training", "building", "shadowing", "rolling-out", "done", "dismissed")
+ACTIVE = ("open", "capturing", "training", "building", "shadowing", "rolling-out")
 NEXT = {"open": ("capturing", "dismissed"), "capturing": ("training", "dismissed"),
-        "training": ("done", "dismissed")}
+        "training": ("building", "done", "dismissed"), "building": ("shadowing", "dismissed"),
+        "shadowing": ("rolling-out", "dismissed"), "rolling-out": ("done", "dismissed")}
 LINKS = ("capture_id", "dataset_digest", "mlflow_run_id", "result_version")
 SHOWN = 20  # per request: its newest alert subjects and devices (the counts cover them all)
 
@@ -73,6 +77,19 @@ retrain_active_devices = Table(
     Column("fleet", String(64), primary_key=True),
     Column("device", String(64), primary_key=True),
     Column("request_id", String(32), nullable=False, index=True),
+)
+
+
+# The loop's steps on a request (toolchain/loop.py): one row per request and step, rewritten when a
+# failed step is run again; ``detail`` is the step's JSON (what it made, its figures).
+retrain_steps = Table(
+    "retrain_steps", metadata,
+    Column("request_id", String(32), primary_key=True),
+    Column("step", String(32), primary_key=True),
+    Column("status", String(16), nullable=False),  # done | failed
+    Column("started_ms", BigInteger, nullable=False),
+    Column("duration_ms", BigInteger, nullable=False),
+    Column("detail", Text),
 )
 
 
@@ -255,3 +272,48 @@ def naming(store: StoreBase, fleet: str | None = None) -> dict[tuple[str, str], 
             row = _row(r)
             out[(row["fleet"], row.pop("device"))] = row
         return out
+
+
+def link(store: StoreBase, request_id: str, note: str | None = None, **links: str | None) -> dict[str, Any]:
+    """Record what the loop links (LINKS) and its note on an active request, keeping its status."""
+    unknown = set(links) - set(LINKS)
+    if unknown:
+        raise ValueError(f"unknown retrain request links {sorted(unknown)}; known: {LINKS}")
+    values: dict[str, Any] = {"changed_ms": now_ms(), **{k: v for k, v in links.items() if v is not None}}
+    if note is not None:
+        values["note"] = note
+    with store.engine.begin() as conn:
+        if not conn.execute(update(retrain_requests).where(retrain_requests.c.id == request_id,
+                                                           retrain_requests.c.status.in_(ACTIVE))
+                            .values(**values)).rowcount:
+            raise UserError(f"retrain request {request_id} is not active any more; look at it again "
+                            "(`edgesmith fleet retrain list`)")
+    return get(store, request_id)
+
+
+def record_step(store: StoreBase, request_id: str, step: str, status: str, started_ms: int, duration_ms: int,
+                detail: dict[str, Any] | None = None) -> None:
+    """The loop's step ``step`` on the request ended ``status`` (done or failed), with what it made."""
+    import json
+
+    if status not in ("done", "failed"):
+        raise ValueError(f"a step ends done or failed, not {status!r}")
+    retrain_steps.create(store.engine, checkfirst=True)  # a store created before the loop existed
+    values = {"status": status, "started_ms": started_ms, "duration_ms": duration_ms,
+              "detail": json.dumps(detail or {}, sort_keys=True)}
+    with store.engine.begin() as conn:
+        conn.execute(dialect_insert(conn.dialect, retrain_steps).values(request_id=request_id, step=step, **values)
+                     .on_conflict_do_update(index_elements=[retrain_steps.c.request_id, retrain_steps.c.step],
+                                            set_=values))
+
+
+def steps(store: StoreBase, request_id: str) -> dict[str, dict[str, Any]]:
+    """The loop's recorded steps on the request: {step: {status, started_ms, duration_ms, detail}}."""
+    import json
+
+    with store.engine.connect() as conn:
+        if not store.engine.dialect.has_table(conn, retrain_steps.name):
+            return {}
+        return {r["step"]: {"status": r["status"], "started_ms": r["started_ms"], "duration_ms": r["duration_ms"],
+                            "detail": json.loads(r["detail"] or "{}")}
+                for r in conn.execute(select(retrain_steps).where(retrain_steps.c.request_id == request_id)).mappings()}
