@@ -46,6 +46,9 @@ def project(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     demo = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh")], cwd=root, env=env,
                           capture_output=True, text=True, timeout=1800)
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+    (root / "demo.log").write_text(demo.stdout + demo.stderr)  # its figures, for whoever reads the run
+    # The loop ran to its end: the retrained model deployed and measured on shifted inputs.
+    assert "after the loop" in demo.stdout, demo.stdout[-3000:]
     return root, env
 
 
