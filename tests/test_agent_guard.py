@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import subprocess
+import threading
 import warnings
 from pathlib import Path
 
@@ -259,4 +260,111 @@ def test_only_infer_takes_a_body(broker, tmp_path, backend_dir):  # noqa: F811
         assert status == 200 and np.array_equal(_npy_split(body)[0], 2 * x), body
         assert _stats(port)["http"]["refused"] == {"unexpected_body": 4}
     finally:
+        assert agent.stop() == 0, agent.log()
+
+
+def _connect_from(source: str, port: int) -> socket.socket:
+    """A connection to the agent from `source`, another loopback address: the agent counts
+    connections per client address."""
+    return socket.create_connection(("127.0.0.1", port), timeout=60, source_address=(source, 0))
+
+
+def _closed_by_peer(sock: socket.socket) -> bytes:
+    """Everything the agent sent before closing `sock`; fails when it is still open after the
+    socket's timeout."""
+    received = b""
+    try:
+        while chunk := sock.recv(4096):
+            received += chunk
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        raise AssertionError(f"the agent kept the connection open; it sent {received[:200]!r}") from None
+    finally:
+        sock.close()
+    return received
+
+
+def _drip(sockets: list[socket.socket], stop: threading.Event) -> None:
+    """The slowloris: one more header line on each connection every half second, never the end."""
+    line = 0
+    while not stop.wait(0.5):
+        line += 1
+        for sock in sockets:
+            try:
+                sock.send(f"X-Drip-{line}: {'a' * 20}\r\n".encode())
+            except OSError:
+                pass  # closed by the agent: what the test waits for
+
+
+def _endless(sock: socket.socket, chunk: bytes, limit: int = 64 << 20) -> int:
+    """Send `chunk` until the agent stops reading (or `limit` bytes); returns the bytes sent."""
+    sent = 0
+    try:
+        while sent < limit:
+            sock.sendall(chunk)
+            sent += len(chunk)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    return sent
+
+
+def test_slow_idle_and_endless_clients_cannot_starve_the_api(broker, digits_host_openvino, tmp_path):
+    """Slowloris (issue 16): 16 connections dripping header lines, plus idle keep-alive connections,
+    used to hold every thread of httplib's pool, and /v1/health timed out even with the token. Now
+    connections are capped per client address, headers must be complete within a deadline, and idle
+    keep-alive connections are closed: a well-behaved client is served all along (default limits)."""
+    token = tmp_path / "token"
+    token.write_text("s3cret-token-for-the-agent\n")
+    token.chmod(0o600)
+    good = {"Authorization": "Bearer s3cret-token-for-the-agent"}
+    agent = Agent(digits_host_openvino, broker.add_device("guard-06"), tmp_path / "data", "--http-token-file", str(token))
+    body = _npy_concat([np.zeros((1, 1, 8, 8), np.float32)])
+    stop = threading.Event()
+    try:
+        port = agent.ready()["port"]
+        # Idle keep-alive clients: one request each, then nothing.
+        idle = [_connect_from("127.0.0.3", port) for _ in range(4)]
+        for sock in idle:
+            sock.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nAuthorization: " + good["Authorization"].encode() + b"\r\n\r\n")
+        for sock in idle:
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200"), "an idle client's first request failed"
+        # The slowloris, from another address: twice the per-address limit.
+        slow = [_connect_from("127.0.0.2", port) for _ in range(16)]
+        for sock in slow:
+            sock.send(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n")
+        dripper = threading.Thread(target=_drip, args=(slow, stop), daemon=True)
+        dripper.start()
+
+        # The well-behaved client is served while all of them are held.
+        stats = _stats(port, good)
+        assert stats["http"]["connections"] >= 1 + 4 + 8, stats["http"]  # the slow and idle ones still open
+        status, _, reply = _request(port, "GET", "/v1/health", headers=good)
+        assert status == 200 and json.loads(reply)["device"] == "guard-06", reply
+        status, _, reply = _request(port, "POST", "/v1/infer", body, good)
+        assert status == 200 and _npy_split(reply)[0].shape == (1, 10), reply
+
+        # Every slow connection ends: refused at accept beyond 8 from its address (503), or cut off
+        # when its headers were not complete after 5 s (408). The idle ones are closed after 5 s.
+        endings = [_closed_by_peer(sock) for sock in slow]
+        stop.set()
+        for sock in idle:
+            _closed_by_peer(sock)
+        assert all(e == b"" or e.startswith((b"HTTP/1.1 503", b"HTTP/1.1 408")) for e in endings), endings
+        refused = _stats(port, good)["http"]["refused"]
+        assert refused["too_many_connections"] >= 1 and refused["header_timeout"] >= 1, refused
+        assert refused["too_many_connections"] + refused["header_timeout"] == len(slow), refused
+
+        # An endless header line, and endless header lines sent fast: cut off at 32 KiB.
+        for chunk in (b"a" * 4096, b"X-Endless: " + b"a" * 50 + b"\r\n"):
+            sock = _connect_from("127.0.0.4", port)
+            sock.sendall(b"GET /v1/health HTTP/1.1\r\nX-Start: " if chunk[0:1] == b"a" else b"GET /v1/health HTTP/1.1\r\n")
+            sent = _endless(sock, chunk)
+            reply = _closed_by_peer(sock)
+            assert sent < 64 << 20 and (reply == b"" or reply.startswith(b"HTTP/1.1 431")), (sent, reply[:200])
+        assert _stats(port, good)["http"]["refused"]["header_too_large"] == 2
+        status, _, _ = _request(port, "GET", "/v1/health", headers=good)
+        assert status == 200
+    finally:
+        stop.set()
         assert agent.stop() == 0, agent.log()

@@ -125,6 +125,10 @@ int agent_main(const AgentConfig& config, const sigset_t& signals) {
   plugin_search_configure(PluginSearchPolicy{false, config.backend_path});
   HttpOptions http_options;
   http_options.max_requests = config.http_max_requests;
+  http_options.connections.max_connections = config.http_max_connections;
+  http_options.connections.max_connections_per_peer = config.http_max_connections_per_peer;
+  http_options.connections.header_timeout_s = config.http_header_timeout_s;
+  http_options.connections.idle_timeout_s = config.http_idle_timeout_s;
   if (!config.http_token_file.empty()) http_options.token = http_token_read(config.http_token_file);
   std::vector<std::vector<uint8_t>> keys;
   for (const std::string& path : config.trusted_keys) keys.push_back(public_key_read(path));
