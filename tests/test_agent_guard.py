@@ -368,3 +368,24 @@ def test_slow_idle_and_endless_clients_cannot_starve_the_api(broker, digits_host
     finally:
         stop.set()
         assert agent.stop() == 0, agent.log()
+
+
+def test_connection_limits_are_options_with_bounds(tmp_path):
+    base = ["--artifact", str(tmp_path / "a"), "--credentials", str(tmp_path / "c.json"), "--data-dir", str(tmp_path / "d")]
+    for args, sentence in (
+        (["--http-max-connections", "0"], "--http-max-connections takes a number from 1 to 1024, got '0'"),
+        (["--http-max-connections-per-peer", "2000"], "--http-max-connections-per-peer takes a number from 1 to 1024"),
+        (["--http-max-connections", "4", "--http-max-connections-per-peer", "5"],
+         "--http-max-connections-per-peer (5) cannot exceed --http-max-connections (4)"),
+        (["--http-header-timeout", "0.01"], "--http-header-timeout must be from 0.1 to 600 seconds"),
+        (["--http-idle-timeout", "forever"], "--http-idle-timeout takes a positive number, got 'forever'"),
+    ):
+        result = _agent_fails(*base, *args)
+        assert result.returncode == 2 and sentence in result.stderr.splitlines()[0], result.stderr
+    config = tmp_path / "device.toml"
+    config.write_text("http_idle_timeout_s = 1000\n")
+    result = _agent_fails("--config", str(config), *base)
+    assert "'http_idle_timeout_s' must be from 0.1 to 600 seconds" in result.stderr.splitlines()[0], result.stderr
+    config.write_text("http_max_connections = 2\nhttp_max_connections_per_peer = 2\nhttp_header_timeout_s = 0\n")
+    result = _agent_fails("--config", str(config), *base)
+    assert "'http_header_timeout_s' must be from 0.1 to 600 seconds" in result.stderr.splitlines()[0], result.stderr

@@ -4,6 +4,7 @@
 #define TOML_EXCEPTIONS 1
 #include <toml++/toml.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
@@ -57,7 +58,8 @@ const char* const AGENT_USAGE =
     "  --http-max-requests N inference requests served at once (default 4); more get 503\n"
     "  --http-max-connections N  HTTP connections held at once (default 32, at most 1024); one more\n"
     "                        is answered 503 and closed when it is accepted\n"
-    "  --http-max-connections-per-peer N  of which from one client address (default 8)\n"
+    "  --http-max-connections-per-peer N  of which from one client address (default 8, or\n"
+    "                        --http-max-connections when that is lower)\n"
     "  --http-header-timeout SECONDS  a request's line and headers must arrive within this (default 5,\n"
     "                        0.1 to 600); a slower client gets 408 and is disconnected\n"
     "  --http-idle-timeout SECONDS  a keep-alive connection idle this long is closed (default 5, 0.1 to 600)\n"
@@ -99,6 +101,7 @@ double seconds_parse(const std::string& what, const std::string& text, bool zero
 
 // HTTP connection counts and timeouts: bounded so that a typo cannot starve or stall the API.
 constexpr long HTTP_CONNECTIONS_MAX = 1024;
+constexpr uint32_t HTTP_CONNECTIONS_PER_PEER_DEFAULT = 8;
 constexpr double HTTP_TIMEOUT_MIN_S = 0.1;
 constexpr double HTTP_TIMEOUT_MAX_S = 600.0;
 
@@ -369,6 +372,9 @@ AgentConfig agent_config_parse(int argc, char** argv) {
   if (config.data_dir.empty()) throw AgentConfigError{std::string("--data-dir DIR is missing") + where};
   if (!config.load_from.empty() && !(config.synthetic_load_rps > 0.0)) {
     throw AgentConfigError{"--load-from " + config.load_from + " feeds the synthetic load, so it needs --synthetic-load RPS"};
+  }
+  if (config.http_max_connections_per_peer == 0) {
+    config.http_max_connections_per_peer = std::min(HTTP_CONNECTIONS_PER_PEER_DEFAULT, config.http_max_connections);
   }
   if (config.http_max_connections_per_peer > config.http_max_connections) {
     throw AgentConfigError{"--http-max-connections-per-peer (" + std::to_string(config.http_max_connections_per_peer) +
