@@ -389,3 +389,52 @@ def test_connection_limits_are_options_with_bounds(tmp_path):
     config.write_text("http_max_connections = 2\nhttp_max_connections_per_peer = 2\nhttp_header_timeout_s = 0\n")
     result = _agent_fails("--config", str(config), *base)
     assert "'http_header_timeout_s' must be from 0.1 to 600 seconds" in result.stderr.splitlines()[0], result.stderr
+
+
+def test_the_load_copy_lives_under_the_data_dir_and_is_cleaned_safely(broker, digits_host_openvino, tmp_path):
+    """The private load copy (issue 16): under <data-dir>/load by default (a disk; $TMPDIR is often
+    RAM), with copies left by dead processes removed by their free lock, never by a PID check that
+    is wrong across PID namespaces sharing the directory; a disk too small is refused in one sentence
+    naming the directory, the bytes needed and --load-dir."""
+    import fcntl
+
+    credentials = broker.add_device("guard-07")
+    data = tmp_path / "data"
+    load = data / "load"
+    load.mkdir(parents=True)
+    old = os.stat(load).st_mtime - 3600
+    stale = load / "edgesmith-load-4242-abcdef"  # its owner died: nobody holds its lock
+    held = load / "edgesmith-load-1-ghijkl"  # pid 1 of another namespace, alive: it holds its lock
+    for copy in (stale, held):
+        copy.mkdir(mode=0o700)
+        (copy / "model.xml").write_bytes(b"x")
+        os.utime(copy, (old, old))
+    holder = os.open(held, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    agent = Agent(digits_host_openvino, credentials, data)
+    try:
+        agent.ready()
+        mine = [p for p in load.iterdir() if p.name.startswith(f"edgesmith-load-{agent.proc.pid}-")]
+        assert len(mine) == 1 and (mine[0] / "manifest.json").is_file(), sorted(load.iterdir())
+        assert not stale.exists() and (held / "model.xml").is_file()
+    finally:
+        assert agent.stop() == 0, agent.log()
+        os.close(holder)
+    assert not mine[0].exists()
+
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k,mode=0700", "tmpfs", str(small)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"a tmpfs cannot be mounted here (needs root): {mounted.stderr.strip()}")
+    try:
+        result = _agent_fails("--artifact", str(digits_host_openvino["path"]), "--credentials", str(credentials),
+                              "--data-dir", str(tmp_path / "data2"), "--key", str(digits_host_openvino["pub"]),
+                              "--load-dir", str(small))
+        first = result.stderr.splitlines()[0]
+        assert "its private copy needs " in first and f"and {small} (TMPDIR) has " in first, first
+        assert "--load-dir" in first, first
+        assert list(small.iterdir()) == []  # nothing half-copied left behind
+    finally:
+        subprocess.run(["umount", str(small)], check=True)

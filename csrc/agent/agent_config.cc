@@ -22,7 +22,7 @@ namespace edgesmith {
 
 const char* const AGENT_USAGE =
     "usage: edgesmith-agent --config device.toml [flags...]\n"
-    "       edgesmith-agent --device ID --fleet F --artifact DIR --credentials FILE --data-dir DIR\n"
+    "       edgesmith-agent --device ID --fleet F --artifact DIR --credentials FILE --data-dir DIR [--load-dir DIR]\n"
     "                       [--interval SECONDS] [--synthetic-load RPS [--load-from FILE.npy]] [--http HOST:PORT]\n"
     "                       [--key FILE.pub ...]\n"
     "                       [--trust-dir DIR [--deploy-max-bytes N] [--deploy-timeout SECONDS]\n"
@@ -33,7 +33,7 @@ const char* const AGENT_USAGE =
     "                       [--http-header-timeout SECONDS] [--http-idle-timeout SECONDS]\n"
     "\n"
     "Serve an artifact on loopback HTTP and report telemetry over MQTT (docs/telemetry.md).\n"
-    "  --config FILE         TOML with the keys below (device, fleet, artifact, credentials, data_dir,\n"
+    "  --config FILE         TOML with the keys below (device, fleet, artifact, credentials, data_dir, load_dir,\n"
     "                        interval_s, synthetic_load_rps, load_from, http, trusted_keys, spool_max_bytes,\n"
     "                        trust_dir, deploy_max_bytes, deploy_timeout_s, shadow_max_bytes,\n"
     "                        capture_max_bytes, child_executable, http_token_file, http_max_requests,\n"
@@ -45,6 +45,8 @@ const char* const AGENT_USAGE =
     "  --artifact DIR        the installed artifact, verified before it is loaded\n"
     "  --credentials FILE    the JSON file `edgesmith broker add-device --json` writes\n"
     "  --data-dir DIR        the spool (spool.db) and agent.json (the HTTP port) live here\n"
+    "  --load-dir DIR        private copies of artifacts are loaded from here (default <data-dir>/load;\n"
+    "                        it becomes the TMPDIR of the agent and its children): a disk, not RAM\n"
     "  --interval SECONDS    one telemetry summary per interval (default 10)\n"
     "  --synthetic-load RPS  run the model itself RPS times a second on its golden inputs plus\n"
     "                        small seeded noise (demos and tests; default 0: off)\n"
@@ -150,7 +152,7 @@ void toml_apply(const std::string& file, AgentConfig* config) {
   }
   const fs::path base = fs::absolute(fs::path(file)).parent_path();
   static const char* const KNOWN =
-      "device, fleet, artifact, credentials, data_dir, interval_s, synthetic_load_rps, synthetic_shift, load_from, http, "
+      "device, fleet, artifact, credentials, data_dir, load_dir, interval_s, synthetic_load_rps, synthetic_shift, load_from, http, "
       "trusted_keys, spool_max_bytes, trust_dir, deploy_max_bytes, deploy_timeout_s, shadow_max_bytes, capture_max_bytes, "
       "child_executable, "
       "http_token_file, "
@@ -176,6 +178,8 @@ void toml_apply(const std::string& file, AgentConfig* config) {
       config->credentials = path_from(base, text());
     } else if (name == "data_dir") {
       config->data_dir = path_from(base, text());
+    } else if (name == "load_dir") {
+      config->load_dir = path_from(base, text());
     } else if (name == "http") {
       config->http = text();
     } else if (name == "interval_s") {
@@ -302,6 +306,8 @@ AgentConfig agent_config_parse(int argc, char** argv) {
       config.credentials = value();
     } else if (arg == "--data-dir") {
       config.data_dir = value();
+    } else if (arg == "--load-dir") {
+      config.load_dir = value();
     } else if (arg == "--interval") {
       config.interval_s = seconds_parse(arg, value(), false);
     } else if (arg == "--synthetic-load") {

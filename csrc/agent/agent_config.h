@@ -20,6 +20,7 @@ struct AgentConfig {
   std::string artifact;     ///< the installed artifact directory
   std::string credentials;  ///< the JSON file `edgesmith broker add-device` writes
   std::string data_dir;     ///< spool.db and agent.json
+  std::string load_dir;     ///< private load copies of artifacts (the agent's TMPDIR); empty: <data_dir>/load
   double interval_s = 10.0;
   double synthetic_load_rps = 0.0;
   double synthetic_shift = 0.0;  ///< added to every synthetic input value (drift demos)
