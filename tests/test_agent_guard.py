@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import threading
+import time
 import warnings
 from pathlib import Path
 
