@@ -88,7 +88,8 @@ class HttpApi {
   /// Stop serving (waits for the server thread).
   void http_stop();
 
-  /// Requests refused so far, by reason: unauthorized, too_large, busy, malformed, input_mismatch.
+  /// Requests refused so far, by reason: unauthorized, too_large, unexpected_body, busy, malformed,
+  /// input_mismatch; connections cut off: too_many_connections, header_timeout, header_too_large.
   std::map<std::string, uint64_t> http_refusals() const;
 
  private:
