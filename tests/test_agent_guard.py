@@ -264,6 +264,30 @@ def test_only_infer_takes_a_body(broker, tmp_path, backend_dir):  # noqa: F811
         assert agent.stop() == 0, agent.log()
 
 
+def test_the_header_deadline_ends_with_the_headers(broker, digits_host_openvino, tmp_path):
+    """The deadline covers the request line and headers only: a body that pauses past it is still
+    read (httplib's per-read timeout bounds it), and a request whose headers stop arriving is cut
+    off with 408 at the deadline however slowly its bytes keep coming."""
+    agent = Agent(digits_host_openvino, broker.add_device("guard-08"), tmp_path / "data", "--http-header-timeout", "0.5")
+    body = _npy_concat([np.zeros((1, 1, 8, 8), np.float32)])
+    try:
+        port = agent.ready()["port"]
+        sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        sock.sendall(f"POST /v1/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+        time.sleep(2)  # four header deadlines: the pause under test, not a wait for an event
+        sock.sendall(body)
+        reply = _closed_by_peer(sock)
+        assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+
+        sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        sock.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        reply = _closed_by_peer(sock)
+        assert reply.startswith(b"HTTP/1.1 408") and b"within 0.5 s" in reply, reply
+        assert _stats(port)["http"]["refused"] == {"header_timeout": 1}
+    finally:
+        assert agent.stop() == 0, agent.log()
+
+
 def _connect_from(source: str, port: int) -> socket.socket:
     """A connection to the agent from `source`, another loopback address: the agent counts
     connections per client address."""
