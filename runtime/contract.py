@@ -331,6 +331,8 @@ class MetricSchema(_Msg):
 class Runtime(_Msg):
     version: Label
     isa: Label
+    cpu: Label | None = Field(default=None, description="the CPU's model (cpuid's brand string on x86-64, the core "
+                              "named from MIDR_EL1 on aarch64), so figures measured on the device name what they ran on")
 
 
 class Birth(Envelope):

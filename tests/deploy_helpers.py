@@ -4,19 +4,26 @@ hashes that match) made without a compiler, so the central side's tests need no 
 from __future__ import annotations
 
 import hashlib
+import json
+import signal
+import subprocess
 from pathlib import Path
 
 from edgesmith.runtime.manifest import (BackendInfo, BuildInfo, FileEntry, Golden, GoldenSample, HostInfo,
                                         LatencyBuckets, Manifest, ModelInfo, Monitoring, OutputMonitor, Payload,
                                         Proof, SourceInfo, TensorSpec, Validation)
+from edgesmith.toolchain.capture.store import CaptureStore
 from edgesmith.toolchain.signing import SigningKey, sign_manifest
+
+from conftest import EDGESMITH
 
 
 def make_artifact(directory: Path, key: SigningKey, version: str = "1", model_uri: str | None = None,
                   payload: bytes = b"payload", backend: str = "openvino", isa: str = "x86_64",
-                  output_shape: tuple[int, ...] = (1, 2)) -> Path:
+                  output_shape: tuple[int, ...] = (1, 2), reference: list[float] | None = None) -> Path:
     """An artifact directory for model ``tiny`` version ``version`` (payload bytes differ per version);
-    ``backend``, ``isa`` (target ``<isa>-avx2``) and ``output_shape`` make siblings that differ there."""
+    ``backend``, ``isa`` (target ``<isa>-avx2``) and ``output_shape`` make siblings that differ there;
+    ``reference``: the build's share per class of output ``y`` (drift is measured against it)."""
     directory.mkdir(parents=True)
     (directory / "golden" / "sample_0").mkdir(parents=True)
     contents = {"model.xml": payload + version.encode(), "model.bin": b"\0" * 64,
@@ -38,7 +45,7 @@ def make_artifact(directory: Path, key: SigningKey, version: str = "1", model_ur
         outputs=[TensorSpec(name="y", dtype="float32", shape=list(output_shape))],
         golden=Golden(samples=[GoldenSample(inputs=["golden/sample_0/input_0.npy"],
                                             outputs=["golden/sample_0/output_0.npy"])], atol=1e-5, rtol=1e-4),
-        monitoring=Monitoring(outputs=[OutputMonitor(name="y", kind="classes", classes=2)],
+        monitoring=Monitoring(outputs=[OutputMonitor(name="y", kind="classes", classes=2, reference=reference)],
                               latency=LatencyBuckets(start_us=1.0, factor=2.0, count=40)),
         validation=Validation(status="passed", reference="onnxruntime", executed=None, samples=1, max_abs_err=0.0,
                               max_rel_err=0.0, top1_agreement=1.0, atol=1e-5, rtol=1e-4, input_sensitivity=0.5),
@@ -109,3 +116,20 @@ def make_echo_artifact(directory: Path, key: SigningKey, version: str = "1", fai
     (directory / "manifest.json").write_bytes(data)
     (directory / "manifest.sig").write_bytes(sign_manifest(data, key))
     return directory
+
+
+class CaptureReceiver:
+    """`edgesmith capture serve` in a subprocess, on a free loopback port."""
+
+    def __init__(self, directory: Path, artifacts: Path):
+        self.dir = directory
+        self.proc = subprocess.Popen([EDGESMITH, "capture", "serve", "--dir", str(directory), "--listen", "127.0.0.1:0",
+                                      "--store", str(artifacts)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.url = json.loads(self.proc.stdout.readline())["receiver"]
+
+    def shas(self, device: str, fleet: str = "plant-a") -> list[str]:
+        return [s["sha256"] for s in CaptureStore(self.dir).samples(fleet) if s["device"] == device]
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=30)

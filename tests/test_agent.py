@@ -575,6 +575,7 @@ def test_aarch64_agent_publishes_under_qemu(broker, tmp_path, session_home):
     wait_for(lambda: collector.of_kind("death"), 60, "the shutdown death")
     collector.close()
     assert birth["runtime"]["isa"] == "aarch64"
+    assert birth["runtime"]["cpu"] == "Arm Cortex-A72"  # MIDR_EL1 as qemu's -cpu cortex-a72 answers it
     assert birth["artifact"]["target"] == "rpi4-aarch64"
     for _, message in collector.snapshot():
         assert not list(VALIDATOR.iter_errors(message)), message

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from conftest import EDGESMITH, run_cli
-from deploy_helpers import make_echo_artifact
+from deploy_helpers import CaptureReceiver as Receiver, make_echo_artifact
 from edgesmith.runtime import contract
 from edgesmith.toolchain.capture import record as capture_record
 from edgesmith.toolchain.capture.store import CaptureStore
@@ -34,23 +34,6 @@ from test_deploy_agent import Store
 from test_shadow_agent import Central
 
 pytestmark = pytest.mark.integration
-
-
-class Receiver:
-    """`edgesmith capture serve` in a subprocess, on a free loopback port."""
-
-    def __init__(self, directory: Path, artifacts: Path):
-        self.dir = directory
-        self.proc = subprocess.Popen([EDGESMITH, "capture", "serve", "--dir", str(directory), "--listen", "127.0.0.1:0",
-                                      "--store", str(artifacts)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.url = json.loads(self.proc.stdout.readline())["receiver"]
-
-    def shas(self, device: str) -> list[str]:
-        return [s["sha256"] for s in CaptureStore(self.dir).samples(FLEET) if s["device"] == device]
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

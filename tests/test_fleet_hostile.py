@@ -182,7 +182,8 @@ def test_a_hostile_device_cannot_blind_the_monitor(broker_dir, start_monitor, st
         conn.execute(text("INSERT INTO devices SELECT 'plant-a', 'ghost', bd_seq, session_open, death_reason, "
                           "interval_s, artifact, model, model_version, target, backend, manifest_sha256, "
                           "build_latency_us, :birth, seq_state, gaps, messages, duplicates, runs, errors, "
-                          "first_seen_ms, last_seen_ms, last_window_end_ms, p50_us, p95_us, p99_us, batch "
+                          "first_seen_ms, last_seen_ms, last_window_end_ms, p50_us, p95_us, p99_us, batch, "
+                          "budget_day, budget_windows, budget_bytes "
                           "FROM devices WHERE device = 'healthy'"), {"birth": json.dumps(poisoned)})
     engine.dispose()
     again = start_monitor(log_name="monitor2.log")
@@ -323,6 +324,100 @@ def test_a_group_is_labelled_from_the_artifact_store(broker_dir, start_monitor, 
     (group,) = monitor.api()["groups"]
     assert (group["model"], group["version"], group["verified"]) == (info.model, "7", True)
     assert info.model != "another"
+
+
+@pytest.mark.timeout(180)
+def test_a_device_past_its_daily_budget_is_refused_and_shown(broker_dir, start_monitor, store_url):  # noqa: F811
+    """Before: every valid window was stored, so one device could fill the monitor's disk at ingest
+    speed. Past its daily budget a device's windows are refused (over_budget), counted against it
+    in `fleet status`, and another device's windows are stored as before."""
+    monitor = start_monitor("--device-windows-per-day", "3")
+    c1, c2 = devices(broker_dir, "honest", "hog")
+    honest, hog = connected(c1, artifact=ART, interval_s=60), connected(c2, artifact=ART, interval_s=60)
+    for _ in range(8):
+        hog.send(hog.telemetry(runs=10))
+    for _ in range(3):
+        honest.send(honest.telemetry(runs=10))
+    wait_until(lambda: monitor.counters().get("dropped.over_budget") == 5, 30, "5 of the hog's windows refused")
+    monitor.wait_device("honest", lambda x: x["runs_total"] == 30, "the honest device's 3 windows")
+    status = {r["device"]: r for r in json.loads(run_cli("fleet", "status", "--db", store_url, "--json").stdout)}
+    assert status["hog"]["runs"] == 30 and status["hog"]["refused"]["by_reason"] == {"over_budget": 5}
+    assert status["honest"]["runs"] == 30 and status["honest"]["refused"] is None
+    table = run_cli("fleet", "status", "--db", store_url).stdout
+    assert "5 over_budget" in table and "over its budget of 3 windows" in table
+
+
+@BOTH_STORES
+@pytest.mark.timeout(180)
+def test_a_hostile_first_birth_cannot_shape_a_deployed_group(broker_dir, start_monitor, store_url, tmp_path):  # noqa: F811
+    """Before: a model group took its latency layout and drift reference from its first member's
+    birth, so a device that births first with a deployed digest and a bogus layout and reference
+    poisoned the group's view for every honest device serving it. Now the group of a deployed
+    digest takes both from the manifest the deployment recorded, and counts only devices a
+    deployment of it was applied to; the hostile device is kept per device."""
+    from deploy_helpers import make_artifact
+    from edgesmith.toolchain.deploy import archive as archive_mod
+    from edgesmith.toolchain.fleet import protocol
+    from edgesmith.toolchain.fleet.store import Store
+    from edgesmith.toolchain.fleet.store import deployments as history
+    from edgesmith.toolchain.signing import generate_key, load_signing_key
+
+    reference = [0.75, 0.25]
+    info = archive_mod.archive(make_artifact(tmp_path / "v1", load_signing_key(generate_key("default")),
+                                             reference=reference), tmp_path / "archives")
+    monitoring = archive_mod.monitoring(info)
+    assert monitoring["outputs"][0]["reference"] == reference
+    # What `edgesmith deploy` records: the manifest's monitoring, a deployment, its targets and results.
+    store = Store.open(store_url)
+    history.record_manifest(store, info.manifest_sha256, monitoring)
+    history.create_deployment(store, {
+        "id": "dep-1", "fleet": "plant-a", "action": "deploy", "rolls_back": None, "artifact": info.name,
+        "archive_sha256": info.sha256, "manifest_sha256": info.manifest_sha256, "model": info.model,
+        "model_version": info.model_version, "model_uri": None, "url": "http://127.0.0.1:9/a.tar", "key_id": "k" * 16,
+        "waves": "[1.0]", "abort_on_failure": 1.0}, [(1.0, ["cam-01", "cam-02"])])
+    for version, name in enumerate(("cam-01", "cam-02"), start=1):
+        history.add_target(store, "dep-1", "plant-a", name, 1, version, (None, None))
+    history.set_result(store, "dep-1", "cam-01", "applied")
+    store.engine.dispose()
+
+    monitor = start_monitor()
+    c1, c2, c3 = devices(broker_dir, "cam-01", "cam-02", "liar")
+    served = SimArtifact(name=info.name, model=info.model, model_version=info.model_version, target=info.target,
+                         backend=info.backend, manifest_sha256=info.manifest_sha256,
+                         latency=protocol.LatencyLayout(**monitoring["latency"]),
+                         outputs=[protocol.OutputLayout(**o) for o in monitoring["outputs"]], build_latency_us=None)
+    bogus = SimArtifact(name=info.name, model=info.model, model_version=info.model_version, target=info.target,
+                        backend=info.backend, manifest_sha256=info.manifest_sha256,  # the deployed digest, and:
+                        latency=protocol.LatencyLayout(start_us=1e6, factor=16.0, count=3),
+                        outputs=[protocol.OutputLayout(name="y", kind="classes", classes=2, reference=[0.0001, 0.9999])])
+    liar = connected(c3, artifact=bogus, interval_s=60)  # births first, with a real device login
+    liar.send(liar.telemetry(runs=1000, outputs={"y": output_window([1000, 0])}))
+    wait_until(lambda: (monitor.device("liar") or {}).get("recent", {}).get("windows") == 1, 30, "the liar's window")
+    honest = [connected(c, artifact=served, interval_s=60, seed=i) for i, c in enumerate((c1, c2))]
+    for d in honest:
+        d.send(d.telemetry(runs=400, latency_us=[3000.0] * 400, outputs={"y": output_window([300, 100])}))
+
+    def group() -> dict | None:
+        return next((g for g in monitor.api()["groups"] if g["manifest_sha256"] == info.manifest_sha256), None)
+
+    # cam-01 is a member at once; cam-02 joins when its deployment's result says applied.
+    wait_until(lambda: (group() or {}).get("recent", {}).get("windows") == 1, 30, "cam-01's window in the group")
+    assert group()["devices"] == 1
+    later = Store.open(store_url)
+    history.set_result(later, "dep-1", "cam-02", "applied")
+    later.engine.dispose()
+    wait_until(lambda: (group() or {}).get("devices") == 2 and group()["recent"]["windows"] == 2, 30,
+               "cam-02 joins once applied")
+    g = group()
+    assert (g["verified"], g["model"], g["recent"]["runs"]) == (True, info.model, 800)
+    # The manifest's reference and layout: the honest outputs match it, the liar's windows are left out.
+    assert g["drift"]["y"]["samples"] == 800 and g["drift"]["y"]["psi"] == pytest.approx(0, abs=1e-9)
+    assert 2048 <= g["recent"]["p50_us"] < 4096  # the manifest's buckets (factor 2 from 1 us), not the liar's
+    # Per device nothing changed: the liar has its own view, against its own claims.
+    mine = monitor.device("liar")
+    assert mine["recent"]["runs"] == 1000 and mine["drift"]["y"]["psi"] > 1
+    wait_until(lambda: ("drift", "liar/y") in monitor.alerts(), 30, "the liar's own drift alert")
+    assert not {a for a in monitor.alerts() if a[1].startswith("cam-")}
 
 
 def test_a_full_queue_refuses_and_counts(broker_dir, tmp_path, monkeypatch):  # noqa: F811

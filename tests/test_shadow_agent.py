@@ -25,8 +25,11 @@ import pytest
 from edgesmith.runtime import contract
 from edgesmith.toolchain.deploy import archive as deploy_archive
 from edgesmith.toolchain.deploy import desired as deploy_desired
-from edgesmith.toolchain.signing import SigningKey
-from deploy_helpers import make_echo_artifact
+from edgesmith.toolchain.capture import record as capture_record
+from edgesmith.toolchain.capture.store import CaptureStore
+from edgesmith.toolchain.signing import SigningKey, generate_deploy_key, load_deploy_key
+from deploy_helpers import CaptureReceiver as Receiver, make_echo_artifact
+from conftest import run_cli
 from test_agent import AGENT, FLEET, Agent, Broker, wait_for
 from test_deploy_agent import Store
 from test_session_core import backend_dir  # noqa: F401  (fixture: the testecho plugin)
@@ -419,7 +422,8 @@ def test_a_deployment_ends_the_shadow(world):
 @pytest.mark.timeout(1800)
 def test_aarch64_agent_shadows_under_qemu(world, tmp_path, shared_root, session_home):
     """The aarch64 agent (the cross-built bundle) under qemu-user serves the rpi4 ONNX Runtime build
-    and shadows a candidate end to end. Its children (the check, the shadow child) start through
+    and shadows a candidate end to end, then captures served samples and uploads them to a real
+    receiver (issue 19 on Arm). Its children (the check, the shadow child) start through
     --child-executable: a wrapper that runs the agent under qemu again (the host has no binfmt_misc)."""
     from conftest import DIGITS, _once, build_json
     from edgesmith.toolchain.prove import QEMU, aarch64_bundle, qemu_prefix
@@ -438,6 +442,8 @@ def test_aarch64_agent_shadows_under_qemu(world, tmp_path, shared_root, session_
     trust = tmp_path / "trust"
     shutil.copytree(world["trust"], trust)
     shutil.copy(session_home / "keys" / "default.pub", trust / "build" / "session.pub")
+    capture_key = generate_deploy_key(directory=tmp_path / "keys" / "deploy")  # `edgesmith capture` signs with a key file
+    (trust / "deploy" / "capture.pub").write_text(load_deploy_key(capture_key).public_key.hex() + "\n")
     emulator = [shutil.which(QEMU), "-cpu", "cortex-a72", "-L", str(qemu_prefix("cortex-a72"))]
     wrapper = tmp_path / "agent-under-qemu"
     wrapper.write_text("#!/bin/sh\nexec " + " ".join(f"'{a}'" for a in [*emulator, str(exe)]) + ' "$@"\n')
@@ -461,6 +467,32 @@ def test_aarch64_agent_shadows_under_qemu(world, tmp_path, shared_root, session_
         stop, _, _ = _shadow(world, device, [])
         central.publish(device, stop)
         central.event(device, "shadow.ended", shadow_id, timeout=120)
+
+        # Capture on the Arm agent (issue 19): uniform:1 stores served samples, `capture upload` moves
+        # them to a real receiver, and each record holds the served input.
+        receiver = Receiver(tmp_path / "captures", tmp_path / "capture-artifacts")
+        try:
+            cli = ["--devices", device, "--fleet", FLEET, "--broker", str(world["broker"].dir), "--key", str(capture_key),
+                   "--dir", str(receiver.dir), "--receiver", receiver.url]
+            run_cli("capture", "start", *cli, "--policy", "uniform:1", "--max-samples", "6")
+            capture_event = lambda name: wait_for(  # noqa: E731
+                lambda: next((m for m in central.of(device, "event") if m["event"] == name), None), 300,
+                f"{name} from the aarch64 agent")
+            capture_event("capture.started")
+            capture_event("capture.dropped")  # the 7th sample meets the 6-sample budget: the oldest goes
+            run_cli("capture", "stop", *cli)
+            capture_event("capture.stopped")
+            run_cli("capture", "upload", *cli)
+            uploaded = capture_event("capture.uploaded")
+            assert uploaded["details"]["samples"] == 6 and uploaded["details"]["stored_samples"] == 0, uploaded
+            shas = receiver.shas(device)
+            assert len(shas) == 6
+            body = CaptureStore(receiver.dir).object_path(shas[0]).read_bytes()
+            header = capture_record.parse(body)
+            (served,) = capture_record.tensors(body, header).values()
+            assert header.device == device and served.shape == (1, 1, 8, 8)
+        finally:
+            receiver.stop()
     finally:
         code = agent.stop(timeout=120)
     assert code == 0, agent.log()

@@ -278,8 +278,8 @@ def test_report_select_and_deploy_gate(env):
     # The fastest candidate that passed everywhere; a stricter bound leaves only the slower one.
     chosen = json.loads(cli(env, "select", "--from-shadow", sid, "--db", env["db"], "--json").stdout)
     assert chosen["name"] == "tiny-v2-x86_64-avx2-openvino" and chosen["worst_latency_ratio"] < 0.6
-    assert chosen["measured_on"] == {d: {"target": "x86_64-avx2", "isa": "x86_64", "runtime": "0.1.0"}
-                                     for d in ("cam-01", "cam-02")}
+    assert chosen["measured_on"] == {d: {"target": "x86_64-avx2", "isa": "x86_64", "cpu": "simulated device",
+                                         "runtime": "0.1.0"} for d in ("cam-01", "cam-02")}
     strict = json.loads(cli(env, "select", "--from-shadow", sid, "--db", env["db"], "--min-agreement", "0.999",
                             "--json").stdout)
     assert strict["name"] == "tiny-v3-x86_64-avx2-openvino"
@@ -482,7 +482,8 @@ def test_shadow_ingest_report_and_select_on_both_stores(store_url):
     assert f["events"] == ["shadow." + "x" * 57] and report["ignored"] == {"intruder": {"foreign_device": 1}}
     chosen, verdicts, shadow = results.select_candidate(store, sid, 0.9, None, 10)
     row = results.record_selection(store, shadow, chosen, verdicts, 0.9, None, 10)
-    assert json.loads(row["measured_on"]) == {"cam-01": {"target": "x86_64-avx2", "isa": "x86_64", "runtime": None}}
+    assert json.loads(row["measured_on"]) == {"cam-01": {"target": "x86_64-avx2", "isa": "x86_64", "cpu": None,
+                                                         "runtime": None}}
     (panel,) = shadows.panel(store)
     assert panel["id"] == sid and [p["agreement"] for p in panel["candidates"][0]["points"]] == [0.95, 1.0]
     store.engine.dispose()

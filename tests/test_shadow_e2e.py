@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 from conftest import EDGESMITH, REPO, build_json, run_cli
+from edgesmith.runtime.artifact import _core
 from test_agent import FLEET, Agent, Broker
 from test_fleet_monitor import MonitorProcess, free_port, wait_until
 from test_shadow_central import shadow_id_of
@@ -239,6 +240,8 @@ def test_select_from_a_backend_all_shadow_picks_the_build_timings_fastest_and_tv
                             str(MIN_SAMPLES), "--json").stdout)
     assert set(chosen["measured_on"]) == set(DEVICES)
     assert all((m["target"], m["isa"]) == (TARGET, "x86_64") and m["runtime"] for m in chosen["measured_on"].values())
+    cpu = _core().cpu_model()  # each real agent names the CPU it measured on
+    assert all(m["cpu"] == cpu for m in chosen["measured_on"].values()), chosen["measured_on"]
     picked = next(c for c in report["candidates"] if c["name"] == chosen["name"])
     assert picked["backend"] != "tvm"
     for f in report["figures"]:

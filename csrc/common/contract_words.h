@@ -184,6 +184,7 @@ constexpr const char* F_METRIC_SCHEMA_OUTPUTS = "outputs";
 constexpr const char* F_METRIC_SCHEMA_BUILD_LATENCY_US = "build_latency_us";
 constexpr const char* F_RUNTIME_VERSION = "version";
 constexpr const char* F_RUNTIME_ISA = "isa";
+constexpr const char* F_RUNTIME_CPU = "cpu";
 constexpr const char* F_LATENCY_WINDOW_COUNTS = "counts";
 constexpr const char* F_LATENCY_WINDOW_UNDERFLOW = "underflow";
 constexpr const char* F_LATENCY_WINDOW_OVERFLOW = "overflow";

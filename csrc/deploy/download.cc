@@ -174,6 +174,19 @@ void download_file(const DownloadOptions& o) {
         ::unlink(o.part_path.c_str());
         throw Error(ERROR_CODE_INTEGRITY, attempt.error);
       }
+      if (attempt.error.empty() && !result &&
+          (result.error() == httplib::Error::SSLServerVerification || result.error() == httplib::Error::SSLLoadingCerts)) {
+        // The server's certificate does not verify (or the CA file cannot be read): trying again
+        // cannot change that, so the deployment fails now instead of at deploy_timeout_s.
+        const std::string cas = o.tls_cafile.empty() ? "the system's CAs" : "the CA file " + o.tls_cafile;
+        ::unlink(o.part_path.c_str());
+        throw Error(ERROR_CODE_INTEGRITY,
+                    result.error() == httplib::Error::SSLLoadingCerts
+                        ? "cannot load " + cas + " to verify " + origin + "; fix the device's credentials (cafile)"
+                        : "the certificate of " + origin + " does not verify against " + cas +
+                              " (or does not name that host); serve the archive with a certificate that CA issued, "
+                              "or give the device the CA that issued it");
+      }
       if (attempt.error.empty()) {
         if (!result) {
           attempt.error = "the download from " + origin + " failed (" + httplib::to_string(result.error()) + ")";

@@ -32,7 +32,8 @@ void download_url_split(const std::string& url, std::string* origin, std::string
                         const std::string& what = "the artifact url");
 
 /// Download until the .part file holds `expected_size` bytes. Throws Error: ERROR_CODE_INTEGRITY
-/// when the archive is larger than max_bytes or than announced (not retried), ERROR_CODE_IO when
+/// when the archive is larger than max_bytes or than announced, or an https server's certificate
+/// does not verify (none of these is retried), ERROR_CODE_IO when
 /// the time limit passes or the download is cancelled (the .part file is kept for a resume).
 void download_file(const DownloadOptions& options);
 

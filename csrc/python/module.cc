@@ -232,6 +232,9 @@ PYBIND11_MODULE(_core, m) {
         "overflow]; None for each q of an empty histogram.");
   m.def("host_isa", &edgesmith::host_isa,
         "This machine's ISA as edgesmith targets name it (x86_64, aarch64, ...).");
+  m.def("cpu_model", &edgesmith::cpu_model,
+        "This CPU's model as a device reports it in its birth (runtime.cpu): cpuid's brand string on "
+        "x86-64, the core named from MIDR_EL1 on aarch64.");
   m.def("cpu_features_host", &edgesmith::cpu_features_host,
         "The CPU features (as /proc/cpuinfo names them) this runtime checks and this CPU has.");
   m.def("cpu_features_missing", &edgesmith::cpu_features_missing, py::arg("features"),

@@ -1,6 +1,7 @@
 #include "runtime/cpu_features.h"
 
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -179,6 +180,96 @@ std::vector<std::string> cpu_features_host() {
     if (feature.name[0] != '\0' && bit_present(feature)) present.emplace_back(feature.name);
   }
   return present;
+}
+
+namespace {
+
+// Printable ASCII only, runs of blanks collapsed, trimmed, at most 64 characters: the brand string
+// is the CPU's own bytes, and it goes into a message the monitor stores and shows.
+std::string model_clean(const std::string& raw) {
+  std::string out;
+  for (const char c : raw) {
+    if (c == '\0') break;
+    const bool blank = c == ' ' || c == '\t';
+    if (blank) {
+      if (!out.empty() && out.back() != ' ') out.push_back(' ');
+    } else if (c > ' ' && c < 127) {
+      out.push_back(c);
+    }
+  }
+  while (!out.empty() && out.back() == ' ') out.pop_back();
+  if (out.size() > 64) out.resize(64);
+  return out;
+}
+
+#if defined(__aarch64__)
+// MIDR_EL1 implementer and part numbers (Arm's Technical Reference Manuals; the Linux kernel's
+// arch/arm64/include/asm/cputype.h), for the cores edgesmith's targets name and their neighbours.
+struct ArmPart {
+  uint32_t implementer;
+  uint32_t part;
+  const char* name;
+};
+constexpr ArmPart ARM_PARTS[] = {
+    {0x41, 0xd03, "Arm Cortex-A53"},  {0x41, 0xd04, "Arm Cortex-A35"},  {0x41, 0xd05, "Arm Cortex-A55"},
+    {0x41, 0xd07, "Arm Cortex-A57"},  {0x41, 0xd08, "Arm Cortex-A72"},  {0x41, 0xd09, "Arm Cortex-A73"},
+    {0x41, 0xd0a, "Arm Cortex-A75"},  {0x41, 0xd0b, "Arm Cortex-A76"},  {0x41, 0xd0c, "Arm Neoverse-N1"},
+    {0x41, 0xd0d, "Arm Cortex-A77"},  {0x41, 0xd40, "Arm Neoverse-V1"}, {0x41, 0xd41, "Arm Cortex-A78"},
+    {0x41, 0xd42, "Arm Cortex-A78AE"}, {0x41, 0xd44, "Arm Cortex-X1"},  {0x41, 0xd46, "Arm Cortex-A510"},
+    {0x41, 0xd47, "Arm Cortex-A710"}, {0x41, 0xd49, "Arm Neoverse-N2"}, {0x41, 0xd4b, "Arm Cortex-A78C"},
+    {0x41, 0xd4f, "Arm Neoverse-V2"}, {0x41, 0xd80, "Arm Cortex-A520"}, {0x41, 0xd81, "Arm Cortex-A720"},
+    {0x61, 0x022, "Apple M1"},        {0x61, 0x023, "Apple M1"},
+};
+
+uint64_t midr() {
+  if ((getauxval(AT_HWCAP) & (1ul << 11)) != 0) {  // HWCAP_CPUID: the kernel emulates mrs of ID registers
+    uint64_t value = 0;
+    __asm__ volatile("mrs %0, MIDR_EL1" : "=r"(value));
+    return value;
+  }
+  uint64_t value = 0;  // older kernels: sysfs
+  if (FILE* f = std::fopen("/sys/devices/system/cpu/cpu0/regs/identification/midr_el1", "r")) {
+    if (std::fscanf(f, "%lx", &value) != 1) value = 0;
+    std::fclose(f);
+  }
+  return value;
+}
+#endif
+
+}  // namespace
+
+std::string cpu_model() {
+  std::string model;
+#if defined(__x86_64__) || defined(__i386__)
+  unsigned top = 0, b = 0, c = 0, d = 0;
+  __get_cpuid(0x80000000, &top, &b, &c, &d);
+  if (top >= 0x80000004) {
+    char brand[49] = {};
+    for (unsigned i = 0; i < 3; ++i) {
+      unsigned regs[4] = {};
+      __get_cpuid(0x80000002 + i, &regs[0], &regs[1], &regs[2], &regs[3]);
+      std::memcpy(brand + 16 * i, regs, sizeof(regs));
+    }
+    model = model_clean(brand);
+  }
+  if (model.empty()) model = "unknown x86-64 CPU";
+#elif defined(__aarch64__)
+  const uint64_t value = midr();
+  const uint32_t implementer = static_cast<uint32_t>((value >> 24) & 0xff);
+  const uint32_t part = static_cast<uint32_t>((value >> 4) & 0xfff);
+  for (const ArmPart& known : ARM_PARTS) {
+    if (known.implementer == implementer && known.part == part) model = known.name;
+  }
+  if (model.empty() && value != 0) {
+    char text[64];
+    std::snprintf(text, sizeof(text), "aarch64 implementer 0x%02x part 0x%03x", implementer, part);
+    model = text;
+  }
+  if (model.empty()) model = "unknown aarch64 CPU";
+#else
+  model = "unknown CPU";
+#endif
+  return model;
 }
 
 }  // namespace edgesmith

@@ -23,4 +23,11 @@ std::vector<std::string> cpu_features_missing(const std::vector<std::string>& fe
 /// Every feature this runtime checks that the CPU has (for diagnostics and `edgesmith targets`).
 std::vector<std::string> cpu_features_host();
 
+/// The CPU's model, as a device reports it in its birth message (runtime.cpu) so measurements on
+/// devices (shadow latency) can say what they ran on: on x86-64 cpuid's brand string ("Intel(R)
+/// Xeon(R) Processor"), on aarch64 the core named from MIDR_EL1's implementer and part ("Arm
+/// Cortex-A72"; read with `mrs` where the kernel emulates it, which is also what qemu-user's -cpu
+/// model answers), else "<implementer> part 0x..."; never empty, printable ASCII, at most 64 characters.
+std::string cpu_model();
+
 }  // namespace edgesmith

@@ -174,10 +174,12 @@ bool output_layout(Checker& k, const json& o, const std::string& where, std::set
 bool birth(Checker& k, const json& m) {
   if (!k.text(m[c::F_BIRTH_TARGET], c::F_BIRTH_TARGET, c::MAX_LABEL)) return false;
   const json& runtime = m[c::F_BIRTH_RUNTIME];
-  if (!k.object(runtime, c::F_BIRTH_RUNTIME, {c::F_RUNTIME_VERSION, c::F_RUNTIME_ISA},
+  if (!k.object(runtime, c::F_BIRTH_RUNTIME, {c::F_RUNTIME_VERSION, c::F_RUNTIME_ISA, c::F_RUNTIME_CPU},
                 {c::F_RUNTIME_VERSION, c::F_RUNTIME_ISA}) ||
       !k.text(runtime[c::F_RUNTIME_VERSION], "runtime.version", c::MAX_LABEL) ||
-      !k.text(runtime[c::F_RUNTIME_ISA], "runtime.isa", c::MAX_LABEL)) {
+      !k.text(runtime[c::F_RUNTIME_ISA], "runtime.isa", c::MAX_LABEL) ||
+      (runtime.contains(c::F_RUNTIME_CPU) && !runtime[c::F_RUNTIME_CPU].is_null() &&
+       !k.text(runtime[c::F_RUNTIME_CPU], "runtime.cpu", c::MAX_LABEL))) {
     return false;
   }
   const json& a = m[c::F_BIRTH_ARTIFACT];

@@ -8,6 +8,7 @@
 #include "common/digest.h"
 #include "common/error.h"
 #include "common/version.h"
+#include "runtime/cpu_features.h"
 #include "runtime/isa.h"
 
 namespace edgesmith {
@@ -75,7 +76,8 @@ nlohmann::json birth_body(const Session& session, double interval_s) {
   namespace c = contract;
   return {
       {c::F_BIRTH_TARGET, manifest.target_name},
-      {c::F_BIRTH_RUNTIME, {{c::F_RUNTIME_VERSION, version_string()}, {c::F_RUNTIME_ISA, host_isa()}}},
+      {c::F_BIRTH_RUNTIME,
+       {{c::F_RUNTIME_VERSION, version_string()}, {c::F_RUNTIME_ISA, host_isa()}, {c::F_RUNTIME_CPU, cpu_model()}}},
       {c::F_BIRTH_ARTIFACT,
        {{c::F_ARTIFACT_REF_NAME, manifest.name},
         {c::F_ARTIFACT_REF_MODEL, model.empty() ? manifest.name : model},

@@ -54,3 +54,14 @@ TEST(CpuFeatures, MissingKeepsOrderAndSkipsPresent) {
 
 }  // namespace
 }  // namespace edgesmith
+
+TEST(CpuFeatures, ModelIsPrintableBoundedAndNeverEmpty) {
+  const std::string model = edgesmith::cpu_model();
+  ASSERT_FALSE(model.empty());
+  EXPECT_LE(model.size(), 64u);
+  for (const char c : model) EXPECT_TRUE(c >= ' ' && c < 127) << model;
+  EXPECT_NE(model.front(), ' ');
+  EXPECT_NE(model.back(), ' ');
+  EXPECT_EQ(model.find("  "), std::string::npos) << model;
+}
+

@@ -14,6 +14,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from edgesmith.toolchain.fleet.alerts import Thresholds
+from edgesmith.toolchain.fleet.store import (DEFAULT_BYTES_PER_DAY, DEFAULT_RETENTION_DAYS, DEFAULT_WINDOWS_PER_DAY,
+                                            DeviceBudget)
 
 app = typer.Typer(help="Watch the fleet: store telemetry, aggregate per model version × target, detect drift, alert.",
                   no_args_is_help=True)
@@ -58,6 +60,16 @@ def monitor(
                                         help="Latency alert when recent p50 exceeds this multiple of the build's p50."),
     webhook: str = typer.Option(None, "--webhook", envvar="EDGESMITH_ALERT_WEBHOOK",
                                 help="POST every alert (JSON) to this URL, besides the log and MQTT."),
+    retention_days: float = typer.Option(DEFAULT_RETENTION_DAYS, "--retention-days", min=0,
+                                         envvar="EDGESMITH_FLEET_RETENTION_DAYS",
+                                         help="Delete stored windows, events and states older than this (device "
+                                         "totals, presence and deployment results are kept); 0 keeps everything."),
+    windows_per_day: int = typer.Option(DEFAULT_WINDOWS_PER_DAY, "--device-windows-per-day", min=0,
+                                        help="A device's telemetry windows stored per UTC day; past it (or past "
+                                        "--device-mb-per-day) its windows are refused (over_budget) until the next "
+                                        "day, counted against it in `fleet status`. 0: no bound."),
+    mb_per_day: float = typer.Option(DEFAULT_BYTES_PER_DAY / 1e6, "--device-mb-per-day", min=0,
+                                     help="A device's stored window bytes per UTC day (MB). 0: no bound."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log HTTP requests and more."),
 ) -> None:
     """Store the fleet's telemetry, aggregate, detect drift, alert; serve a dashboard, /metrics and /api/fleet.
@@ -76,7 +88,8 @@ def monitor(
                            shared_group=_group(shared), client_id=client_id, interval_s=interval_s, recent_s=recent_s,
                            thresholds=Thresholds(drift_psi=drift_psi, drift_js=drift_js, error_rate=error_rate,
                                                  latency_ratio=latency_ratio),
-                           webhook=webhook, ingest_only=ingest_only)
+                           webhook=webhook, ingest_only=ingest_only, retention_s=retention_days * 86400,
+                           budget=DeviceBudget(windows_per_day=windows_per_day, bytes_per_day=int(mb_per_day * 1e6)))
     Monitor(config, artifact_index=lookup).run()
 
 

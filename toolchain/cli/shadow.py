@@ -183,7 +183,7 @@ def select(
         console.print(f"{v.candidate['index']} {v.candidate['name']}: {mark}, worst latency ratio "
                       f"{_num(v.worst_ratio, '.3f')}" + (f"; {misses}" if misses else ""), highlight=False,
                       soft_wrap=True)
-    devices = ", ".join(f"{d} ({m['target']}, {m['isa']})" for d, m in out["measured_on"].items())
+    devices = ", ".join(f"{d} ({m['target']}, {m.get('cpu') or m['isa']})" for d, m in out["measured_on"].items())
     console.print(f"selected {out['name']} (worst latency ratio {_num(chosen.worst_ratio, '.3f')}), measured on "
                   f"{devices}", highlight=False, soft_wrap=True)
 

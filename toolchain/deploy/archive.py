@@ -17,6 +17,7 @@ import tarfile
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from edgesmith.runtime.keys import edgesmith_home
 from edgesmith.runtime.manifest import Manifest
@@ -150,6 +151,18 @@ def lookup(manifest_sha256: str, store_dir: Path | None = None) -> ArchiveInfo |
         return None
     info = ArchiveInfo(**json.loads(index.read_text()))
     return info if (store / f"{info.sha256}.tar").is_file() else None
+
+
+def monitoring(info: ArchiveInfo) -> dict[str, Any]:
+    """The ``monitoring`` section (latency layout, monitored outputs and their references) of the
+    manifest inside a stored archive, checked against the digest the archive is filed under."""
+    with tarfile.open(info.path) as tar:
+        member = tar.extractfile("manifest.json")
+        data = member.read() if member is not None else b""
+    if hashlib.sha256(data).hexdigest() != info.manifest_sha256:
+        raise UserError(f"the archive {info.path} does not hold the manifest {info.manifest_sha256[:12]}… it is filed "
+                        "under; archive the artifact directory again (`edgesmith deploy` does)")
+    return Manifest.from_bytes(data).monitoring.model_dump(mode="json", exclude_none=True)
 
 
 def _write_atomic(path: Path, text: str) -> None:

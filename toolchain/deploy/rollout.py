@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from edgesmith.runtime.contract import DESIRED_TOPIC, SHADOW_TOPIC, DeployResult
 from edgesmith.runtime.contract import MessageKind as K
 from edgesmith.toolchain.deploy import desired
-from edgesmith.toolchain.deploy.archive import ArchiveInfo, lookup
+from edgesmith.toolchain.deploy.archive import ArchiveInfo, lookup, monitoring
 from edgesmith.toolchain.errors import UserError
 from edgesmith.toolchain.fleet import broker as fleet_broker
 from edgesmith.toolchain.fleet import protocol
@@ -317,6 +317,7 @@ def deploy(archive: ArchiveInfo, config: RolloutConfig, store: Store, say: Say) 
                 f"no device can be deployed to ({len(unknown)} skipped as serving unknown artifacts); nothing to deploy")
             return result
         waves = plan_waves(targets, config.shares)
+        history.record_manifest(store, archive.manifest_sha256, monitoring(archive))  # the model group's layout
         history.create_deployment(store, {
             "id": deployment_id, "fleet": config.fleet, "action": "deploy", "rolls_back": None,
             "artifact": archive.name, "archive_sha256": archive.sha256, "manifest_sha256": archive.manifest_sha256,
@@ -440,6 +441,8 @@ def _roll_back(watch: FleetWatch, store: Store, config: RolloutConfig, of: str,
     if not plan:
         return None
     rollback_id = desired.new_deployment_id()
+    for info in {i.manifest_sha256: i for i in plan.values()}.values():
+        history.record_manifest(store, info.manifest_sha256, monitoring(info))
     names = sorted({i.name for i in plan.values()})
     first = next(iter(plan.values()))
     history.create_deployment(store, {

@@ -45,6 +45,7 @@ log = logging.getLogger("edgesmith.fleet.view")
 # device sent, never its birth's layout (64 outputs x 4096 classes would be 2 MiB a window).
 MAX_VIEW_WINDOWS = 2048
 MAX_VIEW_SLOTS = 1 << 21  # non-zero latency and output slots over a device's kept windows (~32 MiB)
+MEMBER_RECHECK_S = 2.0  # how often devices outside a deployed manifest's group are checked again
 
 
 @dataclass(slots=True)
@@ -241,6 +242,34 @@ class KnownManifests:
         self.index = index
         self._known: dict[str, dict[str, Any] | None] = {}
         self._asked: dict[str, float] = {}
+        self._monitoring: dict[str, dict[str, Any] | None] = {}
+        self._monitoring_asked: dict[str, float] = {}
+
+    def monitoring(self, sha: str) -> dict[str, Any] | None:
+        """The ``monitoring`` section of the manifest a deployment sent under this digest
+        (deployments.record_manifest), or None; cached like labels()."""
+        at = time.monotonic()
+        if sha in self._monitoring and (self._monitoring[sha] is not None
+                                        or at - self._monitoring_asked[sha] < self.RECHECK_S):
+            return self._monitoring[sha]
+        self._monitoring_asked[sha] = at
+        found = None
+        try:
+            found = deployments.manifest_monitoring(self.store, sha)
+            if found is not None:
+                contract.LatencyLayout.model_validate(found["latency"])
+                for o in found["outputs"]:
+                    contract.OutputLayout.model_validate(o)
+        except Exception:  # noqa: BLE001 (unreadable: the group is formed as for an unknown digest)
+            log.exception("cannot read the deployed manifest %s", sha[:12])
+            found = None
+        self._monitoring.pop(sha, None)
+        self._monitoring[sha] = found
+        while len(self._monitoring) > self.MAX_KNOWN:
+            oldest = next(iter(self._monitoring))
+            del self._monitoring[oldest]
+            self._monitoring_asked.pop(oldest, None)
+        return found
 
     def labels(self, sha: str) -> dict[str, Any] | None:
         at = time.monotonic()
@@ -334,6 +363,20 @@ class GroupView:
     history: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=360))
     summary: dict[str, Any] = field(default_factory=dict)
     dirty: bool = True
+    # A deployed manifest's group: layout and references from the stored manifest, and members only
+    # devices a deployment of it was applied to whose births report that layout (``shape``); other
+    # devices naming the digest wait ``outside`` (checked again, see FleetView._recheck_groups).
+    strict: bool = False
+    shape: tuple | None = None
+    outside: set[DeviceKey] = field(default_factory=set)
+
+
+def _shape(metrics: dict[str, Any]) -> tuple:
+    """What must agree for a device's windows to add up with a group's: the latency layout and each
+    monitored output's name, kind and bins (not the reference, which is the group's own)."""
+    lat = metrics["latency"]
+    return ((float(lat["start_us"]), float(lat["factor"]), int(lat["count"])),
+            tuple((o["name"], o["kind"], o.get("classes"), tuple(o.get("edges") or ())) for o in metrics["outputs"]))
 
 
 def _drift(sums: Sums, specs: list[OutputSpec], min_samples: int) -> dict[str, Any]:
@@ -375,6 +418,7 @@ class FleetView:
         self._pending: set[int] = set()
         self._inbox: dict[int, BatchResult] = {}
         self._changed: set[DeviceKey] = set()
+        self._rechecked = 0.0
 
     # ---- following the store -------------------------------------------------------------------------
 
@@ -426,6 +470,7 @@ class FleetView:
 
     def refresh(self) -> int:
         """Take in what was stored since the last call, in batch order; returns how many windows came."""
+        self._recheck_groups()
         upto = self.store.batch()
         with self._lock:
             if self._pending:  # our own batch being committed: wait for it rather than read around it
@@ -474,26 +519,80 @@ class FleetView:
         if view is not None:
             self._leave_group(key, view)
         view = self.devices[key] = DeviceView(row)
+        self._join_group(key, view)
+
+    def _new_group(self, group: GroupKey, view: DeviceView) -> GroupView:
+        """A group's layout and references: the deployed manifest's when a deployment sent that
+        digest (a device's birth only claims it), else its first member's, shown as unverified
+        unless the artifact store or a deployment knows the digest."""
+        known = self.manifests.labels(group[1])
+        stored = self.manifests.monitoring(group[1])
+        if stored is not None:
+            metrics = {"latency": stored["latency"], "outputs": stored["outputs"]}
+            labels = {**(known or {}), "verified": True}
+            return GroupView(group, Sums(LatencyLayout(**metrics["latency"]), _layout_json({"metrics": metrics})),
+                             output_specs({"metrics": metrics}), labels, strict=True, shape=_shape(metrics))
+        a = view.birth["artifact"]  # type: ignore[index]
+        labels = ({**known, "verified": True} if known else
+                  {"model": a["model"], "version": a["model_version"],
+                   "target": a["target"], "artifact": a["name"], "verified": False})
+        return GroupView(group, Sums(view.layout, view.layout_json), view.specs, labels)
+
+    def _join_group(self, key: DeviceKey, view: DeviceView) -> None:
         group = view.group
-        if group is not None:
-            g = self.groups.get(group)
-            if g is None:
-                known = self.manifests.labels(group[1])
-                a = view.birth["artifact"]  # type: ignore[index]
-                labels = ({**known, "verified": True} if known else
-                          {"model": a["model"], "version": a["model_version"],
-                           "target": a["target"], "artifact": a["name"], "verified": False})
-                g = self.groups[group] = GroupView(group, Sums(view.layout, view.layout_json), view.specs, labels)
-            g.members.add(key)
-            g.dirty = True
+        if group is None:
+            return
+        g = self.groups.get(group)
+        if g is None:
+            g = self.groups[group] = self._new_group(group, view)
+        if g.strict and not (_shape(view.birth["metrics"]) == g.shape  # type: ignore[index]
+                             and key[1] in deployments.applied_devices(self.store, key[0], group[1], [key[1]])):
+            g.outside.add(key)  # kept per device; joins if a deployment of the digest is applied to it
+            return
+        self._add_member(g, key, view)
+
+    @staticmethod
+    def _add_member(g: GroupView, key: DeviceKey, view: DeviceView) -> None:
+        g.outside.discard(key)
+        g.members.add(key)
+        g.sums.merge(view.sums)
+        g.dirty = True
 
     def _leave_group(self, key: DeviceKey, view: DeviceView) -> None:
         group = view.group
         g = self.groups.get(group) if group else None
         if g is not None:
-            g.sums.merge(view.sums, -1)
-            g.members.discard(key)
-            g.dirty = True
+            g.outside.discard(key)
+            if key in g.members:
+                g.sums.merge(view.sums, -1)
+                g.members.discard(key)
+                g.dirty = True
+
+    def _recheck_groups(self) -> None:
+        """Devices outside a deployed manifest's group join once a deployment of it is applied to
+        them (its report may come after their birth); a group formed from a first member's birth
+        is formed again from the manifest once a deployment of its digest is recorded."""
+        at = time.monotonic()
+        if at - self._rechecked < MEMBER_RECHECK_S:
+            return
+        self._rechecked = at
+        for gkey, g in list(self.groups.items()):
+            if not g.strict:
+                if self.manifests.monitoring(gkey[1]) is not None:
+                    del self.groups[gkey]
+                    for k in sorted(g.members | g.outside):
+                        view = self.devices.get(k)
+                        if view is not None and view.group == gkey:
+                            self._join_group(k, view)
+                continue
+            candidates = [k for k in g.outside if k in self.devices and self.devices[k].group == gkey
+                          and _shape(self.devices[k].birth["metrics"]) == g.shape]  # type: ignore[index]
+            if not candidates:
+                continue
+            applied = deployments.applied_devices(self.store, gkey[0], gkey[1], sorted(d for _, d in candidates))
+            for k in candidates:
+                if k[1] in applied:
+                    self._add_member(g, k, self.devices[k])
 
     def _window_row(self, row: dict[str, Any], msg: protocol.Telemetry | None = None) -> None:
         view = self.devices.get((row["fleet"], row["device"]))
@@ -508,7 +607,7 @@ class FleetView:
                         row["device"], MAX_VIEW_WINDOWS, MAX_VIEW_SLOTS)
         self._changed.add((row["fleet"], row["device"]))
         g = self.groups.get(view.group)
-        if g is not None:
+        if g is not None and (row["fleet"], row["device"]) in g.members:
             if kept:
                 g.sums.add(w)
             for old in expired:
@@ -570,13 +669,13 @@ class FleetView:
         devices = [d for d in (self._summary(k, at_ms) for k in sorted(self.devices)) if d is not None]
         online: dict[GroupKey, int] = {}
         for d in devices:
-            if d["online"] and d["manifest_sha256"] is not None:
-                key = (d["fleet"], d["manifest_sha256"])
+            key = (d["fleet"], d["manifest_sha256"])
+            if d["online"] and key in self.groups and (d["fleet"], d["device"]) in self.groups[key].members:
                 online[key] = online.get(key, 0) + 1
-        for key in [k for k, g in self.groups.items() if not g.members]:
+        for key in [k for k, g in self.groups.items() if not g.members and not g.outside]:
             del self.groups[key]
         groups = []
-        for k in sorted(self.groups):
+        for k in sorted(k for k, g in self.groups.items() if g.members):
             try:
                 groups.append(self.group_summary(self.groups[k], online.get(k, 0)))
             except Exception:  # noqa: BLE001 (one group's data never hides the others)
@@ -594,9 +693,11 @@ class FleetView:
 
     def record_history(self, at_ms: int) -> None:
         """One chart point per group."""
-        for key in [k for k, g in self.groups.items() if not g.members]:
+        for key in [k for k, g in self.groups.items() if not g.members and not g.outside]:
             del self.groups[key]
         for g in self.groups.values():
+            if not g.members:
+                continue
             try:
                 summary = self.group_summary(g, 0)
             except Exception:  # noqa: BLE001 (logged by snapshot(); the other groups' charts go on)

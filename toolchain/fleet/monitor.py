@@ -36,7 +36,7 @@ from edgesmith.toolchain.fleet import protocol
 from edgesmith.toolchain.fleet.aggregate import ArtifactIndex, FleetView
 from edgesmith.toolchain.fleet.alerts import AlertManager, Notifier, Thresholds
 from edgesmith.toolchain.fleet.broker import Broker, central_login, configure_client
-from edgesmith.toolchain.fleet.store import Incoming, Store, now_ms
+from edgesmith.toolchain.fleet.store import (DEFAULT_RETENTION_DAYS, DeviceBudget, Incoming, Store, now_ms)
 from edgesmith.toolchain.fleet.web import HttpServer
 
 log = logging.getLogger("edgesmith.fleet.monitor")
@@ -63,6 +63,10 @@ SWITCH_INTERVAL_S = 0.0005
 # runs rarely, to reclaim any reference cycles among it.
 GC_FREEZE_EVERY_S = 1.0
 GC_FULL_EVERY_S = 1800.0
+# Retention: the prune runs this often (and once at start), PRUNE_PAUSE_S between its transactions
+# so ingest is never held behind more than one of them.
+PRUNE_EVERY_S = 600.0
+PRUNE_PAUSE_S = 0.05
 RETRAIN_SHOWN = 50  # retrain requests on the dashboard and /api/retrain: the active ones first, newest first
 
 
@@ -84,6 +88,16 @@ class MonitorConfig:
     ingest_only: bool = False
     batch_wait_s: float = 0.005
     tick_s: float = 1.0
+    # Raw windows, events, states and old sessions older than this are deleted (0: kept for ever).
+    retention_s: float = DEFAULT_RETENTION_DAYS * 86400
+    budget: DeviceBudget = field(default_factory=DeviceBudget)
+
+    def __post_init__(self) -> None:
+        # The view starts from the windows of the last 2 x recent_s: they must still be there.
+        if self.retention_s and self.retention_s < 2 * self.recent_s:
+            raise UserError(f"--retention-days {self.retention_s / 86400:g} keeps less than twice --recent-s "
+                            f"({self.recent_s:g} s), which the monitor's view reads back; keep at least "
+                            f"{2 * self.recent_s / 86400:.3g} days, or 0 to keep everything")
 
     @property
     def subscription(self) -> str:
@@ -160,6 +174,7 @@ class Monitor:
         # The broker uses the login as the client id: each monitor (or ingest worker) has its own.
         self.credentials = central_login(broker.dir, config.mqtt_client_id)
         self.store = Store.open(config.db_url)
+        self.store.budget = config.budget
         self.view = FleetView(self.store, recent_s=config.recent_s, default_interval_s=config.interval_s,
                               artifact_index=artifact_index)
         self.received: queue.Queue[_Received] = queue.Queue()
@@ -440,6 +455,26 @@ class Monitor:
             except Exception:  # noqa: BLE001 (the evaluator must outlive any bug a device's data finds)
                 log.exception("evaluating the fleet failed; trying again next tick")
 
+    def prune(self) -> dict[str, int]:
+        """Delete what is older than the retention, in short transactions (Store.prune)."""
+        before = now_ms() - int(self.config.retention_s * 1000)
+        deleted = self.store.prune(before, between=lambda: self.stop_event.wait(PRUNE_PAUSE_S))
+        if any(deleted.values()):
+            log.info("retention: deleted %d window(s), %d message(s) and %d session(s) older than %g day(s)",
+                     deleted["windows"], deleted["messages"], deleted["sessions"], self.config.retention_s / 86400)
+        return deleted
+
+    def _prune_loop(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                self.prune()
+            except OperationalError as e:
+                log.error("cannot prune the store (%s); trying again later", str(e.orig).strip().splitlines()[0])
+            except Exception:  # noqa: BLE001 (retention must not stop the monitor)
+                log.exception("pruning the store failed; trying again later")
+            if self.stop_event.wait(PRUNE_EVERY_S):
+                return
+
     # ---- lifecycle ---------------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -475,6 +510,8 @@ class Monitor:
         self._gc_frozen_at = self._gc_full_at = time.monotonic()
         evaluator = threading.Thread(target=self._evaluate_loop, name="evaluate", daemon=True)
         evaluator.start()
+        if self.config.retention_s and not self.config.ingest_only:  # the full monitor prunes, its workers do not
+            threading.Thread(target=self._prune_loop, name="prune", daemon=True).start()
         try:
             self._ingest_loop()
         finally:

@@ -124,7 +124,7 @@ class SimulatedDevice:
         envelope = self._envelope(historical)
         self.birth_seq = envelope["seq"]
         a = self.artifact
-        return protocol.Birth(**envelope, target=a.target, runtime=protocol.Runtime(version="0.1.0", isa="x86_64"),
+        return protocol.Birth(**envelope, target=a.target, runtime=protocol.Runtime(version="0.1.0", isa="x86_64", cpu="simulated device"),
                               artifact=a.ref(), metrics=protocol.MetricSchema(
                                   interval_s=self.interval_s, latency=a.latency, outputs=a.outputs,
                                   build_latency_us=a.build_latency_us))

@@ -148,7 +148,7 @@ def _serving_of(watch: FleetWatch, store: Store, fleet: str, device: str) -> dic
             return None
         birth = contract.Birth.model_validate_json(text)
     return {"serving_sha256": birth.artifact.manifest_sha256, "serving": birth.artifact.name,
-            "target": birth.target, "isa": birth.runtime.isa, "runtime": birth.runtime.version}
+            "target": birth.target, "isa": birth.runtime.isa, "runtime": birth.runtime.version, "cpu": birth.runtime.cpu}
 
 
 def running_shadows(store: Store, fleet: str, at_ms: int | None = None) -> list[dict[str, Any]]:

@@ -225,8 +225,8 @@ def select_candidate(store: Store, shadow_id: str, min_agreement: float = DEFAUL
 def record_selection(store: Store, shadow: dict[str, Any], chosen: Verdict, verdicts: list[Verdict],
                      min_agreement: float, max_latency_ratio: float | None, min_samples: int) -> dict[str, Any]:
     """The measured choice in the store (``shadow_selections``); returns the row."""
-    measured_on = {d: {"target": info.get("target"), "isa": info.get("isa"), "runtime": info.get("runtime")}
-                   for d, info in sorted(shadow["devices"].items())}
+    measured_on = {d: {"target": info.get("target"), "isa": info.get("isa"), "cpu": info.get("cpu"),
+                       "runtime": info.get("runtime")} for d, info in sorted(shadow["devices"].items())}
     row = {"shadow_id": shadow["id"], "fleet": shadow["fleet"], "candidate": chosen.candidate["index"],
            "name": chosen.candidate["name"], "manifest_sha256": chosen.candidate["manifest_sha256"],
            "archive_sha256": chosen.candidate["archive_sha256"], "min_agreement": min_agreement,

@@ -28,10 +28,13 @@ from edgesmith.toolchain.fleet.store import deployments, retrain, shadows
 from edgesmith.toolchain.fleet.store.alerts import AlertKey, AlertStore
 from edgesmith.toolchain.fleet.store.engine import (SCHEMA_VERSION, counters, default_url, metadata, now_ms,
                                                     open_engine)
-from edgesmith.toolchain.fleet.store.ingest import (DROP_REASONS, SILENT_INTERVALS, BatchListener, BatchResult,
-                                                    Incoming, IngestStore, fleet_status, is_silent)
+from edgesmith.toolchain.fleet.store.ingest import (DEFAULT_BYTES_PER_DAY, DEFAULT_RETENTION_DAYS,
+                                                    DEFAULT_WINDOWS_PER_DAY, DROP_REASONS, SILENT_INTERVALS,
+                                                    BatchListener, BatchResult, DeviceBudget, Incoming, IngestStore,
+                                                    fleet_status, is_silent)
 
-__all__ = ["DROP_REASONS", "SCHEMA_VERSION", "SILENT_INTERVALS", "AlertKey", "BatchListener", "BatchResult",
+__all__ = ["DEFAULT_BYTES_PER_DAY", "DEFAULT_RETENTION_DAYS", "DEFAULT_WINDOWS_PER_DAY", "DROP_REASONS",
+           "SCHEMA_VERSION", "SILENT_INTERVALS", "AlertKey", "BatchListener", "BatchResult", "DeviceBudget",
            "Incoming", "Store", "counters", "default_url", "deployments", "fleet_status", "is_silent", "metadata",
            "now_ms", "open_engine", "retrain", "shadows"]
 

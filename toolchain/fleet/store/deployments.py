@@ -78,7 +78,14 @@ device_deploy = Table(  # each device's last reported deployment state (its newe
     Column("received_ms", BigInteger, nullable=False),
 )
 
-DEPLOY_TABLES = (deployments, deploy_waves, deploy_targets, desired_versions, device_deploy)
+deployed_manifests = Table(  # what each deployed artifact's manifest says about its telemetry (model groups)
+    "deployed_manifests", metadata,
+    Column("manifest_sha256", String(64), primary_key=True),
+    Column("monitoring", Text, nullable=False),  # the manifest's `monitoring` (latency layout, outputs, references), JSON
+    Column("recorded_ms", BigInteger, nullable=False),
+)
+
+DEPLOY_TABLES = (deployments, deploy_waves, deploy_targets, desired_versions, device_deploy, deployed_manifests)
 FINAL_RESULTS = tuple(r.value for r in contract.FINAL_RESULTS)
 
 
@@ -230,7 +237,38 @@ def set_status(store: StoreBase, deployment_id: str, status: str) -> None:
         conn.execute(update(deployments).where(deployments.c.id == deployment_id).values(status=status))
 
 
+def record_manifest(store: StoreBase, manifest_sha256: str, monitoring: dict[str, Any]) -> None:
+    """What a deployed artifact's manifest says its devices report (written by `edgesmith deploy`
+    and `rollback` from the signed archive): the model group of that digest takes its latency
+    layout and drift references from here, never from a device's birth."""
+    with store.engine.begin() as conn:
+        conn.execute(insert_ignore(store.engine.dialect, deployed_manifests).values(
+            manifest_sha256=manifest_sha256, monitoring=json.dumps(monitoring), recorded_ms=now_ms()))
+
+
 # ---- reads ---------------------------------------------------------------------------------------
+
+def manifest_monitoring(store: StoreBase, sha: str) -> dict[str, Any] | None:
+    """The stored `monitoring` of a deployed manifest (record_manifest), or None."""
+    with store.engine.connect() as conn:
+        if not store.engine.dialect.has_table(conn, "deployed_manifests"):
+            return None
+        text = conn.scalar(select(deployed_manifests.c.monitoring).where(deployed_manifests.c.manifest_sha256 == sha))
+    return json.loads(text) if text else None
+
+
+def applied_devices(store: StoreBase, fleet: str, sha: str, names: list[str]) -> set[str]:
+    """Which of ``names`` (devices of ``fleet``) a deployment of manifest ``sha`` was applied to."""
+    found: set[str] = set()
+    with store.engine.connect() as conn:
+        for i in range(0, len(names), 500):
+            found.update(conn.scalars(
+                select(deploy_targets.c.device).join(deployments, deployments.c.id == deploy_targets.c.deployment_id)
+                .where(deployments.c.manifest_sha256 == sha, deploy_targets.c.fleet == fleet,
+                       deploy_targets.c.result == TargetResult.APPLIED.value,
+                       deploy_targets.c.device.in_(names[i:i + 500]))))
+    return found
+
 
 def deployed_manifest(store: StoreBase, sha: str) -> dict[str, Any] | None:
     """Labels of a manifest digest some deployment sent (None when no deployment names it)."""

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Self
 
-from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table, create_engine, event, select
+from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table, create_engine, event, inspect, select, text
 from sqlalchemy.engine import Dialect, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
@@ -128,10 +128,28 @@ class StoreBase:
                 if attempt == 19:
                     raise
                 time.sleep(random.uniform(0.02, 0.1))
+        self._add_new_columns()
         with self.engine.begin() as conn:
             for name in self.COUNTERS:  # another monitor may be creating them at the same time
                 conn.execute(self._insert_ignore(counters).values(
                     name=name, value=SCHEMA_VERSION if name == "schema_version" else 0))
+
+    def _add_new_columns(self) -> None:
+        """Columns added to a table since a store was created (nullable, so rows it holds need no
+        value): ALTER TABLE ... ADD COLUMN, the same on SQLite and PostgreSQL. Another monitor
+        opening the store at the same time may add one first; its column is the same."""
+        for table in metadata.sorted_tables:
+            have = {c["name"] for c in inspect(self.engine).get_columns(table.name)}
+            for column in table.columns:
+                if column.name in have:
+                    continue
+                kind = column.type.compile(dialect=self.engine.dialect)
+                try:
+                    with self.engine.begin() as conn:
+                        conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
+                except DBAPIError:
+                    if column.name not in {c["name"] for c in inspect(self.engine).get_columns(table.name)}:
+                        raise
 
     def check_schema(self) -> None:
         with self.engine.connect() as conn:

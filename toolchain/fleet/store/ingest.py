@@ -19,7 +19,7 @@ import json
 import logging
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -40,9 +40,47 @@ SILENT_INTERVALS = 3  # a device is silent (offline) after this many of its inte
 # `device_refusals` when its topic names one): not JSON; over the payload limit; JSON but not in the
 # contract; a device speaking for another; not a device topic; refused by the database; failed in
 # processing (a bug, isolated to its message); the monitor's queue was full; the device held more
-# than its share of a queue over half full; from a spool epoch the device has since replaced.
+# than its share of a queue over half full; from a spool epoch the device has since replaced; a window
+# past the device's daily budget (DeviceBudget).
 DROP_REASONS = ("malformed", "oversized", "invalid", "topic_mismatch", "unknown_topic", "unstorable", "unprocessable",
-                "queue_full", "flooding", "stale_epoch")
+                "queue_full", "flooding", "stale_epoch", "over_budget")
+
+DAY_MS = 86_400_000
+# What a stored window costs beyond its JSON text columns (latency, outputs, layout, labels): its
+# numeric columns, row header and three index entries. Measured (docs/telemetry.md, "Retention and
+# budgets"): a window of 4 classes and the default 96 latency buckets takes 862 bytes in SQLite and
+# 912 in PostgreSQL 15, of which ~525 are its texts.
+WINDOW_ROW_BYTES = 380
+# Defaults of the per-device budget (monitor --device-windows-per-day, --device-mb-per-day). An
+# honest device sending a window every second all day stores 86,400 windows, ~80 MB (4 classes) to
+# ~360 MB (1,000 classes, SQLite); the defaults leave room for that plus a long outage's spool
+# flushed on reconnect, and bound what one device adds to the store a day.
+DEFAULT_WINDOWS_PER_DAY = 200_000
+DEFAULT_BYTES_PER_DAY = 500_000_000
+# Retention (monitor --retention-days): raw windows, events, states, deaths and superseded sessions
+# older than this (by the monitor's clock when they arrived) are deleted, PRUNE_ROWS a transaction.
+# With the budget, what one device can hold in the store is at most 7 x 500 MB.
+DEFAULT_RETENTION_DAYS = 7.0
+PRUNE_ROWS = 2000
+
+
+@dataclass(frozen=True)
+class DeviceBudget:
+    """What one device may store a day (UTC days, monitor clock): past either bound its further
+    windows are refused (``over_budget``, counted against it), until the next day. 0: no bound."""
+
+    windows_per_day: int = DEFAULT_WINDOWS_PER_DAY
+    bytes_per_day: int = DEFAULT_BYTES_PER_DAY
+
+    def over(self, windows: int, stored_bytes: int) -> bool:
+        return bool((self.windows_per_day and windows > self.windows_per_day)
+                    or (self.bytes_per_day and stored_bytes > self.bytes_per_day))
+
+
+def window_bytes(row: dict[str, Any]) -> int:
+    """What a window row costs in the store, as the budget counts it."""
+    return WINDOW_ROW_BYTES + sum(len(row[c]) for c in ("latency", "outputs", "latency_layout", "model",
+                                                          "model_version", "target") if row[c])
 
 log = logging.getLogger("edgesmith.fleet.store")
 
@@ -68,6 +106,8 @@ devices = Table(
     Column("last_window_end_ms", BigInteger),
     Column("p50_us", Float), Column("p95_us", Float), Column("p99_us", Float),
     Column("batch", BigInteger, nullable=False, index=True),
+    # The device's budget (DeviceBudget): the UTC day (days since 1970) and what it stored that day.
+    Column("budget_day", BigInteger), Column("budget_windows", BigInteger), Column("budget_bytes", BigInteger),
 )
 
 sessions = Table(
@@ -142,7 +182,7 @@ device_refusals = Table(  # messages refused per device and reason: the device i
 
 # What any stored message may change in its device's row; the rest changes with a birth or a death.
 _HOT_COLUMNS = ("seq_state", "gaps", "messages", "duplicates", "runs", "errors", "last_seen_ms", "last_window_end_ms",
-                "p50_us", "p95_us", "p99_us", "batch")
+                "p50_us", "p95_us", "p99_us", "batch", "budget_day", "budget_windows", "budget_bytes")
 _OUTPUTS = TypeAdapter(dict[str, protocol.OutputWindow])
 _DEVICE_COLUMNS = [c.name for c in devices.columns]
 
@@ -245,11 +285,13 @@ def _birth_info(birth_json: str | None) -> tuple[dict[str, Any], str | None, str
 class IngestStore(StoreBase):
     """The Store's ingest and its reads of what devices sent."""
 
-    COUNTERS = (*StoreBase.COUNTERS, "batch", "stored", "duplicates", "reimaged",
+    COUNTERS = (*StoreBase.COUNTERS, "batch", "stored", "duplicates", "reimaged", "pruned",
                 *(f"dropped.{r}" for r in DROP_REASONS))
 
     def __init__(self, engine: Engine):
         super().__init__(engine)
+        self.budget = DeviceBudget()  # the monitor sets its own
+        self._over_budget_logged: dict[tuple[str, str], int] = {}
         # Device rows as this process last committed them. A row is reused while its `batch` in
         # the store is still the one it was written in (another monitor sharing the store would
         # have changed it); this saves reading every device's birth back on every batch.
@@ -369,11 +411,8 @@ class IngestStore(StoreBase):
                 dev.tracker.epoch = msg.epoch
             elif msg.epoch != dev.tracker.epoch:
                 if msg.epoch in dev.tracker.retired:  # late, from before the device's re-image
-                    refused = item.refused("stale_epoch", f"a {msg.kind} of spool epoch {msg.epoch}, since replaced "
-                                                          f"by {dev.tracker.epoch}")
-                    result.dropped["stale_epoch"] += 1
-                    entry = result.refusals.setdefault((msg.fleet, msg.device, "stale_epoch"), [0, 0, None])
-                    entry[0], entry[1], entry[2] = entry[0] + 1, max(entry[1], refused.received_ms), refused.detail
+                    self._refuse(result, item, "stale_epoch", f"a {msg.kind} of spool epoch {msg.epoch}, since "
+                                                              f"replaced by {dev.tracker.epoch}")
                     continue
                 message_rows.append(self._reimaged(batch, item, msg, dev))
                 result.reimaged.append(key)
@@ -418,8 +457,17 @@ class IngestStore(StoreBase):
                     dev.presence_changed |= self._birth(batch, item, msg, row, skey, session(skey), new_sessions,
                                                         changed_sessions)
                 elif msg.kind == K.TELEMETRY:
-                    window_rows.append(self._window(batch, item, msg, row, session(skey), stored_ms))
-                    result.windows.append((window_rows[-1], msg))
+                    window = self._window(batch, item, msg, row, session(skey), stored_ms)
+                    if not self._within_budget(row, window, item.received_ms):
+                        self._refuse(result, item, "over_budget",
+                                     f"the device stored {row['budget_windows']} windows ({row['budget_bytes']} bytes) "
+                                     f"today, over its budget of {self.budget.windows_per_day} windows or "
+                                     f"{self.budget.bytes_per_day} bytes a day (fleet monitor --device-windows-per-day, "
+                                     "--device-mb-per-day); its windows are stored again from 00:00 UTC")
+                        continue
+                    self._count_window(row, msg)
+                    window_rows.append(window)
+                    result.windows.append((window, msg))
                 else:
                     message_rows.append(self._message_row(batch, item, msg))
                     if msg.kind in (K.STATE, K.EVENT, K.SHADOW):
@@ -462,6 +510,30 @@ class IngestStore(StoreBase):
         return {"batch": batch, "fleet": msg.fleet, "device": msg.device, "kind": event.kind.value,
                 "bd_seq": msg.bdSeq, "seq": 0, "historical": False, "ts_ms": item.received_ms,
                 "received_ms": item.received_ms, "payload": event.model_dump_json()}
+
+    @staticmethod
+    def _refuse(result: BatchResult, item: Incoming, reason: str, detail: str) -> None:
+        """A message valid in itself that ingest refuses: counted under ``reason`` and against its device."""
+        msg = item.message
+        result.dropped[reason] += 1
+        entry = result.refusals.setdefault((msg.fleet, msg.device, reason), [0, 0, None])
+        entry[0], entry[1], entry[2] = entry[0] + 1, max(entry[1], item.received_ms), detail
+
+    def _within_budget(self, row: dict[str, Any], window: dict[str, Any], received_ms: int) -> bool:
+        """Count a window against its device's budget for the day; False (not counted) past it."""
+        day = received_ms // DAY_MS
+        if row["budget_day"] != day:
+            row.update(budget_day=day, budget_windows=0, budget_bytes=0)
+        windows, cost = row["budget_windows"] + 1, row["budget_bytes"] + window_bytes(window)
+        if self.budget.over(windows, cost):
+            if self._over_budget_logged.get((row["fleet"], row["device"])) != day:  # once a device and day
+                self._over_budget_logged[(row["fleet"], row["device"])] = day
+                log.warning("device %s/%s is over its budget for today (%d windows, %d bytes stored); its further "
+                            "windows are refused until 00:00 UTC", row["fleet"], row["device"], row["budget_windows"],
+                            row["budget_bytes"])
+            return False
+        row.update(budget_windows=windows, budget_bytes=cost)
+        return True
 
     @staticmethod
     def _duplicate(row: dict[str, Any], item: Incoming, result: BatchResult) -> None:
@@ -515,12 +587,6 @@ class IngestStore(StoreBase):
         if sha != msg.artifact_sha256:
             labels, layout = {}, None
         lat = msg.latency
-        # Cumulative totals saturate at the column's int64 bound (a window adds at most MAX_WINDOW_COUNT,
-        # so only ~2^27 windows at that bound get here): an overflowing UPDATE would fail the whole batch.
-        row["runs"] = min(row["runs"] + msg.runs, INT64_MAX)
-        row["errors"] = min(row["errors"] + msg.errors, INT64_MAX)
-        if row["last_window_end_ms"] is None or msg.window_end_ms >= row["last_window_end_ms"]:
-            row.update(last_window_end_ms=msg.window_end_ms, p50_us=lat.p50_us, p95_us=lat.p95_us, p99_us=lat.p99_us)
         return {
             "batch": batch, "fleet": msg.fleet, "device": msg.device, "bd_seq": msg.bdSeq, "seq": msg.seq,
             "historical": msg.historical, "ts_ms": msg.ts_ms, "received_ms": item.received_ms, "stored_ms": stored_ms,
@@ -535,6 +601,17 @@ class IngestStore(StoreBase):
             "temperature_c": msg.temperature_c, "spool_queued": msg.spool.queued,
             "spool_dropped_total": msg.spool.dropped_total,
         }
+
+    @staticmethod
+    def _count_window(row: dict[str, Any], msg: protocol.Telemetry) -> None:
+        """A stored window's part in its device's row: cumulative totals and the last window's latency."""
+        lat = msg.latency
+        # Cumulative totals saturate at the column's int64 bound (a window adds at most MAX_WINDOW_COUNT,
+        # so only ~2^27 windows at that bound get here): an overflowing UPDATE would fail the whole batch.
+        row["runs"] = min(row["runs"] + msg.runs, INT64_MAX)
+        row["errors"] = min(row["errors"] + msg.errors, INT64_MAX)
+        if row["last_window_end_ms"] is None or msg.window_end_ms >= row["last_window_end_ms"]:
+            row.update(last_window_end_ms=msg.window_end_ms, p50_us=lat.p50_us, p95_us=lat.p95_us, p99_us=lat.p99_us)
 
     def _executemany(self, conn: Connection, name: str, statement: Any, rows: list[dict[str, Any]]) -> None:
         """``conn.execute(statement, rows)`` for the hot statements, at the driver: compiled once,
@@ -589,6 +666,58 @@ class IngestStore(StoreBase):
                     count=device_refusals.c.count + n, **values)).rowcount:
                 conn.execute(self._insert_ignore(device_refusals).values(fleet=fleet, device=device, reason=reason,
                                                                          count=n, **values))
+
+    # ---- retention ---------------------------------------------------------------------------------
+
+    def prune(self, before_ms: int, rows: int = PRUNE_ROWS, between: Callable[[], bool] | None = None) -> dict[str, int]:
+        """Delete what arrived before ``before_ms`` (monitor clock): windows, messages (events,
+        states, deaths) and sessions other than each device's current one. ``rows`` at a time, each
+        in its own short transaction, so ingest (one writer at a time on SQLite) waits at most one
+        of them; ``between`` runs after each and stops the prune when it returns True. What the
+        view and alerts use is kept elsewhere: cumulative totals, presence and the last window in
+        ``devices``, deployment results in the deployment tables, and the view's recent windows
+        are younger than any retention the monitor accepts. Returns the rows deleted per table."""
+        current = select(devices.c.bd_seq).where(devices.c.fleet == sessions.c.fleet,
+                                                 devices.c.device == sessions.c.device).scalar_subquery()
+        plans = [
+            ("windows", windows, select(windows.c.id).where(windows.c.received_ms < before_ms).order_by(windows.c.id),
+             lambda ids: windows.c.id.in_(ids)),
+            # Ordered by id, which follows arrival: the scan stops at the first `rows` old ones.
+            ("messages", messages, select(messages.c.id).where(messages.c.received_ms < before_ms).order_by(messages.c.id),
+             lambda ids: messages.c.id.in_(ids)),
+        ]
+        deleted = {"windows": 0, "messages": 0, "sessions": 0}
+        for name, table, query, where in plans:
+            while True:
+                with self.engine.begin() as conn:
+                    ids = list(conn.scalars(query.limit(rows)))
+                    if ids:
+                        conn.execute(table.delete().where(where(ids)))
+                        self._count_pruned(conn, len(ids))
+                deleted[name] += len(ids)
+                if len(ids) < rows:
+                    break
+                if between is not None and between():
+                    return deleted
+        old_sessions = (select(sessions.c.fleet, sessions.c.device, sessions.c.bd_seq)
+                        .where(sessions.c.received_ms < before_ms,
+                               sessions.c.death_received_ms.is_(None) | (sessions.c.death_received_ms < before_ms),
+                               sessions.c.bd_seq.is_distinct_from(current)))
+        while True:
+            with self.engine.begin() as conn:
+                keys = list(conn.execute(old_sessions.limit(rows)))
+                for fleet, device, bd_seq in keys:
+                    conn.execute(sessions.delete().where(sessions.c.fleet == fleet, sessions.c.device == device,
+                                                         sessions.c.bd_seq == bd_seq))
+                if keys:
+                    self._count_pruned(conn, len(keys))
+            deleted["sessions"] += len(keys)
+            if len(keys) < rows or (between is not None and between()):
+                return deleted
+
+    @staticmethod
+    def _count_pruned(conn: Connection, n: int) -> None:
+        conn.execute(update(counters).where(counters.c.name == "pruned").values(value=counters.c.value + n))
 
     # ---- reads -------------------------------------------------------------------------------------
 

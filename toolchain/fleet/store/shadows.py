@@ -24,7 +24,7 @@ shadows = Table(
     "shadows", metadata,
     Column("id", String(64), primary_key=True),  # sh-YYYYMMDD-HHMM-xxxxxx
     Column("fleet", String(64), nullable=False, index=True),
-    # {device: {"version": shadow-state version, "serving_sha256", "serving", "target", "isa"}} (JSON)
+    # {device: {"version": shadow-state version, "serving_sha256", "serving", "target", "isa", "cpu"}} (JSON)
     Column("devices", Text, nullable=False),
     # [{"index", "name", "manifest_sha256", "archive_sha256", "size", "model", "model_version", "target",
     #   "backend", "precision", "build_latency_us", "model_uri"}] (JSON), in the order devices run them
@@ -115,7 +115,7 @@ shadow_selections = Table(  # `edgesmith select --from-shadow`: the measured cho
     Column("min_agreement", Float, nullable=False),
     Column("max_latency_ratio", Float),
     Column("min_samples", BigInteger, nullable=False),
-    Column("measured_on", Text, nullable=False),  # {device: {"target", "isa", "runtime"}} (JSON)
+    Column("measured_on", Text, nullable=False),  # {device: {"target", "isa", "cpu", "runtime"}} (JSON)
     Column("figures", Text, nullable=False),  # the report's rows the choice was made from (JSON)
     Column("mlflow_run_id", String(64)),
     Column("created_ms", BigInteger, nullable=False),
