@@ -11,6 +11,8 @@ import json
 import os
 import socket
 import subprocess
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -284,3 +286,180 @@ def test_the_header_deadline_ends_with_the_headers(broker, digits_host_openvino,
         assert _stats(port)["http"]["refused"] == {"header_timeout": 1}
     finally:
         assert agent.stop() == 0, agent.log()
+
+
+def _connect_from(source: str, port: int) -> socket.socket:
+    """A connection to the agent from `source`, another loopback address: the agent counts
+    connections per client address."""
+    return socket.create_connection(("127.0.0.1", port), timeout=60, source_address=(source, 0))
+
+
+def _closed_by_peer(sock: socket.socket) -> bytes:
+    """Everything the agent sent before closing `sock`; fails when it is still open after the
+    socket's timeout."""
+    received = b""
+    try:
+        while chunk := sock.recv(4096):
+            received += chunk
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        raise AssertionError(f"the agent kept the connection open; it sent {received[:200]!r}") from None
+    finally:
+        sock.close()
+    return received
+
+
+def _drip(sockets: list[socket.socket], stop: threading.Event) -> None:
+    """The slowloris: one more header line on each connection every half second, never the end."""
+    line = 0
+    while not stop.wait(0.5):
+        line += 1
+        for sock in sockets:
+            try:
+                sock.send(f"X-Drip-{line}: {'a' * 20}\r\n".encode())
+            except OSError:
+                pass  # closed by the agent: what the test waits for
+
+
+def _endless(sock: socket.socket, chunk: bytes, limit: int = 64 << 20) -> int:
+    """Send `chunk` until the agent stops reading (or `limit` bytes); returns the bytes sent."""
+    sent = 0
+    try:
+        while sent < limit:
+            sock.sendall(chunk)
+            sent += len(chunk)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    return sent
+
+
+def test_slow_idle_and_endless_clients_cannot_starve_the_api(broker, digits_host_openvino, tmp_path):
+    """Slowloris (issue 16): 16 connections dripping header lines, plus idle keep-alive connections,
+    used to hold every thread of httplib's pool, and /v1/health timed out even with the token. Now
+    connections are capped per client address, headers must be complete within a deadline, and idle
+    keep-alive connections are closed: a well-behaved client is served all along (default limits)."""
+    token = tmp_path / "token"
+    token.write_text("s3cret-token-for-the-agent\n")
+    token.chmod(0o600)
+    good = {"Authorization": "Bearer s3cret-token-for-the-agent"}
+    agent = Agent(digits_host_openvino, broker.add_device("guard-06"), tmp_path / "data", "--http-token-file", str(token))
+    body = _npy_concat([np.zeros((1, 1, 8, 8), np.float32)])
+    stop = threading.Event()
+    try:
+        port = agent.ready()["port"]
+        # Idle keep-alive clients: one request each, then nothing.
+        idle = [_connect_from("127.0.0.3", port) for _ in range(4)]
+        for sock in idle:
+            sock.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nAuthorization: " + good["Authorization"].encode() + b"\r\n\r\n")
+        for sock in idle:
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200"), "an idle client's first request failed"
+        # The slowloris, from another address: twice the per-address limit.
+        slow = [_connect_from("127.0.0.2", port) for _ in range(16)]
+        for sock in slow:
+            sock.send(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n")
+        dripper = threading.Thread(target=_drip, args=(slow, stop), daemon=True)
+        dripper.start()
+
+        # The well-behaved client is served while all of them are held.
+        stats = _stats(port, good)
+        assert stats["http"]["connections"] >= 1 + 4 + 8, stats["http"]  # the slow and idle ones still open
+        status, _, reply = _request(port, "GET", "/v1/health", headers=good)
+        assert status == 200 and json.loads(reply)["device"] == "guard-06", reply
+        status, _, reply = _request(port, "POST", "/v1/infer", body, good)
+        assert status == 200 and _npy_split(reply)[0].shape == (1, 10), reply
+
+        # Every slow connection ends: refused at accept beyond 8 from its address (503), or cut off
+        # when its headers were not complete after 5 s (408). The idle ones are closed after 5 s.
+        endings = [_closed_by_peer(sock) for sock in slow]
+        stop.set()
+        for sock in idle:
+            _closed_by_peer(sock)
+        assert all(e == b"" or e.startswith((b"HTTP/1.1 503", b"HTTP/1.1 408")) for e in endings), endings
+        refused = _stats(port, good)["http"]["refused"]
+        assert refused["too_many_connections"] >= 1 and refused["header_timeout"] >= 1, refused
+        assert refused["too_many_connections"] + refused["header_timeout"] == len(slow), refused
+
+        # An endless header line, and endless header lines sent fast: cut off at 32 KiB.
+        for chunk in (b"a" * 4096, b"X-Endless: " + b"a" * 50 + b"\r\n"):
+            sock = _connect_from("127.0.0.4", port)
+            sock.sendall(b"GET /v1/health HTTP/1.1\r\nX-Start: " if chunk[0:1] == b"a" else b"GET /v1/health HTTP/1.1\r\n")
+            sent = _endless(sock, chunk)
+            reply = _closed_by_peer(sock)
+            assert sent < 64 << 20 and (reply == b"" or reply.startswith(b"HTTP/1.1 431")), (sent, reply[:200])
+        assert _stats(port, good)["http"]["refused"]["header_too_large"] == 2
+        status, _, _ = _request(port, "GET", "/v1/health", headers=good)
+        assert status == 200
+    finally:
+        stop.set()
+        assert agent.stop() == 0, agent.log()
+
+
+def test_connection_limits_are_options_with_bounds(tmp_path):
+    base = ["--artifact", str(tmp_path / "a"), "--credentials", str(tmp_path / "c.json"), "--data-dir", str(tmp_path / "d")]
+    for args, sentence in (
+        (["--http-max-connections", "0"], "--http-max-connections takes a number from 1 to 1024, got '0'"),
+        (["--http-max-connections-per-peer", "2000"], "--http-max-connections-per-peer takes a number from 1 to 1024"),
+        (["--http-max-connections", "4", "--http-max-connections-per-peer", "5"],
+         "--http-max-connections-per-peer (5) cannot exceed --http-max-connections (4)"),
+        (["--http-header-timeout", "0.01"], "--http-header-timeout must be from 0.1 to 600 seconds"),
+        (["--http-idle-timeout", "forever"], "--http-idle-timeout takes a positive number, got 'forever'"),
+    ):
+        result = _agent_fails(*base, *args)
+        assert result.returncode == 2 and sentence in result.stderr.splitlines()[0], result.stderr
+    config = tmp_path / "device.toml"
+    config.write_text("http_idle_timeout_s = 1000\n")
+    result = _agent_fails("--config", str(config), *base)
+    assert "'http_idle_timeout_s' must be from 0.1 to 600 seconds" in result.stderr.splitlines()[0], result.stderr
+    config.write_text("http_max_connections = 2\nhttp_max_connections_per_peer = 2\nhttp_header_timeout_s = 0\n")
+    result = _agent_fails("--config", str(config), *base)
+    assert "'http_header_timeout_s' must be from 0.1 to 600 seconds" in result.stderr.splitlines()[0], result.stderr
+
+
+def test_the_load_copy_lives_under_the_data_dir_and_is_cleaned_safely(broker, digits_host_openvino, tmp_path):
+    """The private load copy (issue 16): under <data-dir>/load by default (a disk; $TMPDIR is often
+    RAM), with copies left by dead processes removed by their free lock, never by a PID check that
+    is wrong across PID namespaces sharing the directory; a disk too small is refused in one sentence
+    naming the directory, the bytes needed and --load-dir."""
+    import fcntl
+
+    credentials = broker.add_device("guard-07")
+    data = tmp_path / "data"
+    load = data / "load"
+    load.mkdir(parents=True)
+    old = os.stat(load).st_mtime - 3600
+    stale = load / "edgesmith-load-4242-abcdef"  # its owner died: nobody holds its lock
+    held = load / "edgesmith-load-1-ghijkl"  # pid 1 of another namespace, alive: it holds its lock
+    for copy in (stale, held):
+        copy.mkdir(mode=0o700)
+        (copy / "model.xml").write_bytes(b"x")
+        os.utime(copy, (old, old))
+    holder = os.open(held, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    agent = Agent(digits_host_openvino, credentials, data)
+    try:
+        agent.ready()
+        mine = [p for p in load.iterdir() if p.name.startswith(f"edgesmith-load-{agent.proc.pid}-")]
+        assert len(mine) == 1 and (mine[0] / "manifest.json").is_file(), sorted(load.iterdir())
+        assert not stale.exists() and (held / "model.xml").is_file()
+    finally:
+        assert agent.stop() == 0, agent.log()
+        os.close(holder)
+    assert not mine[0].exists()
+
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k,mode=0700", "tmpfs", str(small)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"a tmpfs cannot be mounted here (needs root): {mounted.stderr.strip()}")
+    try:
+        result = _agent_fails("--artifact", str(digits_host_openvino["path"]), "--credentials", str(credentials),
+                              "--data-dir", str(tmp_path / "data2"), "--key", str(digits_host_openvino["pub"]),
+                              "--load-dir", str(small))
+        first = result.stderr.splitlines()[0]
+        assert "its private copy needs " in first and f"and {small} (TMPDIR) has " in first, first
+        assert "--load-dir" in first, first
+        assert list(small.iterdir()) == []  # nothing half-copied left behind
+    finally:
+        subprocess.run(["umount", str(small)], check=True)

@@ -4,6 +4,7 @@
 #define TOML_EXCEPTIONS 1
 #include <toml++/toml.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
@@ -21,26 +22,31 @@ namespace edgesmith {
 
 const char* const AGENT_USAGE =
     "usage: edgesmith-agent --config device.toml [flags...]\n"
-    "       edgesmith-agent --device ID --fleet F --artifact DIR --credentials FILE --data-dir DIR\n"
+    "       edgesmith-agent --device ID --fleet F --artifact DIR --credentials FILE --data-dir DIR [--load-dir DIR]\n"
     "                       [--interval SECONDS] [--synthetic-load RPS [--load-from FILE.npy]] [--http HOST:PORT]\n"
     "                       [--key FILE.pub ...]\n"
     "                       [--trust-dir DIR [--deploy-max-bytes N] [--deploy-timeout SECONDS]\n"
     "                                    [--shadow-max-bytes N] [--capture-max-bytes N]\n"
     "                                    [--child-executable FILE]]\n"
     "                       [--http-token-file FILE] [--http-max-requests N] [--backend-path DIR ...]\n"
+    "                       [--http-max-connections N] [--http-max-connections-per-peer N]\n"
+    "                       [--http-header-timeout SECONDS] [--http-idle-timeout SECONDS]\n"
     "\n"
     "Serve an artifact on loopback HTTP and report telemetry over MQTT (docs/telemetry.md).\n"
-    "  --config FILE         TOML with the keys below (device, fleet, artifact, credentials, data_dir,\n"
+    "  --config FILE         TOML with the keys below (device, fleet, artifact, credentials, data_dir, load_dir,\n"
     "                        interval_s, synthetic_load_rps, load_from, http, trusted_keys, spool_max_bytes,\n"
     "                        trust_dir, deploy_max_bytes, deploy_timeout_s, shadow_max_bytes,\n"
     "                        capture_max_bytes, child_executable, http_token_file, http_max_requests,\n"
-    "                        backend_path);\n"
+    "                        http_max_connections, http_max_connections_per_peer, http_header_timeout_s,\n"
+    "                        http_idle_timeout_s, backend_path);\n"
     "                        flags override it, relative paths are taken from its directory\n"
     "  --device ID           this device (default: the credentials' device; must match them)\n"
     "  --fleet F             its fleet (default: the credentials' fleet; must match them)\n"
     "  --artifact DIR        the installed artifact, verified before it is loaded\n"
     "  --credentials FILE    the JSON file `edgesmith broker add-device --json` writes\n"
     "  --data-dir DIR        the spool (spool.db) and agent.json (the HTTP port) live here\n"
+    "  --load-dir DIR        private copies of artifacts are loaded from here (default <data-dir>/load;\n"
+    "                        it becomes the TMPDIR of the agent and its children): a disk, not RAM\n"
     "  --interval SECONDS    one telemetry summary per interval (default 10)\n"
     "  --synthetic-load RPS  run the model itself RPS times a second on its golden inputs plus\n"
     "                        small seeded noise (demos and tests; default 0: off)\n"
@@ -52,6 +58,13 @@ const char* const AGENT_USAGE =
     "  --http-token-file FILE  clients must send 'Authorization: Bearer <the file's secret>'\n"
     "                        (at least 16 characters, the file chmod 600)\n"
     "  --http-max-requests N inference requests served at once (default 4); more get 503\n"
+    "  --http-max-connections N  HTTP connections held at once (default 32, at most 1024); one more\n"
+    "                        is answered 503 and closed when it is accepted\n"
+    "  --http-max-connections-per-peer N  of which from one client address (default 8, or\n"
+    "                        --http-max-connections when that is lower)\n"
+    "  --http-header-timeout SECONDS  a request's line and headers must arrive within this (default 5,\n"
+    "                        0.1 to 600); a slower client gets 408 and is disconnected\n"
+    "  --http-idle-timeout SECONDS  a keep-alive connection idle this long is closed (default 5, 0.1 to 600)\n"
     "  --backend-path DIR    an absolute directory of backend plugins, searched first (repeatable;\n"
     "                        the agent ignores EDGESMITH_BACKEND_PATH)\n"
     "  --key FILE.pub        trusted signing key (default: $EDGESMITH_HOME/{keys,trusted}/*.pub)\n"
@@ -88,6 +101,29 @@ double seconds_parse(const std::string& what, const std::string& text, bool zero
   return value;
 }
 
+// HTTP connection counts and timeouts: bounded so that a typo cannot starve or stall the API.
+constexpr long HTTP_CONNECTIONS_MAX = 1024;
+constexpr uint32_t HTTP_CONNECTIONS_PER_PEER_DEFAULT = 8;
+constexpr double HTTP_TIMEOUT_MIN_S = 0.1;
+constexpr double HTTP_TIMEOUT_MAX_S = 600.0;
+
+uint32_t connections_parse(const std::string& what, const std::string& text) {
+  char* end = nullptr;
+  errno = 0;
+  const long n = std::strtol(text.c_str(), &end, 10);
+  if (text.empty() || *end != '\0' || errno != 0 || n < 1 || n > HTTP_CONNECTIONS_MAX) {
+    throw AgentConfigError{what + " takes a number from 1 to " + std::to_string(HTTP_CONNECTIONS_MAX) + ", got '" + text + "'"};
+  }
+  return static_cast<uint32_t>(n);
+}
+
+double timeout_check(const std::string& what, double seconds) {
+  if (!(seconds >= HTTP_TIMEOUT_MIN_S && seconds <= HTTP_TIMEOUT_MAX_S)) {
+    throw AgentConfigError{what + " must be from 0.1 to 600 seconds"};
+  }
+  return seconds;
+}
+
 uint64_t bytes_parse(const std::string& what, const std::string& text) {
   char* end = nullptr;
   errno = 0;
@@ -116,11 +152,12 @@ void toml_apply(const std::string& file, AgentConfig* config) {
   }
   const fs::path base = fs::absolute(fs::path(file)).parent_path();
   static const char* const KNOWN =
-      "device, fleet, artifact, credentials, data_dir, interval_s, synthetic_load_rps, synthetic_shift, load_from, http, "
+      "device, fleet, artifact, credentials, data_dir, load_dir, interval_s, synthetic_load_rps, synthetic_shift, load_from, http, "
       "trusted_keys, spool_max_bytes, trust_dir, deploy_max_bytes, deploy_timeout_s, shadow_max_bytes, capture_max_bytes, "
       "child_executable, "
       "http_token_file, "
-      "http_max_requests, backend_path";
+      "http_max_requests, http_max_connections, http_max_connections_per_peer, http_header_timeout_s, "
+      "http_idle_timeout_s, backend_path";
   for (const auto& [key, node] : table) {
     const std::string name(key.str());
     const auto text = [&]() -> std::string {
@@ -141,6 +178,8 @@ void toml_apply(const std::string& file, AgentConfig* config) {
       config->credentials = path_from(base, text());
     } else if (name == "data_dir") {
       config->data_dir = path_from(base, text());
+    } else if (name == "load_dir") {
+      config->load_dir = path_from(base, text());
     } else if (name == "http") {
       config->http = text();
     } else if (name == "interval_s") {
@@ -187,6 +226,16 @@ void toml_apply(const std::string& file, AgentConfig* config) {
         throw AgentConfigError{file + ": 'http_max_requests' must be an integer from 1 to 1024"};
       }
       config->http_max_requests = static_cast<uint32_t>(*node.value<int64_t>());
+    } else if (name == "http_max_connections" || name == "http_max_connections_per_peer") {
+      if (!node.is_integer() || *node.value<int64_t>() < 1 || *node.value<int64_t>() > HTTP_CONNECTIONS_MAX) {
+        throw AgentConfigError{file + ": '" + name + "' must be an integer from 1 to 1024"};
+      }
+      (name == "http_max_connections" ? config->http_max_connections : config->http_max_connections_per_peer) =
+          static_cast<uint32_t>(*node.value<int64_t>());
+    } else if (name == "http_header_timeout_s") {
+      config->http_header_timeout_s = timeout_check(file + ": 'http_header_timeout_s'", number());
+    } else if (name == "http_idle_timeout_s") {
+      config->http_idle_timeout_s = timeout_check(file + ": 'http_idle_timeout_s'", number());
     } else if (name == "backend_path") {
       const toml::array* dirs = node.as_array();
       if (dirs == nullptr) throw AgentConfigError{file + ": 'backend_path' must be a list of directories"};
@@ -257,6 +306,8 @@ AgentConfig agent_config_parse(int argc, char** argv) {
       config.credentials = value();
     } else if (arg == "--data-dir") {
       config.data_dir = value();
+    } else if (arg == "--load-dir") {
+      config.load_dir = value();
     } else if (arg == "--interval") {
       config.interval_s = seconds_parse(arg, value(), false);
     } else if (arg == "--synthetic-load") {
@@ -299,6 +350,14 @@ AgentConfig agent_config_parse(int argc, char** argv) {
         throw AgentConfigError{"--http-max-requests takes a number from 1 to 1024, got '" + text + "'"};
       }
       config.http_max_requests = static_cast<uint32_t>(n);
+    } else if (arg == "--http-max-connections") {
+      config.http_max_connections = connections_parse(arg, value());
+    } else if (arg == "--http-max-connections-per-peer") {
+      config.http_max_connections_per_peer = connections_parse(arg, value());
+    } else if (arg == "--http-header-timeout") {
+      config.http_header_timeout_s = timeout_check(arg, seconds_parse(arg, value(), false));
+    } else if (arg == "--http-idle-timeout") {
+      config.http_idle_timeout_s = timeout_check(arg, seconds_parse(arg, value(), false));
     } else if (arg == "--backend-path") {
       const std::string dir = value();
       if (!fs::path(dir).is_absolute()) {
@@ -319,6 +378,14 @@ AgentConfig agent_config_parse(int argc, char** argv) {
   if (config.data_dir.empty()) throw AgentConfigError{std::string("--data-dir DIR is missing") + where};
   if (!config.load_from.empty() && !(config.synthetic_load_rps > 0.0)) {
     throw AgentConfigError{"--load-from " + config.load_from + " feeds the synthetic load, so it needs --synthetic-load RPS"};
+  }
+  if (config.http_max_connections_per_peer == 0) {
+    config.http_max_connections_per_peer = std::min(HTTP_CONNECTIONS_PER_PEER_DEFAULT, config.http_max_connections);
+  }
+  if (config.http_max_connections_per_peer > config.http_max_connections) {
+    throw AgentConfigError{"--http-max-connections-per-peer (" + std::to_string(config.http_max_connections_per_peer) +
+                           ") cannot exceed --http-max-connections (" + std::to_string(config.http_max_connections) +
+                           ")" + where};
   }
   std::string host;
   int port = 0;

@@ -20,6 +20,7 @@ struct AgentConfig {
   std::string artifact;     ///< the installed artifact directory
   std::string credentials;  ///< the JSON file `edgesmith broker add-device` writes
   std::string data_dir;     ///< spool.db and agent.json
+  std::string load_dir;     ///< private load copies of artifacts (the agent's TMPDIR); empty: <data_dir>/load
   double interval_s = 10.0;
   double synthetic_load_rps = 0.0;
   double synthetic_shift = 0.0;  ///< added to every synthetic input value (drift demos)
@@ -35,6 +36,10 @@ struct AgentConfig {
   double deploy_timeout_s = 600.0;        ///< how long one deployment's download may take
   std::string http_token_file;            ///< the Bearer token of the HTTP API; required off loopback
   uint32_t http_max_requests = 4;         ///< concurrent /v1/infer requests; more get 503
+  uint32_t http_max_connections = 32;     ///< open HTTP connections; more are answered 503 and closed
+  uint32_t http_max_connections_per_peer = 0;  ///< open HTTP connections from one client address (0: 8, or fewer)
+  double http_header_timeout_s = 5.0;     ///< a request's headers must arrive within this (else 408)
+  double http_idle_timeout_s = 5.0;       ///< an idle keep-alive connection is closed after this
   std::vector<std::string> backend_path;  ///< plugin directories (absolute); $EDGESMITH_BACKEND_PATH is ignored
 };
 

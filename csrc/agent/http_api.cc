@@ -1,5 +1,7 @@
 #include "agent/http_api.h"
 
+#include "agent/http_connections.h"
+
 #include <arpa/inet.h>
 #include <httplib.h>
 #include <sys/stat.h>
@@ -117,7 +119,8 @@ HttpApi::HttpApi(std::function<std::shared_ptr<Session>()> session_getter, std::
       on_run_error_(std::move(on_run_error)),
       status_(std::move(status)),
       options_(std::move(options)),
-      server_(std::make_unique<httplib::Server>()) {
+      server_(std::make_unique<GuardedServer>(options_.connections,
+                                              [this](const std::string& reason) { refusal_count(reason); })) {
   if (options_.max_requests == 0) options_.max_requests = 1;
   server_->set_payload_max_length(MAX_REQUEST_BYTES);
   // Before any body is read: the token, and a declared length beyond what the model can take.
@@ -244,7 +247,11 @@ HttpApi::HttpApi(std::function<std::shared_ptr<Session>()> session_getter, std::
   server_->Get("/v1/stats", [this](const httplib::Request&, httplib::Response& response) {
     nlohmann::json body = stats_json(session_()->session_stats());
     if (status_) body["telemetry"] = status_();
-    body["http"] = {{"refused", http_refusals()}, {"max_requests", options_.max_requests}};
+    body["http"] = {{"refused", http_refusals()},
+                    {"max_requests", options_.max_requests},
+                    {"connections", server_->connections_open()},
+                    {"max_connections", options_.connections.max_connections},
+                    {"max_connections_per_peer", options_.connections.max_connections_per_peer}};
     if (options_.shadow_status) body["shadow"] = options_.shadow_status();
     if (options_.capture_status) body["capture"] = options_.capture_status();
     json_reply(response, 200, body);

@@ -7,6 +7,8 @@
 //   GET  /v1/model   {"artifact", "manifest_sha256", "target", "backend"} of the serving model
 //   GET  /v1/stats   the Session's statistics since start, plus the telemetry connection state and
 //                    the HTTP refusals by reason
+// Connections are limited in number (overall and per client address), in the time their headers
+// take and in idle keep-alive time (HttpConnectionLimits; agent/http_connections.h says how).
 // With a token, every request needs `Authorization: Bearer <token>` (401 otherwise); an address
 // beyond loopback is only served with a token (the agent's --http-token-file).
 #pragma once
@@ -25,19 +27,30 @@
 
 #include "runtime/session.h"
 
-namespace httplib {
-class Server;
-}
-
 namespace edgesmith {
+
+class GuardedServer;
 
 /// The Session's statistics as JSON (counters, latency with percentiles, output summaries).
 nlohmann::json stats_json(const StatsSnapshot& stats);
+
+/// The largest request line plus headers accepted (httplib itself has no bound while reading them).
+constexpr uint32_t HTTP_HEADER_MAX_BYTES = 32u << 10;
+
+/// How many connections the API holds and for how long (agent flags --http-max-connections,
+/// --http-max-connections-per-peer, --http-header-timeout, --http-idle-timeout).
+struct HttpConnectionLimits {
+  uint32_t max_connections = 32;          ///< open connections served at once, from all peers
+  uint32_t max_connections_per_peer = 8;  ///< open connections from one client address
+  double header_timeout_s = 5.0;          ///< a request's line and headers must arrive within this
+  double idle_timeout_s = 5.0;            ///< a keep-alive connection idle this long is closed
+};
 
 /// How the API is served.
 struct HttpOptions {
   std::string token;           ///< required as `Authorization: Bearer <token>`; empty: none (loopback only)
   uint32_t max_requests = 4;   ///< concurrent /v1/infer requests served; more get 503 + Retry-After
+  HttpConnectionLimits connections;  ///< slow and idle clients (agent/http_connections.h)
   /// Told of every answered request after its response body is made (the Session that answered,
   /// inputs, outputs, run time in µs): the shadow's sampling hook (ShadowRunner::shadow_offer).
   /// Must not block.
@@ -75,7 +88,8 @@ class HttpApi {
   /// Stop serving (waits for the server thread).
   void http_stop();
 
-  /// Requests refused so far, by reason: unauthorized, too_large, busy, malformed, input_mismatch.
+  /// Requests refused so far, by reason: unauthorized, too_large, unexpected_body, busy, malformed,
+  /// input_mismatch; connections cut off: too_many_connections, header_timeout, header_too_large.
   std::map<std::string, uint64_t> http_refusals() const;
 
  private:
@@ -90,7 +104,7 @@ class HttpApi {
   std::atomic<uint32_t> in_flight_{0};
   mutable std::mutex refusals_mutex_;
   std::map<std::string, uint64_t> refusals_;
-  std::unique_ptr<httplib::Server> server_;
+  std::unique_ptr<GuardedServer> server_;
   std::thread thread_;
 };
 

@@ -29,6 +29,7 @@
 #include "agent/synthetic_load.h"
 #include "artifact/keys.h"
 #include "common/error.h"
+#include "common/file.h"
 #include "common/version.h"
 #include "deploy/desired.h"
 #include "runtime/plugin.h"
@@ -109,6 +110,21 @@ uint32_t seed_of(const std::string& device) {
   return hash;
 }
 
+// Private load copies (session_open) go to $TMPDIR: point it at `dir`, made if missing and only
+// this user's, before any thread starts and for every child (deploy checks, shadow candidates). The
+// default, under the data dir, is on the device's disk, where /tmp is often RAM (tmpfs).
+void load_dir_use(const std::string& dir) {
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) {
+    throw Error(ERROR_CODE_IO, "cannot make the load directory " + dir + " (" + ec.message() +
+                                   "); pass --load-dir DIR on a writable disk");
+  }
+  const std::string problem = path_trust_problem(dir, "the load directory (--load-dir)", PATH_OWNER_SELF);
+  if (!problem.empty()) throw Error(ERROR_CODE_INVALID_ARGUMENT, problem);
+  ::setenv("TMPDIR", fs::absolute(dir).lexically_normal().string().c_str(), 1);
+}
+
 int agent_main(const AgentConfig& config, const sigset_t& signals) {
   // Cheap checks first: a wrong credentials file should not wait for the engine to load.
   const MqttCredentials credentials = credentials_read(config.credentials);
@@ -121,10 +137,15 @@ int agent_main(const AgentConfig& config, const sigset_t& signals) {
     throw Error(ERROR_CODE_INVALID_ARGUMENT, "--fleet is " + config.fleet + " but " + config.credentials +
                                                  " is for fleet " + credentials.fleet);
   }
+  load_dir_use(config.load_dir.empty() ? (fs::path(config.data_dir) / "load").string() : config.load_dir);
   // Plugins come from the built-in directories and --backend-path only, never from the environment.
   plugin_search_configure(PluginSearchPolicy{false, config.backend_path});
   HttpOptions http_options;
   http_options.max_requests = config.http_max_requests;
+  http_options.connections.max_connections = config.http_max_connections;
+  http_options.connections.max_connections_per_peer = config.http_max_connections_per_peer;
+  http_options.connections.header_timeout_s = config.http_header_timeout_s;
+  http_options.connections.idle_timeout_s = config.http_idle_timeout_s;
   if (!config.http_token_file.empty()) http_options.token = http_token_read(config.http_token_file);
   std::vector<std::vector<uint8_t>> keys;
   for (const std::string& path : config.trusted_keys) keys.push_back(public_key_read(path));

@@ -173,7 +173,7 @@ struct PrivateDir {
       if (needed > free_bytes) {
         throw Error(ERROR_CODE_IO, "cannot load the artifact: its private copy needs " + mib(needed) + " and " + base +
                                        " (TMPDIR) has " + mib(free_bytes) +
-                                       " free; free space there, or set TMPDIR to a directory on a disk with room");
+                                       " free; free space there, or point TMPDIR (the agent: --load-dir) at a directory on a disk with room");
       }
     }
     std::string templ = base + "/" + LOAD_DIR_PREFIX + std::to_string(::getpid()) + "-XXXXXX";
