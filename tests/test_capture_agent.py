@@ -296,6 +296,41 @@ def test_disagreement_with_a_running_shadow_is_captured(world):
         store.server.stop()
 
 
+def test_sigterm_at_any_moment_with_capture_shadow_and_load_on_exits_cleanly(world):
+    """An agent with everything on (synthetic load, a uniform + disagreement capture storing
+    samples, a shadow running a candidate in its child) is stopped with SIGTERM at a random moment
+    after it came up, again and again: each time it exits with 0, never an abort (the heap corruption
+    once seen at shutdown). Run against the sanitized agent (scripts/sanitize-agent.sh) a
+    use-after-free or race there fails the exit status too."""
+    import random
+
+    from edgesmith.toolchain.deploy import archive as deploy_archive
+    from edgesmith.toolchain.deploy import desired as deploy_desired
+
+    device = "cap-sigterm"
+    store = Store(world["root"] / "store-sigterm")
+    rng = random.Random(20261208)
+    try:
+        agent, info, data_dir = _start(world, device, "--synthetic-load", "50")
+        try:
+            _capture(world, "start", device, "--policy", "uniform:0.5,disagreement")
+            _event(world, device, "capture.started")
+            state = deploy_desired.shadow_state(FLEET, device, 1, "sh-sigterm", [deploy_archive.archive(world["negated"], store.dir)],
+                                                store.server.url, duration_s=600, sample=1.0)
+            world["central"].publish(device, deploy_desired.sign(state, world["deploy_key"], domain=contract.SHADOW_DOMAIN.encode()))
+            wait_for(lambda: _stats(info).get("shadow", {}).get("samples", 0) >= 1 or None, 60, "the shadow running its candidate")
+        finally:
+            assert agent.stop() == 0, agent.log()
+        # The capture and the shadow resume from the agent's state at each start (and the retained states).
+        for _ in range(4):
+            agent, info, data_dir = _start(world, device, "--synthetic-load", "50")
+            time.sleep(rng.uniform(0.0, 1.5))  # a random moment: the shadow's child starting, samples queued, an upload...
+            code = agent.stop()
+            assert code == 0, f"exit status {code} after SIGTERM:\n{agent.log()}"
+    finally:
+        store.server.stop()
+
+
 def test_refused_capture_states_capture_nothing_and_retention_deletes_old_samples(world):
     """On the device's own topic: a state for another device, one signed over the shadow domain and
     an expired one are refused (logged) and capture stays off; then a real `start --retention 2s`

@@ -91,6 +91,7 @@ class HttpApi {
   mutable std::mutex refusals_mutex_;
   std::map<std::string, uint64_t> refusals_;
   std::unique_ptr<httplib::Server> server_;
+  std::atomic<bool> listen_done_{false};  // the server thread has returned from listening
   std::thread thread_;
 };
 
