@@ -25,7 +25,8 @@ cmake --build "$dir" -j"${JOBS:-2}" --target edgesmith-agent >/dev/null
 prefix=$dir/prefix
 mkdir -p "$prefix/bin" "$prefix/lib/edgesmith"
 cp -f "$dir/csrc/agent/edgesmith-agent" "$prefix/bin/edgesmith-agent"
-backends=$("$python" -c 'import edgesmith.runtime, pathlib; print(pathlib.Path(edgesmith.runtime.__file__).parent / "backends")')
+# (an editable install keeps them in site-packages, not beside the sources edgesmith.runtime comes from)
+backends=$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])')/edgesmith/runtime/backends
 ln -sfn "$backends" "$prefix/lib/edgesmith/backends"
 export EDGESMITH_TEST_AGENT=$PWD/$prefix/bin/edgesmith-agent
 # A report ends the agent with a non-zero status (the tests check each agent's exit status) and the
