@@ -37,12 +37,12 @@ export EDGESMITH_TEST_AGENT=$PWD/$prefix/bin/edgesmith-agent
 export ASAN_OPTIONS=${ASAN_OPTIONS:-abort_on_error=1:halt_on_error=1:detect_leaks=0:detect_stack_use_after_return=1:strict_init_order=1}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-halt_on_error=1:print_stacktrace=1}
 export TSAN_OPTIONS=${TSAN_OPTIONS:-halt_on_error=1:second_deadlock_stack=1}
+# By default the agent tests that serve the testecho plugin's artifacts. Those serving an OpenVINO
+# artifact (most of test_agent.py, test_deploy_agent.py, test_agent_guard.py) cannot run under
+# AddressSanitizer: OpenVINO's TBB dlopens libtbbbind with RTLD_DEEPBIND, which the sanitizer
+# runtime refuses (the agent aborts at load); pass those files explicitly to see it. The aarch64
+# tests need the bundle (`edgesmith tools install aarch64-runtime`) and run the unsanitized one.
 if [[ $# -eq 0 ]]; then
-  if [[ "$kind" == thread ]]; then
-    set -- tests/test_capture_agent.py tests/test_shadow_agent.py
-  else
-    set -- tests/test_capture_agent.py tests/test_shadow_agent.py tests/test_agent.py tests/test_deploy_agent.py \
-      tests/test_agent_guard.py
-  fi
+  set -- tests/test_capture_agent.py tests/test_shadow_agent.py -k "not real_engines and not aarch64"
 fi
 exec "$python" -m pytest -q -p no:cacheprovider -n 0 "$@"
