@@ -181,7 +181,8 @@ def test_sigkill_during_capture_and_during_upload_loses_and_duplicates_nothing(w
         half = next((data_dir / "capture" / "samples").iterdir()) / (".tmp-" + "0" * 64)
         half.write_bytes(b"half a record")  # as a crash between write and rename leaves it
         agent, info, _ = _start(world, device, "--synthetic-load", "20")
-        assert not half.exists()
+        # The capture store is indexed (and cleaned) just after agent.json is written, not before.
+        wait_for(lambda: not half.exists() or None, 30, "the half-written record removed")
         wait_for(lambda: _stats(info)["capture"]["stored_samples"] > len(before) or None, 30, "sampling resumed")
         assert set(before) <= set(_stored(data_dir))  # nothing lost
         _capture(world, "stop", device)
