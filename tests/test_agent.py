@@ -31,7 +31,8 @@ import pytest
 
 from conftest import REPO, run_cli
 
-AGENT = Path(sys.executable).parent / "edgesmith-agent"
+# EDGESMITH_TEST_AGENT: another build of the agent under test (scripts/sanitize-agent.sh's sanitized one).
+AGENT = Path(os.environ.get("EDGESMITH_TEST_AGENT") or Path(sys.executable).parent / "edgesmith-agent")
 SCHEMA = json.loads((REPO / "docs" / "telemetry.schema.json").read_text())
 VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
 FLEET = "plant-a"

@@ -288,15 +288,22 @@ int HttpApi::http_start(const std::string& host, int port) {
     throw Error(ERROR_CODE_IO, "cannot listen on " + host + ":" + std::to_string(port) +
                                    " (in use or not an address of this machine); pick another with --http HOST:PORT");
   }
-  thread_ = std::thread([this] { server_->listen_after_bind(); });
+  listen_done_ = false;
+  thread_ = std::thread([this] {
+    server_->listen_after_bind();
+    listen_done_ = true;
+  });
   return bound;
 }
 
 void HttpApi::http_stop() {
-  if (thread_.joinable()) {
-    server_->stop();
-    thread_.join();
-  }
+  if (!thread_.joinable()) return;
+  // cpp-httplib 0.11's stop() does nothing until the server thread has marked itself running: a
+  // stop right after start (SIGTERM as the agent comes up) would leave that thread listening and
+  // this join waiting for ever. So stop once it runs (or has already given up).
+  while (!server_->is_running() && !listen_done_.load()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  server_->stop();
+  thread_.join();
 }
 
 }  // namespace edgesmith

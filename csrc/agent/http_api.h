@@ -105,6 +105,7 @@ class HttpApi {
   mutable std::mutex refusals_mutex_;
   std::map<std::string, uint64_t> refusals_;
   std::unique_ptr<GuardedServer> server_;
+  std::atomic<bool> listen_done_{false};  // the server thread has returned from listening
   std::thread thread_;
 };
 

@@ -17,6 +17,7 @@ namespace {
 
 constexpr int PROTOCOL_VERSION = 1;
 constexpr int CONNECT_TIMEOUT_S = 10;
+constexpr double DISCONNECT_WAIT_S = 15.0;  // the DISCONNECT's 1 s timeout, and then some on a loaded device
 constexpr auto PUMP_IDLE = std::chrono::milliseconds(200);
 // Paho re-sends what was in flight when a connection dropped; should a PUBACK still not come this
 // long after a (re)connect, the message is sent again (a duplicate the monitor drops, never a loss).
@@ -612,6 +613,15 @@ void Publisher::publisher_stop(double timeout_s) {
   cv_.notify_all();
   if (thread_.joinable()) thread_.join();
   acked_remove();
+  // Paho's client must not be destroyed (~Publisher) with one of our operations under way: a
+  // callback still to come would run into a freed client and a freed Publisher (Paho destroys only
+  // a completely disconnected client). A CONNECT in progress ends first, either way, within its
+  // own timeout; if it succeeded, the session is ended below like any other.
+  {
+    std::unique_lock<std::mutex> lock(mutex_);
+    cv_.wait_for(lock, std::chrono::seconds(CONNECT_TIMEOUT_S + 5), [&] { return !connecting_; });
+    connected = connected_;
+  }
   if (!connected) return;  // the broker has already sent the will, or there was no session
   const auto wait = [&](bool Publisher::*flag, double seconds) {
     std::unique_lock<std::mutex> lock(mutex_);
@@ -640,7 +650,9 @@ void Publisher::publisher_stop(double timeout_s) {
   disconnect.onFailure5 = &PublisherCallbacks::disconnect_failed;
   disconnect.context = this;
   if (MQTTAsync_disconnect(handle(client_), &disconnect) == MQTTASYNC_SUCCESS) {
-    wait(&Publisher::disconnected_, 2.0);
+    // Paho answers a DISCONNECT with onSuccess or onFailure within its timeout; on a loaded device
+    // that answer can come late, and destroying the client before it would free what it touches.
+    wait(&Publisher::disconnected_, DISCONNECT_WAIT_S);
   }
   std::lock_guard<std::mutex> lock(mutex_);
   connected_ = false;
