@@ -199,6 +199,33 @@ TEST(ShadowSummary, LatencyIsBinnedInTheServingLayoutWithPercentiles) {
   EXPECT_LT(serv["p99_us"].get<double>(), 64.0);
 }
 
+TEST(ShadowSummary, PairedServingTimesHaveTheirOwnHistogramOnceAnyArrives) {
+  ShadowSummary summary(echo_manifest(), echo_manifest(), 0);
+  // Without paired times the window carries no paired fields (an agent that could not pair).
+  summary.shadow_add({y_of({1, 2, 3, 3, 2, 1}), m_of({0, 1, 2, 3})}, 40.0, {y_of({1, 2, 3, 3, 2, 1}), m_of({0, 1, 2, 3})}, 100.0);
+  const json unpaired = summary.shadow_window_close(10);
+  EXPECT_FALSE(unpaired.contains("paired_serving_latency"));
+  EXPECT_FALSE(unpaired.contains("paired_samples"));
+  EXPECT_EQ(contract_message_problem(shadow_message(unpaired)), "");
+  // Served at 40 us (the agent's own time), 300 us beside the candidate in the child: the paired
+  // histogram holds the child's figure, the serving one the agent's.
+  for (int i = 0; i < 4; ++i) {
+    summary.shadow_add({y_of({1, 2, 3, 3, 2, 1}), m_of({0, 1, 2, 3})}, 40.0,
+                       {y_of({1, 2, 3, 3, 2, 1}), m_of({0, 1, 2, 3})}, 100.0, i < 3 ? 300.0 : -1.0);
+  }
+  const json body = summary.shadow_window_close(20);
+  EXPECT_EQ(body["samples"], 4);
+  EXPECT_EQ(body["paired_samples"], 3);
+  EXPECT_EQ(body["paired_serving_latency"]["counts"][8], 3);  // [256, 512) us
+  EXPECT_EQ(body["serving_latency"]["counts"][5], 4);         // [32, 64)
+  EXPECT_DOUBLE_EQ(body["paired_serving_latency"]["sum_us"].get<double>(), 900.0);
+  EXPECT_EQ(contract_message_problem(shadow_message(body)), "");
+  // Once paired, an empty window still says so (0 paired samples, not an absent figure).
+  const json empty = summary.shadow_window_close(30);
+  EXPECT_EQ(empty["paired_samples"], 0);
+  EXPECT_EQ(empty["paired_serving_latency"]["counts"], json(std::vector<int>(40, 0)));
+}
+
 TEST(ShadowSummary, CountersAndTheNextWindowStartsEmpty) {
   ShadowSummary summary(echo_manifest(), echo_manifest(), 100);
   summary.shadow_offered(5);
@@ -324,6 +351,44 @@ TEST_F(ShadowChildTest, RunsSamplesAndAnswersWithTheCandidatesOutputs) {
   const pid_t pid = child.shadow_pid();
   { ShadowChild moved_out(options); }  // a second child starts and ends on its own
   EXPECT_TRUE(process_exists(pid));
+}
+
+TEST_F(ShadowChildTest, PairedTimingRunsTheServingArtifactBesideTheCandidate) {
+  ShadowChildOptions options = options_for();
+  test::echo_artifact_write(dir_.path() / "serving", key_, [](json& m) { m["backend"]["options"] = {{"mode", "double"}}; });
+  options.paired_dir = (dir_.path() / "serving").string();
+  ShadowChild child(options);
+  EXPECT_TRUE(child.shadow_paired());
+  EXPECT_EQ(child.shadow_paired_problem(), "");
+  EXPECT_LE(child.shadow_paired_rss_bytes(), child.shadow_rss_increase_bytes());
+  for (int run = 0; run < 4; ++run) {  // both orders of the pair
+    const ShadowRunResult result = child.shadow_run(inputs(static_cast<float>(run)));
+    // The answer is the candidate's (echo), never the paired serving model's (doubling).
+    EXPECT_EQ(static_cast<const float*>(result.outputs[0].data())[1], 1.0f);
+    EXPECT_GT(result.latency_us, 0.0);
+    EXPECT_GT(result.paired_serving_us, 0.0);
+  }
+}
+
+TEST_F(ShadowChildTest, AServingArtifactTheChildCannotPairCostsOnlyThePairedFigures) {
+  // A serving model that fails every run: the candidate's answers still come, unpaired.
+  ShadowChildOptions options = options_for();
+  test::echo_artifact_write(dir_.path() / "failing", key_, [](json& m) { m["backend"]["options"] = {{"fail", "run"}}; });
+  options.paired_dir = (dir_.path() / "failing").string();
+  {
+    ShadowChild child(options);
+    EXPECT_TRUE(child.shadow_paired());
+    const ShadowRunResult result = child.shadow_run(inputs(1));
+    EXPECT_EQ(static_cast<const float*>(result.outputs[0].data())[1], 1.0f);
+    EXPECT_LT(result.paired_serving_us, 0.0);
+  }
+  // One it cannot open (not there): no paired Session, and the child says why.
+  options.paired_dir = (dir_.path() / "missing").string();
+  ShadowChild child(options);
+  EXPECT_FALSE(child.shadow_paired());
+  EXPECT_NE(child.shadow_paired_problem(), "");
+  EXPECT_EQ(child.shadow_paired_rss_bytes(), 0u);
+  EXPECT_LT(child.shadow_run(inputs(2)).paired_serving_us, 0.0);
 }
 
 TEST_F(ShadowChildTest, ACandidateThatFailsASampleStaysUp) {
