@@ -480,7 +480,12 @@ def test_shadow_ingest_report_and_select_on_both_stores(store_url):
                                      name="tiny-v2")])
     huge = contract.MAX_SAFE_INT
     lat = [1000.0] * 20
-    messages = [cam.birth(), shadow_window(cam, state, 0, 19, 20, [v / 2 for v in lat], lat),
+    # Paired windows: the candidate at half the paired serving time, the serving path itself 4x
+    # slower (a loaded device); and one window of an agent without paired timing: its samples
+    # count, its latencies stay out of the ratio.
+    messages = [cam.birth(), shadow_window(cam, state, 0, 19, 20, [v / 2 for v in lat], lat, [v * 4 for v in lat]),
+                shadow_window(cam, state, 0, 20, 20, lat, [v * 8 for v in lat], paired_samples=None,
+                              paired_serving_latency=None),
                 shadow_window(cam, state, 0, huge, huge, lat, lat, offered=huge, samples=huge),
                 shadow_window(intruder, state, 0, 20, 20, lat, lat),
                 contract.Event(**cam._envelope(False), event="shadow." + "x" * 57, message="m",
@@ -488,13 +493,22 @@ def test_shadow_ingest_report_and_select_on_both_stores(store_url):
     store.ingest([Incoming(received_ms=1000 + i, message=m) for i, m in enumerate(messages)])
     report = results.report(store, sid)
     (f,) = report["figures"]
-    assert f["samples"] == huge + 20 and f["windows"] == 2 and f["agreement"] == pytest.approx(1.0)
+    assert f["samples"] == huge + 40 and f["windows"] == 3 and f["agreement"] == pytest.approx(1.0)
+    assert f["paired_samples"] == huge + 20 and f["paired_serving_p50_us"] is not None
+    layout = cam.artifact.latency
+    paired_p50 = LatencyHistogram.of_samples(lat + lat, layout).percentile_us(0.5)
+    assert f["paired_serving_p50_us"] == pytest.approx(paired_p50)
+    assert f["latency_ratio"] == pytest.approx(
+        LatencyHistogram.of_samples([v / 2 for v in lat] + lat, layout).percentile_us(0.5) / paired_p50)
     assert f["events"] == ["shadow." + "x" * 57] and report["ignored"] == {"intruder": {"foreign_device": 1}}
     chosen, verdicts, shadow = results.select_candidate(store, sid, 0.9, None, 10)
     row = results.record_selection(store, shadow, chosen, verdicts, 0.9, None, 10)
     assert json.loads(row["measured_on"]) == {"cam-01": {"target": "x86_64-avx2", "isa": "x86_64", "runtime": None}}
     (panel,) = shadows.panel(store)
-    assert panel["id"] == sid and [p["agreement"] for p in panel["candidates"][0]["points"]] == [0.95, 1.0]
+    assert panel["id"] == sid and [p["agreement"] for p in panel["candidates"][0]["points"]] == [0.95, 1.0, 1.0]
+    # Each point's ratio is against its window's paired serving p50; none for the unpaired window.
+    ratios = [p["latency_ratio"] for p in panel["candidates"][0]["points"]]
+    assert ratios[0] == pytest.approx(0.5, rel=0.2) and ratios[1] is None and ratios[2] == pytest.approx(1.0)
     store.engine.dispose()
 
 
