@@ -518,9 +518,17 @@ class ShadowWindow(Envelope):
     dropped: Count = Field(description="of them, dropped: the shadow queue was full or the CPU share was used up")
     errors: Count = Field(description="candidate runs that failed")
     latency: LatencyWindow = Field(description="the candidate's run time (the birth's latency layout)")
-    serving_latency: LatencyWindow = Field(description="the serving model's run time on the same samples")
+    serving_latency: LatencyWindow = Field(
+        description="the serving model's run time on the same samples, as the agent served them (what users see)")
+    paired_samples: Count | None = Field(
+        default=None, description="of samples, those the serving model also ran in the shadow child (paired timing)")
+    paired_serving_latency: LatencyWindow | None = Field(
+        default=None, description="the serving model's run time in the shadow child on the paired samples, back to "
+        "back with the candidate under the same scheduling: the latency ratio's baseline (absent: the agent has "
+        "no paired timing)")
     outputs: Annotated[dict[Name, ShadowOutput], Field(max_length=MAX_OUTPUTS)]
-    rss_increase_bytes: Count = Field(description="resident memory the candidate adds on this device")
+    rss_increase_bytes: Count = Field(description="resident memory the shadow child adds on this device: the "
+                                      "candidate and, with paired timing, the child's own serving Session")
     cpu_seconds: Micros = Field(description="CPU time the shadow used in this window")
 
 

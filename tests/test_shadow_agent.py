@@ -217,6 +217,10 @@ def test_candidates_in_turn_report_agreement_then_end(world):
         timed = [w for w in same if w["samples"] > 0]
         assert all(sum(w["latency"]["counts"]) + w["latency"]["underflow"] + w["latency"]["overflow"] == w["samples"]
                    and w["latency"]["p50_us"] > 0 and w["serving_latency"]["p50_us"] > 0 for w in timed), timed
+        # Paired timing: the child ran the serving artifact beside the candidate on every sample.
+        assert all(w["paired_samples"] == w["samples"] and w["paired_serving_latency"]["p50_us"] > 0
+                   and sum(w["paired_serving_latency"]["counts"]) + w["paired_serving_latency"]["underflow"]
+                   + w["paired_serving_latency"]["overflow"] == w["samples"] for w in timed), timed
         wait_for(lambda: _slot_files(agent.data_dir) == ["floor.json"], 10, "the shadow slot freed")
         assert _get(info, "/v1/stats")["shadow"] == {"active": False}
         before = len(central.of(device, "telemetry"))
@@ -388,6 +392,9 @@ def test_real_engines_agree(world, tmp_path, shared_root, session_home, digits_h
         assert max(w["outputs"][name]["max_abs_err"] for w in windows) < 1e-2
         measured = [w for w in windows if w["samples"] > 0]
         assert all(w["latency"]["p50_us"] > 0 and w["serving_latency"]["p50_us"] > 0 for w in measured)
+        # The OpenVINO serving artifact timed beside the ORT candidate in the child, on every sample.
+        assert all(w["paired_samples"] == w["samples"] and w["paired_serving_latency"]["p50_us"] > 0
+                   for w in measured), measured
         assert _get(info, "/v1/model")["backend"] == "openvino"  # serving untouched
         stop, _, _ = _shadow(world, device, [])
         central.publish(device, stop)

@@ -199,14 +199,18 @@ def latency_window(samples_us: list[float], layout: contract.LatencyLayout) -> c
 
 
 def shadow_window(device: SimulatedDevice, state: contract.ShadowState, candidate: int, agree: int, rows: int,
-                  latency_us: list[float], serving_us: list[float], **override) -> contract.ShadowWindow:
+                  latency_us: list[float], serving_us: list[float], served_us: list[float] | None = None,
+                  **override) -> contract.ShadowWindow:
+    """`serving_us`: the serving model timed beside the candidate (paired_serving_latency);
+    `served_us`: the serving path's own latency (serving_latency), the same unless given."""
     layout = device.artifact.latency
     fields = dict(
         shadow_id=state.shadow_id, shadow_version=state.version, candidate=candidate,
         candidate_sha256=state.candidates[min(candidate, len(state.candidates) - 1)].manifest_sha256,
         serving_sha256=device.artifact.sha256, window_start_ms=1, window_end_ms=2, offered=rows + 3, samples=rows,
         dropped=3, errors=0, latency=latency_window(latency_us, layout),
-        serving_latency=latency_window(serving_us, layout),
+        serving_latency=latency_window(serving_us if served_us is None else served_us, layout),
+        paired_samples=rows, paired_serving_latency=latency_window(serving_us, layout),
         outputs={"y": contract.ShadowOutput(compared=min(rows * 2, contract.MAX_SAFE_INT), rows=rows, agree=agree,
                                             max_abs_err=0.01, max_rel_err=0.002, nan=0)},
         rss_increase_bytes=3 << 20, cpu_seconds=0.5)
@@ -229,7 +233,9 @@ def test_report_select_and_deploy_gate(env):
     rng = np.random.default_rng(18)
     sent: dict[tuple[str, int], dict] = {}
     # Candidate 0 (v2): agrees on 995 of 1000 rows, half serving's time; candidate 1 (v3): agrees on
-    # all, 0.8 of it. Two windows per device x candidate, merged by the report.
+    # all, 0.8 of it. Two windows per device x candidate, merged by the report. The ratio is against
+    # the serving model timed beside the candidate (paired), never against the serving path's own
+    # latency, here 3x that (a loaded device), which the report shows beside it.
     plan = {0: (0.995, 0.5), 1: (1.0, 0.8)}
     for name in ("cam-01", "cam-02"):
         device = env["devices"][name]
@@ -238,12 +244,14 @@ def test_report_select_and_deploy_gate(env):
             for rows in (600, 400):
                 serving = rng.lognormal(np.log(2000.0), 0.1, size=rows).tolist()
                 mine = [v * speed for v in serving]
-                device.send(shadow_window(device, state, cand, round(rows * share), rows, mine, serving))
-                entry = sent.setdefault((name, cand), {"agree": 0, "rows": 0, "lat": [], "serving": []})
+                served = [v * 3 for v in serving]
+                device.send(shadow_window(device, state, cand, round(rows * share), rows, mine, serving, served))
+                entry = sent.setdefault((name, cand), {"agree": 0, "rows": 0, "lat": [], "serving": [], "served": []})
                 entry["agree"] += round(rows * share)
                 entry["rows"] += rows
                 entry["lat"] += mine
                 entry["serving"] += serving
+                entry["served"] += served
     wait_until(lambda: stored_windows(env, sid) == 8, 30, "the monitor to store the 8 windows")
 
     report = figures_of(env, sid)
@@ -256,7 +264,9 @@ def test_report_select_and_deploy_gate(env):
         assert f["agreement"] == pytest.approx(want["agree"] / want["rows"])
         p50 = LatencyHistogram.of_samples(want["lat"], layout).percentile_us(0.5)
         serving_p50 = LatencyHistogram.of_samples(want["serving"], layout).percentile_us(0.5)
-        assert f["p50_us"] == pytest.approx(p50) and f["serving_p50_us"] == pytest.approx(serving_p50)
+        served_p50 = LatencyHistogram.of_samples(want["served"], layout).percentile_us(0.5)
+        assert f["p50_us"] == pytest.approx(p50) and f["paired_serving_p50_us"] == pytest.approx(serving_p50)
+        assert f["serving_p50_us"] == pytest.approx(served_p50) and f["paired_samples"] == 1000
         assert f["latency_ratio"] == pytest.approx(p50 / serving_p50)
         assert f["rss_increase_bytes"] == 3 << 20 and f["max_abs_err"] == pytest.approx(0.01)
     table = cli(env, "shadow", "report", sid, "--db", env["db"]).stdout
@@ -470,7 +480,12 @@ def test_shadow_ingest_report_and_select_on_both_stores(store_url):
                                      name="tiny-v2")])
     huge = contract.MAX_SAFE_INT
     lat = [1000.0] * 20
-    messages = [cam.birth(), shadow_window(cam, state, 0, 19, 20, [v / 2 for v in lat], lat),
+    # Paired windows: the candidate at half the paired serving time, the serving path itself 4x
+    # slower (a loaded device); and one window of an agent without paired timing: its samples
+    # count, its latencies stay out of the ratio.
+    messages = [cam.birth(), shadow_window(cam, state, 0, 19, 20, [v / 2 for v in lat], lat, [v * 4 for v in lat]),
+                shadow_window(cam, state, 0, 20, 20, lat, [v * 8 for v in lat], paired_samples=None,
+                              paired_serving_latency=None),
                 shadow_window(cam, state, 0, huge, huge, lat, lat, offered=huge, samples=huge),
                 shadow_window(intruder, state, 0, 20, 20, lat, lat),
                 contract.Event(**cam._envelope(False), event="shadow." + "x" * 57, message="m",
@@ -478,14 +493,23 @@ def test_shadow_ingest_report_and_select_on_both_stores(store_url):
     store.ingest([Incoming(received_ms=1000 + i, message=m) for i, m in enumerate(messages)])
     report = results.report(store, sid)
     (f,) = report["figures"]
-    assert f["samples"] == huge + 20 and f["windows"] == 2 and f["agreement"] == pytest.approx(1.0)
+    assert f["samples"] == huge + 40 and f["windows"] == 3 and f["agreement"] == pytest.approx(1.0)
+    assert f["paired_samples"] == huge + 20 and f["paired_serving_p50_us"] is not None
+    layout = cam.artifact.latency
+    paired_p50 = LatencyHistogram.of_samples(lat + lat, layout).percentile_us(0.5)
+    assert f["paired_serving_p50_us"] == pytest.approx(paired_p50)
+    assert f["latency_ratio"] == pytest.approx(
+        LatencyHistogram.of_samples([v / 2 for v in lat] + lat, layout).percentile_us(0.5) / paired_p50)
     assert f["events"] == ["shadow." + "x" * 57] and report["ignored"] == {"intruder": {"foreign_device": 1}}
     chosen, verdicts, shadow = results.select_candidate(store, sid, 0.9, None, 10)
     row = results.record_selection(store, shadow, chosen, verdicts, 0.9, None, 10)
     assert json.loads(row["measured_on"]) == {"cam-01": {"target": "x86_64-avx2", "isa": "x86_64", "cpu": None,
                                                          "runtime": None}}
     (panel,) = shadows.panel(store)
-    assert panel["id"] == sid and [p["agreement"] for p in panel["candidates"][0]["points"]] == [0.95, 1.0]
+    assert panel["id"] == sid and [p["agreement"] for p in panel["candidates"][0]["points"]] == [0.95, 1.0, 1.0]
+    # Each point's ratio is against its window's paired serving p50; none for the unpaired window.
+    ratios = [p["latency_ratio"] for p in panel["candidates"][0]["points"]]
+    assert ratios[0] == pytest.approx(0.5, rel=0.2) and ratios[1] is None and ratios[2] == pytest.approx(1.0)
     store.engine.dispose()
 
 

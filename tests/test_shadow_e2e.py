@@ -233,8 +233,13 @@ def test_select_from_a_backend_all_shadow_picks_the_build_timings_fastest_and_tv
     for device in DEVICES:
         mine = {backend_of[f["candidate"]]: f for f in report["figures"] if f["device"] == device}
         assert all(f["agreement"] >= 0.99 and f["errors"] == 0 for f in mine.values()), mine
+        # Paired timing: every sample also ran the serving artifact beside the candidate in the child.
+        assert all(f["paired_samples"] == f["samples"] for f in mine.values()), mine
         ratios = {b: f["latency_ratio"] for b, f in mine.items()}
         assert max(ratios, key=ratios.get) == "tvm", ratios  # untuned: tens of times slower, not a close call
+        # Like for like: the serving artifact itself as a candidate, timed against its twin in the
+        # child under the same scheduling, comes out near 1 however loaded the host is.
+        assert 1 / 3 < ratios["openvino"] < 3, mine["openvino"]
 
     chosen = json.loads(cli(fleet, "select", "--from-shadow", sid, "--db", fleet["db"], "--min-samples",
                             str(MIN_SAMPLES), "--json").stdout)

@@ -455,6 +455,9 @@ void ShadowRunner::candidate_begin(size_t index) {
     ShadowChildOptions child;
     child.executable = options_.executable;
     child.artifact_dir = slot;
+    // Paired timing: the child runs the serving artifact too, beside the candidate, so the latency
+    // ratio compares two run times taken under the same scheduling (docs/shadow.md).
+    child.paired_dir = serving->session_artifact_dir();
     child.build_keys = options_.build_keys;
     child.backend_path = options_.backend_path;
     child.threads = std::max<int32_t>(1, candidate.target_threads);
@@ -462,6 +465,10 @@ void ShadowRunner::candidate_begin(size_t index) {
     child.start_timeout_s = options_.check_timeout_s;
     child_ = std::make_unique<ShadowChild>(child);
     summary = std::make_unique<ShadowSummary>(serving->session_manifest(), child_->shadow_manifest(), now_ms());
+    if (!child_->shadow_paired_problem().empty()) {
+      log("candidate " + std::to_string(index) + " runs without paired timing (its windows carry no paired "
+          "serving latency): the shadow child cannot open the serving artifact: " + child_->shadow_paired_problem());
+    }
   } catch (const ShadowChildDied& e) {
     child_.reset();
     give_up(c::EVENT_KIND_SHADOW_FAILED, e.what());
@@ -535,7 +542,8 @@ void ShadowRunner::sample_run() {
   const auto started = std::chrono::steady_clock::now();
   try {
     const ShadowRunResult result = child_->shadow_run(sample.inputs);
-    live->summary->shadow_add(sample.outputs, sample.serving_us, result.outputs, result.latency_us);
+    live->summary->shadow_add(sample.outputs, sample.serving_us, result.outputs, result.latency_us,
+                              result.paired_serving_us);
     if (options_.on_disagreement && !sample.captured && compared_to_) {
       int64_t serving_top1 = -1, candidate_top1 = -1;
       double confidence = 0.0;

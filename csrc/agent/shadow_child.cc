@@ -9,6 +9,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cmath>
@@ -16,6 +17,7 @@
 #include <iostream>
 #include <optional>
 #include <sstream>
+#include <thread>
 #include <utility>
 
 #include <nlohmann/json.hpp>
@@ -30,13 +32,14 @@ namespace edgesmith {
 
 // --- the protocol -----------------------------------------------------------------------------------
 //
-// After its ready line (one JSON line: {"ready": true, "manifest_sha256", "rss_increase_bytes"} or
-// {"ready": false, "code", "message"}), the child answers frames on its stdin/stdout, one at a
-// time. Every integer is little-endian.
+// After its ready line (one JSON line: {"ready": true, "manifest_sha256", "rss_increase_bytes",
+// "paired", "paired_rss_bytes"[, "paired_problem"]} or {"ready": false, "code", "message"}), the
+// child answers frames on its stdin/stdout, one at a time. Every integer is little-endian.
 //
-//   frame  := version:u8 (1)  kind:u8  code:u8 (ERROR: the ErrorCode, else 0)  0:u8  count:u32  body
+//   frame  := version:u8 (2)  kind:u8  code:u8 (ERROR: the ErrorCode, else 0)  0:u8  count:u32  body
 //   RUN     (parent -> child): count = inputs,  body = tensor{count}
-//   OUTPUTS (child -> parent): count = outputs, body = latency_us:f64 tensor{count}
+//   OUTPUTS (child -> parent): count = outputs, body = latency_us:f64 paired_us:f64 tensor{count}
+//           (paired_us: the paired serving Session's run time on the same sample, < 0 without one)
 //   ERROR   (child -> parent): count = bytes,   body = message (at most SHADOW_MAX_MESSAGE bytes)
 //   tensor := dtype:i32 (runtime/tensor.h's codes)  ndim:u32  dims:i64{ndim}  bytes:u64  data
 //
@@ -46,7 +49,7 @@ namespace edgesmith {
 
 namespace {
 
-constexpr uint8_t SHADOW_PROTOCOL_VERSION = 1;
+constexpr uint8_t SHADOW_PROTOCOL_VERSION = 2;
 constexpr uint8_t FRAME_KIND_RUN = 1;
 constexpr uint8_t FRAME_KIND_OUTPUTS = 2;
 constexpr uint8_t FRAME_KIND_ERROR = 3;
@@ -238,6 +241,10 @@ ShadowChild::ShadowChild(ShadowChildOptions options) : options_(std::move(option
   std::vector<std::string> args = {options_.executable, "--shadow-child", options_.artifact_dir,
                                    "--threads", std::to_string(options_.threads), "--nice",
                                    std::to_string(options_.nice)};
+  if (!options_.paired_dir.empty()) {
+    args.push_back("--paired");
+    args.push_back(options_.paired_dir);
+  }
   for (const std::vector<uint8_t>& key : options_.build_keys) {
     args.push_back("--key-hex");
     args.push_back(child_key_hex(key));
@@ -297,7 +304,9 @@ ShadowChild::ShadowChild(ShadowChildOptions options) : options_(std::move(option
     };
     if (!ready.is_object() || !field("ready", &nlohmann::json::is_boolean) ||
         (ready["ready"].get<bool>() && (!field("manifest_sha256", &nlohmann::json::is_string) ||
-                                        !field("rss_increase_bytes", &nlohmann::json::is_number_unsigned))) ||
+                                        !field("rss_increase_bytes", &nlohmann::json::is_number_unsigned) ||
+                                        !field("paired", &nlohmann::json::is_boolean) ||
+                                        !field("paired_rss_bytes", &nlohmann::json::is_number_unsigned))) ||
         (!ready["ready"].get<bool>() && (!field("message", &nlohmann::json::is_string) ||
                                          !field("code", &nlohmann::json::is_number_integer)))) {
       child_fail("", "broke the shadow protocol while loading (its ready line is not one) and was killed");
@@ -313,6 +322,11 @@ ShadowChild::ShadowChild(ShadowChildOptions options) : options_(std::move(option
     }
     manifest_sha256_ = ready["manifest_sha256"].get<std::string>();
     rss_increase_bytes_ = ready["rss_increase_bytes"].get<uint64_t>();
+    paired_ = ready["paired"].get<bool>();
+    paired_rss_bytes_ = ready["paired_rss_bytes"].get<uint64_t>();
+    if (ready.contains("paired_problem") && ready["paired_problem"].is_string()) {
+      paired_problem_ = ready["paired_problem"].get<std::string>().substr(0, SHADOW_MAX_MESSAGE);
+    }
     if (manifest_sha256_ != sha256_string(manifest_text)) {
       child_end();
       dead_ = "the candidate's manifest.json changed while the shadow child loaded it";
@@ -403,11 +417,15 @@ ShadowRunResult ShadowChild::shadow_run(const std::vector<Tensor>& inputs) {
       stream.read_all(error.data(), count);
       error_code = answer[2];
     } else if (answer[1] == FRAME_KIND_OUTPUTS) {
-      uint8_t latency[8];
+      uint8_t latency[16];
       stream.read_all(latency, sizeof(latency));
-      const uint64_t bits = get_le(latency, 8);
+      uint64_t bits = get_le(latency, 8);
       std::memcpy(&result.latency_us, &bits, sizeof(bits));
       if (!std::isfinite(result.latency_us) || result.latency_us < 0) throw ProtocolError{"a latency that is not a time"};
+      bits = get_le(latency + 8, 8);
+      std::memcpy(&result.paired_serving_us, &bits, sizeof(bits));
+      if (!std::isfinite(result.paired_serving_us)) throw ProtocolError{"a paired latency that is not a time"};
+      if (!paired_ || result.paired_serving_us < 0) result.paired_serving_us = -1;
       result.outputs = tensors_read(stream, count, manifest_.outputs, "output");
     } else {
       throw ProtocolError{"frame kind " + std::to_string(answer[1])};
@@ -446,7 +464,7 @@ pid_t ShadowChild::shadow_pid() const { return pid_.load(); }
 // --- the child ------------------------------------------------------------------------------------
 
 int shadow_child_main(int argc, char** argv) {
-  // argv: DIR [--threads N] [--nice N] [--key-hex HEX]... [--backend-path DIR]...
+  // argv: DIR [--threads N] [--nice N] [--paired SERVING_DIR] [--key-hex HEX]... [--backend-path DIR]...
   if (argc < 1) {
     std::cerr << "usage: edgesmith-agent --shadow-child DIR --threads N --key-hex HEX... [--backend-path DIR]...\n";
     return 2;
@@ -466,7 +484,9 @@ int shadow_child_main(int argc, char** argv) {
   };
   const std::string dir = argv[0];
   std::unique_ptr<Session> session;
+  std::unique_ptr<Session> paired;  // the serving artifact, for paired timing
   try {
+    std::string paired_dir;
     std::vector<std::vector<uint8_t>> keys;
     std::vector<std::string> backend_path;
     SessionOptions session_options;
@@ -481,6 +501,8 @@ int shadow_child_main(int argc, char** argv) {
         backend_path.push_back(value);
       } else if (flag == "--threads") {
         session_options.threads = static_cast<int32_t>(std::stol(value));
+      } else if (flag == "--paired") {
+        paired_dir = value;
       } else if (flag == "--nice") {
         nice = static_cast<int>(std::stol(value));
       } else {
@@ -500,10 +522,29 @@ int shadow_child_main(int argc, char** argv) {
     plugin_search_configure(PluginSearchPolicy{false, backend_path});
     const uint64_t rss_before = child_rss_bytes();
     session = session_open(dir, keys, session_options);
-    const uint64_t rss_after = child_rss_bytes();
-    ready_write({{"ready", true},
-                 {"manifest_sha256", sha256_string(session->session_manifest_json())},
-                 {"rss_increase_bytes", rss_after > rss_before ? rss_after - rss_before : 0}});
+    const uint64_t rss_candidate = child_rss_bytes();
+    // The serving artifact, opened as the agent opens it (its manifest's threads), so its run
+    // time here is the serving model's under the candidate's scheduling. A serving model this
+    // child cannot open costs the shadow only its paired figures (the agent says why).
+    std::string paired_problem;
+    if (!paired_dir.empty()) {
+      try {
+        // The agent checked that the candidate can shadow the serving model; a serving artifact
+        // that changed since fails its runs here, which costs only the paired figures.
+        paired = session_open(paired_dir, keys);
+      } catch (const std::exception& e) {
+        paired.reset();
+        paired_problem = e.what();
+      }
+    }
+    const uint64_t rss_after = std::max(child_rss_bytes(), rss_candidate);
+    nlohmann::json ready = {{"ready", true},
+                            {"manifest_sha256", sha256_string(session->session_manifest_json())},
+                            {"rss_increase_bytes", rss_after > rss_before ? rss_after - rss_before : 0},
+                            {"paired", paired != nullptr},
+                            {"paired_rss_bytes", paired ? rss_after - rss_candidate : 0}};
+    if (!paired_problem.empty()) ready["paired_problem"] = paired_problem.substr(0, SHADOW_MAX_MESSAGE);
+    ready_write(ready);
   } catch (const Error& e) {
     ready_write({{"ready", false}, {"code", static_cast<int>(e.code())}, {"message", e.what()}});
     return 0;
@@ -512,6 +553,7 @@ int shadow_child_main(int argc, char** argv) {
     return 0;
   }
   const std::vector<ManifestTensor>& specs = session->session_manifest().inputs;
+  uint64_t runs = 0;  // its parity picks which side of a pair runs first
   while (true) {
     try {
       uint8_t header[8];
@@ -528,12 +570,42 @@ int shadow_child_main(int argc, char** argv) {
       for (const Tensor& t : inputs) views.push_back(t.view());
       std::string frame;
       try {
+        // Paired timing: the candidate and the serving model on the same sample, back to back
+        // under the same scheduling, in alternating order (whichever runs second finds the
+        // input in the caches and the cores awake, so neither side always gets that).
+        double paired_us = -1;
+        const auto paired_run = [&] {
+          try {
+            const auto start = Clock::now();
+            paired->session_run(views);
+            paired_us = std::chrono::duration<double, std::micro>(Clock::now() - start).count();
+          } catch (const Error&) {
+            paired_us = -1;  // the serving model's failure is not the candidate's
+          }
+        };
+        const bool serving_first = paired && (runs++ % 2 == 1);
+        // Between the two runs of a pair, a pause: an engine's thread pool spins for a while after
+        // a run (TVM's, XNNPACK's), and in the same process it would take the cores from the other
+        // side's run (measured: the serving model timed 2-3x slower right after TVM than after itself).
+        const auto settle = [](double took_us) {
+          std::this_thread::sleep_for(std::chrono::microseconds(static_cast<int64_t>(std::max(5000.0, took_us))));
+        };
+        if (serving_first) {
+          paired_run();
+          settle(paired_us);
+        }
         const auto start = Clock::now();
         const std::vector<Tensor> outputs = session->session_run(views);
         const double latency_us = std::chrono::duration<double, std::micro>(Clock::now() - start).count();
+        if (paired && !serving_first) {
+          settle(latency_us);
+          paired_run();
+        }
         frame_header_write(frame, FRAME_KIND_OUTPUTS, static_cast<uint32_t>(outputs.size()));
         uint64_t bits = 0;
         std::memcpy(&bits, &latency_us, sizeof(bits));
+        put_u64(frame, bits);
+        std::memcpy(&bits, &paired_us, sizeof(bits));
         put_u64(frame, bits);
         stream.write_all(frame.data(), frame.size());
         for (const Tensor& t : outputs) tensor_write(stream, t);

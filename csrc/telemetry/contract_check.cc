@@ -351,6 +351,15 @@ bool shadow_window(Checker& k, const json& m) {
                            c::F_SHADOW_WINDOW_DROPPED, c::F_SHADOW_WINDOW_ERRORS, c::F_SHADOW_WINDOW_RSS_INCREASE_BYTES}) {
     if (!k.count(m[name], name)) return false;
   }
+  // Paired timing (optional: an agent without it, or a child that could not open the serving model).
+  if (Checker::given(m, c::F_SHADOW_WINDOW_PAIRED_SAMPLES) &&
+      !k.count(m[c::F_SHADOW_WINDOW_PAIRED_SAMPLES], c::F_SHADOW_WINDOW_PAIRED_SAMPLES)) {
+    return false;
+  }
+  if (Checker::given(m, c::F_SHADOW_WINDOW_PAIRED_SERVING_LATENCY) &&
+      !latency_window(k, m[c::F_SHADOW_WINDOW_PAIRED_SERVING_LATENCY], "paired_serving_latency")) {
+    return false;
+  }
   return k.number(m[c::F_SHADOW_WINDOW_CPU_SECONDS], c::F_SHADOW_WINDOW_CPU_SECONDS, 0.0, MAX_MICROS) &&
          latency_window(k, m[c::F_SHADOW_WINDOW_LATENCY], "latency") &&
          latency_window(k, m[c::F_SHADOW_WINDOW_SERVING_LATENCY], "serving_latency") &&
@@ -511,6 +520,8 @@ std::string contract_message_problem(const json& m) {
               c::F_SHADOW_WINDOW_SERVING_LATENCY, c::F_SHADOW_WINDOW_OUTPUTS, c::F_SHADOW_WINDOW_RSS_INCREASE_BYTES,
               c::F_SHADOW_WINDOW_CPU_SECONDS};
     required = fields;
+    fields.push_back(c::F_SHADOW_WINDOW_PAIRED_SAMPLES);  // optional: paired timing
+    fields.push_back(c::F_SHADOW_WINDOW_PAIRED_SERVING_LATENCY);
   } else {
     return "kind: '" + kind.substr(0, 64) + "' is not one of the contract's message kinds";
   }

@@ -87,11 +87,13 @@ ShadowSummary::ShadowSummary(const Manifest& serving, const Manifest& candidate,
     : start_ms_(start_ms),
       serving_stats_(ManifestMonitoring{{}, serving.monitoring.latency}, serving.outputs),
       candidate_stats_(ManifestMonitoring{candidate.monitoring.outputs, serving.monitoring.latency}, candidate.outputs),
+      paired_stats_(ManifestMonitoring{{}, serving.monitoring.latency}, serving.outputs),
       serving_outputs_(serving.outputs),
       candidate_outputs_(candidate.outputs) {
   const std::string problem = shadow_signature_problem(serving, candidate);
   if (!problem.empty()) throw Error(ERROR_CODE_INVALID_ARGUMENT, problem);
   serving_before_ = serving_stats_.stats_snapshot();
+  paired_before_ = paired_stats_.stats_snapshot();
   candidate_before_ = candidate_stats_.stats_snapshot();
   for (const ManifestTensor& output : serving.outputs) {
     auto state = std::make_unique<OutputState>();
@@ -114,7 +116,8 @@ void ShadowSummary::shadow_dropped(uint64_t n) noexcept { dropped_.fetch_add(n, 
 void ShadowSummary::shadow_error() noexcept { errors_.fetch_add(1, std::memory_order_relaxed); }
 
 void ShadowSummary::shadow_add(const std::vector<Tensor>& serving_outputs, double serving_us,
-                               const std::vector<Tensor>& candidate_outputs, double candidate_us) {
+                               const std::vector<Tensor>& candidate_outputs, double candidate_us,
+                               double paired_serving_us) {
   // Both sides must be what the (equal) output specs say; anything else is not comparable.
   const auto matches = [](const std::vector<Tensor>& got, const std::vector<ManifestTensor>& specs) {
     if (got.size() != specs.size()) return false;
@@ -131,6 +134,11 @@ void ShadowSummary::shadow_add(const std::vector<Tensor>& serving_outputs, doubl
   ++samples_;
   serving_stats_.stats_record(serving_us, 0, {});
   candidate_stats_.stats_record(candidate_us, 0, candidate_outputs);
+  if (paired_serving_us >= 0 && std::isfinite(paired_serving_us)) {
+    paired_stats_.stats_record(paired_serving_us, 0, {});
+    ++paired_samples_;
+    paired_seen_ = true;
+  }
   for (size_t k = 0; k < outputs_.size(); ++k) {
     OutputState& state = *outputs_[k];
     const Tensor& serv = serving_outputs[k];
@@ -168,6 +176,8 @@ nlohmann::json ShadowSummary::shadow_window_close(int64_t end_ms) {
   const StatsSnapshot serving_now = serving_stats_.stats_snapshot();
   const StatsSnapshot candidate_now = candidate_stats_.stats_snapshot();
   const StatsSnapshot serving_delta = stats_delta(serving_before_, serving_now);
+  const StatsSnapshot paired_now = paired_stats_.stats_snapshot();
+  const StatsSnapshot paired_delta = stats_delta(paired_before_, paired_now);
   const StatsSnapshot candidate_delta = stats_delta(candidate_before_, candidate_now);
   nlohmann::json outputs = nlohmann::json::object();
   for (const std::unique_ptr<OutputState>& state : outputs_) {
@@ -202,9 +212,15 @@ nlohmann::json ShadowSummary::shadow_window_close(int64_t end_ms) {
       {c::F_SHADOW_WINDOW_SERVING_LATENCY, latency_window_json(serving_delta)},
       {c::F_SHADOW_WINDOW_OUTPUTS, outputs},
   };
+  if (paired_seen_) {
+    body[c::F_SHADOW_WINDOW_PAIRED_SAMPLES] = count(paired_samples_);
+    body[c::F_SHADOW_WINDOW_PAIRED_SERVING_LATENCY] = latency_window_json(paired_delta);
+  }
   serving_before_ = serving_now;
   candidate_before_ = candidate_now;
+  paired_before_ = paired_now;
   samples_ = 0;
+  paired_samples_ = 0;
   start_ms_ = std::max(end_ms, start_ms_);
   return body;
 }

@@ -44,12 +44,16 @@ class ShadowSummary {
   /// The candidate failed on a sample.
   void shadow_error() noexcept;
   /// One sample run by both: the serving outputs and run time, the candidate's outputs and run
-  /// time (outputs in manifest order). Outputs whose shape or dtype differ from the manifests are
-  /// counted as an error of the candidate, never compared.
+  /// time (outputs in manifest order), and the serving model's run time beside the candidate
+  /// (paired timing: in the shadow child, back to back with it; < 0: not measured). Outputs whose
+  /// shape or dtype differ from the manifests are counted as an error of the candidate, never
+  /// compared.
   void shadow_add(const std::vector<Tensor>& serving_outputs, double serving_us,
-                  const std::vector<Tensor>& candidate_outputs, double candidate_us);
+                  const std::vector<Tensor>& candidate_outputs, double candidate_us,
+                  double paired_serving_us = -1);
   /// The ShadowWindow fields window_start_ms, window_end_ms, offered, samples, dropped, errors,
-  /// latency, serving_latency, outputs (everything but the envelope, shadow_id, shadow_version,
+  /// latency, serving_latency, paired_samples and paired_serving_latency (once a paired time was
+  /// added), outputs (everything but the envelope, shadow_id, shadow_version,
   /// candidate, candidate_sha256, serving_sha256, rss_increase_bytes and cpu_seconds) for the
   /// window ending at `end_ms`; the next window starts there.
   nlohmann::json shadow_window_close(int64_t end_ms);
@@ -62,9 +66,13 @@ class ShadowSummary {
   std::mutex mutex_;  ///< guards everything below (shadow_add against shadow_window_close)
   int64_t start_ms_;
   uint64_t samples_ = 0;
+  uint64_t paired_samples_ = 0;  ///< of samples_, with a paired serving time
+  bool paired_seen_ = false;     ///< a paired time was ever added: the windows carry the paired fields
   Stats serving_stats_;    ///< serving run times (the serving manifest's latency layout)
   Stats candidate_stats_;  ///< candidate run times (serving layout) and its own output summaries
+  Stats paired_stats_;     ///< the serving model's run times in the shadow child (paired timing)
   StatsSnapshot serving_before_;
+  StatsSnapshot paired_before_;
   StatsSnapshot candidate_before_;
   std::vector<ManifestTensor> serving_outputs_;
   std::vector<ManifestTensor> candidate_outputs_;

@@ -199,6 +199,33 @@ TEST(ShadowSummary, LatencyIsBinnedInTheServingLayoutWithPercentiles) {
   EXPECT_LT(serv["p99_us"].get<double>(), 64.0);
 }
 
+TEST(ShadowSummary, PairedServingTimesHaveTheirOwnHistogramOnceAnyArrives) {
+  ShadowSummary summary(echo_manifest(), echo_manifest(), 0);
+  // Without paired times the window carries no paired fields (an agent that could not pair).
+  summary.shadow_add({y_of({1, 2, 3, 3, 2, 1}), m_of({0, 1, 2, 3})}, 40.0, {y_of({1, 2, 3, 3, 2, 1}), m_of({0, 1, 2, 3})}, 100.0);
+  const json unpaired = summary.shadow_window_close(10);
+  EXPECT_FALSE(unpaired.contains("paired_serving_latency"));
+  EXPECT_FALSE(unpaired.contains("paired_samples"));
+  EXPECT_EQ(contract_message_problem(shadow_message(unpaired)), "");
+  // Served at 40 us (the agent's own time), 300 us beside the candidate in the child: the paired
+  // histogram holds the child's figure, the serving one the agent's.
+  for (int i = 0; i < 4; ++i) {
+    summary.shadow_add({y_of({1, 2, 3, 3, 2, 1}), m_of({0, 1, 2, 3})}, 40.0,
+                       {y_of({1, 2, 3, 3, 2, 1}), m_of({0, 1, 2, 3})}, 100.0, i < 3 ? 300.0 : -1.0);
+  }
+  const json body = summary.shadow_window_close(20);
+  EXPECT_EQ(body["samples"], 4);
+  EXPECT_EQ(body["paired_samples"], 3);
+  EXPECT_EQ(body["paired_serving_latency"]["counts"][8], 3);  // [256, 512) us
+  EXPECT_EQ(body["serving_latency"]["counts"][5], 4);         // [32, 64)
+  EXPECT_DOUBLE_EQ(body["paired_serving_latency"]["sum_us"].get<double>(), 900.0);
+  EXPECT_EQ(contract_message_problem(shadow_message(body)), "");
+  // Once paired, an empty window still says so (0 paired samples, not an absent figure).
+  const json empty = summary.shadow_window_close(30);
+  EXPECT_EQ(empty["paired_samples"], 0);
+  EXPECT_EQ(empty["paired_serving_latency"]["counts"], json(std::vector<int>(40, 0)));
+}
+
 TEST(ShadowSummary, CountersAndTheNextWindowStartsEmpty) {
   ShadowSummary summary(echo_manifest(), echo_manifest(), 100);
   summary.shadow_offered(5);
@@ -326,6 +353,44 @@ TEST_F(ShadowChildTest, RunsSamplesAndAnswersWithTheCandidatesOutputs) {
   EXPECT_TRUE(process_exists(pid));
 }
 
+TEST_F(ShadowChildTest, PairedTimingRunsTheServingArtifactBesideTheCandidate) {
+  ShadowChildOptions options = options_for();
+  test::echo_artifact_write(dir_.path() / "serving", key_, [](json& m) { m["backend"]["options"] = {{"mode", "negate-double"}}; });
+  options.paired_dir = (dir_.path() / "serving").string();
+  ShadowChild child(options);
+  EXPECT_TRUE(child.shadow_paired());
+  EXPECT_EQ(child.shadow_paired_problem(), "");
+  EXPECT_LE(child.shadow_paired_rss_bytes(), child.shadow_rss_increase_bytes());
+  for (int run = 0; run < 4; ++run) {  // both orders of the pair
+    const ShadowRunResult result = child.shadow_run(inputs(static_cast<float>(run)));
+    // The answer is the candidate's (doubling), never the paired serving model's (negating).
+    EXPECT_EQ(static_cast<const float*>(result.outputs[0].data())[1], 2.0f);
+    EXPECT_GT(result.latency_us, 0.0);
+    EXPECT_GT(result.paired_serving_us, 0.0);
+  }
+}
+
+TEST_F(ShadowChildTest, AServingArtifactTheChildCannotPairCostsOnlyThePairedFigures) {
+  // A serving model that fails every run: the candidate's answers still come, unpaired.
+  ShadowChildOptions options = options_for();
+  test::echo_artifact_write(dir_.path() / "failing", key_, [](json& m) { m["backend"]["options"] = {{"fail", "run"}}; });
+  options.paired_dir = (dir_.path() / "failing").string();
+  {
+    ShadowChild child(options);
+    EXPECT_TRUE(child.shadow_paired());
+    const ShadowRunResult result = child.shadow_run(inputs(1));
+    EXPECT_EQ(static_cast<const float*>(result.outputs[0].data())[1], 2.0f);
+    EXPECT_LT(result.paired_serving_us, 0.0);
+  }
+  // One it cannot open (not there): no paired Session, and the child says why.
+  options.paired_dir = (dir_.path() / "missing").string();
+  ShadowChild child(options);
+  EXPECT_FALSE(child.shadow_paired());
+  EXPECT_NE(child.shadow_paired_problem(), "");
+  EXPECT_EQ(child.shadow_paired_rss_bytes(), 0u);
+  EXPECT_LT(child.shadow_run(inputs(2)).paired_serving_us, 0.0);
+}
+
 TEST_F(ShadowChildTest, ACandidateThatFailsASampleStaysUp) {
   ShadowChild child(options_for([](json& m) { m["backend"]["options"] = {{"fail", "run"}}; }));
   for (int i = 0; i < 2; ++i) {
@@ -425,15 +490,15 @@ TEST_F(ShadowChildTest, TheChildRefusesAFrameThatIsNotItsModelsInputs) {
     for (int i = 0; i < n; ++i) out.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
     return out;
   };
-  const std::string header = std::string("\x01\x01\x00\x00", 4) + le(2, 4);
+  const std::string header = std::string("\x02\x01\x00\x00", 4) + le(2, 4);
   const std::string x_dims = le(DTYPE_FLOAT32, 4) + le(2, 4) + le(2, 8) + le(3, 8);
   const std::vector<Case> cases = {
       {"2^60 bytes for x", header + x_dims + le(uint64_t{1} << 60, 8)},
       {"x of (3, 3)", header + le(DTYPE_FLOAT32, 4) + le(2, 4) + le(3, 8) + le(3, 8) + le(36, 8)},
       {"x as int64", header + le(DTYPE_INT64, 4) + le(2, 4) + le(2, 8) + le(3, 8) + le(48, 8)},
       {"rank 2^31", header + le(DTYPE_FLOAT32, 4) + le(uint64_t{1} << 31, 4)},
-      {"three inputs", std::string("\x01\x01\x00\x00", 4) + le(3, 4)},
-      {"protocol version 2", std::string("\x02\x01\x00\x00", 4) + le(2, 4)},
+      {"three inputs", std::string("\x02\x01\x00\x00", 4) + le(3, 4)},
+      {"protocol version 1", std::string("\x01\x01\x00\x00", 4) + le(2, 4)},
   };
   for (const Case& c : cases) {
     std::vector<std::string> args = {EDGESMITH_AGENT_EXE, "--shadow-child", options.artifact_dir, "--key-hex",
@@ -462,10 +527,12 @@ TEST_F(ShadowChildTest, TheParentRefusesAnAnswerThatIsNotTheCandidatesOutputs) {
   test::file_write(script,
                    "#!/bin/sh\n"
                    "sha=$(sha256sum \"$2/manifest.json\" | cut -d' ' -f1)\n"
-                   "printf '{\"ready\": true, \"manifest_sha256\": \"%s\", \"rss_increase_bytes\": 0}\\n' \"$sha\"\n"
+                   "printf '{\"ready\": true, \"manifest_sha256\": \"%s\", \"rss_increase_bytes\": 0, \"paired\": false, "
+                   "\"paired_rss_bytes\": 0}\\n' \"$sha\"\n"
                    "head -c 120 > /dev/null\n"
-                   "printf '\\001\\002\\000\\000\\002\\000\\000\\000' # OUTPUTS, 2 tensors\n"
+                   "printf '\\002\\002\\000\\000\\002\\000\\000\\000' # OUTPUTS, 2 tensors\n"
                    "printf '\\000\\000\\000\\000\\000\\000\\000\\000' # latency 0\n"
+                   "printf '\\000\\000\\000\\000\\000\\000\\000\\000' # paired latency 0\n"
                    "printf '\\012\\000\\000\\000\\002\\000\\000\\000' # float32, rank 2\n"
                    "printf '\\002\\000\\000\\000\\000\\000\\000\\000\\003\\000\\000\\000\\000\\000\\000\\000'\n"
                    "printf '\\000\\000\\000\\000\\000\\000\\000\\020' # 2^60 bytes\n"

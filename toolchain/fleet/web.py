@@ -329,7 +329,8 @@ def _retrain_html(requests: list[dict[str, Any]], at: int) -> list[str]:
 
 
 def _shadows_html(shadows: list[dict[str, Any]], at: int) -> list[str]:
-    """Recent shadows (docs/shadow.md): per candidate, its windows' agreement and latency ratio against serving."""
+    """Recent shadows (docs/shadow.md): per candidate, its windows' agreement and paired latency ratio (p50 over
+    the p50 of the serving model timed beside it in the shadow child)."""
     e = html.escape
     if not shadows:
         return []
@@ -341,7 +342,7 @@ def _shadows_html(shadows: list[dict[str, Any]], at: int) -> list[str]:
         for c in s["candidates"]:
             out.append(svg_chart(f"{c['index']} {c['name']}: agreement", c["points"], [("top-1", "agreement", 1.0)]))
             out.append(svg_chart(f"{c['index']} {c['name']}: latency ratio", c["points"],
-                                 [("p50 / serving", "latency_ratio", 1.0)], limits=[("serving", 1.0)]))
+                                 [("p50 / paired serving", "latency_ratio", 1.0)], limits=[("serving", 1.0)]))
         out.append("</div></div>")
     return out
 

@@ -6,6 +6,12 @@ own windows, never mixed with another's, and a candidate passes only when it pas
 device of the shadow, so one device lying about itself cannot carry a candidate. Latency
 histograms merge by adding counts in the device's birth layout; p50/p95 come from the C++ rule
 the monitor uses for telemetry (toolchain/fleet/latency.py).
+
+The latency ratio is paired (docs/shadow.md, "Paired timing"): the candidate's p50 over the p50 of
+the serving model run in the same shadow child, back to back with the candidate on the same
+samples, so both were timed under the same scheduling. The serving path's own latency (what the
+device's users see) is reported beside it, never divided by. A device whose windows carry no
+paired figures (an agent without paired timing) has no ratio: a loaded device would bias it.
 """
 
 from __future__ import annotations
@@ -48,9 +54,12 @@ class Figures:
     nan: int = 0
     p50_us: float | None = None
     p95_us: float | None = None
-    serving_p50_us: float | None = None
+    serving_p50_us: float | None = None  # the serving path's own latency on the sampled requests
     serving_p95_us: float | None = None
-    latency_ratio: float | None = None  # candidate p50 / serving p50 on the same samples
+    paired_samples: int = 0  # samples the serving model also ran in the shadow child
+    paired_serving_p50_us: float | None = None  # the serving model in the child, beside the candidate
+    paired_serving_p95_us: float | None = None
+    latency_ratio: float | None = None  # candidate p50 / paired serving p50 (same samples, same scheduling)
     p95_ratio: float | None = None
     rss_increase_bytes: int | None = None
     refused: int = 0
@@ -130,10 +139,17 @@ def figures(store: Store, shadow: dict[str, Any]) -> list[Figures]:
             f.agreement = f.agree / f.rows if f.rows else None
             f.p50_us, f.p95_us = _latency(mine, "latency")
             f.serving_p50_us, f.serving_p95_us = _latency(mine, "serving_latency")
-            if f.p50_us is not None and f.serving_p50_us:
-                f.latency_ratio = f.p50_us / f.serving_p50_us
-            if f.p95_us is not None and f.serving_p95_us:
-                f.p95_ratio = f.p95_us / f.serving_p95_us
+            # The ratio only from windows that carry both sides of the pairs (all of a device's,
+            # unless its agent lacks paired timing or could not open the serving model).
+            paired = [r for r in mine if r["paired_serving_latency"] is not None]
+            f.paired_samples = sum(r["paired_samples"] or 0 for r in paired)
+            if paired:
+                f.paired_serving_p50_us, f.paired_serving_p95_us = _latency(paired, "paired_serving_latency")
+                p50, p95 = _latency(paired, "latency")
+                if p50 is not None and f.paired_serving_p50_us:
+                    f.latency_ratio = p50 / f.paired_serving_p50_us
+                if p95 is not None and f.paired_serving_p95_us:
+                    f.p95_ratio = p95 / f.paired_serving_p95_us
             for e in events:
                 if e["device"] != device or e["candidate"] not in (None, cand["index"]):
                     continue

@@ -20,7 +20,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from edgesmith.runtime.keys import edgesmith_home
 from edgesmith.toolchain.errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: shadow_windows.paired_serving_latency, paired_samples
 IN_CHUNK = 500  # keys per IN (...) clause, under every driver's parameter limit
 
 metadata = MetaData()

@@ -63,7 +63,11 @@ shadow_windows = Table(
     Column("max_abs_err", Float, nullable=False), Column("max_rel_err", Float, nullable=False),
     Column("nan", BigInteger, nullable=False),
     Column("latency", Text, nullable=False),  # the candidate's LatencyWindow (JSON)
-    Column("serving_latency", Text, nullable=False),  # serving's on the same samples (JSON)
+    Column("serving_latency", Text, nullable=False),  # serving's on the same samples, as served (JSON)
+    # Paired timing: the serving model run in the shadow child beside the candidate (JSON
+    # LatencyWindow; null: the device sent none) and how many samples it ran.
+    Column("paired_serving_latency", Text),
+    Column("paired_samples", BigInteger),
     Column("latency_layout", Text),  # the device's birth layout [start_us, factor, count] (JSON); null if unknown
     Column("outputs", Text, nullable=False),  # {name: ShadowOutput} (JSON)
     Column("rss_increase_bytes", BigInteger, nullable=False),
@@ -220,6 +224,10 @@ def _window_row(batch: int, item: Any, msg: contract.ShadowWindow, birth_json: s
         "max_rel_err": max((o.max_rel_err for o in msg.outputs.values()), default=0.0),
         "nan": sum(o.nan for o in msg.outputs.values()),
         "latency": msg.latency.model_dump_json(), "serving_latency": msg.serving_latency.model_dump_json(),
+        "paired_serving_latency": (msg.paired_serving_latency.model_dump_json()
+                                   if msg.paired_serving_latency is not None else None),
+        "paired_samples": (min(msg.paired_samples, msg.samples, msg.offered)
+                           if msg.paired_serving_latency is not None and msg.paired_samples is not None else None),
         "latency_layout": _layout_of(birth_json),
         "outputs": json.dumps({k: v.model_dump(mode="json") for k, v in msg.outputs.items()}),
         "rss_increase_bytes": msg.rss_increase_bytes, "cpu_seconds": msg.cpu_seconds,
@@ -232,8 +240,9 @@ PANEL_POINTS = 200
 
 def panel(store: StoreBase, shadows_shown: int = PANEL_SHADOWS) -> list[dict[str, Any]]:
     """The dashboard's shadow panel (and /api/shadows): the newest shadows, per candidate a time
-    series of its windows' top-1 agreement and latency ratio against serving (the window's own
-    p50s, as its device reported them), all devices together, newest PANEL_POINTS windows."""
+    series of its windows' top-1 agreement and paired latency ratio (the window's candidate p50
+    over its paired serving p50, as its device reported them; none without paired figures), all
+    devices together, newest PANEL_POINTS windows."""
     with store.engine.connect() as conn:
         if not store.engine.dialect.has_table(conn, "shadows"):
             return []
@@ -244,14 +253,16 @@ def panel(store: StoreBase, shadows_shown: int = PANEL_SHADOWS) -> list[dict[str
             windows = conn.execute(
                 select(shadow_windows.c.device, shadow_windows.c.candidate, shadow_windows.c.received_ms,
                        shadow_windows.c.rows, shadow_windows.c.agree, shadow_windows.c.latency,
-                       shadow_windows.c.serving_latency)
+                       shadow_windows.c.paired_serving_latency)
                 .where(shadow_windows.c.shadow_id == shadow["id"]).order_by(desc(shadow_windows.c.id))
                 .limit(PANEL_POINTS)).mappings().all()
             candidates = []
             for cand in json.loads(shadow["candidates"]):
                 points = []
                 for w in reversed([w for w in windows if w["candidate"] == cand["index"]]):
-                    p50, serving = json.loads(w["latency"])["p50_us"], json.loads(w["serving_latency"])["p50_us"]
+                    p50 = json.loads(w["latency"])["p50_us"]
+                    paired = w["paired_serving_latency"]
+                    serving = json.loads(paired)["p50_us"] if paired is not None else None
                     points.append({"t_ms": w["received_ms"], "device": w["device"],
                                    "agreement": w["agree"] / w["rows"] if w["rows"] else None,
                                    "latency_ratio": p50 / serving if serving else None})
