@@ -20,7 +20,9 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from edgesmith.runtime.keys import edgesmith_home
 from edgesmith.toolchain.errors import UserError
 
-SCHEMA_VERSION = 2  # 2: shadow_windows.paired_serving_latency, paired_samples
+# Bumped only for a change an older store cannot take in place: nullable columns added since a store
+# was made (devices.budget_*, shadow_windows.paired_*) are added when a monitor opens it (_add_new_columns).
+SCHEMA_VERSION = 1
 IN_CHUNK = 500  # keys per IN (...) clause, under every driver's parameter limit
 
 metadata = MetaData()
