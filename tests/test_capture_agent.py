@@ -111,6 +111,16 @@ def _runs(info: dict, more_than: int, timeout: float = 30) -> int:
                     f"more than {more_than} served requests")
 
 
+def _shadow_the_negated_model(world, device: str, store, shadow_id: str) -> None:
+    """Start a shadow of the negate-double model (it disagrees with serving on every sample) on ``device``."""
+    from edgesmith.toolchain.deploy import archive as deploy_archive
+    from edgesmith.toolchain.deploy import desired as deploy_desired
+
+    state = deploy_desired.shadow_state(FLEET, device, 1, shadow_id, [deploy_archive.archive(world["negated"], store.dir)],
+                                        store.server.url, duration_s=600, sample=1.0)
+    world["central"].publish(device, deploy_desired.sign(state, world["deploy_key"], domain=contract.SHADOW_DOMAIN.encode()))
+
+
 def test_capture_off_then_uniform_then_upload_and_pull(world):
     """Off by default: served requests store nothing. `capture start --policy uniform:1` stores
     records of the contract (the central parser reads them, the served inputs inside); `stop` stops
@@ -273,18 +283,13 @@ def test_a_full_disk_drops_the_oldest_and_serving_goes_on(world):
 def test_disagreement_with_a_running_shadow_is_captured(world):
     """`--policy disagreement` takes the requests on which a running shadow's top-1 differed from
     serving's (a candidate computing -2x against serving's 2x: every sampled one), nothing else."""
-    from edgesmith.toolchain.deploy import archive as deploy_archive
-    from edgesmith.toolchain.deploy import desired as deploy_desired
-
     device = "cap-shadow"
     store = Store(world["root"] / "store")
     agent, info, data_dir = _start(world, device, "--synthetic-load", "20")
     try:
         _capture(world, "start", device, "--policy", "disagreement")
         _event(world, device, "capture.started")
-        state = deploy_desired.shadow_state(FLEET, device, 1, "sh-capture", [deploy_archive.archive(world["negated"], store.dir)],
-                                            store.server.url, duration_s=600, sample=1.0)
-        world["central"].publish(device, deploy_desired.sign(state, world["deploy_key"], domain=contract.SHADOW_DOMAIN.encode()))
+        _shadow_the_negated_model(world, device, store, "sh-capture")
         wait_for(lambda: _stats(info)["capture"]["stored_samples"] >= 3 or None, 60, "3 samples the shadow disagreed on")
         _capture(world, "stop", device)
         _event(world, device, "capture.stopped")
@@ -305,9 +310,6 @@ def test_sigterm_at_any_moment_with_capture_shadow_and_load_on_exits_cleanly(wor
     use-after-free or race there fails the exit status too."""
     import random
 
-    from edgesmith.toolchain.deploy import archive as deploy_archive
-    from edgesmith.toolchain.deploy import desired as deploy_desired
-
     device = "cap-sigterm"
     store = Store(world["root"] / "store-sigterm")
     rng = random.Random(20261208)
@@ -316,9 +318,7 @@ def test_sigterm_at_any_moment_with_capture_shadow_and_load_on_exits_cleanly(wor
         try:
             _capture(world, "start", device, "--policy", "uniform:0.5,disagreement")
             _event(world, device, "capture.started")
-            state = deploy_desired.shadow_state(FLEET, device, 1, "sh-sigterm", [deploy_archive.archive(world["negated"], store.dir)],
-                                                store.server.url, duration_s=600, sample=1.0)
-            world["central"].publish(device, deploy_desired.sign(state, world["deploy_key"], domain=contract.SHADOW_DOMAIN.encode()))
+            _shadow_the_negated_model(world, device, store, "sh-sigterm")
             wait_for(lambda: _stats(info).get("shadow", {}).get("samples", 0) >= 1 or None, 60, "the shadow running its candidate")
         finally:
             assert agent.stop() == 0, agent.log()
