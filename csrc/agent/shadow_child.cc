@@ -13,6 +13,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <iostream>
 #include <optional>
@@ -470,6 +471,13 @@ int shadow_child_main(int argc, char** argv) {
     return 2;
   }
   ::prctl(PR_SET_PDEATHSIG, SIGKILL);  // a SIGKILLed agent takes its shadow with it
+  // Paired timing runs two engines back to back in this process. TVM's thread pool spins for a
+  // while after each call (300,000 rounds by default) and, on a busy device where this child only
+  // gets idle CPU, slowed the serving run that followed it several-fold, so TVM measured faster than
+  // serving. Here its workers sleep at once instead: the candidate's own figure may be a little
+  // pessimistic, the serving figure paired with it is no longer polluted. A value set by the
+  // operator is kept.
+  ::setenv("TVM_THREAD_POOL_SPIN_COUNT", "0", 0);
   // The protocol keeps the real stdout; anything else that writes to fd 1 (an engine's chatter)
   // goes to stderr, where the agent prefixes it.
   const int out_fd = ::dup(STDOUT_FILENO);

@@ -14,8 +14,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from edgesmith.toolchain.fleet.alerts import Thresholds
-from edgesmith.toolchain.fleet.store import (DEFAULT_BYTES_PER_DAY, DEFAULT_RETENTION_DAYS, DEFAULT_WINDOWS_PER_DAY,
-                                            DeviceBudget)
+from edgesmith.toolchain.fleet.budget import (DEFAULT_BYTES_PER_DAY, DEFAULT_RETENTION_DAYS, DEFAULT_WINDOWS_PER_DAY,
+                                             DeviceBudget)
 
 app = typer.Typer(help="Watch the fleet: store telemetry, aggregate per model version × target, detect drift, alert.",
                   no_args_is_help=True)
