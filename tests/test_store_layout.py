@@ -12,7 +12,7 @@ TOOLCHAIN = Path(__file__).resolve().parent.parent / "toolchain"
 PACKAGE = "edgesmith.toolchain"
 # What the store may import from the rest of toolchain/fleet: the contract's wire types and the
 # sequence bookkeeping, which import nothing of the fleet's processes (monitor, view, broker).
-STORE_MAY_IMPORT = {"fleet.protocol", "fleet.sequence"}
+STORE_MAY_IMPORT = {"fleet.protocol", "fleet.sequence", "fleet.budget"}  # leaf modules: they import no fleet module
 
 
 def _is_module(name: str) -> bool:
